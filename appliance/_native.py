@@ -1,0 +1,48 @@
+"""The one importer of the compiled C helpers (``appliance._cext``).
+
+``check(rc, what)`` turns a negative APL_* return code into the exception of
+``appliance.errors`` and records the failing operation in the message, as
+``"<what>: <reason>"``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+
+try:
+    from ._cext import ffi, lib
+except ImportError as exc:  # pragma: no cover - a broken install
+    raise ImportError(
+        "appliance's C helpers are not built; install the package with "
+        "`pip install .` (or run the README's set-up command)"
+    ) from exc
+
+__all__ = ["ffi", "lib", "check", "code_name", "raise_for", "CODES"]
+
+#: APL_* name -> number, read from the one table in cext/apl_errors.h
+CODES: dict[str, int] = {
+    name: getattr(lib, name) for name in dir(lib) if name.startswith("APL_E") or name == "APL_NOTFOUND"
+    if isinstance(getattr(lib, name), int) and getattr(lib, name) < 0
+}
+_NAMES: dict[int, str] = {v: k for k, v in CODES.items()}
+
+
+def code_name(rc: int) -> str:
+    return _NAMES.get(rc, "APL_EUNKNOWN")
+
+
+def reason(rc: int) -> str:
+    text = ffi.string(lib.apl_strerror(rc)).decode()
+    return text.split(": ", 1)[1] if ": " in text else text
+
+
+def raise_for(rc: int, what: str, **details: Any) -> None:
+    raise errors.error_for(code_name(rc), f"{what}: {reason(rc)}", **details)
+
+
+def check(rc: int, what: str, **details: Any) -> int:
+    """Return rc when it is >= 0, else raise the matching exception."""
+    if rc < 0:
+        raise_for(rc, what, **details)
+    return rc

@@ -1,0 +1,232 @@
+"""Every error appliance raises, in one tree.
+
+The codes live in one table, ``cext/apl_errors.h`` (C helpers, controller,
+client library and wire share it). Each code maps to exactly one class here,
+through the class attribute ``codes``; :func:`error_for` builds the exception
+for a code, and the controller sends ``(code, message, details)`` on the wire
+so a client raises the same class the controller saw.
+
+Names describe what happened: :class:`ClosedError` means *your* code closed a
+handle; :class:`UnavailableError` means the controller is not there.
+Exceptions that callers treat as standard ones also derive from them:
+:class:`NoSuchRecordError` is a ``KeyError`` (tables are mappings),
+:class:`WrongTypeError` a ``TypeError``, :class:`RecordTooLargeError` a
+``ValueError``, :class:`AccessDeniedError` a ``PermissionError``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ApplianceError",
+    "ConfigError",
+    "UnavailableError",
+    "AccessDeniedError",
+    "ProtocolError",
+    "ClosedError",
+    "NoSuchTableError",
+    "NoSuchFieldError",
+    "WrongTypeError",
+    "KeyTooLongError",
+    "NoSuchRecordError",
+    "DuplicateKeyError",
+    "RecordTooLargeError",
+    "TransactionCancelledError",
+    "LockTimeoutError",
+    "DeadlockError",
+    "TransactionStateError",
+    "CommitUnknownError",
+    "MemoryFullError",
+    "ReadersFullError",
+    "FormatError",
+    "CorruptionError",
+    "StaleEpochError",
+    "BusyError",
+    "InternalError",
+    "error_for",
+]
+
+
+class ApplianceError(Exception):
+    """Base of every appliance error.
+
+    ``str(err)`` is ``"<what>: <reason>"``; ``err.code`` is the APL_* name and
+    ``err.details`` a dict with the structured facts (table, key, file ...).
+    """
+
+    codes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or (self.codes[0] if self.codes else "APL_EUNKNOWN")
+        self.details = details
+
+    def __str__(self) -> str:  # KeyError's str() would repr the message
+        return self.message
+
+    def __reduce__(self):  # picklable across processes, details included
+        return (_rebuild, (type(self), self.message, self.code, self.details))
+
+
+def _rebuild(cls, message, code, details):
+    return cls(message, code=code, **details)
+
+
+class ConfigError(ApplianceError):
+    """The configuration file is missing, unreadable or invalid.
+
+    ``details``: ``file``, ``key`` (dotted path) and ``problem``.
+    """
+
+    codes = ("APL_ECONFIG",)
+
+
+class UnavailableError(ApplianceError, ConnectionError):
+    """The appliance is not running or its controller cannot be reached.
+
+    Writes raise it while the controller is down; the client reconnects by
+    itself on the next call once the controller is back.
+    """
+
+    codes = ("APL_EUNAVAIL",)
+
+
+class AccessDeniedError(ApplianceError, PermissionError):
+    """The controller refused the connecting user (not in the config's access list)."""
+
+    codes = ("APL_EACCESS",)
+
+
+class ProtocolError(ApplianceError):
+    """A peer sent something that is not a valid frame or message."""
+
+    codes = ("APL_EPROTO",)
+
+
+class ClosedError(ApplianceError):
+    """The handle (client, snapshot, transaction) was closed by its owner."""
+
+    codes = ("APL_ECLOSED",)
+
+
+class NoSuchTableError(ApplianceError, LookupError):
+    codes = ("APL_ENOTABLE",)
+
+
+class NoSuchFieldError(ApplianceError, LookupError):
+    codes = ("APL_ENOFIELD",)
+
+
+class WrongTypeError(ApplianceError, TypeError):
+    """A field's value does not have the type the schema gives it."""
+
+    codes = ("APL_ETYPE",)
+
+
+class KeyTooLongError(ApplianceError, ValueError):
+    codes = ("APL_EKEY",)
+
+
+class NoSuchRecordError(ApplianceError, KeyError):
+    codes = ("APL_NOTFOUND",)
+
+
+class DuplicateKeyError(ApplianceError):
+    codes = ("APL_EXISTS",)
+
+
+class RecordTooLargeError(ApplianceError, ValueError):
+    codes = ("APL_ETOOBIG",)
+
+
+class TransactionCancelledError(ApplianceError):
+    """The transaction was cancelled and everything it did was undone."""
+
+    codes = ("APL_ECANCELLED",)
+
+
+class LockTimeoutError(TransactionCancelledError):
+    """A lock wait exceeded the configured timeout; the transaction was cancelled."""
+
+    codes = ("APL_ELOCKTIMEOUT",)
+
+
+class DeadlockError(TransactionCancelledError):
+    """The transaction closed a cycle of lock waits and was cancelled as the victim."""
+
+    codes = ("APL_EDEADLOCK",)
+
+
+class TransactionStateError(ApplianceError):
+    """An operation on a transaction that is not open (committed, cancelled, unknown)."""
+
+    codes = ("APL_ETXN",)
+
+
+class CommitUnknownError(UnavailableError):
+    """The controller stopped between the commit request and its answer, and
+    the outcome could not be recovered afterwards."""
+
+    codes = ("APL_EUNKNOWN",)
+
+
+class MemoryFullError(ApplianceError, MemoryError):
+    """No free block slot is left in the appliance's segments."""
+
+    codes = ("APL_EFULL",)
+
+
+class ReadersFullError(ApplianceError):
+    """Every reader slot is taken (raise ``max_readers`` in the config)."""
+
+    codes = ("APL_EREADERS",)
+
+
+class FormatError(ApplianceError):
+    """Existing segments do not match this build or this configuration."""
+
+    codes = ("APL_EVERSION", "APL_EMAGIC", "APL_EGEOMETRY")
+
+
+class CorruptionError(ApplianceError):
+    codes = ("APL_ECORRUPT",)
+
+
+class StaleEpochError(ApplianceError):
+    """A message from an epoch older than one already seen (a deposed primary)."""
+
+    codes = ("APL_ESTALE",)
+
+
+class BusyError(ApplianceError):
+    """The resource is in use (e.g. another controller serves these segments)."""
+
+    codes = ("APL_EBUSY",)
+
+
+class InternalError(ApplianceError):
+    codes = ("APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL")
+
+
+def _all_classes(cls=ApplianceError):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _all_classes(sub)
+
+
+_BY_NAME: dict[str, type[ApplianceError]] = {}
+for _cls in _all_classes():
+    for _name in _cls.codes:
+        if _name in _BY_NAME:  # pragma: no cover - guarded by tests/test_errors.py
+            raise RuntimeError(f"error code {_name} mapped twice")
+        _BY_NAME[_name] = _cls
+
+
+def class_for(code_name: str) -> type[ApplianceError]:
+    return _BY_NAME.get(code_name, ApplianceError)
+
+
+def error_for(code_name: str, message: str, **details: Any) -> ApplianceError:
+    """The exception for an APL_* name, e.g. from a wire reply."""
+    return class_for(code_name)(message, code=code_name, **details)

@@ -1,0 +1,221 @@
+"""Zero-round-trip reads over an :class:`~appliance.store.segment.Attachment`.
+
+Each call reads one committed version: without a ``version`` it pins the
+latest inside the C call (per-thread reader slot); with one, the caller holds
+that version pinned by a :class:`Pin` (a snapshot slot of its own).
+Multi-call reads (a scan that does not fit one buffer) always hold a Pin, so
+"one call sees one committed state" holds however long the result is.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import msgpack
+
+from .._native import check, ffi, lib, raise_for
+
+__all__ = ["Reader", "Pin"]
+
+_EBUFSIZE = lib.APL_EBUFSIZE
+_NOTFOUND = lib.APL_NOTFOUND
+_NO_BOUND = lib.APL_NO_BOUND
+_VALUES = lib.APL_SCAN_VALUES
+_KEYS = lib.APL_SCAN_KEYS
+_MAXKEY = lib.APL_MAX_KEY
+_SCAN_CHUNK = 256 << 10
+
+
+class Pin:
+    """A pinned committed version (a snapshot slot); release with close()."""
+
+    __slots__ = ("_reader", "_slot", "version", "__weakref__")
+
+    def __init__(self, reader: "Reader") -> None:
+        slot = ffi.new("uint32_t *")
+        ver = ffi.new("uint64_t *")
+        check(lib.apl_snap_open(reader.view, slot, ver), "pin a snapshot")
+        self._reader = reader
+        self._slot = slot[0]
+        self.version = ver[0]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            if not self._reader.closed:
+                lib.apl_snap_close(self._reader.view, self._slot)
+            self._reader = None
+
+    def __del__(self):  # a leaked snapshot must not pin memory for the process's life
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Buf(threading.local):
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        self.raw = bytearray(size)
+        self.c = ffi.from_buffer("uint8_t[]", self.raw)
+        self.mv = memoryview(self.raw)
+        self.size = size
+
+
+class Reader:
+    """Reads of one attached appliance. Thread-safe: buffers are per thread."""
+
+    def __init__(self, att) -> None:
+        self.att = att
+        self.view = att.view
+        self._tls = _Buf()
+
+    @property
+    def closed(self) -> bool:
+        return self.att.closed
+
+    def committed(self) -> int:
+        return lib.apl_committed(self.view)
+
+    def pin(self) -> Pin:
+        return Pin(self)
+
+    # -- point reads -----------------------------------------------------------
+
+    def get_raw(self, file: int, key: bytes, version: int = 0) -> bytes | None:
+        """The stored value bytes for an encoded key, or None."""
+        b = self._tls
+        while True:
+            n = lib.apl_get(self.view, file, key, len(key), version, b.c, b.size)
+            if n >= 0:
+                return bytes(b.mv[:n])
+            if n == _NOTFOUND:
+                return None
+            if n == _EBUFSIZE:
+                b.resize(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
+                continue
+            raise_for(n, "get")
+
+    def count(self, file: int, version: int = 0) -> int:
+        return check(lib.apl_count(self.view, file, version), "count")
+
+    # -- ordered reads -------------------------------------------------------------
+
+    def _chunks(self, fn, version: int | None):
+        """Run a continued C scan under one pinned version; yield (buffer view, count)."""
+        pin = None
+        if version is None:
+            pin = Pin(self)
+            version = pin.version
+        try:
+            yield from fn(version)
+        finally:
+            if pin is not None:
+                pin.close()
+
+    def scan_values(self, file: int, lo: bytes | None, hi: bytes | None, *, lo_incl: bool = True,
+                    version: int | None = None) -> Iterator[dict]:
+        """Decoded values of [lo, hi) in key order (lo/hi None = unbounded)."""
+        def run(ver):
+            count = ffi.new("uint64_t *")
+            more = ffi.new("int *")
+            resume = ffi.new("uint8_t[]", _MAXKEY)
+            rlen = ffi.new("uint32_t *")
+            start, incl = (lo or b""), lo_incl or lo is None
+            hib, hil = (hi, len(hi)) if hi is not None else (ffi.NULL, _NO_BOUND)
+            buf = bytearray(_SCAN_CHUNK)
+            cbuf = ffi.from_buffer("uint8_t[]", buf)
+            while True:
+                n = lib.apl_scan(self.view, file, start, len(start), incl, hib, hil, ver, _VALUES,
+                                 cbuf, len(buf), count, resume, rlen, more)
+                if n == _EBUFSIZE:
+                    buf = bytearray(max(len(buf) * 2, int.from_bytes(buf[:8], "little")))
+                    cbuf = ffi.from_buffer("uint8_t[]", buf)
+                    continue
+                if n < 0:
+                    raise_for(n, "scan")
+                if n:
+                    up = msgpack.Unpacker(raw=False)
+                    up.feed(memoryview(buf)[:n])
+                    yield from up
+                if not more[0]:
+                    return
+                start, incl = bytes(ffi.buffer(resume, rlen[0])), False
+        return self._chunks(run, version)
+
+    def scan_keys(self, file: int, lo: bytes | None, hi: bytes | None, *,
+                  version: int | None = None) -> Iterator[bytes]:
+        """Encoded keys of [lo, hi) in key order."""
+        def run(ver):
+            count = ffi.new("uint64_t *")
+            more = ffi.new("int *")
+            resume = ffi.new("uint8_t[]", _MAXKEY)
+            rlen = ffi.new("uint32_t *")
+            start, incl = (lo or b""), True
+            hib, hil = (hi, len(hi)) if hi is not None else (ffi.NULL, _NO_BOUND)
+            buf = bytearray(_SCAN_CHUNK)
+            cbuf = ffi.from_buffer("uint8_t[]", buf)
+            while True:
+                n = lib.apl_scan(self.view, file, start, len(start), incl, hib, hil, ver, _KEYS,
+                                 cbuf, len(buf), count, resume, rlen, more)
+                if n < 0:
+                    raise_for(n, "scan keys")
+                mv = memoryview(buf)
+                off = 0
+                while off < n:
+                    kl = mv[off] | (mv[off + 1] << 8)
+                    yield bytes(mv[off + 2: off + 2 + kl])
+                    off += 2 + kl
+                if not more[0]:
+                    return
+                start, incl = bytes(ffi.buffer(resume, rlen[0])), False
+        return self._chunks(run, version)
+
+    def find_values(self, index: int, table: int, prefix: bytes, *,
+                    version: int | None = None) -> Iterator[dict]:
+        """Decoded records whose alternate key (index file) encodes to `prefix`."""
+        def run(ver):
+            count = ffi.new("uint64_t *")
+            more = ffi.new("int *")
+            resume = ffi.new("uint8_t[]", _MAXKEY)
+            rlen = ffi.new("uint32_t *")
+            after = b""
+            buf = bytearray(_SCAN_CHUNK)
+            cbuf = ffi.from_buffer("uint8_t[]", buf)
+            while True:
+                n = lib.apl_find(self.view, index, table, prefix, len(prefix), after, len(after),
+                                 ver, cbuf, len(buf), count, resume, rlen, more)
+                if n == _EBUFSIZE:
+                    buf = bytearray(max(len(buf) * 2, int.from_bytes(buf[:8], "little")))
+                    cbuf = ffi.from_buffer("uint8_t[]", buf)
+                    continue
+                if n < 0:
+                    raise_for(n, "find")
+                if n:
+                    up = msgpack.Unpacker(raw=False)
+                    up.feed(memoryview(buf)[:n])
+                    yield from up
+                if not more[0]:
+                    return
+                after = bytes(ffi.buffer(resume, rlen[0]))
+        return self._chunks(run, version)
+
+    # -- block images (verify, replication) ------------------------------------
+
+    def block_checksum(self, number: int, version: int = 0) -> int:
+        out = ffi.new("uint64_t *")
+        check(lib.apl_block_checksum(self.view, number, version, out), "block checksum")
+        return out[0]
+
+    def block_image(self, number: int, version: int = 0) -> bytes | None:
+        cap = self.att.sb.sb_block_size * 16 + 64
+        buf = ffi.new("uint8_t[]", cap)
+        n = lib.apl_block_image(self.view, number, version, buf, cap)
+        if n == _NOTFOUND:
+            return None
+        check(n, "block image")
+        return bytes(ffi.buffer(buf, n))
+
+    def block_limit(self) -> int:
+        return lib.apl_block_limit(self.view)

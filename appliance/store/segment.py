@@ -1,0 +1,204 @@
+"""POSIX shared-memory segments (posix_ipc + mmap), and a mapped set of them.
+
+Shared memory outlives processes: nothing here unlinks a segment except
+:func:`unlink_all`, which the operator (``appliance destroy``) and tests call
+explicitly. posix_ipc, not multiprocessing.shared_memory: the latter registers
+attached segments with a resource tracker that unlinks them at exit.
+
+Segment names (``name`` is the appliance name from the config):
+``/apl.<name>.meta``, ``/apl.<name>.readers``, ``/apl.<name>.dev<i>``.
+Permissions: created with exactly ``mode`` (fchmod, so the umask does not
+widen or narrow it) and owned by the configured group; the readers segment
+additionally gets group write, because readers record their pins there.
+Clients map meta and devices with PROT_READ only.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import posix_ipc
+
+from .. import errors
+from .._native import check, ffi, lib
+
+__all__ = ["Segment", "SegmentNames", "Attachment", "Geometry", "unlink_all", "exists"]
+
+
+@dataclass(frozen=True)
+class SegmentNames:
+    name: str
+    nsegments: int
+
+    @property
+    def meta(self) -> str:
+        return f"/apl.{self.name}.meta"
+
+    @property
+    def readers(self) -> str:
+        return f"/apl.{self.name}.readers"
+
+    def device(self, i: int) -> str:
+        return f"/apl.{self.name}.dev{i}"
+
+    def all(self) -> list[str]:
+        return [self.meta, self.readers] + [self.device(i) for i in range(self.nsegments)]
+
+
+class Segment:
+    """One mapped POSIX shared-memory segment."""
+
+    __slots__ = ("name", "size", "writable", "_mm", "_ptr")
+
+    def __init__(self, name: str, mm: mmap.mmap, size: int, writable: bool) -> None:
+        self.name = name
+        self.size = size
+        self.writable = writable
+        self._mm = mm
+        self._ptr = ffi.from_buffer("uint8_t[]", mm)
+
+    @classmethod
+    def create(cls, name: str, size: int, mode: int, gid: int | None) -> "Segment":
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError as exc:
+            raise errors.BusyError(f"create {name}: a segment of that name already exists",
+                                   segment=name) from exc
+        try:
+            os.fchmod(shm.fd, mode)
+            if gid is not None:
+                os.fchown(shm.fd, -1, gid)
+            mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            shm.close_fd()
+        return cls(name, mm, size, True)
+
+    @classmethod
+    def open(cls, name: str, writable: bool) -> "Segment":
+        try:
+            shm = posix_ipc.SharedMemory(name, read_only=not writable)
+        except posix_ipc.ExistentialError as exc:
+            raise errors.UnavailableError(f"open {name}: no such segment (is the appliance running?)",
+                                          segment=name) from exc
+        except posix_ipc.PermissionsError as exc:
+            raise errors.AccessDeniedError(f"open {name}: permission denied", segment=name) from exc
+        try:
+            size = shm.size
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, prot)
+        finally:
+            shm.close_fd()
+        return cls(name, mm, size, writable)
+
+    @property
+    def ptr(self):
+        """``uint8_t *`` to the first byte (valid until close)."""
+        return self._ptr
+
+    def close(self) -> None:
+        if self._mm is not None:
+            ffi.release(self._ptr)
+            self._mm.close()
+            self._mm = None
+
+
+def exists(name: str) -> bool:
+    try:
+        posix_ipc.SharedMemory(name).close_fd()
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def unlink_all(appliance_name: str, nsegments: int | None = None) -> list[str]:
+    """Unlink every segment of an appliance; returns the names removed."""
+    names = SegmentNames(appliance_name, nsegments or 0)
+    candidates = [names.meta, names.readers]
+    i = 0
+    while True:
+        dev = names.device(i)
+        if nsegments is not None and i >= nsegments:
+            break
+        if nsegments is None and not exists(dev) and i >= 64:
+            break
+        candidates.append(dev)
+        i += 1
+    removed = []
+    for n in candidates:
+        try:
+            posix_ipc.unlink_shared_memory(n)
+            removed.append(n)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+class Geometry:
+    """Sizes of every segment for a configuration (computed by the C helpers)."""
+
+    def __init__(self, *, block_size: int, nsegments: int, segment_size: int, nfiles: int,
+                 max_overflow: int, nreaders: int, log_size: int) -> None:
+        g = ffi.new("struct apl_geometry *")
+        g.block_size = block_size
+        g.nsegments = nsegments
+        g.segment_size = segment_size
+        g.nfiles = nfiles
+        g.max_overflow = max_overflow
+        g.nreaders = nreaders
+        g.log_size = log_size
+        check(lib.apl_geometry(g), "geometry")
+        self.c = g
+
+    def __getattr__(self, item):
+        return getattr(self.c, item)
+
+
+class Attachment:
+    """A mapped set of an appliance's segments and the C view over them.
+
+    ``writable=False`` (clients, the agent): meta and devices read-only, the
+    readers segment read-write. ``writable=True``: the controller.
+    """
+
+    def __init__(self, appliance_name: str, *, writable: bool, segments: list[Segment] | None = None,
+                 meta: Segment | None = None, readers: Segment | None = None) -> None:
+        self.name = appliance_name
+        self.writable = writable
+        self._segs: list[Segment] = []
+        try:
+            self.meta = meta or Segment.open(SegmentNames(appliance_name, 0).meta, writable)
+            self._segs.append(self.meta)
+            rc = lib.apl_check_meta(self.meta.ptr, self.meta.size)
+            check(rc, f"attach {self.meta.name}", segment=self.meta.name)
+            self.sb = ffi.cast("struct apl_super *", self.meta.ptr)
+            nseg = self.sb.sb_nsegments
+            self.names = SegmentNames(appliance_name, nseg)
+            self.readers = readers or Segment.open(self.names.readers, True)
+            self._segs.append(self.readers)
+            self.devices = segments or [Segment.open(self.names.device(i), writable) for i in range(nseg)]
+            self._segs.extend(self.devices)
+            self._dev_ptrs = ffi.new("uint8_t *[]", [d.ptr for d in self.devices])
+            self.view = ffi.new("apl_view *")
+            seg_size = min(d.size for d in self.devices)
+            check(lib.apl_view_open(self.view, self.meta.ptr, self.meta.size, self.readers.ptr,
+                                    self.readers.size, self._dev_ptrs, nseg, seg_size),
+                  f"attach appliance {appliance_name!r}")
+        except BaseException:
+            for s in self._segs:
+                s.close()
+            raise
+        self.instance = self.sb.sb_instance
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        lib.apl_view_close(self.view)
+        for s in self._segs:
+            s.close()

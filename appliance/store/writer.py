@@ -1,0 +1,171 @@
+"""The controller's handle on the store: format, recover, batches, changes,
+the change log, publishing and reclamation. A thin layer over apl_store.c;
+only the controller process uses it, from one thread.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from .. import errors
+from .._native import check, ffi, lib
+from .segment import Attachment, Geometry, Segment, SegmentNames, unlink_all
+
+__all__ = ["Writer", "FileSpec", "OpInfo"]
+
+KIND_INSERT = lib.APL_CE_INSERT
+KIND_UPDATE = lib.APL_CE_UPDATE
+KIND_DELETE = lib.APL_CE_DELETE
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str          # table name, or "<table>.<field>" for an alternate-key index
+    kind: int          # lib.APL_FILE_PRIMARY / APL_FILE_ALTKEY
+    table: int         # for an index: the file id of its table
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    block: int
+    offset: int
+    structs: tuple[tuple[int, bool], ...]  # (block number, removed)
+
+
+class Writer:
+    """Owns an :class:`Attachment` opened read-write and the C writer state."""
+
+    def __init__(self, att: Attachment, reserve_slots: int) -> None:
+        self.att = att
+        self._s = lib.apl_store_new(att.view, reserve_slots)
+        if self._s == ffi.NULL:
+            raise errors.InternalError("apl_store_new: out of process memory")
+        bsize = att.sb.sb_block_size
+        self._oldcap = bsize
+        self._old = ffi.new("uint8_t[]", self._oldcap)
+        self._oldlen = ffi.new("int64_t *")
+        self._info = ffi.new("struct apl_opinfo *")
+        self._serial = ffi.new("uint64_t *")
+        self._stats = ffi.new("struct apl_stats *")
+        self.in_batch = False
+
+    # -- creation and recovery -------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, geo: Geometry, *, mode: int, gid: int | None, schema_hash: int,
+               files: list[FileSpec], reserve_slots: int) -> "Writer":
+        """Create and format every segment, then the files (published as version 1)."""
+        names = SegmentNames(name, geo.nsegments)
+        made: list[Segment] = []
+        try:
+            meta = Segment.create(names.meta, geo.meta_size, mode, gid)
+            made.append(meta)
+            readers = Segment.create(names.readers, geo.readers_size, mode | 0o060 if gid is not None else mode, gid)
+            made.append(readers)
+            devs = []
+            for i in range(geo.nsegments):
+                d = Segment.create(names.device(i), geo.segment_size, mode, gid)
+                made.append(d)
+                devs.append(d)
+            instance = secrets.randbits(63) | 1
+            check(lib.apl_format_readers(readers.ptr, geo.c, instance), "format readers")
+            for i, d in enumerate(devs):
+                check(lib.apl_format_device(d.ptr, geo.c, instance, i), f"format device {i}")
+            check(lib.apl_format_meta(meta.ptr, geo.c, instance, schema_hash, time.time_ns()),
+                  "format meta")
+            att = Attachment(name, writable=True, segments=devs, meta=meta, readers=readers)
+        except BaseException:
+            for s in made:
+                s.close()
+            unlink_all(name, geo.nsegments)
+            raise
+        w = cls(att, reserve_slots)
+        w.recover()
+        w.begin()
+        for i, f in enumerate(files):
+            check(lib.apl_store_create_file(w._s, i, f.name.encode(), f.kind, f.table),
+                  f"create file {f.name}")
+        w.publish(time.time_ns(), 0)
+        return w
+
+    def recover(self) -> dict:
+        r = ffi.new("struct apl_recovery *")
+        check(lib.apl_store_recover(self._s, r), "recover")
+        return {k: getattr(r, k) for k in ("rolled_back", "versions_kept", "blocks_live",
+                                           "slots_used", "readers_cleared", "log_head")}
+
+    def close(self) -> None:
+        if self._s is not None:
+            lib.apl_store_free(self._s)
+            self._s = None
+            self.att.close()
+
+    # -- batches and changes -----------------------------------------------------
+
+    def begin(self) -> None:
+        check(lib.apl_batch_begin(self._s), "begin batch")
+        self.in_batch = True
+
+    def put(self, file: int, key: bytes, value: bytes, mode: int) -> tuple[int, bytes | None]:
+        """Insert/update/upsert; returns (KIND_INSERT|KIND_UPDATE, old value or None)."""
+        rc = lib.apl_put(self._s, file, key, len(key), value, len(value), mode,
+                         self._old, self._oldcap, self._oldlen)
+        if rc < 0:
+            check(rc, "put")
+        n = self._oldlen[0]
+        return rc, (bytes(ffi.buffer(self._old, n)) if n >= 0 else None)
+
+    def delete(self, file: int, key: bytes) -> bytes:
+        rc = lib.apl_delete(self._s, file, key, len(key), self._old, self._oldcap, self._oldlen)
+        if rc < 0:
+            check(rc, "delete")
+        return bytes(ffi.buffer(self._old, self._oldlen[0]))
+
+    def op_info(self) -> OpInfo:
+        lib.apl_op_info(self._s, self._info)
+        i = self._info
+        return OpInfo(i.block, i.offset,
+                      tuple((i.structs[k], bool(i.removed[k])) for k in range(i.nstruct)))
+
+    def log(self, kind: int, *, txn: int, time_ns: int, file: int = 0, block: int = 0,
+            offset: int = 0, flags: int = 0, key: bytes = b"", a: bytes = b"", b: bytes = b"") -> int:
+        check(lib.apl_log_append(self._s, kind, flags, file, block, offset, txn, time_ns,
+                                 key, len(key), a, len(a), b, len(b), self._serial), "log append")
+        return self._serial[0]
+
+    def log_block(self, number: int, *, txn: int, time_ns: int, removed: bool) -> int:
+        flags = lib.APL_CEF_REMOVED if removed else 0
+        check(lib.apl_log_block(self._s, number, flags, txn, time_ns, self._serial), "log block")
+        return self._serial[0]
+
+    def use_reserve(self, on: bool) -> None:
+        lib.apl_store_use_reserve(self._s, 1 if on else 0)
+
+    def publish(self, time_ns: int, last_txn: int) -> int:
+        check(lib.apl_batch_publish(self._s, time_ns, last_txn), "publish")
+        self.in_batch = False
+        return self.att.sb.sb_version
+
+    def reclaim(self) -> int:
+        return check(lib.apl_reclaim(self._s), "reclaim")
+
+    def sweep_readers(self) -> int:
+        return check(lib.apl_sweep_readers(self._s), "sweep readers")
+
+    def next_txn(self) -> int:
+        return lib.apl_next_txn(self._s)
+
+    def set_epoch(self, epoch: int) -> None:
+        lib.apl_store_set_epoch(self._s, epoch)
+
+    def stats(self) -> dict:
+        st = self._stats
+        check(lib.apl_store_stats(self._s, st), "stats")
+        nseg = self.att.sb.sb_nsegments
+        out = {k: getattr(st, k) for k in ("version", "slots_total", "slots_free", "blocks_used",
+                                           "max_blocks", "retire_pending", "oldest_pin",
+                                           "readers_active", "log_head", "log_tail", "log_size",
+                                           "serial")}
+        out["segment_free"] = [st.seg_free[i] for i in range(nseg)]
+        return out

@@ -1,0 +1,215 @@
+/*
+ * apl.h — the C helpers' API, as Python sees it through cffi (cext/build.py).
+ *
+ * Reader side (any process that maps the segments): apl_view_*, apl_get*,
+ * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image.
+ * Writer side (the controller only): apl_store_*, apl_batch_*, apl_put,
+ * apl_delete, apl_log_*, apl_reclaim, apl_sweep_readers.
+ * Every function returns APL_OK (0) or a negative APL_* code (apl_errors.h),
+ * unless it says it returns a length or count (then >= 0 on success).
+ */
+#ifndef APL_H
+#define APL_H
+
+#include "apl_layout.h"
+#include "apl_errors.h"
+
+uint32_t apl_format_number(void);
+
+/* ---- geometry: how big each segment must be for a configuration ---- */
+struct apl_geometry {
+    /* inputs */
+    uint32_t block_size;
+    uint32_t nsegments;
+    uint64_t segment_size;   /* bytes per device segment, including its header */
+    uint32_t nfiles;
+    uint32_t max_overflow;
+    uint32_t nreaders;
+    uint64_t log_size;
+    /* outputs */
+    uint64_t segment_slots;
+    uint64_t max_blocks;
+    uint64_t files_off;
+    uint64_t loc_off;
+    uint64_t log_off;
+    uint64_t meta_size;
+    uint64_t readers_size;
+};
+int apl_geometry(struct apl_geometry *g);
+int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instance,
+                    uint64_t schema_hash, uint64_t now_ns);
+int apl_format_readers(uint8_t *mem, const struct apl_geometry *g, uint64_t instance);
+int apl_format_device(uint8_t *mem, const struct apl_geometry *g, uint64_t instance, uint32_t index);
+/* Check a meta/readers/device region against the expected identity. */
+int apl_check_meta(const uint8_t *meta, uint64_t size);
+int apl_check_readers(const uint8_t *mem, uint64_t size, uint64_t instance);
+int apl_check_device(const uint8_t *mem, uint64_t size, uint64_t instance, uint32_t index);
+
+/* ---- views ---- */
+typedef struct apl_view {
+    uint64_t v_id;                 /* process-unique id, never reused */
+    uint8_t *v_meta;
+    struct apl_super *v_sb;
+    struct apl_file *v_files;
+    uint64_t *v_loc;
+    uint8_t *v_log;
+    uint64_t v_log_size;
+    uint64_t v_max_blocks;
+    struct apl_rhdr *v_rhdr;
+    struct apl_reader *v_readers;
+    uint32_t v_nreaders;
+    uint32_t v_nfiles;
+    uint32_t v_bsize;
+    uint32_t v_nseg;
+    uint64_t v_seg_slots;
+    uint8_t *v_seg[APL_MAX_SEGMENTS];
+} apl_view;
+
+int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
+                  uint8_t *readers, uint64_t readers_size,
+                  uint8_t **segs, uint32_t nsegs, uint64_t seg_size);
+/* Release every reader slot this process holds in this view. */
+void apl_view_close(apl_view *v);
+/* Re-point device segment `index` (device replacement). */
+int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem);
+
+uint64_t apl_committed(const apl_view *v);
+
+/*
+ * Reads. version = 0 reads the latest committed version under a per-call pin
+ * taken from the calling thread's reader slot; a non-zero version reads that
+ * version (the caller holds it pinned, see apl_snap_open).
+ * apl_get* copy the value into out and return its length; APL_NOTFOUND when
+ * there is no such key; APL_EBUFSIZE when cap is too small (the length needed
+ * is then stored in the first 8 bytes of out, so cap must be >= 8).
+ */
+int64_t apl_get(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen,
+                uint64_t version, uint8_t *out, uint64_t cap);
+int64_t apl_get_i64(apl_view *v, uint32_t file, int64_t key,
+                    uint64_t version, uint8_t *out, uint64_t cap);
+
+/* What apl_scan writes for each record. */
+#define APL_SCAN_VALUES 1u   /* values back to back (each one msgpack object) */
+#define APL_SCAN_KEYS   2u   /* [u16 length][encoded key] per record */
+/* A scan reads [lo, hi) (lo exclusive when lo_incl is 0; hilen = APL_NO_BOUND
+ * means no upper bound; lolen = 0 with lo_incl starts at the first record).
+ * It writes as many whole records as fit, sets *count, and stores the last key
+ * it wrote in resume (cap APL_MAX_KEY) so the next call continues after it.
+ * Returns bytes written; *more is 1 when records remain. */
+#define APL_NO_BOUND 0xFFFFFFFFu
+int64_t apl_scan(apl_view *v, uint32_t file,
+                 const uint8_t *lo, uint32_t lolen, int lo_incl,
+                 const uint8_t *hi, uint32_t hilen,
+                 uint64_t version, uint32_t what, uint8_t *out, uint64_t cap,
+                 uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
+/* Every record of primary file `table` whose alternate key in index file
+ * `index` equals the encoded value `prefix` (the index keys are prefix+pk).
+ * Values back to back, in primary-key order; same continuation contract. */
+int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
+                 const uint8_t *prefix, uint32_t plen,
+                 const uint8_t *after, uint32_t afterlen,
+                 uint64_t version, uint8_t *out, uint64_t cap,
+                 uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
+/* Records in a file at a version (0 = latest). */
+int64_t apl_count(apl_view *v, uint32_t file, uint64_t version);
+
+/* Long-lived snapshot pins: each takes its own reader slot. */
+int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *version);
+int apl_snap_close(apl_view *v, uint32_t slot);
+
+/*
+ * A block's logical content at a version: for a primary block, its whole
+ * overflow chain as one unit ([0090]). Format (little-endian):
+ *   u32 number, u32 kind (bh_magic of the primary), u32 file, u16 level,
+ *   u16 reserved, u32 nrecords, then per record u16 klen, u32 aux, key bytes,
+ *   and for a leaf aux value bytes (aux = child block number in an inner block;
+ *   a meta block has no records and carries u64 count instead).
+ * Returns its length. Two appliances hold the same data exactly when these
+ * images are equal block for block.
+ */
+int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
+                        uint8_t *out, uint64_t cap);
+/* 64-bit checksum of the block image (0 when the number is not in use). */
+int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
+/* Highest block number in use + 1 (for iterating block numbers). */
+uint64_t apl_block_limit(apl_view *v);
+
+/* ---- the writer (controller only) ---- */
+typedef struct apl_store apl_store;
+
+struct apl_recovery {
+    uint64_t rolled_back;     /* block versions newer than G undone */
+    uint64_t versions_kept;   /* old versions still pinned by readers */
+    uint64_t blocks_live;     /* block numbers in use */
+    uint64_t slots_used;      /* block slots in use */
+    uint64_t readers_cleared; /* dead readers' slots released */
+    uint64_t log_head;        /* change-log head after recovery */
+};
+struct apl_opinfo {
+    uint32_t block;           /* primary block number of the chain holding the record */
+    uint32_t offset;          /* record offset in that chain */
+    uint32_t nstruct;         /* blocks whose structure changed (log them as BLOCK) */
+    uint32_t structs[64];
+    uint8_t  removed[64];     /* 1 when that block number was removed */
+};
+struct apl_stats {
+    uint64_t version;
+    uint64_t slots_total;
+    uint64_t slots_free;
+    uint64_t blocks_used;     /* block numbers in use */
+    uint64_t max_blocks;
+    uint64_t retire_pending;  /* old versions waiting for readers */
+    uint64_t oldest_pin;      /* smallest pinned version, 0 when none */
+    uint64_t readers_active;
+    uint64_t log_head;
+    uint64_t log_tail;
+    uint64_t log_size;
+    uint64_t serial;
+    uint64_t seg_free[APL_MAX_SEGMENTS];
+};
+
+#define APL_PUT_INSERT 1u  /* fail with APL_EXISTS if the key exists */
+#define APL_PUT_UPDATE 2u  /* fail with APL_NOTFOUND unless it exists */
+#define APL_PUT_UPSERT 3u
+
+apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots);
+void apl_store_free(apl_store *s);
+int apl_store_recover(apl_store *s, struct apl_recovery *r);
+/* Create a file's root and meta blocks (inside a batch; at format time). */
+int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t kind, uint32_t table);
+/* Allow allocation from the reserve (undo of a failed transaction). */
+void apl_store_use_reserve(apl_store *s, int on);
+
+int apl_batch_begin(apl_store *s);
+int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+            const uint8_t *val, uint32_t vlen, uint32_t mode,
+            uint8_t *old, uint64_t oldcap, int64_t *oldlen);
+int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+               uint8_t *old, uint64_t oldcap, int64_t *oldlen);
+int apl_op_info(apl_store *s, struct apl_opinfo *info);
+/* Append one change-log entry in the open batch; *serial gets its serial. */
+int apl_log_append(apl_store *s, uint16_t kind, uint16_t flags, uint32_t file,
+                   uint32_t block, uint32_t offset, uint64_t txn, uint64_t time_ns,
+                   const uint8_t *key, uint32_t klen, const uint8_t *a, uint32_t alen,
+                   const uint8_t *b, uint32_t blen, uint64_t *serial);
+/* Append a BLOCK entry with the image of `number` as it stands in the batch. */
+int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
+                  uint64_t time_ns, uint64_t *serial);
+int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
+/* Free what no reader can reach any more; returns slots freed (>= 0). */
+int64_t apl_reclaim(apl_store *s);
+/* Release slots of processes that no longer exist; returns slots released. */
+int64_t apl_sweep_readers(apl_store *s);
+int apl_store_stats(apl_store *s, struct apl_stats *st);
+void apl_store_set_epoch(apl_store *s, uint64_t epoch);
+uint64_t apl_next_txn(apl_store *s);
+
+/* ---- change-log reading (agent, recovery tools) ---- */
+/* Copy the entry at log position *pos into out; advance *pos past it (and past
+ * PAD space). Returns its length, 0 when *pos is at the published head, or
+ * APL_ELOGFULL when the entry at *pos was overwritten (position < tail). */
+int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap);
+/* Published log head/tail/version, read consistently. */
+int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
+
+#endif

@@ -1,0 +1,58 @@
+/*
+ * apl_errors.h — every error code of the C helpers, in one reserved negative
+ * range. The same numbers travel on the wire, and appliance/errors.py maps each
+ * to exactly one exception class (by the class attribute `code_name`).
+ * Keep APL_ERRORS in step with apl_strerror() (apl_errors.c reads the same list).
+ */
+#ifndef APL_ERRORS_H
+#define APL_ERRORS_H
+
+#define APL_OK 0
+
+/*      name                code    message */
+#define APL_ERRORS(_) \
+    _(APL_NOTFOUND,        -31001, "no such record") \
+    _(APL_EXISTS,          -31002, "duplicate primary key") \
+    _(APL_EFULL,           -31003, "appliance memory full: no free block slot") \
+    _(APL_ETOOBIG,         -31004, "record too large for a block") \
+    _(APL_EKEY,            -31005, "key too long or malformed") \
+    _(APL_EBUFSIZE,        -31006, "output buffer too small") \
+    _(APL_EVERSION,        -31007, "segment format version mismatch") \
+    _(APL_EMAGIC,          -31008, "segment is not an appliance segment") \
+    _(APL_ECORRUPT,        -31009, "block structure is inconsistent") \
+    _(APL_EREADERS,        -31010, "no free reader slot") \
+    _(APL_EFILE,           -31011, "no such file") \
+    _(APL_EINVAL,          -31012, "invalid argument") \
+    _(APL_ENOMEM,          -31013, "out of process memory") \
+    _(APL_ELOGFULL,        -31014, "change log cannot hold the entry") \
+    _(APL_EBATCH,          -31015, "no commit batch is open") \
+    _(APL_EGEOMETRY,       -31016, "segment geometry differs from the configuration") \
+    /* raised by the controller and the libraries, never by the C helpers */ \
+    _(APL_ELOCKTIMEOUT,    -31101, "lock wait timed out; the transaction was cancelled") \
+    _(APL_EDEADLOCK,       -31102, "deadlock; this transaction was chosen as the victim and cancelled") \
+    _(APL_ECANCELLED,      -31103, "the transaction was cancelled") \
+    _(APL_ETXN,            -31104, "the transaction is not open") \
+    _(APL_ENOTABLE,        -31105, "no such table") \
+    _(APL_ENOFIELD,        -31106, "no such field") \
+    _(APL_ETYPE,           -31107, "wrong type") \
+    _(APL_EACCESS,         -31108, "access denied") \
+    _(APL_EUNAVAIL,        -31109, "appliance not running") \
+    _(APL_EPROTO,          -31110, "protocol error") \
+    _(APL_ECLOSED,         -31111, "the handle is closed") \
+    _(APL_ECONFIG,         -31112, "bad configuration") \
+    _(APL_ESTALE,          -31113, "stale epoch: the sender is no longer the primary") \
+    _(APL_EBUSY,           -31114, "resource busy") \
+    _(APL_EUNKNOWN,        -31115, "commit outcome unknown: the controller stopped before answering")
+
+enum apl_error {
+#define APL_ERR_ENUM(name, code, msg) name = code,
+    APL_ERRORS(APL_ERR_ENUM)
+#undef APL_ERR_ENUM
+};
+
+/* "APL_NOTFOUND: no such record"; for an unknown code, a generic text. */
+const char *apl_strerror(int code);
+/* "APL_NOTFOUND"; NULL for an unknown code. */
+const char *apl_errname(int code);
+
+#endif

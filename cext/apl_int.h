@@ -1,0 +1,204 @@
+/*
+ * apl_int.h — inline helpers shared by the reader (apl_view.c) and the writer
+ * (apl_store.c): address resolution, version chains, key comparison, and the
+ * binary search inside one block.
+ */
+#ifndef APL_INT_H
+#define APL_INT_H
+
+#include <string.h>
+#include "apl.h"
+
+#define LOAD_ACQ(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p)      __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, x)  __atomic_store_n((p), (x), __ATOMIC_RELEASE)
+#define STORE_RLX(p, x)  __atomic_store_n((p), (x), __ATOMIC_RELAXED)
+#define FENCE()          __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+#define HDR_SIZE   ((uint32_t)sizeof(struct apl_bhdr))
+#define SLOT_SIZE  ((uint32_t)sizeof(struct apl_slot))
+#ifndef APL_PREFETCH_LINES
+#define APL_PREFETCH_LINES 6
+#endif
+
+static inline struct apl_bhdr *apl_ptr(const apl_view *v, apl_addr a)
+{
+    uint32_t seg = APL_ADDR_SEG(a);
+    uint64_t slot = APL_ADDR_SLOT(a);
+    if (seg >= v->v_nseg || slot >= v->v_seg_slots || !v->v_seg[seg])
+        return 0;
+    return (struct apl_bhdr *)(v->v_seg[seg] + (slot + 1) * (uint64_t)v->v_bsize);
+}
+
+static inline struct apl_slot *apl_slots(const struct apl_bhdr *b)
+{
+    return (struct apl_slot *)((uint8_t *)b + HDR_SIZE);
+}
+
+static inline const uint8_t *apl_slot_key(const struct apl_bhdr *b, const struct apl_slot *s)
+{
+    return (const uint8_t *)b + s->sl_off;
+}
+
+/*
+ * The version of block `number` visible at `version`: the newest one whose
+ * bh_version <= version. Versions strictly decrease along bh_prev; a chain that
+ * does not (or an address that points nowhere) is corruption and yields NULL,
+ * so a reader never loops or faults on damaged memory.
+ */
+static inline struct apl_bhdr *apl_resolve(const apl_view *v, uint32_t number, uint64_t version)
+{
+    if (number >= v->v_max_blocks)
+        return 0;
+    apl_addr a = LOAD_ACQ(&v->v_loc[number]);
+    uint64_t last = UINT64_MAX;
+    while (a != APL_ADDR_NONE) {
+        struct apl_bhdr *b = apl_ptr(v, a);
+        if (!b)
+            return 0;
+        /* The header and the slot array are needed next, one binary-search
+         * probe after another: ask for their cache lines all at once so the
+         * misses overlap instead of queueing (the dominant cost of a random
+         * lookup on a large file). */
+        for (int l = 0; l < APL_PREFETCH_LINES; l++)
+            __builtin_prefetch((const char *)b + l * APL_CACHELINE, 0, 3);
+        uint64_t bv = b->bh_version;
+        if (bv >= last)
+            return 0;
+        if (bv <= version)
+            return b;
+        last = bv;
+        a = b->bh_prev;
+    }
+    return 0;
+}
+
+/* Big-endian 8-byte prefix as an integer, zero-padded on the right. */
+static inline uint64_t apl_prefix(const uint8_t *k, uint32_t n)
+{
+    uint64_t p = 0;
+    if (n >= 8) {
+        memcpy(&p, k, 8);
+    } else {
+        memcpy(&p, k, n);
+    }
+    return __builtin_bswap64(p);
+}
+
+/* memcmp order; a key that is a proper prefix of another sorts first. */
+static inline int apl_keycmp(uint64_t pa, const uint8_t *a, uint32_t na,
+                             uint64_t pb, const uint8_t *b, uint32_t nb)
+{
+    if (pa != pb)
+        return pa < pb ? -1 : 1;
+    uint32_t m = na < nb ? na : nb;
+    if (m > 8) {
+        int c = memcmp(a + 8, b + 8, m - 8);
+        if (c)
+            return c;
+    }
+    return (na > nb) - (na < nb);
+}
+
+static inline int apl_slotcmp(const struct apl_bhdr *b, const struct apl_slot *s,
+                              uint64_t p, const uint8_t *k, uint32_t n)
+{
+    /* compare slot key with search key */
+    if (s->sl_prefix != p)
+        return s->sl_prefix < p ? -1 : 1;
+    return apl_keycmp(s->sl_prefix, apl_slot_key(b, s), s->sl_klen, p, k, n);
+}
+
+/* Index of the first slot whose key is >= the search key; *eq when equal. */
+static inline uint32_t apl_lower_bound(const struct apl_bhdr *b, uint64_t p,
+                                       const uint8_t *k, uint32_t n, int *eq)
+{
+    const struct apl_slot *s = apl_slots(b);
+    uint32_t lo = 0, hi = b->bh_nslots;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) >> 1;
+        if (apl_slotcmp(b, &s[mid], p, k, n) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *eq = lo < b->bh_nslots && apl_slotcmp(b, &s[lo], p, k, n) == 0;
+    return lo;
+}
+
+/* Inner block: the index of the last slot whose key is <= the search key
+ * (slot 0 of the leftmost block at each level has the empty key). */
+static inline uint32_t apl_child_index(const struct apl_bhdr *b, uint64_t p,
+                                       const uint8_t *k, uint32_t n)
+{
+    const struct apl_slot *s = apl_slots(b);
+    uint32_t lo = 0, hi = b->bh_nslots;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) >> 1;
+        if (apl_slotcmp(b, &s[mid], p, k, n) <= 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo ? lo - 1 : 0;
+}
+
+/* Compare the search key with the last key of a block (block must be non-empty). */
+static inline int apl_cmp_last(const struct apl_bhdr *b, uint64_t p, const uint8_t *k, uint32_t n)
+{
+    const struct apl_slot *s = &apl_slots(b)[b->bh_nslots - 1];
+    return -apl_slotcmp(b, s, p, k, n);
+}
+
+/*
+ * Walk an overflow chain to the block that holds (or would hold) the key: the
+ * first block whose last key is >= the key, or the last block. Records across
+ * a chain are sorted: the primary block has the lowest keys.
+ */
+static inline struct apl_bhdr *apl_chain_block(const apl_view *v, struct apl_bhdr *b,
+                                               uint64_t p, const uint8_t *k, uint32_t n,
+                                               uint32_t *chain_index)
+{
+    uint32_t i = 0;
+    while (b->bh_next != APL_ADDR_NONE && i < 64) {
+        if (b->bh_nslots && apl_cmp_last(b, p, k, n) <= 0)
+            break;
+        struct apl_bhdr *nx = apl_ptr(v, b->bh_next);
+        if (!nx)
+            break;
+        b = nx;
+        i++;
+    }
+    *chain_index = i;
+    return b;
+}
+
+static inline uint64_t apl_now_version(const apl_view *v)
+{
+    return LOAD_ACQ(&v->v_sb->sb_version);
+}
+
+/* FNV-1a, 64-bit: checksums of block images. */
+static inline uint64_t apl_fnv(uint64_t h, const uint8_t *p, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* Pin the latest committed version in the calling thread's slot (apl_view.c). */
+struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version);
+static inline void apl_op_unpin(struct apl_reader *r)
+{
+    STORE_REL(&r->rs_pin, APL_PIN_IDLE);
+}
+
+/* Descend a file's tree to the leaf chain that holds the key (reader or writer). */
+struct apl_bhdr *apl_descend(const apl_view *v, uint32_t file, uint64_t version,
+                             uint64_t p, const uint8_t *k, uint32_t n);
+
+int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap);
+
+#endif

@@ -1,0 +1,1592 @@
+/*
+ * apl_store.c — the writer: the controller's "database control mechanism".
+ *
+ * Only the controller process calls anything here, from one thread, so the
+ * allocator, the retire queue and the batch state are plain process memory.
+ * What other processes see is the shared memory this code writes, under the
+ * protocol described in apl_layout.h:
+ *
+ *   batch_begin          pending = G + 1
+ *   put / delete ...     copy-on-write of each chain the first time the batch
+ *                        touches it (cow()); later changes in the same batch
+ *                        edit the copy in place. Copies are stored into the
+ *                        location table only once fully written (release).
+ *   log_append ...       change-log entries of the batch's transactions
+ *   batch_publish        sb_pub[V & 1] = log bounds; sb_version = V (release)
+ *   reclaim              free old versions once every pin has passed them
+ *
+ * Structural work (a chain that outgrows its blocks, a split, a removal) first
+ * checks that enough free slots and block numbers exist for the worst case, so
+ * an operation either completes or fails with APL_EFULL having changed nothing.
+ * A small reserve of slots is kept back for undoing a failed transaction from
+ * its B logs (apl_store_use_reserve).
+ *
+ * Crash recovery (apl_store_recover) needs nothing but the shared memory: every
+ * block version newer than G is rolled back (its number's location entry is
+ * set back to bh_prev), and the free lists and retire queue are rebuilt by
+ * walking each number's version chain down to the first version that every
+ * pin can see — everything older is free. That is sound because the oldest pin
+ * never decreases (apl_layout.h), so nothing older was ever handed to a reader
+ * that is still reading, and nothing kept has been reused.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+
+#include "apl_int.h"
+
+enum { RT_CHAIN = 1, RT_NUMBER = 2 };
+
+struct retire {
+    uint64_t at;       /* reclaimable once every pin is >= at */
+    apl_addr addr;     /* RT_CHAIN: head of the chain version to free */
+    uint32_t number;   /* RT_NUMBER: block number to free (with its last chain) */
+    uint32_t kind;
+};
+
+struct rec {
+    uint64_t prefix;
+    const uint8_t *k;
+    const uint8_t *val;
+    uint32_t klen;
+    uint32_t vlen;     /* leaf: value bytes; inner: 0 */
+    uint32_t aux;      /* leaf: vlen; inner: child number */
+};
+
+struct wpath {
+    int depth;                      /* inner levels above the leaf chain */
+    uint32_t num[APL_MAX_HEIGHT];   /* inner block numbers from the root down */
+    uint32_t idx[APL_MAX_HEIGHT];   /* child index taken in each */
+    uint32_t leaf;                  /* leaf chain number */
+    int rightmost;                  /* every index taken was the last one */
+};
+
+struct apl_store {
+    apl_view *v;
+    uint64_t pending;               /* version being built; 0 when no batch is open */
+    uint32_t bsize;
+    uint32_t maxb;                  /* blocks allowed in a chain: 1 + max_overflow */
+    /* block slots: one stack of free slot indices per segment */
+    uint32_t *free_slots[APL_MAX_SEGMENTS];
+    uint64_t nfree[APL_MAX_SEGMENTS];
+    uint32_t next_seg;
+    uint64_t free_total;
+    uint64_t reserve;
+    int use_reserve;
+    /* block numbers */
+    uint32_t *free_nums;
+    uint64_t nfree_nums;
+    uint64_t next_num;              /* numbers >= this were never used */
+    /* retire queue, ordered by `at` (a ring) */
+    struct retire *rq;
+    uint64_t rq_head, rq_len, rq_cap;
+    /* the last operation */
+    struct apl_opinfo op;
+    /* scratch for rewrites */
+    uint8_t *scratch;
+    uint64_t scratch_cap;
+    struct rec *recs;
+    uint64_t recs_cap;
+    /* change log writer */
+    uint64_t log_head, log_tail, serial, epoch;
+    uint64_t max_record;            /* slot + key + value bytes a leaf record may take */
+    uint64_t max_key;
+};
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                       */
+/* ------------------------------------------------------------------ */
+
+static inline struct apl_bhdr *head_of(apl_store *s, uint32_t number)
+{
+    apl_addr a = s->v->v_loc[number];
+    return a == APL_ADDR_NONE ? 0 : apl_ptr(s->v, a);
+}
+
+static inline struct apl_bhdr *next_of(apl_store *s, const struct apl_bhdr *b)
+{
+    return b->bh_next == APL_ADDR_NONE ? 0 : apl_ptr(s->v, b->bh_next);
+}
+
+static inline apl_addr addr_of(apl_store *s, const struct apl_bhdr *b)
+{
+    const uint8_t *p = (const uint8_t *)b;
+    for (uint32_t i = 0; i < s->v->v_nseg; i++) {
+        const uint8_t *base = s->v->v_seg[i];
+        if (base && p >= base + s->bsize && p < base + (s->v->v_seg_slots + 1) * (uint64_t)s->bsize)
+            return APL_ADDR(i, (uint64_t)(p - base) / s->bsize - 1);
+    }
+    return APL_ADDR_NONE;
+}
+
+static inline uint32_t rec_bytes(const struct rec *r)
+{
+    return SLOT_SIZE + r->klen + r->vlen;
+}
+
+static inline uint32_t blk_room(const struct apl_bhdr *b)
+{
+    return (uint32_t)b->bh_upper - b->bh_lower;
+}
+
+static uint32_t chain_len(apl_store *s, struct apl_bhdr *h)
+{
+    uint32_t n = 0;
+    for (struct apl_bhdr *c = h; c && n < 64; c = next_of(s, c))
+        n++;
+    return n;
+}
+
+static void op_struct(apl_store *s, uint32_t number, int removed)
+{
+    for (uint32_t i = 0; i < s->op.nstruct; i++)
+        if (s->op.structs[i] == number) {
+            s->op.removed[i] |= (uint8_t)removed;
+            return;
+        }
+    if (s->op.nstruct < 64) {
+        s->op.structs[s->op.nstruct] = number;
+        s->op.removed[s->op.nstruct] = (uint8_t)removed;
+        s->op.nstruct++;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Allocation                                                          */
+/* ------------------------------------------------------------------ */
+
+static uint64_t avail_slots(apl_store *s)
+{
+    if (s->use_reserve)
+        return s->free_total;
+    return s->free_total > s->reserve ? s->free_total - s->reserve : 0;
+}
+
+static uint64_t avail_nums(apl_store *s)
+{
+    return s->nfree_nums + (s->v->v_max_blocks - s->next_num);
+}
+
+static apl_addr alloc_slot(apl_store *s)
+{
+    if (!avail_slots(s))
+        return APL_ADDR_NONE;
+    uint32_t n = s->v->v_nseg;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t seg = (s->next_seg + k) % n;
+        if (s->nfree[seg] && s->v->v_seg[seg]) {
+            s->next_seg = seg + 1;
+            s->free_total--;
+            return APL_ADDR(seg, s->free_slots[seg][--s->nfree[seg]]);
+        }
+    }
+    return APL_ADDR_NONE;
+}
+
+static void free_slot(apl_store *s, apl_addr a)
+{
+    uint32_t seg = APL_ADDR_SEG(a);
+    s->free_slots[seg][s->nfree[seg]++] = (uint32_t)APL_ADDR_SLOT(a);
+    s->free_total++;
+}
+
+static void free_chain(apl_store *s, apl_addr a)
+{
+    int guard = 0;
+    while (a != APL_ADDR_NONE && guard++ < 64) {
+        struct apl_bhdr *b = apl_ptr(s->v, a);
+        apl_addr nx = b ? b->bh_next : APL_ADDR_NONE;
+        free_slot(s, a);
+        a = nx;
+    }
+}
+
+static uint32_t alloc_number(apl_store *s)
+{
+    if (s->nfree_nums)
+        return s->free_nums[--s->nfree_nums];
+    if (s->next_num < s->v->v_max_blocks)
+        return (uint32_t)s->next_num++;
+    return APL_NO_BLOCK;
+}
+
+static int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uint64_t at)
+{
+    if (s->rq_len == s->rq_cap) {
+        uint64_t ncap = s->rq_cap ? s->rq_cap * 2 : 1024;
+        struct retire *nq = malloc(ncap * sizeof(*nq));
+        if (!nq)
+            return APL_ENOMEM;
+        for (uint64_t i = 0; i < s->rq_len; i++)
+            nq[i] = s->rq[(s->rq_head + i) % s->rq_cap];
+        free(s->rq);
+        s->rq = nq;
+        s->rq_cap = ncap;
+        s->rq_head = 0;
+    }
+    struct retire *r = &s->rq[(s->rq_head + s->rq_len) % s->rq_cap];
+    r->at = at;
+    r->addr = addr;
+    r->number = number;
+    r->kind = kind;
+    s->rq_len++;
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Blocks                                                              */
+/* ------------------------------------------------------------------ */
+
+static void blk_reset(apl_store *s, struct apl_bhdr *b)
+{
+    b->bh_nslots = 0;
+    b->bh_lower = HDR_SIZE;
+    b->bh_upper = (uint16_t)s->bsize;
+    b->bh_garbage = 0;
+}
+
+static void blk_init(apl_store *s, struct apl_bhdr *b, uint32_t magic, uint32_t number,
+                     uint32_t file, uint16_t level)
+{
+    b->bh_magic = magic;
+    b->bh_number = number;
+    b->bh_version = s->pending;
+    b->bh_prev = APL_ADDR_NONE;
+    b->bh_next = APL_ADDR_NONE;
+    b->bh_retired = 0;
+    b->bh_file = file;
+    b->bh_level = level;
+    b->bh_chain = 1;
+    b->bh_count = 0;
+    blk_reset(s, b);
+}
+
+/* Append a record after the last slot (the caller keeps order; room checked). */
+static void blk_append(struct apl_bhdr *b, const struct rec *r)
+{
+    uint32_t body = r->klen + r->vlen;
+    b->bh_upper = (uint16_t)(b->bh_upper - body);
+    uint8_t *dst = (uint8_t *)b + b->bh_upper;
+    memcpy(dst, r->k, r->klen);
+    if (r->vlen)
+        memcpy(dst + r->klen, r->val, r->vlen);
+    struct apl_slot *sl = &apl_slots(b)[b->bh_nslots++];
+    sl->sl_prefix = r->prefix;
+    sl->sl_off = b->bh_upper;
+    sl->sl_klen = (uint16_t)r->klen;
+    sl->sl_aux = r->aux;
+    b->bh_lower = (uint16_t)(b->bh_lower + SLOT_SIZE);
+}
+
+/* Rewrite a block's heap without its garbage (in place, through scratch). */
+static void blk_compact(apl_store *s, struct apl_bhdr *b)
+{
+    memcpy(s->scratch, b, s->bsize);
+    struct apl_bhdr *src = (struct apl_bhdr *)s->scratch;
+    const struct apl_slot *ss = apl_slots(src);
+    uint16_t n = src->bh_nslots;
+    blk_reset(s, b);
+    for (uint16_t i = 0; i < n; i++) {
+        struct rec r = {
+            .prefix = ss[i].sl_prefix, .k = apl_slot_key(src, &ss[i]), .klen = ss[i].sl_klen,
+            .vlen = src->bh_level ? 0 : ss[i].sl_aux, .aux = ss[i].sl_aux,
+        };
+        r.val = r.k + r.klen;
+        blk_append(b, &r);
+    }
+}
+
+/* Insert a record at slot index idx; 0 if it does not fit even compacted. */
+static int blk_insert(apl_store *s, struct apl_bhdr *b, uint32_t idx, const struct rec *r)
+{
+    uint32_t need = rec_bytes(r);
+    if (blk_room(b) < need) {
+        if (blk_room(b) + b->bh_garbage < need)
+            return 0;
+        blk_compact(s, b);
+    }
+    uint32_t body = r->klen + r->vlen;
+    b->bh_upper = (uint16_t)(b->bh_upper - body);
+    uint8_t *dst = (uint8_t *)b + b->bh_upper;
+    memcpy(dst, r->k, r->klen);
+    if (r->vlen)
+        memcpy(dst + r->klen, r->val, r->vlen);
+    struct apl_slot *sl = apl_slots(b);
+    memmove(&sl[idx + 1], &sl[idx], (size_t)(b->bh_nslots - idx) * SLOT_SIZE);
+    sl[idx].sl_prefix = r->prefix;
+    sl[idx].sl_off = b->bh_upper;
+    sl[idx].sl_klen = (uint16_t)r->klen;
+    sl[idx].sl_aux = r->aux;
+    b->bh_nslots++;
+    b->bh_lower = (uint16_t)(b->bh_lower + SLOT_SIZE);
+    return 1;
+}
+
+static void blk_remove(apl_store *s, struct apl_bhdr *b, uint32_t idx)
+{
+    struct apl_slot *sl = apl_slots(b);
+    uint32_t body = sl[idx].sl_klen + (b->bh_level ? 0 : sl[idx].sl_aux);
+    memmove(&sl[idx], &sl[idx + 1], (size_t)(b->bh_nslots - idx - 1) * SLOT_SIZE);
+    b->bh_nslots--;
+    b->bh_lower = (uint16_t)(b->bh_lower - SLOT_SIZE);
+    b->bh_garbage = (uint16_t)(b->bh_garbage + body);
+    if (b->bh_nslots == 0)
+        blk_reset(s, b);
+}
+
+/* Copy src into dst without garbage; dst keeps nothing of its own. */
+static void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src)
+{
+    memcpy(dst, src, HDR_SIZE);
+    blk_reset(s, dst);
+    const struct apl_slot *ss = apl_slots(src);
+    for (uint16_t i = 0; i < src->bh_nslots; i++) {
+        struct rec r = {
+            .prefix = ss[i].sl_prefix, .k = apl_slot_key(src, &ss[i]), .klen = ss[i].sl_klen,
+            .vlen = src->bh_level ? 0 : ss[i].sl_aux, .aux = ss[i].sl_aux,
+        };
+        r.val = r.k + r.klen;
+        blk_append(dst, &r);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Copy-on-write                                                       */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Make the chain of block `number` writable in the pending version and return
+ * its head. The first time in a batch, every block of the chain is copied to
+ * fresh slots; the old head goes to the retire queue (at = pending), and the
+ * new head is published in the location table only after it is complete.
+ */
+static struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err)
+{
+    apl_addr old = s->v->v_loc[number];
+    struct apl_bhdr *h = old == APL_ADDR_NONE ? 0 : apl_ptr(s->v, old);
+    if (!h) {
+        *err = APL_ECORRUPT;
+        return 0;
+    }
+    if (h->bh_version == s->pending)
+        return h;
+    uint32_t n = chain_len(s, h);
+    if (avail_slots(s) < n) {
+        *err = APL_EFULL;
+        return 0;
+    }
+    apl_addr na[64];
+    for (uint32_t i = 0; i < n; i++)
+        na[i] = alloc_slot(s);
+    const struct apl_bhdr *src = h;
+    for (uint32_t i = 0; i < n; i++, src = next_of(s, src)) {
+        struct apl_bhdr *dst = apl_ptr(s->v, na[i]);
+        blk_copy(s, dst, src);
+        dst->bh_version = s->pending;
+        dst->bh_next = i + 1 < n ? na[i + 1] : APL_ADDR_NONE;
+        dst->bh_prev = APL_ADDR_NONE;
+        dst->bh_retired = 0;
+    }
+    struct apl_bhdr *nh = apl_ptr(s->v, na[0]);
+    nh->bh_prev = old;
+    nh->bh_chain = (uint16_t)n;
+    int rc = retire_push(s, RT_CHAIN, old, number, s->pending);
+    if (rc) {
+        for (uint32_t i = 0; i < n; i++)
+            free_slot(s, na[i]);
+        *err = rc;
+        return 0;
+    }
+    STORE_REL(&s->v->v_loc[number], na[0]);
+    return nh;
+}
+
+static int meta_add(apl_store *s, uint32_t file, int64_t delta)
+{
+    int err = 0;
+    struct apl_bhdr *m = cow(s, s->v->v_files[file].fl_meta, &err);
+    if (!m)
+        return err;
+    m->bh_count = (uint64_t)((int64_t)m->bh_count + delta);
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Descent with a path (the writer sees the newest versions)           */
+/* ------------------------------------------------------------------ */
+
+static int wdescend(apl_store *s, uint32_t file, uint64_t p, const uint8_t *k, uint32_t n,
+                    struct wpath *wp)
+{
+    uint32_t num = s->v->v_files[file].fl_root;
+    wp->depth = 0;
+    wp->rightmost = 1;
+    for (;;) {
+        struct apl_bhdr *b = head_of(s, num);
+        if (!b)
+            return APL_ECORRUPT;
+        if (b->bh_level == 0) {
+            wp->leaf = num;
+            return APL_OK;
+        }
+        if (b->bh_nslots == 0 || wp->depth >= (int)APL_MAX_HEIGHT - 1)
+            return APL_ECORRUPT;
+        uint32_t ci = apl_child_index(b, p, k, n);
+        if (ci + 1 != b->bh_nslots)
+            wp->rightmost = 0;
+        wp->num[wp->depth] = num;
+        wp->idx[wp->depth] = ci;
+        wp->depth++;
+        num = apl_slots(b)[ci].sl_aux;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Gathering and laying out records                                    */
+/* ------------------------------------------------------------------ */
+
+/* Copy every record of a chain (or one inner block) into scratch + recs. */
+static uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total)
+{
+    uint64_t n = 0, off = 0;
+    *total = 0;
+    for (struct apl_bhdr *c = h; c; c = next_of(s, c)) {
+        memcpy(s->scratch + off, c, s->bsize);
+        struct apl_bhdr *cp = (struct apl_bhdr *)(s->scratch + off);
+        off += s->bsize;
+        const struct apl_slot *sl = apl_slots(cp);
+        for (uint16_t i = 0; i < cp->bh_nslots; i++) {
+            struct rec *r = &s->recs[n++];
+            r->prefix = sl[i].sl_prefix;
+            r->k = apl_slot_key(cp, &sl[i]);
+            r->klen = sl[i].sl_klen;
+            r->vlen = cp->bh_level ? 0 : sl[i].sl_aux;
+            r->aux = sl[i].sl_aux;
+            r->val = r->k + r->klen;
+            *total += rec_bytes(r);
+        }
+        if (c->bh_level)
+            break; /* inner blocks have no chain */
+    }
+    return n;
+}
+
+/* The record area scratch holds after `nblocks` block copies: for a new record. */
+static uint8_t *scratch_tail(apl_store *s, uint32_t nblocks)
+{
+    return s->scratch + (uint64_t)nblocks * s->bsize;
+}
+
+/*
+ * Split recs[a, b) into nb consecutive non-empty groups that each fit one
+ * block; bounds[i] is the end of group i. With `even`, groups are as equal in
+ * bytes as the records allow; without, each block is filled before the next.
+ * Returns 0 when no such split exists.
+ */
+static int pack(apl_store *s, uint64_t a, uint64_t b, uint32_t nb, int even, uint64_t *bounds)
+{
+    uint64_t cap = s->bsize - HDR_SIZE;
+    uint64_t left = 0;
+    for (uint64_t i = a; i < b; i++)
+        left += rec_bytes(&s->recs[i]);
+    if (nb == 0 || left > cap * nb || b - a < nb)
+        return 0;
+    uint64_t i = a;
+    for (uint32_t g = 0; g < nb; g++) {
+        uint32_t blocks_left = nb - g;
+        uint64_t target = even ? (left + blocks_left - 1) / blocks_left : cap;
+        uint64_t used = 0;
+        while (i < b - (blocks_left - 1)) {  /* leave a record for each later group */
+            uint64_t rb = rec_bytes(&s->recs[i]);
+            if (used + rb > cap)
+                break;
+            if (blocks_left > 1 && used && used + rb > target && left - used <= cap * (blocks_left - 1))
+                break;
+            used += rb;
+            i++;
+        }
+        if (!used)
+            return 0;
+        left -= used;
+        bounds[g] = i;
+    }
+    return i == b;
+}
+
+/* Blocks for recs[a, b) as one chain: about 70% full, at most maxb. */
+static uint32_t chain_blocks(apl_store *s, uint64_t a, uint64_t b, uint64_t *bounds)
+{
+    uint64_t cap = s->bsize - HDR_SIZE, bytes = 0;
+    for (uint64_t i = a; i < b; i++)
+        bytes += rec_bytes(&s->recs[i]);
+    uint32_t want = (uint32_t)((bytes * 10 + cap * 7 - 1) / (cap * 7));
+    if (want < 1)
+        want = 1;
+    if (want > s->maxb)
+        want = s->maxb;
+    for (uint32_t k = want; k <= s->maxb; k++)
+        if (pack(s, a, b, k, 1, bounds))
+            return k;
+    for (uint32_t k = 1; k <= s->maxb; k++)
+        if (pack(s, a, b, k, 0, bounds))
+            return k;
+    return 0;
+}
+
+/* Write recs[a, b) into the given chain head (reset), allocating overflow
+ * blocks for groups after the first. The head's old overflow blocks must
+ * already have been released by the caller. */
+static void write_chain(apl_store *s, struct apl_bhdr *head, uint64_t a, const uint64_t *bounds,
+                        uint32_t nb, const apl_addr *ovfl)
+{
+    struct apl_bhdr *b = head;
+    uint64_t i = a;
+    blk_reset(s, head);
+    head->bh_next = APL_ADDR_NONE;
+    head->bh_chain = (uint16_t)nb;
+    for (uint32_t g = 0; g < nb; g++) {
+        if (g > 0) {
+            struct apl_bhdr *o = apl_ptr(s->v, ovfl[g - 1]);
+            blk_init(s, o, APL_BLK_OVFL, head->bh_number, head->bh_file, 0);
+            b->bh_next = ovfl[g - 1];
+            b = o;
+        }
+        for (; i < bounds[g]; i++)
+            blk_append(b, &s->recs[i]);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Inner blocks: insert a separator, split, remove a child             */
+/* ------------------------------------------------------------------ */
+
+static int insert_sep(apl_store *s, uint32_t file, const struct rec *sep, uint32_t child);
+
+/* Children of a full inner block (recs[0, n)) split into two blocks; the left
+ * half stays in `number` (or, for the root, both halves get new numbers). */
+static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_bhdr *b, uint64_t n)
+{
+    uint64_t bounds[2];
+    if (!pack(s, 0, n, 2, 1, bounds))
+        return APL_ECORRUPT;
+    int is_root = number == s->v->v_files[file].fl_root;
+    uint32_t rnum = alloc_number(s);
+    apl_addr raddr = alloc_slot(s);
+    if (rnum == APL_NO_BLOCK || raddr == APL_ADDR_NONE)
+        return APL_EFULL; /* excluded by the caller's capacity check */
+    struct apl_bhdr *r = apl_ptr(s->v, raddr);
+    blk_init(s, r, APL_BLK_INNR, rnum, file, b->bh_level);
+    for (uint64_t i = bounds[0]; i < n; i++)
+        blk_append(r, &s->recs[i]);
+    STORE_REL(&s->v->v_loc[rnum], raddr);
+    op_struct(s, rnum, 0);
+    op_struct(s, number, 0);
+    /* separator: the right block's first key (kept in its slot 0, which routes
+     * everything below its second key) */
+    struct rec sep = s->recs[bounds[0]];
+    uint8_t keybuf[APL_MAX_KEY];
+    memcpy(keybuf, sep.k, sep.klen);
+    sep.k = keybuf;
+    if (!is_root) {
+        blk_reset(s, b);
+        for (uint64_t i = 0; i < bounds[0]; i++)
+            blk_append(b, &s->recs[i]);
+        return insert_sep(s, file, &sep, rnum);
+    }
+    /* root: left half to a new number, root becomes their parent */
+    uint32_t lnum = alloc_number(s);
+    apl_addr laddr = alloc_slot(s);
+    if (lnum == APL_NO_BLOCK || laddr == APL_ADDR_NONE)
+        return APL_EFULL;
+    struct apl_bhdr *l = apl_ptr(s->v, laddr);
+    blk_init(s, l, APL_BLK_INNR, lnum, file, b->bh_level);
+    for (uint64_t i = 0; i < bounds[0]; i++)
+        blk_append(l, &s->recs[i]);
+    STORE_REL(&s->v->v_loc[lnum], laddr);
+    op_struct(s, lnum, 0);
+    uint16_t level = (uint16_t)(b->bh_level + 1);
+    blk_reset(s, b);
+    b->bh_level = level;
+    struct rec first = {.prefix = 0, .k = keybuf, .klen = 0, .vlen = 0, .aux = lnum};
+    blk_append(b, &first);
+    sep.aux = rnum;
+    sep.vlen = 0;
+    blk_append(b, &sep);
+    return APL_OK;
+}
+
+/*
+ * Insert separator `sep` pointing at `child` into the parent of the chain that
+ * currently covers sep's key: right after that chain's slot.
+ */
+static int insert_sep(apl_store *s, uint32_t file, const struct rec *sep, uint32_t child)
+{
+    /* find the parent: descend until the child slot we are after */
+    struct wpath wp;
+    int rc = wdescend(s, file, sep->prefix, sep->k, sep->klen, &wp);
+    if (rc)
+        return rc;
+    /* the level to insert at: the deepest inner block whose level is one above child's */
+    struct apl_bhdr *cb = head_of(s, child);
+    if (!cb)
+        return APL_ECORRUPT;
+    int d = -1;
+    for (int i = 0; i < wp.depth; i++) {
+        struct apl_bhdr *pb = head_of(s, wp.num[i]);
+        if (pb && pb->bh_level == cb->bh_level + 1)
+            d = i;
+    }
+    if (d < 0)
+        return APL_ECORRUPT;
+    uint32_t pnum = wp.num[d];
+    struct apl_bhdr *p = cow(s, pnum, &rc);
+    if (!p)
+        return rc;
+    op_struct(s, pnum, 0);
+    struct rec r = *sep;
+    r.vlen = 0;
+    r.aux = child;
+    if (blk_insert(s, p, wp.idx[d] + 1, &r))
+        return APL_OK;
+    /* full: gather its slots plus the new one, then split */
+    uint8_t keybuf[APL_MAX_KEY];
+    memcpy(keybuf, sep->k, sep->klen);
+    r.k = keybuf;
+    uint64_t total;
+    uint64_t n = gather(s, p, &total);
+    uint32_t at = wp.idx[d] + 1;
+    memmove(&s->recs[at + 1], &s->recs[at], (n - at) * sizeof(struct rec));
+    s->recs[at] = r;
+    return split_inner(s, file, pnum, p, n + 1);
+}
+
+static int remove_number(apl_store *s, uint32_t file, struct wpath *wp, int level_from);
+
+/* Remove the child at path level d (wp->idx[d] in wp->num[d]). */
+static int remove_child(apl_store *s, uint32_t file, struct wpath *wp, int d)
+{
+    int rc = 0;
+    uint32_t pnum = wp->num[d];
+    struct apl_bhdr *p = cow(s, pnum, &rc);
+    if (!p)
+        return rc;
+    op_struct(s, pnum, 0);
+    blk_remove(s, p, wp->idx[d]);
+    if (p->bh_nslots > 0)
+        return APL_OK;
+    if (pnum == s->v->v_files[file].fl_root) {
+        /* the file is empty: the root becomes an empty leaf */
+        blk_reset(s, p);
+        p->bh_magic = APL_BLK_LEAF;
+        p->bh_level = 0;
+        return APL_OK;
+    }
+    return remove_number(s, file, wp, d);
+}
+
+/* Retire block number wp->num[d] (or the leaf when d == depth) and unlink it. */
+static int remove_number(apl_store *s, uint32_t file, struct wpath *wp, int d)
+{
+    uint32_t number = d == wp->depth ? wp->leaf : wp->num[d];
+    struct apl_bhdr *h = head_of(s, number);
+    if (!h)
+        return APL_ECORRUPT;
+    h->bh_retired = s->pending;
+    int rc = retire_push(s, RT_NUMBER, APL_ADDR_NONE, number, s->pending);
+    if (rc)
+        return rc;
+    op_struct(s, number, 1);
+    return remove_child(s, file, wp, d - 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Chain rewrite: a chain that outgrew its blocks                      */
+/* ------------------------------------------------------------------ */
+
+/*
+ * recs[0, n) is the chain's new content (sorted, `total` bytes with slots).
+ * Lay it out as one chain of up to maxb blocks when it fits at under 90%
+ * fill, or split it into several chains: the first keeps `number` (unless it
+ * is the root, whose chains all get new numbers under it), the others get new
+ * numbers and separators in the parent. Checks capacity for the worst case
+ * first and changes nothing when it returns APL_EFULL.
+ */
+#define MAX_CHAINS 16
+static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl_bhdr *head,
+                        uint64_t n, uint64_t total, uint32_t cur_nb, struct wpath *wp)
+{
+    uint64_t cap = s->bsize - HDR_SIZE;
+    int is_root = number == s->v->v_files[file].fl_root;
+    uint32_t nchains = 1;
+    uint32_t nbs[MAX_CHAINS];
+    uint64_t ends[MAX_CHAINS];
+    uint64_t bounds[MAX_CHAINS][10];
+
+    if (total * 10 <= cap * cur_nb * 9 && pack(s, 0, n, cur_nb, 1, bounds[0])) {
+        nbs[0] = cur_nb;                       /* redistribute within the chain */
+    } else if (cur_nb < s->maxb && total * 10 <= cap * (cur_nb + 1) * 9 &&
+               pack(s, 0, n, cur_nb + 1, 1, bounds[0])) {
+        nbs[0] = cur_nb + 1;                   /* grow by one overflow block */
+    } else {
+        /* split: chains of at most half the chain capacity each, so that any
+         * record sizes pack (records are at most half a block) */
+        uint64_t per = cap * s->maxb / 2;
+        nchains = (uint32_t)((total + per - 1) / per);
+        if (nchains < 2)
+            nchains = 2;
+        if (nchains > MAX_CHAINS || nchains > n)
+            return APL_ECORRUPT;
+        uint64_t acc = 0, i = 0;
+        for (uint32_t c = 0; c < nchains; c++) {
+            uint64_t start = i, target = total * (c + 1) / nchains;
+            uint64_t limit = n - (nchains - c - 1);
+            while (i < limit && (i == start || acc + rec_bytes(&s->recs[i]) <= target)) {
+                acc += rec_bytes(&s->recs[i]);
+                i++;
+            }
+            if (c == nchains - 1)
+                i = n;
+            ends[c] = i;
+            uint64_t a = start;
+            if (!(nbs[c] = chain_blocks(s, a, ends[c], bounds[c])))
+                return APL_ECORRUPT;
+        }
+    }
+    if (nchains == 1)
+        ends[0] = n;
+
+    /* capacity for the worst case, before touching anything */
+    uint64_t need_slots = 2u * (uint64_t)(wp->depth + 2), need_nums = (uint64_t)wp->depth + 2;
+    for (uint32_t c = 0; c < nchains; c++)
+        need_slots += nbs[c];
+    need_nums += nchains;
+    if (avail_slots(s) < need_slots || avail_nums(s) < need_nums)
+        return APL_EFULL;
+
+    /* the chain's overflow blocks are pending copies no reader can reach */
+    for (struct apl_bhdr *o = next_of(s, head); o;) {
+        struct apl_bhdr *nx = next_of(s, o);
+        free_slot(s, addr_of(s, o));
+        o = nx;
+    }
+    head->bh_next = APL_ADDR_NONE;
+
+    uint32_t nums[MAX_CHAINS];
+    uint8_t sepkeys[MAX_CHAINS][APL_MAX_KEY];
+    struct rec seps[MAX_CHAINS];
+    int root_split = is_root && nchains > 1;
+    for (uint32_t c = 0; c < nchains; c++) {
+        uint64_t a = c ? ends[c - 1] : 0;
+        apl_addr ov[10];
+        for (uint32_t g = 1; g < nbs[c]; g++)
+            ov[g - 1] = alloc_slot(s);
+        seps[c] = s->recs[a];
+        memcpy(sepkeys[c], seps[c].k, seps[c].klen);
+        seps[c].k = sepkeys[c];
+        if (c == 0 && !root_split) {
+            nums[0] = number;
+            write_chain(s, head, a, bounds[0], nbs[0], ov);
+            if (nchains > 1)
+                op_struct(s, number, 0);
+            continue;
+        }
+        uint32_t num = alloc_number(s);
+        apl_addr ha = alloc_slot(s);
+        struct apl_bhdr *h = apl_ptr(s->v, ha);
+        blk_init(s, h, APL_BLK_LEAF, num, file, 0);
+        write_chain(s, h, a, bounds[c], nbs[c], ov);
+        STORE_REL(&s->v->v_loc[num], ha);
+        op_struct(s, num, 0);
+        nums[c] = num;
+    }
+    if (root_split) {
+        blk_reset(s, head);
+        head->bh_magic = APL_BLK_INNR;
+        head->bh_level = 1;
+        head->bh_chain = 1;
+        op_struct(s, number, 0);
+        for (uint32_t c = 0; c < nchains; c++) {
+            struct rec r = seps[c];
+            if (c == 0) {
+                r.klen = 0;
+                r.prefix = 0;
+            }
+            r.vlen = 0;
+            r.aux = nums[c];
+            blk_append(head, &r);
+        }
+        return APL_OK;
+    }
+    for (uint32_t c = 1; c < nchains; c++) {
+        int rc = insert_sep(s, file, &seps[c], nums[c]);
+        if (rc)
+            return rc;
+    }
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Put and delete                                                      */
+/* ------------------------------------------------------------------ */
+
+/* Where the record with this key now is: chain number and offset. */
+static void locate(apl_store *s, uint32_t file, uint64_t p, const uint8_t *k, uint32_t n)
+{
+    struct wpath wp;
+    if (wdescend(s, file, p, k, n, &wp))
+        return;
+    struct apl_bhdr *h = head_of(s, wp.leaf);
+    uint32_t ci;
+    struct apl_bhdr *b = apl_chain_block(s->v, h, p, k, n, &ci);
+    int eq;
+    uint32_t i = apl_lower_bound(b, p, k, n, &eq);
+    s->op.block = wp.leaf;
+    s->op.offset = eq ? ci * s->bsize + apl_slots(b)[i].sl_off : 0;
+}
+
+static int copy_old(const struct apl_bhdr *b, const struct apl_slot *sl, uint8_t *old,
+                    uint64_t oldcap, int64_t *oldlen)
+{
+    if (!oldlen)
+        return APL_OK;
+    *oldlen = sl->sl_aux;
+    if (old && sl->sl_aux <= oldcap)
+        memcpy(old, apl_slot_key(b, sl) + sl->sl_klen, sl->sl_aux);
+    return APL_OK;
+}
+
+int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+            const uint8_t *val, uint32_t vlen, uint32_t mode,
+            uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    if (file >= s->v->v_nfiles)
+        return APL_EFILE;
+    if (klen == 0 || klen > s->max_key)
+        return APL_EKEY;
+    if ((uint64_t)SLOT_SIZE + klen + vlen > s->max_record)
+        return APL_ETOOBIG;
+    if (mode < APL_PUT_INSERT || mode > APL_PUT_UPSERT)
+        return APL_EINVAL;
+    memset(&s->op, 0, sizeof(s->op));
+    if (oldlen)
+        *oldlen = -1;
+    uint64_t p = apl_prefix(key, klen);
+    struct wpath wp;
+    int rc = wdescend(s, file, p, key, klen, &wp);
+    if (rc)
+        return rc;
+    /* read-only look first: refuse without copying anything */
+    uint32_t ci;
+    int eq;
+    struct apl_bhdr *b = head_of(s, wp.leaf);
+    if (!b)
+        return APL_ECORRUPT;
+    b = apl_chain_block(s->v, b, p, key, klen, &ci);
+    uint32_t idx = apl_lower_bound(b, p, key, klen, &eq);
+    if (eq && mode == APL_PUT_INSERT)
+        return APL_EXISTS;
+    if (!eq && mode == APL_PUT_UPDATE)
+        return APL_NOTFOUND;
+    if (eq)
+        copy_old(b, &apl_slots(b)[idx], old, oldcap, oldlen);
+
+    struct apl_bhdr *h = cow(s, wp.leaf, &rc);
+    if (!h)
+        return rc;
+    b = apl_chain_block(s->v, h, p, key, klen, &ci);
+    idx = apl_lower_bound(b, p, key, klen, &eq);
+    struct rec r = {.prefix = p, .k = key, .klen = klen, .val = val, .vlen = vlen, .aux = vlen};
+    if (eq) {
+        struct apl_slot *sl = &apl_slots(b)[idx];
+        uint32_t oldv = sl->sl_aux;
+        if (vlen <= oldv) {
+            memcpy((uint8_t *)b + sl->sl_off + klen, val, vlen);
+            b->bh_garbage = (uint16_t)(b->bh_garbage + (oldv - vlen));
+            sl->sl_aux = vlen;
+            s->op.block = wp.leaf;
+            s->op.offset = ci * s->bsize + sl->sl_off;
+            return APL_CE_UPDATE;
+        }
+        if ((uint64_t)blk_room(b) + b->bh_garbage + oldv >= vlen) {
+            /* fits in this block once the old record's bytes are reused */
+            blk_remove(s, b, idx);
+            blk_insert(s, b, idx, &r);
+            s->op.block = wp.leaf;
+            s->op.offset = ci * s->bsize + apl_slots(b)[idx].sl_off;
+            return APL_CE_UPDATE;
+        }
+    } else {
+        if (blk_insert(s, b, idx, &r)) {
+            if ((rc = meta_add(s, file, 1))) {
+                blk_remove(s, b, idx);
+                return rc;
+            }
+            s->op.block = wp.leaf;
+            s->op.offset = ci * s->bsize + apl_slots(b)[idx].sl_off;
+            return APL_CE_INSERT;
+        }
+        /* The block is full. Data past the end of the file gets a new primary
+         * block ([0077]) so that loading in key order fills blocks completely. */
+        if (wp.rightmost && b->bh_next == APL_ADDR_NONE && idx == b->bh_nslots && wp.depth > 0) {
+            if (avail_slots(s) < 1 + 2u * (uint64_t)(wp.depth + 2) + 1 ||
+                avail_nums(s) < 1 + (uint64_t)wp.depth + 2)
+                return APL_EFULL;
+            if ((rc = meta_add(s, file, 1)))
+                return rc;
+            uint32_t num = alloc_number(s);
+            apl_addr ha = alloc_slot(s);
+            struct apl_bhdr *nh = apl_ptr(s->v, ha);
+            blk_init(s, nh, APL_BLK_LEAF, num, file, 0);
+            blk_append(nh, &r);
+            STORE_REL(&s->v->v_loc[num], ha);
+            op_struct(s, num, 0);
+            if ((rc = insert_sep(s, file, &r, num)))
+                return rc;
+            s->op.block = num;
+            s->op.offset = apl_slots(nh)[0].sl_off;
+            return APL_CE_INSERT;
+        }
+    }
+    /* Rewrite the chain with the record inserted or replaced (gathered copies
+     * in scratch; the new record after them). */
+    uint32_t cur_nb = chain_len(s, h);
+    uint64_t total;
+    uint64_t n = gather(s, h, &total);
+    uint8_t *tail = scratch_tail(s, cur_nb);
+    memcpy(tail, key, klen);
+    memcpy(tail + klen, val, vlen);
+    struct rec nr = {.prefix = p, .k = tail, .klen = klen, .val = tail + klen, .vlen = vlen, .aux = vlen};
+    uint64_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].k, s->recs[mid].klen, p, key, klen) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (eq) {
+        total -= rec_bytes(&s->recs[lo]);
+        s->recs[lo] = nr;
+    } else {
+        memmove(&s->recs[lo + 1], &s->recs[lo], (n - lo) * sizeof(struct rec));
+        s->recs[lo] = nr;
+        n++;
+        if ((rc = meta_add(s, file, 1)))
+            return rc;
+    }
+    total += rec_bytes(&nr);
+    rc = layout_chain(s, file, wp.leaf, h, n, total, cur_nb, &wp);
+    if (rc) {
+        if (!eq)
+            meta_add(s, file, -1);
+        return rc;
+    }
+    locate(s, file, p, key, klen);
+    return eq ? APL_CE_UPDATE : APL_CE_INSERT;
+}
+
+int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+               uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    if (file >= s->v->v_nfiles)
+        return APL_EFILE;
+    if (klen == 0 || klen > s->max_key)
+        return APL_EKEY;
+    memset(&s->op, 0, sizeof(s->op));
+    if (oldlen)
+        *oldlen = -1;
+    uint64_t p = apl_prefix(key, klen);
+    struct wpath wp;
+    int rc = wdescend(s, file, p, key, klen, &wp);
+    if (rc)
+        return rc;
+    uint32_t ci;
+    int eq;
+    struct apl_bhdr *b = head_of(s, wp.leaf);
+    if (!b)
+        return APL_ECORRUPT;
+    b = apl_chain_block(s->v, b, p, key, klen, &ci);
+    uint32_t idx = apl_lower_bound(b, p, key, klen, &eq);
+    if (!eq)
+        return APL_NOTFOUND;
+    copy_old(b, &apl_slots(b)[idx], old, oldcap, oldlen);
+    struct apl_bhdr *h = cow(s, wp.leaf, &rc);
+    if (!h)
+        return rc;
+    if ((rc = meta_add(s, file, -1)))
+        return rc;
+    b = apl_chain_block(s->v, h, p, key, klen, &ci);
+    idx = apl_lower_bound(b, p, key, klen, &eq);
+    s->op.block = wp.leaf;
+    s->op.offset = ci * s->bsize + apl_slots(b)[idx].sl_off;
+    blk_remove(s, b, idx);
+
+    uint32_t nb = chain_len(s, h);
+    if (b->bh_nslots == 0 && nb > 1) {
+        /* unlink the empty block from the chain */
+        if (b == h) {
+            struct apl_bhdr *nx = next_of(s, h);
+            apl_addr nxa = h->bh_next;
+            uint64_t ver = h->bh_version;
+            apl_addr prev = h->bh_prev;
+            uint16_t chain = h->bh_chain;
+            blk_copy(s, h, nx);
+            h->bh_magic = APL_BLK_LEAF;
+            h->bh_version = ver;
+            h->bh_prev = prev;
+            h->bh_chain = (uint16_t)(chain - 1);
+            free_slot(s, nxa);
+        } else {
+            struct apl_bhdr *pv = h;
+            while (next_of(s, pv) != b)
+                pv = next_of(s, pv);
+            pv->bh_next = b->bh_next;
+            free_slot(s, addr_of(s, b));
+            h->bh_chain = (uint16_t)(h->bh_chain - 1);
+        }
+        return APL_CE_DELETE;
+    }
+    if (h->bh_nslots == 0 && nb == 1) {
+        if (wp.leaf == s->v->v_files[file].fl_root || wp.depth == 0)
+            return APL_CE_DELETE;
+        if ((rc = remove_number(s, file, &wp, wp.depth)))
+            return rc;
+        return APL_CE_DELETE;
+    }
+    if (nb > 1) {
+        /* merge a sparse chain into fewer blocks */
+        uint64_t total;
+        uint64_t n = gather(s, h, &total);
+        uint64_t cap = s->bsize - HDR_SIZE;
+        if (total * 2 <= cap * (nb - 1)) {
+            uint64_t bounds[10];
+            uint32_t k = nb - 1;
+            while (k > 1 && total * 10 <= cap * (k - 1) * 7)
+                k--;
+            if (pack(s, 0, n, k, 1, bounds) || pack(s, 0, n, k, 0, bounds)) {
+                for (struct apl_bhdr *o = next_of(s, h); o;) {
+                    struct apl_bhdr *nx = next_of(s, o);
+                    free_slot(s, addr_of(s, o));
+                    o = nx;
+                }
+                apl_addr ov[10];
+                for (uint32_t g = 1; g < k; g++)
+                    ov[g - 1] = alloc_slot(s);
+                write_chain(s, h, 0, bounds, k, ov);
+            }
+        }
+    }
+    return APL_CE_DELETE;
+}
+
+int apl_op_info(apl_store *s, struct apl_opinfo *info)
+{
+    *info = s->op;
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Files                                                               */
+/* ------------------------------------------------------------------ */
+
+int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t kind, uint32_t table)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    if (id >= s->v->v_nfiles || strlen(name) >= sizeof(s->v->v_files[0].fl_name))
+        return APL_EINVAL;
+    struct apl_file *f = &s->v->v_files[id];
+    if (f->fl_kind)
+        return APL_EINVAL;
+    uint32_t root = alloc_number(s), meta = alloc_number(s);
+    apl_addr ra = alloc_slot(s), ma = alloc_slot(s);
+    if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK || ra == APL_ADDR_NONE || ma == APL_ADDR_NONE)
+        return APL_EFULL;
+    blk_init(s, apl_ptr(s->v, ra), APL_BLK_LEAF, root, id, 0);
+    blk_init(s, apl_ptr(s->v, ma), APL_BLK_META, meta, id, 0);
+    STORE_REL(&s->v->v_loc[root], ra);
+    STORE_REL(&s->v->v_loc[meta], ma);
+    memset(f, 0, sizeof(*f));
+    strcpy(f->fl_name, name);
+    f->fl_id = id;
+    f->fl_root = root;
+    f->fl_meta = meta;
+    f->fl_table = table;
+    STORE_REL(&f->fl_kind, kind);
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Change log                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Drop entries from the tail until [pos, pos+len) overwrites nothing valid.
+ * The new tail is published before the bytes are overwritten, so a reader
+ * that copies an entry and then re-checks the tail notices (apl_log_read). */
+static void log_make_room(apl_store *s, uint64_t pos, uint64_t len)
+{
+    uint64_t size = s->v->v_log_size;
+    if (pos + len <= s->log_tail + size)
+        return;
+    uint64_t need = pos + len - size;
+    while (s->log_tail < need && s->log_tail < s->log_head) {
+        uint64_t off = s->log_tail % size;
+        if (size - off < sizeof(struct apl_centry)) {
+            s->log_tail += size - off;
+            continue;
+        }
+        const struct apl_centry *e = (const struct apl_centry *)(s->v->v_log + off);
+        s->log_tail += e->ce_len ? e->ce_len : size - off;
+    }
+    if (s->log_tail < need)
+        s->log_tail = need;
+    uint64_t g = s->v->v_sb->sb_version;
+    STORE_RLX(&s->v->v_sb->sb_pub[g & 1].pb_log_tail, s->log_tail);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static struct apl_centry *log_reserve(apl_store *s, uint64_t len)
+{
+    uint64_t size = s->v->v_log_size;
+    uint64_t pos = s->log_head;
+    uint64_t off = pos % size;
+    if (size - off < len) {
+        uint64_t rest = size - off;
+        log_make_room(s, pos, rest);
+        if (rest >= sizeof(struct apl_centry)) {
+            struct apl_centry *pad = (struct apl_centry *)(s->v->v_log + off);
+            memset(pad, 0, sizeof(*pad));
+            pad->ce_len = (uint32_t)rest;
+            pad->ce_kind = APL_CE_PAD;
+        }
+        pos += rest;
+        off = 0;
+    }
+    log_make_room(s, pos, len);
+    s->log_head = pos + len;
+    return (struct apl_centry *)(s->v->v_log + off);
+}
+
+int apl_log_append(apl_store *s, uint16_t kind, uint16_t flags, uint32_t file,
+                   uint32_t block, uint32_t offset, uint64_t txn, uint64_t time_ns,
+                   const uint8_t *key, uint32_t klen, const uint8_t *a, uint32_t alen,
+                   const uint8_t *b, uint32_t blen, uint64_t *serial)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    uint64_t len = APL_ALIGN(sizeof(struct apl_centry) + (uint64_t)klen + alen + blen, 8);
+    if (len > s->v->v_log_size / 4)
+        return APL_ELOGFULL;
+    struct apl_centry *e = log_reserve(s, len);
+    uint8_t *payload = (uint8_t *)(e + 1);
+    if (klen)
+        memcpy(payload, key, klen);
+    if (alen)
+        memcpy(payload + klen, a, alen);
+    if (blen)
+        memcpy(payload + klen + alen, b, blen);
+    e->ce_len = (uint32_t)len;
+    e->ce_kind = kind;
+    e->ce_flags = flags;
+    e->ce_file = file;
+    e->ce_block = block;
+    e->ce_serial = ++s->serial;
+    e->ce_txn = txn;
+    e->ce_epoch = s->epoch;
+    e->ce_time_ns = time_ns;
+    e->ce_version = s->pending;
+    e->ce_offset = offset;
+    e->ce_klen = klen;
+    e->ce_alen = alen;
+    e->ce_blen = blen;
+    if (serial)
+        *serial = s->serial;
+    return APL_OK;
+}
+
+int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
+                  uint64_t time_ns, uint64_t *serial)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    if (number >= s->v->v_max_blocks)
+        return APL_EINVAL;
+    uint64_t cap = (uint64_t)s->bsize * (s->maxb + 1) + 64;
+    uint8_t *img = malloc(cap);
+    if (!img)
+        return APL_ENOMEM;
+    struct apl_bhdr *h = head_of(s, number);
+    int64_t n = 0;
+    uint32_t file = 0;
+    if (h && !(flags & APL_CEF_REMOVED)) {
+        n = apl_image(s->v, h, img, cap);
+        file = h->bh_file;
+    } else if (h) {
+        file = h->bh_file;
+    }
+    int rc = n < 0 ? (int)n
+                   : apl_log_append(s, APL_CE_BLOCK, flags, file, number, 0, txn, time_ns,
+                                    0, 0, img, (uint32_t)n, 0, 0, serial);
+    free(img);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* Batches                                                             */
+/* ------------------------------------------------------------------ */
+
+int apl_batch_begin(apl_store *s)
+{
+    if (s->pending)
+        return APL_EINVAL;
+    s->pending = s->v->v_sb->sb_version + 1;
+    return APL_OK;
+}
+
+int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    struct apl_super *sb = s->v->v_sb;
+    uint64_t v = s->pending;
+    struct apl_pub *pb = &sb->sb_pub[v & 1];
+    STORE_RLX(&pb->pb_version, 0);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    pb->pb_log_head = s->log_head;
+    pb->pb_log_tail = s->log_tail;
+    pb->pb_serial = s->serial;
+    if (last_txn)
+        pb->pb_txn = last_txn;
+    else
+        pb->pb_txn = sb->sb_pub[(v - 1) & 1].pb_txn;
+    pb->pb_time_ns = time_ns;
+    STORE_REL(&pb->pb_version, v);
+    STORE_REL(&sb->sb_version, v);
+    FENCE();
+    s->pending = 0;
+    return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Readers: oldest pin, sweeping, reclamation                          */
+/* ------------------------------------------------------------------ */
+
+static int pid_dead(uint32_t pid)
+{
+    return kill((pid_t)pid, 0) == -1 && errno == ESRCH;
+}
+
+/* Smallest pinned version, or the current version when nothing is pinned.
+ * Returns 0 (and *busy) when some reader is between PENDING and its pin. */
+static uint64_t oldest_pin(apl_store *s, int *busy, uint64_t *active)
+{
+    FENCE();
+    uint64_t g = LOAD_ACQ(&s->v->v_sb->sb_version);
+    uint64_t oldest = g;
+    *busy = 0;
+    if (active)
+        *active = 0;
+    if (!s->v->v_readers)
+        return oldest;
+    uint32_t high = LOAD_ACQ(&s->v->v_rhdr->rh_high);
+    if (high > s->v->v_nreaders)
+        high = s->v->v_nreaders;
+    for (uint32_t i = 0; i < high; i++) {
+        uint64_t pin = LOAD_ACQ(&s->v->v_readers[i].rs_pin);
+        if (pin == APL_PIN_PENDING) {
+            *busy = 1;
+            continue;
+        }
+        if (pin && active)
+            (*active)++;
+        if (pin && pin < oldest)
+            oldest = pin;
+    }
+    return oldest;
+}
+
+int64_t apl_sweep_readers(apl_store *s)
+{
+    if (!s->v->v_readers)
+        return 0;
+    int64_t cleared = 0;
+    uint32_t high = LOAD_ACQ(&s->v->v_rhdr->rh_high);
+    if (high > s->v->v_nreaders)
+        high = s->v->v_nreaders;
+    for (uint32_t i = 0; i < high; i++) {
+        struct apl_reader *r = &s->v->v_readers[i];
+        uint32_t pid = LOAD_ACQ(&r->rs_pid);
+        if (!pid || !pid_dead(pid))
+            continue;
+        STORE_REL(&r->rs_pin, APL_PIN_IDLE);
+        uint32_t expect = pid;
+        if (__atomic_compare_exchange_n(&r->rs_pid, &expect, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            cleared++;
+    }
+    return cleared;
+}
+
+int64_t apl_reclaim(apl_store *s)
+{
+    if (s->pending || !s->rq_len)
+        return 0;
+    int busy;
+    uint64_t oldest = oldest_pin(s, &busy, 0);
+    if (busy)
+        return 0;
+    int64_t freed = 0;
+    while (s->rq_len) {
+        struct retire *r = &s->rq[s->rq_head];
+        if (r->at > oldest)
+            break;
+        if (r->kind == RT_CHAIN) {
+            free_chain(s, r->addr);
+            freed++;
+        } else {
+            apl_addr a = s->v->v_loc[r->number];
+            STORE_REL(&s->v->v_loc[r->number], APL_ADDR_NONE);
+            if (a != APL_ADDR_NONE)
+                free_chain(s, a);
+            s->free_nums[s->nfree_nums++] = r->number;
+            freed++;
+        }
+        s->rq_head = (s->rq_head + 1) % s->rq_cap;
+        s->rq_len--;
+    }
+    return freed;
+}
+
+/* ------------------------------------------------------------------ */
+/* Opening and recovery                                                */
+/* ------------------------------------------------------------------ */
+
+apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots)
+{
+    apl_store *s = calloc(1, sizeof(*s));
+    if (!s)
+        return 0;
+    s->v = v;
+    s->bsize = v->v_bsize;
+    s->maxb = 1 + v->v_sb->sb_max_overflow;
+    s->reserve = reserve_slots;
+    s->epoch = v->v_sb->sb_epoch;
+    s->max_record = (s->bsize - HDR_SIZE) / 2;
+    s->max_key = (s->bsize - HDR_SIZE) / 4 - SLOT_SIZE;
+    if (s->max_key > APL_MAX_KEY)
+        s->max_key = APL_MAX_KEY;
+    s->scratch_cap = (uint64_t)(s->maxb + 3) * s->bsize;
+    s->scratch = malloc(s->scratch_cap);
+    s->recs_cap = s->scratch_cap / SLOT_SIZE + 16;
+    s->recs = malloc(s->recs_cap * sizeof(struct rec));
+    s->free_nums = malloc(v->v_max_blocks * sizeof(uint32_t));
+    int ok = s->scratch && s->recs && s->free_nums;
+    for (uint32_t i = 0; ok && i < v->v_nseg; i++)
+        ok = (s->free_slots[i] = malloc(v->v_seg_slots * sizeof(uint32_t))) != 0;
+    if (!ok) {
+        apl_store_free(s);
+        return 0;
+    }
+    return s;
+}
+
+void apl_store_free(apl_store *s)
+{
+    if (!s)
+        return;
+    for (uint32_t i = 0; i < APL_MAX_SEGMENTS; i++)
+        free(s->free_slots[i]);
+    free(s->free_nums);
+    free(s->scratch);
+    free(s->recs);
+    free(s->rq);
+    free(s);
+}
+
+void apl_store_use_reserve(apl_store *s, int on)
+{
+    s->use_reserve = on;
+}
+
+void apl_store_set_epoch(apl_store *s, uint64_t epoch)
+{
+    s->epoch = epoch;
+    STORE_REL(&s->v->v_sb->sb_epoch, epoch);
+}
+
+uint64_t apl_next_txn(apl_store *s)
+{
+    uint64_t t = s->v->v_sb->sb_txn_next;
+    STORE_REL(&s->v->v_sb->sb_txn_next, t + 1);
+    return t;
+}
+
+static int cmp_retire(const void *a, const void *b)
+{
+    const struct retire *x = a, *y = b;
+    return (x->at > y->at) - (x->at < y->at);
+}
+
+static inline void mark(uint8_t **used, apl_addr a)
+{
+    used[APL_ADDR_SEG(a)][APL_ADDR_SLOT(a) >> 3] |= (uint8_t)(1u << (APL_ADDR_SLOT(a) & 7));
+}
+
+static int mark_chain(apl_store *s, uint8_t **used, apl_addr a, uint64_t *count)
+{
+    int guard = 0;
+    while (a != APL_ADDR_NONE) {
+        struct apl_bhdr *b = apl_ptr(s->v, a);
+        if (!b || guard++ > 64)
+            return APL_ECORRUPT;
+        mark(used, a);
+        (*count)++;
+        a = b->bh_next;
+    }
+    return APL_OK;
+}
+
+int apl_store_recover(apl_store *s, struct apl_recovery *r)
+{
+    apl_view *v = s->v;
+    struct apl_super *sb = v->v_sb;
+    memset(r, 0, sizeof(*r));
+    s->pending = 0;
+    s->rq_head = s->rq_len = 0;
+    uint64_t g = sb->sb_version;
+    const struct apl_pub *pb = &sb->sb_pub[g & 1];
+    if (g && pb->pb_version != g)
+        return APL_ECORRUPT;
+    s->log_head = g ? pb->pb_log_head : 0;
+    s->log_tail = g ? pb->pb_log_tail : 0;
+    s->serial = g ? pb->pb_serial : 0;
+    s->epoch = sb->sb_epoch;
+    r->readers_cleared = (uint64_t)apl_sweep_readers(s);
+    /* a reader between PENDING and its pin will pin the current version */
+    int busy;
+    uint64_t oldest = oldest_pin(s, &busy, 0);
+
+    uint8_t *used[APL_MAX_SEGMENTS] = {0};
+    uint64_t bytes = (v->v_seg_slots + 7) / 8;
+    int rc = APL_OK;
+    for (uint32_t i = 0; i < v->v_nseg; i++)
+        if (!(used[i] = calloc(1, bytes)))
+            rc = APL_ENOMEM;
+    uint64_t max_used = 0;
+    s->nfree_nums = 0;
+    for (uint64_t num = 0; rc == APL_OK && num < v->v_max_blocks; num++) {
+        apl_addr a = v->v_loc[num];
+        if (a == APL_ADDR_NONE)
+            continue;
+        /* roll back versions the crash left unpublished */
+        apl_addr a0 = a;
+        while (a != APL_ADDR_NONE) {
+            struct apl_bhdr *h = apl_ptr(v, a);
+            if (!h) {
+                rc = APL_ECORRUPT;
+                break;
+            }
+            if (h->bh_version <= g)
+                break;
+            if ((rc = mark_chain(s, used, a, &r->slots_used)) ||
+                (rc = retire_push(s, RT_CHAIN, a, (uint32_t)num, g + 1)))
+                break;
+            r->rolled_back++;
+            a = h->bh_prev;
+        }
+        if (rc)
+            break;
+        if (a != a0)
+            STORE_REL(&v->v_loc[num], a);
+        if (a == APL_ADDR_NONE)
+            continue;
+        struct apl_bhdr *h = apl_ptr(v, a);
+        if (h->bh_retired > g)
+            h->bh_retired = 0;
+        if ((rc = mark_chain(s, used, a, &r->slots_used)))
+            break;
+        r->blocks_live++;
+        max_used = num + 1;
+        if (h->bh_retired && (rc = retire_push(s, RT_NUMBER, APL_ADDR_NONE, (uint32_t)num, h->bh_retired)))
+            break;
+        /* older versions some reader may still see */
+        struct apl_bhdr *cur = h;
+        while (cur->bh_version > oldest && cur->bh_prev != APL_ADDR_NONE) {
+            apl_addr pa = cur->bh_prev;
+            struct apl_bhdr *pv = apl_ptr(v, pa);
+            if (!pv || pv->bh_version >= cur->bh_version) {
+                rc = APL_ECORRUPT;
+                break;
+            }
+            if ((rc = mark_chain(s, used, pa, &r->slots_used)) ||
+                (rc = retire_push(s, RT_CHAIN, pa, (uint32_t)num, cur->bh_version)))
+                break;
+            r->versions_kept++;
+            cur = pv;
+        }
+        if (rc)
+            break;
+    }
+    if (rc == APL_OK) {
+        s->next_num = max_used;
+        for (uint64_t num = max_used; num-- > 0;)
+            if (v->v_loc[num] == APL_ADDR_NONE)
+                s->free_nums[s->nfree_nums++] = (uint32_t)num;
+        s->free_total = 0;
+        for (uint32_t i = 0; i < v->v_nseg; i++) {
+            s->nfree[i] = 0;
+            if (!v->v_seg[i])
+                continue;
+            for (uint64_t sl = v->v_seg_slots; sl-- > 0;)
+                if (!(used[i][sl >> 3] & (1u << (sl & 7))))
+                    s->free_slots[i][s->nfree[i]++] = (uint32_t)sl;
+            s->free_total += s->nfree[i];
+        }
+        /* the retire queue must be ordered by `at` */
+        if (s->rq_len) {
+            struct retire *tmp = malloc(s->rq_len * sizeof(*tmp));
+            if (!tmp) {
+                rc = APL_ENOMEM;
+            } else {
+                for (uint64_t i = 0; i < s->rq_len; i++)
+                    tmp[i] = s->rq[(s->rq_head + i) % s->rq_cap];
+                qsort(tmp, s->rq_len, sizeof(*tmp), cmp_retire);
+                memcpy(s->rq, tmp, s->rq_len * sizeof(*tmp));
+                s->rq_head = 0;
+                free(tmp);
+            }
+        }
+    }
+    for (uint32_t i = 0; i < v->v_nseg; i++)
+        free(used[i]);
+    r->log_head = s->log_head;
+    return rc;
+}
+
+int apl_store_stats(apl_store *s, struct apl_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    apl_view *v = s->v;
+    st->version = v->v_sb->sb_version;
+    st->slots_total = v->v_seg_slots * v->v_nseg;
+    st->slots_free = s->free_total;
+    st->blocks_used = s->next_num - s->nfree_nums;
+    st->max_blocks = v->v_max_blocks;
+    st->retire_pending = s->rq_len;
+    int busy;
+    uint64_t active;
+    uint64_t oldest = oldest_pin(s, &busy, &active);
+    st->oldest_pin = active ? oldest : 0;
+    st->readers_active = active;
+    st->log_head = s->log_head;
+    st->log_tail = s->log_tail;
+    st->log_size = v->v_log_size;
+    st->serial = s->serial;
+    for (uint32_t i = 0; i < v->v_nseg; i++)
+        st->seg_free[i] = s->nfree[i];
+    return APL_OK;
+}
