@@ -1,0 +1,1 @@
+"""OS glue used by every process: logging, systemd notification, lifecycle."""

@@ -1,0 +1,142 @@
+"""The ``appliance`` command: starts the processes and serves operators.
+
+Exit status: 0 success; 1 a refused operation (typed error, message on
+stderr); 2 usage; 3 the appliance is not running; 69 the appliance is busy
+(another controller serves it); 78 bad configuration (EX_CONFIG).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import errors
+
+EXIT_REFUSED = 1
+EXIT_NOT_RUNNING = 3
+EXIT_BUSY = 69
+EXIT_CONFIG = 78
+
+CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
+                      type=click.Path(dir_okay=False), help="the appliance's TOML configuration")
+
+
+def _fail(e: errors.ApplianceError) -> "click.exceptions.Exit":
+    click.echo(f"appliance: {e}", err=True)
+    if isinstance(e, errors.ConfigError):
+        return click.exceptions.Exit(EXIT_CONFIG)
+    if isinstance(e, errors.BusyError):
+        return click.exceptions.Exit(EXIT_BUSY)
+    if isinstance(e, errors.UnavailableError):
+        return click.exceptions.Exit(EXIT_NOT_RUNNING)
+    return click.exceptions.Exit(EXIT_REFUSED)
+
+
+def _load(config_path: str):
+    from ..config import load
+    try:
+        return load(config_path)
+    except errors.ConfigError as e:
+        raise _fail(e) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="appliance")
+def main() -> None:
+    """An in-memory database appliance with real-time block-level backup."""
+
+
+@main.command()
+@CONFIG
+def controller(config_path: str) -> None:
+    """Run the controller in the foreground (the sole writer; systemd runs it)."""
+    from ..controller import run
+    sys.exit(run(config_path))
+
+
+@main.command()
+@CONFIG
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(config_path: str, as_json: bool) -> None:
+    """Segments, blocks, tables, transactions; exits 3 when not running."""
+    from ..client.session import Session
+    from ..wire import messages as m
+    from . import render
+    cfg = _load(config_path)
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-status", timeout=10.0)
+    try:
+        s.connect()
+        st = s.call([m.OP_STATUS], "status")
+    except errors.UnavailableError as e:
+        if as_json:
+            click.echo(json.dumps({"name": cfg.name, "running": False, "error": str(e)}))
+            raise click.exceptions.Exit(EXIT_NOT_RUNNING)
+        raise _fail(e) from None
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    finally:
+        s.close()
+    st["running"] = True
+    if as_json:
+        click.echo(json.dumps(st, default=str))
+    else:
+        render.status(st)
+
+
+@main.command()
+@CONFIG
+@click.argument("table")
+@click.argument("source", type=click.File("rb"))
+@click.option("--batch", default=5000, show_default=True, help="records per transaction")
+def load(config_path: str, table: str, source, batch: int) -> None:
+    """Bulk-load TABLE from SOURCE, a JSON-lines file ('-' for stdin)."""
+    from . import render
+    cfg = _load(config_path)
+    try:
+        import appliance
+        db = appliance.connect(cfg)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    try:
+        n = render.load_with_progress(db, table, source, batch)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    finally:
+        db.close()
+    click.echo(f"loaded {n} records into {table}")
+
+
+@main.command()
+@CONFIG
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+def destroy(config_path: str, yes: bool) -> None:
+    """Delete the appliance's shared-memory segments (all its data)."""
+    from ..controller import _PidLock
+    from ..store.segment import unlink_all
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Delete every segment (all data) of appliance {cfg.name!r}?", abort=True)
+    try:
+        lock = _PidLock(cfg)
+    except errors.BusyError as e:
+        click.echo(f"appliance: {e}; stop it first", err=True)
+        raise click.exceptions.Exit(EXIT_BUSY) from None
+    try:
+        removed = unlink_all(cfg.name, cfg.storage.segments)
+    finally:
+        lock.release()
+    click.echo(f"removed {len(removed)} segment(s) of {cfg.name}")
+
+
+@main.command()
+@click.option("--accounts", default=1000, show_default=True, help="sample accounts to load")
+@click.option("--keep", is_flag=True, help="leave the demo appliance running (Ctrl-C stops it)")
+def demo(accounts: int, keep: bool) -> None:
+    """Run a demo appliance with sample data and on-line transfers."""
+    from .demo import run_demo
+    sys.exit(run_demo(accounts=accounts, keep=keep))
+
+
+if __name__ == "__main__":
+    main()

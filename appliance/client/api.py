@@ -1,0 +1,533 @@
+"""The client library: attach to a running appliance and use its tables.
+
+Reads never ask the controller: a :class:`Table` reads the shared-memory
+segments (mapped read-only) through the C helpers, and each call sees one
+committed state. Writes and transactions go to the controller over its Unix
+socket. See the README's API section for the whole surface.
+
+Handles are per process: a :class:`Client` used after ``fork()`` opens a new
+connection in the child (its reader slots are the child's own), and a closed
+handle raises :class:`~appliance.errors.ClosedError` instead of touching
+unmapped memory.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import MutableMapping
+from typing import Any, Iterable, Iterator
+
+import msgpack
+
+from .. import errors
+from .._native import ffi, lib, raise_for
+from ..config import Config, load as load_config
+from ..store.reader import Reader
+from ..store.records import Schema, TableSchema
+from ..store.segment import Attachment
+from ..wire import messages as m
+from .session import Session, result
+
+__all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
+
+_unpackb = msgpack.unpackb
+_get_i64 = lib.apl_get_i64
+_get = lib.apl_get
+_NOTFOUND = lib.APL_NOTFOUND
+_EBUFSIZE = lib.APL_EBUFSIZE
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0) -> "Client":
+    """Attach to the running appliance described by a config file.
+
+    Raises :class:`~appliance.errors.UnavailableError` when it is not running,
+    :class:`~appliance.errors.AccessDeniedError` when this user may not
+    attach, :class:`~appliance.errors.FormatError` when the config does not
+    describe the appliance that is running.
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    return Client(cfg, name=name, timeout=timeout)
+
+
+class _Buffers(threading.local):
+    """Per-thread output buffer for the C read calls (the GIL is released
+    during them, so threads must not share one)."""
+
+    def __init__(self) -> None:
+        self.grow(1 << 16)
+
+    def grow(self, size: int) -> None:
+        self.raw = bytearray(size)
+        self.c = ffi.from_buffer("uint8_t[]", self.raw)
+        self.mv = memoryview(self.raw)
+        self.size = size
+
+
+class Client:
+    """A connection to one appliance. Thread-safe; one controller connection
+    per thread. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0) -> None:
+        self.config = cfg
+        self.schema = Schema(cfg)
+        self._name = name
+        self._timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list[Session] = []
+        self._closed = False
+        self._tables: dict[str, Table] = {}
+        hello = self._session().hello  # fails fast when not running / not allowed
+        self._att = Attachment(cfg.name, writable=False)
+        if self._att.sb.sb_schema_hash != cfg.schema_hash():
+            self._att.close()
+            raise errors.FormatError(
+                f"{cfg.path}: this configuration does not describe the running appliance {cfg.name!r} "
+                "(tables or storage settings differ)", appliance=cfg.name)
+        if hello["instance"] != self._att.instance:
+            self._att.close()
+            raise errors.UnavailableError(f"appliance {cfg.name!r} was re-created while attaching; retry")
+        self._reader = Reader(self._att)
+        self._bufs = _Buffers()
+        self._pid = os.getpid()
+        _live_clients.add(self)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise errors.ClosedError(f"client of appliance {self.config.name!r} is closed")
+
+    def _session(self) -> Session:
+        s = getattr(self._local, "session", None)
+        if s is None or s.pid != os.getpid():
+            s = Session(str(self.config.socket_path), self.config.name, name=self._name,
+                        timeout=self._timeout, max_frame=self.config.controller.max_frame)
+            s.connect()
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def _call(self, req: list, what: str):
+        self._check()
+        return self._session().call(req, what)
+
+    def _after_fork(self) -> None:
+        self._local = threading.local()
+        self._sessions = []
+        self._lock = threading.Lock()
+        self._bufs = _Buffers()
+        self._pid = os.getpid()
+
+    # -- public surface ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def table(self, name: str) -> "Table":
+        self._check()
+        t = self._tables.get(name)
+        if t is None:
+            t = self._tables[name] = Table(self, self.schema.table(name))
+        return t
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self.schema.tables)
+
+    def snapshot(self) -> "Snapshot":
+        """A consistent read-only view: every read through it sees one
+        committed state. Holds old block versions until closed."""
+        self._check()
+        return Snapshot(self)
+
+    def transaction(self, program: str | None = None, input: Any = None) -> "Transaction":
+        """A transaction (context manager): leaving the block commits it, an
+        exception (or :meth:`Transaction.cancel`) cancels it. `program` and
+        `input` form its T log: which program ran, with what input."""
+        self._check()
+        return Transaction(self, program, input)
+
+    def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None) -> int:
+        """Insert records in batches of `batch`, each batch one transaction.
+        `progress(n)` is called with the count after each batch."""
+        self._check()
+        t = self.schema.table(table)
+        total = 0
+        chunk: list = []
+        for rec in records:
+            chunk.append(rec)
+            if len(chunk) >= batch:
+                total += self._call([m.OP_LOAD, t.name, chunk], f"load {t.name}")
+                chunk = []
+                if progress:
+                    progress(total)
+        if chunk:
+            total += self._call([m.OP_LOAD, t.name, chunk], f"load {t.name}")
+            if progress:
+                progress(total)
+        return total
+
+    def status(self) -> dict:
+        return self._call([m.OP_STATUS], "status")
+
+    def committed_version(self) -> int:
+        self._check()
+        return self._reader.committed()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _live_clients.discard(self)
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+        for t in self._tables.values():
+            t._client = None
+        self._att.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<appliance.Client {self.config.name!r} {state}>"
+
+
+_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for c in list(_live_clients):
+        c._after_fork()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+class Table(MutableMapping):
+    """One table as a mapping: primary key -> record (a dict).
+
+    Reads (``get``, ``[]``, ``in``, ``len``, iteration, :meth:`find`,
+    :meth:`range`) come straight from shared memory; each call sees one
+    committed state. ``table[k] = record`` and ``del table[k]`` are
+    one-statement transactions (autocommit) sent to the controller.
+    """
+
+    def __init__(self, client: Client, schema: TableSchema, snapshot: "Snapshot | None" = None) -> None:
+        self._client = client
+        self._schema = schema
+        self._snap = snapshot
+        self._file = schema.file
+        self._int_key = schema.pk_codec.type_name == "int"
+        self.name = schema.name
+
+    # -- reads -------------------------------------------------------------------
+
+    def _version(self) -> int:
+        c = self._client
+        if c is None or c._closed:
+            raise errors.ClosedError(f"table {self.name!r}: its client is closed")
+        snap = self._snap
+        if snap is None:
+            return 0
+        if snap._pin is None:
+            raise errors.ClosedError(f"table {self.name!r}: its snapshot is closed")
+        return snap.version
+
+    def get(self, key, default=None):
+        """The record with this primary key, or `default`."""
+        ver = self._version()
+        c = self._client
+        b = c._bufs
+        view = c._reader.view
+        if self._int_key and type(key) is int and _I64_MIN <= key <= _I64_MAX:
+            n = _get_i64(view, self._file, key, ver, b.c, b.size)
+        else:
+            k = self._schema.key(key)
+            n = _get(view, self._file, k, len(k), ver, b.c, b.size)
+        if n >= 0:
+            return _unpackb(b.mv[:n])
+        if n == _NOTFOUND:
+            return default
+        if n == _EBUFSIZE:
+            b.grow(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
+            return self.get(key, default)
+        raise_for(n, f"{self.name}.get({key!r})")
+
+    def __getitem__(self, key):
+        rec = self.get(key, _MISSING)
+        if rec is _MISSING:
+            raise errors.NoSuchRecordError(f"{self.name}[{key!r}]: no such record", table=self.name, key=key)
+        return rec
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self.get(key, _MISSING) is not _MISSING
+        except errors.WrongTypeError:
+            return False
+
+    def __len__(self) -> int:
+        ver = self._version()
+        return self._client._reader.count(self._file, ver)
+
+    def __iter__(self) -> Iterator:
+        """Primary keys in order (one committed state for the whole iteration)."""
+        ver = self._version() or None
+        dec = self._schema.pk_codec.decode
+        for k in self._client._reader.scan_keys(self._file, None, None, version=ver):
+            yield dec(k)
+
+    def keys(self):
+        return list(self)
+
+    def values(self):
+        return list(self.range())
+
+    def items(self):
+        pk = self._schema.pk
+        return [(r[pk], r) for r in self.range()]
+
+    def range(self, lo=None, hi=None) -> Iterator[dict]:
+        """Records in primary-key order, `lo` inclusive, `hi` exclusive; either
+        may be None. The whole iteration sees one committed state."""
+        ver = self._version() or None
+        s = self._schema
+        lob = s.key(lo) if lo is not None else None
+        hib = s.key(hi) if hi is not None else None
+        return self._client._reader.scan_values(self._file, lob, hib, version=ver)
+
+    def find(self, field: str, value) -> list[dict]:
+        """Every record whose alternate key `field` equals `value`, in
+        primary-key order."""
+        ver = self._version() or None
+        s = self._schema
+        prefix = s.alt_key(field, value)
+        index = s.alt[field][0]
+        return list(self._client._reader.find_values(index, self._file, prefix, version=ver))
+
+    # -- autocommitted writes -------------------------------------------------------
+
+    def _write(self, step: list, what: str):
+        if self._snap is not None:
+            raise errors.TransactionStateError(f"{self.name}: a snapshot is read-only")
+        if self._client is None:
+            raise errors.ClosedError(f"table {self.name!r}: its client is closed")
+        return self._client._call([m.OP_ATOMIC, None, None, [step]], what)
+
+    def __setitem__(self, key, record: dict) -> None:
+        self._write([m.OP_PUT, self.name, key, record], f"{self.name}[{key!r}] = ...")
+
+    def __delitem__(self, key) -> None:
+        self._write([m.OP_DELETE, self.name, key], f"del {self.name}[{key!r}]")
+
+    def insert(self, record: dict) -> dict:
+        """Insert one record (autocommit); DuplicateKeyError if the key exists."""
+        return self._write([m.OP_INSERT, self.name, record], f"{self.name}.insert")
+
+    def __repr__(self) -> str:
+        return f"<appliance.Table {self.name!r}>"
+
+
+_MISSING = object()
+
+
+class Snapshot:
+    """A pinned committed state. ``snap.table(name)`` gives read-only tables
+    that all read that state, however long the snapshot is held."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._pin = client._reader.pin()
+        self.version = self._pin.version
+
+    def table(self, name: str) -> Table:
+        if self._pin is None:
+            raise errors.ClosedError("snapshot is closed")
+        return Table(self._client, self._client.schema.table(name), snapshot=self)
+
+    def close(self) -> None:
+        if self._pin is not None:
+            self._pin.close()
+            self._pin = None
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Transaction:
+    """A transaction on the controller; see :meth:`Client.transaction`.
+
+    ``get(table, key, for_update=True)`` locks the record and returns it as
+    this transaction sees it. ``insert``, ``update``, ``delete`` and ``put``
+    lock their record. Locks are held until the transaction ends. Leaving the
+    ``with`` block normally commits; an exception cancels.
+    """
+
+    def __init__(self, client: Client, program: str | None, input: Any) -> None:
+        self._client = client
+        self._program = program
+        self._input = input
+        self.number: int | None = None
+        self.state = "new"       # new, open, committed, cancelled
+        self.result: dict | None = None
+        self._written: set = set()
+        self._session: Session | None = None
+        self._generation = 0
+        self._began_ns = 0
+
+    def _statement(self, req: list, what: str):
+        if self.state not in ("new", "open"):
+            raise errors.TransactionStateError(f"{what}: transaction is {self.state}")
+        c = self._client
+        c._check()
+        if self.state == "new":
+            s = c._session()
+            self._began_ns = time.time_ns()
+            replies = s.call_many([[m.OP_BEGIN, self._program, self._input], req])
+            self.number = result(replies[0], "begin")
+            self._session = s
+            self._generation = s.generation
+            self.state = "open"
+            reply = replies[1]
+        else:
+            s = self._session
+            if s is not c._session() or s.generation != self._generation or not s.connected:
+                self.state = "cancelled"
+                raise errors.UnavailableError(
+                    f"{what}: the connection to the controller was lost; transaction {self.number} "
+                    "was cancelled")
+            try:
+                reply = s.call_many([req])[0]
+            except errors.UnavailableError:
+                self.state = "cancelled"
+                raise
+        try:
+            return result(reply, what)
+        except errors.TransactionCancelledError:
+            self.state = "cancelled"
+            raise
+
+    def get(self, table: str, key, *, for_update: bool = False):
+        """The record as this transaction sees it (or None). With
+        `for_update`, lock it until the transaction ends."""
+        if for_update or (table, key) in self._written:
+            return self._statement([m.OP_GET_FOR_UPDATE, table, key], f"{table}.get({key!r})")
+        return self._client.table(table).get(key)
+
+    def insert(self, table: str, record: dict) -> None:
+        self._statement([m.OP_INSERT, table, record], f"{table}.insert")
+        pk = self._client.schema.table(table).pk
+        if isinstance(record, dict):
+            self._written.add((table, record.get(pk)))
+
+    def update(self, table: str, key, changes: dict) -> None:
+        self._statement([m.OP_UPDATE, table, key, changes], f"{table}.update({key!r})")
+        self._written.add((table, key))
+
+    def delete(self, table: str, key) -> None:
+        self._statement([m.OP_DELETE, table, key], f"{table}.delete({key!r})")
+        self._written.add((table, key))
+
+    def put(self, table: str, key, record: dict) -> str:
+        r = self._statement([m.OP_PUT, table, key, record], f"{table}.put({key!r})")
+        self._written.add((table, key))
+        return r
+
+    def commit(self) -> dict:
+        """Commit; returns {"txn", "serial", "version"}."""
+        if self.state == "new":
+            self.state = "committed"
+            self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
+            return self.result
+        if self.state != "open":
+            raise errors.TransactionStateError(f"commit: transaction {self.number} is {self.state}")
+        s = self._session
+        if s.generation != self._generation or not s.connected:
+            self.state = "cancelled"
+            raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
+        try:
+            reply = s.call_many([[m.OP_COMMIT, True]])[0]
+        except errors.UnavailableError:
+            self.state = "unknown"
+            self.result = self._resolve()
+            return self.result
+        try:
+            self.result = result(reply, f"commit of transaction {self.number}")
+        except errors.ApplianceError:
+            self.state = "cancelled"
+            raise
+        self.state = "committed"
+        return self.result
+
+    def _resolve(self) -> dict:
+        """The controller went away between commit and reply: ask the next one."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                st = self._client._session().call([m.OP_TXN_STATUS, self.number, self._began_ns],
+                                                  "txn_status")
+                break
+            except errors.UnavailableError:
+                if time.monotonic() > deadline:
+                    raise errors.CommitUnknownError(
+                        f"commit of transaction {self.number}: the controller stopped before answering "
+                        "and did not come back within 10 s; check the outcome later",
+                        txn=self.number) from None
+                time.sleep(0.05)
+        if st == "committed":
+            self.state = "committed"
+            return {"txn": self.number, "serial": None, "version": None, "recovered": True}
+        if st == "not_committed":
+            self.state = "cancelled"
+            raise errors.TransactionCancelledError(
+                f"commit of transaction {self.number}: the controller stopped before publishing it; "
+                "it did not commit (retry it)", txn=self.number)
+        raise errors.CommitUnknownError(
+            f"commit of transaction {self.number}: the controller stopped before answering and its "
+            "change log no longer reaches back to the transaction's start; check the outcome",
+            txn=self.number)
+
+    def cancel(self) -> None:
+        """Cancel: nothing the transaction did remains. Idempotent."""
+        if self.state == "open":
+            self.state = "cancelled"
+            s = self._session
+            if s.generation == self._generation and s.connected:
+                try:
+                    s.call([m.OP_CANCEL], "cancel")
+                except errors.UnavailableError:
+                    pass  # the controller cancels it when the connection goes
+        elif self.state == "new":
+            self.state = "cancelled"
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.cancel()
+
+    def __repr__(self) -> str:
+        return f"<appliance.Transaction {self.number} {self.state}>"

@@ -1,0 +1,112 @@
+"""A client's connection to the controller (one per thread).
+
+Blocking Unix-socket requests with pipelining (several requests in one send,
+replies read in order). A broken connection is not fatal: the next request
+reconnects by itself. While the controller is down, requests raise
+:class:`~appliance.errors.UnavailableError`; a request whose reply was lost
+because the controller stopped mid-way raises it too (or
+:class:`~appliance.errors.CommitUnknownError` for a commit whose outcome the
+caller must check).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from .. import errors
+from ..wire import framing
+from ..wire import messages as m
+
+__all__ = ["Session"]
+
+
+class Session:
+    def __init__(self, path: str, appliance: str, *, name: str = "", timeout: float | None = None,
+                 max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
+        self.path = path
+        self.appliance = appliance
+        self.name = name or f"pid{os.getpid()}"
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.sock: socket.socket | None = None
+        self.reader: framing.FrameReader | None = None
+        self.hello: dict | None = None
+        self.pid = os.getpid()
+        self.generation = 0   # bumps on every (re)connect
+
+    # -- connection ------------------------------------------------------------
+
+    def _unavailable(self, why: str) -> errors.UnavailableError:
+        return errors.UnavailableError(
+            f"appliance {self.appliance!r} is not running or not reachable ({why}; socket {self.path})",
+            appliance=self.appliance, socket=self.path)
+
+    def connect(self) -> dict:
+        self.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except FileNotFoundError:
+            s.close()
+            raise self._unavailable("no controller socket") from None
+        except ConnectionRefusedError:
+            s.close()
+            raise self._unavailable("connection refused") from None
+        except OSError as exc:
+            s.close()
+            raise self._unavailable(exc.strerror or str(exc)) from None
+        self.sock = s
+        self.reader = framing.FrameReader(s, max_frame=self.max_frame)
+        self.pid = os.getpid()
+        try:
+            hello = self._roundtrip([[m.OP_HELLO, m.PROTOCOL_VERSION, self.name]])[0]
+        except BaseException:
+            self.close()
+            raise
+        self.hello = _result(hello, "connect")
+        self.generation += 1
+        return self.hello
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self.reader = None
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None and self.pid == os.getpid()
+
+    # -- requests -------------------------------------------------------------------
+
+    def _roundtrip(self, reqs: list) -> list:
+        try:
+            framing.send_frames(self.sock, reqs)
+            return [self.reader.read() for _ in reqs]
+        except (EOFError, OSError, errors.ProtocolError) as exc:
+            self.close()
+            raise self._unavailable("connection lost: " + (str(exc) or type(exc).__name__)) from None
+
+    def call_many(self, reqs: list) -> list:
+        """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...])."""
+        if not self.connected:
+            self.connect()
+        return self._roundtrip(reqs)
+
+    def call(self, req: list, what: str):
+        return _result(self.call_many([req])[0], what)
+
+
+def _result(reply, what: str):
+    if type(reply) is list and reply and reply[0] == m.OK:
+        return reply[1]
+    if type(reply) is list and len(reply) == 4 and reply[0] == m.ERR:
+        raise errors.error_for(reply[1], reply[2], **(reply[3] or {}))
+    raise errors.ProtocolError(f"{what}: malformed reply from the controller")
+
+
+result = _result

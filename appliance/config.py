@@ -1,0 +1,340 @@
+"""Load and validate an appliance's TOML configuration into frozen objects.
+
+A bad configuration is refused with :class:`~appliance.errors.ConfigError`
+naming the file, the key (dotted path) and what is wrong, e.g.::
+
+    config/bank.toml: tables.accounts.fields.balance: unknown type 'integr'
+    (expected one of int, str, bytes, float, bool)
+
+Every key is checked; unknown keys are errors (typos must not be silently
+ignored). Sizes accept integers (bytes) or strings with a unit: "64MiB",
+"1GiB", "512KiB". Relative paths are relative to the config file's folder.
+The commented examples in config/ document every key.
+"""
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size"]
+
+FIELD_TYPES = ("int", "str", "bytes", "float", "bool")
+KEY_TYPES = ("int", "str", "bytes")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.I)
+_UNITS = {"b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+          "mb": 1000 ** 2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000 ** 3, "t": 1 << 40,
+          "tib": 1 << 40, "tb": 1000 ** 4}
+
+
+def parse_size(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("a size must be a number of bytes or a string like '64MiB'")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        m = _SIZE.match(v)
+        if m:
+            return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+    raise ValueError(f"{v!r} is not a size (use bytes, or a string like '64MiB')")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class FieldConfig(_Strict):
+    type: Literal["int", "str", "bytes", "float", "bool"]
+    default: Any = None
+    nullable: bool = False
+
+    @model_validator(mode="after")
+    def _default_matches(self):
+        if self.default is not None:
+            ok = {"int": lambda x: type(x) is int, "str": lambda x: isinstance(x, str),
+                  "bytes": lambda x: isinstance(x, (bytes, str)), "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                  "bool": lambda x: isinstance(x, bool)}[self.type](self.default)
+            if not ok:
+                raise ValueError(f"default {self.default!r} is not of type {self.type}")
+        return self
+
+    @property
+    def required(self) -> bool:
+        return self.default is None and not self.nullable
+
+
+class TableConfig(_Strict):
+    primary_key: str
+    alternate_keys: tuple[str, ...] = ()
+    fields: dict[str, FieldConfig]
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _fields(cls, v):
+        if not isinstance(v, dict) or not v:
+            raise ValueError("a table needs at least one field: fields = { id = \"int\", ... }")
+        out = {}
+        for name, spec in v.items():
+            if not _IDENT.match(str(name)):
+                raise ValueError(f"field name {name!r} must be an identifier (letters, digits, _)")
+            if isinstance(spec, str):
+                if spec not in FIELD_TYPES:
+                    raise ValueError(f"field {name}: unknown type {spec!r} (expected one of {', '.join(FIELD_TYPES)})")
+                spec = {"type": spec}
+            out[name] = spec
+        return out
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if self.primary_key not in self.fields:
+            raise ValueError(f"primary_key {self.primary_key!r} is not one of the fields ({', '.join(self.fields)})")
+        pk = self.fields[self.primary_key]
+        if pk.type not in KEY_TYPES:
+            raise ValueError(f"primary_key {self.primary_key!r} has type {pk.type}; a key must be {', '.join(KEY_TYPES)}")
+        if pk.nullable or pk.default is not None:
+            raise ValueError(f"primary_key {self.primary_key!r} cannot be nullable or have a default")
+        seen = set()
+        for ak in self.alternate_keys:
+            if ak not in self.fields:
+                raise ValueError(f"alternate key {ak!r} is not one of the fields ({', '.join(self.fields)})")
+            if ak == self.primary_key:
+                raise ValueError(f"alternate key {ak!r} is the primary key")
+            if self.fields[ak].type not in KEY_TYPES:
+                raise ValueError(f"alternate key {ak!r} has type {self.fields[ak].type}; a key must be {', '.join(KEY_TYPES)}")
+            if ak in seen:
+                raise ValueError(f"alternate key {ak!r} is listed twice")
+            seen.add(ak)
+        return self
+
+
+class StorageConfig(_Strict):
+    block_size: int = 4096
+    segments: int = Field(4, ge=1, le=64)
+    segment_size: int = 256 << 20
+    max_overflow: int = Field(1, ge=0, le=8)
+    log_size: int = 64 << 20
+    max_readers: int = Field(512, ge=8, le=1 << 20)
+    mode: str = "0640"
+    group: str | None = None
+
+    @field_validator("segment_size", "log_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @field_validator("block_size")
+    @classmethod
+    def _bs(cls, v):
+        if v < 1024 or v > 32768 or v & (v - 1):
+            raise ValueError(f"block_size {v} must be a power of two from 1024 to 32768")
+        return v
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:o}"
+        if not isinstance(v, str) or not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError(f"mode {v!r} must be an octal string like \"0640\"")
+        m = int(v, 8)
+        if m & 0o007:
+            raise ValueError(f"mode {v} gives access to other users; segments must not be world-accessible")
+        if not m & 0o600 == 0o600:
+            raise ValueError(f"mode {v} must give the owner read and write")
+        return v
+
+    @model_validator(mode="after")
+    def _geometry(self):
+        if self.segment_size < 16 * self.block_size:
+            raise ValueError(f"segment_size {self.segment_size} is too small for block_size {self.block_size} (need at least 16 blocks)")
+        if self.segment_size // self.block_size >= 1 << 32:
+            raise ValueError("segment_size / block_size must be below 2**32 blocks per segment")
+        min_log = max(1 << 20, 16 * (self.max_overflow + 2) * self.block_size)
+        if self.log_size < min_log or self.log_size % 8:
+            raise ValueError(f"log_size must be a multiple of 8 and at least {min_log} bytes")
+        return self
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+class ControllerConfig(_Strict):
+    socket: str
+    lock_timeout: float = Field(5.0, gt=0, le=3600)
+    max_frame: int = 64 << 20
+    reserve_blocks: int = Field(64, ge=4)
+    idle_timeout: float = Field(0, ge=0)  # 0: clients may stay connected forever
+
+    @field_validator("max_frame", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @field_validator("max_frame")
+    @classmethod
+    def _frame(cls, v):
+        if v < 64 << 10 or v > 1 << 30:
+            raise ValueError("max_frame must be between 64KiB and 1GiB")
+        return v
+
+
+class AccessConfig(_Strict):
+    users: tuple[str | int, ...] = ()
+    groups: tuple[str | int, ...] = ()
+
+
+class Config(_Strict):
+    name: str
+    storage: StorageConfig = StorageConfig()
+    controller: ControllerConfig
+    access: AccessConfig = AccessConfig()
+    tables: dict[str, TableConfig]
+    path: Path = Path("<memory>")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not _NAME.match(v):
+            raise ValueError(f"name {v!r} must start with a letter and hold only letters, digits, '_' or '-' (at most 40)")
+        return v
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _tables(cls, v):
+        if not isinstance(v, dict) or not v:
+            raise ValueError("at least one table is required: [tables.<name>]")
+        for name in v:
+            if not _IDENT.match(str(name)):
+                raise ValueError(f"table name {name!r} must be an identifier (letters, digits, _)")
+        return v
+
+    @model_validator(mode="after")
+    def _files(self):
+        nfiles = sum(1 + len(t.alternate_keys) for t in self.tables.values())
+        if nfiles > 256:
+            raise ValueError(f"{nfiles} tables and alternate keys; at most 256")
+        return self
+
+    # -- derived facts ---------------------------------------------------------
+
+    @property
+    def socket_path(self) -> Path:
+        p = Path(self.controller.socket)
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    def files(self) -> list[tuple[str, str, str | None]]:
+        """(file name, table, alternate-key field or None), in file-id order."""
+        out = []
+        for tname, t in self.tables.items():
+            out.append((tname, tname, None))
+        for tname, t in self.tables.items():
+            for ak in t.alternate_keys:
+                out.append((f"{tname}.{ak}", tname, ak))
+        return out
+
+    def schema_hash(self) -> int:
+        """Fingerprint of everything that fixes the on-memory format."""
+        s = self.storage
+        doc = {
+            "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
+            "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
+            "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
+                           "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
+                       for n, t in self.tables.items()},
+        }
+        h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 1
+
+    def gid(self) -> int | None:
+        g = self.storage.group
+        if g is None:
+            return None
+        try:
+            return int(g) if str(g).isdigit() else grp.getgrnam(g).gr_gid
+        except KeyError:
+            raise ConfigError(f"{self.path}: storage.group: no such group {g!r}", file=str(self.path),
+                              key="storage.group", problem=f"no such group {g!r}") from None
+
+    def allowed_uids(self) -> set[int]:
+        return {_uid(u, self.path) for u in self.access.users}
+
+    def allowed_gids(self) -> set[int]:
+        return {_gid(g, self.path) for g in self.access.groups}
+
+
+def _uid(u, path) -> int:
+    if isinstance(u, int):
+        return u
+    try:
+        return pwd.getpwnam(u).pw_uid
+    except KeyError:
+        raise ConfigError(f"{path}: access.users: no such user {u!r}", file=str(path),
+                          key="access.users", problem=f"no such user {u!r}") from None
+
+
+def _gid(g, path) -> int:
+    if isinstance(g, int):
+        return g
+    try:
+        return grp.getgrnam(g).gr_gid
+    except KeyError:
+        raise ConfigError(f"{path}: access.groups: no such group {g!r}", file=str(path),
+                          key="access.groups", problem=f"no such group {g!r}") from None
+
+
+def _loc(loc) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
+
+
+def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
+    path = Path(path)
+    try:
+        cfg = Config.model_validate({**doc, "path": path})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _loc(first["loc"])
+        msg = first["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "required key is missing"
+        more = len(exc.errors()) - 1
+        extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"{path}: {key}: {msg}{extra}", file=str(path), key=key, problem=msg) from None
+    # resolve names now, so a bad user or group fails at start, not at first connect
+    cfg.allowed_uids()
+    cfg.allowed_gids()
+    cfg.gid()
+    return cfg
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a config file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", file=str(path), key=None, problem="no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", file=str(path), key=None,
+                          problem=str(exc.strerror)) from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", file=str(path), key=None, problem=str(exc)) from None
+    return from_dict(doc, path.resolve())

@@ -1,0 +1,111 @@
+"""The controller process: owns the segments, sole writer, serves clients.
+
+``run(config_path)`` is what ``appliance controller --config FILE`` calls:
+config -> logging -> exclusive lock -> segments (create, or re-attach and
+recover) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
+never unlinks the segments: the data lives in them, and the next controller
+re-attaches.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import time
+
+from .. import errors
+from .._os import lifecycle, logs, sdnotify
+from ..config import Config
+
+__all__ = ["run", "serve"]
+
+HOUSEKEEPING_S = 1.0
+
+
+class _PidLock:
+    """An flock()ed file beside the socket: one controller per appliance."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = cfg.socket_path.with_name(cfg.socket_path.name + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                other = os.read(self.fd, 32).decode().strip() or "?"
+            except OSError:
+                other = "?"
+            os.close(self.fd)
+            raise errors.BusyError(
+                f"appliance {cfg.name!r} is already served by controller pid {other} "
+                f"(lock {self.path})", appliance=cfg.name, pid=other) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
+    from .service import Controller
+    from .storage import open_or_create
+
+    t0 = time.monotonic()
+    lock = _PidLock(cfg)
+    ctl = None
+    try:
+        writer, facts, created = open_or_create(cfg, log)
+        sb = writer.att.sb
+        sb.sb_controller_pid = os.getpid()
+        sb.sb_state = 1
+        sb.sb_opened_ns = time.time_ns()
+        ctl = Controller(cfg, writer, log, recovery=facts, created=created)
+        ctl.listen()
+        if shutdown is not None:
+            ctl.ep.register(shutdown.fileno(), select.EPOLLIN)
+        log.info("controller_started", appliance=cfg.name, created=created, version=sb.sb_version,
+                 socket=str(cfg.socket_path), startup_ms=round((time.monotonic() - t0) * 1000, 1),
+                 **{f"recovery_{k}": v for k, v in facts.items()})
+        sdnotify.ready(status=f"serving {cfg.name} at version {sb.sb_version}")
+        next_hk = time.monotonic() + HOUSEKEEPING_S
+        while not (shutdown and shutdown.requested):
+            ctl.run_once(max_wait=max(0.0, next_hk - time.monotonic()))
+            if shutdown is not None:
+                shutdown.drain()
+            if time.monotonic() >= next_hk:
+                ctl.housekeeping()
+                next_hk = time.monotonic() + HOUSEKEEPING_S
+        sdnotify.stopping()
+        log.info("controller_stopping", appliance=cfg.name,
+                 signal=shutdown.signal.name if shutdown and shutdown.signal else None)
+        return 0
+    finally:
+        if ctl is not None:
+            ctl.close()
+            ctl.att.sb.sb_state = 0
+            ctl.writer.close()
+        lock.release()
+
+
+def run(config_path: str) -> int:
+    """Entry point of ``appliance controller``; returns the exit status."""
+    from .. import config as config_mod
+
+    logs.configure()
+    log = logs.get_logger(process="controller")
+    try:
+        cfg = config_mod.load(config_path)
+    except errors.ConfigError as e:
+        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
+        return 78  # EX_CONFIG
+    log = log.bind(appliance=cfg.name)
+    shutdown = lifecycle.Shutdown()
+    shutdown.install()
+    try:
+        return serve(cfg, log, shutdown)
+    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError) as e:
+        log.error("controller_refused_to_start", error=str(e))
+        return 69 if isinstance(e, errors.BusyError) else 78
+    finally:
+        shutdown.uninstall()

@@ -1,0 +1,702 @@
+"""The controller's service: one thread, one epoll loop, many client sessions.
+
+Concurrency model. Everything in this module runs on the controller's single
+event-loop thread; nothing here is shared with another thread. Concurrency
+between clients comes from interleaving their requests: each request runs as
+a generator (a coroutine) that yields when it must wait — for a record lock
+(``_WAIT_LOCK``) or for the group commit (``_WAIT_COMMIT``) — and is resumed
+by the loop when the lock is granted, its wait times out, or the batch is
+published. One session runs one request at a time, in order.
+
+A loop iteration: poll; read every readable socket and run what arrived;
+fire due timers (lock timeouts, housekeeping); if transactions are waiting to
+commit, apply them all in one batch and publish it (group commit: one
+version, one location-table publication, for everything that arrived
+together); then flush replies. Replies therefore leave only after the batch
+that contains them is published.
+
+Integrity first: an unexpected exception while a batch is open ends the
+process without publishing; the restarted controller rolls the batch back.
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import pwd
+import select
+import socket
+import struct
+import time
+from collections import deque
+import msgpack
+
+from .. import errors
+from ..config import Config
+from ..store import changelog
+from ..store.reader import Reader
+from ..store.records import Schema
+from ..wire import framing
+from ..wire import messages as m
+from .locks import DEADLOCK, GRANTED, LockManager
+from .txn import Change, Committer, Txn
+
+__all__ = ["Controller"]
+
+_WAIT_LOCK = object()
+_WAIT_COMMIT = object()
+_unpackb = msgpack.unpackb
+_PEERCRED = struct.Struct("3i")
+_READ_SIZE = 256 << 10
+
+
+class Session:
+    __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
+                 "closed", "name", "want_write", "opened_ns", "requests")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.decoder = framing.Decoder(max_frame)
+        self.out = bytearray()
+        self.inbox: deque = deque()
+        self.txn: Txn | None = None
+        self.gen = None            # the request in progress, when it waits
+        self.closed = False
+        self.name = ""
+        self.want_write = False
+        self.opened_ns = time.monotonic_ns()
+        self.requests = 0
+
+
+class Controller:
+    def __init__(self, cfg: Config, writer, log, *, recovery: dict | None = None, created: bool = False) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.schema = Schema(cfg)
+        self.writer = writer
+        self.att = writer.att
+        self.reader = Reader(self.att)
+        self.committer = Committer(writer)
+        self.locks = LockManager()
+        self.sessions: dict[int, Session] = {}
+        self.commit_queue: list[tuple[Session, Txn]] = []
+        self.dirty: set[Session] = set()
+        self.timers: list = []
+        self._timer_seq = 0
+        self.started_ns = time.time_ns()
+        self.recovery = recovery or {}
+        self.created = created
+        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0,
+                         "clients_refused": 0, "clients_dropped": 0, "batches": 0}
+        self.active: dict[int, Txn] = {}
+        self._uids = cfg.allowed_uids() | {0, os.geteuid()}
+        self._gids = cfg.allowed_gids()
+        self._cred_cache: dict[tuple[int, int], bool] = {}
+        self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
+        self.max_frame = cfg.controller.max_frame
+        self.max_key = self.schema.max_key
+        self.listener: socket.socket | None = None
+        self.ep = select.epoll()
+        self.stopping = False
+
+    # ------------------------------------------------------------------ setup
+
+    def listen(self) -> None:
+        path = self.cfg.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        os.chmod(path, 0o666)  # the gate is the SO_PEERCRED check, with a clear refusal
+        s.listen(512)
+        s.setblocking(False)
+        self.listener = s
+        self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def close(self) -> None:
+        for sess in list(self.sessions.values()):
+            self._drop(sess, "controller_stopping", log=False)
+        if self.listener is not None:
+            try:
+                self.ep.unregister(self.listener.fileno())
+            except OSError:
+                pass
+            self.listener.close()
+            try:
+                self.cfg.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+            self.listener = None
+        self.ep.close()
+
+    # ------------------------------------------------------------------ loop
+
+    def add_timer(self, delay_s: float, fn) -> list:
+        self._timer_seq += 1
+        entry = [time.monotonic() + delay_s, self._timer_seq, fn]
+        heapq.heappush(self.timers, entry)
+        return entry
+
+    @staticmethod
+    def cancel_timer(entry) -> None:
+        entry[2] = None
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        wait = max_wait
+        if self.timers:
+            wait = max(0.0, min(wait, self.timers[0][0] - time.monotonic()))
+        if self.dirty or self.commit_queue:
+            wait = 0.0
+        try:
+            events = self.ep.poll(wait, 512)
+        except InterruptedError:
+            events = []
+        lfd = self.listener.fileno() if self.listener else -1
+        for fd, ev in events:
+            if fd == lfd:
+                self._accept()
+                continue
+            sess = self.sessions.get(fd)
+            if sess is None:
+                continue
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                self._read(sess)
+            if ev & select.EPOLLOUT and not sess.closed:
+                self._flush(sess)
+        if self.timers:
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self.timers)
+                if fn is not None:
+                    fn()
+        if self.commit_queue:
+            self._commit_batch()
+        if self.dirty:
+            dirty, self.dirty = self.dirty, set()
+            for sess in dirty:
+                if not sess.closed:
+                    self._flush(sess)
+
+    # ------------------------------------------------------------------ sockets
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.error("accept_failed", error=os.strerror(exc.errno))
+                    return
+                raise
+            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            if not self._allowed(uid, gid):
+                self.counters["clients_refused"] += 1
+                who = _user_name(uid)
+                self.log.warning("client_refused", pid=pid, uid=uid, user=who)
+                msg = (f"connect to appliance {self.cfg.name!r}: user {who} (uid {uid}) is not allowed "
+                       f"(see [access] in {self.cfg.path})")
+                try:
+                    sock.setblocking(True)
+                    sock.settimeout(1.0)
+                    sock.sendall(framing.encode(m.err("APL_EACCESS", msg, {"uid": uid})))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sess = Session(sock, pid, uid, gid, self.max_frame)
+            self.sessions[sess.fd] = sess
+            self.ep.register(sess.fd, select.EPOLLIN)
+            self.log.debug("client_connected", pid=pid, uid=uid)
+
+    def _allowed(self, uid: int, gid: int) -> bool:
+        key = (uid, gid)
+        ok = self._cred_cache.get(key)
+        if ok is None:
+            ok = uid in self._uids or gid in self._gids
+            if not ok and self._gids:
+                try:
+                    name = pwd.getpwuid(uid).pw_name
+                    ok = bool(self._gids.intersection(os.getgrouplist(name, gid)))
+                except KeyError:
+                    ok = False
+            self._cred_cache[key] = ok
+        return ok
+
+    def _read(self, sess: Session) -> None:
+        try:
+            data = sess.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if sess.decoder.buffered:
+                self._drop(sess, "hung_up_mid_frame")
+            else:
+                self._drop(sess, "disconnected", log=False)
+            return
+        try:
+            msgs = sess.decoder.feed(data)
+        except errors.ProtocolError as exc:
+            self._drop(sess, "bad_frame", error=str(exc))
+            return
+        if msgs:
+            sess.inbox.extend(msgs)
+            self._pump(sess)
+
+    def _send(self, sess: Session, reply: list) -> None:
+        if sess.closed:
+            return
+        sess.out += framing.encode(reply)
+        self.dirty.add(sess)
+
+    def _flush(self, sess: Session) -> None:
+        if not sess.out:
+            if sess.want_write:
+                sess.want_write = False
+                self.ep.modify(sess.fd, select.EPOLLIN)
+            return
+        try:
+            n = sess.sock.send(sess.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._drop(sess, "send_failed", log=False)
+            return
+        del sess.out[:n]
+        if sess.out and not sess.want_write:
+            sess.want_write = True
+            self.ep.modify(sess.fd, select.EPOLLIN | select.EPOLLOUT)
+        elif not sess.out and sess.want_write:
+            sess.want_write = False
+            self.ep.modify(sess.fd, select.EPOLLIN)
+        if len(sess.out) > 4 * self.max_frame:
+            self._drop(sess, "not_reading_replies")
+
+    def _drop(self, sess: Session, reason: str, log: bool = True, **kw) -> None:
+        if sess.closed:
+            return
+        sess.closed = True
+        if log:
+            self.counters["clients_dropped"] += 1
+            self.log.warning("client_dropped", reason=reason, pid=sess.pid, uid=sess.uid, **kw)
+        try:
+            self.ep.unregister(sess.fd)
+        except OSError:
+            pass
+        self.sessions.pop(sess.fd, None)
+        self.dirty.discard(sess)
+        txn = sess.txn
+        if txn is not None and txn.state == "open":
+            self._cancel(txn, "client_gone")
+        sess.gen = None
+        try:
+            sess.sock.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ requests
+
+    def _pump(self, sess: Session) -> None:
+        while sess.inbox and sess.gen is None and not sess.closed:
+            req = sess.inbox.popleft()
+            sess.requests += 1
+            if not isinstance(req, list) or not req or type(req[0]) is not int:
+                self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
+                continue
+            gen = self._handle(sess, req)
+            self._step(sess, gen, None, None)
+
+    def _step(self, sess: Session, gen, value, exc) -> None:
+        """Advance a request coroutine until it finishes or waits."""
+        try:
+            cmd = gen.throw(exc) if exc is not None else gen.send(value)
+        except StopIteration as stop:
+            sess.gen = None
+            self._send(sess, m.ok(stop.value))
+            self._pump(sess)
+            return
+        except errors.ApplianceError as e:
+            sess.gen = None
+            self._send(sess, m.err(e.code, e.message, _plain(e.details)))
+            self._pump(sess)
+            return
+        except Exception as e:  # a bug: report it and keep serving
+            sess.gen = None
+            self.log.exception("request_failed")
+            self._send(sess, m.err("APL_EINVAL", f"internal error: {type(e).__name__}: {e}"))
+            self._pump(sess)
+            return
+        sess.gen = gen
+        if cmd is _WAIT_COMMIT:
+            self.commit_queue.append((sess, sess.txn))
+
+    def _resume(self, sess: Session, value=None, exc=None) -> None:
+        gen = sess.gen
+        if gen is None or sess.closed:
+            return
+        self._step(sess, gen, value, exc)
+
+    def _handle(self, sess: Session, req: list):
+        op = req[0]
+        args = req[1:]
+        if op in m.STEP_OPS:
+            txn = self._open_txn(sess)
+            return (yield from self._statement(txn, op, args))
+        if op == m.OP_ATOMIC:
+            return (yield from self._atomic(sess, args))
+        if op == m.OP_BEGIN:
+            _arity(args, 2, "begin")
+            if sess.txn is not None and sess.txn.state == "open":
+                raise errors.TransactionStateError(
+                    f"begin: transaction {sess.txn.number} is still open on this connection")
+            return self._begin(sess, args[0], args[1]).number
+        if op == m.OP_COMMIT:
+            txn = self._open_txn(sess)
+            return (yield from self._commit(txn))
+        if op == m.OP_CANCEL:
+            txn = sess.txn
+            if txn is not None and txn.state == "open":
+                self._cancel(txn, "cancelled")
+            return None
+        if op == m.OP_LOAD:
+            return (yield from self._load(sess, args))
+        if op == m.OP_HELLO:
+            _arity(args, 2, "hello")
+            if args[0] != m.PROTOCOL_VERSION:
+                raise errors.ProtocolError(f"hello: protocol version {args[0]!r} is not supported "
+                                           f"(controller speaks {m.PROTOCOL_VERSION})")
+            sess.name = str(args[1])[:64]
+            sb = self.att.sb
+            return {"name": self.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+                    "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
+        if op == m.OP_STATUS:
+            return self.status()
+        if op == m.OP_TXN_STATUS:
+            _arity(args, 2, "txn_status")
+            return self._txn_status(args[0], args[1])
+        raise errors.ProtocolError(f"unknown request op {op}")
+
+    # ------------------------------------------------------------------ transactions
+
+    def _begin(self, sess: Session, program, input_) -> Txn:
+        if program is not None and not isinstance(program, str):
+            raise errors.WrongTypeError("begin: program must be a string or None")
+        txn = Txn(self.writer.next_txn(), program, input_, sess)
+        sess.txn = txn
+        self.active[txn.number] = txn
+        return txn
+
+    def _open_txn(self, sess: Session) -> Txn:
+        txn = sess.txn
+        if txn is None or txn.state != "open":
+            raise errors.TransactionStateError("no transaction is open on this connection (begin one first)")
+        return txn
+
+    def _cancel(self, txn: Txn, reason: str) -> None:
+        if txn.state not in ("open",):
+            return
+        txn.state = "cancelled"
+        txn.changes.clear()
+        self.active.pop(txn.number, None)
+        self.counters["cancelled"] += 1
+        self.log.debug("txn_cancelled", txn=txn.number, reason=reason)
+        self._release(txn)
+
+    def _release(self, txn: Txn) -> None:
+        for grant in self.locks.release_all(txn):
+            grant()
+
+    def _lock(self, txn: Txn, file: int, pk: bytes):
+        key = (file, pk)
+        sess = txn.session
+        r = self.locks.acquire(txn, key, lambda: self._granted(txn))
+        if r == GRANTED:
+            return
+        if r == DEADLOCK:
+            self.counters["deadlocks"] += 1
+            self.log.info("deadlock_detected", txn=txn.number, holder=self.locks.holder(key).number)
+            self._cancel(txn, "deadlock")
+            raise errors.DeadlockError(
+                f"transaction {txn.number}: deadlock waiting for a record lock held by transaction "
+                f"{self.locks.holder(key).number if self.locks.holder(key) else '?'}; "
+                "this transaction was cancelled (retry it)", txn=txn.number)
+        timer = self.add_timer(self.lock_timeout_ns / 1e9, lambda: self._lock_timed_out(txn))
+        try:
+            yield _WAIT_LOCK
+        finally:
+            self.cancel_timer(timer)
+        if sess.closed or txn.state != "open":
+            raise errors.TransactionCancelledError(f"transaction {txn.number} was cancelled")
+
+    def _granted(self, txn: Txn) -> None:
+        sess = txn.session
+        if sess is not None and not sess.closed and sess.txn is txn:
+            self._resume(sess)
+
+    def _lock_timed_out(self, txn: Txn) -> None:
+        if txn.waiting_for is None or txn.state != "open":
+            return
+        self.counters["lock_timeouts"] += 1
+        self.locks.cancel_wait(txn)
+        self._cancel(txn, "lock_timeout")
+        self._resume(txn.session, exc=errors.LockTimeoutError(
+            f"transaction {txn.number}: waited {self.cfg.controller.lock_timeout:g} s for a record lock; "
+            "the transaction was cancelled (retry it)", txn=txn.number))
+
+    def _committed(self, file: int, pk: bytes) -> bytes | None:
+        return self.reader.get_raw(file, pk, self.att.sb.sb_version)
+
+    def _change(self, txn: Txn, t, key, pk: bytes) -> Change:
+        ch = txn.changes.get((t.file, pk))
+        if ch is None:
+            before = self._committed(t.file, pk)
+            rec = _unpackb(before) if before is not None else None
+            ch = Change(t, key, pk, before, rec, rec, before)
+            txn.changes[(t.file, pk)] = ch
+        return ch
+
+    def _statement(self, txn: Txn, op: int, args: list):
+        """One statement of a transaction (a generator: it may wait for a lock)."""
+        if op == m.OP_GET_FOR_UPDATE:
+            _arity(args, 2, "get_for_update")
+            t = self.schema.table(args[0])
+            key = args[1]
+            pk = t.key(key)
+            yield from self._lock(txn, t.file, pk)
+            return self._change(txn, t, key, pk).after_rec
+        if op == m.OP_INSERT:
+            _arity(args, 2, "insert")
+            t = self.schema.table(args[0])
+            rec = t.full(args[1])
+            key = rec[t.pk]
+            pk = t.key(key)
+            t.check_keys(pk, t.alt_entries(rec, pk), self.max_key)
+            value = t.encode(rec, pk)
+            yield from self._lock(txn, t.file, pk)
+            ch = self._change(txn, t, key, pk)
+            if ch.after_rec is not None:
+                raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key",
+                                               table=t.name, key=key)
+            ch.after_rec, ch.after = rec, value
+            return None
+        if op == m.OP_UPDATE:
+            _arity(args, 3, "update")
+            t = self.schema.table(args[0])
+            key = args[1]
+            pk = t.key(key)
+            if not isinstance(args[2], dict):
+                raise errors.WrongTypeError(f"{t.name}.update({key!r}): changes must be a dict", table=t.name)
+            yield from self._lock(txn, t.file, pk)
+            ch = self._change(txn, t, key, pk)
+            if ch.after_rec is None:
+                raise errors.NoSuchRecordError(f"{t.name}.update({key!r}): no such record", table=t.name, key=key)
+            new = t.merge(ch.after_rec, args[2], key)
+            t.check_keys(pk, t.alt_entries(new, pk), self.max_key)
+            ch.after = t.encode(new, pk)
+            ch.after_rec = new
+            return None
+        if op == m.OP_DELETE:
+            _arity(args, 2, "delete")
+            t = self.schema.table(args[0])
+            key = args[1]
+            pk = t.key(key)
+            yield from self._lock(txn, t.file, pk)
+            ch = self._change(txn, t, key, pk)
+            if ch.after_rec is None:
+                raise errors.NoSuchRecordError(f"{t.name}.delete({key!r}): no such record", table=t.name, key=key)
+            ch.after_rec, ch.after = None, None
+            return None
+        if op == m.OP_PUT:
+            _arity(args, 3, "put")
+            t = self.schema.table(args[0])
+            key = args[1]
+            rec = t.full(args[2], key)
+            pk = t.key(key)
+            t.check_keys(pk, t.alt_entries(rec, pk), self.max_key)
+            value = t.encode(rec, pk)
+            yield from self._lock(txn, t.file, pk)
+            ch = self._change(txn, t, key, pk)
+            existed = ch.after_rec is not None
+            ch.after_rec, ch.after = rec, value
+            return "update" if existed else "insert"
+        raise errors.ProtocolError(f"op {op} is not a transaction statement")
+
+    def _commit(self, txn: Txn):
+        effective = any(c.after != c.before for c in txn.changes.values())
+        if not effective:
+            txn.state = "committed"
+            self.active.pop(txn.number, None)
+            self._release(txn)
+            sb = self.att.sb
+            return {"txn": txn.number, "serial": None, "version": sb.sb_version}
+        txn.state = "committing"
+        result = yield _WAIT_COMMIT
+        return result
+
+    def _atomic(self, sess: Session, args: list):
+        _arity(args, 3, "atomic")
+        if sess.txn is not None and sess.txn.state == "open":
+            raise errors.TransactionStateError(
+                f"atomic: transaction {sess.txn.number} is open on this connection; commit or cancel it first")
+        steps = args[2]
+        if not isinstance(steps, list):
+            raise errors.ProtocolError("atomic: steps must be a list")
+        txn = self._begin(sess, args[0], args[1])
+        results = []
+        try:
+            for st in steps:
+                if not isinstance(st, list) or not st or st[0] not in m.STEP_OPS:
+                    raise errors.ProtocolError("atomic: each step must be [op, args...] with a statement op")
+                results.append((yield from self._statement(txn, st[0], st[1:])))
+        except errors.ApplianceError:
+            self._cancel(txn, "statement_failed")
+            raise
+        out = yield from self._commit(txn)
+        out["results"] = results
+        return out
+
+    def _load(self, sess: Session, args: list):
+        _arity(args, 2, "load")
+        if sess.txn is not None and sess.txn.state == "open":
+            raise errors.TransactionStateError("load: a transaction is open on this connection")
+        t = self.schema.table(args[0])
+        recs = args[1]
+        if not isinstance(recs, list):
+            raise errors.ProtocolError("load: records must be a list")
+        txn = self._begin(sess, "load", {"table": t.name, "records": len(recs)})
+        try:
+            for i, rec in enumerate(recs):
+                yield from self._statement(txn, m.OP_INSERT, [t.name, rec])
+        except errors.ApplianceError as e:
+            self._cancel(txn, "load_failed")
+            e.details.setdefault("index", i)
+            raise
+        yield from self._commit(txn)
+        return len(recs)
+
+    def _txn_status(self, number, since_ns) -> str:
+        """committed / not_committed / unknown (the log no longer covers it) /
+        open / committing for a transaction of this controller's life."""
+        if not isinstance(number, int) or not isinstance(since_ns, int):
+            raise errors.WrongTypeError("txn_status: expects a transaction number and a start time (ns)")
+        t = self.active.get(number)
+        if t is not None:
+            return t.state
+        return changelog.txn_outcome(self.reader, number, since_ns)
+
+    # ------------------------------------------------------------------ group commit
+
+    def _commit_batch(self) -> None:
+        queue, self.commit_queue = self.commit_queue, []
+        w = self.writer
+        now = time.time_ns()
+        outcomes = []
+        last = 0
+        w.begin()
+        try:
+            for sess, txn in queue:
+                try:
+                    serial = self.committer.apply(txn, now)
+                    outcomes.append((sess, txn, serial, None))
+                    last = max(last, txn.number)
+                except errors.MemoryFullError as e:
+                    outcomes.append((sess, txn, None, e))
+            version = w.publish(now, last)
+        except BaseException:
+            self.log.critical("commit_batch_failed_exiting", exc_info=True)
+            os._exit(70)  # the restarted controller rolls the unpublished batch back
+        self.counters["batches"] += 1
+        for sess, txn, serial, exc in outcomes:
+            self.active.pop(txn.number, None)
+            if exc is None:
+                txn.state = "committed"
+                self.counters["committed"] += 1
+                result = {"txn": txn.number, "serial": serial, "version": version}
+            else:
+                txn.state = "cancelled"
+                self.counters["cancelled"] += 1
+                result = None
+            self._release(txn)
+            if exc is None:
+                self._resume(sess, result)
+            else:
+                self._resume(sess, exc=errors.MemoryFullError(
+                    f"commit of transaction {txn.number}: {exc.message.split(': ', 1)[-1]}; "
+                    "the transaction was cancelled", txn=txn.number))
+        w.reclaim()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self) -> None:
+        st = self.writer.stats()
+        if st["retire_pending"]:
+            self.writer.sweep_readers()
+            self.writer.reclaim()
+
+    def status(self) -> dict:
+        st = self.writer.stats()
+        sb = self.att.sb
+        seg_size = self.cfg.storage.segment_size
+        per_seg = sb.sb_segment_slots
+        segments = [{"name": d.name, "size": seg_size, "slots": per_seg,
+                     "used": per_seg - st["segment_free"][i], "free": st["segment_free"][i]}
+                     for i, d in enumerate(self.att.devices)]
+        tables = []
+        for name, t in self.schema.tables.items():
+            tables.append({"name": name, "records": self.reader.count(t.file, sb.sb_version),
+                           "primary_key": t.pk, "alternate_keys": list(t.alt)})
+        pub = sb.sb_pub[sb.sb_version & 1]
+        return {
+            "name": self.cfg.name,
+            "pid": os.getpid(),
+            "instance": sb.sb_instance,
+            "epoch": sb.sb_epoch,
+            "version": sb.sb_version,
+            "started_ns": self.started_ns,
+            "uptime_s": (time.time_ns() - self.started_ns) / 1e9,
+            "block_size": sb.sb_block_size,
+            "segments": segments,
+            "blocks": {"used": st["blocks_used"], "max": st["max_blocks"],
+                       "slots_total": st["slots_total"], "slots_free": st["slots_free"],
+                       "old_versions_pending": st["retire_pending"]},
+            "tables": tables,
+            "transactions": {"active": len(self.active), "committed": self.counters["committed"],
+                             "cancelled": self.counters["cancelled"], "deadlocks": self.counters["deadlocks"],
+                             "lock_timeouts": self.counters["lock_timeouts"], "last_txn": pub.pb_txn,
+                             "next_txn": sb.sb_txn_next, "locks_held": len(self.locks),
+                             "batches": self.counters["batches"]},
+            "readers": {"active": st["readers_active"], "oldest_pin": st["oldest_pin"]},
+            "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"],
+                    "serial": st["serial"]},
+            "clients": {"connected": len(self.sessions), "refused": self.counters["clients_refused"],
+                        "dropped": self.counters["clients_dropped"]},
+            "recovery": self.recovery,
+        }
+
+
+def _arity(args: list, n: int, what: str) -> None:
+    if len(args) != n:
+        raise errors.ProtocolError(f"{what}: expected {n} arguments, got {len(args)}")
+
+
+def _plain(details: dict) -> dict:
+    out = {}
+    for k, v in details.items():
+        out[k] = v if isinstance(v, (int, float, str, bytes, bool, type(None))) else repr(v)
+    return out
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

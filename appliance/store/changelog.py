@@ -1,0 +1,102 @@
+"""Reading the change log in shared memory (format: cext/apl_layout.h).
+
+The replication agent streams it; the controller searches it to answer
+"did transaction N commit?" for a client whose commit was interrupted by a
+controller restart; tests check what it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from .. import errors
+from .._native import check, ffi, lib
+
+__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "KIND_NAMES"]
+
+_HDR = ffi.sizeof("struct apl_centry")
+KIND_NAMES = {lib.APL_CE_BEGIN: "begin", lib.APL_CE_INSERT: "insert", lib.APL_CE_UPDATE: "update",
+              lib.APL_CE_DELETE: "delete", lib.APL_CE_COMMIT: "commit", lib.APL_CE_CANCEL: "cancel",
+              lib.APL_CE_BLOCK: "block", lib.APL_CE_PAD: "pad"}
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    pos: int            # log position of the entry
+    kind: int
+    flags: int
+    file: int
+    block: int
+    serial: int
+    txn: int
+    epoch: int
+    time_ns: int
+    version: int
+    offset: int
+    key: bytes
+    a: bytes            # A image; BEGIN: T log; BLOCK: block image
+    b: bytes            # B image
+    raw: bytes          # the whole entry as stored
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.kind, str(self.kind))
+
+    @classmethod
+    def parse(cls, pos: int, raw: bytes) -> "LogEntry":
+        e = ffi.cast("struct apl_centry *", ffi.from_buffer(raw))
+        k, a, b = e.ce_klen, e.ce_alen, e.ce_blen
+        if _HDR + k + a + b > len(raw):
+            raise errors.CorruptionError(f"log entry at {pos}: payload exceeds its length")
+        p = _HDR
+        return cls(pos, e.ce_kind, e.ce_flags, e.ce_file, e.ce_block, e.ce_serial, e.ce_txn, e.ce_epoch,
+                   e.ce_time_ns, e.ce_version, e.ce_offset, raw[p:p + k], raw[p + k:p + k + a],
+                   raw[p + k + a:p + k + a + b], raw)
+
+
+def bounds(reader) -> dict:
+    """Published head, tail, version and serial of the change log."""
+    h, t, v, s = (ffi.new("uint64_t *") for _ in range(4))
+    check(lib.apl_log_bounds(reader.view, h, t, v, s), "log bounds")
+    return {"head": h[0], "tail": t[0], "version": v[0], "serial": s[0]}
+
+
+def read_entries(reader, pos: int, limit: int | None = None) -> Iterator[LogEntry]:
+    """Entries from position `pos` up to the published head. Raises
+    InternalError(APL_ELOGFULL) when `pos` has been overwritten."""
+    p = ffi.new("uint64_t *", pos)
+    cap = 1 << 16
+    buf = ffi.new("uint8_t[]", cap)
+    n_read = 0
+    while limit is None or n_read < limit:
+        start = p[0]
+        n = lib.apl_log_read(reader.view, p, buf, cap)
+        if n == 0:
+            return
+        if n == lib.APL_EBUFSIZE:
+            cap = max(cap * 2, int.from_bytes(bytes(ffi.buffer(buf, 8)), "little"))
+            buf = ffi.new("uint8_t[]", cap)
+            p[0] = start
+            continue
+        check(n, "read change log")
+        yield LogEntry.parse(p[0] - n, bytes(ffi.buffer(buf, n)))
+        n_read += 1
+
+
+def txn_outcome(reader, txn: int, since_ns: int) -> str:
+    """"committed" when the retained log holds the COMMIT of `txn`;
+    "not_committed" when it does not and the log reaches back to `since_ns`
+    (the transaction's start), so it would be there; else "unknown"."""
+    b = bounds(reader)
+    oldest = None
+    try:
+        for e in read_entries(reader, b["tail"]):
+            if oldest is None:
+                oldest = e.time_ns
+            if e.txn == txn and e.kind == lib.APL_CE_COMMIT:
+                return "committed"
+    except errors.InternalError:
+        return "unknown"
+    if b["tail"] == 0 or oldest is None or oldest <= since_ns:
+        return "not_committed"
+    return "unknown"

@@ -1,0 +1,196 @@
+"""Records against a table's schema: validation, canonical encoding, keys.
+
+A record is stored as one msgpack map, fields in schema order, so a read is a
+single ``msgpack.unpackb`` and every process hands back the same dict.
+Validation says what and where: ``accounts[7].balance: expected int, got str``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+
+from .. import errors
+from ..config import Config, TableConfig
+from .keys import KeyCodec
+
+__all__ = ["Schema", "TableSchema"]
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _check_int(v):
+    return type(v) is int and _I64_MIN <= v <= _I64_MAX
+
+
+_CHECKS = {
+    "int": _check_int,
+    "str": lambda v: type(v) is str,
+    "bytes": lambda v: isinstance(v, (bytes, bytearray, memoryview)),
+    "float": lambda v: (type(v) is float and not math.isnan(v)) or type(v) is int,
+    "bool": lambda v: type(v) is bool,
+}
+_CONVERT = {"bytes": bytes, "float": float}
+
+
+class TableSchema:
+    """One table: its fields, keys and file ids."""
+
+    __slots__ = ("name", "cfg", "file", "fields", "types", "required", "defaults", "pk", "pk_codec",
+                 "alt", "max_record", "_order")
+
+    def __init__(self, name: str, cfg: TableConfig, file: int, alt_files: dict[str, int],
+                 max_record: int) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.file = file
+        self.fields = tuple(cfg.fields)
+        self.types = {f: c.type for f, c in cfg.fields.items()}
+        self.required = frozenset(f for f, c in cfg.fields.items() if c.required)
+        self.defaults = {f: c.default for f, c in cfg.fields.items() if not c.required}
+        self.pk = cfg.primary_key
+        self.pk_codec = KeyCodec(self.types[self.pk], f"{name}.{self.pk}")
+        #: alternate key field -> (index file id, codec)
+        self.alt = {f: (alt_files[f], KeyCodec(self.types[f], f"{name}.{f}")) for f in cfg.alternate_keys}
+        self.max_record = max_record
+        self._order = {f: i for i, f in enumerate(self.fields)}
+
+    # -- keys --------------------------------------------------------------------
+
+    def key(self, value) -> bytes:
+        return self.pk_codec.encode(value)
+
+    def alt_key(self, field: str, value) -> bytes:
+        try:
+            return self.alt[field][1].encode(value)
+        except KeyError:
+            if field in self.types:
+                raise errors.NoSuchFieldError(
+                    f"{self.name}.find({field!r}): {field!r} is not an alternate key "
+                    f"(alternate keys: {', '.join(self.alt) or 'none'})", table=self.name, field=field) from None
+            raise errors.NoSuchFieldError(f"{self.name}: no such field {field!r}", table=self.name,
+                                          field=field) from None
+
+    def alt_entries(self, rec: dict, pk: bytes) -> list[tuple[int, bytes]]:
+        """Index entries of a record: (index file id, encode(alt value) + encode(pk))."""
+        out = []
+        for f, (fid, codec) in self.alt.items():
+            v = rec.get(f)
+            if v is not None:
+                out.append((fid, codec.encode_raw(v) + pk))
+        return out
+
+    # -- validation ----------------------------------------------------------------
+
+    def _where(self, key) -> str:
+        return f"{self.name}[{key!r}]"
+
+    def _check_value(self, field: str, v: Any, where: str):
+        if v is None:
+            if self.cfg.fields[field].nullable:
+                return None
+            raise errors.WrongTypeError(f"{where}.{field}: may not be None", table=self.name, field=field)
+        t = self.types[field]
+        if not _CHECKS[t](v):
+            extra = " (outside the signed 64-bit range)" if t == "int" and type(v) is int else ""
+            raise errors.WrongTypeError(f"{where}.{field}: expected {t}, got {type(v).__name__}{extra}",
+                                        table=self.name, field=field, expected=t)
+        conv = _CONVERT.get(t)
+        return conv(v) if conv else v
+
+    def _unknown(self, rec: dict, where: str):
+        for f in rec:
+            if f not in self._order:
+                raise errors.NoSuchFieldError(f"{where}: no such field {f!r} (fields: {', '.join(self.fields)})",
+                                              table=self.name, field=f)
+
+    def full(self, rec: Any, key=None) -> dict:
+        """A complete, canonical record (insert / put). `key` must match the
+        primary-key field when both are given."""
+        if not isinstance(rec, dict):
+            raise errors.WrongTypeError(f"{self.name}: a record must be a dict, not {type(rec).__name__}",
+                                        table=self.name)
+        if key is not None:
+            if self.pk in rec and rec[self.pk] != key:
+                raise errors.WrongTypeError(
+                    f"{self._where(key)}: the record's {self.pk}={rec[self.pk]!r} differs from the key",
+                    table=self.name, field=self.pk)
+            rec = {**rec, self.pk: key}
+        where = self._where(rec.get(self.pk))
+        if len(rec) > len(self.fields):
+            self._unknown(rec, where)
+        out = {}
+        for f in self.fields:
+            if f in rec:
+                out[f] = self._check_value(f, rec[f], where)
+            elif f in self.required:
+                self._unknown(rec, where)
+                raise errors.WrongTypeError(f"{where}: field {f!r} ({self.types[f]}) is required",
+                                            table=self.name, field=f)
+            else:
+                out[f] = self.defaults.get(f)
+        if len(out) != len(rec) and any(f not in self._order for f in rec):
+            self._unknown(rec, where)
+        return out
+
+    def merge(self, old: dict, changes: Any, key) -> dict:
+        """`old` updated with `changes` (update). The primary key cannot change."""
+        if not isinstance(changes, dict):
+            raise errors.WrongTypeError(f"{self._where(key)}: changes must be a dict, not {type(changes).__name__}",
+                                        table=self.name)
+        where = self._where(key)
+        self._unknown(changes, where)
+        if self.pk in changes and changes[self.pk] != old[self.pk]:
+            raise errors.WrongTypeError(f"{where}: the primary key {self.pk!r} cannot change "
+                                        "(delete the record and insert a new one)", table=self.name, field=self.pk)
+        new = dict(old)
+        for f, v in changes.items():
+            new[f] = self._check_value(f, v, where)
+        return new
+
+    def encode(self, rec: dict, pk: bytes) -> bytes:
+        """msgpack bytes of a canonical record; checks that key + record fit a block."""
+        b = _packb(rec)
+        if 16 + len(pk) + len(b) > self.max_record:
+            raise errors.RecordTooLargeError(
+                f"{self._where(rec.get(self.pk))}: record of {len(b)} bytes exceeds the maximum of "
+                f"{self.max_record - 16 - len(pk)} for this block size", table=self.name, size=len(b),
+                limit=self.max_record - 16 - len(pk))
+        return b
+
+    def check_keys(self, pk: bytes, entries: list[tuple[int, bytes]], max_key: int) -> None:
+        if len(pk) > max_key:
+            raise errors.KeyTooLongError(f"{self.name}: primary key of {len(pk)} encoded bytes exceeds {max_key}",
+                                         table=self.name)
+        for fid, k in entries:
+            if len(k) > max_key:
+                raise errors.KeyTooLongError(
+                    f"{self.name}: alternate key plus primary key of {len(k)} encoded bytes exceeds {max_key}",
+                    table=self.name)
+
+
+class Schema:
+    """Every table of a configuration, with file ids in the order the store uses."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        files = cfg.files()
+        ids = {name: i for i, (name, _t, _f) in enumerate(files)}
+        bsize = cfg.storage.block_size
+        # a leaf record takes slot (16) + key + value <= (block - header 64) / 2
+        max_rec_total = (bsize - 64) // 2
+        self.tables: dict[str, TableSchema] = {}
+        for tname, t in cfg.tables.items():
+            alt_files = {f: ids[f"{tname}.{f}"] for f in t.alternate_keys}
+            self.tables[tname] = TableSchema(tname, t, ids[tname], alt_files, max_rec_total)
+        self.files = files
+        self.max_key = min(1024, (bsize - 64) // 4 - 16)
+
+    def table(self, name: str) -> TableSchema:
+        try:
+            return self.tables[name]
+        except (KeyError, TypeError):
+            raise errors.NoSuchTableError(
+                f"no such table {name!r} (tables: {', '.join(self.tables)})", table=str(name)) from None

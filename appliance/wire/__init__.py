@@ -1,0 +1,1 @@
+"""What travels on the appliance's stream sockets; framing lives in :mod:`.framing`."""

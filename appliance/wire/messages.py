@@ -1,0 +1,80 @@
+"""The client <-> controller protocol: every request and reply, in one place.
+
+Transport: a Unix stream socket; every message is one frame
+(:mod:`appliance.wire.framing`) whose payload is a msgpack array.
+
+Request:  ``[op, arg, ...]``   (op: one of the ``OP_*`` integers below)
+Reply:    ``[OK, result]``  or  ``[ERR, code_name, message, details]``
+
+where ``code_name`` is an APL_* name from cext/apl_errors.h (the one error
+table) and ``details`` a map; the client raises
+``appliance.errors.error_for(code_name, message, **details)``.
+Replies come in request order. A client may pipeline requests (send several
+before reading replies); the controller processes one session's requests in
+order, one at a time (a request that waits for a lock holds back the ones
+behind it).
+
+Keys and records travel as msgpack values: a record is a map field -> value;
+a key is the primary-key value itself (int, str or bytes).
+
+=====================  ==============================================  =============================
+op                     arguments                                       result
+=====================  ==============================================  =============================
+OP_HELLO               protocol version, client name                   map: name, instance, epoch,
+                                                                       schema_hash, pid, version
+OP_STATUS              -                                               map (see controller.status)
+OP_BEGIN               program name or nil, input (any)                transaction number
+OP_GET_FOR_UPDATE      table, key                                      record or nil (locks the key)
+OP_INSERT              table, record                                   nil
+OP_UPDATE              table, key, changes (map)                       nil
+OP_DELETE              table, key                                      nil
+OP_PUT                 table, key, record                              "insert" or "update"
+OP_COMMIT              wait (bool)                                     map: txn, serial, version
+OP_CANCEL              -                                               nil
+OP_ATOMIC              program or nil, input, [[op, arg...], ...]      map: txn, serial, version,
+                                                                       results (one per step)
+OP_LOAD                table, [record, ...]                            number loaded
+OP_TXN_STATUS          transaction number, its start time (ns)         "committed", "not_committed",
+                                                                       "unknown", "open", "committing"
+=====================  ==============================================  =============================
+
+OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
+OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
+transaction in a single round trip: an autocommitted write such as
+``table[key] = record`` is one OP_ATOMIC. If a step fails the transaction is
+cancelled and the reply is that step's error.
+OP_LOAD inserts the records as one transaction (program ``"load"``).
+"""
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+OK = 0
+ERR = 1
+
+OP_HELLO = 1
+OP_STATUS = 2
+OP_BEGIN = 10
+OP_GET_FOR_UPDATE = 11
+OP_INSERT = 12
+OP_UPDATE = 13
+OP_DELETE = 14
+OP_PUT = 15
+OP_COMMIT = 16
+OP_CANCEL = 17
+OP_ATOMIC = 18
+OP_LOAD = 19
+OP_TXN_STATUS = 20
+
+#: ops allowed as steps of a transaction (and of OP_ATOMIC)
+STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
+
+NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("OP_")}
+
+
+def ok(result=None) -> list:
+    return [OK, result]
+
+
+def err(code_name: str, message: str, details: dict | None = None) -> list:
+    return [ERR, code_name, message, details or {}]

@@ -1,0 +1,282 @@
+"""Tests for appliance._os: logging setup, systemd notification, signal lifecycle."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from appliance._os import logs, sdnotify
+
+ROOT = Path(__file__).resolve().parent.parent
+_SCRUBBED = ("APPLIANCE_LOG_", "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", "WATCHDOG_")
+
+
+def run_python(code: str, **env: str) -> str:
+    """Run *code* in a fresh interpreter (stdout a pipe), return its stdout."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def log_lines(configure_args: str = "", **env: str) -> list[str]:
+    """Configure logging in a subprocess, emit debug/info events, return stdout lines."""
+    out = run_python(
+        f"""
+        from appliance._os import logs
+        logs.configure({configure_args})
+        log = logs.get_logger(instance="main")
+        log.debug("debug_seen")
+        log.info("controller_started", pid=1)
+        """,
+        **env,
+    )
+    return out.splitlines()
+
+
+@pytest.fixture
+def configured():
+    """configure(json=True) in this process, undone afterwards."""
+    logs.configure(json=True)
+    yield
+    structlog.reset_defaults()
+
+
+class TestLogs:
+    def test_json_one_object_per_line(self):
+        """configure(json=True) writes one JSON object per event with event, level and a UTC timestamp."""
+        (line,) = log_lines("json=True")
+        record = json.loads(line)
+        assert record["event"] == "controller_started"
+        assert record["level"] == "info"
+        assert record["timestamp"].endswith("Z")
+        assert record["instance"] == "main"
+        assert record["pid"] == 1
+
+    def test_json_when_not_a_tty(self):
+        """json=None picks JSON when stdout is a pipe."""
+        (line,) = log_lines()
+        assert json.loads(line)["event"] == "controller_started"
+
+    def test_env_overrides_level_and_renderer(self):
+        """APPLIANCE_LOG_LEVEL and APPLIANCE_LOG_JSON=0 override the arguments."""
+        lines = log_lines("json=True", APPLIANCE_LOG_LEVEL="debug", APPLIANCE_LOG_JSON="0")
+        assert len(lines) == 2
+        assert "debug_seen" in lines[0] and "controller_started" in lines[1]
+        assert not lines[1].startswith("{")
+        assert "\x1b[" not in lines[1]  # no colors into a pipe
+
+    def test_exception_rendered_in_json(self):
+        """log.exception() in JSON mode carries the formatted traceback."""
+        out = run_python(
+            """
+            from appliance._os import logs
+            logs.configure(json=True)
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                logs.get_logger().exception("apply_failed")
+            """
+        )
+        record = json.loads(out)
+        assert record["level"] == "error"
+        assert "ZeroDivisionError" in record["exception"]
+
+    def test_import_has_no_side_effects(self):
+        """Importing appliance._os.logs leaves structlog unconfigured."""
+        out = run_python(
+            """
+            import structlog
+            import appliance._os.logs
+            print(structlog.is_configured())
+            """
+        )
+        assert out.strip() == "False"
+
+    def test_unknown_level_rejected(self):
+        """An unknown level raises ValueError before anything is configured."""
+        before = structlog.get_config()
+        with pytest.raises(ValueError, match="verbose"):
+            logs.configure(level="verbose")
+        assert structlog.get_config() == before
+
+    def test_capture_logs_after_configure(self, configured):
+        """capture_logs() sees events from a logger obtained before configure() via get_logger()."""
+        early = logs.get_logger(peer="b")
+        with capture_logs() as captured:
+            early.info("peer_connected")
+            early.info("peer_connected")  # second call goes through the cached logger
+        assert captured == [{"event": "peer_connected", "peer": "b", "log_level": "info"}] * 2
+
+    def test_log_once_suppresses_repeats(self):
+        """LogOnce logs a code once, again when it changes (with the suppressed count) and after clear()."""
+        once = logs.LogOnce(logs.get_logger(peer="b"))
+        with capture_logs() as captured:
+            assert once.error("peer_connect_failed", 111)
+            assert not once.error("peer_connect_failed", 111)
+            assert not once.error("peer_connect_failed", 111)
+            assert once.error("peer_connect_failed", 113, retry_in=1.0)
+            once.clear()
+            assert once.error("peer_connect_failed", 113)
+        assert [(e["code"], e.get("suppressed")) for e in captured] == [(111, None), (113, 2), (113, None)]
+        assert all(e["log_level"] == "error" and e["peer"] == "b" for e in captured)
+        assert captured[1]["retry_in"] == 1.0
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A bound AF_UNIX datagram socket named by $NOTIFY_SOCKET."""
+    path = tmp_path / "n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        yield sock
+
+
+def received(sock: socket.socket) -> str:
+    return sock.recv(4096).decode()
+
+
+class TestSdNotify:
+    def test_ready_with_status(self, notify_socket):
+        """ready(status=...) sends READY=1 and STATUS= in one datagram."""
+        assert sdnotify.ready(status="x")
+        assert received(notify_socket) == "READY=1\nSTATUS=x"
+
+    def test_messages(self, notify_socket):
+        """status() flattens newlines; stopping() and watchdog() send their single assignment."""
+        assert sdnotify.status("seeding\npeer b")
+        assert sdnotify.stopping()
+        assert sdnotify.watchdog()
+        assert [received(notify_socket) for _ in range(3)] == ["STATUS=seeding peer b", "STOPPING=1", "WATCHDOG=1"]
+
+    def test_reloading_sends_monotonic_usec(self, notify_socket):
+        """reloading() sends RELOADING=1 with MONOTONIC_USEC of now."""
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert sdnotify.reloading()
+        first, second = received(notify_socket).split("\n")
+        assert first == "RELOADING=1"
+        key, _, usec = second.partition("=")
+        assert key == "MONOTONIC_USEC"
+        assert before <= int(usec) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+    def test_abstract_socket(self, monkeypatch):
+        """A NOTIFY_SOCKET starting with '@' names an abstract-namespace socket."""
+        name = f"appliance-test-{uuid.uuid4().hex}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0" + name)
+            sock.settimeout(2)
+            monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+            assert sdnotify.ready()
+            assert received(sock) == "READY=1"
+
+    def test_unset_returns_false(self, monkeypatch):
+        """Without NOTIFY_SOCKET every call is a no-op returning False."""
+        monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+        assert sdnotify.ready() is False
+        assert sdnotify.notify("READY=1") is False
+
+    def test_send_failure_returns_false(self, tmp_path, monkeypatch):
+        """A socket nobody listens on yields False, not an exception."""
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "missing"))
+        assert sdnotify.stopping() is False
+
+    def test_watchdog_interval(self, monkeypatch):
+        """watchdog_interval() reads WATCHDOG_USEC, only for the process WATCHDOG_PID names."""
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        assert sdnotify.watchdog_interval() is None
+        monkeypatch.setenv("WATCHDOG_USEC", "2500000")
+        assert sdnotify.watchdog_interval() == 2.5
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        assert sdnotify.watchdog_interval() == 2.5
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+        assert sdnotify.watchdog_interval() is None
+
+
+def run_shutdown(body: str) -> dict:
+    """Install a Shutdown registered in epoll in a subprocess, run *body*, return its printed JSON."""
+    prelude = """
+        import json, os, select, signal, threading, time
+        from appliance._os.lifecycle import Shutdown
+        shutdown = Shutdown()
+        shutdown.install()
+        ep = select.epoll()
+        ep.register(shutdown.fileno(), select.EPOLLIN)
+        assert ep.poll(0) == []
+    """
+    return json.loads(run_python(textwrap.dedent(prelude) + textwrap.dedent(body)))
+
+
+class TestShutdown:
+    def test_sigterm_sets_flag_and_wakes_fd(self):
+        """SIGTERM sets requested/signal and makes the wakeup fd readable until drained."""
+        result = run_shutdown(
+            """
+            os.kill(os.getpid(), signal.SIGTERM)
+            ready = ep.poll(5)
+            drained = shutdown.drain()
+            print(json.dumps({
+                "ready": len(ready), "requested": shutdown.requested, "signal": shutdown.signal.name,
+                "reload": shutdown.reload_requested, "drained": [s.name for s in drained],
+                "after_drain": len(ep.poll(0)),
+            }))
+            """
+        )
+        assert result == {
+            "ready": 1, "requested": True, "signal": "SIGTERM", "reload": False,
+            "drained": ["SIGTERM"], "after_drain": 0,
+        }
+
+    def test_signal_wakes_blocked_poll(self):
+        """A signal arriving while epoll.poll() blocks makes it return at once (no PEP 475 retry stall)."""
+        result = run_shutdown(
+            """
+            threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+            start = time.monotonic()
+            ep.poll(5)
+            print(json.dumps({"elapsed": time.monotonic() - start, "signal": shutdown.signal.name}))
+            """
+        )
+        assert result["signal"] == "SIGINT"
+        assert result["elapsed"] < 2
+
+    def test_sighup_requests_reload_and_uninstall_restores(self):
+        """SIGHUP sets reload_requested (take_reload() resets it); uninstall() restores the old handlers."""
+        result = run_shutdown(
+            """
+            os.kill(os.getpid(), signal.SIGHUP)
+            ep.poll(5)
+            drained = [s.name for s in shutdown.drain()]
+            taken = [shutdown.take_reload(), shutdown.take_reload()]
+            requested = shutdown.requested
+            shutdown.uninstall()
+            print(json.dumps({
+                "drained": drained, "taken": taken, "requested": requested,
+                "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+                "wakeup_fd": signal.set_wakeup_fd(-1),
+            }))
+            """
+        )
+        assert result == {
+            "drained": ["SIGHUP"], "taken": [True, False], "requested": False,
+            "sigterm_default": True, "wakeup_fd": -1,
+        }
