@@ -195,6 +195,22 @@ int apl_log_append(apl_store *s, uint16_t kind, uint16_t flags, uint32_t file,
 /* Append a BLOCK entry with the image of `number` as it stands in the batch. */
 int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
                   uint64_t time_ns, uint64_t *serial);
+/*
+ * Apply and log one whole transaction inside the open batch: BEGIN (T log),
+ * then each step of `ops` (records of struct {u8 op; u8 pad[3]; u32 file;
+ * u32 klen; u32 vlen;} followed by key and value bytes, 8-aligned; op is
+ * APL_TXN_INSERT / UPDATE / DELETE) with its change entry (A and B images)
+ * and BLOCK images of structural changes, then COMMIT (*commit_serial).
+ * If a step fails, the steps already applied are undone from their B images
+ * (each reversal logged), CANCEL is logged, *failed_at is the failing step
+ * and its error is returned. APL_EUNDO: the undo itself failed and the batch
+ * must not be published.
+ */
+#define APL_TXN_INSERT 1u
+#define APL_TXN_UPDATE 2u
+#define APL_TXN_DELETE 3u
+int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
+                   const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at);
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
 /* Free what no reader can reach any more; returns slots freed (>= 0). */
 int64_t apl_reclaim(apl_store *s);

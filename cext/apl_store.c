@@ -988,6 +988,30 @@ int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
     return eq ? APL_CE_UPDATE : APL_CE_INSERT;
 }
 
+/* Slots a delete of a record in chain wp->leaf may allocate: copies of the
+ * chain and of the meta block unless the batch already has them, and when the
+ * record is the chain's last, a copy of each ancestor the removal edits (it
+ * climbs while a parent would be left empty; the root is never removed). */
+static uint64_t delete_need(apl_store *s, uint32_t file, const struct wpath *wp)
+{
+    uint32_t root = s->v->v_files[file].fl_root;
+    struct apl_bhdr *h = head_of(s, wp->leaf);
+    struct apl_bhdr *m = head_of(s, s->v->v_files[file].fl_meta);
+    uint64_t need = h->bh_version == s->pending ? 0 : chain_len(s, h);
+    if (!m || m->bh_version != s->pending)
+        need++;
+    if (h->bh_next != APL_ADDR_NONE || h->bh_nslots != 1 || wp->leaf == root)
+        return need;
+    for (int d = wp->depth - 1; d >= 0; d--) {
+        struct apl_bhdr *p = head_of(s, wp->num[d]);
+        if (!p || p->bh_version != s->pending)
+            need++;
+        if (!p || p->bh_nslots > 1 || wp->num[d] == root)
+            break;
+    }
+    return need;
+}
+
 int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
                uint8_t *old, uint64_t oldcap, int64_t *oldlen)
 {
@@ -1015,6 +1039,10 @@ int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
     if (!eq)
         return APL_NOTFOUND;
     copy_old(b, &apl_slots(b)[idx], old, oldcap, oldlen);
+    /* every slot the delete may need, before anything changes: a removal that
+     * fails half-way would leave a retired number linked in its parent */
+    if (avail_slots(s) < delete_need(s, file, &wp))
+        return APL_EFULL;
     struct apl_bhdr *h = cow(s, wp.leaf, &rc);
     if (!h)
         return rc;
@@ -1068,7 +1096,11 @@ int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
             uint32_t k = nb - 1;
             while (k > 1 && total * 10 <= cap * (k - 1) * 7)
                 k--;
-            if (pack(s, 0, n, k, 1, bounds) || pack(s, 0, n, k, 0, bounds)) {
+            /* optional: only when the slots it takes back cover the ones it needs
+             * (they may not once the reserve has been used and switched off) */
+            uint64_t after = s->free_total + (nb - 1);
+            int room = s->use_reserve || after >= s->reserve + (k - 1);
+            if (room && (pack(s, 0, n, k, 1, bounds) || pack(s, 0, n, k, 0, bounds))) {
                 for (struct apl_bhdr *o = next_of(s, h); o;) {
                     struct apl_bhdr *nx = next_of(s, o);
                     free_slot(s, addr_of(s, o));
@@ -1409,7 +1441,7 @@ void apl_store_free(apl_store *s)
 
 void apl_store_use_reserve(apl_store *s, int on)
 {
-    s->use_reserve = on;
+    s->use_reserve = on ? 1 : 0;
 }
 
 void apl_store_set_epoch(apl_store *s, uint64_t epoch)
@@ -1589,4 +1621,149 @@ int apl_store_stats(apl_store *s, struct apl_stats *st)
     for (uint32_t i = 0; i < v->v_nseg; i++)
         st->seg_free[i] = s->nfree[i];
     return APL_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Whole transactions                                                  */
+/* ------------------------------------------------------------------ */
+
+/* One step of apl_commit_txn's `ops` buffer (8-aligned records). */
+struct txn_op {
+    uint8_t op;        /* APL_TXN_INSERT / UPDATE / DELETE */
+    uint8_t pad[3];
+    uint32_t file;
+    uint32_t klen;
+    uint32_t vlen;
+    /* key bytes, value bytes, padding to 8 */
+};
+
+/* What an applied step needs to be undone. */
+struct undo_rec {
+    uint8_t op;        /* the step that was applied */
+    uint32_t file;
+    const uint8_t *key;
+    uint32_t klen;
+    uint64_t old_off;  /* B image in the undo arena */
+    uint32_t old_len;
+};
+
+static int log_op(apl_store *s, int kind, uint32_t file, const uint8_t *key, uint32_t klen,
+                  const uint8_t *a, uint32_t alen, const uint8_t *b, uint32_t blen,
+                  uint64_t txn, uint64_t now)
+{
+    uint16_t flags = s->op.nstruct ? APL_CEF_STRUCT : 0;
+    struct apl_opinfo info = s->op; /* log_block does not touch s->op, but keep a copy */
+    int rc = apl_log_append(s, (uint16_t)kind, flags, file, info.block, info.offset, txn, now,
+                            key, klen, a, alen, b, blen, 0);
+    for (uint32_t i = 0; rc == APL_OK && i < info.nstruct; i++)
+        rc = apl_log_block(s, info.structs[i], info.removed[i] ? APL_CEF_REMOVED : 0, txn, now, 0);
+    return rc;
+}
+
+/* Apply one step and log it; the B image goes to *old (caller's buffer). */
+static int apply_step(apl_store *s, uint8_t op, uint32_t file, const uint8_t *key, uint32_t klen,
+                      const uint8_t *val, uint32_t vlen, uint8_t *old, uint64_t oldcap, int64_t *oldlen,
+                      uint64_t txn, uint64_t now)
+{
+    int kind;
+    if (op == APL_TXN_DELETE) {
+        kind = apl_delete(s, file, key, klen, old, oldcap, oldlen);
+        if (kind < 0)
+            return kind;
+        return log_op(s, APL_CE_DELETE, file, key, klen, 0, 0, old, (uint32_t)*oldlen, txn, now);
+    }
+    kind = apl_put(s, file, key, klen, val, vlen, op == APL_TXN_INSERT ? APL_PUT_INSERT : APL_PUT_UPDATE,
+                   old, oldcap, oldlen);
+    if (kind < 0)
+        return kind;
+    return log_op(s, kind, file, key, klen, val, vlen, old, *oldlen > 0 ? (uint32_t)*oldlen : 0, txn, now);
+}
+
+int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
+                   const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    *failed_at = -1;
+    int rc = apl_log_append(s, APL_CE_BEGIN, 0, 0, 0, 0, txn, now, 0, 0, tlog, tlen, 0, 0, 0);
+    if (rc)
+        return rc;
+    /* undo information: records + an arena of B images */
+    uint64_t nsteps = 0, cap_steps = 16, arena_cap = 4096, arena_len = 0;
+    struct undo_rec *steps = malloc(cap_steps * sizeof(*steps));
+    uint8_t *arena = malloc(arena_cap);
+    uint8_t *old = malloc(s->bsize);
+    int64_t oldlen = -1;
+    if (!steps || !arena || !old) {
+        free(steps), free(arena), free(old);
+        return APL_ENOMEM;
+    }
+    uint64_t pos = 0;
+    int64_t index = 0;
+    while (rc == APL_OK && pos + sizeof(struct txn_op) <= ops_len) {
+        const struct txn_op *o = (const struct txn_op *)(ops + pos);
+        uint64_t len = APL_ALIGN(sizeof(*o) + (uint64_t)o->klen + o->vlen, 8);
+        if (pos + sizeof(*o) + o->klen + o->vlen > ops_len || o->op < APL_TXN_INSERT || o->op > APL_TXN_DELETE) {
+            rc = APL_EINVAL;
+            break;
+        }
+        const uint8_t *key = (const uint8_t *)(o + 1);
+        rc = apply_step(s, o->op, o->file, key, o->klen, key + o->klen, o->vlen, old, s->bsize, &oldlen, txn, now);
+        if (rc == APL_OK) {
+            uint32_t ol = oldlen > 0 ? (uint32_t)oldlen : 0;
+            if (nsteps == cap_steps) {
+                struct undo_rec *ns = realloc(steps, (cap_steps *= 2) * sizeof(*steps));
+                if (!ns) {
+                    rc = APL_ENOMEM;
+                    break;
+                }
+                steps = ns;
+            }
+            if (arena_len + ol > arena_cap) {
+                while (arena_len + ol > arena_cap)
+                    arena_cap *= 2;
+                uint8_t *na = realloc(arena, arena_cap);
+                if (!na) {
+                    rc = APL_ENOMEM;
+                    break;
+                }
+                arena = na;
+            }
+            memcpy(arena + arena_len, old, ol);
+            steps[nsteps++] = (struct undo_rec){o->op, o->file, key, o->klen, arena_len, ol};
+            arena_len += ol;
+        }
+        pos += len;
+        index++;
+    }
+    if (rc == APL_OK && pos != ops_len)
+        rc = APL_EINVAL;
+    if (rc == APL_OK) {
+        rc = apl_log_append(s, APL_CE_COMMIT, 0, 0, 0, 0, txn, now, 0, 0, 0, 0, 0, 0, commit_serial);
+    } else {
+        /* Undo what was applied, newest first, from the B images ([0122]);
+         * every reversal is logged like a change, then CANCEL. */
+        *failed_at = index;
+        int urc = APL_OK;
+        s->use_reserve++;
+        for (uint64_t i = nsteps; urc == APL_OK && i-- > 0;) {
+            struct undo_rec *u = &steps[i];
+            const uint8_t *b = arena + u->old_off;
+            if (u->op == APL_TXN_INSERT)
+                urc = apply_step(s, APL_TXN_DELETE, u->file, u->key, u->klen, 0, 0, old, s->bsize, &oldlen, txn, now);
+            else if (u->op == APL_TXN_DELETE)
+                urc = apply_step(s, APL_TXN_INSERT, u->file, u->key, u->klen, b, u->old_len, old, s->bsize, &oldlen, txn, now);
+            else
+                urc = apply_step(s, APL_TXN_UPDATE, u->file, u->key, u->klen, b, u->old_len, old, s->bsize, &oldlen, txn, now);
+        }
+        s->use_reserve--;
+        if (urc == APL_OK)
+            urc = apl_log_append(s, APL_CE_CANCEL, 0, 0, 0, 0, txn, now, 0, 0, 0, 0, 0, 0, 0);
+        if (urc != APL_OK)
+            rc = APL_EUNDO;
+    }
+    free(steps);
+    free(arena);
+    free(old);
+    return rc;
 }

@@ -37,7 +37,7 @@ enum apl_entry_kind { APL_CE_BEGIN, APL_CE_INSERT, APL_CE_UPDATE, APL_CE_DELETE,
 enum apl_error {
     APL_NOTFOUND, APL_EXISTS, APL_EFULL, APL_ETOOBIG, APL_EKEY, APL_EBUFSIZE,
     APL_EVERSION, APL_EMAGIC, APL_ECORRUPT, APL_EREADERS, APL_EFILE, APL_EINVAL,
-    APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY,
+    APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
     APL_EBUSY, APL_EUNKNOWN, ...
@@ -163,6 +163,11 @@ int apl_log_append(apl_store *s, uint16_t kind, uint16_t flags, uint32_t file,
                    const uint8_t *b, uint32_t blen, uint64_t *serial);
 int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
                   uint64_t time_ns, uint64_t *serial);
+#define APL_TXN_INSERT ...
+#define APL_TXN_UPDATE ...
+#define APL_TXN_DELETE ...
+int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
+                   const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at);
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
 int64_t apl_reclaim(apl_store *s);
 int64_t apl_sweep_readers(apl_store *s);

@@ -29,6 +29,7 @@ from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
 from ..wire import messages as m
 from .session import Session, result
+from .session import _pid as _session_pid
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
 
@@ -103,7 +104,7 @@ class Client:
 
     def _session(self) -> Session:
         s = getattr(self._local, "session", None)
-        if s is None or s.pid != os.getpid():
+        if s is None or s.pid != _session_pid[0]:
             s = Session(str(self.config.socket_path), self.config.name, name=self._name,
                         timeout=self._timeout, max_frame=self.config.controller.max_frame)
             s.connect()
@@ -113,8 +114,12 @@ class Client:
         return s
 
     def _call(self, req: list, what: str):
-        self._check()
-        return self._session().call(req, what)
+        if self._closed:
+            self._check()
+        s = getattr(self._local, "session", None)
+        if s is None or s.pid != _session_pid[0]:
+            s = self._session()
+        return s.call(req, what)
 
     def _after_fork(self) -> None:
         self._local = threading.local()

@@ -19,6 +19,11 @@ from ..wire import messages as m
 
 __all__ = ["Session"]
 
+#: this process's pid, kept current across fork() without a syscall per request
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+_encode = framing.encode
+
 
 class Session:
     def __init__(self, path: str, appliance: str, *, name: str = "", timeout: float | None = None,
@@ -58,7 +63,7 @@ class Session:
             raise self._unavailable(exc.strerror or str(exc)) from None
         self.sock = s
         self.reader = framing.FrameReader(s, max_frame=self.max_frame)
-        self.pid = os.getpid()
+        self.pid = _pid[0]
         try:
             hello = self._roundtrip([[m.OP_HELLO, m.PROTOCOL_VERSION, self.name]])[0]
         except BaseException:
@@ -79,7 +84,7 @@ class Session:
 
     @property
     def connected(self) -> bool:
-        return self.sock is not None and self.pid == os.getpid()
+        return self.sock is not None and self.pid == _pid[0]
 
     # -- requests -------------------------------------------------------------------
 
@@ -98,7 +103,20 @@ class Session:
         return self._roundtrip(reqs)
 
     def call(self, req: list, what: str):
-        return _result(self.call_many([req])[0], what)
+        """One request, one reply (the common case, kept lean)."""
+        sock = self.sock
+        if sock is None or self.pid != _pid[0]:
+            self.connect()
+            sock = self.sock
+        try:
+            sock.sendall(_encode(req))
+            reply = self.reader.read()
+        except (EOFError, OSError, errors.ProtocolError) as exc:
+            self.close()
+            raise self._unavailable("connection lost: " + (str(exc) or type(exc).__name__)) from None
+        if type(reply) is list and len(reply) == 2 and reply[0] == 0:
+            return reply[1]
+        return _result(reply, what)
 
 
 def _result(reply, what: str):

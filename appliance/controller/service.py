@@ -45,6 +45,7 @@ __all__ = ["Controller"]
 
 _WAIT_LOCK = object()
 _WAIT_COMMIT = object()
+_FAST = object()  # sess.gen while a fast-path autocommit waits for its batch
 _unpackb = msgpack.unpackb
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 256 << 10
@@ -100,6 +101,8 @@ class Controller:
         self.listener: socket.socket | None = None
         self.ep = select.epoll()
         self.stopping = False
+        self._rbuf = bytearray(_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     # ------------------------------------------------------------------ setup
 
@@ -231,20 +234,22 @@ class Controller:
         return ok
 
     def _read(self, sess: Session) -> None:
+        # recv_into one reused buffer: a fresh 256 KiB bytes per recv() would
+        # cost an mmap/munmap pair per request (above malloc's mmap threshold)
         try:
-            data = sess.sock.recv(_READ_SIZE)
+            n = sess.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             if sess.decoder.buffered:
                 self._drop(sess, "hung_up_mid_frame")
             else:
                 self._drop(sess, "disconnected", log=False)
             return
         try:
-            msgs = sess.decoder.feed(data)
+            msgs = sess.decoder.feed(self._rview[:n])
         except errors.ProtocolError as exc:
             self._drop(sess, "bad_frame", error=str(exc))
             return
@@ -309,8 +314,10 @@ class Controller:
         while sess.inbox and sess.gen is None and not sess.closed:
             req = sess.inbox.popleft()
             sess.requests += 1
-            if not isinstance(req, list) or not req or type(req[0]) is not int:
+            if type(req) is not list or not req or type(req[0]) is not int:
                 self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
+                continue
+            if req[0] == m.OP_ATOMIC and self._fast_atomic(sess, req):
                 continue
             gen = self._handle(sess, req)
             self._step(sess, gen, None, None)
@@ -341,7 +348,7 @@ class Controller:
 
     def _resume(self, sess: Session, value=None, exc=None) -> None:
         gen = sess.gen
-        if gen is None or sess.closed:
+        if gen is None or gen is _FAST or sess.closed:
             return
         self._step(sess, gen, value, exc)
 
@@ -460,75 +467,120 @@ class Controller:
         if ch is None:
             before = self._committed(t.file, pk)
             rec = _unpackb(before) if before is not None else None
-            ch = Change(t, key, pk, before, rec, rec, before)
+            ch = Change(t, key, pk, before, rec)
             txn.changes[(t.file, pk)] = ch
         return ch
 
-    def _statement(self, txn: Txn, op: int, args: list):
-        """One statement of a transaction (a generator: it may wait for a lock)."""
-        if op == m.OP_GET_FOR_UPDATE:
-            _arity(args, 2, "get_for_update")
-            t = self.schema.table(args[0])
-            key = args[1]
-            pk = t.key(key)
-            yield from self._lock(txn, t.file, pk)
-            return self._change(txn, t, key, pk).after_rec
-        if op == m.OP_INSERT:
-            _arity(args, 2, "insert")
-            t = self.schema.table(args[0])
-            rec = t.full(args[1])
-            key = rec[t.pk]
-            pk = t.key(key)
-            t.check_keys(pk, t.alt_entries(rec, pk), self.max_key)
-            value = t.encode(rec, pk)
-            yield from self._lock(txn, t.file, pk)
-            ch = self._change(txn, t, key, pk)
-            if ch.after_rec is not None:
-                raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key",
-                                               table=t.name, key=key)
-            ch.after_rec, ch.after = rec, value
-            return None
-        if op == m.OP_UPDATE:
-            _arity(args, 3, "update")
-            t = self.schema.table(args[0])
-            key = args[1]
-            pk = t.key(key)
-            if not isinstance(args[2], dict):
-                raise errors.WrongTypeError(f"{t.name}.update({key!r}): changes must be a dict", table=t.name)
-            yield from self._lock(txn, t.file, pk)
-            ch = self._change(txn, t, key, pk)
-            if ch.after_rec is None:
-                raise errors.NoSuchRecordError(f"{t.name}.update({key!r}): no such record", table=t.name, key=key)
-            new = t.merge(ch.after_rec, args[2], key)
-            t.check_keys(pk, t.alt_entries(new, pk), self.max_key)
-            ch.after = t.encode(new, pk)
-            ch.after_rec = new
-            return None
-        if op == m.OP_DELETE:
-            _arity(args, 2, "delete")
-            t = self.schema.table(args[0])
-            key = args[1]
-            pk = t.key(key)
-            yield from self._lock(txn, t.file, pk)
-            ch = self._change(txn, t, key, pk)
-            if ch.after_rec is None:
-                raise errors.NoSuchRecordError(f"{t.name}.delete({key!r}): no such record", table=t.name, key=key)
-            ch.after_rec, ch.after = None, None
-            return None
+    def _prepare(self, op: int, args: list) -> tuple:
+        """Validate a statement; no lock taken, nothing changed.
+        Returns (op, table, key, encoded key, payload)."""
         if op == m.OP_PUT:
             _arity(args, 3, "put")
             t = self.schema.table(args[0])
             key = args[1]
             rec = t.full(args[2], key)
             pk = t.key(key)
-            t.check_keys(pk, t.alt_entries(rec, pk), self.max_key)
-            value = t.encode(rec, pk)
-            yield from self._lock(txn, t.file, pk)
-            ch = self._change(txn, t, key, pk)
-            existed = ch.after_rec is not None
-            ch.after_rec, ch.after = rec, value
-            return "update" if existed else "insert"
+            alt = t.alt_entries(rec, pk)
+            t.check_keys(pk, alt, self.max_key)
+            return op, t, key, pk, (rec, t.encode(rec, pk), alt)
+        if op == m.OP_INSERT:
+            _arity(args, 2, "insert")
+            t = self.schema.table(args[0])
+            rec = t.full(args[1])
+            key = rec[t.pk]
+            pk = t.key(key)
+            alt = t.alt_entries(rec, pk)
+            t.check_keys(pk, alt, self.max_key)
+            return op, t, key, pk, (rec, t.encode(rec, pk), alt)
+        if op == m.OP_UPDATE:
+            _arity(args, 3, "update")
+            t = self.schema.table(args[0])
+            key = args[1]
+            if not isinstance(args[2], dict):
+                raise errors.WrongTypeError(f"{t.name}.update({key!r}): changes must be a dict", table=t.name)
+            return op, t, key, t.key(key), args[2]
+        if op == m.OP_DELETE or op == m.OP_GET_FOR_UPDATE:
+            _arity(args, 2, "delete" if op == m.OP_DELETE else "get_for_update")
+            t = self.schema.table(args[0])
+            key = args[1]
+            return op, t, key, t.key(key), None
         raise errors.ProtocolError(f"op {op} is not a transaction statement")
+
+    def _apply_stmt(self, txn: Txn, p: tuple):
+        """Carry out a prepared statement; the caller holds the record's lock."""
+        op, t, key, pk, payload = p
+        ch = self._change(txn, t, key, pk)
+        if op == m.OP_PUT:
+            existed = ch.after_rec is not None
+            ch.after_rec, ch.after, ch.after_alt = payload
+            return "update" if existed else "insert"
+        if op == m.OP_INSERT:
+            if ch.after_rec is not None:
+                raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key",
+                                               table=t.name, key=key)
+            ch.after_rec, ch.after, ch.after_alt = payload
+            return None
+        if op == m.OP_GET_FOR_UPDATE:
+            return ch.after_rec
+        if ch.after_rec is None:
+            what = "update" if op == m.OP_UPDATE else "delete"
+            raise errors.NoSuchRecordError(f"{t.name}.{what}({key!r}): no such record", table=t.name, key=key)
+        if op == m.OP_DELETE:
+            ch.after_rec, ch.after, ch.after_alt = None, None, ()
+            return None
+        new = t.merge(ch.after_rec, payload, key)
+        alt = t.alt_entries(new, pk)
+        t.check_keys(pk, alt, self.max_key)
+        ch.after = t.encode(new, pk)
+        ch.after_rec, ch.after_alt = new, alt
+        return None
+
+    def _statement(self, txn: Txn, op: int, args: list):
+        """One statement of a transaction (a generator: it may wait for a lock)."""
+        p = self._prepare(op, args)
+        yield from self._lock(txn, p[1].file, p[3])
+        return self._apply_stmt(txn, p)
+
+    def _fast_atomic(self, sess: Session, req: list) -> bool:
+        """A one-statement autocommit (``table[k] = v``) whose record is not
+        locked runs straight through, without the coroutine machinery.
+        False: the general path must take it (it validates everything again)."""
+        if len(req) != 4 or (sess.txn is not None and sess.txn.state == "open"):
+            return False
+        steps = req[3]
+        if type(steps) is not list or len(steps) != 1:
+            return False
+        st = steps[0]
+        if type(st) is not list or not st or st[0] not in m.STEP_OPS or not (req[1] is None or type(req[1]) is str):
+            return False
+        try:
+            p = self._prepare(st[0], st[1:])
+        except errors.ApplianceError as e:
+            self._send(sess, m.err(e.code, e.message, _plain(e.details)))
+            return True
+        lk = (p[1].file, p[3])
+        if self.locks.holder(lk) is not None:
+            return False
+        txn = self._begin(sess, req[1], req[2])
+        self.locks.acquire(txn, lk, None)
+        try:
+            res = self._apply_stmt(txn, p)
+        except errors.ApplianceError as e:
+            self._cancel(txn, "statement_failed")
+            self._send(sess, m.err(e.code, e.message, _plain(e.details)))
+            return True
+        txn.results = [res]
+        if not any(c.after != c.before for c in txn.changes.values()):
+            txn.state = "committed"
+            self.active.pop(txn.number, None)
+            self._release(txn)
+            self._send(sess, m.ok({"txn": txn.number, "serial": None, "version": self.att.sb.sb_version,
+                                   "results": txn.results}))
+            return True
+        txn.state = "committing"
+        sess.gen = _FAST
+        self.commit_queue.append((sess, txn))
+        return True
 
     def _commit(self, txn: Txn):
         effective = any(c.after != c.before for c in txn.changes.values())
@@ -626,7 +678,17 @@ class Controller:
                 self.counters["cancelled"] += 1
                 result = None
             self._release(txn)
-            if exc is None:
+            if sess.gen is _FAST:
+                sess.gen = None
+                if exc is None:
+                    result["results"] = txn.results
+                    self._send(sess, m.ok(result))
+                else:
+                    self._send(sess, m.err("APL_EFULL", f"commit of transaction {txn.number}: "
+                                           "appliance memory full; the transaction was cancelled",
+                                           {"txn": txn.number}))
+                self._pump(sess)
+            elif exc is None:
                 self._resume(sess, result)
             else:
                 self._resume(sess, exc=errors.MemoryFullError(

@@ -18,6 +18,7 @@ from .keys import KeyCodec
 __all__ = ["Schema", "TableSchema"]
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_MISSING = object()
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -39,7 +40,7 @@ class TableSchema:
     """One table: its fields, keys and file ids."""
 
     __slots__ = ("name", "cfg", "file", "fields", "types", "required", "defaults", "pk", "pk_codec",
-                 "alt", "max_record", "_order")
+                 "alt", "max_record", "_order", "_spec", "_alt_list")
 
     def __init__(self, name: str, cfg: TableConfig, file: int, alt_files: dict[str, int],
                  max_record: int) -> None:
@@ -56,6 +57,10 @@ class TableSchema:
         self.alt = {f: (alt_files[f], KeyCodec(self.types[f], f"{name}.{f}")) for f in cfg.alternate_keys}
         self.max_record = max_record
         self._order = {f: i for i, f in enumerate(self.fields)}
+        #: (field, type check, conversion or None, required, default, nullable) in schema order
+        self._spec = tuple((f, _CHECKS[c.type], _CONVERT.get(c.type), c.required, c.default, c.nullable)
+                           for f, c in cfg.fields.items())
+        self._alt_list = tuple((f, fid, codec.encode_raw) for f, (fid, codec) in self.alt.items())
 
     # -- keys --------------------------------------------------------------------
 
@@ -75,12 +80,7 @@ class TableSchema:
 
     def alt_entries(self, rec: dict, pk: bytes) -> list[tuple[int, bytes]]:
         """Index entries of a record: (index file id, encode(alt value) + encode(pk))."""
-        out = []
-        for f, (fid, codec) in self.alt.items():
-            v = rec.get(f)
-            if v is not None:
-                out.append((fid, codec.encode_raw(v) + pk))
-        return out
+        return [(fid, enc(rec[f]) + pk) for f, fid, enc in self._alt_list if rec.get(f) is not None]
 
     # -- validation ----------------------------------------------------------------
 
@@ -109,30 +109,46 @@ class TableSchema:
     def full(self, rec: Any, key=None) -> dict:
         """A complete, canonical record (insert / put). `key` must match the
         primary-key field when both are given."""
-        if not isinstance(rec, dict):
-            raise errors.WrongTypeError(f"{self.name}: a record must be a dict, not {type(rec).__name__}",
-                                        table=self.name)
+        if type(rec) is not dict:
+            if not isinstance(rec, dict):
+                raise errors.WrongTypeError(f"{self.name}: a record must be a dict, not {type(rec).__name__}",
+                                            table=self.name)
+            rec = dict(rec)
         if key is not None:
             if self.pk in rec and rec[self.pk] != key:
                 raise errors.WrongTypeError(
                     f"{self._where(key)}: the record's {self.pk}={rec[self.pk]!r} differs from the key",
                     table=self.name, field=self.pk)
-            rec = {**rec, self.pk: key}
-        where = self._where(rec.get(self.pk))
-        if len(rec) > len(self.fields):
-            self._unknown(rec, where)
         out = {}
-        for f in self.fields:
-            if f in rec:
-                out[f] = self._check_value(f, rec[f], where)
-            elif f in self.required:
-                self._unknown(rec, where)
-                raise errors.WrongTypeError(f"{where}: field {f!r} ({self.types[f]}) is required",
-                                            table=self.name, field=f)
+        found = 0
+        get = rec.get
+        for f, check, conv, required, default, nullable in self._spec:
+            v = get(f, _MISSING)
+            if v is _MISSING:
+                if f == self.pk and key is not None:
+                    v = key
+                elif required:
+                    where = self._where(key if key is not None else get(self.pk))
+                    self._unknown(rec, where)
+                    raise errors.WrongTypeError(f"{where}: field {f!r} ({self.types[f]}) is required",
+                                                table=self.name, field=f)
+                else:
+                    out[f] = default
+                    continue
             else:
-                out[f] = self.defaults.get(f)
-        if len(out) != len(rec) and any(f not in self._order for f in rec):
-            self._unknown(rec, where)
+                found += 1
+            if v is None:
+                if not nullable:
+                    raise errors.WrongTypeError(
+                        f"{self._where(key if key is not None else get(self.pk))}.{f}: may not be None",
+                        table=self.name, field=f)
+            elif not check(v):
+                self._check_value(f, v, self._where(key if key is not None else get(self.pk)))
+            elif conv is not None:
+                v = conv(v)
+            out[f] = v
+        if found != len(rec):
+            self._unknown(rec, self._where(key if key is not None else get(self.pk)))
         return out
 
     def merge(self, old: dict, changes: Any, key) -> dict:

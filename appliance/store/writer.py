@@ -47,6 +47,7 @@ class Writer:
         self._oldlen = ffi.new("int64_t *")
         self._info = ffi.new("struct apl_opinfo *")
         self._serial = ffi.new("uint64_t *")
+        self._failed = ffi.new("int64_t *")
         self._stats = ffi.new("struct apl_stats *")
         self.in_batch = False
 
@@ -137,6 +138,16 @@ class Writer:
     def log_block(self, number: int, *, txn: int, time_ns: int, removed: bool) -> int:
         flags = lib.APL_CEF_REMOVED if removed else 0
         check(lib.apl_log_block(self._s, number, flags, txn, time_ns, self._serial), "log block")
+        return self._serial[0]
+
+    def commit_txn(self, txn: int, time_ns: int, tlog: bytes, ops: bytearray) -> int:
+        """Apply and log a whole transaction (see apl_commit_txn); returns the
+        COMMIT entry's serial. Raises the failing step's error after undoing."""
+        failed = self._failed
+        rc = lib.apl_commit_txn(self._s, txn, time_ns, tlog, len(tlog), ffi.from_buffer(ops), len(ops),
+                                self._serial, failed)
+        if rc < 0:
+            check(rc, f"commit of transaction {txn} (step {failed[0]})", step=failed[0])
         return self._serial[0]
 
     def use_reserve(self, on: bool) -> None:
