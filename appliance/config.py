@@ -88,10 +88,10 @@ class TableConfig(_Strict):
         out = {}
         for name, spec in v.items():
             if not _IDENT.match(str(name)):
-                raise ValueError(f"field name {name!r} must be an identifier (letters, digits, _)")
+                raise ValueError(f"fields.{name}: field name {name!r} must be an identifier (letters, digits, _)")
             if isinstance(spec, str):
                 if spec not in FIELD_TYPES:
-                    raise ValueError(f"field {name}: unknown type {spec!r} (expected one of {', '.join(FIELD_TYPES)})")
+                    raise ValueError(f"fields.{name}: unknown type {spec!r} (expected one of {', '.join(FIELD_TYPES)})")
                 spec = {"type": spec}
             out[name] = spec
         return out
@@ -99,22 +99,22 @@ class TableConfig(_Strict):
     @model_validator(mode="after")
     def _keys(self):
         if self.primary_key not in self.fields:
-            raise ValueError(f"primary_key {self.primary_key!r} is not one of the fields ({', '.join(self.fields)})")
+            raise ValueError(f"primary_key: {self.primary_key!r} is not one of the fields ({', '.join(self.fields)})")
         pk = self.fields[self.primary_key]
         if pk.type not in KEY_TYPES:
-            raise ValueError(f"primary_key {self.primary_key!r} has type {pk.type}; a key must be {', '.join(KEY_TYPES)}")
+            raise ValueError(f"primary_key: {self.primary_key!r} has type {pk.type}; a key must be {', '.join(KEY_TYPES)}")
         if pk.nullable or pk.default is not None:
-            raise ValueError(f"primary_key {self.primary_key!r} cannot be nullable or have a default")
+            raise ValueError(f"primary_key: {self.primary_key!r} cannot be nullable or have a default")
         seen = set()
         for ak in self.alternate_keys:
             if ak not in self.fields:
-                raise ValueError(f"alternate key {ak!r} is not one of the fields ({', '.join(self.fields)})")
+                raise ValueError(f"alternate_keys: {ak!r} is not one of the fields ({', '.join(self.fields)})")
             if ak == self.primary_key:
-                raise ValueError(f"alternate key {ak!r} is the primary key")
+                raise ValueError(f"alternate_keys: {ak!r} is the primary key")
             if self.fields[ak].type not in KEY_TYPES:
-                raise ValueError(f"alternate key {ak!r} has type {self.fields[ak].type}; a key must be {', '.join(KEY_TYPES)}")
+                raise ValueError(f"alternate_keys: {ak!r} has type {self.fields[ak].type}; a key must be {', '.join(KEY_TYPES)}")
             if ak in seen:
-                raise ValueError(f"alternate key {ak!r} is listed twice")
+                raise ValueError(f"alternate_keys: {ak!r} is listed twice")
             seen.add(ak)
         return self
 
@@ -191,6 +191,92 @@ class ControllerConfig(_Strict):
         return v
 
 
+class SecondaryConfig(_Strict):
+    """A secondary as the primary's agent sees it."""
+
+    name: str
+    address: str
+    mode: Literal["sync", "async"] = "async"
+    # a synchronous secondary that cannot be reached: commits wait ("block"),
+    # or after `degrade_after` seconds go on without it, loudly ("degrade")
+    on_unreachable: Literal["block", "degrade"] = "block"
+    degrade_after: float = Field(5.0, gt=0, le=3600)
+    send_b_logs: bool = True
+    delta_updates: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, v):
+        parse_address(v)
+        return v
+
+
+class ReplicationConfig(_Strict):
+    role: Literal["primary", "secondary"]
+    # HMAC-SHA256 shared secret, read from this file (not world-readable)
+    secret_file: str | None = None
+    # mutual TLS (optional): this side's certificate and key, and the CA that
+    # signed the peer's certificate
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    heartbeat: float = Field(0.5, gt=0, le=60)
+    # primary
+    secondaries: tuple[SecondaryConfig, ...] = ()
+    sync_quorum: int | Literal["all"] = "all"
+    # secondary
+    listen: str | None = None
+    primary: str | None = None            # the primary's name this secondary accepts
+    serve_reads: bool = True              # uncompressed blocks that clients read; False: lz4 backup blocks
+    history_dir: str | None = None
+    history_period: float = Field(86400.0, gt=0)
+    history_memory: int = 16 << 20
+    history_disk: int = 1 << 30
+    history_a_logs: bool = False
+
+    @field_validator("history_memory", "history_disk", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @model_validator(mode="after")
+    def _role(self):
+        if self.secret_file is None and self.tls_cert is None:
+            raise ValueError("the replication link must be authenticated: set secret_file (HMAC) "
+                             "and/or tls_cert, tls_key and tls_ca (mutual TLS)")
+        if any(x is not None for x in (self.tls_cert, self.tls_key, self.tls_ca)) and \
+                not all(x is not None for x in (self.tls_cert, self.tls_key, self.tls_ca)):
+            raise ValueError("TLS needs all of tls_cert, tls_key and tls_ca")
+        if self.role == "primary":
+            if not self.secondaries:
+                raise ValueError("a primary needs at least one [[replication.secondaries]]")
+            names = [x.name for x in self.secondaries]
+            if len(set(names)) != len(names):
+                raise ValueError("secondary names must be unique")
+            nsync = sum(1 for x in self.secondaries if x.mode == "sync")
+            if isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
+                raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
+                                 f"synchronous secondaries ({nsync})")
+            if self.listen is not None:
+                raise ValueError("listen is for a secondary")
+        else:
+            if self.listen is None:
+                raise ValueError("a secondary needs listen = \"host:port\"")
+            parse_address(self.listen)
+            if self.primary is None:
+                raise ValueError("a secondary needs primary = \"<the primary appliance's name>\"")
+            if self.secondaries:
+                raise ValueError("secondaries are for a primary")
+        return self
+
+
+def parse_address(v: str) -> tuple[str, int]:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {v!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
 class AccessConfig(_Strict):
     users: tuple[str | int, ...] = ()
     groups: tuple[str | int, ...] = ()
@@ -201,6 +287,7 @@ class Config(_Strict):
     storage: StorageConfig = StorageConfig()
     controller: ControllerConfig
     access: AccessConfig = AccessConfig()
+    replication: ReplicationConfig | None = None
     tables: dict[str, TableConfig]
     path: Path = Path("<memory>")
 
@@ -234,6 +321,47 @@ class Config(_Strict):
     def socket_path(self) -> Path:
         p = Path(self.controller.socket)
         return p if p.is_absolute() else (self.path.parent / p)
+
+    def resolve(self, p: str | None) -> Path | None:
+        """A path from the config, relative to the config file's folder."""
+        if p is None:
+            return None
+        q = Path(p)
+        return q if q.is_absolute() else (self.path.parent / q)
+
+    @property
+    def role(self) -> str:
+        return self.replication.role if self.replication else "standalone"
+
+    def secret(self) -> bytes | None:
+        r = self.replication
+        if r is None or r.secret_file is None:
+            return None
+        path = self.resolve(r.secret_file)
+        try:
+            st = path.stat()
+            data = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: replication.secret_file: cannot read {path}: {exc.strerror}",
+                              file=str(self.path), key="replication.secret_file", problem=str(exc.strerror)) from None
+        if st.st_mode & 0o007:
+            raise ConfigError(f"{self.path}: replication.secret_file: {path} is readable by others; "
+                              "chmod o-rwx it", file=str(self.path), key="replication.secret_file",
+                              problem="world-readable secret")
+        if len(data) < 16:
+            raise ConfigError(f"{self.path}: replication.secret_file: the secret in {path} is shorter "
+                              "than 16 bytes", file=str(self.path), key="replication.secret_file",
+                              problem="secret too short")
+        return data
+
+    def replication_fingerprint(self) -> int:
+        """What primary and secondary must agree on: block size and tables."""
+        doc = {"block_size": self.storage.block_size,
+               "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
+                              "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
+                          for n, t in self.tables.items()}}
+        h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 1
 
     def files(self) -> list[tuple[str, str, str | None]]:
         """(file name, table, alternate-key field or None), in file-id order."""
@@ -295,6 +423,9 @@ def _gid(g, path) -> int:
                           key="access.groups", problem=f"no such group {g!r}") from None
 
 
+_SUBKEY = re.compile(r"^((?:fields|primary_key|alternate_keys)(?:\.[^:\s]+)?): (.*)$", re.S)
+
+
 def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
 
@@ -309,6 +440,15 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
         msg = first["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+            # validators name the key below the model they check: "fields.balance: ..."
+            sub = _SUBKEY.match(msg)
+            if sub:
+                head, _, rest = sub.group(1).partition(".")
+                if key.endswith("." + head) and rest:  # a field validator already sits at .fields
+                    key = f"{key}.{rest}"
+                elif not key.endswith("." + head):
+                    key = f"{key}.{sub.group(1)}" if key != "(top level)" else sub.group(1)
+                msg = sub.group(2)
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         elif first["type"] == "missing":
@@ -316,10 +456,11 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
         more = len(exc.errors()) - 1
         extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ConfigError(f"{path}: {key}: {msg}{extra}", file=str(path), key=key, problem=msg) from None
-    # resolve names now, so a bad user or group fails at start, not at first connect
+    # resolve names and files now, so a bad one fails at start, not later
     cfg.allowed_uids()
     cfg.allowed_gids()
     cfg.gid()
+    cfg.secret()
     return cfg
 
 

@@ -206,7 +206,7 @@ class BusyError(ApplianceError):
 
 
 class InternalError(ApplianceError):
-    codes = ("APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL")
+    codes = ("APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL", "APL_EFILE", "APL_EUNDO")
 
 
 def _all_classes(cls=ApplianceError):

@@ -335,10 +335,17 @@ static void blk_remove(apl_store *s, struct apl_bhdr *b, uint32_t idx)
         blk_reset(s, b);
 }
 
-/* Copy src into dst without garbage; dst keeps nothing of its own. */
+/* Copy src into dst without garbage; dst keeps nothing of its own but its
+ * bh_version and bh_prev, which are never written here: dst may be a pending
+ * head already in the location table, and readers follow those two fields. */
 static void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src)
 {
-    memcpy(dst, src, HDR_SIZE);
+    const size_t ver_at = offsetof(struct apl_bhdr, bh_version);
+    const size_t next_at = offsetof(struct apl_bhdr, bh_next);
+    _Static_assert(offsetof(struct apl_bhdr, bh_prev) + sizeof(apl_addr) == offsetof(struct apl_bhdr, bh_next),
+                   "bh_version and bh_prev are adjacent");
+    memcpy(dst, src, ver_at);
+    memcpy((uint8_t *)dst + next_at, (const uint8_t *)src + next_at, HDR_SIZE - next_at);
     blk_reset(s, dst);
     const struct apl_slot *ss = apl_slots(src);
     for (uint16_t i = 0; i < src->bh_nslots; i++) {
@@ -1060,13 +1067,9 @@ int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
         if (b == h) {
             struct apl_bhdr *nx = next_of(s, h);
             apl_addr nxa = h->bh_next;
-            uint64_t ver = h->bh_version;
-            apl_addr prev = h->bh_prev;
             uint16_t chain = h->bh_chain;
-            blk_copy(s, h, nx);
+            blk_copy(s, h, nx); /* keeps h's version and bh_prev: readers follow them */
             h->bh_magic = APL_BLK_LEAF;
-            h->bh_version = ver;
-            h->bh_prev = prev;
             h->bh_chain = (uint16_t)(chain - 1);
             free_slot(s, nxa);
         } else {
@@ -1495,6 +1498,10 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
         return APL_ECORRUPT;
     s->log_head = g ? pb->pb_log_head : 0;
     s->log_tail = g ? pb->pb_log_tail : 0;
+    /* the interrupted batch may have dropped entries past the published head
+     * (log_make_room); nothing valid lies beyond the head */
+    if (s->log_tail > s->log_head)
+        s->log_tail = s->log_head;
     s->serial = g ? pb->pb_serial : 0;
     s->epoch = sb->sb_epoch;
     r->readers_cleared = (uint64_t)apl_sweep_readers(s);

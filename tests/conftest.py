@@ -122,7 +122,9 @@ class ControllerProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self._logf.close()

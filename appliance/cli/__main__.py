@@ -112,18 +112,18 @@ def load(config_path: str, table: str, source, batch: int) -> None:
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def destroy(config_path: str, yes: bool) -> None:
     """Delete the appliance's shared-memory segments (all its data)."""
-    from ..controller import _PidLock
+    from ..controller import ControllerLock
     from ..store.segment import unlink_all
     cfg = _load(config_path)
     if not yes and sys.stdin.isatty():
         click.confirm(f"Delete every segment (all data) of appliance {cfg.name!r}?", abort=True)
     try:
-        lock = _PidLock(cfg)
+        lock = ControllerLock(cfg)
     except errors.BusyError as e:
         click.echo(f"appliance: {e}; stop it first", err=True)
         raise click.exceptions.Exit(EXIT_BUSY) from None
     try:
-        removed = unlink_all(cfg.name, cfg.storage.segments)
+        removed = [n for n in unlink_all(cfg.name, cfg.storage.segments) if not n.endswith(".lock")]
     finally:
         lock.release()
     click.echo(f"removed {len(removed)} segment(s) of {cfg.name}")

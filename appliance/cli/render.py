@@ -52,16 +52,22 @@ def status(st: dict) -> None:
             console.print(f"{extra}: {json.dumps(st[extra], default=str)}")
 
 
-def _records(source):
+def _records(source, lines: list):
+    """Records of a JSON-lines file; `lines` gets each record's line number."""
+    name = getattr(source, "name", "<input>")
     for lineno, line in enumerate(source, 1):
         line = line.strip()
         if not line:
             continue
         try:
-            yield json.loads(line)
+            rec = json.loads(line)
         except ValueError as exc:
-            name = getattr(source, "name", "<input>")
-            raise errors.WrongTypeError(f"{name}:{lineno}: not a JSON object: {exc}", line=lineno) from None
+            raise errors.WrongTypeError(f"{name}:{lineno}: not a JSON object (invalid JSON: {exc})", line=lineno) from None
+        if not isinstance(rec, dict):
+            raise errors.WrongTypeError(f"{name}:{lineno}: a record must be a JSON object, not "
+                                        f"{type(rec).__name__}", line=lineno)
+        lines.append(lineno)
+        yield rec
 
 
 def load_with_progress(db, table: str, source, batch: int) -> int:
@@ -83,4 +89,20 @@ def load_with_progress(db, table: str, source, batch: int) -> int:
             el = max(progress.get_time() - start, 1e-9)
             progress.update(task, completed=n, rate=f"{n / el:,.0f} rec/s")
 
-        return db.load(table, _records(source), batch=batch, progress=tick)
+        lines: list[int] = []
+        loaded = [0]
+
+        def tick_and_mark(n: int) -> None:
+            loaded[0] = n
+            tick(n)
+
+        try:
+            return db.load(table, _records(source, lines), batch=batch, progress=tick_and_mark)
+        except errors.ApplianceError as e:
+            i = e.details.get("index")
+            if isinstance(i, int) and 0 <= loaded[0] + i < len(lines):
+                name = getattr(source, "name", "<input>")
+                line = lines[loaded[0] + i]
+                raise type(e)(f"{name}:{line}: {e.message} ({loaded[0]} records loaded before this batch)",
+                              code=e.code, **{**e.details, "line": line}) from None
+            raise

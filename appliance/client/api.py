@@ -268,18 +268,18 @@ class Table(MutableMapping):
         if n == _EBUFSIZE:
             b.grow(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
             return self.get(key, default)
-        raise_for(n, f"{self.name}.get({key!r})")
+        raise_for(n, f"{self.name}.get({_short(key)})")
 
     def __getitem__(self, key):
         rec = self.get(key, _MISSING)
         if rec is _MISSING:
-            raise errors.NoSuchRecordError(f"{self.name}[{key!r}]: no such record", table=self.name, key=key)
+            raise errors.NoSuchRecordError(f"{self.name}[{_short(key)}]: no such record", table=self.name, key=key)
         return rec
 
     def __contains__(self, key) -> bool:
         try:
             return self.get(key, _MISSING) is not _MISSING
-        except errors.WrongTypeError:
+        except (errors.WrongTypeError, errors.KeyTooLongError):
             return False
 
     def __len__(self) -> int:
@@ -345,6 +345,12 @@ class Table(MutableMapping):
 
 
 _MISSING = object()
+
+
+def _short(v, limit: int = 60) -> str:
+    """repr() for messages, cut short: a 5 MB key must not make a 5 MB message."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 class Snapshot:
@@ -435,8 +441,10 @@ class Transaction:
     def get(self, table: str, key, *, for_update: bool = False):
         """The record as this transaction sees it (or None). With
         `for_update`, lock it until the transaction ends."""
+        if self.state not in ("new", "open"):
+            raise errors.TransactionStateError(f"{table}.get({_short(key)}): transaction is {self.state}")
         if for_update or (table, key) in self._written:
-            return self._statement([m.OP_GET_FOR_UPDATE, table, key], f"{table}.get({key!r})")
+            return self._statement([m.OP_GET_FOR_UPDATE, table, key], f"{table}.get({_short(key)})")
         return self._client.table(table).get(key)
 
     def insert(self, table: str, record: dict) -> None:
@@ -472,7 +480,12 @@ class Transaction:
             raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
         try:
             reply = s.call_many([[m.OP_COMMIT, True]])[0]
-        except errors.UnavailableError:
+        except errors.UnavailableError as e:
+            if not e.details.get("sent", True):
+                self.state = "cancelled"  # the commit never left: the controller cancelled it
+                raise errors.UnavailableError(
+                    f"commit of transaction {self.number}: the connection to the controller was lost; "
+                    "the transaction was cancelled", txn=self.number, sent=False) from None
             self.state = "unknown"
             self.result = self._resolve()
             return self.result
@@ -530,7 +543,8 @@ class Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            if self.state in ("new", "open"):
+                self.commit()   # after cancel() leaving the block does nothing
         else:
             self.cancel()
 

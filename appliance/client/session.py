@@ -41,10 +41,11 @@ class Session:
 
     # -- connection ------------------------------------------------------------
 
-    def _unavailable(self, why: str) -> errors.UnavailableError:
+    def _unavailable(self, why: str, sent: bool = False) -> errors.UnavailableError:
+        """`sent`: whether the request may have reached the controller."""
         return errors.UnavailableError(
             f"appliance {self.appliance!r} is not running or not reachable ({why}; socket {self.path})",
-            appliance=self.appliance, socket=self.path)
+            appliance=self.appliance, socket=self.path, sent=sent)
 
     def connect(self) -> dict:
         self.close()
@@ -65,7 +66,14 @@ class Session:
         self.reader = framing.FrameReader(s, max_frame=self.max_frame)
         self.pid = _pid[0]
         try:
-            hello = self._roundtrip([[m.OP_HELLO, m.PROTOCOL_VERSION, self.name]])[0]
+            try:
+                s.sendall(_encode([m.OP_HELLO, m.PROTOCOL_VERSION, self.name]))
+            except OSError:
+                pass  # a refusal may already be waiting to be read: read it below
+            try:
+                hello = self.reader.read()
+            except (EOFError, OSError, errors.ProtocolError) as exc:
+                raise self._unavailable("connection lost: " + (str(exc) or type(exc).__name__)) from None
         except BaseException:
             self.close()
             raise
@@ -90,11 +98,16 @@ class Session:
 
     def _roundtrip(self, reqs: list) -> list:
         try:
-            framing.send_frames(self.sock, reqs)
+            data = framing.encode_many(reqs)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise errors.WrongTypeError(f"a value cannot be sent: {exc}") from None
+        self._send(data)
+        try:
             return [self.reader.read() for _ in reqs]
         except (EOFError, OSError, errors.ProtocolError) as exc:
             self.close()
-            raise self._unavailable("connection lost: " + (str(exc) or type(exc).__name__)) from None
+            raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
+                                    sent=True) from None
 
     def call_many(self, reqs: list) -> list:
         """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...])."""
@@ -102,18 +115,37 @@ class Session:
             self.connect()
         return self._roundtrip(reqs)
 
+    def _send(self, data: bytes) -> None:
+        """Send on the current connection; if it went stale (the controller
+        restarted since), the bytes never reached anyone: reconnect once and
+        send again. Raises UnavailableError(sent=False) when that fails."""
+        try:
+            self.sock.sendall(data)
+            return
+        except OSError:
+            self.close()
+        self.connect()
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise self._unavailable(f"send failed: {exc.strerror or exc}", sent=False) from None
+
     def call(self, req: list, what: str):
         """One request, one reply (the common case, kept lean)."""
-        sock = self.sock
-        if sock is None or self.pid != _pid[0]:
+        if self.sock is None or self.pid != _pid[0]:
             self.connect()
-            sock = self.sock
         try:
-            sock.sendall(_encode(req))
+            data = _encode(req)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise errors.WrongTypeError(f"{what}: a value cannot be sent: {exc}") from None
+        self._send(data)
+        try:
             reply = self.reader.read()
         except (EOFError, OSError, errors.ProtocolError) as exc:
             self.close()
-            raise self._unavailable("connection lost: " + (str(exc) or type(exc).__name__)) from None
+            raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
+                                    sent=True) from None
         if type(reply) is list and len(reply) == 2 and reply[0] == 0:
             return reply[1]
         return _result(reply, what)

@@ -22,26 +22,30 @@ __all__ = ["run", "serve"]
 HOUSEKEEPING_S = 1.0
 
 
-class _PidLock:
-    """An flock()ed file beside the socket: one controller per appliance."""
+class ControllerLock:
+    """One controller per appliance: an flock on the POSIX shm object
+    /apl.<name>.lock, named after the appliance (not the socket), so two
+    configurations that name the same appliance cannot both serve it."""
 
     def __init__(self, cfg: Config) -> None:
-        self.path = cfg.socket_path.with_name(cfg.socket_path.name + ".lock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        import posix_ipc
+
+        self.name = f"/apl.{cfg.name}.lock"
+        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREAT, mode=0o600)
+        self.fd = shm.fd
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                other = os.read(self.fd, 32).decode().strip() or "?"
+                other = os.pread(self.fd, 32, 0).decode().strip("\0\n ") or "?"
             except OSError:
                 other = "?"
             os.close(self.fd)
             raise errors.BusyError(
-                f"appliance {cfg.name!r} is already served by controller pid {other} "
-                f"(lock {self.path})", appliance=cfg.name, pid=other) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+                f"appliance {cfg.name!r} is already served by controller pid {other}",
+                appliance=cfg.name, pid=other) from None
+        os.ftruncate(self.fd, 32)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode().ljust(32, b"\0"), 0)
 
     def release(self) -> None:
         os.close(self.fd)
@@ -52,7 +56,7 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
     from .storage import open_or_create
 
     t0 = time.monotonic()
-    lock = _PidLock(cfg)
+    lock = ControllerLock(cfg)
     ctl = None
     try:
         writer, facts, created = open_or_create(cfg, log)

@@ -47,6 +47,7 @@ _WAIT_LOCK = object()
 _WAIT_COMMIT = object()
 _FAST = object()  # sess.gen while a fast-path autocommit waits for its batch
 _unpackb = msgpack.unpackb
+_packb = msgpack.Packer(use_bin_type=True).pack
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 256 << 10
 
@@ -98,6 +99,8 @@ class Controller:
         self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
         self.max_frame = cfg.controller.max_frame
         self.max_key = self.schema.max_key
+        # a change-log entry may take at most a quarter of the ring (apl_log_append)
+        self.max_tlog = cfg.storage.log_size // 4 - 256
         self.listener: socket.socket | None = None
         self.ep = select.epoll()
         self.stopping = False
@@ -339,6 +342,8 @@ class Controller:
         except Exception as e:  # a bug: report it and keep serving
             sess.gen = None
             self.log.exception("request_failed")
+            if sess.txn is not None and sess.txn.state == "open":
+                self._cancel(sess.txn, "internal_error")
             self._send(sess, m.err("APL_EINVAL", f"internal error: {type(e).__name__}: {e}"))
             self._pump(sess)
             return
@@ -397,6 +402,12 @@ class Controller:
     def _begin(self, sess: Session, program, input_) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
+        if input_ is not None and not isinstance(input_, (int, float, bool, str)):
+            size = len(_packb([program, input_]))
+            if size > self.max_tlog:
+                raise errors.RecordTooLargeError(
+                    f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
+                    "fit the change log", size=size, limit=self.max_tlog)
         txn = Txn(self.writer.next_txn(), program, input_, sess)
         sess.txn = txn
         self.active[txn.number] = txn
@@ -551,7 +562,8 @@ class Controller:
         if type(steps) is not list or len(steps) != 1:
             return False
         st = steps[0]
-        if type(st) is not list or not st or st[0] not in m.STEP_OPS or not (req[1] is None or type(req[1]) is str):
+        if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS \
+                or not (req[1] is None or type(req[1]) is str):
             return False
         try:
             p = self._prepare(st[0], st[1:])
@@ -606,10 +618,10 @@ class Controller:
         results = []
         try:
             for st in steps:
-                if not isinstance(st, list) or not st or st[0] not in m.STEP_OPS:
+                if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS:
                     raise errors.ProtocolError("atomic: each step must be [op, args...] with a statement op")
                 results.append((yield from self._statement(txn, st[0], st[1:])))
-        except errors.ApplianceError:
+        except BaseException:
             self._cancel(txn, "statement_failed")
             raise
         out = yield from self._commit(txn)
@@ -660,7 +672,11 @@ class Controller:
                     serial = self.committer.apply(txn, now)
                     outcomes.append((sess, txn, serial, None))
                     last = max(last, txn.number)
-                except errors.MemoryFullError as e:
+                except (errors.MemoryFullError, errors.RecordTooLargeError, errors.KeyTooLongError) as e:
+                    outcomes.append((sess, txn, None, e))
+                except errors.InternalError as e:
+                    if e.code != "APL_ELOGFULL":
+                        raise  # APL_EUNDO and the like: do not publish (below)
                     outcomes.append((sess, txn, None, e))
             version = w.publish(now, last)
         except BaseException:
@@ -678,22 +694,22 @@ class Controller:
                 self.counters["cancelled"] += 1
                 result = None
             self._release(txn)
+            if exc is not None:
+                exc = errors.error_for(exc.code, f"commit of transaction {txn.number}: "
+                                       f"{exc.message.split(': ', 1)[-1]}; the transaction was cancelled",
+                                       txn=txn.number)
             if sess.gen is _FAST:
                 sess.gen = None
                 if exc is None:
                     result["results"] = txn.results
                     self._send(sess, m.ok(result))
                 else:
-                    self._send(sess, m.err("APL_EFULL", f"commit of transaction {txn.number}: "
-                                           "appliance memory full; the transaction was cancelled",
-                                           {"txn": txn.number}))
+                    self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
                 self._pump(sess)
             elif exc is None:
                 self._resume(sess, result)
             else:
-                self._resume(sess, exc=errors.MemoryFullError(
-                    f"commit of transaction {txn.number}: {exc.message.split(': ', 1)[-1]}; "
-                    "the transaction was cancelled", txn=txn.number))
+                self._resume(sess, exc=exc)
         w.reclaim()
 
     # ------------------------------------------------------------------ housekeeping

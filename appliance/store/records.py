@@ -36,6 +36,19 @@ _CHECKS = {
 _CONVERT = {"bytes": bytes, "float": float}
 
 
+def _stored_default(c):
+    """A field's default as it is stored: a float field's 0 is 0.0, a bytes
+    field's "ab" is b"ab"."""
+    d = c.default
+    if d is None:
+        return None
+    if c.type == "float":
+        return float(d)
+    if c.type == "bytes" and isinstance(d, str):
+        return d.encode("utf-8")
+    return d
+
+
 class TableSchema:
     """One table: its fields, keys and file ids."""
 
@@ -50,7 +63,7 @@ class TableSchema:
         self.fields = tuple(cfg.fields)
         self.types = {f: c.type for f, c in cfg.fields.items()}
         self.required = frozenset(f for f, c in cfg.fields.items() if c.required)
-        self.defaults = {f: c.default for f, c in cfg.fields.items() if not c.required}
+        self.defaults = {f: _stored_default(c) for f, c in cfg.fields.items() if not c.required}
         self.pk = cfg.primary_key
         self.pk_codec = KeyCodec(self.types[self.pk], f"{name}.{self.pk}")
         #: alternate key field -> (index file id, codec)
@@ -58,7 +71,7 @@ class TableSchema:
         self.max_record = max_record
         self._order = {f: i for i, f in enumerate(self.fields)}
         #: (field, type check, conversion or None, required, default, nullable) in schema order
-        self._spec = tuple((f, _CHECKS[c.type], _CONVERT.get(c.type), c.required, c.default, c.nullable)
+        self._spec = tuple((f, _CHECKS[c.type], _CONVERT.get(c.type), c.required, _stored_default(c), c.nullable)
                            for f, c in cfg.fields.items())
         self._alt_list = tuple((f, fid, codec.encode_raw) for f, (fid, codec) in self.alt.items())
 
@@ -85,7 +98,8 @@ class TableSchema:
     # -- validation ----------------------------------------------------------------
 
     def _where(self, key) -> str:
-        return f"{self.name}[{key!r}]"
+        r = repr(key)
+        return f"{self.name}[{r if len(r) <= 60 else r[:60] + '...'}]"
 
     def _check_value(self, field: str, v: Any, where: str):
         if v is None:
@@ -94,7 +108,13 @@ class TableSchema:
             raise errors.WrongTypeError(f"{where}.{field}: may not be None", table=self.name, field=field)
         t = self.types[field]
         if not _CHECKS[t](v):
-            extra = " (outside the signed 64-bit range)" if t == "int" and type(v) is int else ""
+            if t == "int" and type(v) is int:
+                extra = " (outside the signed 64-bit range)"
+            elif type(v) is float and math.isnan(v):
+                raise errors.WrongTypeError(f"{where}.{field}: NaN is not a storable float", table=self.name,
+                                            field=field, expected=t)
+            else:
+                extra = ""
             raise errors.WrongTypeError(f"{where}.{field}: expected {t}, got {type(v).__name__}{extra}",
                                         table=self.name, field=field, expected=t)
         conv = _CONVERT.get(t)

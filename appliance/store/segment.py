@@ -124,6 +124,7 @@ def unlink_all(appliance_name: str, nsegments: int | None = None) -> list[str]:
             break
         candidates.append(dev)
         i += 1
+    candidates.append(f"/apl.{appliance_name}.lock")  # the controller lock (appliance.controller)
     removed = []
     for n in candidates:
         try:

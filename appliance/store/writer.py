@@ -62,7 +62,8 @@ class Writer:
         try:
             meta = Segment.create(names.meta, geo.meta_size, mode, gid)
             made.append(meta)
-            readers = Segment.create(names.readers, geo.readers_size, mode | 0o060 if gid is not None else mode, gid)
+            # readers record their pins here: whoever may read (the group) must be able to write
+            readers = Segment.create(names.readers, geo.readers_size, mode | (0o020 if mode & 0o040 else 0), gid)
             made.append(readers)
             devs = []
             for i in range(geo.nsegments):
@@ -81,13 +82,22 @@ class Writer:
                 s.close()
             unlink_all(name, geo.nsegments)
             raise
-        w = cls(att, reserve_slots)
-        w.recover()
-        w.begin()
-        for i, f in enumerate(files):
-            check(lib.apl_store_create_file(w._s, i, f.name.encode(), f.kind, f.table),
-                  f"create file {f.name}")
-        w.publish(time.time_ns(), 0)
+        w = None
+        try:  # a store that failed to get its files is not left behind either
+            w = cls(att, reserve_slots)
+            w.recover()
+            w.begin()
+            for i, f in enumerate(files):
+                check(lib.apl_store_create_file(w._s, i, f.name.encode(), f.kind, f.table),
+                      f"create file {f.name}")
+            w.publish(time.time_ns(), 0)
+        except BaseException:
+            if w is not None:
+                w.close()  # closes att too
+            else:
+                att.close()
+            unlink_all(name, geo.nsegments)
+            raise
         return w
 
     def recover(self) -> dict:

@@ -1,0 +1,185 @@
+"""Rows, ratios against the peers, the printed tables and the JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+APPLIANCE = "appliance"
+
+# Which peers' rows an appliance row is compared with: benchmark ids.
+COMPARE_WITH = {
+    "get": ("get", "snapshot-get"),       # get vs both lmdb variants (and Redis)
+    "tx-write": ("tx-write", "write"),    # explicit transaction vs the peers' one-record writes
+}
+
+# Goals and floors of the issue: (benchmark, appliance label, peer label, processes or None, goal, floor).
+GOALS = [
+    ("get", "appliance", "lmdb (txn per get)", None, 1.5, 1.0),
+    ("get", "appliance", "lmdb (one long txn)", None, 1.5, 1.0),
+    ("write", "appliance", "redis", 8, 1.5, 1.0),
+]
+ORDER_GOAL = 1.5   # mean get latency after a random-order load ÷ after a key-order load
+
+
+def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str) -> dict:
+    return {
+        "kind": "measurement", "bench": bench_id, "name": name, "system": system,
+        "processes": processes, "ops_per_s": round(m.ops_per_s, 1),
+        "p50_us": round(m.p50_us, 3), "p99_us": round(m.p99_us, 3),
+        "ops": m.ops, "seconds": round(m.seconds, 3), "samples": m.samples, "latency": latency,
+    }
+
+
+def _goal(bench, system, peer, processes):
+    for b, s, p, procs, goal, floor in GOALS:
+        if (b, s, p) == (bench, system, peer) and procs in (None, processes):
+            return goal, floor
+    return None, None
+
+
+def _ratio_row(bench, name, system, processes, ratio, goal, floor, higher_is_better=True, **extra) -> dict:
+    def met(limit):
+        if limit is None:
+            return None
+        return ratio >= limit if higher_is_better else ratio <= limit
+    return {"kind": "ratio", "bench": bench, "name": name, "system": system, "processes": processes,
+            "ratio": round(ratio, 3), "goal": goal, "floor": floor,
+            "met_goal": met(goal), "met_floor": met(floor),
+            "better": "higher" if higher_is_better else "lower", **extra}
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
+    meas = [r for r in rows if r["kind"] == "measurement"]
+    out = []
+    for a in meas:
+        if not a["system"].startswith(APPLIANCE) or a["bench"].startswith("order-"):
+            continue
+        benches = COMPARE_WITH.get(a["bench"], (a["bench"],))
+        for peer in meas:
+            if (peer["bench"] in benches and not peer["system"].startswith(APPLIANCE)
+                    and peer["processes"] == a["processes"] and peer["ops_per_s"]):
+                goal, floor = _goal(a["bench"], a["system"], peer["system"], a["processes"])
+                out.append(_ratio_row(a["bench"], a["name"], f"{a['system']}/{peer['system']}",
+                                      a["processes"], a["ops_per_s"] / peer["ops_per_s"], goal, floor))
+    by_bench = {r["bench"]: r for r in meas if r["system"] == APPLIANCE}
+    rnd, key = by_bench.get("order-random"), by_bench.get("order-key")
+    if rnd and key and rnd["ops_per_s"]:
+        out.append(_ratio_row(
+            "order", "get latency after random-order ÷ key-order load",
+            "appliance (random order)/appliance (key order)", 1,
+            key["ops_per_s"] / rnd["ops_per_s"], ORDER_GOAL, None, higher_is_better=False,
+            p50_ratio=round(rnd["p50_us"] / key["p50_us"], 3) if key["p50_us"] else None))
+    return out
+
+
+# ----------------------------------------------------------------- meta ----
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def meta_row(args, info: dict, notes: list[str], unavailable: dict, timer_ns: float) -> dict:
+    import msgpack
+    return {
+        "kind": "meta", "name": "machine", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "msgpack": ".".join(map(str, msgpack.version)), **info,
+        "records": args.records, "quick": args.quick, "duration_s": args.duration,
+        "warmup_s": args.warmup, "perf_counter_ns_overhead_ns": round(timer_ns, 1),
+        "notes": notes, "not_available": unavailable,
+    }
+
+
+# --------------------------------------------------------------- output ----
+
+class Printer:
+    """Progress lines and the final tables, with rich when it is installed."""
+
+    def __init__(self) -> None:
+        try:   # imported here, not at the top: spawned workers re-import run.py's modules
+            from rich.console import Console
+        except ImportError:  # plain text without rich
+            Console = None
+        self.console = Console() if Console else None
+        if self.console and not self.console.is_terminal:   # a log file: no wrapping at 80
+            self.console = Console(width=150)
+
+    def say(self, text: str, style: str = "") -> None:
+        if self.console:
+            self.console.print(text, style=style or None, highlight=False, markup=False)
+        else:
+            print(text, flush=True)
+
+    def _table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        if self.console:
+            from rich.table import Table
+            t = Table(title=title, title_justify="left")
+            for i, c in enumerate(columns):
+                t.add_column(c, justify="left" if i < 2 else "right")
+            for r in rows:
+                t.add_row(*r)
+            self.console.print(t)
+            return
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+        print(f"\n{title}")
+        for line in [columns, ["-" * w for w in widths], *rows]:
+            print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+
+    def results(self, rows: list[dict]) -> None:
+        meas = [r for r in rows if r["kind"] == "measurement"]
+        if not meas:
+            self.say("no measurements")
+            return
+        self._table("Results", ["benchmark", "system", "processes", "ops/s", "p50 µs", "p99 µs"], [
+            [r["name"], r["system"], str(r["processes"]), f"{r['ops_per_s']:,.0f}",
+             f"{r['p50_us']:,.2f}", f"{r['p99_us']:,.2f}"] for r in meas])
+        ratios = [r for r in rows if r["kind"] == "ratio"]
+        if ratios:
+            self._table("Appliance vs peers (ops/s ratio unless noted)",
+                        ["benchmark", "comparison", "processes", "ratio", "goal", "floor", "verdict"],
+                        [[r["name"], r["system"], str(r["processes"]), f"{r['ratio']:.2f}",
+                          _limit(r, "goal"), _limit(r, "floor"), _verdict(r)] for r in ratios])
+
+    def meta(self, meta: dict) -> None:
+        self.say(f"machine: {meta['cpu']}, {meta['cores']} cores ({meta['usable_cores']} usable), "
+                 f"Python {meta['python']}; perf_counter_ns costs ~{meta['perf_counter_ns_overhead_ns']} ns; "
+                 f"load average (1 min) at start/end: {meta.get('loadavg_1min_start_end')}")
+        for note in meta["notes"]:
+            self.say(f"  - {note}")
+        for system, reason in meta["not_available"].items():
+            self.say(f"{system}: not available: {reason}", style="yellow")
+
+
+def _limit(r: dict, key: str) -> str:
+    v = r[key]
+    if v is None:
+        return "-"
+    return f"{'>=' if r['better'] == 'higher' else '<='} {v:g}"
+
+
+def _verdict(r: dict) -> str:
+    if r["met_goal"] is None:
+        return "-"
+    if r["met_goal"]:
+        return "goal met"
+    if r["met_floor"] is None:
+        return "goal missed"
+    return "floor met, goal missed" if r["met_floor"] else "BELOW FLOOR"
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Benchmark the appliance against py-lmdb and Redis on the same data, in one run.
+
+    python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
+
+NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
+snapshot-get, find, range, write, tx-write, order); see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+if str(HERE.parent) not in sys.path:       # the appliance package, if not installed
+    sys.path.append(str(HERE.parent))
+
+from data import Dataset                                          # noqa: E402
+from harness import Timing, measure_load, run_workers, verify    # noqa: E402
+from report import Printer, measurement_row, meta_row, ratio_rows, write_json  # noqa: E402
+from systems import Unavailable                                   # noqa: E402
+
+READ_LATENCY = "1 in 10 ops timed individually"
+EVERY_LATENCY = "every op timed"
+LOAD_LATENCY = "per record: each 10,000-record batch timed, ÷ 10,000"
+
+
+@dataclass(frozen=True)
+class Bench:
+    id: str
+    title: str
+    kind: str                 # argument kind, see data.make_args
+    procs: tuple[int, ...]
+    step: int                 # time 1 op in `step`
+
+    @property
+    def latency(self) -> str:
+        return READ_LATENCY if self.step > 1 else EVERY_LATENCY
+
+    @property
+    def seed(self) -> int:    # same arguments for every system
+        return zlib.crc32(self.id.encode()) % 100_000
+
+
+def benches(range_len: int) -> list[Bench]:
+    # Reads before writes: the answers are checked against the loaded data.
+    return [
+        Bench("get", "get by primary key", "key", (1, 2), 10),
+        Bench("snapshot-get", "get in a snapshot / one read txn", "key", (1, 2), 10),
+        Bench("find", "find by alternate key (~10 records)", "branch", (1,), 10),
+        Bench("range", f"range of {range_len:,} records", "range", (1,), 1),
+        Bench("write", "one-record write transaction", "record", (1, 8), 1),
+        Bench("tx-write", "explicit transaction (1 update)", "record", (1, 8), 1),
+    ]
+
+
+GET = Bench("get", "get by primary key", "key", (1,), 10)
+BENCH_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "order"]
+
+
+def system_classes() -> dict:
+    from appliance_system import ApplianceSystem
+    from peers import LmdbSystem, RedisSystem
+    return {"lmdb": LmdbSystem, "redis": RedisSystem, "appliance": ApplianceSystem}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="200,000 records, 1 s per measurement")
+    p.add_argument("--json", metavar="PATH", help="write the rows (meta, measurements, ratios) as JSON")
+    p.add_argument("--only", metavar="NAME,...", default="",
+                   help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS]))
+    p.add_argument("--records", type=int, help="number of records (default 1,000,000; --quick 200,000)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 3; --quick 1)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
+    args = p.parse_args(argv)
+    args.records = args.records or (200_000 if args.quick else 1_000_000)
+    args.duration = args.duration or (1.0 if args.quick else 3.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
+    if args.records < 1000:
+        p.error("--records must be at least 1000")
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in {"lmdb", "redis", "appliance", *BENCH_IDS}]
+    if unknown:
+        p.error(f"unknown --only name(s): {', '.join(unknown)}")
+    args.systems = [s for s in ("lmdb", "redis", "appliance") if not names or s in names
+                    or not any(n in ("lmdb", "redis", "appliance") for n in names)]
+    chosen = [n for n in names if n in BENCH_IDS]
+    args.benches = set(chosen or BENCH_IDS)
+    return args
+
+
+def timer_overhead_ns(n: int = 200_000) -> float:
+    ns = time.perf_counter_ns
+    t0 = ns()
+    for _ in range(n):
+        ns()
+    return (ns() - t0) / n
+
+
+class Run:
+    def __init__(self, args, printer: Printer) -> None:
+        self.args, self.out = args, printer
+        self.timing = Timing(args.duration, args.warmup)
+        self.rows: list[dict] = []
+        cores = os.cpu_count()
+        self.notes: list[str] = [
+            f"this machine has {cores} cores: rows with more processes than cores time-share them "
+            "(the 8-process write rows measure contention, not parallelism); servers (redis-server, "
+            "the appliance controller) share the same cores",
+            "each worker process (multiprocessing spawn) opens its own connection/environment, "
+            f"warms up {args.warmup:g} s, then all run concurrently for {args.duration:g} s between barriers",
+            "latency: get/find time 1 op in 10 individually (the other 9 run untimed); ranges and "
+            "writes time every op; bulk load = each 10,000-record batch timed ÷ 10,000",
+            "every system stores msgpack-encoded records and every read returns decoded dicts; the "
+            "answers of each read op are checked against the generated data before it is timed",
+        ]
+        self.info: dict = {}
+        self.unavailable: dict[str, str] = {}
+        self.failures: list[str] = []
+        t0 = time.monotonic()
+        self.data = Dataset(args.records)
+        self.params = self.data.params()
+        printer.say(f"{args.records:,} records generated in {time.monotonic() - t0:.1f} s "
+                    f"({self.data.nbranches:,} branches)")
+
+    def add(self, bench_id, title, system, procs, m, latency) -> None:
+        self.rows.append(measurement_row(bench_id, title, system, procs, m, latency))
+        self.out.say(f"  {title:<40} {system:<22} x{procs}  {m.ops_per_s:>12,.0f} ops/s"
+                     f"  p50 {m.p50_us:>9,.2f} µs  p99 {m.p99_us:>9,.2f} µs")
+
+    def fail(self, what: str, err: BaseException | str) -> None:
+        text = f"{what}: {err}"
+        self.failures.append(text)
+        self.out.say(text, style="red")
+
+    def start(self, cls):
+        """A started system, or None (reported) when it cannot run here."""
+        system = cls(self.data)
+        try:
+            system.start()
+            return system
+        except Unavailable as e:
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - any start failure skips the system
+            reason = f"failed to start: {type(e).__name__}: {e}"
+        self.stop(system)
+        self.unavailable[cls.name] = reason
+        self.out.say(f"{cls.name}: not available: {reason}", style="yellow")
+        return None
+
+    def stop(self, system) -> None:
+        try:
+            system.stop()
+        except Exception as e:  # noqa: BLE001 - reported; the other systems still run
+            self.fail(f"{system.name}: stop failed", f"{type(e).__name__}: {e}")
+
+    def load(self, system, order: str, bench_id: str, title: str) -> bool:
+        try:
+            m = measure_load(system, self.data, order)
+        except Exception as e:  # noqa: BLE001
+            self.fail(f"{system.name}: bulk load failed", f"{type(e).__name__}: {e}")
+            return False
+        self.add(bench_id, title, system.name, 1, m, LOAD_LATENCY)
+        return True
+
+    def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None):
+        try:
+            m = run_workers(system.client_spec(), op, bench.kind, self.params, procs, bench.step,
+                            self.timing, bench.seed)
+        except Exception as e:  # noqa: BLE001 - one failed row does not stop the run
+            self.fail(f"{label}: {bench.title} x{procs} failed", e)
+            return
+        self.add(bench_id or bench.id, title or bench.title, label, procs, m, bench.latency)
+
+    def system(self, cls) -> None:
+        self.out.say(f"[{cls.name}]", style="bold")
+        system = self.start(cls)
+        if system is None:
+            return
+        try:
+            self.notes += system.notes
+            self.info.update(system.info)
+            if not self.load(system, "random", "load", f"bulk load {self.data.n:,} (random order)"):
+                return
+            todo = [(b, label, op) for b in benches(self.data.range_len) if b.id in self.args.benches
+                    for label, op in system.variants(b.id)]
+            reads = [(op, b.kind) for b, _, op in todo if b.kind in ("key", "branch", "range")]
+            wrong = verify(system.client_spec(), reads, self.data.probe()) if reads else {}
+            for op, problem in wrong.items():
+                self.fail(f"{cls.name}: wrong answer, {op} skipped", problem)
+            for b, label, op in todo:
+                if op not in wrong:
+                    for procs in b.procs:
+                        self.measure(system, b, label, op, procs)
+        finally:
+            self.stop(system)
+
+    def order_test(self, cls) -> None:
+        """Random get on two fresh systems, loaded in random and in key order."""
+        self.out.say(f"[{cls.name}: random-order vs key-order load]", style="bold")
+        for order, bench_id in (("random", "order-random"), ("key", "order-key")):
+            system = self.start(cls)
+            if system is None:
+                return
+            try:
+                if self.load(system, order, f"load-{order}", f"bulk load {self.data.n:,} ({order} order, fresh)"):
+                    self.measure(system, GET, cls.name, "get", 1, bench_id, f"get after {order}-order load")
+            finally:
+                self.stop(system)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every finally block stops its servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    out = Printer()
+    started = time.monotonic()
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5:
+        out.say(f"warning: load average {load_start:.2f} before the run: other processes use the CPU, "
+                "figures will be noisy", style="yellow")
+    run = Run(args, out)
+    classes = system_classes()
+    for name in args.systems:
+        if args.benches - {"order"}:
+            run.system(classes[name])
+    if "order" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
+        run.order_test(classes["appliance"])
+
+    meta = meta_row(args, run.info, run.notes, run.unavailable, timer_overhead_ns())
+    meta["failures"] = run.failures
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["loadavg_1min_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    rows = [meta, *run.rows, *ratio_rows(run.rows)]
+    out.say("")
+    out.results(rows)
+    out.meta(meta)
+    out.say(f"total {meta['elapsed_s']} s")
+    if args.json:
+        write_json(args.json, rows)
+        out.say(f"rows written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
