@@ -42,6 +42,7 @@ __all__ = [
     "CorruptionError",
     "StaleEpochError",
     "BusyError",
+    "ReadOnlyError",
     "InternalError",
     "error_for",
 ]
@@ -197,6 +198,12 @@ class StaleEpochError(ApplianceError):
     """A message from an epoch older than one already seen (a deposed primary)."""
 
     codes = ("APL_ESTALE",)
+
+
+class ReadOnlyError(ApplianceError):
+    """A write sent to a secondary appliance (it only takes its primary's changes)."""
+
+    codes = ("APL_EREADONLY",)
 
 
 class BusyError(ApplianceError):

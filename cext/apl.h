@@ -225,6 +225,27 @@ uint64_t apl_next_txn(apl_store *s);
  * PAD space). Returns its length, 0 when *pos is at the published head, or
  * APL_ELOGFULL when the entry at *pos was overwritten (position < tail). */
 int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap);
+#define APL_EXPORT_DELTA 1u
+#define APL_EXPORT_NO_B  2u
+int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
+                       uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count);
+int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos);
+
+/* ---- a secondary applying a primary's stream (apl_store.c) ---- */
+/* Apply entries (as exported by apl_log_export) after `after_serial`, only
+ * whole transactions: *consumed = bytes up to the end of the last COMMIT or
+ * CANCEL; *last_serial / *last_commit = its serial. `copied`, when not NULL,
+ * is a bitmap of block numbers already copied (first copy in progress):
+ * changes to other blocks are dropped, the copy will carry them ([0130]). */
+int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t after_serial,
+                      const uint8_t *copied, uint64_t nbits, uint64_t *consumed,
+                      uint64_t *last_serial, uint64_t *last_commit);
+/* Replace block `number` with an image (apl_block_image format); img NULL or
+ * len 0 removes the number. */
+int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
+/* Record in the batch being built which primary serial it brings us to. */
+void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
+
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
 

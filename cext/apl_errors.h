@@ -43,7 +43,8 @@
     _(APL_ECONFIG,         -31112, "bad configuration") \
     _(APL_ESTALE,          -31113, "stale epoch: the sender is no longer the primary") \
     _(APL_EBUSY,           -31114, "resource busy") \
-    _(APL_EUNKNOWN,        -31115, "commit outcome unknown: the controller stopped before answering")
+    _(APL_EUNKNOWN,        -31115, "commit outcome unknown: the controller stopped before answering") \
+    _(APL_EREADONLY,       -31116, "this appliance is a secondary: read-only")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

@@ -136,6 +136,9 @@ enum apl_entry_kind {
 /* ce_flags */
 #define APL_CEF_STRUCT       0x0001u  /* a record change followed by BLOCK images */
 #define APL_CEF_REMOVED      0x0002u  /* BLOCK: the block number was removed */
+#define APL_CEF_DELTA        0x0004u  /* UPDATE on the wire: A holds only the changed part:
+                                          u32 offset, u32 replaced length, new bytes ([0116]) */
+#define APL_CEF_NO_B         0x0008u  /* on the wire: the B image was not sent */
 
 /* ------------------------------------------------------------------ */
 /* Superblock: offset 0 of the meta segment.                           */
@@ -149,7 +152,8 @@ struct apl_pub {
     uint64_t pb_serial;    /** serial of the last entry published */
     uint64_t pb_txn;       /** last transaction number committed */
     uint64_t pb_time_ns;   /** wall-clock time of the commit */
-    uint64_t pb_pad[2];
+    uint64_t pb_source_serial;   /** secondary: the primary's serial applied as of this version */
+    uint64_t pb_source_instance; /** secondary: the primary (sb_instance) that serial belongs to */
 };
 
 struct apl_super {

@@ -894,3 +894,148 @@ int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
         return len;
     }
 }
+
+/*
+ * Copy whole entries from log position *pos (up to the published head) into
+ * `out` for the replication stream, advancing *pos. With APL_EXPORT_DELTA an
+ * UPDATE's A image becomes only its changed part when that is smaller
+ * (u32 offset, u32 replaced length, new bytes; flag APL_CEF_DELTA, [0116]);
+ * with APL_EXPORT_NO_B the B image is left out (flag APL_CEF_NO_B).
+ * Entries with a serial above max_serial (unless 0) are left for later.
+ * Returns bytes written (0: nothing new), APL_ELOGFULL when *pos was
+ * overwritten, APL_EBUFSIZE when not even the first entry fits.
+ */
+int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
+                       uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count)
+{
+    uint64_t head, tail, ver, serial;
+    int rc = apl_log_bounds(v, &head, &tail, &ver, &serial);
+    if (rc)
+        return rc;
+    uint64_t size = v->v_log_size, used = 0, n = 0, p = *pos;
+    uint64_t start = p;
+    *first_serial = *last_serial = 0;
+    if (p < tail)
+        return APL_ELOGFULL;
+    while (p < head) {
+        uint64_t off = p % size;
+        if (size - off < sizeof(struct apl_centry)) {
+            p += size - off;
+            continue;
+        }
+        const struct apl_centry *e = (const struct apl_centry *)(v->v_log + off);
+        uint32_t len = e->ce_len;
+        if (len < sizeof(*e) || (len & 7) || len > size - off ||
+            sizeof(*e) + (uint64_t)e->ce_klen + e->ce_alen + e->ce_blen > len)
+            return APL_ECORRUPT;
+        if (e->ce_kind == APL_CE_PAD) {
+            p += len;
+            continue;
+        }
+        if (max_serial && e->ce_serial > max_serial)
+            break;
+        const uint8_t *key = (const uint8_t *)(e + 1);
+        const uint8_t *a = key + e->ce_klen, *b = a + e->ce_alen;
+        uint32_t alen = e->ce_alen, blen = e->ce_blen, flags = e->ce_flags;
+        uint32_t doff = 0, drep = 0, dnew = 0;
+        int delta = 0;
+        if ((opts & APL_EXPORT_DELTA) && e->ce_kind == APL_CE_UPDATE && alen && blen) {
+            uint32_t m = alen < blen ? alen : blen, pre = 0, suf = 0;
+            while (pre < m && a[pre] == b[pre])
+                pre++;
+            while (suf < m - pre && a[alen - 1 - suf] == b[blen - 1 - suf])
+                suf++;
+            doff = pre;
+            drep = blen - pre - suf;
+            dnew = alen - pre - suf;
+            if (8 + dnew < alen)
+                delta = 1;
+        }
+        uint32_t out_alen = delta ? 8 + dnew : alen;
+        uint32_t out_blen = (opts & APL_EXPORT_NO_B) ? 0 : blen;
+        uint64_t elen = APL_ALIGN(sizeof(*e) + (uint64_t)e->ce_klen + out_alen + out_blen, 8);
+        if (used + elen > cap) {
+            if (n == 0) {
+                if (cap >= 8)
+                    memcpy(out, &elen, 8);
+                return APL_EBUFSIZE;
+            }
+            break;
+        }
+        struct apl_centry *o = (struct apl_centry *)(out + used);
+        memcpy(o, e, sizeof(*e));
+        uint8_t *q = (uint8_t *)(o + 1);
+        memcpy(q, key, e->ce_klen);
+        q += e->ce_klen;
+        if (delta) {
+            memcpy(q, &doff, 4);
+            memcpy(q + 4, &drep, 4);
+            memcpy(q + 8, a + doff, dnew);
+            flags |= APL_CEF_DELTA;
+        } else {
+            memcpy(q, a, alen);
+        }
+        q += out_alen;
+        if (out_blen)
+            memcpy(q, b, out_blen);
+        else if (blen)
+            flags |= APL_CEF_NO_B;
+        q += out_blen;
+        memset(q, 0, (out + used + elen) - q);
+        o->ce_len = (uint32_t)elen;
+        o->ce_alen = out_alen;
+        o->ce_blen = out_blen;
+        o->ce_flags = (uint16_t)flags;
+        if (!n)
+            *first_serial = e->ce_serial;
+        *last_serial = e->ce_serial;
+        n++;
+        used += elen;
+        p += len;
+    }
+    /* valid only if the writer did not overwrite what we copied */
+    FENCE();
+    if ((rc = apl_log_bounds(v, &head, &tail, &ver, &serial)))
+        return rc;
+    if (start < tail)
+        return APL_ELOGFULL;
+    *pos = p;
+    *count = n;
+    return (int64_t)used;
+}
+
+/* Position of the entry with this serial; APL_NOTFOUND when it is past the
+ * head, APL_ELOGFULL when it is no longer retained. */
+int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
+{
+    uint64_t head, tail, ver, last;
+    int rc = apl_log_bounds(v, &head, &tail, &ver, &last);
+    if (rc)
+        return rc;
+    if (serial > last)
+        return APL_NOTFOUND;
+    uint64_t size = v->v_log_size, p = tail;
+    while (p < head) {
+        uint64_t off = p % size;
+        if (size - off < sizeof(struct apl_centry)) {
+            p += size - off;
+            continue;
+        }
+        const struct apl_centry *e = (const struct apl_centry *)(v->v_log + off);
+        if (e->ce_len < sizeof(*e) || (e->ce_len & 7) || e->ce_len > size - off)
+            return APL_ECORRUPT;
+        if (e->ce_kind != APL_CE_PAD) {
+            if (e->ce_serial == serial) {
+                *pos = p;
+                FENCE();
+                if ((rc = apl_log_bounds(v, &head, &tail, &ver, &last)))
+                    return rc;
+                return p < tail ? APL_ELOGFULL : APL_OK;
+            }
+            if (e->ce_serial > serial)
+                return APL_ELOGFULL;
+        }
+        p += e->ce_len;
+    }
+    return APL_ELOGFULL;
+}

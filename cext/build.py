@@ -40,7 +40,7 @@ enum apl_error {
     APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
-    APL_EBUSY, APL_EUNKNOWN, ...
+    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, ...
 };
 const char *apl_strerror(int code);
 const char *apl_errname(int code);
@@ -48,7 +48,8 @@ uint32_t apl_format_number(void);
 
 struct apl_pub {
     uint64_t pb_version; uint64_t pb_log_head; uint64_t pb_log_tail;
-    uint64_t pb_serial; uint64_t pb_txn; uint64_t pb_time_ns; ...;
+    uint64_t pb_serial; uint64_t pb_txn; uint64_t pb_time_ns;
+    uint64_t pb_source_serial; uint64_t pb_source_instance; ...;
 };
 struct apl_super {
     uint32_t sb_magic; uint32_t sb_format; uint64_t sb_instance; uint64_t sb_created_ns;
@@ -175,6 +176,18 @@ int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
 uint64_t apl_next_txn(apl_store *s);
 int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap);
+#define APL_EXPORT_DELTA ...
+#define APL_EXPORT_NO_B ...
+#define APL_CEF_DELTA ...
+#define APL_CEF_NO_B ...
+int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
+                       uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count);
+int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos);
+int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t after_serial,
+                      const uint8_t *copied, uint64_t nbits, uint64_t *consumed,
+                      uint64_t *last_serial, uint64_t *last_commit);
+int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
+void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
 """
 

@@ -57,6 +57,47 @@ def controller(config_path: str) -> None:
 
 @main.command()
 @CONFIG
+def agent(config_path: str) -> None:
+    """Run the replication agent in the foreground (systemd runs it)."""
+    from ..replication import run
+    sys.exit(run(config_path))
+
+
+@main.command()
+@CONFIG
+@click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for the comparison")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def verify(config_path: str, timeout: float, as_json: bool) -> None:
+    """Compare every secondary with the primary block by block; exit 0 when identical."""
+    from ..client.session import Session
+    from ..wire import messages as m
+    cfg = _load(config_path)
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-verify", timeout=timeout + 10)
+    try:
+        s.connect()
+        res = s.call([m.OP_VERIFY, timeout], "verify")
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    finally:
+        s.close()
+    ok = bool(res) and all(r.get("ok") for r in res.values())
+    if as_json:
+        click.echo(json.dumps({"identical": ok, "secondaries": res}))
+    else:
+        for name, r in sorted(res.items()):
+            if r.get("ok"):
+                click.echo(f"{name}: identical ({r['checked']} blocks at serial {r.get('serial')})")
+            elif "differ" in r:
+                shown = ", ".join(map(str, r["differ"][:50]))
+                more = f" and {len(r['differ']) - 50} more" if len(r["differ"]) > 50 else ""
+                click.echo(f"{name}: {len(r['differ'])} block(s) differ: {shown}{more}")
+            else:
+                click.echo(f"{name}: not compared: {r.get('error') or r.get('state')}")
+    raise click.exceptions.Exit(0 if ok else EXIT_REFUSED)
+
+
+@main.command()
+@CONFIG
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Segments, blocks, tables, transactions; exits 3 when not running."""

@@ -39,6 +39,7 @@ from ..store.records import Schema
 from ..wire import framing
 from ..wire import messages as m
 from .locks import DEADLOCK, GRANTED, LockManager
+from .sync import SyncTracker, Waiter
 from .txn import Change, Committer, Txn
 
 __all__ = ["Controller"]
@@ -46,6 +47,9 @@ __all__ = ["Controller"]
 _WAIT_LOCK = object()
 _WAIT_COMMIT = object()
 _FAST = object()  # sess.gen while a fast-path autocommit waits for its batch
+_WAIT_WATCH = object()  # a WATCH / WAIT_APPLIED long poll
+_WAIT_WATCH_VERIFY = object()  # an operator's verify, resumed by the agent's result
+_WRITE_OPS = frozenset({m.OP_BEGIN, m.OP_COMMIT, m.OP_ATOMIC, m.OP_LOAD}) | m.STEP_OPS
 _unpackb = msgpack.unpackb
 _packb = msgpack.Packer(use_bin_type=True).pack
 _PEERCRED = struct.Struct("3i")
@@ -54,7 +58,7 @@ _READ_SIZE = 256 << 10
 
 class Session:
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
-                 "closed", "name", "want_write", "opened_ns", "requests")
+                 "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
         self.sock = sock
@@ -70,6 +74,9 @@ class Session:
         self.want_write = False
         self.opened_ns = time.monotonic_ns()
         self.requests = 0
+        self.agent: str | None = None   # "primary"/"secondary" once the agent registered
+        self.agent_pid = 0
+        self.watch = None               # (kind, value, timer) while a WATCH/WAIT_APPLIED waits
 
 
 class Controller:
@@ -101,6 +108,15 @@ class Controller:
         self.max_key = self.schema.max_key
         # a change-log entry may take at most a quarter of the ring (apl_log_append)
         self.max_tlog = cfg.storage.log_size // 4 - 256
+        self.role = cfg.role
+        self.sync = SyncTracker(cfg.replication if self.role == "primary" else None, log)
+        self.agent_state: dict = {}      # what the agent last reported (secondary: its link)
+        self.copied: bytearray | None = None   # secondary: blocks copied so far while a copy runs
+        self.watchers: set = set()
+        self.verify_new: list[int] = []
+        self.verify_waiting: dict[int, Session] = {}
+        self._verify_seq = 0
+        self._last_consumed = 0
         self.listener: socket.socket | None = None
         self.ep = select.epoll()
         self.stopping = False
@@ -302,6 +318,14 @@ class Controller:
             pass
         self.sessions.pop(sess.fd, None)
         self.dirty.discard(sess)
+        self.watchers.discard(sess)
+        if sess.watch is not None:
+            self.cancel_timer(sess.watch[2])
+            sess.watch = None
+        if sess.agent and not any(x.agent for x in self.sessions.values()):
+            self.log.warning("agent_detached", pid=sess.pid)
+            if self.role == "primary":
+                self.sync.update({n: {"connected": False, "state": "agent down"} for n in self.sync.secondaries})
         txn = sess.txn
         if txn is not None and txn.state == "open":
             self._cancel(txn, "client_gone")
@@ -320,8 +344,18 @@ class Controller:
             if type(req) is not list or not req or type(req[0]) is not int:
                 self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
                 continue
-            if req[0] == m.OP_ATOMIC and self._fast_atomic(sess, req):
-                continue
+            if req[0] == m.OP_ATOMIC and self.role != "secondary":
+                try:
+                    if self._fast_atomic(sess, req):
+                        continue
+                except Exception as e:  # a bug: report it, undo, keep serving
+                    self.log.exception("request_failed")
+                    sess.gen = None
+                    if sess.txn is not None and sess.txn.state in ("open", "committing"):
+                        sess.txn.state = "open"
+                        self._cancel(sess.txn, "internal_error")
+                    self._send(sess, m.err("APL_EINVAL", f"internal error: {type(e).__name__}: {e}"))
+                    continue
             gen = self._handle(sess, req)
             self._step(sess, gen, None, None)
 
@@ -350,6 +384,8 @@ class Controller:
         sess.gen = gen
         if cmd is _WAIT_COMMIT:
             self.commit_queue.append((sess, sess.txn))
+        elif cmd is _WAIT_WATCH:
+            self.watchers.add(sess)
 
     def _resume(self, sess: Session, value=None, exc=None) -> None:
         gen = sess.gen
@@ -360,6 +396,18 @@ class Controller:
     def _handle(self, sess: Session, req: list):
         op = req[0]
         args = req[1:]
+        if self.role == "secondary" and op in _WRITE_OPS:
+            raise errors.ReadOnlyError(
+                f"appliance {self.cfg.name!r} is a secondary: it takes changes only from its primary "
+                f"{self.cfg.replication.primary!r}; write there")
+        if op >= m.OP_AGENT:
+            return (yield from self._agent_op(sess, op, args))
+        if op == m.OP_WAIT_APPLIED:
+            _arity(args, 2, "wait_applied")
+            return (yield from self._wait_applied(sess, args[0], args[1]))
+        if op == m.OP_VERIFY:
+            _arity(args, 1, "verify")
+            return (yield from self._verify(sess, args[0]))
         if op in m.STEP_OPS:
             txn = self._open_txn(sess)
             return (yield from self._statement(txn, op, args))
@@ -373,7 +421,9 @@ class Controller:
             return self._begin(sess, args[0], args[1]).number
         if op == m.OP_COMMIT:
             txn = self._open_txn(sess)
-            return (yield from self._commit(txn))
+            wait = bool(args[0]) if args else True
+            durability = self.sync.check_durability(args[1] if len(args) > 1 else None)
+            return (yield from self._commit(txn, wait, durability))
         if op == m.OP_CANCEL:
             txn = sess.txn
             if txn is not None and txn.state == "open":
@@ -557,7 +607,7 @@ class Controller:
         locked runs straight through, without the coroutine machinery.
         False: the general path must take it (it validates everything again)."""
         if len(req) != 4 or (sess.txn is not None and sess.txn.state == "open"):
-            return False
+            return False  # (options as a fifth element take the general path)
         steps = req[3]
         if type(steps) is not list or len(steps) != 1:
             return False
@@ -590,11 +640,15 @@ class Controller:
                                    "results": txn.results}))
             return True
         txn.state = "committing"
+        txn.durability = "quorum"
+        txn.wait = True
         sess.gen = _FAST
         self.commit_queue.append((sess, txn))
         return True
 
-    def _commit(self, txn: Txn):
+    def _commit(self, txn: Txn, wait: bool = True, durability="quorum"):
+        txn.durability = durability
+        txn.wait = wait
         effective = any(c.after != c.before for c in txn.changes.values())
         if not effective:
             txn.state = "committed"
@@ -607,6 +661,13 @@ class Controller:
         return result
 
     def _atomic(self, sess: Session, args: list):
+        opts = args[3] if len(args) == 4 else {}
+        if len(args) == 4:
+            args = args[:3]
+        if not isinstance(opts, dict):
+            raise errors.ProtocolError("atomic: options must be a map")
+        durability = self.sync.check_durability(opts.get("durability"))
+        wait = bool(opts.get("wait", True))
         _arity(args, 3, "atomic")
         if sess.txn is not None and sess.txn.state == "open":
             raise errors.TransactionStateError(
@@ -624,7 +685,7 @@ class Controller:
         except BaseException:
             self._cancel(txn, "statement_failed")
             raise
-        out = yield from self._commit(txn)
+        out = yield from self._commit(txn, wait, durability)
         out["results"] = results
         return out
 
@@ -661,11 +722,11 @@ class Controller:
 
     def _commit_batch(self) -> None:
         queue, self.commit_queue = self.commit_queue, []
-        w = self.writer
+        wr = self.writer
         now = time.time_ns()
         outcomes = []
         last = 0
-        w.begin()
+        wr.begin()
         try:
             for sess, txn in queue:
                 try:
@@ -678,43 +739,302 @@ class Controller:
                     if e.code != "APL_ELOGFULL":
                         raise  # APL_EUNDO and the like: do not publish (below)
                     outcomes.append((sess, txn, None, e))
-            version = w.publish(now, last)
+            version = wr.publish(now, last)
         except BaseException:
             self.log.critical("commit_batch_failed_exiting", exc_info=True)
             os._exit(70)  # the restarted controller rolls the unpublished batch back
         self.counters["batches"] += 1
         for sess, txn, serial, exc in outcomes:
             self.active.pop(txn.number, None)
-            if exc is None:
-                txn.state = "committed"
-                self.counters["committed"] += 1
-                result = {"txn": txn.number, "serial": serial, "version": version}
-            else:
-                txn.state = "cancelled"
-                self.counters["cancelled"] += 1
-                result = None
-            self._release(txn)
             if exc is not None:
                 exc = errors.error_for(exc.code, f"commit of transaction {txn.number}: "
                                        f"{exc.message.split(': ', 1)[-1]}; the transaction was cancelled",
                                        txn=txn.number)
-            if sess.gen is _FAST:
-                sess.gen = None
-                if exc is None:
-                    result["results"] = txn.results
-                    self._send(sess, m.ok(result))
-                else:
-                    self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
-                self._pump(sess)
-            elif exc is None:
-                self._resume(sess, result)
+                txn.state = "cancelled"
+                self.counters["cancelled"] += 1
+                self._release(txn)
+                self._reply_commit(sess, txn, None, exc)
+                continue
+            txn.state = "committed"
+            self.counters["committed"] += 1
+            result = {"txn": txn.number, "serial": serial, "version": version}
+            if self.sync.enabled:
+                self.sync.committed(serial)
+            d = getattr(txn, "durability", "quorum")
+            if self.sync.needs_wait(d):
+                # backup first: the records stay locked until the secondaries confirm ([0104])
+                w = Waiter(serial, txn, d)
+                w.session, w.result = sess, result
+                self.sync.waiting.append(w)
+                if not getattr(txn, "wait", True):
+                    w.replied = True
+                    self._reply_commit(sess, txn, dict(result, backup="pending"), None)
+                continue
+            self._release(txn)
+            self._reply_commit(sess, txn, result, None)
+        if self.sync.waiting:
+            self._release_backed_up()
+        for sess in list(self.watchers):
+            self._wake_watcher(sess)
+        wr.reclaim()
+
+    def _reply_commit(self, sess: Session, txn: Txn, result, exc) -> None:
+        if sess.gen is _FAST:
+            sess.gen = None
+            if exc is None:
+                result["results"] = txn.results
+                self._send(sess, m.ok(result))
             else:
-                self._resume(sess, exc=exc)
-        w.reclaim()
+                self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
+            self._pump(sess)
+        elif exc is None:
+            self._resume(sess, result)
+        else:
+            self._resume(sess, exc=exc)
+
+    def _release_backed_up(self) -> None:
+        for w in self.sync.ready():
+            self._release(w.txn)
+            if not w.replied:
+                w.replied = True
+                self._reply_commit(w.session, w.txn, w.result, None)
+
+    # ------------------------------------------------------------------ replication
+
+    def _published_serial(self) -> int:
+        sb = self.att.sb
+        return sb.sb_pub[sb.sb_version & 1].pb_serial
+
+    def _applied_serial(self) -> tuple[int, int]:
+        """(primary serial applied, primary instance) — on a secondary."""
+        sb = self.att.sb
+        pb = sb.sb_pub[sb.sb_version & 1]
+        return pb.pb_source_serial, pb.pb_source_instance
+
+    def _park(self, sess: Session, kind: str, value: int, timeout):
+        """Long poll: wait until the watched serial passes `value`, or the timeout."""
+        if not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+            raise errors.WrongTypeError("timeout must be a number of seconds (0..3600)")
+        timer = self.add_timer(float(timeout), lambda: self._wake_watcher(sess, timed_out=True))
+        sess.watch = (kind, value, timer)
+        try:
+            result = yield _WAIT_WATCH
+        finally:
+            self.cancel_timer(timer)
+            sess.watch = None
+            self.watchers.discard(sess)
+        return result
+
+    def _wake_watcher(self, sess: Session, timed_out: bool = False) -> None:
+        if sess.watch is None or sess.closed:
+            return
+        kind, value, _ = sess.watch
+        if kind == "serial":
+            if timed_out or self._published_serial() > value or self.verify_new:
+                self.watchers.discard(sess)
+                self._resume(sess, self._watch_reply())
+        elif kind == "applied":
+            applied = self._applied_serial()[0] if self.role == "secondary" else self._published_serial()
+            if applied >= value:
+                self.watchers.discard(sess)
+                self._resume(sess, applied)
+            elif timed_out:
+                self.watchers.discard(sess)
+                self._resume(sess, exc=errors.UnavailableError(
+                    f"wait_applied: serial {value} not applied here yet (applied {applied})",
+                    applied=applied))
+
+    def _watch_reply(self) -> dict:
+        b = changelog.bounds(self.reader)
+        if self.verify_new:
+            b["verify"], self.verify_new = self.verify_new, []
+        return b
+
+    def _verify(self, sess: Session, timeout):
+        """An operator's `appliance verify`: the agent compares every secondary
+        block by block at one serial; the reply is its per-secondary result."""
+        if self.role != "primary":
+            raise errors.ProtocolError(f"verify: appliance {self.cfg.name!r} is not a primary")
+        if not any(x.agent for x in self.sessions.values()):
+            raise errors.UnavailableError(f"verify: the replication agent of {self.cfg.name!r} is not running")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise errors.WrongTypeError("verify: timeout must be seconds (0..3600]")
+        self._verify_seq += 1
+        vid = self._verify_seq
+        self.verify_new.append(vid)
+        self.verify_waiting[vid] = sess
+        for w in list(self.watchers):
+            self._wake_watcher(w)
+        timer = self.add_timer(float(timeout), lambda: self.verify_waiting.pop(vid, None) and self._resume(
+            sess, exc=errors.UnavailableError(f"verify: no result within {timeout} s")))
+        try:
+            return (yield _WAIT_WATCH_VERIFY)
+        finally:
+            self.cancel_timer(timer)
+            self.verify_waiting.pop(vid, None)
+
+    def _wait_applied(self, sess: Session, serial, timeout):
+        if type(serial) is not int:
+            raise errors.WrongTypeError("wait_applied: the serial must be an int")
+        applied = self._applied_serial()[0] if self.role == "secondary" else self._published_serial()
+        if applied >= serial:
+            return applied
+        return (yield from self._park(sess, "applied", serial, timeout))
+
+    def _agent_op(self, sess: Session, op: int, args: list):
+        if op == m.OP_AGENT:
+            _arity(args, 2, "agent")
+            if sess.uid not in (0, os.geteuid()):
+                raise errors.AccessDeniedError("agent: only the controller's own user or root may attach "
+                                               "an agent", uid=sess.uid)
+            if args[0] != self.role:
+                raise errors.ProtocolError(f"agent: appliance {self.cfg.name!r} is {self.role}, not {args[0]!r}")
+            if type(args[1]) is not int:
+                raise errors.WrongTypeError("agent: expects (role, agent pid)")
+            other = {x.agent_pid for x in self.sessions.values() if x.agent and not x.closed and x is not sess}
+            if other and other != {args[1]}:
+                raise errors.BusyError(f"agent: another agent (pid {other.pop()}) is attached to {self.cfg.name!r}")
+            sess.agent = args[0]
+            sess.agent_pid = args[1]   # an agent may hold several sessions (long poll + commands)
+            self.log.info("agent_attached", pid=sess.pid, agent_pid=args[1])
+            sb = self.att.sb
+            applied, source = self._applied_serial()
+            return {"name": self.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+                    "role": self.role, "serial": self._published_serial(), "applied": applied,
+                    "source": source, "copying": self.copied is not None}
+        if sess.agent is None:
+            raise errors.AccessDeniedError(f"op {op}: only the appliance's replication agent may use it")
+        if op == m.OP_WATCH:
+            _arity(args, 2, "watch")
+            if self._published_serial() > args[0] or self.verify_new:
+                return self._watch_reply()
+            return (yield from self._park(sess, "serial", args[0], args[1]))
+        if op == m.OP_REPL_STATE:
+            _arity(args, 1, "repl_state")
+            if not isinstance(args[0], dict):
+                raise errors.WrongTypeError("repl_state: expects a map")
+            if "verify" in args[0]:
+                for vid, res in args[0]["verify"].items():
+                    waiter = self.verify_waiting.pop(int(vid), None)
+                    if waiter is not None:
+                        self._resume(waiter, res)
+                return None
+            self.agent_state = args[0]
+            if self.role == "primary":
+                self.sync.update(args[0].get("secondaries", {}))
+                self._release_backed_up()
+            return None
+        if op == m.OP_BLOCK_SUMS:
+            _arity(args, 0, "block_sums")
+            return self._block_sums()
+        if self.role != "secondary":
+            raise errors.ProtocolError(f"op {op} is for a secondary's agent")
+        if op == m.OP_APPLY:
+            _arity(args, 3, "apply")
+            return self._apply(*args)
+        if op == m.OP_COPY:
+            _arity(args, 3, "copy")
+            return self._copy(*args)
+        raise errors.ProtocolError(f"unknown agent op {op}")
+
+    def _block_sums(self) -> dict:
+        pin = self.reader.pin()
+        try:
+            v = pin.version
+            sb = self.att.sb
+            pb = sb.sb_pub[v & 1]
+            serial = (pb.pb_source_serial if self.role == "secondary" else pb.pb_serial) \
+                if pb.pb_version == v else None
+            return {"version": v, "serial": serial, "limit": self.reader.block_limit(),
+                    "sums": self.reader.block_sums(v)}
+        finally:
+            pin.close()
+
+    def _apply(self, source, after, blob) -> dict:
+        """Apply whole transactions of the primary's entries (secondary)."""
+        if type(source) is not int or type(after) is not int or not isinstance(blob, bytes):
+            raise errors.WrongTypeError("apply: expects (source instance, after serial, entries)")
+        applied, have = self._applied_serial()
+        if have and source != have and self.copied is None:
+            raise errors.ProtocolError(f"apply: these changes come from primary instance {source}, "
+                                       f"this secondary follows {have}: copy first", need_copy=True)
+        if len(blob) >= 24:
+            first = int.from_bytes(blob[16:24], "little")
+            if first > applied + 1:
+                raise errors.ProtocolError(f"apply: gap: serial {first} follows {applied}",
+                                           gap=True, expected=applied + 1)
+        self._apply_batch(lambda wr: wr.apply_entries(blob, applied, self.copied), source)
+        return {"applied": self._applied_serial()[0], "consumed": self._last_consumed}
+
+    def _apply_batch(self, fn, source: int) -> None:
+        wr = self.writer
+        wr.begin()
+        try:
+            consumed, last, _ = fn(wr)
+            self._last_consumed = consumed
+            if consumed:
+                wr.set_source(last, source)
+            wr.publish(time.time_ns(), 0)
+        except errors.ApplianceError as e:
+            # the batch may hold part of a transaction: never publish it
+            self.log.critical("apply_failed_exiting", error=str(e))
+            os._exit(70)
+        for sess in list(self.watchers):
+            self._wake_watcher(sess)
+        wr.reclaim()
+
+    def _copy(self, phase, source, payload) -> dict:
+        """A block copy from the primary ([0079], [0127]): begin, blocks, end."""
+        if type(source) is not int:
+            raise errors.WrongTypeError("copy: the source instance must be an int")
+        if phase == "begin":
+            limit = payload.get("limit") if isinstance(payload, dict) else None
+            if type(limit) is not int or not 0 <= limit <= self.att.sb.sb_max_blocks:
+                raise errors.WrongTypeError("copy begin: needs the primary's block limit")
+            self.copied = bytearray((self.att.sb.sb_max_blocks + 7) // 8)
+            self.log.info("copy_started", source=source, blocks=limit)
+            return {"copied": 0}
+        if self.copied is None:
+            raise errors.ProtocolError("copy: no copy in progress")
+        if phase == "blocks":
+            if not isinstance(payload, list):
+                raise errors.WrongTypeError("copy blocks: expects [[number, image], ...]")
+
+            def run(wr):
+                for item in payload:
+                    if type(item) is not list or len(item) != 2 or type(item[0]) is not int \
+                            or not (item[1] is None or isinstance(item[1], bytes)):
+                        raise errors.WrongTypeError("copy blocks: each item is [number, image or nil]")
+                    n = item[0]
+                    wr.apply_image(n, item[1])
+                    self.copied[n >> 3] |= 1 << (n & 7)
+                return 0, 0, 0
+            applied, _ = self._applied_serial()
+            self._apply_batch(run, source)
+            return {"copied": len(payload), "applied": applied}
+        if phase == "end":
+            serial = payload.get("serial") if isinstance(payload, dict) else None
+            if type(serial) is not int:
+                raise errors.WrongTypeError("copy end: needs the stream serial")
+            copied = self.copied
+
+            def finish(wr):
+                for n in range(self.att.sb.sb_max_blocks):
+                    if not copied[n >> 3] & (1 << (n & 7)) and self.reader.block_image(n) is not None:
+                        wr.apply_image(n, None)   # the primary has no such block
+                return 1, serial, serial
+            self.copied = None
+            self._apply_batch(finish, source)
+            self.log.info("copy_finished", source=source, serial=serial)
+            return {"applied": serial}
+        raise errors.ProtocolError(f"copy: unknown phase {phase!r}")
 
     # ------------------------------------------------------------------ housekeeping
 
     def housekeeping(self) -> None:
+        if self.sync.waiting:
+            self.sync.tick()
+            self._release_backed_up()
         st = self.writer.stats()
         if st["retire_pending"]:
             self.writer.sweep_readers()
@@ -758,7 +1078,22 @@ class Controller:
             "clients": {"connected": len(self.sessions), "refused": self.counters["clients_refused"],
                         "dropped": self.counters["clients_dropped"]},
             "recovery": self.recovery,
+            "replication": self._replication_status(),
         }
+
+    def _replication_status(self) -> dict | None:
+        if self.role == "primary":
+            st = self.sync.status()
+            st["agent"] = {k: v for k, v in self.agent_state.items() if k != "secondaries"}
+            st["agent"]["attached"] = any(x.agent for x in self.sessions.values())
+            return st
+        if self.role == "secondary":
+            applied, source = self._applied_serial()
+            return {"role": "secondary", "primary": self.cfg.replication.primary, "applied_serial": applied,
+                    "source_instance": source, "copying": self.copied is not None,
+                    "agent": dict(self.agent_state,
+                                  attached=any(x.agent for x in self.sessions.values()))}
+        return None
 
 
 def _arity(args: list, n: int, what: str) -> None:

@@ -64,7 +64,7 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results")
+                 "changes", "state", "results", "durability", "wait")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
         self.number = number
@@ -77,6 +77,8 @@ class Txn:
         self.changes: dict = {}      # (file, pk) -> Change, first-touch order
         self.state = "open"          # open, committing, committed, cancelled
         self.results = None
+        self.durability = "quorum"   # what the commit waits for (controller.sync)
+        self.wait = True             # reply only once that durability is reached
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))

@@ -6,6 +6,7 @@ controller restart; tests check what it holds.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +16,13 @@ from .._native import check, ffi, lib
 __all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "KIND_NAMES"]
 
 _HDR = ffi.sizeof("struct apl_centry")
+#: struct apl_centry for code that walks raw entries without cffi casts:
+#: len, kind, flags, file, block, serial, txn, epoch, time_ns, version, offset, klen, alen, blen
+ENTRY = struct.Struct("<IHHIIQQQQQIIII")
+if ENTRY.size != _HDR or ffi.offsetof("struct apl_centry", "ce_serial") != 16:  # pragma: no cover
+    raise ImportError("appliance.store.changelog: ENTRY disagrees with cext/apl_layout.h")
+E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN = 0, 1, 2, 3, 4, 5, 6
+E_KLEN, E_ALEN, E_BLEN = 11, 12, 13
 KIND_NAMES = {lib.APL_CE_BEGIN: "begin", lib.APL_CE_INSERT: "insert", lib.APL_CE_UPDATE: "update",
               lib.APL_CE_DELETE: "delete", lib.APL_CE_COMMIT: "commit", lib.APL_CE_CANCEL: "cancel",
               lib.APL_CE_BLOCK: "block", lib.APL_CE_PAD: "pad"}

@@ -8,6 +8,7 @@ Multi-call reads (a scan that does not fit one buffer) always hold a Pin, so
 """
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Iterator
 
@@ -24,6 +25,7 @@ _VALUES = lib.APL_SCAN_VALUES
 _KEYS = lib.APL_SCAN_KEYS
 _MAXKEY = lib.APL_MAX_KEY
 _SCAN_CHUNK = 256 << 10
+_SUM = struct.Struct("<IQ")
 
 
 class Pin:
@@ -219,3 +221,13 @@ class Reader:
 
     def block_limit(self) -> int:
         return lib.apl_block_limit(self.view)
+
+    def block_sums(self, version: int) -> bytes:
+        """(u32 number, u64 checksum) of every block in use at a pinned version."""
+        out = bytearray()
+        pack = _SUM.pack
+        for n in range(self.block_limit()):
+            sm = self.block_checksum(n, version)
+            if sm:
+                out += pack(n, sm)
+        return bytes(out)

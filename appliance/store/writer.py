@@ -48,6 +48,9 @@ class Writer:
         self._info = ffi.new("struct apl_opinfo *")
         self._serial = ffi.new("uint64_t *")
         self._failed = ffi.new("int64_t *")
+        self._consumed = ffi.new("uint64_t *")
+        self._last = ffi.new("uint64_t *")
+        self._lastc = ffi.new("uint64_t *")
         self._stats = ffi.new("struct apl_stats *")
         self.in_batch = False
 
@@ -159,6 +162,26 @@ class Writer:
         if rc < 0:
             check(rc, f"commit of transaction {txn} (step {failed[0]})", step=failed[0])
         return self._serial[0]
+
+    # -- a secondary applying its primary's stream --------------------------------
+
+    def apply_entries(self, blob: bytes, after_serial: int, copied: bytearray | None) -> tuple[int, int, int]:
+        """Apply whole transactions of `blob` (inside an open batch);
+        returns (bytes consumed, last serial applied, last COMMIT/CANCEL serial)."""
+        c, ls, lc = self._consumed, self._last, self._lastc
+        ls[0] = lc[0] = after_serial
+        bits = ffi.from_buffer(copied) if copied is not None else ffi.NULL
+        nbits = len(copied) * 8 if copied is not None else 0
+        check(lib.apl_apply_entries(self._s, blob, len(blob), after_serial, bits, nbits, c, ls, lc),
+              "apply the primary's changes")
+        return c[0], ls[0], lc[0]
+
+    def apply_image(self, number: int, image: bytes | None) -> None:
+        check(lib.apl_apply_image(self._s, number, image or ffi.NULL, len(image) if image else 0),
+              f"apply block {number}")
+
+    def set_source(self, serial: int, instance: int) -> None:
+        lib.apl_set_source(self._s, serial, instance)
 
     def use_reserve(self, on: bool) -> None:
         lib.apl_store_use_reserve(self._s, 1 if on else 0)

@@ -36,6 +36,33 @@ OP_ATOMIC              program or nil, input, [[op, arg...], ...]      map: txn,
 OP_LOAD                table, [record, ...]                            number loaded
 OP_TXN_STATUS          transaction number, its start time (ns)         "committed", "not_committed",
                                                                        "unknown", "open", "committing"
+OP_WAIT_APPLIED        primary serial, timeout (s)                     serial applied (secondary: read-your-writes)
+OP_VERIFY              timeout (s)                                     {secondary: {ok, differ, checked, serial}}
+                                                                       (primary; its agent compares every block)
+=====================  ==============================================  =============================
+
+OP_COMMIT takes a second, optional argument: the durability wanted, one of
+"local" (do not wait for secondaries), "quorum" (the configured synchronous
+quorum: the default), "all" (every secondary), or an int k (any k
+secondaries). With wait false the reply comes after the local commit while
+the records stay locked until the durability is reached (Figure 6).
+OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...}.
+
+The replication agent of the same appliance uses these, on the same socket
+(only after OP_AGENT, and only from the controller's own user or root):
+
+=====================  ==============================================  =============================
+OP_AGENT               role ("primary" / "secondary"), agent pid       map: name, instance, epoch, role
+OP_WATCH               serial, timeout (s)                             log bounds once the published
+                                                                       serial exceeds `serial` (or at the
+                                                                       timeout): head, tail, serial, version,
+                                                                       and "verify": ids operators asked for
+OP_REPL_STATE          {secondary: {connected, acked, state, ...}}     nil (primary: drives synchronous
+                                                                       commits; shown by status)
+OP_APPLY               source instance, after serial, entries blob     map: applied, consumed (secondary)
+OP_COPY                phase ("begin"/"blocks"/"end"), payload         map: copied, applied (secondary)
+OP_BLOCK_SUMS          version (0 = latest)                            map: version, serial, sums (bytes:
+                                                                       u32 number + u64 checksum each)
 =====================  ==============================================  =============================
 
 OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
@@ -65,6 +92,14 @@ OP_CANCEL = 17
 OP_ATOMIC = 18
 OP_LOAD = 19
 OP_TXN_STATUS = 20
+OP_WAIT_APPLIED = 21
+OP_VERIFY = 22
+OP_AGENT = 30
+OP_WATCH = 31
+OP_REPL_STATE = 32
+OP_APPLY = 33
+OP_COPY = 34
+OP_BLOCK_SUMS = 35
 
 #: ops allowed as steps of a transaction (and of OP_ATOMIC)
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})

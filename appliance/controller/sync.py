@@ -1,0 +1,165 @@
+"""Synchronous replication on the primary's controller ([0099]–[0109]).
+
+A committed transaction whose durability asks for acknowledgements keeps its
+record locks until enough secondaries report "backup complete" for its
+COMMIT serial; its commit() returns then (or at once with wait=False, the
+locks still held: Figure 6). Durability is per transaction:
+
+- "quorum" (default): the synchronous secondaries, all of them or k of n
+  (``replication.sync_quorum``), minus those degraded by their policy;
+- "local": no waiting; "all": every secondary, synchronous or not;
+- an int k: any k secondaries.
+
+A synchronous secondary that cannot keep up holds commits ("block", the
+default) or, after ``degrade_after`` seconds of holding one, is taken out of
+the quorum — loudly: log, status — and back in once it has caught up
+("degrade").
+
+Shared state: none outside the controller's event-loop thread. The agent
+reports each secondary's acknowledged serial (OP_REPL_STATE); this module
+decides which waiting transactions are satisfied.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .. import errors
+from ..config import ReplicationConfig
+
+__all__ = ["SyncTracker", "Waiter"]
+
+
+@dataclass(eq=False)
+class Waiter:
+    serial: int          # the transaction's COMMIT serial
+    txn: object
+    durability: object   # "quorum", "all" or an int
+    since: float = field(default_factory=time.monotonic)
+    replied: bool = False
+
+
+class SyncTracker:
+    def __init__(self, rc: ReplicationConfig | None, log) -> None:
+        self.log = log
+        self.secondaries = {s.name: s for s in (rc.secondaries if rc else ())}
+        self.sync_names = [s.name for s in self.secondaries.values() if s.mode == "sync"]
+        self.quorum = rc.sync_quorum if rc else "all"
+        self.acked: dict[str, int] = {n: 0 for n in self.secondaries}
+        self.state: dict[str, dict] = {n: {"connected": False} for n in self.secondaries}
+        self.degraded: set[str] = set()
+        self.waiting: list[Waiter] = []
+        self.commits: list[tuple[int, float]] = []  # (serial, wall time) of recent commits, for lag
+        self.last_serial = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secondaries)
+
+    # -- what a transaction waits for --------------------------------------------------------
+
+    @staticmethod
+    def check_durability(d) -> object:
+        if d is None:
+            return "quorum"
+        if d in ("local", "quorum", "all") or (type(d) is int and d >= 0):
+            return d
+        raise errors.WrongTypeError(f"durability must be 'local', 'quorum', 'all' or a number, not {d!r}")
+
+    def needs_wait(self, durability) -> bool:
+        if not self.secondaries or durability == "local" or durability == 0:
+            return False
+        if durability == "quorum":
+            return bool(self._quorum_members())
+        return True
+
+    def _quorum_members(self) -> list[str]:
+        return [n for n in self.sync_names if n not in self.degraded]
+
+    def satisfied(self, w: Waiter) -> bool:
+        d, s = w.durability, w.serial
+        if d == "quorum":
+            members = self._quorum_members()
+            if not members:
+                return True  # every synchronous secondary is degraded: go on without them (loudly)
+            k = len(members) if self.quorum == "all" else min(self.quorum, len(members))
+            return sum(1 for n in members if self.acked[n] >= s) >= k
+        if d == "all":
+            return all(a >= s for a in self.acked.values())
+        k = min(d, len(self.secondaries))
+        return sum(1 for a in self.acked.values() if a >= s) >= k
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def committed(self, serial: int) -> None:
+        self.last_serial = serial
+        self.commits.append((serial, time.time()))
+        if len(self.commits) > 100_000:
+            del self.commits[: len(self.commits) - 50_000]
+
+    def update(self, states: dict) -> None:
+        """The agent's report: {name: {"acked": serial, "connected": bool, ...}}."""
+        for name, st in states.items():
+            if name not in self.secondaries or not isinstance(st, dict):
+                continue
+            self.state[name] = st
+            a = st.get("acked")
+            if type(a) is int and a > self.acked[name]:
+                self.acked[name] = a
+            if name in self.degraded and self.acked[name] >= self.last_serial and st.get("connected"):
+                self.degraded.discard(name)
+                self.log.warning("secondary_rejoined_quorum", secondary=name, acked=self.acked[name])
+
+    def ready(self) -> list[Waiter]:
+        """Waiters whose durability is reached now (removed from the list)."""
+        done, keep = [], []
+        for w in self.waiting:
+            (done if self.satisfied(w) else keep).append(w)
+        self.waiting = keep
+        return done
+
+    def tick(self) -> None:
+        """Degrade synchronous secondaries that hold a commit too long (policy "degrade")."""
+        if not self.waiting:
+            return
+        now = time.monotonic()
+        oldest = min(self.waiting, key=lambda w: w.serial)
+        for name in self.sync_names:
+            sec = self.secondaries[name]
+            if name in self.degraded or sec.on_unreachable != "degrade":
+                continue
+            if self.acked[name] < oldest.serial and now - oldest.since >= sec.degrade_after:
+                self.degraded.add(name)
+                self.log.error("secondary_degraded", secondary=name, acked=self.acked[name],
+                               waiting_serial=oldest.serial, after_s=sec.degrade_after,
+                               connected=self.state[name].get("connected", False))
+
+    # -- status --------------------------------------------------------------------------------
+
+    def lag(self, name: str) -> dict:
+        acked = self.acked[name]
+        behind = [(s, t) for s, t in self.commits if s > acked]
+        return {"transactions": len(behind),
+                "seconds": round(time.time() - behind[0][1], 3) if behind else 0.0}
+
+    def status(self) -> dict:
+        out = {}
+        for name, sec in self.secondaries.items():
+            st = self.state.get(name, {})
+            lag = self.lag(name)
+            lag["bytes"] = st.get("lag_bytes", 0)
+            out[name] = {
+                "mode": sec.mode,
+                "address": sec.address,
+                "connected": bool(st.get("connected")),
+                "state": st.get("state", "unknown"),
+                "healthy": bool(st.get("connected")) and name not in self.degraded and st.get("state") == "streaming",
+                "degraded": name in self.degraded,
+                "acked_serial": self.acked[name],
+                "lag": lag,
+                "copy": st.get("copy"),
+                "warning": st.get("warning"),
+                "error": st.get("error"),
+            }
+        return {"role": "primary", "quorum": self.quorum, "secondaries": out,
+                "waiting_commits": len(self.waiting)}

@@ -1,0 +1,278 @@
+"""The replication agent process: ``appliance agent --config FILE``.
+
+On a primary ("backup and recovery control mechanism" 14) it reads the
+controller's change log from shared memory and streams it to every
+configured secondary (one :class:`~appliance.replication.relay.Relay` each),
+and reports their acknowledgements to the controller, which releases
+synchronous commits. On a secondary (mechanism 24) it receives the stream,
+has its controller apply it to the backup database, keeps the log history
+and acknowledges.
+
+It is a separate process from the controller: either can be killed and
+restarted without the other losing anything. The agent keeps no state that
+matters across a restart — where each secondary stands lives in the
+secondaries (what they applied), the change log in the primary's shared
+memory, and the history on disk.
+
+One asyncio loop per process: relays, the applier, the controller link and
+the periodic report are tasks on it; nothing here is shared across threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from .. import errors
+from .._os import logs, sdnotify
+from ..config import Config
+from ..store.reader import Reader
+from ..store.segment import Attachment
+from ..wire import messages as m
+from . import link
+from .applier import Applier
+from .history import History
+from .relay import Relay
+
+__all__ = ["run"]
+
+
+async def _connect_controller(cfg: Config, role: str, log) -> link.ControlLink:
+    """Attach to the controller as its agent, waiting for it to be up."""
+    logged = False
+    while True:
+        ctl = link.ControlLink(str(cfg.socket_path), f"agent:{role}")
+        try:
+            await ctl.connect(role)
+            return ctl
+        except (OSError, errors.UnavailableError) as exc:
+            ctl.close()
+            if not logged:
+                log.warning("controller_unavailable_waiting", error=str(exc) or type(exc).__name__)
+                logged = True
+            await asyncio.sleep(0.2)
+        except errors.ApplianceError:
+            ctl.close()
+            raise
+
+
+class PrimaryAgent:
+    def __init__(self, cfg: Config, log) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.secret = cfg.secret()
+        self.tls = link.tls_context(cfg, server=False)
+        self.relays: list[Relay] = []
+        self.head = 0
+        self.serial = 0
+        self._report_event = asyncio.Event()
+        self.verify_tasks: set = set()
+
+    # -- shared facts for relays ----------------------------------------------------------
+
+    def bounds(self) -> dict:
+        from ..store import changelog
+        b = changelog.bounds(self.reader)
+        self.head, self.serial = max(self.head, b["head"]), max(self.serial, b["serial"])
+        return b
+
+    def pin_with_serial(self):
+        """Pin the latest version; (pin, version, the log serial it ends at)."""
+        sb = self.att.sb
+        for _ in range(1000):
+            pin = self.reader.pin()
+            v = pin.version
+            pb = sb.sb_pub[v & 1]
+            if pb.pb_version == v:
+                serial = pb.pb_serial
+                if pb.pb_version == v:
+                    return pin, v, serial
+            pin.close()
+        raise errors.BusyError("could not pin a version with its serial")
+
+    def report_soon(self) -> None:
+        self._report_event.set()
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def run(self, ready) -> None:
+        # two links: WATCH parks on its own, so reports (ACKs) never queue behind it
+        self.ctl = await _connect_controller(self.cfg, "primary", self.log)
+        self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+        info = self.ctl.info
+        self.att = Attachment(self.cfg.name, writable=False)
+        if self.att.instance != info["instance"]:
+            raise errors.UnavailableError("the appliance was re-created while the agent attached; restart")
+        self.instance, self.epoch = info["instance"], info["epoch"]
+        self.reader = Reader(self.att)
+        self.log_size = self.att.sb.sb_log_size
+        self.files = link.files_of(self.att)
+        self.bounds()
+        self.relays = [Relay(self, s) for s in self.cfg.replication.secondaries]
+        tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
+        tasks.append(asyncio.create_task(self._watch(), name="watch"))
+        tasks.append(asyncio.create_task(self._report(), name="report"))
+        ready(f"streaming to {', '.join(r.name for r in self.relays)}")
+        self.log.info("agent_started", role="primary", secondaries=[r.name for r in self.relays],
+                      serial=self.serial)
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception():
+                    raise t.exception()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _watch(self) -> None:
+        """Long-poll the controller for newly published log entries."""
+        hb = self.cfg.replication.heartbeat
+        while True:
+            try:
+                b = await self.watch_ctl.call([m.OP_WATCH, self.serial, hb])
+            except errors.UnavailableError:
+                self.log.warning("controller_link_lost")
+                self.ctl.close()
+                self.watch_ctl.close()
+                self.ctl = await _connect_controller(self.cfg, "primary", self.log)
+                self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+                if self.ctl.info["instance"] != self.instance:
+                    raise errors.UnavailableError("the appliance was re-created; the agent restarts")
+                self.report_soon()
+                continue
+            self.head, self.serial = b["head"], b["serial"]
+            for r in self.relays:
+                r.wake.set()
+            for vid in b.get("verify", ()) or ():
+                t = asyncio.create_task(self._verify(vid))
+                self.verify_tasks.add(t)
+                t.add_done_callback(self.verify_tasks.discard)
+
+    async def _report(self) -> None:
+        """Send the secondaries' state to the controller: at once after an
+        ACK (coalesced: one report in flight), and every heartbeat."""
+        hb = self.cfg.replication.heartbeat
+        while True:
+            try:
+                await asyncio.wait_for(self._report_event.wait(), hb)
+            except asyncio.TimeoutError:
+                pass
+            self._report_event.clear()
+            state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
+                     "reported_at": time.time()}
+            try:
+                await self.ctl.call([m.OP_REPL_STATE, state])
+            except errors.UnavailableError:
+                await asyncio.sleep(0.05)
+
+    async def _verify(self, vid: int) -> None:
+        results = {}
+
+        async def one(r: Relay):
+            if not r.connected or r.state != "streaming":
+                results[r.name] = {"ok": False, "state": r.state, "error": "not streaming"}
+                return
+            fut = asyncio.get_running_loop().create_future()
+            r.verify_waiters[vid] = fut
+            r.verify_queue.append(vid)
+            r.wake.set()
+            try:
+                res = await asyncio.wait_for(fut, 60)
+                results[r.name] = {"ok": not res["differ"], "differ": res["differ"][:1000],
+                                   "checked": res["checked"], "serial": res.get("serial")}
+            except (asyncio.TimeoutError, errors.ApplianceError) as exc:
+                results[r.name] = {"ok": False, "error": str(exc) or type(exc).__name__}
+        await asyncio.gather(*(one(r) for r in self.relays))
+        try:
+            await self.ctl.call([m.OP_REPL_STATE, {"verify": {str(vid): results}}])
+        except errors.UnavailableError:
+            pass
+
+
+class SecondaryAgent:
+    def __init__(self, cfg: Config, log) -> None:
+        self.cfg = cfg
+        self.log = log
+
+    async def run(self, ready) -> None:
+        rc = self.cfg.replication
+        ctl = await _connect_controller(self.cfg, "secondary", self.log)
+        att = Attachment(self.cfg.name, writable=False)
+        files = link.files_of(att)
+        att.close()
+        history = History(self.cfg.resolve(rc.history_dir), period=rc.history_period, memory=rc.history_memory,
+                          disk=rc.history_disk, keep_a=rc.history_a_logs, log=self.log)
+        applier = Applier(self.cfg, ctl, self.log, history, files)
+        await applier.start()
+        ready(f"listening at {rc.listen} for {rc.primary}")
+        self.log.info("agent_started", role="secondary", primary=rc.primary, applied=applier.applied)
+        hb = rc.heartbeat
+        try:
+            while True:
+                await asyncio.sleep(hb)
+                try:
+                    await ctl.call([m.OP_REPL_STATE, applier.report()])
+                except errors.UnavailableError:
+                    self.log.warning("controller_link_lost")
+                    if applier.current is not None:
+                        applier.current.close()
+                    ctl.close()
+                    ctl = await _connect_controller(self.cfg, "secondary", self.log)
+                    applier.ctl = ctl
+                    applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
+                    applier.copying = bool(ctl.info.get("copying"))
+                if time.monotonic() - history.last_spill > 5:
+                    history.spill()
+        finally:
+            history.spill()
+            applier.server.close()
+
+
+def run(config_path: str) -> int:
+    """Entry point of ``appliance agent``; returns the exit status."""
+    from .. import config as config_mod
+
+    logs.configure()
+    log = logs.get_logger(process="agent")
+    try:
+        cfg = config_mod.load(config_path)
+    except errors.ConfigError as e:
+        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
+        return 78
+    if cfg.replication is None:
+        log.error("config_invalid", error=f"{cfg.path}: no [replication] section: nothing for an agent to do",
+                  key="replication")
+        return 78
+    log = log.bind(appliance=cfg.name, role=cfg.replication.role)
+    agent = PrimaryAgent(cfg, log) if cfg.replication.role == "primary" else SecondaryAgent(cfg, log)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(agent.run(lambda status: sdnotify.ready(status=status)))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopper in done:
+            sdnotify.stopping()
+            log.info("agent_stopping")
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        else:
+            stopper.cancel()
+            task.result()
+
+    try:
+        asyncio.run(main())
+        return 0
+    except (errors.UnavailableError, errors.BusyError) as e:
+        log.error("agent_failed", error=str(e))
+        return 75  # EX_TEMPFAIL: systemd restarts it
+    except errors.ApplianceError as e:
+        log.error("agent_failed", error=str(e))
+        return 78 if isinstance(e, (errors.ConfigError, errors.FormatError)) else 1

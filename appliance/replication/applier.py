@@ -1,0 +1,190 @@
+"""The secondary's side of replication: the applier.
+
+It listens for its primary (one link at a time; a newer authenticated link
+replaces an older one), checks each message's epoch and serial, hands whole
+transactions to its own controller to apply to the backup database
+(OP_APPLY; the controller stays the only writer of the segments), appends
+them to the log history, and reports "backup complete" (ACK) with the serial
+of the last transaction fully applied ([0084], [0117]). A gap is answered
+with NAK; duplicates are ignored. While a block copy runs, ACKs wait until
+it ends: until then "backup complete" would not be true.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .. import errors
+from .._os.logs import LogOnce
+from ..wire import messages as m
+from ..wire import replication as rp
+from . import link
+from .history import History
+
+__all__ = ["Applier"]
+
+
+class Applier:
+    def __init__(self, cfg, ctl: link.ControlLink, log, history: History, files: list) -> None:
+        self.cfg = cfg
+        self.ctl = ctl
+        self.log = log
+        self.errs = LogOnce(log)
+        self.history = history
+        self.files = files
+        self.secret = cfg.secret()
+        self.tls = link.tls_context(cfg, server=True)
+        self.applied = ctl.info["applied"]
+        self.source = ctl.info["source"]
+        self.epoch_seen = ctl.info["epoch"]
+        self.copying = bool(ctl.info.get("copying"))
+        self.current: link.FrameStream | None = None
+        self.state = "waiting for primary"
+        self.connected_since: float | None = None
+        self.last_message = 0.0
+        self.primary_time_lag = None
+        self.suspended = False
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        host, port = _addr(self.cfg.replication.listen)
+        self.server = await asyncio.start_server(self._accept, host, port, ssl=self.tls, reuse_address=True)
+        self.log.info("listening_for_primary", address=self.cfg.replication.listen,
+                      tls=self.tls is not None, applied=self.applied)
+
+    def report(self) -> dict:
+        return {"state": self.state, "connected": self.current is not None, "applied": self.applied,
+                "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
+                "primary_time_lag_s": self.primary_time_lag,
+                "connected_since": self.connected_since}
+
+    async def _accept(self, reader, writer) -> None:
+        fs = link.FrameStream(reader, writer)
+        try:
+            epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
+                                                          epoch_seen=self.epoch_seen)
+        except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
+            self.errs.error("primary_refused", type(exc).__name__, peer=fs.peer, error=str(exc))
+            fs.close()
+            return
+        if self.current is not None:
+            self.log.warning("primary_link_replaced", old=self.current.peer, new=fs.peer)
+            self.current.close()
+        self.current = fs
+        self.epoch_seen = epoch
+        instance = hello["instance"]
+        resume = self.applied
+        if self.history.enabled and self.history.last_serial < resume and instance == self.source:
+            resume = self.history.last_serial  # fill the history's gap: applying skips duplicates
+        fs.send(rp.message(rp.START, self.epoch_seen, resume,
+                           {"applied": resume, "source": self.source, "copy": self.copying}))
+        await fs.drain()
+        self.errs.clear()
+        self.connected_since = time.time()
+        self.state = "streaming"
+        self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
+        try:
+            await self._serve(fs, instance)
+        except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
+            self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
+        finally:
+            fs.close()
+            if self.current is fs:
+                self.current = None
+                self.connected_since = None
+                self.state = "waiting for primary"
+            self.history.spill()
+
+    async def _serve(self, fs: link.FrameStream, instance: int) -> None:
+        pending = b""
+        timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
+        while self.current is fs:
+            kind, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
+            if epoch < self.epoch_seen:
+                fs.send(rp.message(rp.ERROR, self.epoch_seen, 0,
+                                   {"code": "APL_ESTALE", "message": f"epoch {epoch} < {self.epoch_seen}"}))
+                raise errors.StaleEpochError(f"{fs.peer}: message from epoch {epoch} < {self.epoch_seen}")
+            self.last_message = time.monotonic()
+            self.primary_time_lag = round(max(0.0, time.time() - ts / 1e9), 3)
+            if kind == rp.ENTRIES:
+                if type(body) is not list or len(body) != 3 or not isinstance(body[2], bytes):
+                    raise errors.ProtocolError(f"{fs.peer}: malformed ENTRIES")
+                first, last, blob = body
+                expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
+                if first > expect:
+                    self.log.warning("gap_detected", expected=expect, got=first)
+                    fs.send(rp.message(rp.NAK, self.epoch_seen, expect, {"expected": expect}))
+                    await fs.drain()
+                    pending = b""
+                    continue
+                self.history.append(blob)
+                pending += blob
+                r = await self.ctl.call([m.OP_APPLY, instance, self.applied, pending])
+                pending = pending[r["consumed"]:]
+                if r["applied"] > self.applied:
+                    self.applied = r["applied"]
+                    self.source = instance
+                    if not self.copying:
+                        fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
+                        await fs.drain()
+            elif kind == rp.COPY_BEGIN:
+                await self.ctl.call([m.OP_COPY, "begin", instance, body])
+                self.copying = True
+                self.state = "copying"
+                self.applied = body["serial"]
+                pending = b""
+                self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
+            elif kind == rp.COPY_BLOCKS:
+                await self.ctl.call([m.OP_COPY, "blocks", instance, body])
+            elif kind == rp.COPY_END:
+                r = await self.ctl.call([m.OP_COPY, "end", instance, body])
+                self.copying = False
+                self.state = "streaming"
+                self.applied, self.source = r["applied"], instance
+                fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
+                await fs.drain()
+                self.log.info("copy_complete", applied=self.applied)
+            elif kind == rp.HEARTBEAT:
+                fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, self.applied, {"applied": self.applied}))
+                await fs.drain()
+            elif kind == rp.VERIFY:
+                await self._verify(fs, body)
+            else:
+                raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
+
+    async def _verify(self, fs, body) -> None:
+        """Compare this secondary's block checksums with the primary's, at the
+        same serial (the message arrives right after the entries up to it)."""
+        if not isinstance(body, dict) or type(body.get("id")) is not int or not isinstance(body.get("sums"), bytes):
+            raise errors.ProtocolError(f"{fs.peer}: malformed VERIFY")
+        mine = await self.ctl.call([m.OP_BLOCK_SUMS])
+        differ = compare_sums(body["sums"], mine["sums"])
+        fs.send(rp.message(rp.VERIFY_RESULT, self.epoch_seen, self.applied,
+                           {"id": body["id"], "differ": differ, "serial": mine["serial"],
+                            "checked": len(body["sums"]) // 12}))
+        await fs.drain()
+
+
+def compare_sums(a: bytes, b: bytes) -> list[int]:
+    """Block numbers whose checksums differ between two OP_BLOCK_SUMS payloads."""
+    import struct
+    s = struct.Struct("<IQ")
+    da = dict(s.iter_unpack(a))
+    db = dict(s.iter_unpack(b))
+    return sorted(n for n in da.keys() | db.keys() if da.get(n) != db.get(n))
+
+
+def _serial_after(pending: bytes) -> int:
+    """The last serial in a partial transaction kept back (its entries are contiguous)."""
+    from ..store.changelog import ENTRY, E_LEN, E_SERIAL
+    pos, last = 0, 0
+    while pos + ENTRY.size <= len(pending):
+        f = ENTRY.unpack_from(pending, pos)
+        last = f[E_SERIAL]
+        pos += f[E_LEN]
+    return last
+
+
+def _addr(v: str) -> tuple[str, int]:
+    from ..config import parse_address
+    return parse_address(v)

@@ -1,0 +1,320 @@
+"""The primary's side of replication: one relay per secondary.
+
+A relay connects to its secondary (reconnecting with backoff), authenticates
+both ways, learns where the secondary stands (START: last serial applied and
+the primary instance it followed) and streams the change log from there. If
+the log no longer holds what the secondary needs — it is new, followed
+another primary, or was disconnected longer than the log ring retains — the
+relay copies the blocks instead ([0079], [0127]): it pins a version, sends
+the log entries up to that version, then block images read at that version,
+and repeats, so the stream stays consistent while the primary keeps
+processing; the secondary drops changes to blocks not yet copied, since the
+copy will carry them ([0130]).
+
+Reading ACKs and writing the stream are separate tasks (the writer never
+waits on the reader). Each ACK moves the secondary's acknowledged serial,
+which the agent reports to the controller, which releases synchronous
+commits waiting for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from .. import errors
+from .._native import ffi, lib
+from .._os.logs import LogOnce
+from ..wire import replication as rp
+from . import link
+
+__all__ = ["Relay"]
+
+CHUNK = 1 << 20            # bytes of entries per ENTRIES message
+COPY_BATCH = 512 << 10     # bytes of block images per COPY_BLOCKS message
+_ELOGFULL = lib.APL_ELOGFULL
+_EBUFSIZE = lib.APL_EBUFSIZE
+
+
+class NeedCopy(Exception):
+    """The log no longer holds the next entry this secondary needs."""
+
+
+class Relay:
+    def __init__(self, agent, sec) -> None:
+        self.agent = agent
+        self.sec = sec
+        self.name = sec.name
+        self.log = agent.log.bind(secondary=sec.name)
+        self.errs = LogOnce(self.log)
+        self.state = "connecting"
+        self.connected = False
+        self.acked = 0                # last serial the secondary confirmed applied
+        self.sent = 0                 # last serial sent
+        self.pos = 0                  # next log position to send
+        self.sent_pos: deque = deque()  # (last serial, end position) of messages not yet acked
+        self.acked_pos = 0
+        self.copy: dict | None = None  # progress while copying
+        self.last_error: str | None = None
+        self.warning: str | None = None
+        self.last_heard = 0.0
+        self.wake = asyncio.Event()
+        self.opts = (lib.APL_EXPORT_DELTA if sec.delta_updates else 0) | (0 if sec.send_b_logs else lib.APL_EXPORT_NO_B)
+        self._buf = ffi.new("uint8_t[]", CHUNK)
+        self._pos = ffi.new("uint64_t *")
+        self._first, self._last, self._count = (ffi.new("uint64_t *") for _ in range(3))
+        self.verify_waiters: dict[int, asyncio.Future] = {}
+        self.verify_queue: deque = deque()
+
+    # -- state ------------------------------------------------------------------------
+
+    def set_state(self, state: str, **kw) -> None:
+        if state != self.state:
+            self.log.info("relay_state_changed", **{"from": self.state, "to": state}, **kw)
+            self.state = state
+            self.agent.report_soon()
+
+    def report(self) -> dict:
+        head = self.agent.head
+        lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
+        return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state,
+                "lag_bytes": lag_bytes, "copy": self.copy, "error": self.last_error, "warning": self.warning}
+
+    # -- the connection loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._session()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError, NeedCopy) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.errs.error("secondary_link_failed", f"{type(exc).__name__}:{getattr(exc, 'code', '')}",
+                                error=str(exc) or type(exc).__name__)
+            finally:
+                if self.connected:
+                    self.connected = False
+                    self.log.warning("secondary_disconnected")
+                self.set_state("disconnected")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _session(self) -> None:
+        self.set_state("connecting")
+        fs = await link.connect_peer(self.sec.address, self.agent.tls)
+        try:
+            a = self.agent
+            start = await link.primary_handshake(fs, a.cfg, self.sec, instance=a.instance, epoch=a.epoch,
+                                                 serial=a.serial, files=a.files, secret=a.secret)
+            applied, source = start.get("applied"), start.get("source")
+            if type(applied) is not int or type(source) is not int:
+                raise errors.ProtocolError(f"{fs.peer}: malformed START")
+            self.connected = True
+            self.last_error = None
+            self.errs.clear()
+            self.last_heard = time.monotonic()
+            self.log.info("secondary_connected", peer=fs.peer, applied=applied, follows=source)
+            need_copy = bool(start.get("copy")) or source != a.instance
+            if not need_copy:
+                self.acked = max(self.acked, applied)
+                try:
+                    self._seek(applied)
+                except NeedCopy:
+                    need_copy = True
+            reader = asyncio.get_running_loop().create_task(self._read(fs))
+            writer = asyncio.get_running_loop().create_task(self._write(fs, need_copy))
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (reader, writer):
+                t.cancel()
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            fs.close()
+            for fut in self.verify_waiters.values():
+                if not fut.done():
+                    fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
+
+    def _seek(self, applied: int) -> None:
+        """Position the stream right after serial `applied`."""
+        self.sent_pos.clear()
+        b = self.agent.bounds()
+        if applied >= b["serial"]:
+            self.pos, self.sent, self.acked_pos = b["head"], applied, b["head"]
+            return
+        rc = lib.apl_log_seek(self.agent.reader.view, applied + 1, self._pos)
+        if rc == _ELOGFULL:
+            raise NeedCopy(f"the log no longer holds serial {applied + 1}")
+        if rc < 0:
+            raise errors.error_for("APL_ECORRUPT", f"log seek: {rc}")
+        self.pos, self.sent, self.acked_pos = self._pos[0], applied, self._pos[0]
+
+    # -- writing the stream ------------------------------------------------------------
+
+    def _export(self, max_serial: int = 0) -> bytes | None:
+        """The next chunk of entries from self.pos; None when nothing is new."""
+        self._pos[0] = self.pos
+        n = lib.apl_log_export(self.agent.reader.view, self._pos, self._buf, CHUNK, self.opts, max_serial,
+                               self._first, self._last, self._count)
+        if n == _ELOGFULL:
+            raise NeedCopy(f"the log was overwritten past serial {self.sent}")
+        if n == _EBUFSIZE:
+            need = int.from_bytes(bytes(ffi.buffer(self._buf, 8)), "little")
+            raise errors.RecordTooLargeError(f"a log entry of {need} bytes exceeds the stream chunk")
+        if n < 0:
+            raise errors.error_for("APL_ECORRUPT", f"log export failed ({n})")
+        self.pos = self._pos[0]
+        if n == 0:
+            return None
+        return bytes(ffi.buffer(self._buf, n))
+
+    def _send_entries(self, fs, blob: bytes) -> None:
+        first, last = self._first[0], self._last[0]
+        fs.send(rp.message(rp.ENTRIES, self.agent.epoch, first, [first, last, blob]))
+        self.sent = last
+        self.sent_pos.append((last, self.pos))
+
+    async def _write(self, fs, need_copy: bool) -> None:
+        hb = self.agent.cfg.replication.heartbeat
+        if need_copy:
+            await self._copy(fs)
+        self.set_state("streaming")
+        while True:
+            self.wake.clear()
+            if self.verify_queue:
+                await self._send_verify(fs)
+            try:
+                blob = self._export()
+            except NeedCopy as exc:
+                self.log.warning("secondary_fell_behind_log", reason=str(exc))
+                await self._copy(fs)
+                self.set_state("streaming")
+                continue
+            if blob is not None:
+                self._send_entries(fs, blob)
+                await fs.drain()
+                continue
+            self._check_retention()
+            try:
+                await asyncio.wait_for(self.wake.wait(), hb)
+            except asyncio.TimeoutError:
+                fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
+                                   {"head": self.agent.serial, "sent": self.sent}))
+                await fs.drain()
+
+    def _check_retention(self) -> None:
+        """Warn well before the log ring overwrites what this secondary still needs."""
+        size = self.agent.log_size
+        behind = max(0, self.agent.head - self.acked_pos)
+        frac = behind / size if size else 0
+        w = f"retained log for this secondary at {frac:.0%} of log_size" if frac >= 0.5 else None
+        if w != self.warning:
+            self.warning = w
+            if w:
+                self.log.warning("secondary_retention_high", fraction=round(frac, 2))
+            self.agent.report_soon()
+
+    async def _send_verify(self, fs) -> None:
+        """VERIFY right after the entries up to a pinned version, with the
+        checksums of every block at that version: the secondary compares."""
+        a = self.agent
+        vid = self.verify_queue.popleft()
+        pin, version, serial = a.pin_with_serial()
+        try:
+            while self.sent < serial:
+                blob = self._export(serial)
+                if blob is None:
+                    break
+                self._send_entries(fs, blob)
+            sums = a.reader.block_sums(version)
+        finally:
+            pin.close()
+        fs.send(rp.message(rp.VERIFY, a.epoch, self.sent, {"id": vid, "sums": sums, "serial": self.sent}))
+        await fs.drain()
+
+    async def _copy(self, fs) -> None:
+        """Copy every block while the primary keeps processing."""
+        a = self.agent
+        self.set_state("copying")
+        t0 = time.monotonic()
+        pin, version, serial = a.pin_with_serial()
+        try:
+            limit = a.reader.block_limit()
+            self._seek(serial)  # the copy starts at this stream position
+        finally:
+            pin.close()
+        fs.send(rp.message(rp.COPY_BEGIN, a.epoch, serial, {"limit": limit, "serial": serial}))
+        self.copy = {"blocks": 0, "total": limit, "bytes": 0, "rate_mb_s": 0.0, "eta_s": None}
+        self.log.info("copy_started", blocks=limit, serial=serial)
+        n = 0
+        sent_bytes = 0
+        while True:
+            pin, version, serial = a.pin_with_serial()
+            try:
+                while self.sent < serial:   # the stream up to the version the images are read at
+                    blob = self._export(serial)
+                    if blob is None:
+                        break
+                    self._send_entries(fs, blob)
+                limit = max(limit, a.reader.block_limit())
+                if n >= limit:
+                    break
+                batch, size = [], 0
+                while n < limit and size < COPY_BATCH:
+                    img = a.reader.block_image(n, version)
+                    batch.append([n, img])
+                    size += len(img) if img else 8
+                    n += 1
+            finally:
+                pin.close()
+            fs.send(rp.message(rp.COPY_BLOCKS, a.epoch, self.sent, batch))
+            await fs.drain()
+            sent_bytes += size
+            el = max(time.monotonic() - t0, 1e-6)
+            rate = sent_bytes / el
+            self.copy = {"blocks": n, "total": limit, "bytes": sent_bytes, "rate_mb_s": round(rate / 1e6, 2),
+                         "eta_s": round((limit - n) * (sent_bytes / max(n, 1)) / rate, 1) if n else None}
+            a.report_soon()
+        fs.send(rp.message(rp.COPY_END, a.epoch, self.sent, {"serial": self.sent}))
+        await fs.drain()
+        el = time.monotonic() - t0
+        self.log.info("copy_finished", blocks=n, bytes=sent_bytes, seconds=round(el, 3),
+                      rate_mb_s=round(sent_bytes / max(el, 1e-6) / 1e6, 2))
+        self.copy = None
+
+    # -- reading ACKs --------------------------------------------------------------------
+
+    async def _read(self, fs) -> None:
+        timeout = max(3.0, 6 * self.agent.cfg.replication.heartbeat)
+        while True:
+            msg = await fs.recv(timeout)
+            kind, epoch, serial, ts, body = rp.parse(msg)
+            self.last_heard = time.monotonic()
+            if kind == rp.ACK:
+                applied = body.get("applied") if isinstance(body, dict) else None
+                if type(applied) is int and applied > self.acked:
+                    self.acked = applied
+                    while self.sent_pos and self.sent_pos[0][0] <= applied:
+                        self.acked_pos = self.sent_pos.popleft()[1]
+                    self.agent.report_soon()
+            elif kind == rp.NAK:
+                expected = body.get("expected") if isinstance(body, dict) else None
+                if type(expected) is not int:
+                    raise errors.ProtocolError(f"{fs.peer}: malformed NAK")
+                self.log.warning("secondary_gap", expected=expected, sent=self.sent)
+                raise errors.ProtocolError(f"{fs.peer}: gap reported at serial {expected}; resuming from it")
+            elif kind == rp.HEARTBEAT:
+                pass
+            elif kind == rp.VERIFY_RESULT:
+                fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
+                if fut is not None and not fut.done():
+                    fut.set_result(body)
+            elif kind == rp.ERROR:
+                raise errors.error_for(str(body.get("code", "APL_EPROTO")),
+                                       f"{fs.peer}: {body.get('message', 'error')}")
+            else:
+                raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
