@@ -43,14 +43,14 @@ def unique_name(prefix: str = "t") -> str:
 
 def write_config(dirpath: Path, *, name: str | None = None, tables: str = BANK_TABLES, storage: str = "",
                  controller: str = "", extra: str = "", segments: int = 2, segment_size: str = "16MiB",
-                 filename: str = "appliance.toml") -> Path:
+                 filename: str = "appliance.toml", log_size: str = "4MiB") -> Path:
     name = name or unique_name()
     text = f"""
 name = "{name}"
 [storage]
 segments = {segments}
 segment_size = "{segment_size}"
-log_size = "4MiB"
+log_size = "{log_size}"
 max_readers = 128
 {storage}
 [controller]
@@ -234,3 +234,165 @@ def _no_leaked_segments():
     for n in leaked:
         unlink_all(n.split(".")[1])
     assert not leaked, f"tests leaked shared-memory segments: {leaked}"
+
+
+# ---------------------------------------------------------------------------
+# Replication: a primary and secondaries, each a controller and an agent
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess(ControllerProcess):
+    """A real `appliance agent` child process (same handling as the controller's)."""
+
+    def start(self, wait: bool = True) -> "AgentProcess":
+        self._logf = open(self.log_path, "ab")
+        self._mark = self.log_path.stat().st_size
+        env = {**os.environ, "APPLIANCE_LOG_JSON": "1", "APPLIANCE_LOG_LEVEL": "debug"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "agent", "--config", str(self.config)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if wait:
+            self.wait_event("agent_started")
+        return self
+
+    def wait_event(self, event: str, timeout: float = 20.0, **match) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events():
+                if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
+                    return e
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {event} {match} after {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+
+class Node:
+    """One appliance of a cluster: its Appliance (controller) and its agent."""
+
+    def __init__(self, app: Appliance) -> None:
+        self.app = app
+        self.agent = AgentProcess(app.config, app.dir / f"{app.name}.agent.log")
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    def start(self) -> "Node":
+        self.app.start()
+        return self
+
+    def cleanup(self) -> None:
+        self.agent.kill()
+        self.app.cleanup()
+
+
+class Cluster:
+    """A primary and secondaries on loopback, with a shared secret.
+
+    secondaries: list of (mode, extra TOML lines for that secondary's
+    [[replication.secondaries]] entry on the primary)."""
+
+    def __init__(self, make_appliance, tmp_path: Path, secondaries=(("sync", ""), ("async", "")),
+                 quorum: str | int | None = None, secondary_replication: str = "", primary_replication: str = "",
+                 tables: str = BANK_TABLES, segment_size: str = "16MiB", log_size: str = "4MiB") -> None:
+        self.secret = tmp_path / "secret"
+        self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+        self.secret.chmod(0o600)
+        pname = unique_name("tp")
+        snames = [unique_name("ts") for _ in secondaries]
+        self.ports = [free_port() for _ in secondaries]
+        entries = "".join(
+            f'\n[[replication.secondaries]]\nname = "{n}"\naddress = "127.0.0.1:{p}"\nmode = "{mode}"\n{more}\n'
+            for n, p, (mode, more) in zip(snames, self.ports, secondaries))
+        q = f"sync_quorum = {quorum!r}".replace("'", '"') if quorum is not None else ""
+        prim_extra = (f'[replication]\nrole = "primary"\nsecret_file = "{self.secret}"\nheartbeat = 0.2\n{q}\n'
+                      f'{primary_replication}\n{entries}')
+        self.primary = Node(make_appliance(name=pname, extra=prim_extra, tables=tables, segment_size=segment_size,
+                                           log_size=log_size))
+        self.secondaries = []
+        for n, p in zip(snames, self.ports):
+            extra = (f'[replication]\nrole = "secondary"\nsecret_file = "{self.secret}"\nheartbeat = 0.2\n'
+                     f'listen = "127.0.0.1:{p}"\nprimary = "{pname}"\n{secondary_replication}\n')
+            self.secondaries.append(Node(make_appliance(name=n, extra=extra, tables=tables,
+                                                        segment_size=segment_size, log_size=log_size)))
+        self.nodes = [self.primary, *self.secondaries]
+
+    def start(self, wait_streaming: bool = True) -> "Cluster":
+        for node in self.nodes:
+            node.app.start()
+        for node in self.secondaries:
+            node.agent.start()
+        self.primary.agent.start()
+        if wait_streaming:
+            for s in self.secondaries:
+                self.wait_state(s.name, "streaming")
+        return self
+
+    def status(self) -> dict:
+        from appliance.wire import messages as m
+        sess = Session(str(self.primary.app.cfg.socket_path), self.primary.name, timeout=10)
+        try:
+            sess.connect()
+            return sess.call([m.OP_STATUS], "status")
+        finally:
+            sess.close()
+
+    def wait_state(self, secondary: str, state: str, timeout: float = 30.0, **cond) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()["replication"]["secondaries"][secondary]
+            if st["state"] == state and all(st.get(k) == v for k, v in cond.items()):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{secondary} not {state} {cond} after {timeout}s: {st}")
+            time.sleep(0.05)
+
+    def wait_caught_up(self, timeout: float = 30.0) -> int:
+        """Every secondary has acknowledged everything committed so far."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            serial = st["log"]["serial"]
+            secs = st["replication"]["secondaries"]
+            if all(v["acked_serial"] >= serial for v in secs.values()):
+                return serial
+            if time.monotonic() > deadline:
+                raise AssertionError(f"secondaries not caught up to {serial}: "
+                                     f"{ {k: v['acked_serial'] for k, v in secs.items()} }")
+            time.sleep(0.05)
+
+    def verify(self) -> tuple[int, dict]:
+        import json as _json
+        r = subprocess.run([sys.executable, "-m", "appliance", "verify", "--json", "--timeout", "60",
+                            "--config", str(self.primary.app.config)], capture_output=True, text=True, cwd=ROOT)
+        try:
+            return r.returncode, _json.loads(r.stdout)
+        except ValueError:
+            return r.returncode, {"stdout": r.stdout, "stderr": r.stderr}
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.agent.kill()
+        for node in self.nodes:
+            node.app.cleanup()
+
+
+@pytest.fixture
+def make_cluster(make_appliance, tmp_path):
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(make_appliance, tmp_path, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.cleanup()

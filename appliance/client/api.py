@@ -41,7 +41,8 @@ _EBUFSIZE = lib.APL_EBUFSIZE
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0) -> "Client":
+def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
+            durability=None) -> "Client":
     """Attach to the running appliance described by a config file.
 
     Raises :class:`~appliance.errors.UnavailableError` when it is not running,
@@ -50,7 +51,7 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     describe the appliance that is running.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    return Client(cfg, name=name, timeout=timeout)
+    return Client(cfg, name=name, timeout=timeout, durability=durability)
 
 
 class _Buffers(threading.local):
@@ -71,8 +72,10 @@ class Client:
     """A connection to one appliance. Thread-safe; one controller connection
     per thread. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0) -> None:
+    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None) -> None:
         self.config = cfg
+        #: what autocommitted writes wait for on a primary with secondaries (see transaction())
+        self.durability = durability
         self.schema = Schema(cfg)
         self._name = name
         self._timeout = timeout
@@ -151,12 +154,30 @@ class Client:
         self._check()
         return Snapshot(self)
 
-    def transaction(self, program: str | None = None, input: Any = None) -> "Transaction":
+    def transaction(self, program: str | None = None, input: Any = None, *, durability=None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
-        `input` form its T log: which program ran, with what input."""
+        `input` form its T log: which program ran, with what input.
+
+        `durability` (a primary with secondaries): what commit waits for —
+        "quorum" (the configured synchronous secondaries: the default),
+        "local" (none), "all" (every secondary) or an int k (any k). The
+        records stay locked until it is reached, whatever commit(wait=...)."""
         self._check()
-        return Transaction(self, program, input)
+        return Transaction(self, program, input, durability if durability is not None else self.durability)
+
+    def wait_applied(self, serial: int, timeout: float = 10.0) -> int:
+        """Read-your-writes on a secondary: wait until the primary's change
+        `serial` (a commit's ``result["serial"]``) is applied here; returns
+        the serial applied. On a primary it returns at once."""
+        self._check()
+        return self._call([m.OP_WAIT_APPLIED, serial, timeout], "wait_applied")
+
+    def applied_serial(self) -> int:
+        """The primary serial this (secondary) appliance has applied, from shared memory."""
+        self._check()
+        sb = self._att.sb
+        return sb.sb_pub[sb.sb_version & 1].pb_source_serial
 
     def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None) -> int:
         """Insert records in batches of `batch`, each batch one transaction.
@@ -328,7 +349,10 @@ class Table(MutableMapping):
             raise errors.TransactionStateError(f"{self.name}: a snapshot is read-only")
         if self._client is None:
             raise errors.ClosedError(f"table {self.name!r}: its client is closed")
-        return self._client._call([m.OP_ATOMIC, None, None, [step]], what)
+        d = self._client.durability
+        if d is None:
+            return self._client._call([m.OP_ATOMIC, None, None, [step]], what)
+        return self._client._call([m.OP_ATOMIC, None, None, [step], {"durability": d}], what)
 
     def __setitem__(self, key, record: dict) -> None:
         self._write([m.OP_PUT, self.name, key, record], f"{self.name}[{key!r}] = ...")
@@ -394,8 +418,9 @@ class Transaction:
     ``with`` block normally commits; an exception cancels.
     """
 
-    def __init__(self, client: Client, program: str | None, input: Any) -> None:
+    def __init__(self, client: Client, program: str | None, input: Any, durability=None) -> None:
         self._client = client
+        self.durability = durability
         self._program = program
         self._input = input
         self.number: int | None = None
@@ -466,8 +491,11 @@ class Transaction:
         self._written.add((table, key))
         return r
 
-    def commit(self) -> dict:
-        """Commit; returns {"txn", "serial", "version"}."""
+    def commit(self, *, wait: bool = True) -> dict:
+        """Commit; returns {"txn", "serial", "version"}. With wait=False a
+        primary answers right after the local commit (then "backup":
+        "pending") while the records stay locked until the secondaries
+        confirm (Figure 6)."""
         if self.state == "new":
             self.state = "committed"
             self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
@@ -479,7 +507,7 @@ class Transaction:
             self.state = "cancelled"
             raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
         try:
-            reply = s.call_many([[m.OP_COMMIT, True]])[0]
+            reply = s.call_many([[m.OP_COMMIT, wait, self.durability]])[0]
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
                 self.state = "cancelled"  # the commit never left: the controller cancelled it

@@ -1,0 +1,220 @@
+"""Replication between real appliances on loopback: controllers, agents, TCP."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import appliance
+from appliance import errors
+
+TWO_TABLES = """
+[tables.accounts]
+primary_key = "id"
+alternate_keys = ["branch"]
+fields = { id = "int", branch = "str", balance = "int" }
+
+[tables.events]
+primary_key = "key"
+alternate_keys = ["kind"]
+fields = { key = "str", kind = "str", amount = { type = "int", default = 0 }, note = { type = "str", nullable = true } }
+"""
+
+WORKLOAD = r"""
+import random, sys, appliance
+from appliance import errors
+db = appliance.connect(sys.argv[1]); seed = int(sys.argv[2]); n = int(sys.argv[3])
+rng = random.Random(seed); acc = db.table("accounts"); ev = db.table("events")
+for i in range(n):
+    r = rng.random()
+    try:
+        if r < 0.3:
+            k = rng.randrange(3000)
+            acc[k] = {"branch": "b%d" % rng.randrange(30), "balance": rng.randrange(10**6)}
+        elif r < 0.45:
+            k = rng.randrange(3000)
+            if k in acc:
+                del acc[k]
+        elif r < 0.75:
+            with db.transaction(program="mixed", input={"i": i, "seed": seed}) as tx:
+                for _ in range(rng.randrange(1, 5)):
+                    k = rng.randrange(3000)
+                    cur = tx.get("accounts", k, for_update=True)
+                    if cur is None:
+                        tx.insert("accounts", {"id": k, "branch": "b%d" % rng.randrange(30), "balance": 1})
+                    else:
+                        tx.update("accounts", k, {"balance": cur["balance"] + 1, "branch": "b%d" % rng.randrange(30)})
+                tx.put("events", "e%d-%d" % (seed, i), {"kind": "k%d" % rng.randrange(5), "note": "x" * rng.randrange(200)})
+        elif r < 0.9:
+            ev["s%d-%d" % (seed, rng.randrange(500))] = {"kind": "k%d" % rng.randrange(5), "amount": i, "note": None}
+        else:
+            with db.transaction() as tx:
+                tx.put("accounts", rng.randrange(3000), {"branch": "big", "balance": 0})
+                raise RuntimeError("cancel me")
+    except RuntimeError:
+        pass
+    except (errors.DeadlockError, errors.LockTimeoutError):
+        pass
+print("done")
+"""
+
+
+def snapshot_of(cfg_path) -> dict:
+    with appliance.connect(cfg_path) as db:
+        with db.snapshot() as snap:
+            return {t: list(snap.table(t).range()) for t in db.tables}
+
+
+def finds(cfg_path) -> dict:
+    with appliance.connect(cfg_path) as db:
+        acc = db.table("accounts")
+        return {b: acc.find("branch", b) for b in ("b0", "b7", "big")}
+
+
+class TestReplicatedWorkload:
+    def test_sync_and_async_secondaries_end_identical(self, make_cluster):
+        """A random multi-table workload from 3 processes reaches a sync and an async secondary block for block."""
+        c = make_cluster(tables=TWO_TABLES, segment_size="32MiB").start()
+        p = c.primary.app
+        workers = [p.spawn(WORKLOAD, str(seed), "400", stdout=subprocess.PIPE, text=True) for seed in range(3)]
+        for w in workers:
+            out, _ = w.communicate(timeout=300)
+            assert w.returncode == 0 and "done" in out
+        c.wait_caught_up()
+        rc, res = c.verify()
+        assert rc == 0, res
+        assert res["identical"] and len(res["secondaries"]) == 2
+        assert all(r["checked"] > 10 for r in res["secondaries"].values())
+        primary = snapshot_of(p.config)
+        assert len(primary["accounts"]) > 100 and len(primary["events"]) > 100
+        for s in c.secondaries:
+            assert snapshot_of(s.app.config) == primary
+            assert finds(s.app.config) == finds(p.config)
+        st = c.status()["replication"]["secondaries"]
+        assert {v["mode"] for v in st.values()} == {"sync", "async"}
+        assert all(v["healthy"] and v["lag"]["transactions"] == 0 for v in st.values())
+
+    def test_secondary_refuses_writes_and_serves_reads(self, make_cluster):
+        """A secondary answers reads from its copy and refuses writes with ReadOnlyError."""
+        c = make_cluster(secondaries=(("async", ""),)).start()
+        with appliance.connect(c.primary.app.config) as db:
+            db.table("accounts")[1] = {"branch": "x", "balance": 5}
+            with db.transaction() as tx:
+                tx.put("accounts", 2, {"branch": "y", "balance": 6})
+            serial = tx.result["serial"]
+        s = c.secondaries[0].app
+        with appliance.connect(s.config) as sdb:
+            assert sdb.wait_applied(serial) >= serial    # read-your-writes
+            assert sdb.table("accounts")[2] == {"id": 2, "branch": "y", "balance": 6}
+            with pytest.raises(errors.ReadOnlyError):
+                sdb.table("accounts")[3] = {"branch": "z", "balance": 1}
+            with pytest.raises(errors.ReadOnlyError):
+                with sdb.transaction() as tx:
+                    tx.put("accounts", 4, {"branch": "z", "balance": 1})
+
+
+class TestSynchronous:
+    def test_commit_does_not_return_before_the_ack(self, make_cluster):
+        """With the sync secondary's agent stopped, commit blocks; it returns only once the secondary holds the change."""
+        c = make_cluster(secondaries=(("sync", ""),)).start()
+        sec = c.secondaries[0]
+        db = appliance.connect(c.primary.app.config)
+        sdb = appliance.connect(sec.app.config)
+        try:
+            db.table("accounts")[1] = {"branch": "a", "balance": 1}
+            sec.agent.signal(signal.SIGSTOP)
+            out = {}
+
+            def commit():
+                with db.transaction() as tx:
+                    tx.put("accounts", 1, {"branch": "a", "balance": 2})
+                out["result"] = tx.result
+                out["applied_at_return"] = sdb.applied_serial()
+
+            t = threading.Thread(target=commit)
+            t.start()
+            t.join(1.5)
+            assert t.is_alive(), "a synchronous commit returned while its secondary was stopped"
+            # the change is committed locally and visible there, but not yet backed up
+            assert db.table("accounts")[1]["balance"] == 2
+            assert sdb.table("accounts")[1]["balance"] == 1
+            sec.agent.signal(signal.SIGCONT)
+            t.join(30)
+            assert not t.is_alive()
+            assert out["applied_at_return"] >= out["result"]["serial"]
+            assert sdb.table("accounts")[1]["balance"] == 2
+        finally:
+            sec.agent.signal(signal.SIGCONT)
+            db.close()
+            sdb.close()
+
+    def test_wait_false_returns_but_keeps_the_locks(self, make_cluster):
+        """commit(wait=False) returns after the local commit; the records stay locked until the ack (Figure 6)."""
+        c = make_cluster(secondaries=(("sync", ""),)).start()
+        sec = c.secondaries[0]
+        db = appliance.connect(c.primary.app.config)
+        other = appliance.connect(c.primary.app.config)
+        try:
+            db.table("accounts")[1] = {"branch": "a", "balance": 1}
+            sec.agent.signal(signal.SIGSTOP)
+            tx = db.transaction()
+            tx.put("accounts", 1, {"branch": "a", "balance": 2})
+            r = tx.commit(wait=False)
+            assert r["backup"] == "pending"
+            with pytest.raises(errors.LockTimeoutError):   # lock_timeout is 2 s in these configs
+                with other.transaction() as t2:
+                    t2.get("accounts", 1, for_update=True)
+            sec.agent.signal(signal.SIGCONT)
+            c.wait_caught_up()
+            with other.transaction() as t2:
+                assert t2.get("accounts", 1, for_update=True)["balance"] == 2
+        finally:
+            sec.agent.signal(signal.SIGCONT)
+            db.close()
+            other.close()
+
+    def test_local_durability_does_not_wait(self, make_cluster):
+        """durability='local' commits without waiting for a stopped sync secondary; 'quorum' waits."""
+        c = make_cluster(secondaries=(("sync", ""),)).start()
+        sec = c.secondaries[0]
+        db = appliance.connect(c.primary.app.config)
+        try:
+            sec.agent.signal(signal.SIGSTOP)
+            with db.transaction(durability="local") as tx:
+                tx.put("accounts", 5, {"branch": "a", "balance": 1})
+            assert tx.result["serial"]
+            sec.agent.signal(signal.SIGCONT)
+            c.wait_caught_up()
+        finally:
+            sec.agent.signal(signal.SIGCONT)
+            db.close()
+
+    def test_k_of_n_quorum(self, make_cluster):
+        """With quorum 2 of 3 sync secondaries, commits go on with one stopped and block with two stopped."""
+        c = make_cluster(secondaries=(("sync", ""), ("sync", ""), ("sync", "")), quorum=2).start()
+        db = appliance.connect(c.primary.app.config)
+        s1, s2, s3 = c.secondaries
+        try:
+            s1.agent.signal(signal.SIGSTOP)
+            db.table("accounts")[1] = {"branch": "a", "balance": 1}   # 2 of 3 still answer
+            s2.agent.signal(signal.SIGSTOP)
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (db.table("accounts").__setitem__(
+                2, {"branch": "a", "balance": 2}), done.set()))
+            t.start()
+            t.join(1.5)
+            assert not done.is_set(), "a commit returned with only 1 of the 2 required acks"
+            s1.agent.signal(signal.SIGCONT)
+            t.join(30)
+            assert done.is_set()
+        finally:
+            for s in c.secondaries:
+                s.agent.signal(signal.SIGCONT)
+            db.close()
+        c.wait_caught_up()
+        rc, res = c.verify()
+        assert rc == 0, res
