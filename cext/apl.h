@@ -26,6 +26,8 @@ struct apl_geometry {
     uint32_t max_overflow;
     uint32_t nreaders;
     uint64_t log_size;
+    uint32_t compressed;     /* 1: devices hold lz4 backup blocks (a secondary that serves no reads) */
+    uint64_t max_blocks_in;  /* compressed: location table capacity (block numbers) */
     /* outputs */
     uint64_t segment_slots;
     uint64_t max_blocks;
@@ -34,6 +36,7 @@ struct apl_geometry {
     uint64_t log_off;
     uint64_t meta_size;
     uint64_t readers_size;
+    uint32_t page_size;      /* compressed: bytes per device page */
 };
 int apl_geometry(struct apl_geometry *g);
 int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instance,

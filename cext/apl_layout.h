@@ -170,13 +170,15 @@ struct apl_super {
     uint32_t sb_nfiles;         /** entries in the file directory */
     uint32_t sb_max_overflow;   /** overflow blocks allowed behind a primary block */
     uint32_t sb_nreaders;       /** reader slots in the readers segment */
-    uint32_t sb_pad0;
+    uint32_t sb_flags;          /** APL_SB_COMPRESSED: devices hold lz4 backup blocks */
     uint64_t sb_files_off;      /** offset of struct apl_file[sb_nfiles] */
     uint64_t sb_loc_off;        /** offset of apl_addr[sb_max_blocks] */
     uint64_t sb_log_off;        /** offset of the change-log ring */
     uint64_t sb_log_size;       /** bytes in the change-log ring */
     uint64_t sb_meta_size;      /** total bytes of the meta segment */
-    uint8_t  sb_pad1[256 - 112];
+    uint32_t sb_page_size;      /** compressed store: bytes per device page (the slot size) */
+    uint32_t sb_nclasses;       /** compressed store: object size classes (APL_BCLASSES) */
+    uint8_t  sb_pad1[256 - 120];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */
@@ -271,6 +273,35 @@ struct apl_slot {
 };
 
 /* ------------------------------------------------------------------ */
+/* Compressed backup blocks ([0088]-[0091])                              */
+/* ------------------------------------------------------------------ */
+/*
+ * A secondary that serves no reads keeps each block number as one object:
+ * the block's image (apl_block_image: a primary block and its overflow chain
+ * as one unit) compressed with lz4, in a variable-length slot. Device
+ * segments are cut into pages of sb_page_size bytes; a page holds objects of
+ * one size class. The location table entry of a number is the address of its
+ * newest object (segment << 48 | byte offset); versions chain through bo_prev
+ * exactly as block versions do, so publishing and crash recovery work the
+ * same way. Nobody reads such a store but its controller.
+ */
+#define APL_SB_COMPRESSED    0x1u
+#define APL_MAGIC_BOBJ       0x4A424F42u /* "BOBJ" */
+#define APL_BCLASSES         60u
+#define APL_BOBJ_ADDR(seg, off) (((uint64_t)(seg) << 48) | (uint64_t)(off))
+
+struct apl_bobj {
+    uint32_t bo_magic;       /** APL_MAGIC_BOBJ */
+    uint32_t bo_number;      /** block number */
+    uint64_t bo_version;     /** commit version that made it current */
+    apl_addr bo_prev;        /** previous version of this number, or NONE */
+    uint32_t bo_class;       /** size class of its slot */
+    uint32_t bo_clen;        /** compressed bytes that follow the header */
+    uint32_t bo_rawlen;      /** bytes of the image once decompressed */
+    uint32_t bo_pad;
+};
+
+/* ------------------------------------------------------------------ */
 /* Change-log entry header; payload follows: key, A image, B image.     */
 /* ------------------------------------------------------------------ */
 struct apl_centry {
@@ -303,6 +334,7 @@ _Static_assert(sizeof(struct apl_reader) == APL_CACHELINE, "reader slot is one c
 _Static_assert(sizeof(struct apl_bhdr) == 64, "block header size");
 _Static_assert(sizeof(struct apl_slot) == 16, "slot size");
 _Static_assert(sizeof(struct apl_centry) == 72, "change-log entry header size");
+_Static_assert(sizeof(struct apl_bobj) == 40, "backup object header size");
 _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits a block");
 
 /* The format number folds in the sizes of everything above (LMDB MDB_LOCK_FORMAT). */
@@ -313,6 +345,7 @@ _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits 
     ^ (uint32_t)sizeof(struct apl_bhdr) * 43u \
     ^ (uint32_t)sizeof(struct apl_slot) * 47u \
     ^ (uint32_t)sizeof(struct apl_centry) * 53u \
+    ^ (uint32_t)sizeof(struct apl_bobj) * 61u ^ APL_BCLASSES * 67u \
     ^ (uint32_t)sizeof(apl_addr) * 59u))
 
 #endif /* APL_LAYOUT_H */

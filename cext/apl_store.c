@@ -34,66 +34,8 @@
 #include <signal.h>
 #include <stdlib.h>
 
-#include "apl_int.h"
+#include "apl_store_int.h"
 
-enum { RT_CHAIN = 1, RT_NUMBER = 2 };
-
-struct retire {
-    uint64_t at;       /* reclaimable once every pin is >= at */
-    apl_addr addr;     /* RT_CHAIN: head of the chain version to free */
-    uint32_t number;   /* RT_NUMBER: block number to free (with its last chain) */
-    uint32_t kind;
-};
-
-struct rec {
-    uint64_t prefix;
-    const uint8_t *k;
-    const uint8_t *val;
-    uint32_t klen;
-    uint32_t vlen;     /* leaf: value bytes; inner: 0 */
-    uint32_t aux;      /* leaf: vlen; inner: child number */
-};
-
-struct wpath {
-    int depth;                      /* inner levels above the leaf chain */
-    uint32_t num[APL_MAX_HEIGHT];   /* inner block numbers from the root down */
-    uint32_t idx[APL_MAX_HEIGHT];   /* child index taken in each */
-    uint32_t leaf;                  /* leaf chain number */
-    int rightmost;                  /* every index taken was the last one */
-};
-
-struct apl_store {
-    apl_view *v;
-    uint64_t pending;               /* version being built; 0 when no batch is open */
-    uint32_t bsize;
-    uint32_t maxb;                  /* blocks allowed in a chain: 1 + max_overflow */
-    /* block slots: one stack of free slot indices per segment */
-    uint32_t *free_slots[APL_MAX_SEGMENTS];
-    uint64_t nfree[APL_MAX_SEGMENTS];
-    uint32_t next_seg;
-    uint64_t free_total;
-    uint64_t reserve;
-    int use_reserve;
-    /* block numbers */
-    uint32_t *free_nums;
-    uint64_t nfree_nums;
-    uint64_t next_num;              /* numbers >= this were never used */
-    /* retire queue, ordered by `at` (a ring) */
-    struct retire *rq;
-    uint64_t rq_head, rq_len, rq_cap;
-    /* the last operation */
-    struct apl_opinfo op;
-    /* scratch for rewrites */
-    uint8_t *scratch;
-    uint64_t scratch_cap;
-    struct rec *recs;
-    uint64_t recs_cap;
-    /* change log writer */
-    uint64_t log_head, log_tail, serial, epoch;
-    uint64_t max_record;            /* slot + key + value bytes a leaf record may take */
-    int source_set;                 /* apl_set_source called for the open batch */
-    uint64_t max_key;
-};
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                       */
@@ -212,7 +154,7 @@ static uint32_t alloc_number(apl_store *s)
     return APL_NO_BLOCK;
 }
 
-static int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uint64_t at)
+int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uint64_t at)
 {
     if (s->rq_len == s->rq_cap) {
         uint64_t ncap = s->rq_cap ? s->rq_cap * 2 : 1024;

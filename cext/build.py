@@ -55,8 +55,9 @@ struct apl_super {
     uint32_t sb_magic; uint32_t sb_format; uint64_t sb_instance; uint64_t sb_created_ns;
     uint64_t sb_schema_hash; uint32_t sb_block_size; uint32_t sb_nsegments;
     uint64_t sb_segment_slots; uint64_t sb_max_blocks; uint32_t sb_nfiles;
-    uint32_t sb_max_overflow; uint32_t sb_nreaders; uint64_t sb_files_off;
+    uint32_t sb_max_overflow; uint32_t sb_nreaders; uint32_t sb_flags; uint64_t sb_files_off;
     uint64_t sb_loc_off; uint64_t sb_log_off; uint64_t sb_log_size; uint64_t sb_meta_size;
+    uint32_t sb_page_size; uint32_t sb_nclasses;
     uint64_t sb_version; uint64_t sb_epoch; uint64_t sb_txn_next;
     uint32_t sb_controller_pid; uint32_t sb_state; uint64_t sb_opened_ns;
     struct apl_pub sb_pub[2];
@@ -79,6 +80,12 @@ struct apl_bhdr {
     uint16_t bh_chain; uint64_t bh_count; ...;
 };
 struct apl_slot { uint64_t sl_prefix; uint16_t sl_off; uint16_t sl_klen; uint32_t sl_aux; ...; };
+#define APL_BCLASSES ...
+#define APL_SB_COMPRESSED ...
+struct apl_bobj {
+    uint32_t bo_magic; uint32_t bo_number; uint64_t bo_version; uint64_t bo_prev;
+    uint32_t bo_class; uint32_t bo_clen; uint32_t bo_rawlen; ...;
+};
 struct apl_centry {
     uint32_t ce_len; uint16_t ce_kind; uint16_t ce_flags; uint32_t ce_file; uint32_t ce_block;
     uint64_t ce_serial; uint64_t ce_txn; uint64_t ce_epoch; uint64_t ce_time_ns;
@@ -89,6 +96,7 @@ struct apl_centry {
 struct apl_geometry {
     uint32_t block_size; uint32_t nsegments; uint64_t segment_size; uint32_t nfiles;
     uint32_t max_overflow; uint32_t nreaders; uint64_t log_size;
+    uint32_t compressed; uint64_t max_blocks_in; uint32_t page_size;
     uint64_t segment_slots; uint64_t max_blocks; uint64_t files_off; uint64_t loc_off;
     uint64_t log_off; uint64_t meta_size; uint64_t readers_size; ...;
 };

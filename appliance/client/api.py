@@ -453,7 +453,7 @@ class Transaction:
                     f"{what}: the connection to the controller was lost; transaction {self.number} "
                     "was cancelled")
             try:
-                reply = s.call_many([req])[0]
+                reply = s.call_many([req], retry=False)[0]
             except errors.UnavailableError:
                 self.state = "cancelled"
                 raise
@@ -507,7 +507,7 @@ class Transaction:
             self.state = "cancelled"
             raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
         try:
-            reply = s.call_many([[m.OP_COMMIT, wait, self.durability]])[0]
+            reply = s.call_many([[m.OP_COMMIT, wait, self.durability]], retry=False)[0]
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
                 self.state = "cancelled"  # the commit never left: the controller cancelled it
@@ -560,7 +560,7 @@ class Transaction:
             s = self._session
             if s.generation == self._generation and s.connected:
                 try:
-                    s.call([m.OP_CANCEL], "cancel")
+                    s.call_many([[m.OP_CANCEL]], retry=False)
                 except errors.UnavailableError:
                     pass  # the controller cancels it when the connection goes
         elif self.state == "new":

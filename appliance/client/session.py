@@ -96,12 +96,12 @@ class Session:
 
     # -- requests -------------------------------------------------------------------
 
-    def _roundtrip(self, reqs: list) -> list:
+    def _roundtrip(self, reqs: list, retry: bool = True) -> list:
         try:
             data = framing.encode_many(reqs)
         except (OverflowError, TypeError, ValueError) as exc:
             raise errors.WrongTypeError(f"a value cannot be sent: {exc}") from None
-        self._send(data)
+        self._send(data, retry)
         try:
             return [self.reader.read() for _ in reqs]
         except (EOFError, OSError, errors.ProtocolError) as exc:
@@ -109,21 +109,29 @@ class Session:
             raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
                                     sent=True) from None
 
-    def call_many(self, reqs: list) -> list:
-        """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...])."""
+    def call_many(self, reqs: list, retry: bool = True) -> list:
+        """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...]).
+        retry=False: the requests belong to this connection (an open
+        transaction's); never resend them on a new one."""
         if not self.connected:
+            if not retry:
+                raise self._unavailable("connection lost", sent=False)
             self.connect()
-        return self._roundtrip(reqs)
+        return self._roundtrip(reqs, retry)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, retry: bool = True) -> None:
         """Send on the current connection; if it went stale (the controller
         restarted since), the bytes never reached anyone: reconnect once and
-        send again. Raises UnavailableError(sent=False) when that fails."""
+        send again — unless `retry` is false (a request that belongs to the
+        old connection, like a statement of its open transaction). Raises
+        UnavailableError(sent=False) when the request could not be sent."""
         try:
             self.sock.sendall(data)
             return
-        except OSError:
+        except OSError as exc:
             self.close()
+            if not retry:
+                raise self._unavailable(f"connection lost: {exc.strerror or exc}", sent=False) from None
         self.connect()
         try:
             self.sock.sendall(data)

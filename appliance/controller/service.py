@@ -400,6 +400,8 @@ class Controller:
             raise errors.ReadOnlyError(
                 f"appliance {self.cfg.name!r} is a secondary: it takes changes only from its primary "
                 f"{self.cfg.replication.primary!r}; write there")
+        if op not in m.NAMES:
+            raise errors.ProtocolError(f"unknown request op {op}")
         if op >= m.OP_AGENT:
             return (yield from self._agent_op(sess, op, args))
         if op == m.OP_WAIT_APPLIED:
