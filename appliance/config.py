@@ -128,6 +128,9 @@ class StorageConfig(_Strict):
     max_readers: int = Field(512, ge=8, le=1 << 20)
     mode: str = "0640"
     group: str | None = None
+    # a secondary with lz4 backup blocks (serve_reads = false): block numbers its
+    # location table can hold; at least the primary's (segments x segment_size / block_size)
+    max_blocks: int | None = Field(None, ge=16, le=(1 << 32) - 2)
 
     @field_validator("segment_size", "log_size", mode="before")
     @classmethod
@@ -333,6 +336,11 @@ class Config(_Strict):
     def role(self) -> str:
         return self.replication.role if self.replication else "standalone"
 
+    @property
+    def compressed(self) -> bool:
+        """A secondary that keeps lz4 backup blocks and serves no reads."""
+        return self.role == "secondary" and not self.replication.serve_reads
+
     def secret(self) -> bytes | None:
         r = self.replication
         if r is None or r.secret_file is None:
@@ -379,6 +387,7 @@ class Config(_Strict):
         doc = {
             "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
             "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
+            "compressed": self.compressed, "max_blocks": s.max_blocks,
             "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
                            "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
                        for n, t in self.tables.items()},

@@ -43,6 +43,7 @@ __all__ = [
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
+    "NotServingReadsError",
     "InternalError",
     "error_for",
 ]
@@ -204,6 +205,13 @@ class ReadOnlyError(ApplianceError):
     """A write sent to a secondary appliance (it only takes its primary's changes)."""
 
     codes = ("APL_EREADONLY",)
+
+
+class NotServingReadsError(ApplianceError):
+    """A client attached to a secondary that keeps lz4 backup blocks
+    (``replication.serve_reads = false``): it serves no reads."""
+
+    codes = ("APL_ENOREAD",)
 
 
 class BusyError(ApplianceError):

@@ -64,6 +64,7 @@ typedef struct apl_view {
     uint32_t v_nfiles;
     uint32_t v_bsize;
     uint32_t v_nseg;
+    uint32_t v_flags;              /* sb_flags: APL_SB_COMPRESSED */
     uint64_t v_seg_slots;
     uint8_t *v_seg[APL_MAX_SEGMENTS];
 } apl_view;
@@ -168,6 +169,8 @@ struct apl_stats {
     uint64_t log_tail;
     uint64_t log_size;
     uint64_t serial;
+    uint64_t bytes_used;      /* compressed store: bytes of pages in use */
+    uint64_t bytes_live;      /* compressed store: bytes of live objects */
     uint64_t seg_free[APL_MAX_SEGMENTS];
 };
 

@@ -200,5 +200,7 @@ struct apl_bhdr *apl_descend(const apl_view *v, uint32_t file, uint64_t version,
                              uint64_t p, const uint8_t *k, uint32_t n);
 
 int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap);
+/* apl_bstore.c: a compressed block's image at a version */
+int64_t apl_bobj_image(const apl_view *v, uint32_t number, uint64_t version, uint8_t *out, uint64_t cap);
 
 #endif

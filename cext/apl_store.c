@@ -1082,6 +1082,28 @@ int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t 
     if (f->fl_kind)
         return APL_EINVAL;
     uint32_t root = alloc_number(s), meta = alloc_number(s);
+    if (s->bs) {  /* compressed: an empty leaf image and a zero count */
+        if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK)
+            return APL_EFULL;
+        uint8_t img[28] = {0};
+        uint32_t leaf = APL_BLK_LEAF, m = APL_BLK_META;
+        memcpy(img, &root, 4);
+        memcpy(img + 4, &leaf, 4);
+        memcpy(img + 8, &id, 4);
+        int rc = bs_put_image(s, root, img, 20);
+        memcpy(img, &meta, 4);
+        memcpy(img + 4, &m, 4);
+        if (rc || (rc = bs_put_image(s, meta, img, 28)))
+            return rc;
+        memset(f, 0, sizeof(*f));
+        strcpy(f->fl_name, name);
+        f->fl_id = id;
+        f->fl_root = root;
+        f->fl_meta = meta;
+        f->fl_table = table;
+        STORE_REL(&f->fl_kind, kind);
+        return APL_OK;
+    }
     apl_addr ra = alloc_slot(s), ma = alloc_slot(s);
     if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK || ra == APL_ADDR_NONE || ma == APL_ADDR_NONE)
         return APL_EFULL;
@@ -1327,13 +1349,18 @@ int64_t apl_reclaim(apl_store *s)
         struct retire *r = &s->rq[s->rq_head];
         if (r->at > oldest)
             break;
-        if (r->kind == RT_CHAIN) {
-            free_chain(s, r->addr);
+        if (r->kind == RT_CHAIN || r->kind == RT_OBJECT) {
+            if (s->bs)
+                bs_release(s, r->addr);
+            else
+                free_chain(s, r->addr);
             freed++;
         } else {
             apl_addr a = s->v->v_loc[r->number];
             STORE_REL(&s->v->v_loc[r->number], APL_ADDR_NONE);
-            if (a != APL_ADDR_NONE)
+            if (a != APL_ADDR_NONE && s->bs)
+                bs_release(s, a);
+            else if (a != APL_ADDR_NONE)
                 free_chain(s, a);
             s->free_nums[s->nfree_nums++] = r->number;
             freed++;
@@ -1368,7 +1395,9 @@ apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots)
     s->recs = malloc(s->recs_cap * sizeof(struct rec));
     s->free_nums = malloc(v->v_max_blocks * sizeof(uint32_t));
     int ok = s->scratch && s->recs && s->free_nums;
-    for (uint32_t i = 0; ok && i < v->v_nseg; i++)
+    if (ok && (v->v_flags & APL_SB_COMPRESSED))
+        ok = bs_open(s) == APL_OK;
+    for (uint32_t i = 0; ok && !s->bs && i < v->v_nseg; i++)
         ok = (s->free_slots[i] = malloc(v->v_seg_slots * sizeof(uint32_t))) != 0;
     if (!ok) {
         apl_store_free(s);
@@ -1383,6 +1412,7 @@ void apl_store_free(apl_store *s)
         return;
     for (uint32_t i = 0; i < APL_MAX_SEGMENTS; i++)
         free(s->free_slots[i]);
+    bs_free(s);
     free(s->free_nums);
     free(s->scratch);
     free(s->recs);
@@ -1453,6 +1483,11 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
     s->serial = g ? pb->pb_serial : 0;
     s->epoch = sb->sb_epoch;
     r->readers_cleared = (uint64_t)apl_sweep_readers(s);
+    if (s->bs) {
+        int brc = bs_recover(s, r);
+        r->log_head = s->log_head;
+        return brc;
+    }
     /* a reader between PENDING and its pin will pin the current version */
     int busy;
     uint64_t oldest = oldest_pin(s, &busy, 0);
@@ -1575,6 +1610,8 @@ int apl_store_stats(apl_store *s, struct apl_stats *st)
     st->serial = s->serial;
     for (uint32_t i = 0; i < v->v_nseg; i++)
         st->seg_free[i] = s->nfree[i];
+    if (s->bs)
+        bs_stats(s, st);
     return APL_OK;
 }
 
@@ -1814,6 +1851,11 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
 {
     if (!s->pending)
         return APL_EBATCH;
+    if (s->bs) {
+        if (img && len && (len < 20 || memcmp(img, &number, 4) != 0))
+            return APL_ECORRUPT;
+        return bs_put_image(s, number, len ? img : 0, len);
+    }
     int err = 0;
     if (!img || len == 0) {
         /* the number is not in use on the primary */
@@ -1891,9 +1933,15 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
 }
 
 /* Upsert or delete one record in the chain of block `number`. */
+int bs_apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                    const uint8_t *val, uint32_t vlen, int delta);
+int bs_count_add(apl_store *s, uint32_t meta, int64_t delta);
+
 static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
                         const uint8_t *val, uint32_t vlen, int delta)
 {
+    if (s->bs)
+        return bs_apply_record(s, number, kind, key, klen, val, vlen, delta);
     if (number >= s->v->v_max_blocks || !head_of(s, number))
         return APL_ECORRUPT;
     if (klen == 0 || klen > s->max_key)
@@ -2020,6 +2068,8 @@ static int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *
     uint32_t meta = s->v->v_files[file].fl_meta;
     if (copied && (meta >= nbits || !(copied[meta >> 3] & (1u << (meta & 7)))))
         return APL_OK; /* not copied yet: the copy will carry the count */
+    if (s->bs)
+        return bs_count_add(s, meta, delta);
     int err = 0;
     struct apl_bhdr *m = cow(s, meta, &err);
     if (!m)

@@ -50,12 +50,24 @@ int apl_geometry(struct apl_geometry *g)
         return APL_EINVAL;
     if (g->log_size < (64u << 10) || (g->log_size & 7) || g->max_overflow > 8)
         return APL_EINVAL;
-    if (g->segment_size / g->block_size < 9)
-        return APL_EINVAL;
-    g->segment_slots = g->segment_size / g->block_size - 1;
-    if (g->segment_slots > APL_ADDR_SLOT(APL_ADDR_NONE - 1))
-        return APL_EINVAL;
-    g->max_blocks = g->segment_slots * g->nsegments;
+    if (g->compressed) {
+        /* devices cut into pages that hold lz4 objects; numbers as the primary has them */
+        g->page_size = 65536;
+        if ((uint64_t)(g->max_overflow + 2) * g->block_size + 64 > g->page_size)
+            return APL_EINVAL;
+        if (g->segment_size / g->page_size < 2 || g->max_blocks_in < 16)
+            return APL_EINVAL;
+        g->segment_slots = g->segment_size / g->page_size - 1;
+        g->max_blocks = g->max_blocks_in;
+    } else {
+        g->page_size = 0;
+        if (g->segment_size / g->block_size < 9)
+            return APL_EINVAL;
+        g->segment_slots = g->segment_size / g->block_size - 1;
+        if (g->segment_slots > APL_ADDR_SLOT(APL_ADDR_NONE - 1))
+            return APL_EINVAL;
+        g->max_blocks = g->segment_slots * g->nsegments;
+    }
     if (g->max_blocks >= APL_NO_BLOCK)
         return APL_EINVAL;
     g->files_off = APL_PAGE;
@@ -88,6 +100,9 @@ int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instan
     sb->sb_log_off = g->log_off;
     sb->sb_log_size = g->log_size;
     sb->sb_meta_size = g->meta_size;
+    sb->sb_flags = g->compressed ? APL_SB_COMPRESSED : 0;
+    sb->sb_page_size = g->page_size;
+    sb->sb_nclasses = g->compressed ? APL_BCLASSES : 0;
     sb->sb_version = 0;
     sb->sb_epoch = 1;
     sb->sb_txn_next = 1;
@@ -114,7 +129,7 @@ int apl_format_device(uint8_t *mem, const struct apl_geometry *g, uint64_t insta
     h->sg_format = APL_FORMAT;
     h->sg_instance = instance;
     h->sg_index = index;
-    h->sg_block_size = g->block_size;
+    h->sg_block_size = g->compressed ? g->page_size : g->block_size;
     h->sg_slots = g->segment_slots;
     STORE_REL(&h->sg_magic, APL_MAGIC_DEVICE);
     return APL_OK;
@@ -241,8 +256,10 @@ int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
     v->v_nfiles = sb->sb_nfiles;
     v->v_bsize = sb->sb_block_size;
     v->v_nseg = nsegs;
+    v->v_flags = sb->sb_flags;
     v->v_seg_slots = sb->sb_segment_slots;
-    if ((v->v_seg_slots + 1) * (uint64_t)v->v_bsize > seg_size)
+    uint64_t slot = (sb->sb_flags & APL_SB_COMPRESSED) ? sb->sb_page_size : v->v_bsize;
+    if (!slot || (v->v_seg_slots + 1) * slot > seg_size)
         return APL_EGEOMETRY;
     for (uint32_t i = 0; i < nsegs; i++) {
         if (segs[i] && (rc = apl_check_device(segs[i], seg_size, sb->sb_instance, i)))
@@ -473,6 +490,8 @@ static int64_t get_at(apl_view *v, uint32_t file, uint64_t ver, const uint8_t *k
 int64_t apl_get(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen,
                 uint64_t version, uint8_t *out, uint64_t cap)
 {
+    if (v->v_flags & APL_SB_COMPRESSED)
+        return APL_ENOREAD;
     if (klen > APL_MAX_KEY)
         return APL_EKEY;
     if (file >= v->v_nfiles)
@@ -504,8 +523,21 @@ int64_t apl_count(apl_view *v, uint32_t file, uint64_t version)
     uint64_t ver = version;
     if (!ver && !(r = apl_op_pin(v, &ver)))
         return APL_EREADERS;
-    struct apl_bhdr *m = apl_resolve(v, v->v_files[file].fl_meta, ver);
-    int64_t rc = (m && m->bh_magic == APL_BLK_META) ? (int64_t)m->bh_count : APL_ECORRUPT;
+    int64_t rc;
+    if (v->v_flags & APL_SB_COMPRESSED) {
+        uint8_t img[64];
+        int64_t n = apl_bobj_image(v, v->v_files[file].fl_meta, ver, img, sizeof img);
+        uint64_t c;
+        if (n >= 28) {
+            memcpy(&c, img + 20, 8);
+            rc = (int64_t)c;
+        } else {
+            rc = APL_ECORRUPT;
+        }
+    } else {
+        struct apl_bhdr *m = apl_resolve(v, v->v_files[file].fl_meta, ver);
+        rc = (m && m->bh_magic == APL_BLK_META) ? (int64_t)m->bh_count : APL_ECORRUPT;
+    }
     if (r)
         apl_op_unpin(r);
     return rc;
@@ -670,6 +702,8 @@ int64_t apl_scan(apl_view *v, uint32_t file,
 {
     if (file >= v->v_nfiles)
         return APL_EFILE;
+    if (v->v_flags & APL_SB_COMPRESSED)
+        return APL_ENOREAD;
     if (lolen > APL_MAX_KEY || (hilen != APL_NO_BOUND && hilen > APL_MAX_KEY))
         return APL_EKEY;
     if (what != APL_SCAN_VALUES && what != APL_SCAN_KEYS)
@@ -734,6 +768,8 @@ int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
 {
     if (index >= v->v_nfiles || table >= v->v_nfiles)
         return APL_EFILE;
+    if (v->v_flags & APL_SB_COMPRESSED)
+        return APL_ENOREAD;
     if (plen > APL_MAX_KEY || afterlen > APL_MAX_KEY)
         return APL_EKEY;
     if (version)
@@ -796,8 +832,13 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version, uint8_t 
     uint64_t ver = version;
     if (!ver && !(r = apl_op_pin(v, &ver)))
         return APL_EREADERS;
-    struct apl_bhdr *b = apl_resolve(v, number, ver);
-    int64_t rc = b ? apl_image(v, b, out, cap) : APL_NOTFOUND;
+    int64_t rc;
+    if (v->v_flags & APL_SB_COMPRESSED) {
+        rc = apl_bobj_image(v, number, ver, out, cap);
+    } else {
+        struct apl_bhdr *b = apl_resolve(v, number, ver);
+        rc = b ? apl_image(v, b, out, cap) : APL_NOTFOUND;
+    }
     if (r)
         apl_op_unpin(r);
     return rc;

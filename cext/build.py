@@ -9,7 +9,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["apl_errors.c", "apl_view.c", "apl_store.c"]
+SOURCES = ["apl_errors.c", "apl_view.c", "apl_store.c", "apl_bstore.c"]
 
 CDEF = r"""
 #define APL_FORMAT_VERSION ...
@@ -40,7 +40,7 @@ enum apl_error {
     APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
-    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, ...
+    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, ...
 };
 const char *apl_strerror(int code);
 const char *apl_errname(int code);
@@ -152,6 +152,7 @@ struct apl_stats {
     uint64_t version; uint64_t slots_total; uint64_t slots_free; uint64_t blocks_used;
     uint64_t max_blocks; uint64_t retire_pending; uint64_t oldest_pin; uint64_t readers_active;
     uint64_t log_head; uint64_t log_tail; uint64_t log_size; uint64_t serial;
+    uint64_t bytes_used; uint64_t bytes_live;
     uint64_t seg_free[...]; ...;
 };
 apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots);
@@ -209,6 +210,10 @@ ffibuilder.set_source(
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-sign-compare", "-fno-strict-aliasing"],
     libraries=["pthread"],
+    # liblz4 (Debian's liblz4-1, present on every Debian system): the library
+    # file itself, so no -dev package is needed; the few prototypes used are
+    # declared in apl_bstore.c (lz4's stable API).
+    extra_link_args=["-l:liblz4.so.1"],
 )
 
 if __name__ == "__main__":

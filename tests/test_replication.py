@@ -218,3 +218,27 @@ class TestSynchronous:
         c.wait_caught_up()
         rc, res = c.verify()
         assert rc == 0, res
+
+
+class TestCompressedSecondary:
+    def test_lz4_secondary_is_identical_and_serves_no_reads(self, make_cluster):
+        """A secondary with serve_reads = false keeps lz4 blocks, verifies identical, and refuses clients."""
+        c = make_cluster(secondaries=(("sync", ""),), secondary_replication="serve_reads = false",
+                         tables=TWO_TABLES, segment_size="32MiB").start()
+        p = c.primary.app
+        w = p.spawn(WORKLOAD, "5", "300", stdout=subprocess.PIPE, text=True)
+        out, _ = w.communicate(timeout=300)
+        assert w.returncode == 0
+        c.wait_caught_up()
+        rc, res = c.verify()
+        assert rc == 0, res
+        with pytest.raises(errors.NotServingReadsError):
+            appliance.connect(c.secondaries[0].app.config)
+        from appliance.client.session import Session
+        from appliance.wire import messages as msg
+        s = Session(str(c.secondaries[0].app.cfg.socket_path), c.secondaries[0].name, timeout=10)
+        s.connect()
+        st = s.call([msg.OP_STATUS], "status")
+        s.close()
+        assert st["memory"]["compressed"] and st["memory"]["bytes_live"] > 0
+        assert st["tables"][0]["records"] == len(snapshot_of(p.config)["accounts"])

@@ -86,6 +86,12 @@ class Client:
         self._tables: dict[str, Table] = {}
         hello = self._session().hello  # fails fast when not running / not allowed
         self._att = Attachment(cfg.name, writable=False)
+        if self._att.compressed:
+            self._att.close()
+            raise errors.NotServingReadsError(
+                f"appliance {cfg.name!r} is a secondary that keeps lz4 backup blocks and serves no reads "
+                f"(replication.serve_reads = false in {cfg.path}); read from its primary or a secondary "
+                "that serves reads", appliance=cfg.name)
         if self._att.sb.sb_schema_hash != cfg.schema_hash():
             self._att.close()
             raise errors.FormatError(

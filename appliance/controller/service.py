@@ -1064,6 +1064,8 @@ class Controller:
             "started_ns": self.started_ns,
             "uptime_s": (time.time_ns() - self.started_ns) / 1e9,
             "block_size": sb.sb_block_size,
+            "memory": {"bytes_used": st["bytes_used"], "compressed": self.att.compressed,
+                       "bytes_live": st["bytes_live"] if self.att.compressed else st["bytes_used"]},
             "segments": segments,
             "blocks": {"used": st["blocks_used"], "max": st["max_blocks"],
                        "slots_total": st["slots_total"], "slots_free": st["slots_free"],

@@ -18,9 +18,11 @@ __all__ = ["open_or_create", "geometry"]
 
 def geometry(cfg: Config) -> Geometry:
     s = cfg.storage
+    compressed = cfg.compressed
+    max_blocks = s.max_blocks or (s.segments * s.segment_size // s.block_size * 4 if compressed else 0)
     return Geometry(block_size=s.block_size, nsegments=s.segments, segment_size=s.segment_size,
                     nfiles=len(cfg.files()), max_overflow=s.max_overflow, nreaders=s.max_readers,
-                    log_size=s.log_size)
+                    log_size=s.log_size, compressed=compressed, max_blocks=max_blocks)
 
 
 def _file_specs(cfg: Config) -> list[FileSpec]:

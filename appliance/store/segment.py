@@ -139,7 +139,8 @@ class Geometry:
     """Sizes of every segment for a configuration (computed by the C helpers)."""
 
     def __init__(self, *, block_size: int, nsegments: int, segment_size: int, nfiles: int,
-                 max_overflow: int, nreaders: int, log_size: int) -> None:
+                 max_overflow: int, nreaders: int, log_size: int, compressed: bool = False,
+                 max_blocks: int = 0) -> None:
         g = ffi.new("struct apl_geometry *")
         g.block_size = block_size
         g.nsegments = nsegments
@@ -148,6 +149,8 @@ class Geometry:
         g.max_overflow = max_overflow
         g.nreaders = nreaders
         g.log_size = log_size
+        g.compressed = 1 if compressed else 0
+        g.max_blocks_in = max_blocks
         check(lib.apl_geometry(g), "geometry")
         self.c = g
 
@@ -182,6 +185,7 @@ class Attachment:
             self._dev_ptrs = ffi.new("uint8_t *[]", [d.ptr for d in self.devices])
             self.view = ffi.new("apl_view *")
             seg_size = min(d.size for d in self.devices)
+            self.compressed = bool(self.sb.sb_flags & lib.APL_SB_COMPRESSED)
             check(lib.apl_view_open(self.view, self.meta.ptr, self.meta.size, self.readers.ptr,
                                     self.readers.size, self._dev_ptrs, nseg, seg_size),
                   f"attach appliance {appliance_name!r}")

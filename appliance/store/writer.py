@@ -210,6 +210,8 @@ class Writer:
         out = {k: getattr(st, k) for k in ("version", "slots_total", "slots_free", "blocks_used",
                                            "max_blocks", "retire_pending", "oldest_pin",
                                            "readers_active", "log_head", "log_tail", "log_size",
-                                           "serial")}
+                                           "serial", "bytes_used", "bytes_live")}
+        if not self.att.compressed:
+            out["bytes_used"] = (out["slots_total"] - out["slots_free"]) * self.att.sb.sb_block_size
         out["segment_free"] = [st.seg_free[i] for i in range(nseg)]
         return out
