@@ -304,6 +304,10 @@ void apl_view_close(apl_view *v)
             tls_cache[i].view_id = 0;
     pthread_mutex_unlock(&views_lock);
     v->v_id = 0;
+    /* a closed view reads nothing: every lookup checks the file id against
+     * v_nfiles before touching a segment, so it fails with APL_EFILE */
+    v->v_nfiles = 0;
+    v->v_nseg = 0;
 }
 
 int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem)

@@ -56,7 +56,8 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
 
 class _Buffers(threading.local):
     """Per-thread output buffer for the C read calls (the GIL is released
-    during them, so threads must not share one)."""
+    during them, so threads must not share one). ``t`` is (C pointer, size,
+    memoryview), one attribute lookup on the hot path."""
 
     def __init__(self) -> None:
         self.grow(1 << 16)
@@ -66,6 +67,7 @@ class _Buffers(threading.local):
         self.c = ffi.from_buffer("uint8_t[]", self.raw)
         self.mv = memoryview(self.raw)
         self.size = size
+        self.t = (self.c, size, self.mv)
 
 
 class Client:
@@ -221,9 +223,7 @@ class Client:
             for s in self._sessions:
                 s.close()
             self._sessions.clear()
-        for t in self._tables.values():
-            t._client = None
-        self._att.close()
+        self._att.close()   # empties the C view: tables' reads fail with ClosedError
 
     def __enter__(self) -> "Client":
         return self
@@ -258,6 +258,7 @@ class Table(MutableMapping):
 
     def __init__(self, client: Client, schema: TableSchema, snapshot: "Snapshot | None" = None) -> None:
         self._client = client
+        self._view = client._reader.view
         self._schema = schema
         self._snap = snapshot
         self._file = schema.file
@@ -270,31 +271,38 @@ class Table(MutableMapping):
         c = self._client
         if c is None or c._closed:
             raise errors.ClosedError(f"table {self.name!r}: its client is closed")
-        snap = self._snap
-        if snap is None:
-            return 0
-        if snap._pin is None:
-            raise errors.ClosedError(f"table {self.name!r}: its snapshot is closed")
-        return snap.version
+        return 0
 
     def get(self, key, default=None):
         """The record with this primary key, or `default`."""
-        ver = self._version()
+        # the hot path: one C call (pin, lookup, copy, unpin) and one decode;
+        # a closed client's view fails every lookup with APL_EFILE
         c = self._client
-        b = c._bufs
-        view = c._reader.view
-        if self._int_key and type(key) is int and _I64_MIN <= key <= _I64_MAX:
-            n = _get_i64(view, self._file, key, ver, b.c, b.size)
+        cbuf, size, mv = c._bufs.t
+        if self._int_key and type(key) is int:
+            try:
+                n = _get_i64(self._view, self._file, key, 0, cbuf, size)
+            except OverflowError:
+                n = self._get_slow(key, 0)
         else:
-            k = self._schema.key(key)
-            n = _get(view, self._file, k, len(k), ver, b.c, b.size)
+            n = self._get_slow(key, 0)
         if n >= 0:
-            return _unpackb(b.mv[:n])
+            return _unpackb(mv[:n])
+        return self._miss(n, key, default, 0)
+
+    def _get_slow(self, key, ver: int) -> int:
+        k = self._schema.key(key)
+        b = self._client._bufs
+        return _get(self._view, self._file, k, len(k), ver, b.c, b.size)
+
+    def _miss(self, n: int, key, default, ver: int):
         if n == _NOTFOUND:
             return default
         if n == _EBUFSIZE:
+            b = self._client._bufs
             b.grow(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
-            return self.get(key, default)
+            return self._get_version(key, default, ver) if ver else self.get(key, default)
+        self._version()
         raise_for(n, f"{self.name}.get({_short(key)})")
 
     def __getitem__(self, key):
@@ -377,6 +385,31 @@ class Table(MutableMapping):
 _MISSING = object()
 
 
+class _SnapshotTable(Table):
+    """A table read at a snapshot's pinned version (read-only)."""
+
+    def _version(self) -> int:
+        super()._version()
+        snap = self._snap
+        if snap._pin is None:
+            raise errors.ClosedError(f"table {self.name!r}: its snapshot is closed")
+        return snap.version
+
+    def get(self, key, default=None):
+        return self._get_version(key, default, self._version())
+
+    def _get_version(self, key, default, ver: int):
+        c = self._client
+        cbuf, size, mv = c._bufs.t
+        if self._int_key and type(key) is int and _I64_MIN <= key <= _I64_MAX:
+            n = _get_i64(self._view, self._file, key, ver, cbuf, size)
+        else:
+            n = self._get_slow(key, ver)
+        if n >= 0:
+            return _unpackb(mv[:n])
+        return self._miss(n, key, default, ver)
+
+
 def _short(v, limit: int = 60) -> str:
     """repr() for messages, cut short: a 5 MB key must not make a 5 MB message."""
     r = repr(v)
@@ -395,7 +428,7 @@ class Snapshot:
     def table(self, name: str) -> Table:
         if self._pin is None:
             raise errors.ClosedError("snapshot is closed")
-        return Table(self._client, self._client.schema.table(name), snapshot=self)
+        return _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
 
     def close(self) -> None:
         if self._pin is not None:
