@@ -47,9 +47,38 @@ def status(st: dict) -> None:
     console.print(f"readers: {r['active']} pinned (oldest version {r['oldest_pin'] or '-'}); "
                   f"clients: {cl['connected']} connected, {cl['refused']} refused, {cl['dropped']} dropped")
     console.print(f"change log: serial {lg['serial']}, {_size(lg['head'] - lg['tail'])} retained of {_size(lg['size'])}")
-    for extra in ("replication",):
-        if st.get(extra):
-            console.print(f"{extra}: {json.dumps(st[extra], default=str)}")
+    mem = st.get("memory")
+    if mem:
+        kind = "lz4 backup blocks" if mem.get("compressed") else "blocks"
+        console.print(f"memory: {_size(mem['bytes_used'])} of {kind} in use ({_size(mem['bytes_live'])} live)")
+    rep = st.get("replication")
+    if rep and rep.get("role") == "primary":
+        t = Table(title=f"secondaries (quorum {rep['quorum']}, {rep['waiting_commits']} commits awaiting backup)")
+        for c in ("secondary", "mode", "state", "connected", "healthy", "acked serial", "lag txns",
+                  "lag bytes", "lag s", "note"):
+            t.add_column(c)
+        for name, x in sorted(rep["secondaries"].items()):
+            note = x.get("error") or x.get("warning") or ""
+            if x.get("degraded"):
+                note = "DEGRADED (out of the quorum) " + note
+            if x.get("copy"):
+                cp = x["copy"]
+                note = f"copy {cp['blocks']}/{cp['total']} blocks, {cp['rate_mb_s']} MB/s, eta {cp['eta_s']} s"
+            lag = x["lag"]
+            t.add_row(name, x["mode"], x["state"], "yes" if x["connected"] else "no",
+                      "yes" if x["healthy"] else "no", str(x["acked_serial"]), str(lag["transactions"]),
+                      _size(lag.get("bytes", 0)), f"{lag['seconds']:.3f}", note)
+        console.print(t)
+    elif rep and rep.get("role") == "secondary":
+        ag = rep.get("agent") or {}
+        console.print(f"secondary of {rep['primary']}: applied serial {rep['applied_serial']}, "
+                      f"{'copying, ' if rep['copying'] else ''}agent {'attached' if ag.get('attached') else 'absent'}"
+                      f", link {ag.get('state', '?')}")
+        hist = ag.get("history") or {}
+        if hist.get("enabled"):
+            console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "
+                          f"{hist['first_serial']}..{hist['last_serial']} ({hist['dir']})"
+                          + (f"; {hist['warning']}" if hist.get("warning") else ""))
 
 
 def _records(source, lines: list):
