@@ -23,6 +23,15 @@ from appliance.store.segment import unlink_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the test process dies, so a
+    killed pytest (a timeout, ^C) cannot leave controllers or agents behind."""
+    import ctypes
+    import signal as _signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+
 BANK_TABLES = """
 [tables.accounts]
 primary_key = "id"
@@ -79,7 +88,8 @@ class ControllerProcess:
         self._logf = open(self.log_path, "ab")
         env = {**os.environ, "APPLIANCE_LOG_JSON": "1", "APPLIANCE_LOG_LEVEL": "debug"}
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "controller", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     preexec_fn=_die_with_parent)
         if wait:
             self.wait_ready()
         return self
@@ -179,7 +189,8 @@ class Appliance:
 
     def spawn(self, code: str, *args: str, **popen_kw) -> subprocess.Popen:
         """A child Python process running `code` (argv: config path, *args)."""
-        p = subprocess.Popen([sys.executable, "-c", code, str(self.config), *args], cwd=ROOT, **popen_kw)
+        p = subprocess.Popen([sys.executable, "-c", code, str(self.config), *args], cwd=ROOT,
+                             preexec_fn=_die_with_parent, **popen_kw)
         self.children.append(p)
         return p
 
@@ -255,7 +266,8 @@ class AgentProcess(ControllerProcess):
         self._mark = self.log_path.stat().st_size
         env = {**os.environ, "APPLIANCE_LOG_JSON": "1", "APPLIANCE_LOG_LEVEL": "debug"}
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "agent", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     preexec_fn=_die_with_parent)
         if wait:
             self.wait_event("agent_started")
         return self
