@@ -2087,18 +2087,35 @@ int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t a
     uint64_t pos = 0, boundary = 0, expect = after_serial + 1;
     uint64_t serial = after_serial, commit = 0;
     int rc = APL_OK;
-    while (pos + sizeof(struct apl_centry) <= len) {
+    /* First pass: check every entry's framing and serial and find the end of
+     * the last whole transaction, changing nothing: a transaction cut at the
+     * end of the buffer must not be applied (it comes again, whole, later). */
+    uint64_t limit = 0;
+    {
+        uint64_t p = 0, exp = after_serial + 1;
+        while (p + sizeof(struct apl_centry) <= len) {
+            const struct apl_centry *e = (const struct apl_centry *)(buf + p);
+            if (e->ce_len < sizeof(*e) || (e->ce_len & 7) || p + e->ce_len > len ||
+                sizeof(*e) + (uint64_t)e->ce_klen + e->ce_alen + e->ce_blen > e->ce_len ||
+                e->ce_kind < APL_CE_BEGIN || e->ce_kind > APL_CE_BLOCK)
+                return APL_ECORRUPT;
+            if (e->ce_serial >= exp) {
+                if (e->ce_serial != exp)
+                    return APL_ECORRUPT; /* a gap inside one message */
+                exp++;
+            }
+            p += e->ce_len;
+            if (e->ce_kind == APL_CE_COMMIT || e->ce_kind == APL_CE_CANCEL)
+                limit = p;
+        }
+    }
+    while (pos + sizeof(struct apl_centry) <= limit) {
         const struct apl_centry *e = (const struct apl_centry *)(buf + pos);
-        if (e->ce_len < sizeof(*e) || (e->ce_len & 7) || pos + e->ce_len > len ||
-            sizeof(*e) + (uint64_t)e->ce_klen + e->ce_alen + e->ce_blen > e->ce_len)
-            return APL_ECORRUPT;
         if (e->ce_serial < expect) { /* a duplicate: already applied */
             pos += e->ce_len;
             boundary = pos;
             continue;
         }
-        if (e->ce_serial != expect)
-            return APL_ECORRUPT; /* a gap inside one message */
         const uint8_t *key = (const uint8_t *)(e + 1);
         const uint8_t *a = key + e->ce_klen;
         int skip = copied && (e->ce_block >= nbits || !(copied[e->ce_block >> 3] & (1u << (e->ce_block & 7))));

@@ -187,3 +187,36 @@ class TestCrash:
             s.batch()
         sec2.apply(s.export(0))
         assert differing(p, w2) == []
+
+
+class TestPartialTransactions:
+    @pytest.mark.parametrize("compressed", [False, True])
+    def test_a_transaction_cut_across_messages_is_applied_once_whole(self, stores, compressed):
+        """Entries ending mid-transaction apply nothing of it; with the rest it applies once (counts exact)."""
+        p = stores(block_size=4096, segment_size=32 << 20)
+        sec = Secondary(stores(compressed=compressed, block_size=4096, segment_size=32 << 20))
+        s = Stream(p, seed=21)
+        ops = bytearray()
+        for i in range(3000):   # one big transaction with many splits, like a bulk load
+            v = msgpack.packb({"id": i, "x": "y" * 40})
+            _step(ops, TXI, 0, encode_int(i), v)
+            _step(ops, TXI, 1, encode_str("b%d" % (i % 30)) + encode_int(i), b"")
+        p.begin()
+        p.commit_txn(1, time.time_ns(), b"\x90", ops)
+        p.publish(time.time_ns(), 1)
+        blob = s.export(0)
+        cuts = [len(blob) // 3, 2 * len(blob) // 3]
+        cut_at = [0]
+        for c in cuts:   # cut at entry boundaries near 1/3 and 2/3
+            pos = cut_at[-1]
+            from appliance.store.changelog import ENTRY
+            while pos + ENTRY.size <= len(blob) and pos < c:
+                pos += ENTRY.unpack_from(blob, pos)[0]
+            cut_at.append(pos)
+        cut_at.append(len(blob))
+        for a, b in zip(cut_at, cut_at[1:]):
+            sec.apply(blob[a:b])
+            if b < len(blob):
+                assert Reader(sec.w.att).count(0) == 0 and sec.applied == 0
+        assert Reader(sec.w.att).count(0) == 3000 and Reader(sec.w.att).count(1) == 3000
+        assert differing(p, sec.w) == []

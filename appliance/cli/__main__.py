@@ -98,6 +98,30 @@ def verify(config_path: str, timeout: float, as_json: bool) -> None:
 
 @main.command()
 @CONFIG
+@click.argument("secondary")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for the copy")
+def copy(config_path: str, secondary: str, timeout: float) -> None:
+    """Copy every block to SECONDARY again while the primary keeps running (progress bar)."""
+    from ..client.session import Session
+    from ..wire import messages as m
+    from . import render
+    cfg = _load(config_path)
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-copy", timeout=30)
+    try:
+        s.connect()
+        before = s.call([m.OP_STATUS], "status")["replication"]["secondaries"].get(secondary, {}).get("copies", 0)
+        s.call([m.OP_RESYNC, secondary], "resync")
+        st = render.copy_progress(lambda: s.call([m.OP_STATUS], "status")["replication"]["secondaries"][secondary],
+                                  before, timeout)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    finally:
+        s.close()
+    click.echo(f"{secondary}: copy complete; {st['state']}, acked serial {st['acked_serial']}")
+
+
+@main.command()
+@CONFIG
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Segments, blocks, tables, transactions; exits 3 when not running."""

@@ -135,3 +135,26 @@ def load_with_progress(db, table: str, source, batch: int) -> int:
                 raise type(e)(f"{name}:{line}: {e.message} ({loaded[0]} records loaded before this batch)",
                               code=e.code, **{**e.details, "line": line}) from None
             raise
+
+
+def copy_progress(poll, copies_before: int, timeout: float) -> dict:
+    """Follow a block copy in status with a progress bar until it is done."""
+    import time
+    show = console.is_terminal or os.environ.get("APPLIANCE_PROGRESS") == "1"
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("copying"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console, disable=not show) as progress:
+        task = progress.add_task("copy", total=None, info="")
+        while True:
+            st = poll()
+            cp = st.get("copy")
+            if cp:
+                progress.update(task, total=cp["total"], completed=cp["blocks"],
+                                info=f"{cp['bytes'] / 1e6:.1f} MB at {cp['rate_mb_s']} MB/s")
+            if st.get("copies", 0) > copies_before and st.get("state") == "streaming":
+                if progress.tasks[0].total:
+                    progress.update(task, completed=progress.tasks[0].total)
+                return st
+            if time.monotonic() > deadline:
+                raise errors.UnavailableError(f"copy did not finish within {timeout} s: {st}")
+            time.sleep(0.1)

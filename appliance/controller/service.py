@@ -114,6 +114,7 @@ class Controller:
         self.copied: bytearray | None = None   # secondary: blocks copied so far while a copy runs
         self.watchers: set = set()
         self.verify_new: list[int] = []
+        self.resync_new: list[str] = []
         self.verify_waiting: dict[int, Session] = {}
         self._verify_seq = 0
         self._last_consumed = 0
@@ -410,6 +411,18 @@ class Controller:
         if op == m.OP_VERIFY:
             _arity(args, 1, "verify")
             return (yield from self._verify(sess, args[0]))
+        if op == m.OP_RESYNC:
+            _arity(args, 1, "resync")
+            if self.role != "primary" or args[0] not in self.sync.secondaries:
+                raise errors.NoSuchTableError(f"resync: {args[0]!r} is not a secondary of {self.cfg.name!r}",
+                                              secondary=str(args[0]))
+            if not any(x.agent for x in self.sessions.values()):
+                raise errors.UnavailableError(f"resync: the replication agent of {self.cfg.name!r} is not running")
+            self.resync_new.append(args[0])
+            self.log.info("resync_requested", secondary=args[0])
+            for w in list(self.watchers):
+                self._wake_watcher(w)
+            return None
         if op in m.STEP_OPS:
             txn = self._open_txn(sess)
             return (yield from self._statement(txn, op, args))
@@ -832,7 +845,7 @@ class Controller:
             return
         kind, value, _ = sess.watch
         if kind == "serial":
-            if timed_out or self._published_serial() > value or self.verify_new:
+            if timed_out or self._published_serial() > value or self.verify_new or self.resync_new:
                 self.watchers.discard(sess)
                 self._resume(sess, self._watch_reply())
         elif kind == "applied":
@@ -850,6 +863,8 @@ class Controller:
         b = changelog.bounds(self.reader)
         if self.verify_new:
             b["verify"], self.verify_new = self.verify_new, []
+        if self.resync_new:
+            b["resync"], self.resync_new = self.resync_new, []
         return b
 
     def _verify(self, sess: Session, timeout):
@@ -908,7 +923,7 @@ class Controller:
             raise errors.AccessDeniedError(f"op {op}: only the appliance's replication agent may use it")
         if op == m.OP_WATCH:
             _arity(args, 2, "watch")
-            if self._published_serial() > args[0] or self.verify_new:
+            if self._published_serial() > args[0] or self.verify_new or self.resync_new:
                 return self._watch_reply()
             return (yield from self._park(sess, "serial", args[0], args[1]))
         if op == m.OP_REPL_STATE:

@@ -158,6 +158,7 @@ class SyncTracker:
                 "acked_serial": self.acked[name],
                 "lag": lag,
                 "copy": st.get("copy"),
+                "copies": st.get("copies", 0),
                 "warning": st.get("warning"),
                 "error": st.get("error"),
             }

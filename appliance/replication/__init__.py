@@ -144,6 +144,11 @@ class PrimaryAgent:
             self.head, self.serial = b["head"], b["serial"]
             for r in self.relays:
                 r.wake.set()
+            for name in b.get("resync", ()) or ():
+                for r in self.relays:
+                    if r.name == name:
+                        r.force_copy = True
+                        r.wake.set()
             for vid in b.get("verify", ()) or ():
                 t = asyncio.create_task(self._verify(vid))
                 self.verify_tasks.add(t)

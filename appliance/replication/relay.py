@@ -65,6 +65,8 @@ class Relay:
         self._first, self._last, self._count = (ffi.new("uint64_t *") for _ in range(3))
         self.verify_waiters: dict[int, asyncio.Future] = {}
         self.verify_queue: deque = deque()
+        self.force_copy = False       # an operator asked for a full copy (appliance copy)
+        self.copies = 0               # copies completed
 
     # -- state ------------------------------------------------------------------------
 
@@ -78,7 +80,8 @@ class Relay:
         head = self.agent.head
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state,
-                "lag_bytes": lag_bytes, "copy": self.copy, "error": self.last_error, "warning": self.warning}
+                "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
+                "warning": self.warning}
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -187,6 +190,10 @@ class Relay:
             self.wake.clear()
             if self.verify_queue:
                 await self._send_verify(fs)
+            if self.force_copy:
+                self.force_copy = False
+                await self._copy(fs)
+                self.set_state("streaming")
             try:
                 blob = self._export()
             except NeedCopy as exc:
@@ -285,6 +292,7 @@ class Relay:
         self.log.info("copy_finished", blocks=n, bytes=sent_bytes, seconds=round(el, 3),
                       rate_mb_s=round(sent_bytes / max(el, 1e-6) / 1e6, 2))
         self.copy = None
+        self.copies += 1
 
     # -- reading ACKs --------------------------------------------------------------------
 

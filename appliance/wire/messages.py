@@ -39,6 +39,8 @@ OP_TXN_STATUS          transaction number, its start time (ns)         "committe
 OP_WAIT_APPLIED        primary serial, timeout (s)                     serial applied (secondary: read-your-writes)
 OP_VERIFY              timeout (s)                                     {secondary: {ok, differ, checked, serial}}
                                                                        (primary; its agent compares every block)
+OP_RESYNC              secondary name                                  nil (primary: its agent copies every
+                                                                       block to that secondary again)
 =====================  ==============================================  =============================
 
 OP_COMMIT takes a second, optional argument: the durability wanted, one of
@@ -56,7 +58,8 @@ OP_AGENT               role ("primary" / "secondary"), agent pid       map: name
 OP_WATCH               serial, timeout (s)                             log bounds once the published
                                                                        serial exceeds `serial` (or at the
                                                                        timeout): head, tail, serial, version,
-                                                                       and "verify": ids operators asked for
+                                                                       "verify": ids operators asked for,
+                                                                       "resync": secondaries to copy again
 OP_REPL_STATE          {secondary: {connected, acked, state, ...}}     nil (primary: drives synchronous
                                                                        commits; shown by status)
 OP_APPLY               source instance, after serial, entries blob     map: applied, consumed (secondary)
@@ -94,6 +97,7 @@ OP_LOAD = 19
 OP_TXN_STATUS = 20
 OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
+OP_RESYNC = 23
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
