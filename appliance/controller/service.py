@@ -713,9 +713,19 @@ class Controller:
         if not isinstance(recs, list):
             raise errors.ProtocolError("load: records must be a list")
         txn = self._begin(sess, "load", {"table": t.name, "records": len(recs)})
+        prepare, apply_stmt, locks, file = self._prepare, self._apply_stmt, self.locks, t.file
+        args = [t.name, None]
+        i = 0
         try:
             for i, rec in enumerate(recs):
-                yield from self._statement(txn, m.OP_INSERT, [t.name, rec])
+                args[1] = rec
+                p = prepare(m.OP_INSERT, args)
+                lk = (file, p[3])
+                if locks.holder(lk) is None:      # the common case: take it, no coroutine
+                    locks.acquire(txn, lk, None)
+                else:
+                    yield from self._lock(txn, file, p[3])
+                apply_stmt(txn, p)
         except errors.ApplianceError as e:
             self._cancel(txn, "load_failed")
             e.details.setdefault("index", i)
