@@ -24,7 +24,7 @@ setup(
         "rich>=13.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41"],
         "bench": ["lmdb>=1.4", "redis>=5.0"],
     },
     entry_points={"console_scripts": ["appliance=appliance.cli.__main__:main"]},

@@ -3,22 +3,30 @@
 Start: a config TOML in a temporary directory, ``python -m appliance controller
 --config PATH`` as a subprocess, then ``appliance.connect(PATH)`` retried until
 the controller answers. Stop: SIGTERM (SIGKILL after 10 s), ``python -m
-appliance destroy --config PATH`` to unlink the shared-memory segments, and
-``appliance.store.segment.unlink_all(name)`` as a last resort.
+appliance destroy --yes --config PATH`` to unlink the shared-memory segments,
+and ``appliance.store.segment.unlink_all(name)`` as a last resort.
+
+:class:`AppliancePair` is a primary with one secondary on loopback: two
+controllers, each with its replication agent (``python -m appliance agent
+--config PATH``), and a shared secret file (mode 0600).
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pwd
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
-from systems import Client, System, Unavailable, log_tail, ram_tempdir, remove_tree, spawn_server, stop_process
+from data import next_write
+from systems import (Client, System, Unavailable, free_port, log_tail, ram_tempdir, remove_tree, spawn_server,
+                     stop_process)
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = "accounts"
@@ -33,7 +41,7 @@ block_size = 4096
 segments = 4
 segment_size = "{segment_mib}MiB"
 max_overflow = 1
-log_size = "64MiB"
+log_size = "{log_size}"
 max_readers = 256
 
 [controller]
@@ -41,11 +49,31 @@ socket = "{socket}"
 
 [access]
 users = ["{user}"]
-
+{replication}
 [tables.accounts]
 primary_key = "id"
 alternate_keys = ["branch"]
 fields = {{ id = "int", branch = "str", balance = "int", note = "str" }}
+"""
+
+PRIMARY = """
+[replication]
+role = "primary"
+secret_file = "{secret}"
+
+[[replication.secondaries]]
+name = "{secondary}"
+address = "127.0.0.1:{port}"
+mode = "{mode}"
+"""
+
+SECONDARY = """
+[replication]
+role = "secondary"
+secret_file = "{secret}"
+listen = "127.0.0.1:{port}"
+primary = "{primary}"
+serve_reads = {serve_reads}
 """
 
 
@@ -74,6 +102,141 @@ def segment_mib(n: int) -> int:
     return mib
 
 
+def _env(**extra) -> dict:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _retry(attempt, proc, log: Path, what: str, errors: tuple):
+    """``attempt()`` until it stops raising ``errors`` (START_TIMEOUT), or :class:`Unavailable`."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise Unavailable(f"{what} exited with code {proc.returncode}:\n{log_tail(log)}")
+        try:
+            return attempt()
+        except errors as e:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{what} not reachable after {START_TIMEOUT:.0f} s: {e}\n"
+                                  f"{log_tail(log)}") from None
+            time.sleep(0.1)
+
+
+class Node:
+    """One appliance: its config file, its controller process, its segments."""
+
+    def __init__(self, directory: Path, name: str, n: int, log_size: str = "64MiB", replication: str = "") -> None:
+        self.dir, self.name = directory, name
+        self.config = directory / f"{name}.toml"
+        self.log = directory / f"{name}.controller.log"
+        self.proc = None
+        self._session = None
+        self.config.write_text(CONFIG.format(
+            name=name, segment_mib=segment_mib(n), log_size=log_size, socket=directory / f"{name}.sock",
+            user=pwd.getpwuid(os.getuid()).pw_name, replication=replication))
+
+    def cli(self, command: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", "appliance", command, *args, "--config", str(self.config)]
+
+    def start(self) -> None:
+        _, unavailable_error = _api()
+        self.proc = spawn_server(self.cli("controller"), self.log, cwd=REPO, env=_env())
+        _retry(self.status, self.proc, self.log, "controller", (unavailable_error, ConnectionError))
+
+    def connect(self):
+        appliance, unavailable_error = _api()
+        return _retry(partial(appliance.connect, str(self.config)), self.proc, self.log, "controller",
+                      (unavailable_error, ConnectionError, FileNotFoundError))
+
+    def status(self) -> dict:
+        """What ``appliance status --json`` shows (works on a secondary that serves no reads)."""
+        from appliance.client.session import Session
+        from appliance.wire import messages as m
+        if self._session is None:
+            self._session = Session(str(self.dir / f"{self.name}.sock"), self.name, timeout=30)
+        return self._session.call([m.OP_STATUS], "status")
+
+    def stop(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        if self.proc is None:
+            return
+        stop_process(self.proc)
+        try:
+            done = subprocess.run(self.cli("destroy", "--yes"), cwd=REPO, env=_env(), timeout=60,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if done.returncode:
+                print(f"appliance destroy exited with {done.returncode}: {done.stderr.strip()[-500:]}",
+                      file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            print("appliance destroy timed out", file=sys.stderr)
+        try:   # last resort, whatever destroy did
+            from appliance.store.segment import unlink_all
+            left = unlink_all(self.name)
+            if left:
+                print(f"unlinked leftover segments: {', '.join(left)}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001
+            print(f"unlink_all({self.name}) failed: {e}", file=sys.stderr)
+
+
+def _event(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:      # a traceback line, or a line still being written
+        return None
+
+
+def event_time(event: dict) -> float:
+    """An agent log event's wall-clock time (seconds since the epoch)."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+class Agent:
+    """One replication agent process of a node, logging JSON lines to a file."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.log = node.dir / f"{node.name}.agent.log"
+        self.proc = None
+        self.mark = 0            # log offset at the last start: events() reads from there
+
+    def start(self) -> float:
+        """Start the agent; returns the wall-clock time just before."""
+        self.skip_events()
+        started = time.time()
+        self.proc = spawn_server(self.node.cli("agent"), self.log, cwd=REPO, env=_env(APPLIANCE_LOG_JSON="1"))
+        return started
+
+    def skip_events(self) -> None:
+        """From now on, events() reads only what is logged after this call."""
+        self.mark = self.log.stat().st_size if self.log.exists() else 0
+
+    def events(self) -> list[dict]:
+        """The JSON events logged since the last start (or skip_events)."""
+        with open(self.log, "rb") as f:
+            f.seek(self.mark)
+            lines = f.read().decode(errors="replace").splitlines()
+        return [e for e in map(_event, lines) if isinstance(e, dict)]
+
+    def wait_event(self, event: str, timeout: float = START_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events():
+                if e.get("event") == event:
+                    return e
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent of {self.node.name} exited with {self.proc.returncode}:\n"
+                                   f"{log_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {event} from the agent of {self.node.name} after {timeout:.0f} s:\n"
+                                   f"{log_tail(self.log)}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
 class ApplianceClient(Client):
     def __init__(self, config: str, range_len: int) -> None:
         appliance, _ = _api()
@@ -99,11 +262,11 @@ class ApplianceClient(Client):
         return list(self.t.range(lo, lo + self.range_len))
 
     def write(self, arg):
-        k, rec = arg
+        k, rec = next_write(arg)
         self.t[k] = rec
 
     def tx_write(self, arg):
-        k, rec = arg
+        k, rec = next_write(arg)
         with self.db.transaction(program="bench", input={"id": k}) as tx:
             tx.update(TABLE, k, {"balance": rec["balance"]})
 
@@ -116,16 +279,13 @@ class ApplianceSystem(System):
     SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write")}
 
     def start(self) -> None:
-        appliance, unavailable_error = _api()
+        appliance, _ = _api()
         self.dir = ram_tempdir("bench-appliance-")
-        self.appliance_name = f"bench{os.getpid()}x{next(_instances)}"
-        self.config = self.dir / "bench.toml"
-        self.log = self.dir / "controller.log"
-        self.config.write_text(CONFIG.format(
-            name=self.appliance_name, segment_mib=segment_mib(self.data.n), socket=self.dir / "ctl.sock",
-            user=pwd.getpwuid(os.getuid()).pw_name))
-        self.proc = spawn_server(self._cli("controller"), self.log, cwd=REPO, env=self._env())
-        self.db = self._connect(appliance, unavailable_error)
+        self.nodes: list[Node] = []
+        self.agents: list[Agent] = []
+        self.node = self._node("")
+        self.node.start()
+        self.db = self.node.connect()
         self.info = {"appliance": getattr(appliance, "__version__", "?")}
         self.notes = [
             f"appliance: {segment_mib(self.data.n)} MiB x 4 segments of POSIX shared memory, "
@@ -133,27 +293,14 @@ class ApplianceSystem(System):
             "trip to the controller over its Unix socket",
         ]
 
-    def _cli(self, command: str) -> list[str]:
-        return [sys.executable, "-m", "appliance", command, "--config", str(self.config)]
+    def _node(self, suffix: str, **kw) -> Node:
+        node = Node(self.dir, f"bench{os.getpid()}x{next(_instances)}{suffix}", self.data.n, **kw)
+        self.nodes.append(node)
+        return node
 
-    @staticmethod
-    def _env() -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        return env
-
-    def _connect(self, appliance, unavailable_error):
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise Unavailable(f"controller exited with code {self.proc.returncode}:\n{log_tail(self.log)}")
-            try:
-                return appliance.connect(str(self.config))
-            except (unavailable_error, ConnectionError, FileNotFoundError) as e:
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"controller not reachable after {START_TIMEOUT:.0f} s: {e}\n"
-                                      f"{log_tail(self.log)}") from None
-                time.sleep(0.1)
+    @property
+    def config(self) -> Path:
+        return self.node.config
 
     def load_chunk(self, records: list[dict]) -> None:
         loaded = self.db.load(TABLE, records, batch=len(records))
@@ -169,24 +316,76 @@ class ApplianceSystem(System):
             if db is not None:
                 db.close()
         finally:
-            stop_process(getattr(self, "proc", None))
-            if hasattr(self, "config"):
-                self._destroy()
-            remove_tree(getattr(self, "dir", None))
+            try:
+                for agent in getattr(self, "agents", ()):
+                    agent.stop()
+            finally:
+                for node in getattr(self, "nodes", ()):
+                    node.stop()
+                remove_tree(getattr(self, "dir", None))
 
-    def _destroy(self) -> None:
-        try:
-            done = subprocess.run(self._cli("destroy"), cwd=REPO, env=self._env(), timeout=60,
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            if done.returncode:
-                print(f"appliance destroy exited with {done.returncode}: {done.stderr.strip()[-500:]}",
-                      file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            print("appliance destroy timed out", file=sys.stderr)
-        try:   # last resort, whatever destroy did
-            from appliance.store.segment import unlink_all
-            left = unlink_all(self.appliance_name)
-            if left:
-                print(f"unlinked leftover segments: {', '.join(left)}", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001
-            print(f"unlink_all({self.appliance_name}) failed: {e}", file=sys.stderr)
+
+class AppliancePair(ApplianceSystem):
+    """A primary with one secondary on loopback (free port), ``mode`` "sync" or
+    "async"; the secondary serves reads (uncompressed blocks) or keeps lz4
+    backup blocks (``serve_reads = false``). :meth:`start` starts both
+    controllers; :meth:`start_agents` starts replication."""
+
+    BENCHES = ()
+
+    def __init__(self, data, mode: str = "sync", serve_reads: bool = True, log_size: str = "64MiB") -> None:
+        super().__init__(data)
+        self.mode, self.serve_reads, self.log_size = mode, serve_reads, log_size
+        self.kind = "uncompressed" if serve_reads else "lz4"
+        self.name = f"appliance ({mode})"
+        self.SPECIAL = {f"{mode}-write": (self.name, "write"), f"{mode}-tx-write": (self.name, "tx_write")}
+
+    def start(self) -> None:
+        _api()
+        self.dir = ram_tempdir("bench-pair-")
+        self.nodes, self.agents = [], []
+        secret = self.dir / "secret"
+        secret.write_bytes(os.urandom(32).hex().encode())
+        secret.chmod(0o600)
+        port = free_port()
+        base = f"bench{os.getpid()}x{next(_instances)}"
+        self.node = Node(self.dir, base + "p", self.data.n, self.log_size, PRIMARY.format(
+            secret=secret, secondary=base + "s", port=port, mode=self.mode))
+        self.secondary = Node(self.dir, base + "s", self.data.n, self.log_size, SECONDARY.format(
+            secret=secret, port=port, primary=base + "p", serve_reads=str(self.serve_reads).lower()))
+        self.nodes = [self.node, self.secondary]
+        for node in self.nodes:
+            node.start()
+        self.db = self.node.connect()
+        self.primary_agent, self.secondary_agent = Agent(self.node), Agent(self.secondary)
+        self.agents = [self.secondary_agent, self.primary_agent]
+        self.notes = [
+            f"appliance pairs: a primary and one secondary on 127.0.0.1, each a controller and a "
+            f"replication agent (HMAC secret, no TLS, no log history, heartbeat 0.5 s); same segments "
+            f"({segment_mib(self.data.n)} MiB x 4) on both",
+        ]
+
+    def start_agents(self) -> float:
+        """Start the secondary's agent, then (once it listens) the primary's;
+        returns the wall-clock time the primary's agent was started."""
+        self.secondary_agent.start()
+        self.secondary_agent.wait_event("agent_started")
+        return self.primary_agent.start()
+
+    def replica(self) -> dict:
+        """The secondary as the primary's status shows it."""
+        return next(iter(self.node.status()["replication"]["secondaries"].values()))
+
+    def wait_caught_up(self, timeout: float = 120.0, poll: float = 0.02) -> float:
+        """Wait until the secondary is streaming and has acknowledged every change
+        the primary has logged so far; returns the wall-clock time it was seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.node.status()
+            sec = next(iter(st["replication"]["secondaries"].values()))
+            if sec["state"] == "streaming" and sec["acked_serial"] >= st["log"]["serial"]:
+                return time.time()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"secondary not caught up after {timeout:.0f} s: {sec}; log serial "
+                                   f"{st['log']['serial']}\n{log_tail(self.primary_agent.log)}")
+            time.sleep(poll)

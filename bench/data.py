@@ -88,10 +88,24 @@ class Dataset:
 
 # --- arguments of the measured operations ---------------------------------
 # Each generator returns a list of arguments that a worker cycles through.
-# The seed mixes the benchmark and the worker index, never the system.
+# The seed mixes the benchmark, the row's process count and the worker index,
+# never the system.
 
 READ_ARGS = 1_000_000     # cap on pre-generated random keys per read worker
 WRITE_ARGS = 50_000       # (key, record) pairs pre-generated per write worker
+
+
+def next_write(arg: tuple) -> tuple:
+    """The ``(key, record)`` a write operation writes for a "record" argument:
+    the record's balance goes up by one on every call, so no write repeats an
+    earlier one when a worker comes back to an argument (after its warm-up,
+    or after going through all of them). The appliance commits, logs and
+    replicates nothing for a write that changes nothing, so a repeated write
+    would be a no-op there and real work for the peers. Every system's
+    clients call it, so all do the same work."""
+    k, rec = arg
+    rec["balance"] = (rec["balance"] + 1) % BALANCE_MAX
+    return k, rec
 
 
 def make_args(kind: str, params: dict, seed: int) -> list:

@@ -14,6 +14,7 @@ from itertools import islice
 
 import msgpack
 
+from data import next_write
 from systems import (Client, System, Unavailable, free_port, log_tail, ram_tempdir,
                      remove_tree, spawn_server, stop_process)
 
@@ -69,7 +70,7 @@ class LmdbClient(Client):
             return [unpackb(v) for v in islice(cur.iternext(keys=False), self.range_len)]
 
     def write(self, arg):
-        k, rec = arg
+        k, rec = next_write(arg)
         with self.env.begin(write=True, db=self.main) as txn:
             txn.put(PK(k), packb(rec))
 
@@ -143,7 +144,7 @@ class RedisClient(Client):
         return self._records(self.r.zrangebyscore("ids", lo, "(%d" % (lo + self.range_len)))
 
     def write(self, arg):
-        k, rec = arg
+        k, rec = next_write(arg)
         self.r.set(b"r:%d" % k, packb(rec))
 
     def close(self) -> None:
@@ -155,21 +156,9 @@ class RedisSystem(System):
     ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--daemonize", "no"]
 
     def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise Unavailable(REDIS_MISSING)
         import redis
         self.dir = ram_tempdir("bench-redis-")
-        self.proc = None
-        for _attempt in range(3):      # a free port can be taken between probe and bind
-            self.port = free_port()
-            self.proc = spawn_server([exe, "--port", str(self.port), "--dir", str(self.dir), *self.ARGS],
-                                     self.dir / "redis.log")
-            if self._wait_ready():
-                break
-            stop_process(self.proc)
-        else:
-            raise Unavailable("redis-server did not start:\n" + log_tail(self.dir / "redis.log"))
+        self.proc, self.port = self._server("redis")
         self.r = _connect_redis(self.port)
         server = self.r.info("server")
         self.info = {"redis-server": server.get("redis_version"), "redis-py": redis.__version__,
@@ -182,14 +171,31 @@ class RedisSystem(System):
             "range = ZRANGEBYSCORE on sorted set 'ids' then MGET",
         ]
 
-    def _wait_ready(self, timeout: float = 10.0) -> bool:
+    def _server(self, what: str, *args: str):
+        """A redis-server on a free loopback port, in its own directory: (process, port)."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise Unavailable(REDIS_MISSING)
+        directory = self.dir / what
+        directory.mkdir()
+        log = directory / "redis.log"
+        for _attempt in range(3):      # a free port can be taken between probe and bind
+            port = free_port()
+            proc = spawn_server([exe, "--port", str(port), "--dir", str(directory), *self.ARGS, *args], log)
+            if self._wait_ready(proc, port):
+                return proc, port
+            stop_process(proc)
+        raise Unavailable(f"redis-server ({what}) did not start:\n" + log_tail(log))
+
+    @staticmethod
+    def _wait_ready(proc, port: int, timeout: float = 10.0) -> bool:
         import redis
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 return False
             try:
-                with _connect_redis(self.port) as r:
+                with _connect_redis(port) as r:
                     if r.ping():
                         return True
             except redis.exceptions.ConnectionError:
@@ -213,3 +219,71 @@ class RedisSystem(System):
             r.close()
         stop_process(getattr(self, "proc", None))
         remove_tree(getattr(self, "dir", None))
+
+
+# ------------------------------------------------- Redis with a replica ----
+
+class RedisReplicaClient(RedisClient):
+    def __init__(self, port: int, range_len: int) -> None:
+        super().__init__(port, range_len)
+        self.pipe = self.r.pipeline(transaction=False)
+
+    def write_wait(self, arg):
+        """SET, then WAIT 1 0: two round trips, as a plain client does."""
+        self.write(arg)
+        if self.r.wait(1, 0) < 1:
+            raise RuntimeError("WAIT 1 0 returned before a replica acknowledged")
+
+    def write_wait_pipelined(self, arg):
+        """SET and WAIT 1 0 sent together: one round trip."""
+        k, rec = next_write(arg)
+        self.pipe.set(b"r:%d" % k, packb(rec))
+        self.pipe.wait(1, 0)
+        if self.pipe.execute()[1] < 1:
+            raise RuntimeError("WAIT 1 0 returned before a replica acknowledged")
+
+
+class RedisReplicaSystem(RedisSystem):
+    """A Redis primary with one replica (``--replicaof``) on loopback, neither persistent."""
+
+    name = "redis+replica"
+    BENCHES = ()
+    SPECIAL = {
+        "sync-write": [("redis (SET, WAIT 1 0)", "write_wait"),
+                       ("redis (SET+WAIT 1 0 pipelined)", "write_wait_pipelined")],
+        "async-write": ("redis (SET, replica attached)", "write"),
+    }
+
+    def start(self) -> None:
+        super().start()
+        self.replica_proc, self.replica_port = self._server("replica", "--replicaof", "127.0.0.1", str(self.port))
+        self.wait_synced()
+        self.notes = [
+            f"redis+replica: a second redis-server on 127.0.0.1:{self.replica_port} with --replicaof the "
+            "first, same no-persistence settings (diskless sync); the rows start once the replica's "
+            "master_link_status is up and its offset equals the primary's",
+        ]
+
+    def wait_synced(self, timeout: float = 120.0) -> None:
+        """Until the replica's link is up and it has processed every byte of the stream."""
+        with _connect_redis(self.replica_port) as replica:
+            deadline = time.monotonic() + timeout
+            while True:
+                mine, theirs = self.r.info("replication"), replica.info("replication")
+                if (theirs.get("master_link_status") == "up"
+                        and theirs.get("master_repl_offset") == mine.get("master_repl_offset")):
+                    return
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the Redis replica is not in sync after {timeout:.0f} s: "
+                                      f"{theirs.get('master_link_status')}\n"
+                                      + log_tail(self.dir / "replica" / "redis.log"))
+                time.sleep(0.05)
+
+    def client_spec(self):
+        return partial(RedisReplicaClient, self.port, self.data.range_len)
+
+    def stop(self) -> None:
+        try:
+            stop_process(getattr(self, "replica_proc", None))
+        finally:
+            super().stop()

@@ -13,6 +13,7 @@ APPLIANCE = "appliance"
 COMPARE_WITH = {
     "get": ("get", "snapshot-get"),       # get vs both lmdb variants (and Redis)
     "tx-write": ("tx-write", "write"),    # explicit transaction vs the peers' one-record writes
+    "sync-tx-write": ("sync-write",),     # synchronous explicit transaction vs Redis SET + WAIT
 }
 
 # Goals and floors of the issue: (benchmark, appliance label, peer label, processes or None, goal, floor).
@@ -20,8 +21,13 @@ GOALS = [
     ("get", "appliance", "lmdb (txn per get)", None, 1.5, 1.0),
     ("get", "appliance", "lmdb (one long txn)", None, 1.5, 1.0),
     ("write", "appliance", "redis", 8, 1.5, 1.0),
+    ("sync-write", "appliance (sync)", "redis (SET, WAIT 1 0)", 8, 2.0, 1.0),
 ]
 ORDER_GOAL = 1.5   # mean get latency after a random-order load ÷ after a key-order load
+SYNC_P99_GOAL_MS = 2.0     # p99 of a synchronous commit on loopback
+COPY_GOAL = 0.5            # first copy ÷ its bottleneck (loopback TCP, and lz4 for an lz4 secondary)
+CATCH_UP_GOAL = 3.0        # catch-up rate ÷ the primary's sustained write rate
+MEMORY_GOAL = 0.5          # lz4 secondary's memory ÷ the primary's
 
 
 def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str) -> dict:
@@ -31,6 +37,13 @@ def measurement_row(bench_id: str, name: str, system: str, processes: int, m, la
         "p50_us": round(m.p50_us, 3), "p99_us": round(m.p99_us, 3),
         "ops": m.ops, "seconds": round(m.seconds, 3), "samples": m.samples, "latency": latency,
     }
+
+
+def rate_row(bench_id: str, name: str, system: str, value: float, unit: str, detail: str = "", **figures) -> dict:
+    """A figure that is not an operation rate: MB/s, txn/s, MiB."""
+    return {"kind": "rate", "bench": bench_id, "name": name, "system": system, "processes": 1,
+            "value": round(value, 3), "unit": unit, "detail": detail,
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}}
 
 
 def _goal(bench, system, peer, processes):
@@ -72,6 +85,45 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             "appliance (random order)/appliance (key order)", 1,
             key["ops_per_s"] / rnd["ops_per_s"], ORDER_GOAL, None, higher_is_better=False,
             p50_ratio=round(rnd["p50_us"] / key["p50_us"], 3) if key["p50_us"] else None))
+    return out + replication_ratio_rows(rows)
+
+
+def replication_ratio_rows(rows: list[dict]) -> list[dict]:
+    """p99 of a synchronous commit, first copy ÷ bottleneck, catch-up ÷ write
+    rate, secondary ÷ primary memory."""
+    out = []
+    for r in rows:
+        if r["kind"] == "measurement" and r["bench"] == "sync-write" and r["system"] == "appliance (sync)":
+            out.append(_ratio_row("sync-write", "p99 of a synchronous commit, in ms (not a ratio)",
+                                  "appliance (sync) p99 ms", r["processes"], r["p99_us"] / 1000,
+                                  SYNC_P99_GOAL_MS, None, higher_is_better=False))
+    rates = [r for r in rows if r["kind"] == "rate"]
+    limits = {r["bench"]: r for r in rates if r["bench"] in ("copy-tcp", "copy-lz4")}
+    for r in rates:
+        if r["bench"] == "copy":
+            # the stages a copy goes through: TCP, and lz4 compression for an lz4 secondary
+            stages = [limits.get("copy-tcp")] + ([limits.get("copy-lz4")] if "lz4" in r["system"] else [])
+            if None in stages:
+                continue
+            neck = min(stages, key=lambda x: x["value"])
+            out.append(_ratio_row("copy", "first copy ÷ its bottleneck (MB/s)", f"{r['system']}/{neck['system']}",
+                                  1, r["value"] / neck["value"], COPY_GOAL, None,
+                                  from_agent_start=round(r["bytes"] / r["wall_s"] / 1e6 / neck["value"], 3)))
+        elif r["bench"] == "catch-up":
+            for label, rate in (("from link up", r["rate"]), ("from agent restart", r["rate_from_restart"])):
+                out.append(_ratio_row("catch-up", f"catch-up ÷ primary write rate, {label}",
+                                      f"{r['system']}/primary", 1, rate / r["write_rate"], CATCH_UP_GOAL, None,
+                                      copied=r["copied"]))
+        elif r["bench"] == "memory":
+            lz4 = "lz4" in r["system"]
+            out.append(_ratio_row("memory", "secondary ÷ primary memory (pages in use)", f"{r['system']}/primary",
+                                  1, r["secondary_bytes_used"] / r["primary_bytes_used"],
+                                  MEMORY_GOAL if lz4 else None, None, higher_is_better=False))
+            if lz4:
+                out.append(_ratio_row("memory", "secondary ÷ primary memory (live bytes)",
+                                      f"{r['system']}/primary", 1,
+                                      r["secondary_bytes_live"] / r["primary_bytes_used"], None, None,
+                                      higher_is_better=False))
     return out
 
 
@@ -122,12 +174,12 @@ class Printer:
         else:
             print(text, flush=True)
 
-    def _table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+    def _table(self, title: str, columns: list[str], rows: list[list[str]], left: tuple = (0, 1)) -> None:
         if self.console:
             from rich.table import Table
             t = Table(title=title, title_justify="left")
             for i, c in enumerate(columns):
-                t.add_column(c, justify="left" if i < 2 else "right")
+                t.add_column(c, justify="left" if i in left else "right")
             for r in rows:
                 t.add_row(*r)
             self.console.print(t)
@@ -135,7 +187,7 @@ class Printer:
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
         print(f"\n{title}")
         for line in [columns, ["-" * w for w in widths], *rows]:
-            print("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+            print("  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
 
     def results(self, rows: list[dict]) -> None:
         meas = [r for r in rows if r["kind"] == "measurement"]
@@ -145,6 +197,11 @@ class Printer:
         self._table("Results", ["benchmark", "system", "processes", "ops/s", "p50 µs", "p99 µs"], [
             [r["name"], r["system"], str(r["processes"]), f"{r['ops_per_s']:,.0f}",
              f"{r['p50_us']:,.2f}", f"{r['p99_us']:,.2f}"] for r in meas])
+        rates = [r for r in rows if r["kind"] == "rate"]
+        if rates:
+            self._table("Replication: rates and memory", ["benchmark", "system", "value", "unit", "details"], [
+                [r["name"], r["system"], f"{r['value']:,.1f}", r["unit"], r["detail"]] for r in rates],
+                left=(0, 1, 3, 4))
         ratios = [r for r in rows if r["kind"] == "ratio"]
         if ratios:
             self._table("Appliance vs peers (ops/s ratio unless noted)",

@@ -4,7 +4,8 @@
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
-snapshot-get, find, range, write, tx-write, order); see README.md.
+snapshot-get, find, range, write, tx-write, order, sync-write, async-write,
+copy, catch-up; "replication" = the last four); see README.md.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ if str(HERE) not in sys.path:
 if str(HERE.parent) not in sys.path:       # the appliance package, if not installed
     sys.path.append(str(HERE.parent))
 
-from data import Dataset                                          # noqa: E402
+from data import LOAD_CHUNK, Dataset                              # noqa: E402
 from harness import Timing, measure_load, run_workers, verify    # noqa: E402
-from report import Printer, measurement_row, meta_row, ratio_rows, write_json  # noqa: E402
+from report import Printer, measurement_row, meta_row, rate_row, ratio_rows, write_json  # noqa: E402
 from systems import Unavailable                                   # noqa: E402
 
+SYNC_FILL_BATCH = 1000
+TCP_SYSTEM = "python sockets, 2 processes"
+LZ4_SYSTEM = "lz4.block.compress, 1 core"
 READ_LATENCY = "1 in 10 ops timed individually"
 EVERY_LATENCY = "every op timed"
 LOAD_LATENCY = "per record: each 10,000-record batch timed, ÷ 10,000"
@@ -45,9 +49,10 @@ class Bench:
     def latency(self) -> str:
         return READ_LATENCY if self.step > 1 else EVERY_LATENCY
 
-    @property
-    def seed(self) -> int:    # same arguments for every system
-        return zlib.crc32(self.id.encode()) % 100_000
+    def seed(self, procs: int) -> int:
+        """The same arguments for every system; other ones for each row (process
+        count) of a benchmark, so that no row rewrites what an earlier one wrote."""
+        return zlib.crc32(self.id.encode()) % 100_000 * 100 + procs
 
 
 def benches(range_len: int) -> list[Bench]:
@@ -63,7 +68,13 @@ def benches(range_len: int) -> list[Bench]:
 
 
 GET = Bench("get", "get by primary key", "key", (1,), 10)
-BENCH_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "order"]
+SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1),
+        Bench("sync-tx-write", "synchronous explicit transaction (1 update)", "record", (8,), 1)]
+ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
+CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
+SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write"]
+REPLICATION_IDS = ["sync-write", "async-write", "copy", "catch-up"]
+BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS]
 
 
 def system_classes() -> dict:
@@ -77,17 +88,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="200,000 records, 1 s per measurement")
     p.add_argument("--json", metavar="PATH", help="write the rows (meta, measurements, ratios) as JSON")
     p.add_argument("--only", metavar="NAME,...", default="",
-                   help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS]))
+                   help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS,
+                                                                             "replication"]))
     p.add_argument("--records", type=int, help="number of records (default 1,000,000; --quick 200,000)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
+    p.add_argument("--catch-up", type=float, dest="catch_up", metavar="SECONDS",
+                   help="seconds of load while the secondary is stopped (default 30; --quick 5)")
     args = p.parse_args(argv)
     args.records = args.records or (200_000 if args.quick else 1_000_000)
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
+    args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
     if args.records < 1000:
         p.error("--records must be at least 1000")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if "replication" in names:
+        names = [n for n in names if n != "replication"] + REPLICATION_IDS
     unknown = [n for n in names if n not in {"lmdb", "redis", "appliance", *BENCH_IDS}]
     if unknown:
         p.error(f"unknown --only name(s): {', '.join(unknown)}")
@@ -137,14 +154,18 @@ class Run:
         self.out.say(f"  {title:<40} {system:<22} x{procs}  {m.ops_per_s:>12,.0f} ops/s"
                      f"  p50 {m.p50_us:>9,.2f} µs  p99 {m.p99_us:>9,.2f} µs")
 
+    def rate(self, bench_id, name, system, value, unit, detail="", **figures) -> None:
+        self.rows.append(rate_row(bench_id, name, system, value, unit, detail, **figures))
+        self.out.say(f"  {name:<40} {system:<26} {value:>12,.1f} {unit:<6} {detail}")
+
     def fail(self, what: str, err: BaseException | str) -> None:
         text = f"{what}: {err}"
         self.failures.append(text)
         self.out.say(text, style="red")
 
-    def start(self, cls):
+    def start(self, cls, **kw):
         """A started system, or None (reported) when it cannot run here."""
-        system = cls(self.data)
+        system = cls(self.data, **kw)
         try:
             system.start()
             return system
@@ -153,8 +174,8 @@ class Run:
         except Exception as e:  # noqa: BLE001 - any start failure skips the system
             reason = f"failed to start: {type(e).__name__}: {e}"
         self.stop(system)
-        self.unavailable[cls.name] = reason
-        self.out.say(f"{cls.name}: not available: {reason}", style="yellow")
+        self.unavailable[system.name] = reason
+        self.out.say(f"{system.name}: not available: {reason}", style="yellow")
         return None
 
     def stop(self, system) -> None:
@@ -175,7 +196,7 @@ class Run:
     def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None):
         try:
             m = run_workers(system.client_spec(), op, bench.kind, self.params, procs, bench.step,
-                            self.timing, bench.seed)
+                            self.timing, bench.seed(procs))
         except Exception as e:  # noqa: BLE001 - one failed row does not stop the run
             self.fail(f"{label}: {bench.title} x{procs} failed", e)
             return
@@ -191,18 +212,23 @@ class Run:
             self.info.update(system.info)
             if not self.load(system, "random", "load", f"bulk load {self.data.n:,} (random order)"):
                 return
-            todo = [(b, label, op) for b in benches(self.data.range_len) if b.id in self.args.benches
-                    for label, op in system.variants(b.id)]
+            todo = self.variants(system, [b for b in benches(self.data.range_len) if b.id in self.args.benches])
             reads = [(op, b.kind) for b, _, op in todo if b.kind in ("key", "branch", "range")]
             wrong = verify(system.client_spec(), reads, self.data.probe()) if reads else {}
             for op, problem in wrong.items():
                 self.fail(f"{cls.name}: wrong answer, {op} skipped", problem)
-            for b, label, op in todo:
-                if op not in wrong:
-                    for procs in b.procs:
-                        self.measure(system, b, label, op, procs)
+            self.benches(system, [(b, label, op) for b, label, op in todo if op not in wrong])
         finally:
             self.stop(system)
+
+    def benches(self, system, todo) -> None:
+        """Measure ``(bench, label, op)`` for each of the bench's process counts."""
+        for b, label, op in todo:
+            for procs in b.procs:
+                self.measure(system, b, label, op, procs)
+
+    def variants(self, system, benches: list[Bench]):
+        return [(b, label, op) for b in benches for label, op in system.variants(b.id)]
 
     def order_test(self, cls) -> None:
         """Random get on two fresh systems, loaded in random and in key order."""
@@ -216,6 +242,125 @@ class Run:
                     self.measure(system, GET, cls.name, "get", 1, bench_id, f"get after {order}-order load")
             finally:
                 self.stop(system)
+
+    # ---------------------------------------------------------- replication ----
+
+    def replication(self) -> None:
+        """Pairs on loopback: Redis + replica, then three appliance pairs (see replication.py)."""
+        a = self.args
+        if "copy" in a.benches:
+            self.out.say("[loopback TCP bandwidth]", style="bold")
+            self.guard("loopback TCP bandwidth", self.tcp)
+        if "redis" in a.systems and a.benches & {"sync-write", "async-write"}:
+            from peers import RedisReplicaSystem
+            self.pair("redis with a replica", RedisReplicaSystem, self.redis_rows)
+        if "appliance" not in a.systems:
+            return
+        from appliance_system import AppliancePair
+        if "sync-write" in a.benches:
+            self.pair("appliance: primary + synchronous secondary", AppliancePair, self.sync_rows, mode="sync")
+        if a.benches & {"async-write", "catch-up", "copy"}:
+            log_mib = max(64, 32 * int(a.catch_up)) if "catch-up" in a.benches else 64   # retains the catch-up load
+            self.pair("appliance: primary + asynchronous secondary", AppliancePair, self.async_rows,
+                      mode="async", log_size=f"{log_mib}MiB")
+        if "copy" in a.benches:
+            self.pair("appliance: primary + lz4 secondary (serve_reads = false)", AppliancePair, self.lz4_rows,
+                      mode="async", serve_reads=False)
+
+    def guard(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - one failed part does not stop the run
+            self.fail(f"{what} failed", f"{type(e).__name__}: {e}")
+
+    def pair(self, title: str, cls, rows, **kw) -> None:
+        """Start a system, fill it with the data set (no row), then ``rows(system)``."""
+        self.out.say(f"[{title}]", style="bold")
+        t0 = time.monotonic()
+        system = self.start(cls, **kw)
+        if system is None:
+            return
+        try:
+            self.notes += [n for n in system.notes if n not in self.notes]
+            self.info.update(system.info)
+            self.guard(title, rows, system)
+        finally:
+            self.stop(system)
+            self.out.say(f"  ({time.monotonic() - t0:.1f} s with start and stop)")
+
+    def fill(self, system, batch: int = LOAD_CHUNK) -> None:
+        t0 = time.monotonic()
+        for chunk in self.data.chunks("random", batch):
+            system.load_chunk(chunk)
+        self.out.say(f"  (filled in {time.monotonic() - t0:.1f} s)")
+
+    def tcp(self) -> None:
+        from replication import tcp_rate
+        t = tcp_rate()
+        self.rate("copy-tcp", "loopback TCP bandwidth", TCP_SYSTEM, t["mb_s"], "MB/s",
+                  f"{t['bytes'] / 1e6:,.0f} MB in {t['seconds']:.2f} s, 1 MiB sends", **t)
+
+    def redis_rows(self, redis) -> None:
+        self.fill(redis)
+        redis.wait_synced()
+        self.benches(redis, self.variants(redis, [b for b in SYNC + ASYNC if b.id in self.args.benches]))
+
+    def sync_rows(self, pair) -> None:
+        pair.start_agents()
+        pair.wait_caught_up()          # streaming: the first copy of an empty appliance
+        # each batch waits for the secondary; 1,000 records a batch keeps a transaction's log
+        # under the relay's 1 MiB message (a larger one makes the secondary exit: see README)
+        self.fill(pair, SYNC_FILL_BATCH)
+        pair.wait_caught_up()
+        self.benches(pair, self.variants(pair, SYNC))
+
+    def async_rows(self, pair) -> None:
+        self.fill(pair)                # no agent runs yet: the secondary gets a first copy
+        if "copy" in self.args.benches:
+            self.copy_rows(pair)
+        else:
+            pair.start_agents()
+            pair.wait_caught_up()
+        if "async-write" in self.args.benches:
+            self.benches(pair, self.variants(pair, ASYNC))
+        if "catch-up" in self.args.benches:
+            self.catch_up(pair)
+
+    def lz4_rows(self, pair) -> None:
+        from replication import lz4_rate
+        self.fill(pair)
+        self.copy_rows(pair)
+        z = lz4_rate(pair.node.name)
+        self.rate("copy-lz4", "lz4 compression of the same blocks", LZ4_SYSTEM, z["mb_s"], "MB/s",
+                  f"{z['blocks']:,} block images, {z['bytes'] / 1e6:,.1f} MB x {z['passes']} passes, "
+                  f"compressed to {z['compressed_fraction']:.0%}", **z)
+
+    def copy_rows(self, pair) -> None:
+        from replication import first_copy, memory
+        c = first_copy(pair)
+        again = f"; {c['attempts']} ATTEMPTS: the link failed, the copy started over" if c["attempts"] > 1 else ""
+        self.rate("copy", f"first copy of {self.data.n:,} records", f"appliance ({pair.kind})", c["mb_s"], "MB/s",
+                  f"{c['bytes'] / 1e6:,.1f} MB of block images in {c['seconds']:.2f} s to the secondary's "
+                  f"copy_complete (relay done in {c['relay_seconds']:.2f} s; {c['wall_s']:.2f} s from the "
+                  f"primary's agent start){again}", **c)
+        primary, secondary = memory(pair)
+        figures = {"primary_bytes_used": primary["bytes_used"], "secondary_bytes_used": secondary["bytes_used"],
+                   "secondary_bytes_live": secondary["bytes_live"]}
+        live = f", {secondary['bytes_live'] / 2**20:,.1f} MiB live" if secondary["compressed"] else ""
+        self.rate("memory", f"secondary memory, {self.data.n:,} records", f"secondary ({pair.kind})",
+                  secondary["bytes_used"] / 2**20, "MiB",
+                  f"pages in use{live}; primary {primary['bytes_used'] / 2**20:,.1f} MiB", **figures)
+
+    def catch_up(self, pair) -> None:
+        from replication import CATCH_UP_CLIENTS, catch_up
+        secs = self.args.catch_up
+        m, c = catch_up(pair, self.params, secs, CATCH_UP.seed(CATCH_UP_CLIENTS))
+        self.add(CATCH_UP.id, CATCH_UP.title, pair.name, CATCH_UP_CLIENTS, m, CATCH_UP.latency)
+        copy = "; a FULL COPY happened (the log did not retain the load)" if c["copied"] else ""
+        self.rate("catch-up", f"catch-up after {secs:g} s of load", f"{pair.name} secondary", c["rate"], "txn/s",
+                  f"{c['transactions']:,} txns ({c['log_bytes'] / 2**20:,.0f} MiB of log) in "
+                  f"{c['link_to_caught_up_s']:.2f} s from link up, {c['restart_to_link_s']:.2f} s agent "
+                  f"restart to link up; primary wrote {c['write_rate']:,.0f} txn/s{copy}", **c)
 
 
 def main(argv=None) -> int:
@@ -231,10 +376,12 @@ def main(argv=None) -> int:
     run = Run(args, out)
     classes = system_classes()
     for name in args.systems:
-        if args.benches - {"order"}:
+        if args.benches & set(SINGLE_IDS):
             run.system(classes[name])
     if "order" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
         run.order_test(classes["appliance"])
+    if args.benches & set(REPLICATION_IDS):
+        run.replication()
 
     meta = meta_row(args, run.info, run.notes, run.unavailable, timer_overhead_ns())
     meta["failures"] = run.failures

@@ -43,7 +43,7 @@ class Client:
 class System:
     name = "?"
     # Benchmarks run with the client method of the same name, labelled with the
-    # system's name; SPECIAL gives (label, method) where that is not so.
+    # system's name; SPECIAL gives (label, method), or a list of them, where that is not so.
     BENCHES: tuple[str, ...] = ("get", "find", "range", "write")
     SPECIAL: dict[str, tuple[str, str]] = {}
 
@@ -66,7 +66,8 @@ class System:
     def variants(self, bench_id: str) -> list[tuple[str, str]]:
         """``(system label, client method)`` pairs this system runs for a benchmark."""
         if bench_id in self.SPECIAL:
-            return [self.SPECIAL[bench_id]]
+            special = self.SPECIAL[bench_id]
+            return list(special) if isinstance(special, list) else [special]
         return [(self.name, bench_id)] if bench_id in self.BENCHES else []
 
     def stop(self) -> None:

@@ -1018,8 +1018,13 @@ class Controller:
             limit = payload.get("limit") if isinstance(payload, dict) else None
             if type(limit) is not int or not 0 <= limit <= self.att.sb.sb_max_blocks:
                 raise errors.WrongTypeError("copy begin: needs the primary's block limit")
+            serial = payload.get("serial")
+            if type(serial) is not int:
+                raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
             self.copied = bytearray((self.att.sb.sb_max_blocks + 7) // 8)
-            self.log.info("copy_started", source=source, blocks=limit)
+            # the stream continues after `serial`: record it, so entries that follow are not a gap
+            self._apply_batch(lambda wr: (1, serial, serial), source)
+            self.log.info("copy_started", source=source, blocks=limit, serial=serial)
             return {"copied": 0}
         if self.copied is None:
             raise errors.ProtocolError("copy: no copy in progress")

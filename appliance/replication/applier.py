@@ -12,6 +12,7 @@ it ends: until then "backup complete" would not be true.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 from .. import errors
@@ -48,7 +49,8 @@ class Applier:
 
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
-        self.server = await asyncio.start_server(self._accept, host, port, ssl=self.tls, reuse_address=True)
+        # TLS is started in _accept, so a refused certificate is logged here too
+        self.server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
@@ -59,6 +61,14 @@ class Applier:
                 "connected_since": self.connected_since}
 
     async def _accept(self, reader, writer) -> None:
+        if self.tls is not None:
+            peer = writer.get_extra_info("peername")
+            try:
+                await asyncio.wait_for(writer.start_tls(self.tls), link.HANDSHAKE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+                self.errs.error("primary_refused", "tls", peer=str(peer), error=f"TLS handshake failed: {exc}")
+                writer.close()
+                return
         fs = link.FrameStream(reader, writer)
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
@@ -97,6 +107,7 @@ class Applier:
 
     async def _serve(self, fs: link.FrameStream, instance: int) -> None:
         pending = b""
+        acked = -1   # last ACK on this link: the first applied serial is always acknowledged
         timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
         while self.current is fs:
             kind, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
@@ -124,9 +135,12 @@ class Applier:
                 if r["applied"] > self.applied:
                     self.applied = r["applied"]
                     self.source = instance
-                    if not self.copying:
-                        fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
-                        await fs.drain()
+                # acknowledge whatever is applied and not yet acknowledged on this link
+                # (after a reconnect everything resent may be a duplicate: ACK anyway)
+                if not self.copying and self.applied > acked:
+                    fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
+                    await fs.drain()
+                    acked = self.applied
             elif kind == rp.COPY_BEGIN:
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
                 self.copying = True
@@ -143,9 +157,11 @@ class Applier:
                 self.applied, self.source = r["applied"], instance
                 fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
                 await fs.drain()
+                acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
             elif kind == rp.HEARTBEAT:
-                fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, self.applied, {"applied": self.applied}))
+                applied = self.applied if not self.copying else 0   # no "backup complete" mid-copy
+                fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
                 await fs.drain()
             elif kind == rp.VERIFY:
                 await self._verify(fs, body)

@@ -34,8 +34,9 @@ _KEEP = {lib.APL_CE_BEGIN, lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_DELE
          lib.APL_CE_COMMIT, lib.APL_CE_CANCEL}
 
 
-def _strip(blob: bytes, keep_a: bool) -> tuple[bytes, int, int]:
-    """The entries worth keeping, A images removed unless keep_a: (bytes, first, last serial)."""
+def _strip(blob: bytes, keep_a: bool, after: int = 0) -> tuple[bytes, int, int]:
+    """The entries worth keeping that come after serial `after`, A images
+    removed unless keep_a: (bytes, first, last serial)."""
     out = bytearray()
     first = last = 0
     pos = 0
@@ -45,6 +46,9 @@ def _strip(blob: bytes, keep_a: bool) -> tuple[bytes, int, int]:
         ln, kind, flags, serial, klen, alen, blen = f[0], f[1], f[2], f[5], f[11], f[12], f[13]
         if ln < _HDR.size or pos + ln > n:
             break
+        if serial <= after:   # already in the history (a resend)
+            pos += ln
+            continue
         if not first:
             first = serial
         last = serial
@@ -98,8 +102,8 @@ class History:
     def append(self, blob: bytes) -> None:
         if not self.enabled:
             return
-        kept, first, last = _strip(blob, self.keep_a)
-        if not first or last <= self.last_serial:
+        kept, first, last = _strip(blob, self.keep_a, self.last_serial)
+        if not first:
             return
         if kept:
             if not self.buf:

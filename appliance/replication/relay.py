@@ -316,7 +316,12 @@ class Relay:
                 self.log.warning("secondary_gap", expected=expected, sent=self.sent)
                 raise errors.ProtocolError(f"{fs.peer}: gap reported at serial {expected}; resuming from it")
             elif kind == rp.HEARTBEAT:
-                pass
+                applied = body.get("applied") if isinstance(body, dict) else None
+                if type(applied) is int and applied > self.acked and self.state == "streaming":
+                    self.acked = applied   # a heartbeat carries the applied serial too
+                    while self.sent_pos and self.sent_pos[0][0] <= applied:
+                        self.acked_pos = self.sent_pos.popleft()[1]
+                    self.agent.report_soon()
             elif kind == rp.VERIFY_RESULT:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():

@@ -167,6 +167,7 @@ class Attachment:
 
     def __init__(self, appliance_name: str, *, writable: bool, segments: list[Segment] | None = None,
                  meta: Segment | None = None, readers: Segment | None = None) -> None:
+        self._closed = True   # until the view is open (__del__ then does nothing)
         self.name = appliance_name
         self.writable = writable
         self._segs: list[Segment] = []
@@ -190,6 +191,7 @@ class Attachment:
                                     self.readers.size, self._dev_ptrs, nseg, seg_size),
                   f"attach appliance {appliance_name!r}")
         except BaseException:
+            self._closed = True
             for s in self._segs:
                 s.close()
             raise
@@ -204,6 +206,15 @@ class Attachment:
         if self._closed:
             return
         self._closed = True
-        lib.apl_view_close(self.view)
+        lib.apl_view_close(self.view)   # before the mappings go: the C side forgets them first
         for s in self._segs:
             s.close()
+
+    def __del__(self):
+        # An attachment dropped without close(): its mmaps are about to be
+        # unmapped, so the C view (registered process-wide, with per-thread
+        # cached reader slots inside the readers segment) must forget them now.
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -110,10 +110,16 @@ class Writer:
                                            "slots_used", "readers_cleared", "log_head")}
 
     def close(self) -> None:
-        if self._s is not None:
+        if getattr(self, "_s", None) is not None:
             lib.apl_store_free(self._s)
             self._s = None
             self.att.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- batches and changes -----------------------------------------------------
 
