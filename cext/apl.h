@@ -249,6 +249,11 @@ int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t a
 /* Replace block `number` with an image (apl_block_image format); img NULL or
  * len 0 removes the number. */
 int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
+/* A copy: block images in batches (apl_view.c), applied in batches. */
+int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
+                         uint8_t *out, uint64_t cap, uint32_t *next);
+int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copied, uint64_t nbits);
+int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
 

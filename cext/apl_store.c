@@ -2166,3 +2166,41 @@ void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance)
     pb->pb_source_instance = instance;
     s->source_set = 1;
 }
+
+/* Apply a batch of copied images (apl_block_images format); mark them copied. */
+int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copied, uint64_t nbits)
+{
+    uint64_t p = 0;
+    while (p + 8 <= len) {
+        uint32_t num, l;
+        memcpy(&num, buf + p, 4);
+        memcpy(&l, buf + p + 4, 4);
+        if (p + 8 + l > len || num >= nbits)
+            return APL_ECORRUPT;
+        int rc = apl_apply_image(s, num, buf + p + 8, l);
+        if (rc)
+            return rc;
+        copied[num >> 3] |= (uint8_t)(1u << (num & 7));
+        p += 8 + (uint64_t)l;
+    }
+    return p == len ? APL_OK : APL_ECORRUPT;
+}
+
+/* The end of a copy: remove every number in use here that the copy did not
+ * bring (the primary no longer has it). Returns how many were removed. */
+int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits)
+{
+    int64_t dropped = 0;
+    for (uint64_t n = 0; n < s->v->v_max_blocks; n++) {
+        if (n < nbits && (copied[n >> 3] & (1u << (n & 7))))
+            continue;
+        apl_addr a = s->v->v_loc[n];
+        if (a == APL_ADDR_NONE)
+            continue;
+        int rc = apl_apply_image(s, (uint32_t)n, 0, 0);
+        if (rc)
+            return rc;
+        dropped++;
+    }
+    return dropped;
+}

@@ -1084,3 +1084,44 @@ int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
     }
     return APL_ELOGFULL;
 }
+
+/*
+ * Block images of numbers [start, ...) at a pinned version, for a copy:
+ * records of (u32 number, u32 length, image) back to back, numbers not in
+ * use skipped. Stops before `cap` would overflow or at `limit`; *next is the
+ * number to continue from. Returns bytes written.
+ */
+int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
+                         uint8_t *out, uint64_t cap, uint32_t *next)
+{
+    uint64_t used = 0;
+    uint32_t n = start;
+    if (limit > v->v_max_blocks)
+        limit = (uint32_t)v->v_max_blocks;
+    for (; n < limit; n++) {
+        if (used + 8 > cap)
+            break;
+        int64_t len;
+        if (v->v_flags & APL_SB_COMPRESSED) {
+            len = apl_bobj_image(v, n, version, out + used + 8, cap - used - 8);
+        } else {
+            struct apl_bhdr *b = apl_resolve(v, n, version);
+            len = b ? apl_image(v, b, out + used + 8, cap - used - 8) : APL_NOTFOUND;
+        }
+        if (len == APL_NOTFOUND)
+            continue;
+        if (len == APL_EBUFSIZE) {
+            if (used == 0)
+                return APL_EBUFSIZE;
+            break;
+        }
+        if (len < 0)
+            return len;
+        uint32_t num = n, l32 = (uint32_t)len;
+        memcpy(out + used, &num, 4);
+        memcpy(out + used + 4, &l32, 4);
+        used += 8 + (uint64_t)len;
+    }
+    *next = n;
+    return (int64_t)used;
+}

@@ -197,6 +197,10 @@ int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t a
                       uint64_t *last_serial, uint64_t *last_commit);
 int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
+int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
+                         uint8_t *out, uint64_t cap, uint32_t *next);
+int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copied, uint64_t nbits);
+int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
 """
 

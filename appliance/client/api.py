@@ -194,15 +194,16 @@ class Client:
         t = self.schema.table(table)
         total = 0
         chunk: list = []
+        extra = [self.durability] if self.durability is not None else []
         for rec in records:
             chunk.append(rec)
             if len(chunk) >= batch:
-                total += self._call([m.OP_LOAD, t.name, chunk], f"load {t.name}")
+                total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
                 chunk = []
                 if progress:
                     progress(total)
         if chunk:
-            total += self._call([m.OP_LOAD, t.name, chunk], f"load {t.name}")
+            total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
             if progress:
                 progress(total)
         return total

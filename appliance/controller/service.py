@@ -705,6 +705,8 @@ class Controller:
         return out
 
     def _load(self, sess: Session, args: list):
+        durability = self.sync.check_durability(args[2] if len(args) == 3 else None)
+        args = args[:2]
         _arity(args, 2, "load")
         if sess.txn is not None and sess.txn.state == "open":
             raise errors.TransactionStateError("load: a transaction is open on this connection")
@@ -730,7 +732,7 @@ class Controller:
             self._cancel(txn, "load_failed")
             e.details.setdefault("index", i)
             raise
-        yield from self._commit(txn)
+        yield from self._commit(txn, True, durability)
         return len(recs)
 
     def _txn_status(self, number, since_ns) -> str:
@@ -1029,21 +1031,16 @@ class Controller:
         if self.copied is None:
             raise errors.ProtocolError("copy: no copy in progress")
         if phase == "blocks":
-            if not isinstance(payload, list):
-                raise errors.WrongTypeError("copy blocks: expects [[number, image], ...]")
+            if not isinstance(payload, bytes):
+                raise errors.WrongTypeError("copy blocks: expects block images (apl_block_images format)")
+            copied = self.copied
 
             def run(wr):
-                for item in payload:
-                    if type(item) is not list or len(item) != 2 or type(item[0]) is not int \
-                            or not (item[1] is None or isinstance(item[1], bytes)):
-                        raise errors.WrongTypeError("copy blocks: each item is [number, image or nil]")
-                    n = item[0]
-                    wr.apply_image(n, item[1])
-                    self.copied[n >> 3] |= 1 << (n & 7)
+                wr.apply_images(payload, copied)
                 return 0, 0, 0
             applied, _ = self._applied_serial()
             self._apply_batch(run, source)
-            return {"copied": len(payload), "applied": applied}
+            return {"applied": applied}
         if phase == "end":
             serial = payload.get("serial") if isinstance(payload, dict) else None
             if type(serial) is not int:
@@ -1051,9 +1048,7 @@ class Controller:
             copied = self.copied
 
             def finish(wr):
-                for n in range(self.att.sb.sb_max_blocks):
-                    if not copied[n >> 3] & (1 << (n & 7)) and self.reader.block_image(n) is not None:
-                        wr.apply_image(n, None)   # the primary has no such block
+                wr.drop_uncopied(copied)   # numbers in use here that the primary does not have
                 return 1, serial, serial
             self.copied = None
             self._apply_batch(finish, source)

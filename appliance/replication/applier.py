@@ -93,11 +93,13 @@ class Applier:
         self.connected_since = time.time()
         self.state = "streaming"
         self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
+        beat = asyncio.get_running_loop().create_task(self._heartbeats(fs))
         try:
             await self._serve(fs, instance)
         except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
             self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
         finally:
+            beat.cancel()
             fs.close()
             if self.current is fs:
                 self.current = None
@@ -108,6 +110,7 @@ class Applier:
     async def _serve(self, fs: link.FrameStream, instance: int) -> None:
         pending = b""
         acked = -1   # last ACK on this link: the first applied serial is always acknowledged
+        copy_calls: list = []
         timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
         while self.current is fs:
             kind, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
@@ -120,6 +123,9 @@ class Applier:
             if kind == rp.ENTRIES:
                 if type(body) is not list or len(body) != 3 or not isinstance(body[2], bytes):
                     raise errors.ProtocolError(f"{fs.peer}: malformed ENTRIES")
+                for fut in copy_calls:   # entries apply after the blocks sent before them
+                    await fut
+                copy_calls.clear()
                 first, last, blob = body
                 expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
                 if first > expect:
@@ -149,8 +155,15 @@ class Applier:
                 pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
             elif kind == rp.COPY_BLOCKS:
-                await self.ctl.call([m.OP_COPY, "blocks", instance, body])
+                # pipelined: the controller applies in order on one connection; the
+                # replies are collected before COPY_END (the copy's "backup complete")
+                copy_calls.append(asyncio.ensure_future(self.ctl.call([m.OP_COPY, "blocks", instance, body])))
+                if len(copy_calls) >= 8:
+                    await copy_calls.pop(0)
             elif kind == rp.COPY_END:
+                for fut in copy_calls:
+                    await fut
+                copy_calls.clear()
                 r = await self.ctl.call([m.OP_COPY, "end", instance, body])
                 self.copying = False
                 self.state = "streaming"
@@ -167,6 +180,15 @@ class Applier:
                 await self._verify(fs, body)
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
+
+    async def _heartbeats(self, fs) -> None:
+        """Keep the link measurable even while a long apply or copy step runs
+        (the primary drops a link it has not heard from)."""
+        hb = self.cfg.replication.heartbeat
+        while True:
+            await asyncio.sleep(hb)
+            applied = self.applied if not self.copying else 0
+            fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
 
     async def _verify(self, fs, body) -> None:
         """Compare this secondary's block checksums with the primary's, at the

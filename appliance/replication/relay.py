@@ -31,7 +31,7 @@ from . import link
 __all__ = ["Relay"]
 
 CHUNK = 1 << 20            # bytes of entries per ENTRIES message
-COPY_BATCH = 512 << 10     # bytes of block images per COPY_BLOCKS message
+COPY_BATCH = 1 << 20       # bytes of block images per COPY_BLOCKS message
 _ELOGFULL = lib.APL_ELOGFULL
 _EBUFSIZE = lib.APL_EBUFSIZE
 
@@ -270,12 +270,8 @@ class Relay:
                 limit = max(limit, a.reader.block_limit())
                 if n >= limit:
                     break
-                batch, size = [], 0
-                while n < limit and size < COPY_BATCH:
-                    img = a.reader.block_image(n, version)
-                    batch.append([n, img])
-                    size += len(img) if img else 8
-                    n += 1
+                batch, n = a.reader.block_images(n, version, COPY_BATCH)
+                size = len(batch)
             finally:
                 pin.close()
             fs.send(rp.message(rp.COPY_BLOCKS, a.epoch, self.sent, batch))

@@ -186,6 +186,14 @@ class Writer:
         check(lib.apl_apply_image(self._s, number, image or ffi.NULL, len(image) if image else 0),
               f"apply block {number}")
 
+    def apply_images(self, blob: bytes, copied: bytearray) -> None:
+        check(lib.apl_apply_images(self._s, blob, len(blob), ffi.from_buffer(copied), len(copied) * 8),
+              "apply copied blocks")
+
+    def drop_uncopied(self, copied: bytearray) -> int:
+        return check(lib.apl_drop_uncopied(self._s, ffi.from_buffer(copied), len(copied) * 8),
+                     "drop blocks the copy did not bring")
+
     def set_source(self, serial: int, instance: int) -> None:
         lib.apl_set_source(self._s, serial, instance)
 

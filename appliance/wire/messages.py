@@ -33,7 +33,7 @@ OP_COMMIT              wait (bool)                                     map: txn,
 OP_CANCEL              -                                               nil
 OP_ATOMIC              program or nil, input, [[op, arg...], ...]      map: txn, serial, version,
                                                                        results (one per step)
-OP_LOAD                table, [record, ...]                            number loaded
+OP_LOAD                table, [record, ...], durability (optional)     number loaded
 OP_TXN_STATUS          transaction number, its start time (ns)         "committed", "not_committed",
                                                                        "unknown", "open", "committing"
 OP_WAIT_APPLIED        primary serial, timeout (s)                     serial applied (secondary: read-your-writes)

@@ -33,7 +33,8 @@ Stream (primary -> secondary), in serial order:
                 undo's entries before it: the B logs that undo it, [0122])
     COPY_BEGIN  {blocks, serial}        start of a block copy (first copy, or a
                                         secondary the retained log no longer covers)
-    COPY_BLOCKS [[number, image|nil]...] block images at this stream position
+    COPY_BLOCKS images                  block images at this stream position: (u32 number,
+                                        u32 length, image) back to back (apl_block_images)
     COPY_END    {serial}
     VERIFY      {id, sums}              checksums of every block at this stream position
     SUSPEND / RESUME                    stop / restart applying (referential batch mode)
