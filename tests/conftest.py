@@ -21,6 +21,8 @@ from appliance import errors
 from appliance.client.session import Session
 from appliance.store.segment import unlink_all
 
+from store_helpers import CREATED_NAMES, linked_segments, unique_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,14 +42,6 @@ fields = { id = "int", branch = "str", balance = "int" }
 """
 
 
-#: every appliance name this test session made (checked for leaks at the end)
-CREATED_NAMES: set[str] = set()
-
-
-def unique_name(prefix: str = "t") -> str:
-    name = f"{prefix}{uuid.uuid4().hex[:12]}"
-    CREATED_NAMES.add(name)
-    return name
 
 
 def write_config(dirpath: Path, *, name: str | None = None, tables: str = BANK_TABLES, storage: str = "",
@@ -164,7 +158,6 @@ class Appliance:
     def __init__(self, tmp_path: Path, **config_kw) -> None:
         self.dir = tmp_path
         config_kw.setdefault("name", unique_name())
-        CREATED_NAMES.add(config_kw["name"])
         self.config = write_config(tmp_path, **config_kw)
         from appliance.config import load
         self.cfg = load(self.config)
@@ -237,14 +230,16 @@ def db(bank):
     return bank.connect()
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _no_leaked_segments():
-    """After the whole run, no segment of ours is left in /dev/shm."""
+    """After each test (and every other fixture's finalizer), no segment under a
+    name the test made is left in /dev/shm; a leak fails the test that made it."""
+    before = set(CREATED_NAMES)
     yield
-    leaked = [n for n in os.listdir("/dev/shm") if n.startswith("apl.") and n.split(".")[1] in CREATED_NAMES]
-    for n in leaked:
-        unlink_all(n.split(".")[1])
-    assert not leaked, f"tests leaked shared-memory segments: {leaked}"
+    leaked = linked_segments(CREATED_NAMES - before)
+    for name in {n.split(".")[1] for n in leaked}:
+        unlink_all(name)
+    assert not leaked, f"this test leaked shared-memory segments: {leaked}"
 
 
 # ---------------------------------------------------------------------------

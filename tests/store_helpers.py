@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import random
 import struct
 import time
@@ -40,8 +41,22 @@ LIVE: dict[str, int] = {}
 CREATED: dict[str, int] = {}
 
 
-def unique_name() -> str:
-    return "t" + uuid.uuid4().hex[:12]
+#: every appliance name this test process handed out (conftest checks, after
+#: each test, that none of the names it made is still in /dev/shm)
+CREATED_NAMES: set[str] = set()
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A fresh appliance name, so no test's segments collide with another's."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    CREATED_NAMES.add(name)
+    return name
+
+
+def linked_segments(names) -> list[str]:
+    """The /dev/shm entries that belong to any of `names`."""
+    names = set(names)
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("apl.") and n.split(".")[1] in names)
 
 
 def max_record(block_size: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 
 import msgpack
 import pytest
@@ -16,6 +15,8 @@ from appliance.store.keys import encode_int, encode_str
 from appliance.store.reader import Reader
 from appliance.store.segment import Attachment, Geometry, unlink_all
 from appliance.store.writer import FileSpec, Writer
+
+from store_helpers import unique_name
 
 FILES = [FileSpec("t", lib.APL_FILE_PRIMARY, 0), FileSpec("t.a", lib.APL_FILE_ALTKEY, 0)]
 TXI, TXU, TXD = lib.APL_TXN_INSERT, lib.APL_TXN_UPDATE, lib.APL_TXN_DELETE
@@ -31,7 +32,7 @@ def stores():
     names = []
 
     def make(compressed=False, **kw):
-        name = "t" + uuid.uuid4().hex[:12]
+        name = unique_name()
         names.append(name)
         return Writer.create(name, geometry(compressed, **kw), mode=0o600, gid=None, schema_hash=1, files=FILES,
                              reserve_slots=8)
