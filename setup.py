@@ -22,6 +22,7 @@ setup(
         "pydantic>=2.6",
         "click>=8.1",
         "rich>=13.0",
+        "uvloop>=0.19",   # the agent's event loop (plain asyncio where it is missing)
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41"],

@@ -502,6 +502,16 @@ class TestBadInput:
             assert conn.request(put("accounts", 1, good))[0] == m.OK  # no transaction was left open
         assert db.table("accounts")[1] == {"id": 1, **good}
 
+    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
+                             ids=["from_a_client", "no_args", "bad_args"])
+    def test_one_way_request_refused_without_a_reply(self, bank, req):
+        """A one-way request (OP_ACKED) the controller refuses is logged and gets no reply: the next reply on the connection is the next request's."""
+        with RawConn(bank.cfg.socket_path) as conn:
+            conn.send(framing.encode(req))
+            reply = conn.hello()
+            assert reply[0] == m.OK and reply[1]["name"] == bank.name
+            wait_event(bank, "one_way_request_refused", op=m.OP_ACKED)
+
     @pytest.mark.parametrize("op", [99, 1 << 40])
     def test_unknown_high_op_is_a_protocol_error(self, bank, op):
         """A request with an op number no one defines is a ProtocolError, whatever its number."""

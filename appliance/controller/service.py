@@ -345,6 +345,9 @@ class Controller:
             if type(req) is not list or not req or type(req[0]) is not int:
                 self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
                 continue
+            if req[0] in m.ONE_WAY:
+                self._one_way(sess, req)
+                continue
             if req[0] == m.OP_ATOMIC and self.role != "secondary":
                 try:
                     if self._fast_atomic(sess, req):
@@ -359,6 +362,17 @@ class Controller:
                     continue
             gen = self._handle(sess, req)
             self._step(sess, gen, None, None)
+
+    def _one_way(self, sess: Session, req: list) -> None:
+        """A request with no reply (OP_ACKED): refused ones are logged, not answered."""
+        if (sess.agent != "primary" or self.role != "primary" or len(req) != 3 or type(req[2]) is not int
+                or req[1] not in self.sync.secondaries):
+            self.log.warning("one_way_request_refused", op=req[0], agent=sess.agent, pid=sess.pid,
+                             request=repr(req)[:200])
+            return
+        self.sync.ack(req[1], req[2])
+        if self.sync.waiting:
+            self._release_backed_up()
 
     def _step(self, sess: Session, gen, value, exc) -> None:
         """Advance a request coroutine until it finishes or waits."""

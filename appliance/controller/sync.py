@@ -16,7 +16,8 @@ the quorum — loudly: log, status — and back in once it has caught up
 ("degrade").
 
 Shared state: none outside the controller's event-loop thread. The agent
-reports each secondary's acknowledged serial (OP_REPL_STATE); this module
+reports each secondary's acknowledged serial (OP_ACKED at once, OP_REPL_STATE
+with the rest of its state); this module
 decides which waiting transactions are satisfied.
 """
 from __future__ import annotations
@@ -104,11 +105,15 @@ class SyncTracker:
                 continue
             self.state[name] = st
             a = st.get("acked")
-            if type(a) is int and a > self.acked[name]:
-                self.acked[name] = a
-            if name in self.degraded and self.acked[name] >= self.last_serial and st.get("connected"):
-                self.degraded.discard(name)
-                self.log.warning("secondary_rejoined_quorum", secondary=name, acked=self.acked[name])
+            self.ack(name, a if type(a) is int else 0)
+
+    def ack(self, name: str, serial: int) -> None:
+        """A secondary confirmed everything up to `serial` applied (OP_ACKED)."""
+        if serial > self.acked[name]:
+            self.acked[name] = serial
+        if name in self.degraded and self.acked[name] >= self.last_serial and self.state[name].get("connected"):
+            self.degraded.discard(name)
+            self.log.warning("secondary_rejoined_quorum", secondary=name, acked=self.acked[name])
 
     def ready(self) -> list[Waiter]:
         """Waiters whose durability is reached now (removed from the list)."""

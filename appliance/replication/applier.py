@@ -121,8 +121,7 @@ class Applier:
             self.last_message = time.monotonic()
             self.primary_time_lag = round(max(0.0, time.time() - ts / 1e9), 3)
             if kind == rp.ENTRIES:
-                if type(body) is not list or len(body) != 3 or not isinstance(body[2], bytes):
-                    raise errors.ProtocolError(f"{fs.peer}: malformed ENTRIES")
+                _check_entries(fs, body)
                 for fut in copy_calls:   # entries apply after the blocks sent before them
                     await fut
                 copy_calls.clear()
@@ -136,6 +135,21 @@ class Applier:
                     continue
                 self.history.append(blob)
                 pending += blob
+                # the ENTRIES that queued up while the last apply ran go in the
+                # same apply (one controller round trip and one ACK for all);
+                # a gap or any other message stops the batch and is handled
+                # on its own at the next turn
+                while (nxt := fs.peek()) is not None:
+                    k2, e2, _, _, b2 = rp.parse(nxt)
+                    if k2 != rp.ENTRIES or e2 != epoch:
+                        break
+                    _check_entries(fs, b2)
+                    if b2[0] > last + 1:
+                        break
+                    fs.pop()
+                    self.history.append(b2[2])
+                    pending += b2[2]
+                    last = max(last, b2[1])
                 r = await self.ctl.call([m.OP_APPLY, instance, self.applied, pending])
                 pending = pending[r["consumed"]:]
                 if r["applied"] > self.applied:
@@ -188,7 +202,10 @@ class Applier:
         while True:
             await asyncio.sleep(hb)
             applied = self.applied if not self.copying else 0
-            fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
+            try:
+                fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
+            except ConnectionError:
+                return   # the link is closing: _serve sees it and ends the session
 
     async def _verify(self, fs, body) -> None:
         """Compare this secondary's block checksums with the primary's, at the
@@ -201,6 +218,12 @@ class Applier:
                            {"id": body["id"], "differ": differ, "serial": mine["serial"],
                             "checked": len(body["sums"]) // 12}))
         await fs.drain()
+
+
+def _check_entries(fs, body) -> None:
+    if (type(body) is not list or len(body) != 3 or type(body[0]) is not int or type(body[1]) is not int
+            or not isinstance(body[2], bytes)):
+        raise errors.ProtocolError(f"{fs.peer}: malformed ENTRIES")
 
 
 def compare_sums(a: bytes, b: bytes) -> list[int]:

@@ -61,8 +61,24 @@ class FrameStream:
             self._ready.extend(self._dec.feed(data))
         return self._ready.popleft()
 
+    def peek(self):
+        """The next message if it has already arrived (None otherwise): lets a
+        receiver take several queued messages in one step."""
+        return self._ready[0] if self._ready else None
+
+    def pop(self) -> None:
+        """Consume the message peek() returned."""
+        self._ready.popleft()
+
     def send(self, obj) -> None:
-        self.writer.write(framing.encode(obj))
+        # asyncio ignores a write to a closed transport, uvloop raises
+        # RuntimeError: both become the ConnectionError every caller handles
+        if self.writer.is_closing():
+            raise ConnectionResetError(f"{self.peer}: connection closed")
+        try:
+            self.writer.write(framing.encode(obj))
+        except RuntimeError as exc:
+            raise ConnectionResetError(f"{self.peer}: {exc}") from None
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -244,17 +260,25 @@ class ControlLink:
         return self.fs is not None
 
     async def call(self, req: list):
-        if self.fs is None:
-            raise errors.UnavailableError("controller link is down")
+        self.notify(req)
         fut = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
-        self.fs.send(req)
         reply = await fut
         if type(reply) is list and len(reply) == 2 and reply[0] == m.OK:
             return reply[1]
         if type(reply) is list and len(reply) == 4 and reply[0] == m.ERR:
             raise errors.error_for(reply[1], reply[2], **(reply[3] or {}))
         raise errors.ProtocolError("malformed reply from the controller")
+
+    def notify(self, req: list) -> None:
+        """Send a request without waiting: call() awaits its reply; a one-way
+        request (messages.ONE_WAY) gets none."""
+        if self.fs is None:
+            raise errors.UnavailableError("controller link is down")
+        try:
+            self.fs.send(req)
+        except ConnectionError as exc:
+            raise errors.UnavailableError(f"controller link is down: {exc}") from None
 
     def close(self) -> None:
         if self._reader_task is not None:

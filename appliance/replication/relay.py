@@ -292,6 +292,12 @@ class Relay:
 
     # -- reading ACKs --------------------------------------------------------------------
 
+    def _acked(self, applied: int) -> None:
+        self.acked = applied
+        while self.sent_pos and self.sent_pos[0][0] <= applied:
+            self.acked_pos = self.sent_pos.popleft()[1]
+        self.agent.acked(self.name, applied)
+
     async def _read(self, fs) -> None:
         timeout = max(3.0, 6 * self.agent.cfg.replication.heartbeat)
         while True:
@@ -301,10 +307,7 @@ class Relay:
             if kind == rp.ACK:
                 applied = body.get("applied") if isinstance(body, dict) else None
                 if type(applied) is int and applied > self.acked:
-                    self.acked = applied
-                    while self.sent_pos and self.sent_pos[0][0] <= applied:
-                        self.acked_pos = self.sent_pos.popleft()[1]
-                    self.agent.report_soon()
+                    self._acked(applied)
             elif kind == rp.NAK:
                 expected = body.get("expected") if isinstance(body, dict) else None
                 if type(expected) is not int:
@@ -314,10 +317,7 @@ class Relay:
             elif kind == rp.HEARTBEAT:
                 applied = body.get("applied") if isinstance(body, dict) else None
                 if type(applied) is int and applied > self.acked and self.state == "streaming":
-                    self.acked = applied   # a heartbeat carries the applied serial too
-                    while self.sent_pos and self.sent_pos[0][0] <= applied:
-                        self.acked_pos = self.sent_pos.popleft()[1]
-                    self.agent.report_soon()
+                    self._acked(applied)   # a heartbeat carries the applied serial too
             elif kind == rp.VERIFY_RESULT:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():

@@ -62,11 +62,18 @@ OP_WATCH               serial, timeout (s)                             log bound
                                                                        "resync": secondaries to copy again
 OP_REPL_STATE          {secondary: {connected, acked, state, ...}}     nil (primary: drives synchronous
                                                                        commits; shown by status)
+OP_ACKED               secondary name, serial it confirmed applied     none: one-way (primary: releases the
+                                                                       synchronous commits it satisfies)
 OP_APPLY               source instance, after serial, entries blob     map: applied, consumed (secondary)
 OP_COPY                phase ("begin"/"blocks"/"end"), payload         map: copied, applied (secondary)
 OP_BLOCK_SUMS          version (0 = latest)                            map: version, serial, sums (bytes:
                                                                        u32 number + u64 checksum each)
 =====================  ==============================================  =============================
+
+OP_ACKED is the one request without a reply: it is on the path of every
+synchronous commit, and a reply would cost the controller a send and the
+agent a wake-up per acknowledgement for nothing. A malformed one is logged
+and ignored (the agent's full OP_REPL_STATE carries the same serial).
 
 OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
 OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
@@ -104,6 +111,10 @@ OP_REPL_STATE = 32
 OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
+OP_ACKED = 36
+
+#: requests the controller answers with no reply
+ONE_WAY = frozenset({OP_ACKED})
 
 #: ops allowed as steps of a transaction (and of OP_ATOMIC)
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
