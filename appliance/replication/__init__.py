@@ -180,8 +180,9 @@ class PrimaryAgent:
                 t.add_done_callback(self.verify_tasks.discard)
 
     async def _report(self) -> None:
-        """Send the secondaries' state to the controller: at once after an
-        ACK (coalesced: one report in flight), and every heartbeat."""
+        """Send the secondaries' whole state to the controller (shown by
+        status): soon after a change of state (coalesced: one report in
+        flight), and every heartbeat. ACKs go ahead on their own (acked())."""
         hb = self.cfg.replication.heartbeat
         while True:
             try:
