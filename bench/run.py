@@ -29,7 +29,6 @@ from harness import Timing, measure_load, run_workers, verify    # noqa: E402
 from report import Printer, measurement_row, meta_row, rate_row, ratio_rows, write_json  # noqa: E402
 from systems import Unavailable                                   # noqa: E402
 
-SYNC_FILL_BATCH = 1000
 TCP_SYSTEM = "python sockets, 2 processes"
 LZ4_SYSTEM = "lz4.block.compress, 1 core"
 READ_LATENCY = "1 in 10 ops timed individually"
@@ -308,9 +307,7 @@ class Run:
     def sync_rows(self, pair) -> None:
         pair.start_agents()
         pair.wait_caught_up()          # streaming: the first copy of an empty appliance
-        # each batch waits for the secondary; 1,000 records a batch keeps a transaction's log
-        # under the relay's 1 MiB message (a larger one makes the secondary exit: see README)
-        self.fill(pair, SYNC_FILL_BATCH)
+        self.fill(pair)                # each 10,000-record transaction waits for the secondary
         pair.wait_caught_up()
         self.benches(pair, self.variants(pair, SYNC))
 

@@ -397,7 +397,11 @@ class _SnapshotTable(Table):
         return snap.version
 
     def get(self, key, default=None):
-        return self._get_version(key, default, self._version())
+        # the hot path of snapshot reads: the pin check inline, then one C call
+        snap = self._snap
+        if snap._pin is None:
+            self._version()         # raises ClosedError
+        return self._get_version(key, default, snap.version)
 
     def _get_version(self, key, default, ver: int):
         c = self._client
