@@ -1086,10 +1086,13 @@ int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
 }
 
 /*
- * Block images of numbers [start, ...) at a pinned version, for a copy:
- * records of (u32 number, u32 length, image) back to back, numbers not in
- * use skipped. Stops before `cap` would overflow or at `limit`; *next is the
- * number to continue from. Returns bytes written.
+ * Block images of numbers [start, limit) at a pinned version, for a copy:
+ * records of (u32 number, u32 length, image) back to back. A number not in
+ * use at that version gets length 0: the secondary removes it and counts it
+ * as copied, so a block the primary creates under that number later is
+ * applied from the log, not dropped as "the copy will carry it" (the copy
+ * has passed it). Stops before `cap` would overflow or at `limit`; *next is
+ * the number to continue from. Returns bytes written.
  */
 int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
                          uint8_t *out, uint64_t cap, uint32_t *next)
@@ -1109,7 +1112,7 @@ int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t v
             len = b ? apl_image(v, b, out + used + 8, cap - used - 8) : APL_NOTFOUND;
         }
         if (len == APL_NOTFOUND)
-            continue;
+            len = 0;
         if (len == APL_EBUFSIZE) {
             if (used == 0)
                 return APL_EBUFSIZE;

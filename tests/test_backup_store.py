@@ -221,3 +221,81 @@ class TestPartialTransactions:
                 assert Reader(sec.w.att).count(0) == 0 and sec.applied == 0
         assert Reader(sec.w.att).count(0) == 3000 and Reader(sec.w.att).count(1) == 3000
         assert differing(p, sec.w) == []
+
+
+class TestCopyWhileWriting:
+    @staticmethod
+    def commit(s: "Stream", inserts=(), deletes=()) -> None:
+        ops = bytearray()
+        for k in deletes:
+            _step(ops, TXD, 0, encode_int(k), b"")
+            _step(ops, TXD, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+        for k in inserts:
+            _step(ops, TXI, 0, encode_int(k), msgpack.packb({"id": k, "x": "z" * 60}))
+            _step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+        s.txn += 1
+        s.p.begin()
+        s.p.commit_txn(s.txn, time.time_ns(), b"\x90", ops)
+        s.p.publish(time.time_ns(), 0)
+        s.p.reclaim()
+
+    @pytest.mark.parametrize("compressed", [False, True])
+    def test_numbers_freed_before_the_cursor_and_reused_reach_the_secondary(self, stores, compressed):
+        """A first copy in small batches while the primary reuses block numbers the copy has passed
+        (freed by deletes before the copy, taken by inserts during it): each round ships the log up to
+        a version, then images at it, as the relay does; the secondary ends identical and streams on."""
+        p = stores()
+        sec = Secondary(stores(compressed=compressed))
+        s = Stream(p)
+        for lo in range(0, 3000, 100):
+            self.commit(s, inserts=range(lo, lo + 100))
+        self.commit(s, deletes=range(0, 1000))        # empty leaves: their numbers are freed
+        keys = set(range(1000, 3000))
+        s.export(0)                                 # the copy starts here: the log before it is not shipped
+        sec.applied = s.ls[0]
+        r = Reader(p.att)
+        copied = bytearray((1 << 16) // 8)
+        n, rounds, absent, new = 0, 0, 0, 10_000
+        while True:
+            if 2 < rounds < 15:                     # the cursor is past the freed numbers: reuse them
+                self.commit(s, inserts=range(new, new + 40))
+                keys.update(range(new, new + 40))
+                new += 40
+            blob = s.export(0)
+            data = sec.pending + blob
+            sec.w.begin()
+            consumed, last, _ = sec.w.apply_entries(data, sec.applied, copied)
+            sec.pending = data[consumed:]
+            if consumed:
+                sec.applied = last
+            sec.w.publish(time.time_ns(), 0)
+            sec.w.reclaim()
+            limit = r.block_limit()
+            if n >= limit:
+                break
+            pin = r.pin()
+            try:
+                batch, n = r.block_images(n, pin.version, 4000, limit)
+            finally:
+                pin.close()
+            pos = 0
+            while pos < len(batch):                 # (u32 number, u32 length, image)*
+                length = int.from_bytes(batch[pos + 4:pos + 8], "little")
+                absent += length == 0
+                pos += 8 + length
+            sec.w.begin()
+            sec.w.apply_images(batch, copied)
+            sec.w.publish(time.time_ns(), 0)
+            sec.w.reclaim()
+            rounds += 1
+        sec.w.begin()
+        sec.w.drop_uncopied(copied)
+        sec.w.publish(time.time_ns(), 0)
+        assert rounds > 10 and absent > 0, (rounds, absent)   # the case is exercised
+        assert differing(p, sec.w) == []
+        for lo in range(20_000, 21_000, 100):       # streaming after the copy: every change applies
+            self.commit(s, inserts=range(lo, lo + 100))
+            keys.update(range(lo, lo + 100))
+        sec.apply(s.export(0))
+        assert differing(p, sec.w) == []
+        assert Reader(sec.w.att).count(0) == r.count(0) == len(keys)

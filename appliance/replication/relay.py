@@ -270,7 +270,7 @@ class Relay:
                 limit = max(limit, a.reader.block_limit())
                 if n >= limit:
                     break
-                batch, n = a.reader.block_images(n, version, COPY_BATCH)
+                batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
                 size = len(batch)
             finally:
                 pin.close()

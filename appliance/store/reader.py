@@ -219,12 +219,13 @@ class Reader:
         check(n, "block image")
         return bytes(ffi.buffer(buf, n))
 
-    def block_images(self, start: int, version: int, cap: int) -> tuple[bytes, int]:
-        """Images of the blocks in use from number `start` on, at a pinned version,
-        up to about `cap` bytes: (u32 number, u32 length, image)*, next number."""
+    def block_images(self, start: int, version: int, cap: int, limit: int) -> tuple[bytes, int]:
+        """Images of block numbers [start, limit) at a pinned version, up to about
+        `cap` bytes: (u32 number, u32 length, image)*, next number. A number not
+        in use has length 0 (apl_block_images)."""
         buf = ffi.new("uint8_t[]", cap)
         nxt = ffi.new("uint32_t *")
-        n = lib.apl_block_images(self.view, start, lib.APL_NO_BLOCK, version, buf, cap, nxt)
+        n = lib.apl_block_images(self.view, start, limit, version, buf, cap, nxt)
         check(n, "block images")
         return bytes(ffi.buffer(buf, n)), nxt[0]
 

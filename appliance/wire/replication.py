@@ -34,7 +34,8 @@ Stream (primary -> secondary), in serial order:
     COPY_BEGIN  {blocks, serial}        start of a block copy (first copy, or a
                                         secondary the retained log no longer covers)
     COPY_BLOCKS images                  block images at this stream position: (u32 number,
-                                        u32 length, image) back to back (apl_block_images)
+                                        u32 length, image) back to back (apl_block_images);
+                                        length 0: the number is not in use there
     COPY_END    {serial}
     VERIFY      {id, sums}              checksums of every block at this stream position
     SUSPEND / RESUME                    stop / restart applying (referential batch mode)
