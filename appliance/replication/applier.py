@@ -12,6 +12,7 @@ it ends: until then "backup complete" would not be true.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 
@@ -45,12 +46,12 @@ class Applier:
         self.last_message = 0.0
         self.primary_time_lag = None
         self.suspended = False
-        self.server: asyncio.AbstractServer | None = None
+        self.server: Listener | None = None
 
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
-        # TLS is started in _accept, so a refused certificate is logged here too
-        self.server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        # TLS is started per connection (_upgrade), so a refused certificate is logged here too
+        self.server = Listener(host, port, self._upgrade)
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
@@ -60,15 +61,25 @@ class Applier:
                 "primary_time_lag_s": self.primary_time_lag,
                 "connected_since": self.connected_since}
 
+    async def _upgrade(self, sock: socket.socket, peer) -> None:
+        """A new connection: streams on it, after the TLS handshake when
+        configured. The transport is made on the accepted socket itself, so
+        no byte (a ClientHello, a HELLO) is read before its protocol exists."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.tls,
+                ssl_handshake_timeout=link.HANDSHAKE_TIMEOUT if self.tls is not None else None)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.errs.error("primary_refused", "tls" if self.tls is not None else "accept", peer=str(peer),
+                            error=f"TLS handshake failed: {exc}" if self.tls is not None else str(exc))
+            sock.close()
+            return
+        await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
     async def _accept(self, reader, writer) -> None:
-        if self.tls is not None:
-            peer = writer.get_extra_info("peername")
-            try:
-                await asyncio.wait_for(writer.start_tls(self.tls), link.HANDSHAKE_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                self.errs.error("primary_refused", "tls", peer=str(peer), error=f"TLS handshake failed: {exc}")
-                writer.close()
-                return
         fs = link.FrameStream(reader, writer)
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
@@ -249,3 +260,33 @@ def _serial_after(pending: bytes) -> int:
 def _addr(v: str) -> tuple[str, int]:
     from ..config import parse_address
     return parse_address(v)
+
+
+class Listener:
+    """The secondary's listening socket and its accept loop; each connection
+    is handed to `handle(sock, peer)` in a task of its own."""
+
+    def __init__(self, host: str, port: int, handle) -> None:
+        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+        self.sock = socket.create_server(addr[:2], family=family)   # SO_REUSEADDR, as asyncio sets
+        self.sock.setblocking(False)
+        self.handle = handle
+        self.tasks: set = set()       # the loop keeps only weak references to tasks
+        self.accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(self.sock)
+            except OSError:           # EMFILE and the like: the loop goes on
+                await asyncio.sleep(0.1)
+                continue
+            t = loop.create_task(self.handle(sock, peer))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        self.accepting.cancel()
+        self.sock.close()
