@@ -503,10 +503,20 @@ class TestBadInput:
         assert db.table("accounts")[1] == {"id": 1, **good}
 
     @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
-                             ids=["from_a_client", "no_args", "bad_args"])
-    def test_one_way_request_refused_without_a_reply(self, bank, req):
-        """A one-way request (OP_ACKED) the controller refuses is logged and gets no reply: the next reply on the connection is the next request's."""
+                             ids=["unknown_secondary", "no_args", "bad_args"])
+    def test_one_way_request_from_a_client_is_refused(self, bank, req):
+        """OP_ACKED from a session that is not an agent's is an ordinary request: refused with AccessDeniedError, and the connection serves on."""
         with RawConn(bank.cfg.socket_path) as conn:
+            assert reply_error(conn.request(req)) is errors.AccessDeniedError
+            assert conn.hello()[0] == m.OK
+
+    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
+                             ids=["unknown_secondary", "no_args", "bad_args"])
+    def test_one_way_request_from_an_agent_refused_without_a_reply(self, bank, req):
+        """A one-way request (OP_ACKED) the controller refuses from an agent's session is logged and gets no reply: the next reply on the connection is the next request's."""
+        with RawConn(bank.cfg.socket_path) as conn:
+            attached = conn.request([m.OP_AGENT, bank.cfg.role, os.getpid()])
+            assert attached[0] == m.OK, attached
             conn.send(framing.encode(req))
             reply = conn.hello()
             assert reply[0] == m.OK and reply[1]["name"] == bank.name

@@ -345,8 +345,8 @@ class Controller:
             if type(req) is not list or not req or type(req[0]) is not int:
                 self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
                 continue
-            if req[0] in m.ONE_WAY:
-                self._one_way(sess, req)
+            if req[0] in m.ONE_WAY and sess.agent:
+                self._one_way(sess, req)     # from anyone else: an ordinary request, refused
                 continue
             if req[0] == m.OP_ATOMIC and self.role != "secondary":
                 try:
@@ -364,7 +364,8 @@ class Controller:
             self._step(sess, gen, None, None)
 
     def _one_way(self, sess: Session, req: list) -> None:
-        """A request with no reply (OP_ACKED): refused ones are logged, not answered."""
+        """A request with no reply (OP_ACKED) from an agent's session: refused
+        ones are logged, not answered (the agent reads no reply to it)."""
         if (sess.agent != "primary" or self.role != "primary" or len(req) != 3 or type(req[2]) is not int
                 or req[1] not in self.sync.secondaries):
             self.log.warning("one_way_request_refused", op=req[0], agent=sess.agent, pid=sess.pid,

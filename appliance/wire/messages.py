@@ -72,8 +72,10 @@ OP_BLOCK_SUMS          version (0 = latest)                            map: vers
 
 OP_ACKED is the one request without a reply: it is on the path of every
 synchronous commit, and a reply would cost the controller a send and the
-agent a wake-up per acknowledgement for nothing. A malformed one is logged
-and ignored (the agent's full OP_REPL_STATE carries the same serial).
+agent a wake-up per acknowledgement for nothing. A malformed one from an
+agent is logged and ignored (the agent's full OP_REPL_STATE carries the same
+serial). From any session that is not an agent's it is an ordinary request:
+refused with AccessDeniedError, like every agent op.
 
 OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
 OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
