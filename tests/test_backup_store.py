@@ -92,10 +92,10 @@ class Secondary:
         self.applied = 0
         self.pending = b""
 
-    def apply(self, blob: bytes, publish: bool = True) -> None:
+    def apply(self, blob: bytes, publish: bool = True, copied: bytearray | None = None) -> None:
         data = self.pending + blob
         self.w.begin()
-        consumed, last, _ = self.w.apply_entries(data, self.applied, None)
+        consumed, last, _ = self.w.apply_entries(data, self.applied, copied)
         self.pending = data[consumed:]
         if consumed:
             self.applied = last
@@ -261,15 +261,7 @@ class TestCopyWhileWriting:
                 self.commit(s, inserts=range(new, new + 40))
                 keys.update(range(new, new + 40))
                 new += 40
-            blob = s.export(0)
-            data = sec.pending + blob
-            sec.w.begin()
-            consumed, last, _ = sec.w.apply_entries(data, sec.applied, copied)
-            sec.pending = data[consumed:]
-            if consumed:
-                sec.applied = last
-            sec.w.publish(time.time_ns(), 0)
-            sec.w.reclaim()
+            sec.apply(s.export(0), copied=copied)
             limit = r.block_limit()
             if n >= limit:
                 break
