@@ -221,6 +221,33 @@ class TestSynchronous:
         assert rc == 0, res
 
 
+    @pytest.mark.parametrize("durability", ["all", 2])
+    def test_stronger_durability_waits_for_an_async_secondary(self, make_cluster, durability):
+        """durability 'all' (or 2) waits for the asynchronous secondary too; 'quorum' does not."""
+        c = make_cluster(secondaries=(("sync", ""), ("async", ""))).start()
+        db = appliance.connect(c.primary.app.config)
+        _, lazy = c.secondaries
+        try:
+            lazy.agent.signal(signal.SIGSTOP)
+            db.table("accounts")[1] = {"branch": "a", "balance": 1}      # quorum: the sync one is enough
+            done = threading.Event()
+
+            def strong():
+                with db.transaction(durability=durability) as tx:
+                    tx.put("accounts", 2, {"branch": "a", "balance": 2})
+                done.set()
+            t = threading.Thread(target=strong)
+            t.start()
+            t.join(1.5)
+            assert not done.is_set(), f"durability={durability!r} returned without the async secondary's ack"
+            lazy.agent.signal(signal.SIGCONT)
+            t.join(30)
+            assert done.is_set()
+        finally:
+            lazy.agent.signal(signal.SIGCONT)
+            db.close()
+        c.wait_caught_up()
+
 class TestCompressedSecondary:
     def test_lz4_secondary_is_identical_and_serves_no_reads(self, make_cluster):
         """A secondary with serve_reads = false keeps lz4 blocks, verifies identical, and refuses clients."""

@@ -77,19 +77,6 @@ class SyncTracker:
     def _quorum_members(self) -> list[str]:
         return [n for n in self.sync_names if n not in self.degraded]
 
-    def satisfied(self, w: Waiter) -> bool:
-        d, s = w.durability, w.serial
-        if d == "quorum":
-            members = self._quorum_members()
-            if not members:
-                return True  # every synchronous secondary is degraded: go on without them (loudly)
-            k = len(members) if self.quorum == "all" else min(self.quorum, len(members))
-            return sum(1 for n in members if self.acked[n] >= s) >= k
-        if d == "all":
-            return all(a >= s for a in self.acked.values())
-        k = min(d, len(self.secondaries))
-        return sum(1 for a in self.acked.values() if a >= s) >= k
-
     # -- events ----------------------------------------------------------------------------------
 
     def committed(self, serial: int) -> None:
@@ -116,12 +103,35 @@ class SyncTracker:
             self.log.warning("secondary_rejoined_quorum", secondary=name, acked=self.acked[name])
 
     def ready(self) -> list[Waiter]:
-        """Waiters whose durability is reached now (removed from the list)."""
+        """Waiters whose durability is reached now (removed from the list).
+        The serial each kind of durability has reached is worked out once per
+        call; each waiter is then one comparison."""
+        reached: dict = {}
         done, keep = [], []
         for w in self.waiting:
-            (done if self.satisfied(w) else keep).append(w)
+            d = w.durability
+            r = reached.get(d)
+            if r is None:
+                r = reached[d] = self._reached(d)
+            (done if w.serial <= r else keep).append(w)
         self.waiting = keep
         return done
+
+    def _reached(self, d) -> float:
+        """The highest serial durability `d` is satisfied up to (inf: every serial)."""
+        if d == "quorum":
+            members = self._quorum_members()
+            if not members:
+                return float("inf")   # every synchronous secondary is degraded: go on without them
+            k = len(members) if self.quorum == "all" else min(self.quorum, len(members))
+            acks = [self.acked[n] for n in members]
+        elif d == "all":
+            k, acks = len(self.acked), list(self.acked.values())
+        else:
+            k, acks = min(d, len(self.secondaries)), list(self.acked.values())
+        if k <= 0:
+            return float("inf")
+        return sorted(acks, reverse=True)[k - 1]   # the k-th best acknowledgement
 
     def tick(self) -> None:
         """Degrade synchronous secondaries that hold a commit too long (policy "degrade")."""
