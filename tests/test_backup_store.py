@@ -223,71 +223,115 @@ class TestPartialTransactions:
         assert differing(p, sec.w) == []
 
 
+def copy_while_writing(s: Stream, sec: Secondary, step, cap) -> tuple[int, int]:
+    """A first copy as the relay runs it, in one process: each round the primary does `step(round)`,
+    its log goes to the secondary (changes to blocks not copied yet dropped), then the images of the
+    next numbers at a pinned version (`cap(round)` bytes); the end drops what was not copied.
+    Returns (rounds, numbers sent as absent)."""
+    r = Reader(s.p.att)
+    copied = bytearray((1 << 16) // 8)
+    n, rounds, absent = 0, 0, 0
+    while True:
+        step(rounds)
+        sec.apply(s.export(0), copied=copied)
+        limit = r.block_limit()
+        if n >= limit:
+            break
+        pin = r.pin()
+        try:
+            batch, n = r.block_images(n, pin.version, cap(rounds), limit)
+        finally:
+            pin.close()
+        pos = 0
+        while pos < len(batch):                 # (u32 number, u32 length, image)*
+            length = int.from_bytes(batch[pos + 4:pos + 8], "little")
+            absent += length == 0
+            pos += 8 + length
+        sec.w.begin()
+        sec.w.apply_images(batch, copied)
+        sec.w.publish(time.time_ns(), 0)
+        sec.w.reclaim()
+        rounds += 1
+    sec.w.begin()
+    sec.w.drop_uncopied(copied)
+    sec.w.publish(time.time_ns(), 0)
+    return rounds, absent
+
+
 class TestCopyWhileWriting:
     @staticmethod
-    def commit(s: "Stream", inserts=(), deletes=()) -> None:
+    def commit(s: Stream, inserts=(), deletes=()) -> None:
         ops = bytearray()
         for k in deletes:
+            v, br = s.model.pop(k)
             _step(ops, TXD, 0, encode_int(k), b"")
-            _step(ops, TXD, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+            _step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
         for k in inserts:
-            _step(ops, TXI, 0, encode_int(k), msgpack.packb({"id": k, "x": "z" * 60}))
+            v = msgpack.packb({"id": k, "x": "z" * 60})
+            _step(ops, TXI, 0, encode_int(k), v)
             _step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+            s.model[k] = (v, "b%d" % (k % 7))
         s.txn += 1
         s.p.begin()
         s.p.commit_txn(s.txn, time.time_ns(), b"\x90", ops)
         s.p.publish(time.time_ns(), 0)
         s.p.reclaim()
 
+    @staticmethod
+    def start(s: Stream, sec: Secondary) -> None:
+        s.export(0)                             # the copy starts here: the log before it is not shipped
+        sec.applied = s.ls[0]
+
+    @staticmethod
+    def stream_on(s: Stream, sec: Secondary) -> None:
+        """After the copy: every change applies; identical block for block, same counts."""
+        for _ in range(20):
+            s.batch(txns=8)
+            sec.apply(s.export(0))
+        assert differing(s.p, sec.w) == []
+        assert Reader(sec.w.att).count(0) == Reader(s.p.att).count(0) == len(s.model)
+
     @pytest.mark.parametrize("compressed", [False, True])
     def test_numbers_freed_before_the_cursor_and_reused_reach_the_secondary(self, stores, compressed):
         """A first copy in small batches while the primary reuses block numbers the copy has passed
-        (freed by deletes before the copy, taken by inserts during it): each round ships the log up to
-        a version, then images at it, as the relay does; the secondary ends identical and streams on."""
+        (freed by deletes before the copy, taken by inserts during it); the secondary ends identical
+        and streams on."""
         p = stores()
         sec = Secondary(stores(compressed=compressed))
         s = Stream(p)
         for lo in range(0, 3000, 100):
             self.commit(s, inserts=range(lo, lo + 100))
         self.commit(s, deletes=range(0, 1000))        # empty leaves: their numbers are freed
-        keys = set(range(1000, 3000))
-        s.export(0)                                 # the copy starts here: the log before it is not shipped
-        sec.applied = s.ls[0]
-        r = Reader(p.att)
-        copied = bytearray((1 << 16) // 8)
-        n, rounds, absent, new = 0, 0, 0, 10_000
-        while True:
-            if 2 < rounds < 15:                     # the cursor is past the freed numbers: reuse them
-                self.commit(s, inserts=range(new, new + 40))
-                keys.update(range(new, new + 40))
-                new += 40
-            sec.apply(s.export(0), copied=copied)
-            limit = r.block_limit()
-            if n >= limit:
-                break
-            pin = r.pin()
-            try:
-                batch, n = r.block_images(n, pin.version, 4000, limit)
-            finally:
-                pin.close()
-            pos = 0
-            while pos < len(batch):                 # (u32 number, u32 length, image)*
-                length = int.from_bytes(batch[pos + 4:pos + 8], "little")
-                absent += length == 0
-                pos += 8 + length
-            sec.w.begin()
-            sec.w.apply_images(batch, copied)
-            sec.w.publish(time.time_ns(), 0)
-            sec.w.reclaim()
-            rounds += 1
-        sec.w.begin()
-        sec.w.drop_uncopied(copied)
-        sec.w.publish(time.time_ns(), 0)
+        self.start(s, sec)
+        new = iter(range(10_000, 20_000, 40))
+
+        def step(rnd):
+            if 2 < rnd < 15:                        # the cursor is past the freed numbers: reuse them
+                lo = next(new)
+                self.commit(s, inserts=range(lo, lo + 40))
+        rounds, absent = copy_while_writing(s, sec, step, lambda rnd: 4000)
         assert rounds > 10 and absent > 0, (rounds, absent)   # the case is exercised
         assert differing(p, sec.w) == []
-        for lo in range(20_000, 21_000, 100):       # streaming after the copy: every change applies
-            self.commit(s, inserts=range(lo, lo + 100))
-            keys.update(range(lo, lo + 100))
-        sec.apply(s.export(0))
+        self.stream_on(s, sec)
+
+    @pytest.mark.parametrize("seed", [3, 18, 29])
+    @pytest.mark.parametrize("compressed", [False, True])
+    def test_random_workload_during_a_copy(self, stores, compressed, seed):
+        """Random inserts, updates, deletes (and a mass delete before, half the time) while a copy runs
+        in batches of random size; the secondary ends identical and streams on."""
+        rng = random.Random(seed)
+        p = stores()
+        sec = Secondary(stores(compressed=compressed))
+        s = Stream(p, seed=seed)
+        for _ in range(rng.randrange(10, 80)):
+            s.batch(txns=8, big=rng.random() < 0.2)
+        if rng.random() < 0.5:
+            self.commit(s, deletes=sorted(s.model)[:len(s.model) // 3])
+        self.start(s, sec)
+
+        def step(rnd):
+            if rnd < 40:
+                s.batch(txns=rng.randrange(1, 6), big=rng.random() < 0.2)
+        copy_while_writing(s, sec, step, lambda rnd: rng.choice([2000, 5000, 20000]))
         assert differing(p, sec.w) == []
-        assert Reader(sec.w.att).count(0) == r.count(0) == len(keys)
+        self.stream_on(s, sec)
