@@ -428,6 +428,37 @@ static uint8_t *scratch_tail(apl_store *s, uint32_t nblocks)
     return s->scratch + (uint64_t)nblocks * s->bsize;
 }
 
+/* gather() the chain of `h` (cur_nb blocks), with the record (key, val) put
+ * in key order: replacing the equal one when `eq`, inserted otherwise. The
+ * record is copied behind the gathered ones in scratch; *total counts it.
+ * Returns the number of records in s->recs. */
+static uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur_nb, uint64_t p, const uint8_t *key,
+                            uint32_t klen, const uint8_t *val, uint32_t vlen, int eq, uint64_t *total)
+{
+    uint64_t n = gather(s, h, total);
+    uint8_t *tail = scratch_tail(s, cur_nb);
+    memcpy(tail, key, klen);
+    memcpy(tail + klen, val, vlen);
+    struct rec nr = {.prefix = p, .k = tail, .klen = klen, .val = tail + klen, .vlen = vlen, .aux = vlen};
+    uint64_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].k, s->recs[mid].klen, p, key, klen) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (eq) {
+        *total -= rec_bytes(&s->recs[lo]);
+    } else {
+        memmove(&s->recs[lo + 1], &s->recs[lo], (n - lo) * sizeof(struct rec));
+        n++;
+    }
+    s->recs[lo] = nr;
+    *total += rec_bytes(&nr);
+    return n;
+}
+
 /*
  * Split recs[a, b) into nb consecutive non-empty groups that each fit one
  * block; bounds[i] is the end of group i. With `even`, groups are as equal in
@@ -904,30 +935,9 @@ int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
      * in scratch; the new record after them). */
     uint32_t cur_nb = chain_len(s, h);
     uint64_t total;
-    uint64_t n = gather(s, h, &total);
-    uint8_t *tail = scratch_tail(s, cur_nb);
-    memcpy(tail, key, klen);
-    memcpy(tail + klen, val, vlen);
-    struct rec nr = {.prefix = p, .k = tail, .klen = klen, .val = tail + klen, .vlen = vlen, .aux = vlen};
-    uint64_t lo = 0, hi = n;
-    while (lo < hi) {
-        uint64_t mid = (lo + hi) / 2;
-        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].k, s->recs[mid].klen, p, key, klen) < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (eq) {
-        total -= rec_bytes(&s->recs[lo]);
-        s->recs[lo] = nr;
-    } else {
-        memmove(&s->recs[lo + 1], &s->recs[lo], (n - lo) * sizeof(struct rec));
-        s->recs[lo] = nr;
-        n++;
-        if ((rc = meta_add(s, file, 1)))
-            return rc;
-    }
-    total += rec_bytes(&nr);
+    uint64_t n = gather_with(s, h, cur_nb, p, key, klen, val, vlen, eq, &total);
+    if (!eq && (rc = meta_add(s, file, 1)))
+        return rc;
     rc = layout_chain(s, file, wp.leaf, h, n, total, cur_nb, &wp);
     if (rc) {
         if (!eq)
@@ -2036,27 +2046,8 @@ static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *
         s->recs_cap = ncap / SLOT_SIZE + 16;
     }
     uint64_t total;
-    uint64_t n = gather(s, h, &total);
-    uint8_t *tail = scratch_tail(s, cur_nb);
-    memcpy(tail, key, klen);
-    memcpy(tail + klen, val, vlen);
+    uint64_t n = gather_with(s, h, cur_nb, p, key, klen, val, vlen, eq, &total);
     free(newval);
-    struct rec nr = {.prefix = p, .k = tail, .klen = klen, .val = tail + klen, .vlen = vlen, .aux = vlen};
-    uint64_t lo = 0, hi = n;
-    while (lo < hi) {
-        uint64_t mid = (lo + hi) / 2;
-        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].k, s->recs[mid].klen, p, key, klen) < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (eq) {
-        s->recs[lo] = nr;
-    } else {
-        memmove(&s->recs[lo + 1], &s->recs[lo], (n - lo) * sizeof(struct rec));
-        s->recs[lo] = nr;
-        n++;
-    }
     rc = fill_chain(s, h, n);
     return rc;
 }
