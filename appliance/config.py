@@ -473,6 +473,16 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
     return cfg
 
 
+def load_logged(path: str | os.PathLike, log) -> Config | None:
+    """load() for a process's start: a bad config is logged (config_invalid,
+    with file and key) and gives None; the caller exits with errors.EXIT_CONFIG."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
+        return None
+
+
 def load(path: str | os.PathLike) -> Config:
     """Read and validate a config file; raise ConfigError on any problem."""
     path = Path(path)

@@ -48,6 +48,11 @@ __all__ = [
     "error_for",
 ]
 
+# Exit statuses of the processes and the CLI (sysexits.h), in one place.
+EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance
+EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
+EXIT_CONFIG = 78     # EX_CONFIG: the configuration is refused
+
 
 class ApplianceError(Exception):
     """Base of every appliance error.

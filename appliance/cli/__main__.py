@@ -15,8 +15,8 @@ from .. import errors
 
 EXIT_REFUSED = 1
 EXIT_NOT_RUNNING = 3
-EXIT_BUSY = 69
-EXIT_CONFIG = 78
+EXIT_BUSY = errors.EXIT_BUSY
+EXIT_CONFIG = errors.EXIT_CONFIG
 
 CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
                       type=click.Path(dir_okay=False), help="the appliance's TOML configuration")

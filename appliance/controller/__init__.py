@@ -98,11 +98,9 @@ def run(config_path: str) -> int:
 
     logs.configure()
     log = logs.get_logger(process="controller")
-    try:
-        cfg = config_mod.load(config_path)
-    except errors.ConfigError as e:
-        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
-        return 78  # EX_CONFIG
+    cfg = config_mod.load_logged(config_path, log)
+    if cfg is None:
+        return errors.EXIT_CONFIG
     log = log.bind(appliance=cfg.name)
     shutdown = lifecycle.Shutdown()
     shutdown.install()
@@ -110,6 +108,6 @@ def run(config_path: str) -> int:
         return serve(cfg, log, shutdown)
     except (errors.BusyError, errors.FormatError, errors.AccessDeniedError) as e:
         log.error("controller_refused_to_start", error=str(e))
-        return 69 if isinstance(e, errors.BusyError) else 78
+        return errors.EXIT_BUSY if isinstance(e, errors.BusyError) else errors.EXIT_CONFIG
     finally:
         shutdown.uninstall()

@@ -266,15 +266,13 @@ def run(config_path: str) -> int:
 
     logs.configure()
     log = logs.get_logger(process="agent")
-    try:
-        cfg = config_mod.load(config_path)
-    except errors.ConfigError as e:
-        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
-        return 78
+    cfg = config_mod.load_logged(config_path, log)
+    if cfg is None:
+        return errors.EXIT_CONFIG
     if cfg.replication is None:
         log.error("config_invalid", error=f"{cfg.path}: no [replication] section: nothing for an agent to do",
                   key="replication")
-        return 78
+        return errors.EXIT_CONFIG
     log = log.bind(appliance=cfg.name, role=cfg.replication.role)
     agent = PrimaryAgent(cfg, log) if cfg.replication.role == "primary" else SecondaryAgent(cfg, log)
 
@@ -303,7 +301,7 @@ def run(config_path: str) -> int:
         return 0
     except (errors.UnavailableError, errors.BusyError) as e:
         log.error("agent_failed", error=str(e))
-        return 75  # EX_TEMPFAIL: systemd restarts it
+        return errors.EXIT_TEMPFAIL   # systemd restarts it
     except errors.ApplianceError as e:
         log.error("agent_failed", error=str(e))
-        return 78 if isinstance(e, (errors.ConfigError, errors.FormatError)) else 1
+        return errors.EXIT_CONFIG if isinstance(e, (errors.ConfigError, errors.FormatError)) else 1
