@@ -130,6 +130,18 @@ def _refuse(fs: FrameStream, epoch: int, code: str, message: str) -> None:
         pass
 
 
+def _check_peer(fs: FrameStream, epoch: int, name, expected: str, role: str, ours: str) -> None:
+    """The peer is the configured one: by the name it gives and, over TLS, by
+    its certificate's common name. Else refuse (ERROR to it) and raise."""
+    if name != expected:
+        _refuse(fs, epoch, "APL_EACCESS", f"{ours} {expected!r}")
+        raise AuthError(f"{fs.peer} is {name!r}, not the configured {role} {expected!r}")
+    cert = fs.peer_cert_name
+    if cert is not None and cert != expected:
+        _refuse(fs, epoch, "APL_EACCESS", "certificate name does not match")
+        raise AuthError(f"{fs.peer}: its certificate is for {cert!r}, not {expected!r}")
+
+
 async def _expect(fs: FrameStream, kind: int, what: str):
     k, epoch, serial, ts, body = rp.parse(await fs.recv(HANDSHAKE_TIMEOUT))
     if k == rp.ERROR and isinstance(body, dict):
@@ -157,13 +169,7 @@ async def primary_handshake(fs: FrameStream, cfg: Config, secondary, *, instance
         "fingerprint": cfg.replication_fingerprint(), "files": files, "nonce": n_p, "mode": secondary.mode}))
     await fs.drain()
     _, _, ch = await _expect(fs, rp.CHALLENGE, "CHALLENGE")
-    if ch.get("name") != secondary.name:
-        _refuse(fs, epoch, "APL_EACCESS", f"this primary expects secondary {secondary.name!r}")
-        raise AuthError(f"{fs.peer} is {ch.get('name')!r}, not the configured secondary {secondary.name!r}")
-    cert = fs.peer_cert_name
-    if cert is not None and cert != secondary.name:
-        _refuse(fs, epoch, "APL_EACCESS", "certificate name does not match")
-        raise AuthError(f"{fs.peer}: its certificate is for {cert!r}, not {secondary.name!r}")
+    _check_peer(fs, epoch, ch.get("name"), secondary.name, "secondary", "this primary expects")
     mac = b""
     if secret is not None:
         n_s = ch.get("nonce")
@@ -187,13 +193,7 @@ async def secondary_handshake(fs: FrameStream, cfg: Config, *, files: list, secr
     if hello.get("version") != rp.PROTOCOL_VERSION:
         _refuse(fs, epoch_seen, "APL_EPROTO", f"protocol version {hello.get('version')!r} is not supported")
         raise errors.ProtocolError(f"{fs.peer}: protocol version {hello.get('version')!r}")
-    if hello.get("name") != rc.primary:
-        _refuse(fs, epoch_seen, "APL_EACCESS", f"this secondary follows {rc.primary!r}")
-        raise AuthError(f"{fs.peer} is {hello.get('name')!r}, not the configured primary {rc.primary!r}")
-    cert = fs.peer_cert_name
-    if cert is not None and cert != rc.primary:
-        _refuse(fs, epoch_seen, "APL_EACCESS", "certificate name does not match")
-        raise AuthError(f"{fs.peer}: its certificate is for {cert!r}, not {rc.primary!r}")
+    _check_peer(fs, epoch_seen, hello.get("name"), rc.primary, "primary", "this secondary follows")
     n_p = hello.get("nonce")
     if not isinstance(n_p, bytes) or len(n_p) != 32:
         _refuse(fs, epoch_seen, "APL_EPROTO", "bad nonce")
