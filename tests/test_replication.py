@@ -1,12 +1,10 @@
 """Replication between real appliances on loopback: controllers, agents, TCP."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 

@@ -108,7 +108,6 @@ def _free_port() -> int:
 
 
 def run_demo(accounts: int = 1000, keep: bool = False, seconds: float = 5.0, tellers: int = 4) -> int:
-    import appliance
     from ..config import load
     from ..store.segment import unlink_all
 

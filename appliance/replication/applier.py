@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import time
 
 from .. import errors
@@ -72,7 +71,7 @@ class Applier:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, sock, ssl=self.tls,
                 ssl_handshake_timeout=link.HANDSHAKE_TIMEOUT if self.tls is not None else None)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (OSError, asyncio.TimeoutError) as exc:     # a refused certificate is an ssl.SSLError (OSError)
             self.errs.error("primary_refused", "tls" if self.tls is not None else "accept", peer=str(peer),
                             error=f"TLS handshake failed: {exc}" if self.tls is not None else str(exc))
             sock.close()

@@ -43,7 +43,7 @@ def _strip(blob: bytes, keep_a: bool, after: int = 0) -> tuple[bytes, int, int]:
     n = len(blob)
     while pos + _HDR.size <= n:
         f = _HDR.unpack_from(blob, pos)
-        ln, kind, flags, serial, klen, alen, blen = f[0], f[1], f[2], f[5], f[11], f[12], f[13]
+        ln, kind, serial, klen, alen, blen = f[0], f[1], f[5], f[11], f[12], f[13]
         if ln < _HDR.size or pos + ln > n:
             break
         if serial <= after:   # already in the history (a resend)
