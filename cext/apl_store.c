@@ -1092,9 +1092,9 @@ int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t 
     if (f->fl_kind)
         return APL_EINVAL;
     uint32_t root = alloc_number(s), meta = alloc_number(s);
+    if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK)
+        return APL_EFULL;
     if (s->bs) {  /* compressed: an empty leaf image and a zero count */
-        if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK)
-            return APL_EFULL;
         uint8_t img[28] = {0};
         uint32_t leaf = APL_BLK_LEAF, m = APL_BLK_META;
         memcpy(img, &root, 4);
@@ -1105,22 +1105,15 @@ int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t 
         memcpy(img + 4, &m, 4);
         if (rc || (rc = bs_put_image(s, meta, img, 28)))
             return rc;
-        memset(f, 0, sizeof(*f));
-        strcpy(f->fl_name, name);
-        f->fl_id = id;
-        f->fl_root = root;
-        f->fl_meta = meta;
-        f->fl_table = table;
-        STORE_REL(&f->fl_kind, kind);
-        return APL_OK;
+    } else {
+        apl_addr ra = alloc_slot(s), ma = alloc_slot(s);
+        if (ra == APL_ADDR_NONE || ma == APL_ADDR_NONE)
+            return APL_EFULL;
+        blk_init(s, apl_ptr(s->v, ra), APL_BLK_LEAF, root, id, 0);
+        blk_init(s, apl_ptr(s->v, ma), APL_BLK_META, meta, id, 0);
+        STORE_REL(&s->v->v_loc[root], ra);
+        STORE_REL(&s->v->v_loc[meta], ma);
     }
-    apl_addr ra = alloc_slot(s), ma = alloc_slot(s);
-    if (root == APL_NO_BLOCK || meta == APL_NO_BLOCK || ra == APL_ADDR_NONE || ma == APL_ADDR_NONE)
-        return APL_EFULL;
-    blk_init(s, apl_ptr(s->v, ra), APL_BLK_LEAF, root, id, 0);
-    blk_init(s, apl_ptr(s->v, ma), APL_BLK_META, meta, id, 0);
-    STORE_REL(&s->v->v_loc[root], ra);
-    STORE_REL(&s->v->v_loc[meta], ma);
     memset(f, 0, sizeof(*f));
     strcpy(f->fl_name, name);
     f->fl_id = id;
