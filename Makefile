@@ -2,7 +2,9 @@
 #   make demo   set up, then run the main job (a demo appliance with sample data)
 #   make test   set up, then run the test suite
 # Each creates the virtualenv, installs the package (which builds the C
-# helpers with cffi) and whatever else it needs, on a fresh machine.
+# helpers with cffi) and whatever else it needs, on a fresh machine: the one
+# system package the build needs, lz4's header (Debian: liblz4-dev), is
+# installed with apt-get when it is missing.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,6 +15,10 @@ SOURCES := setup.py pyproject.toml $(wildcard cext/*.c cext/*.h cext/*.py)
 .PHONY: demo test bench clean
 
 $(STAMP): $(SOURCES)
+	@test -f /usr/include/lz4.h || pkg-config --exists liblz4 2>/dev/null || { \
+	  echo "installing liblz4-dev (lz4.h, needed to build the C helpers)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq liblz4-dev; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq liblz4-dev; fi; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
@@ -30,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info appliance/_cext*.so appliance/_cext.c .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info appliance/_cext*.so appliance/_cext.c .pytest_cache .hypothesis

@@ -25,6 +25,6 @@ Quick start::
 from . import errors
 from .client import Client, Snapshot, Table, Transaction, connect
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction", "errors", "__version__"]

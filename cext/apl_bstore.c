@@ -14,12 +14,9 @@
 #define _GNU_SOURCE
 #include <stdlib.h>
 
-#include "apl_store_int.h"
+#include <lz4.h>
 
-/* liblz4 (ABI-stable since r129); linked as liblz4.so.1, no headers needed */
-int LZ4_compress_default(const char *src, char *dst, int srcSize, int dstCapacity);
-int LZ4_decompress_safe(const char *src, char *dst, int compressedSize, int dstCapacity);
-int LZ4_compressBound(int inputSize);
+#include "apl_store_int.h"
 
 #define OBJ_HDR ((uint32_t)sizeof(struct apl_bobj))
 

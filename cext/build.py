@@ -5,10 +5,31 @@ leaves every value and struct layout to the compiler (``...``), so Python reads
 sizes and offsets from the C headers and cannot drift from them.
 """
 import os
+import shutil
+import subprocess
+import sys
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _lz4_flags() -> tuple[list[str], list[str]]:
+    """Include and library directories of liblz4, from pkg-config when it knows
+    the library; otherwise the compiler's defaults (/usr/include on Debian)."""
+    if shutil.which("pkg-config"):
+        r = subprocess.run(["pkg-config", "--cflags-only-I", "--libs-only-L", "liblz4"],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            words = r.stdout.split()
+            return [w[2:] for w in words if w.startswith("-I")], [w[2:] for w in words if w.startswith("-L")]
+    if not any(os.path.exists(os.path.join(d, "lz4.h")) for d in ("/usr/include", "/usr/local/include")):
+        print("appliance: lz4.h not found: install the lz4 development files "
+              "(Debian/Ubuntu: apt-get install liblz4-dev; Fedora: dnf install lz4-devel)", file=sys.stderr)
+    return [], []
+
+
+LZ4_INCLUDE, LZ4_LIBDIRS = _lz4_flags()
 SOURCES = ["apl_errors.c", "apl_view.c", "apl_store.c", "apl_bstore.c"]
 
 CDEF = r"""
@@ -210,14 +231,13 @@ ffibuilder.set_source(
     "appliance._cext",
     '#include "apl.h"',
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
-    include_dirs=[os.path.relpath(HERE)],
+    include_dirs=[os.path.relpath(HERE), *LZ4_INCLUDE],
+    library_dirs=LZ4_LIBDIRS,
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-sign-compare", "-fno-strict-aliasing"],
-    libraries=["pthread"],
-    # liblz4 (Debian's liblz4-1, present on every Debian system): the library
-    # file itself, so no -dev package is needed; the few prototypes used are
-    # declared in apl_bstore.c (lz4's stable API).
-    extra_link_args=["-l:liblz4.so.1"],
+    # liblz4, built against its own header (Debian: liblz4-dev) and linked
+    # the ordinary way; the set-up commands install it
+    libraries=["lz4", "pthread"],
 )
 
 if __name__ == "__main__":

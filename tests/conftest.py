@@ -21,18 +21,11 @@ from appliance import errors
 from appliance.client.session import Session
 from appliance.store.segment import unlink_all
 
+from procs import APPLIANCE, ROOT, RUN_DIR, die_with_parent as _die_with_parent
 from store_helpers import CREATED_NAMES, linked_segments, unique_name
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the test process dies, so a
-    killed pytest (a timeout, ^C) cannot leave controllers or agents behind."""
-    import ctypes
-    import signal as _signal
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+# tests/installed runs only against a package installed from the wheel (tests/test_install.py)
+collect_ignore_glob = [] if os.environ.get("APPLIANCE_TEST_INSTALLED") else ["installed/*"]
 
 BANK_TABLES = """
 [tables.accounts]
@@ -81,8 +74,8 @@ class ControllerProcess:
     def start(self, wait: bool = True) -> "ControllerProcess":
         self._logf = open(self.log_path, "ab")
         env = {**os.environ, "APPLIANCE_LOG_JSON": "1", "APPLIANCE_LOG_LEVEL": "debug"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "controller", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([*APPLIANCE, "controller", "--config", str(self.config)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=RUN_DIR,
                                      preexec_fn=_die_with_parent)
         if wait:
             self.wait_ready()
@@ -182,7 +175,7 @@ class Appliance:
 
     def spawn(self, code: str, *args: str, **popen_kw) -> subprocess.Popen:
         """A child Python process running `code` (argv: config path, *args)."""
-        p = subprocess.Popen([sys.executable, "-c", code, str(self.config), *args], cwd=ROOT,
+        p = subprocess.Popen([sys.executable, "-c", code, str(self.config), *args], cwd=RUN_DIR,
                              preexec_fn=_die_with_parent, **popen_kw)
         self.children.append(p)
         return p
@@ -260,8 +253,8 @@ class AgentProcess(ControllerProcess):
         self._logf = open(self.log_path, "ab")
         self._mark = self.log_path.stat().st_size
         env = {**os.environ, "APPLIANCE_LOG_JSON": "1", "APPLIANCE_LOG_LEVEL": "debug"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "appliance", "agent", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([*APPLIANCE, "agent", "--config", str(self.config)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=env, cwd=RUN_DIR,
                                      preexec_fn=_die_with_parent)
         if wait:
             self.wait_event("agent_started")
@@ -377,8 +370,8 @@ class Cluster:
 
     def verify(self) -> tuple[int, dict]:
         import json as _json
-        r = subprocess.run([sys.executable, "-m", "appliance", "verify", "--json", "--timeout", "60",
-                            "--config", str(self.primary.app.config)], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run([*APPLIANCE, "verify", "--json", "--timeout", "60",
+                            "--config", str(self.primary.app.config)], capture_output=True, text=True, cwd=RUN_DIR)
         try:
             return r.returncode, _json.loads(r.stdout)
         except ValueError:

@@ -21,7 +21,7 @@ from appliance import errors
 from appliance.wire import framing
 from appliance.wire import messages as m
 
-ROOT = Path(__file__).resolve().parent.parent
+from procs import APPLIANCE, RUN_DIR
 NOBODY = pwd.getpwnam("nobody")
 
 
@@ -199,8 +199,8 @@ def start_controller(config: Path, log_path: Path) -> subprocess.Popen:
     """Start one more controller process for `config`, its output to `log_path`."""
     env = {**os.environ, "APPLIANCE_LOG_JSON": "1"}
     with open(log_path, "ab") as logf:
-        return subprocess.Popen([sys.executable, "-m", "appliance", "controller", "--config", str(config)],
-                                stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return subprocess.Popen([*APPLIANCE, "controller", "--config", str(config)],
+                                stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RUN_DIR)
 
 
 def rec(k: int) -> dict:

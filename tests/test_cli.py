@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import write_config
+from procs import APPLIANCE, RUN_DIR
 from test_client import acct
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_PROGRESS"}
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, cwd=RUN_DIR,
                           env=env, input=stdin, timeout=120)
 
 

@@ -34,9 +34,9 @@ from appliance.wire import messages as m
 from fault_helpers import (NOBODY, RawConn, check_indexes, events, kill_child, out_lines, rec, records,
                            reply_error, run_as, spawn_ready, start_controller, wait_event, wait_for)
 
-CHILD_PRELUDE = """
+CHILD_PRELUDE = f"""
 import os, sys, time
-sys.path.insert(0, "tests")
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import appliance
 from appliance import errors
 from fault_helpers import rec

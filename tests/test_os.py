@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from appliance._os import logs, sdnotify
 
-ROOT = Path(__file__).resolve().parent.parent
+from procs import RUN_DIR
 _SCRUBBED = ("APPLIANCE_LOG_", "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", "WATCHDOG_")
 
 
@@ -27,7 +27,7 @@ def run_python(code: str, **env: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**clean, **env},
-        cwd=ROOT,
+        cwd=RUN_DIR,
         capture_output=True,
         text=True,
         timeout=10,

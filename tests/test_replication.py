@@ -11,6 +11,8 @@ import pytest
 import appliance
 from appliance import errors
 
+from procs import APPLIANCE, RUN_DIR
+
 TWO_TABLES = """
 [tables.accounts]
 primary_key = "id"
@@ -279,8 +281,8 @@ class TestOperatorCopy:
             db.load("accounts", ({"id": i, "branch": f"b{i % 30}", "balance": i} for i in range(5000)))
         w = p.spawn(WORKLOAD, "8", "300", stdout=subprocess.PIPE, text=True)
         name = c.secondaries[0].name
-        r = subprocess.run([sys.executable, "-m", "appliance", "copy", "--config", str(p.config), name],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*APPLIANCE, "copy", "--config", str(p.config), name],
+                           capture_output=True, text=True, timeout=120, cwd=RUN_DIR)
         assert r.returncode == 0, r.stderr
         assert f"{name}: copy complete" in r.stdout
         w.communicate(timeout=300)

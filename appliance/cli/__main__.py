@@ -195,6 +195,24 @@ def destroy(config_path: str, yes: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def files(as_json: bool) -> None:
+    """Where the shipped example configs and systemd units are."""
+    from .._os.files import shipped_files
+    try:
+        found = shipped_files()
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps({k: [str(p) for p in v] for k, v in found.items()}))
+        return
+    for kind, paths in found.items():
+        click.echo(f"{kind}: {paths[0].parent if paths else '-'}")
+        for p in paths:
+            click.echo(f"  {p.name}")
+
+
+@main.command()
 @click.option("--accounts", default=1000, show_default=True, help="sample accounts to load")
 @click.option("--keep", is_flag=True, help="leave the demo appliance running (Ctrl-C stops it)")
 def demo(accounts: int, keep: bool) -> None:

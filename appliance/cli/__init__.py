@@ -1,0 +1,1 @@
+"""The ``appliance`` command (operator CLI; it also starts the processes)."""

@@ -1,0 +1,37 @@
+"""How tests start the product's processes: the installed ``appliance``
+command, from a directory outside the checkout.
+
+Children never run with the checkout as their working directory, so
+``python -m appliance`` or ``import appliance`` in them resolves to the
+installed package (the editable install of ``make test``, or the wheel in a
+fresh venv when tests/installed runs), never to the source tree by accident.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+#: the checkout (tests read its config/ examples; nothing runs from it)
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the working directory of every child process
+RUN_DIR = tempfile.gettempdir()
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("appliance")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "appliance"]
+
+
+#: argv prefix of the ``appliance`` command the package installed beside this interpreter
+APPLIANCE = _command()
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the test process dies, so a
+    killed pytest (a timeout, ^C) cannot leave controllers or agents behind."""
+    import ctypes
+    import signal as _signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
