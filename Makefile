@@ -27,7 +27,12 @@ $(STAMP): $(SOURCES)
 demo: $(STAMP)
 	$(BIN)/appliance demo
 
+# The systemd tests boot containers (systemd-nspawn, debootstrap): installed
+# here when running as root on Debian; without them those tests are skipped.
 test: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    ! { command -v systemd-nspawn && command -v debootstrap; } >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq systemd-container debootstrap; fi
 	$(BIN)/python -m pytest -q
 
 # Benchmarks against py-lmdb and Redis (Debian's redis-server, installed here if missing).

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._os import files as layout
 from .errors import ConfigError
 
 __all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size"]
@@ -175,7 +176,7 @@ class StorageConfig(_Strict):
 
 
 class ControllerConfig(_Strict):
-    socket: str
+    socket: str | None = None   # default: /run/appliance/<name>.sock
     lock_timeout: float = Field(5.0, gt=0, le=3600)
     max_frame: int = 64 << 20
     reserve_blocks: int = Field(64, ge=4)
@@ -288,7 +289,7 @@ class AccessConfig(_Strict):
 class Config(_Strict):
     name: str
     storage: StorageConfig = StorageConfig()
-    controller: ControllerConfig
+    controller: ControllerConfig = ControllerConfig()
     access: AccessConfig = AccessConfig()
     replication: ReplicationConfig | None = None
     tables: dict[str, TableConfig]
@@ -322,6 +323,8 @@ class Config(_Strict):
 
     @property
     def socket_path(self) -> Path:
+        if self.controller.socket is None:
+            return layout.RUN_DIR / f"{self.name}.sock"
         p = Path(self.controller.socket)
         return p if p.is_absolute() else (self.path.parent / p)
 

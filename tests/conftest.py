@@ -194,6 +194,19 @@ class Appliance:
         unlink_all(self.name, self.cfg.storage.segments)
 
 
+@pytest.fixture(scope="session")
+def built_dist(tmp_path_factory) -> dict[str, Path]:
+    """The sdist and, built from it, the wheel (``python -m build``, isolated
+    build environment as on a build server): {"sdist": path, "wheel": path}."""
+    out = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], cwd=out,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"python -m build failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return {"sdist": sdist, "wheel": wheel}
+
+
 @pytest.fixture
 def make_appliance(tmp_path):
     """Factory: make_appliance(**config_kw) -> Appliance (not started)."""

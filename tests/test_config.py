@@ -57,8 +57,6 @@ BAD = [
     ("unknown-field-spec-key", toml(fields='{ id = "int", name = { type = "str", nulable = true } }', alt="[]"),
      "tables.t.fields.name.nulable", "unknown key"),
     ("unknown-access-key", toml(access="[access]\nuser = []"), "access.user", "unknown key"),
-    ("missing-socket", toml(socket="lock_timeout = 1.0"), "controller.socket", "required key is missing"),
-    ("missing-controller", toml(socket="").replace("[controller]", ""), "controller", "required key is missing"),
     ("missing-tables", toml(tables=""), "tables", "required key is missing"),
     ("missing-primary-key", toml(tables='[tables.t]\nfields = { id = "int" }'), "tables.t.primary_key",
      "required key is missing"),
@@ -171,6 +169,12 @@ class TestBadConfigs:
 
 
 class TestGoodConfigs:
+    def test_socket_defaults_to_the_runtime_directory(self, tmp_path):
+        """Without controller.socket (or without [controller]) the socket is /run/appliance/<name>.sock."""
+        for text in (toml(socket="lock_timeout = 1.0"), toml(socket="").replace("[controller]", "")):
+            cfg = load(write(tmp_path, text))
+            assert cfg.socket_path == Path(f"/run/appliance/{cfg.name}.sock")
+
     def test_shipped_example_loads(self):
         """config/bank.toml, the shipped example, loads with the documented settings."""
         cfg = load(ROOT / "config" / "bank.toml")
@@ -179,7 +183,7 @@ class TestGoodConfigs:
         assert (s.block_size, s.segments, s.segment_size, s.log_size) == (4096, 4, 64 << 20, 16 << 20)
         assert s.mode == "0640" and s.mode_bits == 0o640
         assert cfg.controller.lock_timeout == 5.0
-        assert cfg.socket_path == Path("/tmp/appliance-bank.sock")
+        assert cfg.socket_path == Path("/run/appliance/bank.sock")   # the installed layout's default
         t = cfg.tables["accounts"]
         assert t.primary_key == "id" and t.alternate_keys == ("branch",)
         assert {f: c.type for f, c in t.fields.items()} == {"id": "int", "branch": "str", "balance": "int"}

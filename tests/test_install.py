@@ -56,12 +56,8 @@ def shipped_data() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--outdir", out, ROOT], cwd=out)
-    (sdist,) = out.glob("*.tar.gz")
-    (wheel,) = out.glob("*.whl")
-    return {"sdist": sdist, "wheel": wheel}
+def dist(built_dist) -> dict[str, Path]:
+    return built_dist
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,22 @@
-"""Files the product ships that are not Python modules: the example configs and
-the systemd units.
+"""Files the product ships that are not Python modules (the example configs and
+the systemd units), and where an installed appliance keeps its files.
 
 The source tree keeps them in ``config/`` and ``systemd/``; a built package
 (wheel, sdist install, ``pip install .``) carries copies under
 ``appliance/_data/`` (setup.py's build step). :func:`shipped_dir` finds them
 either way, so ``appliance files`` and ``appliance install`` work from a
 regular install and from a checkout alike.
+
+The installed layout, shared by the units, ``appliance install`` and the
+example configs (one convention, documented in the README):
+
+- ``/etc/appliance/<instance>.toml``   an instance's config (the units assert it)
+- ``/etc/appliance/<instance>.secret`` its replication secret, when it has one
+- ``/run/appliance/<name>.sock``       the controller's socket (RuntimeDirectory=appliance);
+  the default when a config names no ``controller.socket``
+- ``/var/lib/appliance/<instance>/``   state on disk: the log history (StateDirectory=appliance)
+- ``/dev/shm/apl.<name>.*``            the segments
+- the ``appliance`` system user and group run the processes; group members are clients
 """
 from __future__ import annotations
 
@@ -13,7 +24,12 @@ from pathlib import Path
 
 from .. import errors
 
-__all__ = ["KINDS", "shipped_dir", "shipped_files"]
+__all__ = ["KINDS", "shipped_dir", "shipped_files", "ETC_DIR", "RUN_DIR", "STATE_DIR", "USER"]
+
+ETC_DIR = Path("/etc/appliance")
+RUN_DIR = Path("/run/appliance")
+STATE_DIR = Path("/var/lib/appliance")
+USER = "appliance"
 
 #: what is shipped, and where the source tree keeps it
 KINDS = ("config", "systemd")

@@ -195,6 +195,38 @@ def destroy(config_path: str, yes: bool) -> None:
 
 
 @main.command()
+@click.option("--instance", "-i", required=True, help="the instance name (its config: /etc/appliance/NAME.toml)")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="the instance's config to install (default: the bank example, named after the instance)")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="install under this directory instead of the running system (staging)")
+@click.option("--force", is_flag=True, help="replace an existing config that differs")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def install(instance: str, config_path: str | None, root: str, force: bool, yes: bool, as_json: bool) -> None:
+    """Put an instance in place for systemd: units, system user, config, directories."""
+    from .install import install as do_install
+    if force and not yes and sys.stdin.isatty():
+        click.confirm(f"Replace the existing config of instance {instance!r} if it differs?", abort=True)
+    try:
+        rep = do_install(instance, config_path, root=root, force=force)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+        return
+    for p in rep["written"]:
+        click.echo(f"wrote     {p}")
+    for p in rep["unchanged"]:
+        click.echo(f"unchanged {p}")
+    for c in rep["ran"]:
+        click.echo(f"ran       {c}")
+    for n in rep["notes"]:
+        click.echo(f"note: {n}")
+    click.echo(f"start it: systemctl start appliance@{instance}.target")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def files(as_json: bool) -> None:
     """Where the shipped example configs and systemd units are."""
