@@ -179,7 +179,12 @@ class ControllerConfig(_Strict):
     lock_timeout: float = Field(5.0, gt=0, le=3600)
     max_frame: int = 64 << 20
     reserve_blocks: int = Field(64, ge=4)
-    idle_timeout: float = Field(0, ge=0)  # 0: clients may stay connected forever
+    # seconds an open transaction may go without a request before it is
+    # cancelled and its locks released; 0: never
+    idle_timeout: float = Field(60.0, ge=0, le=86400)
+    # records in one OP_LOAD request (one transaction); the client library
+    # splits bigger loads into requests of at most this many
+    max_load_records: int = Field(10_000, ge=1, le=1_000_000)
 
     @field_validator("max_frame", mode="before")
     @classmethod

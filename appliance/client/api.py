@@ -187,26 +187,49 @@ class Client:
         sb = self._att.sb
         return sb.sb_pub[sb.sb_version & 1].pb_source_serial
 
-    def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None) -> int:
-        """Insert records in batches of `batch`, each batch one transaction.
-        `progress(n)` is called with the count after each batch."""
+    def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None,
+             skip_existing: bool = False) -> int:
+        """Insert records in batches of `batch`, each batch one transaction;
+        returns the number inserted. A batch is at most the controller's
+        ``controller.max_load_records`` (bigger ones are sent as several).
+        `progress(n)` is called after each batch with the number of records
+        of `records` done so far. `skip_existing`: records whose primary key
+        is already in the table are left out (to resume a load that stopped)."""
         self._check()
         t = self.schema.table(table)
-        total = 0
+        batch = max(1, min(batch, self.config.controller.max_load_records))
+        present = self.table(table).__contains__ if skip_existing else None
+        pk = t.pk
+        inserted = done = 0
         chunk: list = []
         extra = [self.durability] if self.durability is not None else []
+
+        def send() -> None:
+            nonlocal inserted, done, chunk
+            todo, keep = chunk, None
+            if present:
+                keep = [i for i, r in enumerate(chunk) if not (isinstance(r, dict) and pk in r and present(r[pk]))]
+                todo = [chunk[i] for i in keep]
+            try:
+                if todo:
+                    inserted += self._call([m.OP_LOAD, t.name, todo, *extra], f"load {t.name}")
+            except errors.ApplianceError as e:
+                i = e.details.get("index")
+                if keep is not None and isinstance(i, int) and 0 <= i < len(keep):
+                    e.details["index"] = keep[i]   # where in this batch of `records`
+                raise
+            done += len(chunk)
+            chunk = []
+            if progress:
+                progress(done)
+
         for rec in records:
             chunk.append(rec)
             if len(chunk) >= batch:
-                total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
-                chunk = []
-                if progress:
-                    progress(total)
+                send()
         if chunk:
-            total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
-            if progress:
-                progress(total)
-        return total
+            send()
+        return inserted
 
     def status(self) -> dict:
         return self._call([m.OP_STATUS], "status")

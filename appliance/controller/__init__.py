@@ -52,13 +52,14 @@ class ControllerLock:
 
 
 def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
-    from .service import Controller
+    from .service import Controller, check_socket_free
     from .storage import open_or_create
 
     t0 = time.monotonic()
     lock = ControllerLock(cfg)
     ctl = None
     try:
+        check_socket_free(cfg)   # before any segment is made for a start that cannot serve
         writer, facts, created = open_or_create(cfg, log)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
