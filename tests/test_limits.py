@@ -291,3 +291,115 @@ class TestSocketOwnership:
         assert app.controller.proc.wait(timeout=30) == errors.EXIT_BUSY
         assert app.cfg.socket_path.read_text() == "not a socket"
         assert "is not a socket" in app.controller.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared memory: reserved up front; segments that are not the controller's own
+
+
+def shm_path(name: str) -> str:
+    return "/dev/shm" + name
+
+
+def allocated(name: str) -> tuple[int, int]:
+    """(bytes of memory the segment has, its size)."""
+    st = os.stat(shm_path(name))
+    return st.st_blocks * 512, st.st_size
+
+
+def punch_hole(name: str, offset: int, length: int) -> None:
+    """Give back the memory of part of a segment (its pages read as zeros again)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(shm_path(name), os.O_RDWR)
+    try:
+        falloc_fl_keep_size, falloc_fl_punch_hole = 1, 2
+        if libc.fallocate(fd, falloc_fl_keep_size | falloc_fl_punch_hole, offset, length) != 0:
+            raise OSError(ctypes.get_errno(), "fallocate")
+    finally:
+        os.close(fd)
+
+
+class TestSharedMemory:
+    def test_every_segment_has_its_memory_from_the_start(self, bank):
+        """Every segment of a running appliance has all its pages allocated (reserved at creation), not only the ones written so far."""
+        from appliance.store.segment import SegmentNames
+        for n in SegmentNames(bank.name, bank.cfg.storage.segments).all():
+            have, size = allocated(n)
+            assert have >= size, (n, have, size)
+
+    def test_segments_larger_than_shared_memory_refuse_the_start(self, make_appliance):
+        """A configuration whose segments /dev/shm cannot hold exits 73 with controller_refused_to_start saying so; no segment is left behind and nothing of /dev/shm is filled."""
+        from store_helpers import linked_segments
+        vfs = os.statvfs("/dev/shm")
+        total = vfs.f_blocks * vfs.f_frsize
+        size = (total // 4096 + 1024) * 4096        # more than all of /dev/shm: refused before a page is taken
+        app = make_appliance(segments=1, segment_size=str(size), log_size="1MiB")
+        app.controller.start(wait=False)
+        status = app.controller.proc.wait(timeout=60)
+        log = app.controller.log()
+        assert status == errors.EXIT_NOSPACE, (status, log[-2000:])
+        refused = [e for e in app.controller.events() if e.get("event") == "controller_refused_to_start"]
+        assert refused and "shared memory cannot hold" in refused[0]["error"] and "/dev/shm" in refused[0]["error"]
+        assert refused[0]["code"] == "APL_EFULL"
+        assert linked_segments([app.name]) == []
+
+    def test_restart_reserves_pages_given_back(self, bank, db):
+        """A segment with unallocated pages (made before reservation existed, or pages given back) gets them again when the controller attaches, before it serves."""
+        from appliance.store.segment import SegmentNames
+        preload(db, [1, 2, 3])
+        assert bank.controller.stop() == 0
+        dev = SegmentNames(bank.name, 1).device(0)
+        have, size = allocated(dev)
+        punch_hole(dev, size // 2, size // 2)         # the tail: slots not in use by 3 records
+        assert allocated(dev)[0] < size
+        bank.controller.start()
+        assert allocated(dev)[0] >= size
+        assert records(bank.connect().table("accounts")) == {k: rec(k) for k in (1, 2, 3)}
+
+    @pytest.mark.parametrize("which", ["meta", "readers", "dev1"])
+    def test_segment_of_another_user_is_not_adopted(self, bank, db, which):
+        """A segment of the appliance owned by another user (one it could have prepared) makes the controller refuse to start (exit 78) naming it; nothing is changed."""
+        from fault_helpers import NOBODY
+        from appliance.store.segment import SegmentNames
+        preload(db, [1])
+        assert bank.controller.stop() == 0
+        names = SegmentNames(bank.name, bank.cfg.storage.segments)
+        seg = {"meta": names.meta, "readers": names.readers, "dev1": names.device(1)}[which]
+        os.chown(shm_path(seg), NOBODY.pw_uid, -1)
+        bank.controller.start(wait=False)
+        assert bank.controller.proc.wait(timeout=30) == errors.EXIT_CONFIG
+        refused = [e for e in bank.controller.events() if e.get("event") == "controller_refused_to_start"]
+        assert refused and seg in refused[-1]["error"] and f"uid {NOBODY.pw_uid}" in refused[-1]["error"]
+        assert os.stat(shm_path(seg)).st_uid == NOBODY.pw_uid
+        os.chown(shm_path(seg), os.geteuid(), -1)
+        bank.controller.start()
+        assert records(bank.connect().table("accounts")) == {1: rec(1)}
+
+    @pytest.mark.parametrize("which, mode", [("meta", 0o660), ("readers", 0o670), ("dev0", 0o644)])
+    def test_segment_with_a_wider_mode_is_not_adopted(self, bank, which, mode):
+        """A segment whose mode is wider than storage.mode (readers: plus group write) is refused at start (exit 78), naming it and both modes."""
+        from appliance.store.segment import SegmentNames
+        assert bank.controller.stop() == 0
+        names = SegmentNames(bank.name, bank.cfg.storage.segments)
+        seg = {"meta": names.meta, "readers": names.readers, "dev0": names.device(0)}[which]
+        os.chmod(shm_path(seg), mode)
+        bank.controller.start(wait=False)
+        assert bank.controller.proc.wait(timeout=30) == errors.EXIT_CONFIG
+        log = bank.controller.log()
+        assert seg in log and f"{mode:04o}" in log and "wider than the configured" in log
+
+    def test_leftover_segment_of_another_user_is_neither_used_nor_removed(self, make_appliance):
+        """A device segment of the appliance's name without its meta, owned by another user, is refused (exit 78) and left in place."""
+        import posix_ipc
+        from fault_helpers import NOBODY
+        from appliance.store.segment import SegmentNames
+        app = make_appliance()
+        dev = SegmentNames(app.name, 1).device(0)
+        shm = posix_ipc.SharedMemory(dev, posix_ipc.O_CREX, mode=0o600, size=1 << 20)
+        shm.close_fd()
+        os.chown(shm_path(dev), NOBODY.pw_uid, -1)
+        app.controller.start(wait=False)
+        assert app.controller.proc.wait(timeout=30) == errors.EXIT_CONFIG
+        assert os.path.exists(shm_path(dev)) and f"uid {NOBODY.pw_uid}" in app.controller.log()

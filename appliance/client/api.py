@@ -23,7 +23,7 @@ import msgpack
 
 from .. import errors
 from .._native import ffi, lib, raise_for
-from ..config import Config, load as load_config
+from ..config import Config, layout_differences, load as load_config
 from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
@@ -95,10 +95,12 @@ class Client:
                 f"(replication.serve_reads = false in {cfg.path}); read from its primary or a secondary "
                 "that serves reads", appliance=cfg.name)
         if self._att.sb.sb_schema_hash != cfg.schema_hash():
+            recorded = self._att.layout()
+            differ = "; ".join(layout_differences(recorded, cfg.layout())) if recorded else ""
             self._att.close()
             raise errors.FormatError(
                 f"{cfg.path}: this configuration does not describe the running appliance {cfg.name!r} "
-                "(tables or storage settings differ)", appliance=cfg.name)
+                f"({differ or 'tables or storage settings differ'})", appliance=cfg.name)
         if hello["instance"] != self._att.instance:
             self._att.close()
             raise errors.UnavailableError(f"appliance {cfg.name!r} was re-created while attaching; retry")

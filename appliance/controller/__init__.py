@@ -107,8 +107,10 @@ def run(config_path: str) -> int:
     shutdown.install()
     try:
         return serve(cfg, log, shutdown)
-    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError) as e:
-        log.error("controller_refused_to_start", error=str(e))
-        return errors.EXIT_BUSY if isinstance(e, errors.BusyError) else errors.EXIT_CONFIG
+    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError) as e:
+        log.error("controller_refused_to_start", error=str(e), code=e.code)
+        if isinstance(e, errors.BusyError):
+            return errors.EXIT_BUSY
+        return errors.EXIT_NOSPACE if isinstance(e, errors.MemoryFullError) else errors.EXIT_CONFIG
     finally:
         shutdown.uninstall()
