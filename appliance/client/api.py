@@ -42,16 +42,19 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
-            durability=None) -> "Client":
+            durability=None, wait: float | None = None) -> "Client":
     """Attach to the running appliance described by a config file.
 
-    Raises :class:`~appliance.errors.UnavailableError` when it is not running,
-    :class:`~appliance.errors.AccessDeniedError` when this user may not
-    attach, :class:`~appliance.errors.FormatError` when the config does not
-    describe the appliance that is running.
+    `timeout`: seconds one request may take (None: no limit). `wait`:
+    seconds to wait for a controller that is not up yet (no socket, or
+    nobody listening on it); by default `timeout`, and 0 fails at once.
+    Raises :class:`~appliance.errors.UnavailableError` when it is not running
+    by then, :class:`~appliance.errors.AccessDeniedError` when this user may
+    not attach, :class:`~appliance.errors.FormatError` when the config does
+    not describe the appliance that is running.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    return Client(cfg, name=name, timeout=timeout, durability=durability)
+    return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait)
 
 
 class _Buffers(threading.local):
@@ -74,7 +77,8 @@ class Client:
     """A connection to one appliance. Thread-safe; one controller connection
     per thread. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None) -> None:
+    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
+                 wait: float | None = None) -> None:
         self.config = cfg
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
@@ -86,7 +90,7 @@ class Client:
         self._sessions: list[Session] = []
         self._closed = False
         self._tables: dict[str, Table] = {}
-        hello = self._session().hello  # fails fast when not running / not allowed
+        hello = self._first_session(timeout if wait is None else wait).hello
         self._att = Attachment(cfg.name, writable=False)
         if self._att.compressed:
             self._att.close()
@@ -125,6 +129,20 @@ class Client:
             with self._lock:
                 self._sessions.append(s)
         return s
+
+    def _first_session(self, wait: float | None) -> Session:
+        """The first connection: a controller not up yet (no socket, or nobody
+        listening) is waited for, up to `wait` seconds."""
+        deadline = time.monotonic() + (wait or 0)
+        pause = 0.02
+        while True:
+            try:
+                return self._session()
+            except errors.UnavailableError:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     def _call(self, req: list, what: str):
         if self._closed:
@@ -621,6 +639,15 @@ class Transaction:
             f"commit of transaction {self.number}: the controller stopped before answering and its "
             "change log no longer reaches back to the transaction's start; check the outcome",
             txn=self.number)
+
+    def __del__(self):
+        # dropped while open: cancel it, or its connection (and its locks) stay taken
+        try:
+            if self.state == "open" and self._session is not None:
+                self.state = "cancelled"
+                self._session.cancel_dropped(self._generation)
+        except Exception:
+            pass
 
     def cancel(self) -> None:
         """Cancel: nothing the transaction did remains. Idempotent."""
