@@ -29,10 +29,14 @@ _NAMES: dict[int, str] = {v: k for k, v in CODES.items()}
 
 
 def code_name(rc: int) -> str:
-    return _NAMES.get(rc, "APL_EUNKNOWN")
+    """The APL_* name of a code; APL_EINTERNAL for a code not in the table
+    (an internal fault: never a code that tells the caller to retry)."""
+    return _NAMES.get(rc, "APL_EINTERNAL")
 
 
 def reason(rc: int) -> str:
+    if rc not in _NAMES:
+        return f"internal error: unknown error code {rc}"
     text = ffi.string(lib.apl_strerror(rc)).decode()
     return text.split(": ", 1)[1] if ": " in text else text
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._os import files as layout
 from .errors import ConfigError
 
-__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size"]
+__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences"]
 
 FIELD_TYPES = ("int", "str", "bytes", "float", "bool")
 KEY_TYPES = ("int", "str", "bytes")
@@ -180,7 +180,12 @@ class ControllerConfig(_Strict):
     lock_timeout: float = Field(5.0, gt=0, le=3600)
     max_frame: int = 64 << 20
     reserve_blocks: int = Field(64, ge=4)
-    idle_timeout: float = Field(0, ge=0)  # 0: clients may stay connected forever
+    # seconds an open transaction may go without a request before it is
+    # cancelled and its locks released; 0: never
+    idle_timeout: float = Field(60.0, ge=0, le=86400)
+    # records in one OP_LOAD request (one transaction); the client library
+    # splits bigger loads into requests of at most this many
+    max_load_records: int = Field(10_000, ge=1, le=1_000_000)
 
     @field_validator("max_frame", mode="before")
     @classmethod
@@ -398,6 +403,22 @@ class Config(_Strict):
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
+    def layout(self) -> dict:
+        """What fixes the on-memory format, by configuration key (what
+        schema_hash() fingerprints). It is recorded in the meta segment, so a
+        configuration refused for a different layout is told which setting
+        differs (layout_differences)."""
+        s = self.storage
+        return {
+            "storage": {"block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
+                        "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
+                        "max_blocks": s.max_blocks},
+            "replication": {"serve_reads": not self.compressed},
+            "tables": {n: {"primary_key": t.primary_key, "alternate_keys": list(t.alternate_keys),
+                           "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()}}
+                       for n, t in self.tables.items()},
+        }
+
     def gid(self) -> int | None:
         g = self.storage.group
         if g is None:
@@ -413,6 +434,35 @@ class Config(_Strict):
 
     def allowed_gids(self) -> set[int]:
         return {_gid(g, self.path) for g in self.access.groups}
+
+
+def layout_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """Where two Config.layout() documents differ, one line per setting:
+    ``tables.accounts.fields.balance: int in shared memory, str in the config``."""
+    out = []
+    for key in list(recorded) + [k for k in current if k not in recorded]:
+        path = f"{prefix}{key}"
+        a, b = recorded.get(key, _ABSENT), current.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += layout_differences(a, b, path + ".")
+        elif a is _ABSENT:
+            out.append(f"{path}: not in shared memory, {_shown(b)} in the config")
+        elif b is _ABSENT:
+            out.append(f"{path}: {_shown(a)} in shared memory, not in the config")
+        elif a != b:
+            out.append(f"{path}: {_shown(a)} in shared memory, {_shown(b)} in the config")
+    return out
+
+
+_ABSENT = object()
+
+
+def _shown(v) -> str:
+    if isinstance(v, dict):
+        return "present"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return "unset" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _uid(u, path) -> int:

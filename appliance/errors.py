@@ -44,12 +44,14 @@ __all__ = [
     "BusyError",
     "ReadOnlyError",
     "NotServingReadsError",
+    "LimitError",
     "InternalError",
     "error_for",
 ]
 
 # Exit statuses of the processes and the CLI (sysexits.h), in one place.
-EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance
+EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket)
+EXIT_NOSPACE = 73    # EX_CANTCREAT: shared memory cannot hold the segments (/dev/shm too small)
 EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
 EXIT_CONFIG = 78     # EX_CONFIG: the configuration is refused
 
@@ -66,7 +68,7 @@ class ApplianceError(Exception):
     def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or (self.codes[0] if self.codes else "APL_EUNKNOWN")
+        self.code = code or (self.codes[0] if self.codes else "APL_EINTERNAL")
         self.details = details
 
     def __str__(self) -> str:  # KeyError's str() would repr the message
@@ -225,8 +227,19 @@ class BusyError(ApplianceError):
     codes = ("APL_EBUSY",)
 
 
+class LimitError(ApplianceError, ValueError):
+    """A request exceeds a configured limit (the message names the setting),
+    e.g. more records in one OP_LOAD than ``controller.max_load_records``."""
+
+    codes = ("APL_ELIMIT",)
+
+
 class InternalError(ApplianceError):
-    codes = ("APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL", "APL_EFILE", "APL_EUNDO")
+    """A fault inside appliance itself, not the caller's: retrying does not help.
+    ``APL_EINTERNAL`` is what an error code this build does not know becomes."""
+
+    codes = ("APL_EINTERNAL", "APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL",
+             "APL_EFILE", "APL_EUNDO")
 
 
 def _all_classes(cls=ApplianceError):
@@ -244,6 +257,8 @@ for _cls in _all_classes():
 
 
 def class_for(code_name: str) -> type[ApplianceError]:
+    """The class of an APL_* name; ApplianceError itself for a name not in the
+    table (never a class that tells the caller to retry)."""
     return _BY_NAME.get(code_name, ApplianceError)
 
 

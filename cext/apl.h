@@ -28,10 +28,12 @@ struct apl_geometry {
     uint64_t log_size;
     uint32_t compressed;     /* 1: devices hold lz4 backup blocks (a secondary that serves no reads) */
     uint64_t max_blocks_in;  /* compressed: location table capacity (block numbers) */
+    uint64_t layout_len;     /* bytes of the layout description kept in meta (sb_layout_*) */
     /* outputs */
     uint64_t segment_slots;
     uint64_t max_blocks;
     uint64_t files_off;
+    uint64_t layout_off;
     uint64_t loc_off;
     uint64_t log_off;
     uint64_t meta_size;

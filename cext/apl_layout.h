@@ -5,9 +5,11 @@
  *
  * An appliance is a set of POSIX shared-memory segments:
  *
- *   /apl.<name>.meta    superblock, file directory, location table, change log.
- *                       Written by the controller only; mapped read-only by
- *                       clients and by the replication agent.
+ *   /apl.<name>.meta    superblock, file directory, layout description (the
+ *                       configuration's tables and storage settings as JSON, read
+ *                       only to say what differs when a configuration is refused),
+ *                       location table, change log. Written by the controller
+ *                       only; mapped read-only by clients and by the replication agent.
  *   /apl.<name>.readers reader slots: the only region clients write (their pins).
  *   /apl.<name>.dev<i>  "storage devices": an arena of fixed-length block slots.
  *                       Written by the controller only; mapped read-only by clients.
@@ -178,7 +180,10 @@ struct apl_super {
     uint64_t sb_meta_size;      /** total bytes of the meta segment */
     uint32_t sb_page_size;      /** compressed store: bytes per device page (the slot size) */
     uint32_t sb_nclasses;       /** compressed store: object size classes (APL_BCLASSES) */
-    uint8_t  sb_pad1[256 - 120];
+    uint64_t sb_layout_off;     /** offset of the layout description (0: none recorded) */
+    uint64_t sb_layout_len;     /** its bytes: the configuration's tables and storage settings as
+                                    JSON, so a refused configuration can be told what differs */
+    uint8_t  sb_pad1[256 - 136];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */

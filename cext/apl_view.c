@@ -70,8 +70,11 @@ int apl_geometry(struct apl_geometry *g)
     }
     if (g->max_blocks >= APL_NO_BLOCK)
         return APL_EINVAL;
+    if (g->layout_len > (16u << 20))
+        return APL_EINVAL;
     g->files_off = APL_PAGE;
-    g->loc_off = APL_ALIGN(g->files_off + (uint64_t)g->nfiles * sizeof(struct apl_file), APL_PAGE);
+    g->layout_off = g->files_off + (uint64_t)g->nfiles * sizeof(struct apl_file);
+    g->loc_off = APL_ALIGN(g->layout_off + g->layout_len, APL_PAGE);
     g->log_off = APL_ALIGN(g->loc_off + g->max_blocks * sizeof(apl_addr), APL_PAGE);
     g->meta_size = APL_ALIGN(g->log_off + g->log_size, APL_PAGE);
     g->readers_size = APL_ALIGN(sizeof(struct apl_rhdr) + (uint64_t)g->nreaders * sizeof(struct apl_reader), APL_PAGE);
@@ -96,6 +99,8 @@ int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instan
     sb->sb_max_overflow = g->max_overflow;
     sb->sb_nreaders = g->nreaders;
     sb->sb_files_off = g->files_off;
+    sb->sb_layout_off = g->layout_len ? g->layout_off : 0;
+    sb->sb_layout_len = g->layout_len;
     sb->sb_loc_off = g->loc_off;
     sb->sb_log_off = g->log_off;
     sb->sb_log_size = g->log_size;
@@ -144,7 +149,9 @@ int apl_check_meta(const uint8_t *meta, uint64_t size)
         return APL_EVERSION;
     if (sb->sb_meta_size > size || sb->sb_log_off + sb->sb_log_size > size ||
         sb->sb_loc_off + sb->sb_max_blocks * sizeof(apl_addr) > sb->sb_log_off ||
-        sb->sb_files_off + (uint64_t)sb->sb_nfiles * sizeof(struct apl_file) > sb->sb_loc_off)
+        sb->sb_files_off + (uint64_t)sb->sb_nfiles * sizeof(struct apl_file) > sb->sb_loc_off ||
+        (sb->sb_layout_len && (sb->sb_layout_off < sb->sb_files_off ||
+                               sb->sb_layout_off + sb->sb_layout_len > sb->sb_loc_off)))
         return APL_EGEOMETRY;
     return APL_OK;
 }

@@ -61,7 +61,7 @@ enum apl_error {
     APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
-    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, ...
+    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, APL_ELIMIT, APL_EINTERNAL, ...
 };
 const char *apl_strerror(int code);
 const char *apl_errname(int code);
@@ -78,7 +78,7 @@ struct apl_super {
     uint64_t sb_segment_slots; uint64_t sb_max_blocks; uint32_t sb_nfiles;
     uint32_t sb_max_overflow; uint32_t sb_nreaders; uint32_t sb_flags; uint64_t sb_files_off;
     uint64_t sb_loc_off; uint64_t sb_log_off; uint64_t sb_log_size; uint64_t sb_meta_size;
-    uint32_t sb_page_size; uint32_t sb_nclasses;
+    uint32_t sb_page_size; uint32_t sb_nclasses; uint64_t sb_layout_off; uint64_t sb_layout_len;
     uint64_t sb_version; uint64_t sb_epoch; uint64_t sb_txn_next;
     uint32_t sb_controller_pid; uint32_t sb_state; uint64_t sb_opened_ns;
     struct apl_pub sb_pub[2];
@@ -117,8 +117,8 @@ struct apl_centry {
 struct apl_geometry {
     uint32_t block_size; uint32_t nsegments; uint64_t segment_size; uint32_t nfiles;
     uint32_t max_overflow; uint32_t nreaders; uint64_t log_size;
-    uint32_t compressed; uint64_t max_blocks_in; uint32_t page_size;
-    uint64_t segment_slots; uint64_t max_blocks; uint64_t files_off; uint64_t loc_off;
+    uint32_t compressed; uint64_t max_blocks_in; uint64_t layout_len; uint32_t page_size;
+    uint64_t segment_slots; uint64_t max_blocks; uint64_t files_off; uint64_t layout_off; uint64_t loc_off;
     uint64_t log_off; uint64_t meta_size; uint64_t readers_size; ...;
 };
 int apl_geometry(struct apl_geometry *g);

@@ -163,6 +163,43 @@ class TestLoad:
         r = cli("load", "--config", str(bank.config), "nosuch", path)
         assert r.returncode == 1 and "no such table 'nosuch'" in r.stderr
 
+    def test_load_cut_short_says_what_committed_and_how_to_resume(self, bank, db, tmp_path):
+        """A load whose controller is killed part-way exits 3 saying how many records (up to which line) were committed and the command that resumes it; that command (--skip-existing) loads the rest, none twice."""
+        import re
+        import signal
+        import time
+        n = 200_000
+        path = write_jsonl(tmp_path / "big.jsonl", [acct(i, f"b{i % 7}", i) for i in range(1, n + 1)])
+        p = subprocess.Popen([*APPLIANCE, "load", "--config", str(bank.config), "--batch", "1000", "accounts", path],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=RUN_DIR)
+        try:
+            t = db.table("accounts")
+            while len(t) < 5000:
+                assert p.poll() is None, p.communicate()
+                time.sleep(0.01)
+            bank.controller.signal(signal.SIGKILL)
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 3, err
+        said = re.search(r"(\d+) records were committed \(up to line (\d+) of (\S+)\)", err)
+        assert said and said.group(3) == path, err
+        committed, line = int(said.group(1)), int(said.group(2))
+        assert committed % 1000 == 0 and line == committed and "Traceback" not in err
+        resume = re.search(r"resume with: (appliance load .*)$", err.strip())
+        assert resume and "--skip-existing" in resume.group(1), err
+        bank.controller.start()
+        have = len(bank.connect().table("accounts"))
+        assert committed <= have <= committed + 1000          # the batch in flight may have committed
+        argv = resume.group(1).split()[1:]
+        r = cli(*argv)
+        assert r.returncode == 0, r.stderr
+        c = bank.connect()
+        assert len(c.table("accounts")) == n
+        assert c.table("accounts")[n] == acct(n, f"b{n % 7}", n) and c.table("accounts")[1] == acct(1, "b1", 1)
+
     def test_load_when_not_running_exits_3(self, stopped, tmp_path):
         """`load` exits 3 when the appliance is not running."""
         path = write_jsonl(tmp_path / "d.jsonl", [acct(1)])

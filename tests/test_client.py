@@ -169,6 +169,17 @@ class TestAutocommitWrites:
             accounts[1] = acct(1, "x", 1 << 63)
         assert accounts[1] == acct(1, "north", 10)
 
+    @pytest.mark.parametrize("value", [1 << 64, -(1 << 63) - 1, 10 ** 40])
+    def test_int_too_large_to_send_names_the_field(self, db, accounts, value):
+        """An int msgpack cannot carry is refused with WrongTypeError naming the field and the range, in autocommits and in transactions."""
+        with pytest.raises(errors.WrongTypeError, match=r"field 'balance': .* out of range for an int") as ei:
+            accounts[1] = acct(1, "x", value)
+        assert ei.value.details["field"] == "balance"
+        with pytest.raises(errors.WrongTypeError, match=r"field 'balance'"):
+            with db.transaction() as tx:
+                tx.update("accounts", 1, {"balance": value})
+        assert accounts[1] == acct(1, "north", 10)
+
     def test_huge_int_values_refused_as_wrong_type(self, accounts):
         """Ints outside the signed 64-bit range are refused with WrongTypeError however large they are."""
         with pytest.raises(errors.WrongTypeError):
@@ -552,12 +563,34 @@ class TestClosedClient:
             t.get(1)
 
     def test_connect_when_not_running(self, tmp_path):
-        """connect() to an appliance that is not running raises UnavailableError (a ConnectionError)."""
+        """connect() to an appliance that is not running raises UnavailableError (a ConnectionError) once its wait is over."""
         import appliance
         path = write_config(tmp_path)
         with pytest.raises(ConnectionError) as ei:
-            appliance.connect(path)
+            appliance.connect(path, wait=0)
         assert isinstance(ei.value, errors.UnavailableError) and "not running" in str(ei.value)
+
+    def test_connect_waits_for_a_controller_that_is_starting(self, make_appliance):
+        """connect(timeout=30) called before the controller is up waits for it and returns a working client."""
+        import appliance
+        app = make_appliance()
+        got = {}
+
+        def attach():
+            try:
+                got["client"] = appliance.connect(app.config, timeout=30)
+            except Exception as e:  # noqa: BLE001 - reported below
+                got["error"] = e
+
+        t = threading.Thread(target=attach)
+        t.start()                        # before the controller process even exists
+        app.start()
+        t.join()
+        assert "error" not in got, got.get("error")
+        c = got["client"]
+        app.clients.append(c)
+        c.table("accounts")[1] = acct(1)
+        assert c.table("accounts")[1] == acct(1)
 
 
 class TestProcessesAndThreads:

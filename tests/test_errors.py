@@ -121,11 +121,33 @@ class TestErrorFor:
             raise e
 
 
+class TestUnknownCodes:
+    @pytest.mark.parametrize("rc", [-31999, -30000, -5, -(1 << 31)])
+    def test_unknown_c_code_is_an_internal_error_not_a_retry(self, rc):
+        """A negative return code not in the table raises InternalError naming the number, never an UnavailableError (which tells the caller to retry)."""
+        from appliance._native import check
+        with pytest.raises(errors.ApplianceError) as ei:
+            check(rc, "t.op(1)")
+        assert type(ei.value) is errors.InternalError and ei.value.code == "APL_EINTERNAL"
+        assert not isinstance(ei.value, errors.UnavailableError)
+        assert str(ei.value) == f"t.op(1): internal error: unknown error code {rc}"
+
+    def test_base_class_code_is_internal(self):
+        """ApplianceError built without a code (e.g. raised by the controller and sent on the wire) comes back as InternalError, not CommitUnknownError."""
+        e = errors.ApplianceError("something broke")
+        assert e.code == "APL_EINTERNAL"
+        assert errors.error_for(e.code, e.message).__class__ is errors.InternalError
+
+    def test_commit_unknown_is_only_its_own_code(self):
+        """Only APL_EUNKNOWN (a commit whose outcome could not be recovered) maps to CommitUnknownError."""
+        assert [n for n in CODES if errors.class_for(n) is errors.CommitUnknownError] == ["APL_EUNKNOWN"]
+
+
 class TestPickle:
     @pytest.mark.parametrize("cls", sorted(all_classes(), key=lambda c: c.__name__), ids=lambda c: c.__name__)
     def test_round_trip_keeps_class_message_code_details(self, cls):
         """Every exception class pickles and unpickles with its class, message, code and details."""
-        code = cls.codes[-1] if cls.codes else "APL_EUNKNOWN"
+        code = cls.codes[-1] if cls.codes else "APL_EINTERNAL"
         e = cls("t.op(1): reason", code=code, table="t", key=b"\x00k", nested={"a": [1, 2]})
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is cls

@@ -31,6 +31,7 @@ from appliance.client.session import Session, result
 from appliance.store.segment import Segment, SegmentNames
 from appliance.wire import framing
 from appliance.wire import messages as m
+from conftest import BANK_TABLES
 from fault_helpers import (NOBODY, RawConn, check_indexes, events, kill_child, out_lines, rec, records,
                            reply_error, run_as, spawn_ready, start_controller, wait_event, wait_for)
 
@@ -744,3 +745,31 @@ class TestAccess:
         c = bank.connect()
         assert records(c.table("accounts")) == before and c.committed_version() == version
         check_indexes(c.table("accounts"))
+
+    @pytest.mark.parametrize("change, says", [
+        ({"tables": BANK_TABLES.replace('balance = "int"', 'balance = "str"')},
+         ["tables.accounts.fields.balance: int in shared memory, str in the config"]),
+        ({"tables": BANK_TABLES.replace('alternate_keys = ["branch"]\n', '')},
+         ["tables.accounts.alternate_keys: [branch] in shared memory, [] in the config"]),
+        ({"tables": BANK_TABLES.replace('balance = "int" }', 'balance = "int", note = "str" }')},
+         ["tables.accounts.fields.note: not in shared memory, str in the config"]),
+        ({"segments": 3, "segment_size": "8MiB"},
+         ["storage.segments: 2 in shared memory, 3 in the config",
+          "storage.segment_size: 16777216 in shared memory, 8388608 in the config"]),
+    ], ids=["field-type", "alternate-key", "new-field", "storage"])
+    def test_layout_mismatch_names_the_setting(self, bank, db, make_appliance, change, says):
+        """A refused layout says which setting differs, with the value in shared memory and in the config; a client with that config is told the same."""
+        import appliance
+        assert bank.controller.stop() == 0
+        other = make_appliance(name=bank.name, **change)
+        other.controller.start(wait=False)
+        assert other.controller.proc.wait(timeout=30) == 78
+        refused = [e for e in other.controller.events() if e.get("event") == "controller_refused_to_start"]
+        for line in says:
+            assert line in refused[0]["error"], refused[0]["error"]
+        bank.controller.start()
+        cfg = other.cfg.model_copy(update={"controller": other.cfg.controller.model_copy(
+            update={"socket": str(bank.cfg.socket_path)})})           # that config, at the running socket
+        with pytest.raises(errors.FormatError) as ei:
+            appliance.connect(cfg)
+        assert says[0] in str(ei.value)

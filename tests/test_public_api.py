@@ -19,7 +19,7 @@ ERRORS = {
     "NoSuchTableError", "NoSuchFieldError", "WrongTypeError", "KeyTooLongError", "NoSuchRecordError",
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
     "TransactionStateError", "CommitUnknownError", "MemoryFullError", "ReadersFullError", "FormatError",
-    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "InternalError", "error_for",
+    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
 }
 
 

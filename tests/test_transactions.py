@@ -404,3 +404,44 @@ class TestChangeLog:
         tx.update("accounts", 1, {"balance": 0})
         tx.cancel()
         assert bounds(db._reader) == before
+
+
+class TestDroppedTransaction:
+    def test_dropped_open_transaction_is_cancelled(self, bank, db, accounts):
+        """A transaction dropped while open (no commit, no cancel, no with-block) is cancelled: its connection takes new writes and transactions, and another client gets its locks at once."""
+        import gc
+        tx = db.transaction(program="dropped")
+        tx.get("accounts", 1, for_update=True)
+        tx.update("accounts", 1, {"balance": -1})
+        del tx
+        gc.collect()
+        db.table("accounts")[2] = acct(2, "main", 5)        # the same connection: not stuck
+        with db.transaction() as t2:
+            t2.update("accounts", 3, {"balance": 6})
+        other = bank.connect()
+        with other.transaction() as t3:                       # record 1 is not locked any more
+            t3.update("accounts", 1, {"balance": 7})
+        assert [db.table("accounts")[k]["balance"] for k in (1, 2, 3)] == [7, 5, 6]
+        assert db.status()["transactions"]["locks_held"] == 0
+
+    def test_transaction_collected_in_another_thread_is_cancelled(self, bank, db, accounts):
+        """A transaction opened in a thread that has ended, and collected in another, is cancelled: its locks are released."""
+        import gc
+        box = []
+
+        def work():
+            tx = db.transaction(program="thread")
+            tx.update("accounts", 1, {"balance": -1})
+            tx.ref = tx                      # a cycle: only the garbage collector frees it
+            box.append(tx)
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        box.clear()
+        gc.collect()
+        other = bank.connect()
+        with other.transaction() as t3:
+            t3.update("accounts", 1, {"balance": 7})
+        assert db.table("accounts")[1]["balance"] == 7
+

@@ -53,11 +53,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure", "get_logger", "LogOnce"]
+__all__ = ["configure", "get_logger", "LogOnce", "LogEvery"]
 
 _LEVELS = {
     "critical": logging.CRITICAL,
@@ -188,3 +189,36 @@ class LogOnce:
         """Forget the last code: the next failure is logged whatever its code."""
         self._code = self._NOTHING
         self._suppressed = 0
+
+
+class LogEvery:
+    """Log an event that may repeat at any rate (a refused connection, an
+    idle transaction cancelled) at most once per ``interval`` seconds per key.
+
+    The first occurrence for a key is logged at once; later ones within the
+    interval are counted, and the next line logged for that key carries
+    ``suppressed=<n>``, the occurrences not logged since the previous line.
+    """
+
+    __slots__ = ("_log", "_interval", "_last")
+
+    def __init__(self, logger: Any, interval: float) -> None:
+        self._log = logger
+        self._interval = interval
+        self._last: dict = {}   # (event, key) -> [monotonic time logged, suppressed since]
+
+    def warning(self, event: str, key: object, **kw: Any) -> bool:
+        """Log *event* (warning level) unless it was logged for *key* less than
+        the interval ago; True if logged."""
+        now = time.monotonic()
+        slot = self._last.get((event, key))
+        if slot is not None and now - slot[0] < self._interval:
+            slot[1] += 1
+            return False
+        if slot is not None and slot[1]:
+            kw["suppressed"] = slot[1]
+        if len(self._last) > 4096:   # keys are uids and the like: forget old ones, stay bounded
+            self._last.clear()
+        self._last[(event, key)] = [now, 0]
+        self._log.warning(event, **kw)
+        return True

@@ -7,6 +7,7 @@ stderr); 2 usage; 3 the appliance is not running; 69 the appliance is busy
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import click
@@ -153,18 +154,28 @@ def status(config_path: str, as_json: bool) -> None:
 @CONFIG
 @click.argument("table")
 @click.argument("source", type=click.File("rb"))
-@click.option("--batch", default=5000, show_default=True, help="records per transaction")
-def load(config_path: str, table: str, source, batch: int) -> None:
+@click.option("--batch", default=5000, show_default=True,
+              help="records per transaction (at most controller.max_load_records)")
+@click.option("--skip-existing", is_flag=True,
+              help="leave out records whose primary key is in the table already (resume a load)")
+def load(config_path: str, table: str, source, batch: int, skip_existing: bool) -> None:
     """Bulk-load TABLE from SOURCE, a JSON-lines file ('-' for stdin)."""
     from . import render
     cfg = _load(config_path)
     try:
         import appliance
-        db = appliance.connect(cfg)
+        db = appliance.connect(cfg, wait=0)
     except errors.ApplianceError as e:
         raise _fail(e) from None
     try:
-        n = render.load_with_progress(db, table, source, batch)
+        n = render.load_with_progress(db, table, source, batch, skip_existing)
+    except errors.UnavailableError as e:
+        if "committed" in e.details:
+            src = shlex.quote(source.name) if source.name != "<stdin>" else "- < (the same input)"
+            again = f"appliance load --config {shlex.quote(config_path)} --skip-existing {table} {src}"
+            e = errors.UnavailableError(f"{e.message}. Once the appliance is running again, resume with: "
+                                        f"{again}", code=e.code, **e.details)
+        raise _fail(e) from None
     except errors.ApplianceError as e:
         raise _fail(e) from None
     finally:

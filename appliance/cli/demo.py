@@ -231,7 +231,7 @@ def _wait(cfg_path: Path, ctl: subprocess.Popen):
         if ctl.poll() is not None:
             raise SystemExit(f"controller exited with status {ctl.returncode}")
         try:
-            return appliance.connect(cfg_path, name="demo")
+            return appliance.connect(cfg_path, name="demo", wait=0)
         except errors.UnavailableError:
             if time.monotonic() > deadline:
                 raise

@@ -99,7 +99,7 @@ def _records(source, lines: list):
         yield rec
 
 
-def load_with_progress(db, table: str, source, batch: int) -> int:
+def load_with_progress(db, table: str, source, batch: int, skip_existing: bool = False) -> int:
     total = None
     try:
         if source.seekable() and source.name not in ("<stdin>", "-"):
@@ -126,7 +126,10 @@ def load_with_progress(db, table: str, source, batch: int) -> int:
             tick(n)
 
         try:
-            return db.load(table, _records(source, lines), batch=batch, progress=tick_and_mark)
+            return db.load(table, _records(source, lines), batch=batch, progress=tick_and_mark,
+                           skip_existing=skip_existing)
+        except errors.UnavailableError as e:
+            raise _stopped(e, getattr(source, "name", "<input>"), loaded[0], lines) from None
         except errors.ApplianceError as e:
             i = e.details.get("index")
             if isinstance(i, int) and 0 <= loaded[0] + i < len(lines):
@@ -135,6 +138,20 @@ def load_with_progress(db, table: str, source, batch: int) -> int:
                 raise type(e)(f"{name}:{line}: {e.message} ({loaded[0]} records loaded before this batch)",
                               code=e.code, **{**e.details, "line": line}) from None
             raise
+
+
+def _stopped(e: errors.UnavailableError, name: str, done: int, lines: list[int]) -> errors.UnavailableError:
+    """The controller went away during a load: what is committed, what may be."""
+    upto = f" (up to line {lines[done - 1]} of {name})" if done else f" from {name}"
+    pending = lines[done:]
+    maybe = ""
+    if pending:
+        span = f"lines {pending[0]}..{pending[-1]}" if len(pending) > 1 else f"line {pending[0]}"
+        maybe = (f"; the batch of {span} may have committed too" if e.details.get("sent", True)
+                 else f"; the batch of {span} was not")
+    return errors.UnavailableError(f"{e.message}. {done} records were committed{upto}{maybe}",
+                                   code=e.code, **{**e.details, "committed": done,
+                                                   "line": pending[0] if pending else None})
 
 
 def copy_progress(poll, copies_before: int, timeout: float) -> dict:

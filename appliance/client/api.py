@@ -23,7 +23,7 @@ import msgpack
 
 from .. import errors
 from .._native import ffi, lib, raise_for
-from ..config import Config, load as load_config
+from ..config import Config, layout_differences, load as load_config
 from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
@@ -42,16 +42,19 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
-            durability=None) -> "Client":
+            durability=None, wait: float | None = None) -> "Client":
     """Attach to the running appliance described by a config file.
 
-    Raises :class:`~appliance.errors.UnavailableError` when it is not running,
-    :class:`~appliance.errors.AccessDeniedError` when this user may not
-    attach, :class:`~appliance.errors.FormatError` when the config does not
-    describe the appliance that is running.
+    `timeout`: seconds one request may take (None: no limit). `wait`:
+    seconds to wait for a controller that is not up yet (no socket, or
+    nobody listening on it); by default `timeout`, and 0 fails at once.
+    Raises :class:`~appliance.errors.UnavailableError` when it is not running
+    by then, :class:`~appliance.errors.AccessDeniedError` when this user may
+    not attach, :class:`~appliance.errors.FormatError` when the config does
+    not describe the appliance that is running.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    return Client(cfg, name=name, timeout=timeout, durability=durability)
+    return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait)
 
 
 class _Buffers(threading.local):
@@ -74,7 +77,8 @@ class Client:
     """A connection to one appliance. Thread-safe; one controller connection
     per thread. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None) -> None:
+    def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
+                 wait: float | None = None) -> None:
         self.config = cfg
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
@@ -86,7 +90,7 @@ class Client:
         self._sessions: list[Session] = []
         self._closed = False
         self._tables: dict[str, Table] = {}
-        hello = self._session().hello  # fails fast when not running / not allowed
+        hello = self._first_session(timeout if wait is None else wait).hello
         self._att = Attachment(cfg.name, writable=False)
         if self._att.compressed:
             self._att.close()
@@ -95,10 +99,12 @@ class Client:
                 f"(replication.serve_reads = false in {cfg.path}); read from its primary or a secondary "
                 "that serves reads", appliance=cfg.name)
         if self._att.sb.sb_schema_hash != cfg.schema_hash():
+            recorded = self._att.layout()
+            differ = "; ".join(layout_differences(recorded, cfg.layout())) if recorded else ""
             self._att.close()
             raise errors.FormatError(
                 f"{cfg.path}: this configuration does not describe the running appliance {cfg.name!r} "
-                "(tables or storage settings differ)", appliance=cfg.name)
+                f"({differ or 'tables or storage settings differ'})", appliance=cfg.name)
         if hello["instance"] != self._att.instance:
             self._att.close()
             raise errors.UnavailableError(f"appliance {cfg.name!r} was re-created while attaching; retry")
@@ -123,6 +129,20 @@ class Client:
             with self._lock:
                 self._sessions.append(s)
         return s
+
+    def _first_session(self, wait: float | None) -> Session:
+        """The first connection: a controller not up yet (no socket, or nobody
+        listening) is waited for, up to `wait` seconds."""
+        deadline = time.monotonic() + (wait or 0)
+        pause = 0.02
+        while True:
+            try:
+                return self._session()
+            except errors.UnavailableError:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     def _call(self, req: list, what: str):
         if self._closed:
@@ -187,26 +207,49 @@ class Client:
         sb = self._att.sb
         return sb.sb_pub[sb.sb_version & 1].pb_source_serial
 
-    def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None) -> int:
-        """Insert records in batches of `batch`, each batch one transaction.
-        `progress(n)` is called with the count after each batch."""
+    def load(self, table: str, records: Iterable[dict], *, batch: int = 5000, progress=None,
+             skip_existing: bool = False) -> int:
+        """Insert records in batches of `batch`, each batch one transaction;
+        returns the number inserted. A batch is at most the controller's
+        ``controller.max_load_records`` (bigger ones are sent as several).
+        `progress(n)` is called after each batch with the number of records
+        of `records` done so far. `skip_existing`: records whose primary key
+        is already in the table are left out (to resume a load that stopped)."""
         self._check()
         t = self.schema.table(table)
-        total = 0
+        batch = max(1, min(batch, self.config.controller.max_load_records))
+        present = self.table(table).__contains__ if skip_existing else None
+        pk = t.pk
+        inserted = done = 0
         chunk: list = []
         extra = [self.durability] if self.durability is not None else []
+
+        def send() -> None:
+            nonlocal inserted, done, chunk
+            todo, keep = chunk, None
+            if present:
+                keep = [i for i, r in enumerate(chunk) if not (isinstance(r, dict) and pk in r and present(r[pk]))]
+                todo = [chunk[i] for i in keep]
+            try:
+                if todo:
+                    inserted += self._call([m.OP_LOAD, t.name, todo, *extra], f"load {t.name}")
+            except errors.ApplianceError as e:
+                i = e.details.get("index")
+                if keep is not None and isinstance(i, int) and 0 <= i < len(keep):
+                    e.details["index"] = keep[i]   # where in this batch of `records`
+                raise
+            done += len(chunk)
+            chunk = []
+            if progress:
+                progress(done)
+
         for rec in records:
             chunk.append(rec)
             if len(chunk) >= batch:
-                total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
-                chunk = []
-                if progress:
-                    progress(total)
+                send()
         if chunk:
-            total += self._call([m.OP_LOAD, t.name, chunk, *extra], f"load {t.name}")
-            if progress:
-                progress(total)
-        return total
+            send()
+        return inserted
 
     def status(self) -> dict:
         return self._call([m.OP_STATUS], "status")
@@ -596,6 +639,15 @@ class Transaction:
             f"commit of transaction {self.number}: the controller stopped before answering and its "
             "change log no longer reaches back to the transaction's start; check the outcome",
             txn=self.number)
+
+    def __del__(self):
+        # dropped while open: cancel it, or its connection (and its locks) stay taken
+        try:
+            if self.state == "open" and self._session is not None:
+                self.state = "cancelled"
+                self._session.cancel_dropped(self._generation)
+        except Exception:
+            pass
 
     def cancel(self) -> None:
         """Cancel: nothing the transaction did remains. Idempotent."""

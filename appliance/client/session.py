@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 from .. import errors
 from ..wire import framing
@@ -23,6 +24,7 @@ __all__ = ["Session"]
 _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 _encode = framing.encode
+_CANCEL = framing.encode([m.OP_CANCEL])
 
 
 class Session:
@@ -38,6 +40,13 @@ class Session:
         self.hello: dict | None = None
         self.pid = os.getpid()
         self.generation = 0   # bumps on every (re)connect
+        # Held from a request's send to its reply. Requests come from the
+        # session's own thread; the lock is for Transaction.__del__, which may
+        # run in any thread or inside a request (a garbage collection): it
+        # cancels only if it gets the lock at once, else leaves cancel_pending
+        # (a generation) for the next request to send first.
+        self._io = threading.Lock()
+        self.cancel_pending = 0
 
     # -- connection ------------------------------------------------------------
 
@@ -100,14 +109,44 @@ class Session:
         try:
             data = framing.encode_many(reqs)
         except (OverflowError, TypeError, ValueError) as exc:
-            raise errors.WrongTypeError(f"a value cannot be sent: {exc}") from None
+            raise _unsendable(reqs, "", exc) from None
+        with self._io:
+            return self._exchange(data, len(reqs), retry)
+
+    def _exchange(self, data: bytes, n: int, retry: bool) -> list:
+        """Send `data` and read `n` replies (the caller holds self._io)."""
         self._send(data, retry)
         try:
-            return [self.reader.read() for _ in reqs]
+            return [self.reader.read() for _ in range(n)]
         except (EOFError, OSError, errors.ProtocolError) as exc:
             self.close()
             raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
                                     sent=True) from None
+
+    def cancel_dropped(self, generation: int) -> None:
+        """A transaction of this connection was dropped while open (Transaction.__del__):
+        cancel it now if no request of this session is under way, else just
+        before its next request (a garbage collection may run anywhere, even
+        between one of our requests and its reply)."""
+        if generation != self.generation or not self.connected:
+            return
+        if not self._io.acquire(blocking=False):
+            self.cancel_pending = generation
+            return
+        try:
+            self._exchange(_CANCEL, 1, retry=False)
+        except errors.ApplianceError:
+            pass   # gone: the controller cancels a transaction whose connection goes
+        finally:
+            self._io.release()
+
+    def _cancel_pending(self) -> None:
+        pending, self.cancel_pending = self.cancel_pending, 0
+        if pending == self.generation and self.connected:
+            try:
+                self._roundtrip([[m.OP_CANCEL]], retry=False)
+            except errors.UnavailableError:
+                pass
 
     def call_many(self, reqs: list, retry: bool = True) -> list:
         """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...]).
@@ -117,6 +156,8 @@ class Session:
             if not retry:
                 raise self._unavailable("connection lost", sent=False)
             self.connect()
+        if self.cancel_pending:
+            self._cancel_pending()
         return self._roundtrip(reqs, retry)
 
     def _send(self, data: bytes, retry: bool = True) -> None:
@@ -143,20 +184,67 @@ class Session:
         """One request, one reply (the common case, kept lean)."""
         if self.sock is None or self.pid != _pid[0]:
             self.connect()
+        if self.cancel_pending:
+            self._cancel_pending()
         try:
             data = _encode(req)
         except (OverflowError, TypeError, ValueError) as exc:
-            raise errors.WrongTypeError(f"{what}: a value cannot be sent: {exc}") from None
-        self._send(data)
-        try:
-            reply = self.reader.read()
-        except (EOFError, OSError, errors.ProtocolError) as exc:
-            self.close()
-            raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
-                                    sent=True) from None
+            raise _unsendable(req, what, exc) from None
+        with self._io:
+            self._send(data)
+            try:
+                reply = self.reader.read()
+            except (EOFError, OSError, errors.ProtocolError) as exc:
+                self.close()
+                raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
+                                        sent=True) from None
         if type(reply) is list and len(reply) == 2 and reply[0] == 0:
             return reply[1]
         return _result(reply, what)
+
+
+_I64_MIN, _U64_MAX = -(1 << 63), (1 << 64) - 1
+_SENDABLE = (str, bytes, bytearray, memoryview, float, bool, type(None))
+
+
+def _unsendable(req, what: str, exc: Exception) -> errors.WrongTypeError:
+    """The error for a request msgpack cannot encode, naming the field (the
+    dict keys on the way to the value) and what is wrong with the value."""
+    found = _find_unsendable(req, ())
+    prefix = f"{what}: " if what else ""
+    if found is None:
+        return errors.WrongTypeError(f"{prefix}a value cannot be sent: {exc}")
+    path, value = found
+    where = ".".join(map(str, path))
+    where = f"field {where!r}: " if where else ""
+    if isinstance(value, int):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        return errors.WrongTypeError(f"{prefix}{where}{shown} is out of range for an int (signed 64-bit)",
+                                     field=".".join(map(str, path)) or None)
+    return errors.WrongTypeError(f"{prefix}{where}a {type(value).__name__} cannot be sent "
+                                 "(values are int, float, bool, str, bytes, None, lists and dicts)",
+                                 field=".".join(map(str, path)) or None)
+
+
+def _find_unsendable(v, path: tuple):
+    """(dict-key path, value) of the first value msgpack cannot encode, or None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return None if _I64_MIN <= v <= _U64_MAX else (path, v)
+    if isinstance(v, _SENDABLE):
+        return None
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            found = _find_unsendable(x, path)
+            if found:
+                return found
+        return None
+    if isinstance(v, dict):
+        for k, x in v.items():
+            found = _find_unsendable(k, path) or _find_unsendable(x, path + (k,))
+            if found:
+                return found
+        return None
+    return path, v
 
 
 def _result(reply, what: str):

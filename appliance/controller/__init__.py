@@ -52,13 +52,14 @@ class ControllerLock:
 
 
 def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
-    from .service import Controller
+    from .service import Controller, check_socket_free
     from .storage import open_or_create
 
     t0 = time.monotonic()
     lock = ControllerLock(cfg)
     ctl = None
     try:
+        check_socket_free(cfg)   # before any segment is made for a start that cannot serve
         writer, facts, created = open_or_create(cfg, log)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
@@ -106,8 +107,10 @@ def run(config_path: str) -> int:
     shutdown.install()
     try:
         return serve(cfg, log, shutdown)
-    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError) as e:
-        log.error("controller_refused_to_start", error=str(e))
-        return errors.EXIT_BUSY if isinstance(e, errors.BusyError) else errors.EXIT_CONFIG
+    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError) as e:
+        log.error("controller_refused_to_start", error=str(e), code=e.code)
+        if isinstance(e, errors.BusyError):
+            return errors.EXIT_BUSY
+        return errors.EXIT_NOSPACE if isinstance(e, errors.MemoryFullError) else errors.EXIT_CONFIG
     finally:
         shutdown.uninstall()

@@ -8,6 +8,18 @@ a generator (a coroutine) that yields when it must wait — for a record lock
 by the loop when the lock is granted, its wait times out, or the batch is
 published. One session runs one request at a time, in order.
 
+Nothing recurses and no session monopolises the loop. A resumption (a lock
+granted, a wait timed out, a batch published) is queued on ``_ready`` and run
+by :meth:`Controller._run_ready` from the loop, never from inside another
+session's request: requests of one session run in a loop (``_pump``), at
+most ``_PUMP_BATCH`` per turn, and a long request (a bulk load) yields every
+``_LOAD_CHUNK`` records; both continue on the next turn (``_yielded``) after
+the other sessions were served. A session with ``_INBOX_PAUSE`` requests
+queued is not read from until it catches up, so a client that pipelines
+without reading replies holds a bounded backlog. An exception that escapes a
+session's handling drops that client (``session_failed``, logged once per
+kind of failure) and the loop goes on.
+
 A loop iteration: poll; read every readable socket and run what arrived;
 fire due timers (lock timeouts, housekeeping); if transactions are waiting to
 commit, apply them all in one batch and publish it (group commit: one
@@ -26,12 +38,14 @@ import os
 import pwd
 import select
 import socket
+import stat
 import struct
 import time
 from collections import deque
 import msgpack
 
 from .. import errors
+from .._os.logs import LogEvery, LogOnce
 from ..config import Config
 from ..store import changelog
 from ..store.reader import Reader
@@ -49,16 +63,23 @@ _WAIT_COMMIT = object()
 _FAST = object()  # sess.gen while a fast-path autocommit waits for its batch
 _WAIT_WATCH = object()  # a WATCH / WAIT_APPLIED long poll
 _WAIT_WATCH_VERIFY = object()  # an operator's verify, resumed by the agent's result
+_YIELD = object()  # a long request lets the other sessions run; it goes on next turn
 _WRITE_OPS = frozenset({m.OP_BEGIN, m.OP_COMMIT, m.OP_ATOMIC, m.OP_LOAD}) | m.STEP_OPS
 _unpackb = msgpack.unpackb
 _packb = msgpack.Packer(use_bin_type=True).pack
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 256 << 10
+_PUMP_BATCH = 256      # requests of one session per loop turn
+_INBOX_PAUSE = 4096    # queued requests at which a session is not read from
+_LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
+_ACCEPT_BACKOFF = (0.05, 1.0)   # seconds without accepting after EMFILE & co: first, longest
+_REPEAT_LOG_S = 10.0   # client_refused (per user), txn_idle_cancelled: one line per this many seconds
 
 
 class Session:
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
-                 "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid")
+                 "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid",
+                 "waits", "paused", "mask", "idle_ns")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
         self.sock = sock
@@ -77,6 +98,10 @@ class Session:
         self.agent: str | None = None   # "primary"/"secondary" once the agent registered
         self.agent_pid = 0
         self.watch = None               # (kind, value, timer) while a WATCH/WAIT_APPLIED waits
+        self.waits = 0                  # +1 each time the request in progress waits (see _resume)
+        self.paused = False             # not read from: _INBOX_PAUSE requests queued
+        self.mask = select.EPOLLIN      # what epoll watches for this socket
+        self.idle_ns = self.opened_ns   # when its last request finished (controller.idle_timeout)
 
 
 class Controller:
@@ -98,12 +123,14 @@ class Controller:
         self.recovery = recovery or {}
         self.created = created
         self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0,
-                         "clients_refused": 0, "clients_dropped": 0, "batches": 0}
+                         "clients_refused": 0, "clients_dropped": 0, "batches": 0, "idle_cancelled": 0}
         self.active: dict[int, Txn] = {}
         self._uids = cfg.allowed_uids() | {0, os.geteuid()}
         self._gids = cfg.allowed_gids()
         self._cred_cache: dict[tuple[int, int], bool] = {}
         self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
+        self.idle_timeout_ns = int(cfg.controller.idle_timeout * 1e9)
+        self.max_load = cfg.controller.max_load_records
         self.max_frame = cfg.controller.max_frame
         self.max_key = self.schema.max_key
         # a change-log entry may take at most a quarter of the ring (apl_log_append)
@@ -119,6 +146,14 @@ class Controller:
         self._verify_seq = 0
         self._last_consumed = 0
         self.listener: socket.socket | None = None
+        self._ready: deque = deque()     # (session, request, waits, value, exc) to run this turn
+        self._yielded: list = []         # the same, for the next turn (a long request's next part)
+        self._bugs = LogOnce(log)        # session_failed / request_failed, once per kind
+        self._throttled = LogEvery(log, _REPEAT_LOG_S)
+        self._accept_errors = LogOnce(log)
+        self._accept_failures = 0        # accept() failures since the last success
+        self._accept_paused = False
+        self._user_names: dict[int, str] = {}
         self.ep = select.epoll()
         self.stopping = False
         self._rbuf = bytearray(_READ_SIZE)
@@ -129,6 +164,7 @@ class Controller:
     def listen(self) -> None:
         path = self.cfg.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_socket_free(self.cfg)   # again, just before taking the path over
         try:
             path.unlink()
         except FileNotFoundError:
@@ -173,12 +209,15 @@ class Controller:
         wait = max_wait
         if self.timers:
             wait = max(0.0, min(wait, self.timers[0][0] - time.monotonic()))
-        if self.dirty or self.commit_queue:
+        if self.dirty or self.commit_queue or self._yielded or self._ready:
             wait = 0.0
         try:
             events = self.ep.poll(wait, 512)
         except InterruptedError:
             events = []
+        if self._yielded:   # the long requests' next parts, after this turn's reads
+            self._ready.extend(self._yielded)
+            self._yielded = []
         lfd = self.listener.fileno() if self.listener else -1
         for fd, ev in events:
             if fd == lfd:
@@ -187,23 +226,60 @@ class Controller:
             sess = self.sessions.get(fd)
             if sess is None:
                 continue
-            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                self._read(sess)
-            if ev & select.EPOLLOUT and not sess.closed:
-                self._flush(sess)
+            try:
+                if ev & (select.EPOLLHUP | select.EPOLLERR) or (ev & select.EPOLLIN and not sess.paused):
+                    self._read(sess)
+                if ev & select.EPOLLOUT and not sess.closed:
+                    self._flush(sess)
+            except Exception as e:
+                self._session_failed(sess, e)
+        self._run_ready()
         if self.timers:
             now = time.monotonic()
             while self.timers and self.timers[0][0] <= now:
                 _, _, fn = heapq.heappop(self.timers)
                 if fn is not None:
-                    fn()
+                    try:
+                        fn()
+                    except Exception as e:
+                        self._bugs.error("timer_failed", _failure_kind(e), error=_describe(e), exc_info=True)
+            self._run_ready()
         if self.commit_queue:
             self._commit_batch()
+            self._run_ready()
         if self.dirty:
             dirty, self.dirty = self.dirty, set()
             for sess in dirty:
                 if not sess.closed:
-                    self._flush(sess)
+                    try:
+                        self._flush(sess)
+                    except Exception as e:
+                        self._session_failed(sess, e)
+
+    def _run_ready(self) -> None:
+        """Run the queued resumptions and the sessions whose next requests may
+        start: one flat loop, so no session's handling runs inside another's."""
+        ready = self._ready
+        while ready:
+            sess, gen, waits, value, exc = ready.popleft()
+            if sess.closed:
+                continue
+            try:
+                if gen is not None:
+                    if sess.gen is not gen or sess.waits != waits:
+                        continue        # resumed already (a grant and a timeout both queued it)
+                    if not self._step(sess, gen, value, exc):
+                        continue
+                self._pump(sess)
+            except Exception as e:
+                self._session_failed(sess, e)
+
+    def _session_failed(self, sess: Session, e: Exception) -> None:
+        """An exception escaped a session's handling: drop that client, keep serving."""
+        self._bugs.error("session_failed", _failure_kind(e), error=_describe(e), pid=sess.pid,
+                         uid=sess.uid, exc_info=True)
+        self._drop(sess, "internal_error", log=False)
+        self.counters["clients_dropped"] += 1
 
     # ------------------------------------------------------------------ sockets
 
@@ -215,29 +291,67 @@ class Controller:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.error("accept_failed", error=os.strerror(exc.errno))
+                    self._accept_back_off(exc.errno)
                     return
                 raise
-            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            if not self._allowed(uid, gid):
-                self.counters["clients_refused"] += 1
-                who = _user_name(uid)
-                self.log.warning("client_refused", pid=pid, uid=uid, user=who)
-                msg = (f"connect to appliance {self.cfg.name!r}: user {who} (uid {uid}) is not allowed "
-                       f"(see [access] in {self.cfg.path})")
-                try:
-                    sock.setblocking(True)
-                    sock.settimeout(1.0)
-                    sock.sendall(framing.encode(m.err("APL_EACCESS", msg, {"uid": uid})))
-                except OSError:
-                    pass
+            if self._accept_failures:
+                self.log.warning("accept_resumed", failures=self._accept_failures)
+                self._accept_failures = 0
+                self._accept_errors.clear()
+            try:
+                pid, uid, gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError:
                 sock.close()
+                continue
+            if not self._allowed(uid, gid):
+                self._refuse(sock, pid, uid)
                 continue
             sock.setblocking(False)
             sess = Session(sock, pid, uid, gid, self.max_frame)
             self.sessions[sess.fd] = sess
             self.ep.register(sess.fd, select.EPOLLIN)
             self.log.debug("client_connected", pid=pid, uid=uid)
+
+    def _accept_back_off(self, err: int) -> None:
+        """accept() failed for want of descriptors or memory. The listener
+        stays readable (level-triggered epoll), so retrying at once would spin:
+        stop watching it for a while, doubling the pause up to a second, and
+        log the first failure (accept_failed) and the recovery (accept_resumed,
+        with the count), not every retry."""
+        self._accept_failures += 1
+        first, longest = _ACCEPT_BACKOFF
+        delay = min(longest, first * (1 << min(self._accept_failures - 1, 10)))
+        self._accept_errors.error("accept_failed", errno.errorcode.get(err, str(err)), error=os.strerror(err),
+                                  clients=len(self.sessions), retry_in_s=delay)
+        if not self._accept_paused:
+            self._accept_paused = True
+            self.ep.modify(self.listener.fileno(), 0)
+            self.add_timer(delay, self._accept_again)
+
+    def _accept_again(self) -> None:
+        self._accept_paused = False
+        if self.listener is not None:
+            self.ep.modify(self.listener.fileno(), select.EPOLLIN)
+
+    def _refuse(self, sock: socket.socket, pid: int, uid: int) -> None:
+        """A user not in [access]: one short reply, then close. The socket is
+        world-connectable, so refusals cost as little as they can: no blocking
+        send, and one client_refused line per user every _REPEAT_LOG_S
+        seconds (with the count since the last one), not one per connection."""
+        self.counters["clients_refused"] += 1
+        who = self._user_names.get(uid)
+        if who is None:
+            who = self._user_names[uid] = _user_name(uid)
+        self._throttled.warning("client_refused", uid, pid=pid, uid=uid, user=who)
+        msg = (f"connect to appliance {self.cfg.name!r}: user {who} (uid {uid}) is not allowed "
+               f"(see [access] in {self.cfg.path})")
+        try:
+            sock.setblocking(False)
+            sock.send(framing.encode(m.err("APL_EACCESS", msg, {"uid": uid})))  # fits an empty buffer
+        except OSError:
+            pass
+        sock.close()
 
     def _allowed(self, uid: int, gid: int) -> bool:
         key = (uid, gid)
@@ -276,6 +390,9 @@ class Controller:
         if msgs:
             sess.inbox.extend(msgs)
             self._pump(sess)
+            if len(sess.inbox) >= _INBOX_PAUSE and not sess.paused and not sess.closed:
+                sess.paused = True
+                self._watch(sess)
 
     def _send(self, sess: Session, reply: list) -> None:
         if sess.closed:
@@ -287,7 +404,7 @@ class Controller:
         if not sess.out:
             if sess.want_write:
                 sess.want_write = False
-                self.ep.modify(sess.fd, select.EPOLLIN)
+                self._watch(sess)
             return
         try:
             n = sess.sock.send(sess.out)
@@ -297,14 +414,18 @@ class Controller:
             self._drop(sess, "send_failed", log=False)
             return
         del sess.out[:n]
-        if sess.out and not sess.want_write:
-            sess.want_write = True
-            self.ep.modify(sess.fd, select.EPOLLIN | select.EPOLLOUT)
-        elif not sess.out and sess.want_write:
-            sess.want_write = False
-            self.ep.modify(sess.fd, select.EPOLLIN)
+        if bool(sess.out) != sess.want_write:
+            sess.want_write = bool(sess.out)
+            self._watch(sess)
         if len(sess.out) > 4 * self.max_frame:
             self._drop(sess, "not_reading_replies")
+
+    def _watch(self, sess: Session) -> None:
+        """Tell epoll what this session waits for: input unless paused, output while replies wait."""
+        mask = (0 if sess.paused else select.EPOLLIN) | (select.EPOLLOUT if sess.want_write else 0)
+        if mask != sess.mask:
+            sess.mask = mask
+            self.ep.modify(sess.fd, mask)
 
     def _drop(self, sess: Session, reason: str, log: bool = True, **kw) -> None:
         if sess.closed:
@@ -339,8 +460,16 @@ class Controller:
     # ------------------------------------------------------------------ requests
 
     def _pump(self, sess: Session) -> None:
-        while sess.inbox and sess.gen is None and not sess.closed:
-            req = sess.inbox.popleft()
+        """Start the session's queued requests, in order, until one waits; at
+        most _PUMP_BATCH this turn (the rest go on next turn)."""
+        budget = _PUMP_BATCH
+        inbox = sess.inbox
+        while inbox and sess.gen is None and not sess.closed:
+            if not budget:
+                self._yielded.append((sess, None, 0, None, None))
+                return
+            budget -= 1
+            req = inbox.popleft()
             sess.requests += 1
             if type(req) is not list or not req or type(req[0]) is not int:
                 self._send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
@@ -353,15 +482,17 @@ class Controller:
                     if self._fast_atomic(sess, req):
                         continue
                 except Exception as e:  # a bug: report it, undo, keep serving
-                    self.log.exception("request_failed")
+                    self._bugs.error("request_failed", _failure_kind(e), error=_describe(e), exc_info=True)
                     sess.gen = None
                     if sess.txn is not None and sess.txn.state in ("open", "committing"):
                         sess.txn.state = "open"
                         self._cancel(sess.txn, "internal_error")
                     self._send(sess, m.err("APL_EINVAL", f"internal error: {type(e).__name__}: {e}"))
                     continue
-            gen = self._handle(sess, req)
-            self._step(sess, gen, None, None)
+            self._step(sess, self._handle(sess, req), None, None)
+        if sess.paused and len(inbox) < _INBOX_PAUSE // 2 and not sess.closed:
+            sess.paused = False
+            self._watch(sess)
 
     def _one_way(self, sess: Session, req: list) -> None:
         """A request with no reply (OP_ACKED) from an agent's session: refused
@@ -375,39 +506,46 @@ class Controller:
         if self.sync.waiting:
             self._release_backed_up()
 
-    def _step(self, sess: Session, gen, value, exc) -> None:
-        """Advance a request coroutine until it finishes or waits."""
+    def _step(self, sess: Session, gen, value, exc) -> bool:
+        """Advance a request coroutine until it finishes (True: the session may
+        start its next request) or waits (False)."""
         try:
             cmd = gen.throw(exc) if exc is not None else gen.send(value)
         except StopIteration as stop:
             sess.gen = None
+            sess.idle_ns = time.monotonic_ns()
             self._send(sess, m.ok(stop.value))
-            self._pump(sess)
-            return
+            return True
         except errors.ApplianceError as e:
             sess.gen = None
+            sess.idle_ns = time.monotonic_ns()
             self._send(sess, m.err(e.code, e.message, _plain(e.details)))
-            self._pump(sess)
-            return
+            return True
         except Exception as e:  # a bug: report it and keep serving
             sess.gen = None
-            self.log.exception("request_failed")
+            sess.idle_ns = time.monotonic_ns()
+            self._bugs.error("request_failed", _failure_kind(e), error=_describe(e), exc_info=True)
             if sess.txn is not None and sess.txn.state == "open":
                 self._cancel(sess.txn, "internal_error")
             self._send(sess, m.err("APL_EINVAL", f"internal error: {type(e).__name__}: {e}"))
-            self._pump(sess)
-            return
+            return True
         sess.gen = gen
+        sess.waits += 1
         if cmd is _WAIT_COMMIT:
             self.commit_queue.append((sess, sess.txn))
         elif cmd is _WAIT_WATCH:
             self.watchers.add(sess)
+        elif cmd is _YIELD:
+            self._yielded.append((sess, gen, sess.waits, None, None))
+        return False
 
     def _resume(self, sess: Session, value=None, exc=None) -> None:
+        """Queue the waiting request of `sess` to go on with `value` (or `exc`
+        thrown in); it runs from the loop (_run_ready), not from the caller."""
         gen = sess.gen
         if gen is None or gen is _FAST or sess.closed:
             return
-        self._step(sess, gen, value, exc)
+        self._ready.append((sess, gen, sess.waits, value, exc))
 
     def _handle(self, sess: Session, req: list):
         op = req[0]
@@ -495,6 +633,12 @@ class Controller:
 
     def _open_txn(self, sess: Session) -> Txn:
         txn = sess.txn
+        if txn is not None and txn.state == "cancelled" and txn.reason == "idle_timeout":
+            sess.txn = None   # said once; the next statement needs a new transaction
+            raise errors.TransactionCancelledError(
+                f"transaction {txn.number} was cancelled: it stayed open with no request for more than "
+                f"{self.cfg.controller.idle_timeout:g} s (controller.idle_timeout); its locks were released",
+                txn=txn.number)
         if txn is None or txn.state != "open":
             raise errors.TransactionStateError("no transaction is open on this connection (begin one first)")
         return txn
@@ -503,6 +647,7 @@ class Controller:
         if txn.state not in ("open",):
             return
         txn.state = "cancelled"
+        txn.reason = reason
         txn.changes.clear()
         self.active.pop(txn.number, None)
         self.counters["cancelled"] += 1
@@ -720,6 +865,11 @@ class Controller:
         return out
 
     def _load(self, sess: Session, args: list):
+        """Insert records as one transaction. At most controller.max_load_records
+        per request (the client library splits bigger loads); every
+        _LOAD_CHUNK records the load lets the other sessions run (_YIELD).
+        Nothing reaches shared memory before its commit, so the records stay
+        invisible until then."""
         durability = self.sync.check_durability(args[2] if len(args) == 3 else None)
         args = args[:2]
         _arity(args, 2, "load")
@@ -729,12 +879,22 @@ class Controller:
         recs = args[1]
         if not isinstance(recs, list):
             raise errors.ProtocolError("load: records must be a list")
+        if len(recs) > self.max_load:
+            raise errors.LimitError(
+                f"load {t.name}: {len(recs)} records in one request; at most {self.max_load} "
+                f"(controller.max_load_records in {self.cfg.path}): send them in several",
+                table=t.name, records=len(recs), limit=self.max_load)
         txn = self._begin(sess, "load", {"table": t.name, "records": len(recs)})
         prepare, apply_stmt, locks, file = self._prepare, self._apply_stmt, self.locks, t.file
         args = [t.name, None]
         i = 0
         try:
             for i, rec in enumerate(recs):
+                if i and not i % _LOAD_CHUNK:
+                    yield _YIELD
+                    if sess.closed or txn.state != "open":
+                        raise errors.TransactionCancelledError(f"load {t.name}: transaction {txn.number} "
+                                                               "was cancelled")
                 args[1] = rec
                 p = prepare(m.OP_INSERT, args)
                 lk = (file, p[3])
@@ -828,7 +988,8 @@ class Controller:
                 self._send(sess, m.ok(result))
             else:
                 self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
-            self._pump(sess)
+            if sess.inbox:
+                self._ready.append((sess, None, 0, None, None))
         elif exc is None:
             self._resume(sess, result)
         else:
@@ -1073,7 +1234,27 @@ class Controller:
 
     # ------------------------------------------------------------------ housekeeping
 
+    def cancel_idle(self) -> None:
+        """Cancel the open transactions whose client sent nothing for
+        controller.idle_timeout (their locks would otherwise be held for as
+        long as the client likes); the client's next statement is told why."""
+        if not self.idle_timeout_ns:
+            return
+        now = time.monotonic_ns()
+        for txn in list(self.active.values()):
+            sess = txn.session
+            if txn.state != "open" or sess is None or sess.gen is not None or sess.inbox:
+                continue   # a request of its is running or waiting (a lock wait has its own timeout)
+            idle = now - sess.idle_ns
+            if idle > self.idle_timeout_ns:
+                self._cancel(txn, "idle_timeout")
+                self.counters["idle_cancelled"] += 1
+                self._throttled.warning("txn_idle_cancelled", None, txn=txn.number, pid=sess.pid,
+                                       uid=sess.uid, idle_s=round(idle / 1e9, 1),
+                                       total=self.counters["idle_cancelled"])
+
     def housekeeping(self) -> None:
+        self.cancel_idle()
         if self.sync.waiting:
             self.sync.tick()
             self._release_backed_up()
@@ -1115,6 +1296,7 @@ class Controller:
                              "cancelled": self.counters["cancelled"], "deadlocks": self.counters["deadlocks"],
                              "lock_timeouts": self.counters["lock_timeouts"], "last_txn": pub.pb_txn,
                              "next_txn": sb.sb_txn_next, "locks_held": len(self.locks),
+                             "idle_cancelled": self.counters["idle_cancelled"],
                              "batches": self.counters["batches"]},
             "readers": {"active": st["readers_active"], "oldest_pin": st["oldest_pin"]},
             "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"],
@@ -1150,6 +1332,67 @@ def _plain(details: dict) -> dict:
     for k, v in details.items():
         out[k] = v if isinstance(v, (int, float, str, bytes, bool, type(None))) else repr(v)
     return out
+
+
+def _failure_kind(e: BaseException) -> tuple:
+    """What makes two failures "the same" for logging once: the exception's
+    type and the line it was raised at."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
+    return (type(e).__name__, where)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def check_socket_free(cfg: Config) -> None:
+    """Refuse to take over controller.socket while a live controller listens
+    there (the ControllerLock keeps two controllers of one appliance apart, so
+    it is another appliance's, configured with the same path). A socket
+    nobody listens on (left by a killed controller) is stale and may be
+    replaced; a path that is not a socket is never removed."""
+    path = cfg.socket_path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise errors.BusyError(f"{cfg.path}: controller.socket {path} exists and is not a socket; "
+                               "refusing to replace it", socket=str(path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    other: dict = {}
+    try:
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return   # stale: nobody listens
+        except OSError:
+            pass     # connect timed out (a full backlog) or was denied: someone holds it
+        else:
+            other = _hello(s)
+        who = f"appliance {other['name']!r}, controller pid {other.get('pid', '?')}" if other.get("name") \
+            else "another appliance"
+        raise errors.BusyError(
+            f"{cfg.path}: controller.socket {path} is the socket of a running controller ({who}); "
+            f"give each appliance its own socket", socket=str(path), other=str(other.get("name", "")))
+    finally:
+        s.close()
+
+
+def _hello(s: socket.socket) -> dict:
+    """The HELLO reply of whoever listens on `s` ({} if it says nothing usable)."""
+    try:
+        s.sendall(framing.encode([m.OP_HELLO, m.PROTOCOL_VERSION, "appliance-controller-start"]))
+        reply = framing.FrameReader(s).read()
+    except (OSError, EOFError, errors.ApplianceError):
+        return {}
+    if type(reply) is list and len(reply) == 2 and reply[0] == m.OK and isinstance(reply[1], dict):
+        return reply[1]
+    return {}
 
 
 def _user_name(uid: int) -> str:

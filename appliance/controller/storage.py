@@ -7,22 +7,25 @@ refuses segments made for another layout rather than reinterpret them.
 """
 from __future__ import annotations
 
+import json
+import os
+
 from .. import errors
 from .._native import lib
-from ..config import Config
-from ..store.segment import Attachment, Geometry, SegmentNames, exists, unlink_all
+from ..config import Config, layout_differences
+from ..store.segment import SHM_DIR, Attachment, Geometry, SegmentNames, exists, unlink_all
 from ..store.writer import FileSpec, Writer
 
 __all__ = ["open_or_create", "geometry"]
 
 
-def geometry(cfg: Config) -> Geometry:
+def geometry(cfg: Config, layout_len: int = 0) -> Geometry:
     s = cfg.storage
     compressed = cfg.compressed
     max_blocks = s.max_blocks or (s.segments * s.segment_size // s.block_size * 4 if compressed else 0)
     return Geometry(block_size=s.block_size, nsegments=s.segments, segment_size=s.segment_size,
                     nfiles=len(cfg.files()), max_overflow=s.max_overflow, nreaders=s.max_readers,
-                    log_size=s.log_size, compressed=compressed, max_blocks=max_blocks)
+                    log_size=s.log_size, compressed=compressed, max_blocks=max_blocks, layout_len=layout_len)
 
 
 def _file_specs(cfg: Config) -> list[FileSpec]:
@@ -42,24 +45,20 @@ def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
     names = SegmentNames(cfg.name, s.segments)
     reserve = cfg.controller.reserve_blocks
     if exists(names.meta):
-        att = Attachment(cfg.name, writable=True)
+        att = Attachment(cfg.name, writable=True, mode=s.mode_bits)
         sb = att.sb
-        mismatch = []
-        if sb.sb_schema_hash != cfg.schema_hash():
-            mismatch.append("tables or storage settings")
-        if sb.sb_block_size != s.block_size or sb.sb_nsegments != s.segments:
-            mismatch.append("block_size/segments")
         if sb.sb_version == 0:
             # a create that never finished: nothing was ever committed
             att.close()
             unlink_all(cfg.name, s.segments)
             log.warning("segments_incomplete_recreated", appliance=cfg.name)
-        elif mismatch:
+        elif sb.sb_schema_hash != cfg.schema_hash() or sb.sb_nsegments != s.segments:
+            differ = _differences(att, cfg)
             att.close()
             raise errors.FormatError(
                 f"{cfg.path}: appliance {cfg.name!r} already exists in shared memory with a different "
-                f"layout ({', '.join(mismatch)} changed). Restore the previous configuration, or delete "
-                f"its data with `appliance destroy --config {cfg.path}`.", appliance=cfg.name)
+                f"layout ({differ}). Restore the previous configuration, or delete its data with "
+                f"`appliance destroy --config {cfg.path}`.", appliance=cfg.name)
         else:
             w = Writer(att, reserve)
             facts = w.recover()
@@ -67,8 +66,43 @@ def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
     else:
         leftovers = [n for n in names.all() if exists(n)]
         if leftovers:
+            for n in leftovers:
+                _check_leftover(n)
             unlink_all(cfg.name, s.segments)
             log.warning("orphan_segments_removed", segments=leftovers)
-    w = Writer.create(cfg.name, geometry(cfg), mode=s.mode_bits, gid=cfg.gid(),
-                      schema_hash=cfg.schema_hash(), files=_file_specs(cfg), reserve_slots=reserve)
+    layout = json.dumps(cfg.layout(), sort_keys=True).encode()
+    w = Writer.create(cfg.name, geometry(cfg, len(layout)), mode=s.mode_bits, gid=cfg.gid(),
+                      schema_hash=cfg.schema_hash(), files=_file_specs(cfg), reserve_slots=reserve,
+                      layout=layout)
     return w, {}, True
+
+
+def _differences(att: Attachment, cfg: Config) -> str:
+    """What differs between the segments and the configuration, by setting."""
+    recorded = att.layout()
+    if recorded is not None:
+        lines = layout_differences(recorded, cfg.layout())
+        if lines:
+            return "; ".join(lines)
+    sb = att.sb
+    lines = [f"storage.{k}: {a} in shared memory, {b} in the config" for k, a, b in (
+        ("block_size", sb.sb_block_size, cfg.storage.block_size),
+        ("segments", sb.sb_nsegments, cfg.storage.segments),
+        ("max_overflow", sb.sb_max_overflow, cfg.storage.max_overflow),
+        ("max_readers", sb.sb_nreaders, cfg.storage.max_readers),
+        ("log_size", sb.sb_log_size, cfg.storage.log_size)) if a != b]
+    return "; ".join(lines) or "tables or storage settings changed; the segments do not record which"
+
+
+def _check_leftover(name: str) -> None:
+    """Segments of this appliance without its meta: removed and made anew,
+    unless another user made them (then it is not ours to remove)."""
+    try:
+        st = os.stat(SHM_DIR + name)
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        raise errors.AccessDeniedError(
+            f"segment {name} exists without the appliance's meta segment and belongs to uid {st.st_uid}, "
+            f"not to this controller's user (uid {os.geteuid()}); refusing to use or remove it",
+            segment=name, owner=st.st_uid)

@@ -11,11 +11,23 @@ Permissions: created with exactly ``mode`` (fchmod, so the umask does not
 widen or narrow it) and owned by the configured group; the readers segment
 additionally gets group write, because readers record their pins there.
 Clients map meta and devices with PROT_READ only.
+
+Memory is reserved when a segment is created (posix_fallocate; tmpfs
+allocates every page then), and again when the controller attaches to a
+segment with holes: a segment the machine cannot hold fails there, with
+:class:`~appliance.errors.MemoryFullError` naming /dev/shm's size, instead
+of SIGBUS at the first write to a page tmpfs cannot supply. The controller
+attaches only to segments owned by its own user with no wider mode than
+configured (:meth:`Segment.open`'s ``expect``), so a local user cannot
+prepare a segment for it to adopt.
 """
 from __future__ import annotations
 
+import errno
+import json
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 import posix_ipc
@@ -69,13 +81,20 @@ class Segment:
             os.fchmod(shm.fd, mode)
             if gid is not None:
                 os.fchown(shm.fd, -1, gid)
+            _reserve(shm.fd, name, size)
             mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        shm.close_fd()
         return cls(name, mm, size, True)
 
     @classmethod
-    def open(cls, name: str, writable: bool) -> "Segment":
+    def open(cls, name: str, writable: bool, expect: int | None = None) -> "Segment":
+        """Map an existing segment. `expect` (the controller's attach): the
+        widest mode the segment may have; it must also belong to this
+        process's user, and its memory is reserved (holes filled)."""
         try:
             shm = posix_ipc.SharedMemory(name, read_only=not writable)
         except posix_ipc.ExistentialError as exc:
@@ -85,6 +104,9 @@ class Segment:
             raise errors.AccessDeniedError(f"open {name}: permission denied", segment=name) from exc
         try:
             size = shm.size
+            if expect is not None:
+                _check_owner(shm.fd, name, expect)
+                _reserve(shm.fd, name, size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, prot)
         finally:
@@ -103,9 +125,61 @@ class Segment:
             self._mm = None
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _reserve(fd: int, name: str, size: int) -> None:
+    """Give every page of the segment its memory now (a no-op for pages it
+    has), or raise MemoryFullError saying how much /dev/shm can hold."""
+    if os.fstat(fd).st_blocks * 512 >= size:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise
+        try:
+            vfs = os.statvfs(SHM_DIR)
+            room = (f"; {SHM_DIR} holds {_mib(vfs.f_blocks * vfs.f_frsize)} with "
+                    f"{_mib(vfs.f_bavail * vfs.f_frsize)} free")
+        except OSError:
+            room = ""
+        raise errors.MemoryFullError(
+            f"reserve {name}: shared memory cannot hold its {_mib(size)} ({exc.strerror}){room}; "
+            "free memory there, make storage.segment_size or storage.segments smaller, or grow "
+            f"{SHM_DIR} (mount -o remount,size=...)", segment=name, size=size) from None
+
+
+def _check_owner(fd: int, name: str, widest: int) -> None:
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        raise errors.AccessDeniedError(
+            f"attach {name}: the segment belongs to uid {st.st_uid}, not to this controller's user "
+            f"(uid {os.geteuid()}); refusing a segment someone else made. Remove it if it is not the "
+            "appliance's data", segment=name, owner=st.st_uid)
+    if mode & ~widest:
+        raise errors.AccessDeniedError(
+            f"attach {name}: the segment has mode {mode:04o}, wider than the configured "
+            f"{widest:04o} (storage.mode); refusing it. chmod it back if it is the appliance's data",
+            segment=name, mode=f"{mode:04o}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def readers_mode(mode: int) -> int:
+    """The readers segment's mode: readers record their pins there, so whoever
+    may read (the group) must be able to write."""
+    return mode | (0o020 if mode & 0o040 else 0)
+
+
 def exists(name: str) -> bool:
     try:
         posix_ipc.SharedMemory(name).close_fd()
+        return True
+    except posix_ipc.PermissionsError:
         return True
     except posix_ipc.ExistentialError:
         return False
@@ -140,7 +214,7 @@ class Geometry:
 
     def __init__(self, *, block_size: int, nsegments: int, segment_size: int, nfiles: int,
                  max_overflow: int, nreaders: int, log_size: int, compressed: bool = False,
-                 max_blocks: int = 0) -> None:
+                 max_blocks: int = 0, layout_len: int = 0) -> None:
         g = ffi.new("struct apl_geometry *")
         g.block_size = block_size
         g.nsegments = nsegments
@@ -151,6 +225,7 @@ class Geometry:
         g.log_size = log_size
         g.compressed = 1 if compressed else 0
         g.max_blocks_in = max_blocks
+        g.layout_len = layout_len
         check(lib.apl_geometry(g), "geometry")
         self.c = g
 
@@ -162,27 +237,35 @@ class Attachment:
     """A mapped set of an appliance's segments and the C view over them.
 
     ``writable=False`` (clients, the agent): meta and devices read-only, the
-    readers segment read-write. ``writable=True``: the controller.
+    readers segment read-write. ``writable=True``: the controller, which
+    passes the configured ``mode``: every segment must be its own and no
+    wider (see :meth:`Segment.open`).
     """
 
     def __init__(self, appliance_name: str, *, writable: bool, segments: list[Segment] | None = None,
-                 meta: Segment | None = None, readers: Segment | None = None) -> None:
+                 meta: Segment | None = None, readers: Segment | None = None,
+                 mode: int | None = None) -> None:
         self._closed = True   # until the view is open (__del__ then does nothing)
         self.name = appliance_name
         self.writable = writable
         self._segs: list[Segment] = []
         try:
-            self.meta = meta or Segment.open(SegmentNames(appliance_name, 0).meta, writable)
+            self.meta = meta or Segment.open(SegmentNames(appliance_name, 0).meta, writable, mode)
             self._segs.append(self.meta)
             rc = lib.apl_check_meta(self.meta.ptr, self.meta.size)
             check(rc, f"attach {self.meta.name}", segment=self.meta.name)
             self.sb = ffi.cast("struct apl_super *", self.meta.ptr)
             nseg = self.sb.sb_nsegments
             self.names = SegmentNames(appliance_name, nseg)
-            self.readers = readers or Segment.open(self.names.readers, True)
+            self.readers = readers or Segment.open(self.names.readers, True,
+                                                   None if mode is None else readers_mode(mode))
             self._segs.append(self.readers)
-            self.devices = segments or [Segment.open(self.names.device(i), writable) for i in range(nseg)]
-            self._segs.extend(self.devices)
+            self.devices = segments or []
+            for i in range(0 if segments else nseg):
+                self.devices.append(Segment.open(self.names.device(i), writable, mode))
+                self._segs.append(self.devices[-1])
+            if segments:
+                self._segs.extend(self.devices)
             self._dev_ptrs = ffi.new("uint8_t *[]", [d.ptr for d in self.devices])
             self.view = ffi.new("apl_view *")
             seg_size = min(d.size for d in self.devices)
@@ -201,6 +284,19 @@ class Attachment:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def layout(self) -> dict | None:
+        """The layout description recorded when the segments were formatted
+        (Config.layout()), or None when there is none (an older format)."""
+        sb = self.sb
+        if not sb.sb_layout_len:
+            return None
+        raw = bytes(ffi.buffer(self.meta.ptr + sb.sb_layout_off, sb.sb_layout_len))
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def close(self) -> None:
         if self._closed:

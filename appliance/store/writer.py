@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .. import errors
 from .._native import check, ffi, lib
-from .segment import Attachment, Geometry, Segment, SegmentNames, unlink_all
+from .segment import Attachment, Geometry, Segment, SegmentNames, readers_mode, unlink_all
 
 __all__ = ["Writer", "FileSpec", "OpInfo"]
 
@@ -58,15 +58,15 @@ class Writer:
 
     @classmethod
     def create(cls, name: str, geo: Geometry, *, mode: int, gid: int | None, schema_hash: int,
-               files: list[FileSpec], reserve_slots: int) -> "Writer":
-        """Create and format every segment, then the files (published as version 1)."""
+               files: list[FileSpec], reserve_slots: int, layout: bytes = b"") -> "Writer":
+        """Create and format every segment, then the files (published as version 1).
+        `layout` (geo.layout_len bytes) is recorded in meta (Attachment.layout)."""
         names = SegmentNames(name, geo.nsegments)
         made: list[Segment] = []
         try:
             meta = Segment.create(names.meta, geo.meta_size, mode, gid)
             made.append(meta)
-            # readers record their pins here: whoever may read (the group) must be able to write
-            readers = Segment.create(names.readers, geo.readers_size, mode | (0o020 if mode & 0o040 else 0), gid)
+            readers = Segment.create(names.readers, geo.readers_size, readers_mode(mode), gid)
             made.append(readers)
             devs = []
             for i in range(geo.nsegments):
@@ -79,6 +79,11 @@ class Writer:
                 check(lib.apl_format_device(d.ptr, geo.c, instance, i), f"format device {i}")
             check(lib.apl_format_meta(meta.ptr, geo.c, instance, schema_hash, time.time_ns()),
                   "format meta")
+            if len(layout) != geo.layout_len:
+                raise errors.InternalError(f"format meta: layout of {len(layout)} bytes, "
+                                           f"geometry made room for {geo.layout_len}")
+            if layout:
+                ffi.memmove(meta.ptr + geo.layout_off, layout, len(layout))
             att = Attachment(name, writable=True, segments=devs, meta=meta, readers=readers)
         except BaseException:
             for s in made:
