@@ -200,6 +200,7 @@ int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
 int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
                    const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at);
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
+int apl_batch_abort(apl_store *s, struct apl_recovery *r);
 int64_t apl_reclaim(apl_store *s);
 int64_t apl_sweep_readers(apl_store *s);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
