@@ -112,6 +112,7 @@ class Controller:
         self.sync = SyncTracker(cfg.replication if self.role == "primary" else None, log)
         self.agent_state: dict = {}      # what the agent last reported (secondary: its link)
         self.copied: bytearray | None = None   # secondary: blocks copied so far while a copy runs
+        self.needs_copy: str | None = None     # secondary: why the primary's stream was refused
         self.watchers: set = set()
         self.verify_new: list[int] = []
         self.resync_new: list[str] = []
@@ -945,7 +946,8 @@ class Controller:
             applied, source = self._applied_serial()
             return {"name": self.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
                     "role": self.role, "serial": self._published_serial(), "applied": applied,
-                    "source": source, "copying": self.copied is not None}
+                    "source": source, "copying": self.copied is not None,
+                    "needs_copy": self.needs_copy is not None}
         if sess.agent is None:
             raise errors.AccessDeniedError(f"op {op}: only the appliance's replication agent may use it")
         if op == m.OP_WATCH:
@@ -999,6 +1001,9 @@ class Controller:
         if type(source) is not int or type(after) is not int or not isinstance(blob, bytes):
             raise errors.WrongTypeError("apply: expects (source instance, after serial, entries)")
         applied, have = self._applied_serial()
+        if self.needs_copy is not None:
+            raise errors.ProtocolError(f"apply: this secondary refused its primary's stream earlier "
+                                       f"({self.needs_copy}) and waits for a block copy", need_copy=True)
         if have and source != have and self.copied is None:
             raise errors.ProtocolError(f"apply: these changes come from primary instance {source}, "
                                        f"this secondary follows {have}: copy first", need_copy=True)
@@ -1018,14 +1023,34 @@ class Controller:
             self._last_consumed = consumed
             if consumed:
                 wr.set_source(last, source)
-            wr.publish(time.time_ns(), 0)
         except errors.ApplianceError as e:
-            # the batch may hold part of a transaction: never publish it
-            self.log.critical("apply_failed_exiting", error=str(e))
-            os._exit(70)
+            self._refuse_batch(e)
+        wr.publish(time.time_ns(), 0)
         for sess in list(self.watchers):
             self._wake_watcher(sess)
         wr.reclaim()
+
+    def _refuse_batch(self, e: errors.ApplianceError):
+        """The primary's changes failed to apply part-way. The batch may hold
+        part of a transaction, so it is rolled back in-process, never
+        published (Writer.abort: the start-up recovery over the same memory,
+        sound while readers read; see apl_batch_abort). Reads go on at the
+        last published version; this secondary takes no more of the stream
+        until a block copy begins. Raises the refusal for the agent, which
+        asks its primary for that copy."""
+        try:
+            facts = self.writer.abort()
+        except errors.ApplianceError:
+            self.log.critical("apply_rollback_failed_exiting", error=str(e), exc_info=True)
+            os._exit(70)  # the restarted controller rolls the unpublished batch back
+        applied = self._applied_serial()[0]
+        self.copied = None
+        self.needs_copy = f"{e.code}: {e.message}"
+        self.log.error("apply_refused", error=e.message, code=e.code, rolled_back=facts["rolled_back"],
+                       applied=applied)
+        raise errors.error_for(e.code, f"apply refused ({e.message}): nothing of it was applied, serial "
+                                       f"{applied} stays the last applied; this secondary needs a block copy",
+                               need_copy=True, applied=applied)
 
     def _copy(self, phase, source, payload) -> dict:
         """A block copy from the primary ([0079], [0127]): begin, blocks, end."""
@@ -1039,12 +1064,13 @@ class Controller:
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
             self.copied = bytearray((self.att.sb.sb_max_blocks + 7) // 8)
+            self.needs_copy = None
             # the stream continues after `serial`: record it, so entries that follow are not a gap
             self._apply_batch(lambda wr: (1, serial, serial), source)
             self.log.info("copy_started", source=source, blocks=limit, serial=serial)
             return {"copied": 0}
         if self.copied is None:
-            raise errors.ProtocolError("copy: no copy in progress")
+            raise errors.ProtocolError("copy: no copy in progress", need_copy=True)
         if phase == "blocks":
             if not isinstance(payload, bytes):
                 raise errors.WrongTypeError("copy blocks: expects block images (apl_block_images format)")
@@ -1135,6 +1161,7 @@ class Controller:
             applied, source = self._applied_serial()
             return {"role": "secondary", "primary": self.cfg.replication.primary, "applied_serial": applied,
                     "source_instance": source, "copying": self.copied is not None,
+                    "needs_copy": self.needs_copy,
                     "agent": dict(self.agent_state,
                                   attached=any(x.agent for x in self.sessions.values()))}
         return None

@@ -253,6 +253,7 @@ class SecondaryAgent:
                     applier.ctl = ctl
                     applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
                     applier.copying = bool(ctl.info.get("copying"))
+                    applier.need_copy = applier.need_copy or bool(ctl.info.get("needs_copy"))
                 if time.monotonic() - history.last_spill > 5:
                     history.spill()
         finally:

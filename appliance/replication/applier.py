@@ -8,6 +8,11 @@ them to the log history, and reports "backup complete" (ACK) with the serial
 of the last transaction fully applied ([0084], [0117]). A gap is answered
 with NAK; duplicates are ignored. While a block copy runs, ACKs wait until
 it ends: until then "backup complete" would not be true.
+
+When the controller refuses a batch of the stream (it failed to apply part
+way, so the controller rolled it back: see Controller._refuse_batch), the
+applier sends the primary an ERROR saying so and drops the link; its next
+START asks for a block copy ("copy": true), which the relay then runs.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class Applier:
         self.source = ctl.info["source"]
         self.epoch_seen = ctl.info["epoch"]
         self.copying = bool(ctl.info.get("copying"))
+        self.need_copy = bool(ctl.info.get("needs_copy"))   # the next START asks for a block copy
         self.current: link.FrameStream | None = None
         self.state = "waiting for primary"
         self.connected_since: float | None = None
@@ -97,7 +103,7 @@ class Applier:
         if self.history.enabled and self.history.last_serial < resume and instance == self.source:
             resume = self.history.last_serial  # fill the history's gap: applying skips duplicates
         fs.send(rp.message(rp.START, self.epoch_seen, resume,
-                           {"applied": resume, "source": self.source, "copy": self.copying}))
+                           {"applied": resume, "source": self.source, "copy": self.copying or self.need_copy}))
         await fs.drain()
         self.errs.clear()
         self.connected_since = time.time()
@@ -106,7 +112,12 @@ class Applier:
         beat = asyncio.get_running_loop().create_task(self._heartbeats(fs))
         try:
             await self._serve(fs, instance)
-        except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
+        except errors.ApplianceError as exc:
+            if exc.details.get("need_copy") and self.current is fs:
+                self._ask_for_copy(fs, exc)
+            else:
+                self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
+        except (OSError, EOFError, asyncio.TimeoutError) as exc:
             self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
         finally:
             beat.cancel()
@@ -116,6 +127,18 @@ class Applier:
                 self.connected_since = None
                 self.state = "waiting for primary"
             self.history.spill()
+
+    def _ask_for_copy(self, fs: link.FrameStream, exc: errors.ApplianceError) -> None:
+        """The controller refused the stream and rolled the batch back: tell
+        the primary why (ERROR; the link closes after it). It reconnects, and
+        this START asks for a block copy."""
+        self.need_copy = True
+        self.log.error("copy_requested", peer=fs.peer, reason=str(exc), applied=self.applied)
+        try:
+            fs.send(rp.message(rp.ERROR, self.epoch_seen, self.applied, {
+                "code": exc.code, "message": f"secondary {self.cfg.name!r} refused the stream: {exc}"}))
+        except ConnectionError:
+            pass   # the primary is gone already: it asks START again, which asks for the copy
 
     async def _serve(self, fs: link.FrameStream, instance: int) -> None:
         pending = b""
@@ -173,7 +196,7 @@ class Applier:
                     acked = self.applied
             elif kind == rp.COPY_BEGIN:
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
-                self.copying = True
+                self.copying, self.need_copy = True, False
                 self.state = "copying"
                 self.applied = body["serial"]
                 pending = b""

@@ -1,0 +1,142 @@
+"""Replication hardening: what a buggy peer, an unauthenticated one, a down
+secondary or an operator's reload does to a pair of appliances.
+
+Real controllers and agents on loopback. Where a misbehaving peer is needed
+the test process plays it on a raw socket, authenticated with the cluster's
+shared secret when the case needs an authenticated peer (FakePrimary,
+FakeSecondary): the other side is the real product.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+import appliance
+from appliance import errors
+from appliance._native import lib
+from appliance.replication import link
+from appliance.store import changelog
+from appliance.store.reader import Reader
+from appliance.store.segment import Attachment
+from appliance.wire import framing
+from appliance.wire import replication as rp
+from test_backup_store import corrupt_last_count_change
+from test_replication_faults import (agent_events, assert_identical, commit_while_stopped, controller_events,
+                                     in_thread, log_serial, sec_status, wait_for)
+
+pytestmark = pytest.mark.slow
+
+
+# -- peers played by the test ---------------------------------------------------------------------
+
+
+def recv_message(sock: socket.socket, skip=(rp.HEARTBEAT,)) -> tuple:
+    """The next replication message on a blocking socket, heartbeats skipped."""
+    while True:
+        msg = rp.parse(framing.recv_frame(sock))
+        if msg[0] not in skip:
+            return msg
+
+
+class FakePrimary:
+    """The test process as the cluster's primary (its name, instance, epoch,
+    files and the shared secret), connected to one secondary."""
+
+    def __init__(self, c, index: int = 0) -> None:
+        pcfg = c.primary.app.cfg
+        sec = c.secondaries[index]
+        st = c.status()
+        self.instance, self.epoch = st["instance"], st["epoch"]
+        att = Attachment(pcfg.name, writable=False)
+        try:
+            files = link.files_of(att)
+        finally:
+            att.close()
+        secret = pcfg.secret()
+        self.sock = socket.create_connection(("127.0.0.1", c.ports[index]), timeout=10)
+        n_p = rp.nonce()
+        self.send(rp.HELLO, st["log"]["serial"], {
+            "version": rp.PROTOCOL_VERSION, "name": pcfg.name, "instance": self.instance,
+            "fingerprint": pcfg.replication_fingerprint(), "files": files, "nonce": n_p, "mode": "async"})
+        kind, _, _, _, ch = recv_message(self.sock)
+        assert kind == rp.CHALLENGE, (kind, ch)
+        self.send(rp.AUTH, 0, {"mac": rp.mac(secret, "primary", ch["nonce"], n_p, pcfg.name, sec.name)})
+        kind, _, _, _, self.start = recv_message(self.sock)
+        assert kind == rp.START, (kind, self.start)
+
+    def send(self, kind: int, serial: int, body) -> None:
+        framing.send_frames(self.sock, [rp.message(kind, self.epoch, serial, body)])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def log_after(c, serial: int) -> bytes:
+    """The primary's change-log entries after `serial`, as its log stores them."""
+    att = Attachment(c.primary.name, writable=False)
+    try:
+        reader = Reader(att)
+        b = changelog.bounds(reader)
+        return b"".join(e.raw for e in changelog.read_entries(reader, b["tail"])
+                        if e.serial > serial and e.kind != lib.APL_CE_PAD)
+    finally:
+        att.close()
+
+
+# -- R5: an apply error ---------------------------------------------------------------------------
+
+
+class TestApplyRefused:
+    def test_bad_batch_is_rolled_back_and_the_secondary_is_copied(self, make_cluster):
+        """An authenticated primary sends a transaction whose last change names no file: the
+        secondary's controller rolls the batch back (the update before it never shows), keeps
+        serving reads, shows it needs a copy, and its agent tells the primary and asks for a
+        block copy; the real primary's agent then copies it back to identical."""
+        c = make_cluster(secondaries=(("async", ""),)).start()
+        sec = c.secondaries[0]
+        db = c.primary.app.connect()
+        acc = db.table("accounts")
+        for k in range(1, 30):
+            acc[k] = {"branch": "b%d" % (k % 3), "balance": k}
+        c.wait_caught_up()
+        sdb = sec.app.connect()
+        c.primary.agent.signal(signal.SIGTERM)
+        c.primary.agent.proc.wait(20)
+        applied = sdb.applied_serial()
+        with db.transaction(program="bad") as tx:
+            tx.update("accounts", 1, {"balance": -1})
+            tx.insert("accounts", {"id": 900, "branch": "new", "balance": 9})
+        bad = corrupt_last_count_change(log_after(c, applied))
+        fake = FakePrimary(c)
+        try:
+            assert fake.start["applied"] == applied and not fake.start["copy"]
+            fake.send(rp.ENTRIES, applied + 1, [applied + 1, log_serial(c), bad])
+            try:
+                reply = recv_message(fake.sock)
+            except (EOFError, OSError, errors.ProtocolError) as exc:
+                reply = exc
+        finally:
+            fake.close()
+        try:
+            st = sdb.status()["replication"]
+        except errors.UnavailableError as exc:
+            pytest.fail(f"the secondary's controller is gone after one bad message: {exc}")
+        assert reply[0] == rp.ERROR and reply[4]["code"] == "APL_ECORRUPT" and "copy" in reply[4]["message"], reply
+        sacc = sdb.table("accounts")
+        assert sacc[1] == {"id": 1, "branch": "b1", "balance": 1} and 900 not in sacc   # nothing published
+        assert sdb.applied_serial() == applied
+        assert st["needs_copy"] and "APL_ECORRUPT" in st["needs_copy"], st
+        ev = wait_for(lambda: controller_events(sec, "apply_refused"), 10, "apply_refused")[0]
+        assert ev["rolled_back"] > 0 and ev["applied"] == applied
+        sec.agent.wait_event("copy_requested")
+        c.primary.agent.start()
+        c.primary.agent.wait_event("copy_finished", secondary=sec.name)
+        assert_identical(c, min_records=30)
+        assert sdb.status()["replication"]["needs_copy"] is None
+        assert sacc[1]["balance"] == -1 and sacc[900]["branch"] == "new"
+
