@@ -29,6 +29,10 @@ from test_backup_store import corrupt_last_count_change
 from test_replication_faults import (agent_events, assert_identical, commit_while_stopped, controller_events,
                                      in_thread, log_serial, sec_status, wait_for)
 
+
+def acked_serial(c, name: str) -> int:
+    return c.status()["replication"]["secondaries"][name]["acked_serial"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -140,3 +144,99 @@ class TestApplyRefused:
         assert sdb.status()["replication"]["needs_copy"] is None
         assert sacc[1]["balance"] == -1 and sacc[900]["branch"] == "new"
 
+
+class FakeSecondary:
+    """The test process as the cluster's secondary `index` (its name and the
+    shared secret), listening where the primary's agent connects."""
+
+    def __init__(self, c, index: int = 0) -> None:
+        self.c = c
+        self.name = c.secondaries[index].name
+        self.secret = c.primary.app.cfg.secret()
+        self.server = socket.create_server(("127.0.0.1", c.ports[index]))
+        self.server.settimeout(20)
+        self.sock: socket.socket | None = None
+
+    def accept(self) -> dict:
+        """Take the primary's connection; returns its HELLO body."""
+        self.sock, _ = self.server.accept()
+        self.sock.settimeout(20)
+        kind, self.epoch, _, _, hello = recv_message(self.sock)
+        assert kind == rp.HELLO, (kind, hello)
+        self.hello = hello
+        return hello
+
+    def authenticate(self, applied: int, source: int) -> None:
+        n_s = rp.nonce()
+        pname = self.c.primary.name
+        self.send(rp.CHALLENGE, 0, {"name": self.name, "nonce": n_s,
+                                    "mac": rp.mac(self.secret, "secondary", self.hello["nonce"], n_s, pname, self.name)})
+        kind, _, _, _, auth = recv_message(self.sock)
+        assert kind == rp.AUTH and rp.mac_ok(rp.mac(self.secret, "primary", n_s, self.hello["nonce"], pname,
+                                                    self.name), auth["mac"]), (kind, auth)
+        self.send(rp.START, applied, {"applied": applied, "source": source, "copy": False})
+
+    def send(self, kind: int, serial: int, body) -> None:
+        framing.send_frames(self.sock, [rp.message(kind, self.epoch, serial, body)])
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.server.close()
+
+
+@pytest.fixture
+def fake_secondary(make_cluster):
+    """A primary (controller and agent) with one synchronous secondary that the test plays."""
+    c = make_cluster(secondaries=(("sync", ""),))
+    fake = FakeSecondary(c)
+    try:
+        c.primary.app.start()
+        c.primary.agent.start()
+        yield c, fake
+    finally:
+        fake.close()
+
+
+# -- R6: acknowledgements beyond what was sent ----------------------------------------------------
+
+
+class TestAckBeyondSent:
+    def test_an_ack_past_the_stream_releases_no_commit(self, fake_secondary):
+        """A secondary that acknowledges a serial its link never carried is credited no further
+        than what was sent (logged); a synchronous commit after it waits for a real ACK."""
+        c, fake = fake_secondary
+        st = c.status()
+        serial = st["log"]["serial"]
+        fake.accept()
+        fake.authenticate(applied=serial, source=st["instance"])
+        c.wait_state(fake.name, "streaming", connected=True)
+        fake.send(rp.ACK, serial + 10 ** 6, {"applied": serial + 10 ** 6})
+        wait_for(lambda: acked_serial(c, fake.name) > serial
+                 or agent_events(c.primary, "secondary_ack_beyond_sent"), 10, "the ACK to be read")
+        assert acked_serial(c, fake.name) == serial, "an ACK beyond the stream was counted"
+        ev = agent_events(c.primary, "secondary_ack_beyond_sent")[0]
+        assert ev["applied"] == serial + 10 ** 6 and ev["sent"] == serial
+        db = c.primary.app.connect()
+        t, out = in_thread(db.table("accounts").__setitem__, 1, {"branch": "a", "balance": 1})
+        kind, _, _, _, body = recv_message(fake.sock)
+        assert kind == rp.ENTRIES
+        last = body[1]
+        wait_for(lambda: c.status()["replication"]["waiting_commits"] == 1, 10, "the commit to wait")
+        assert "result" not in out and acked_serial(c, fake.name) == serial
+        fake.send(rp.ACK, last, {"applied": last})
+        t.join(10)
+        assert not t.is_alive() and "error" not in out, out
+        assert acked_serial(c, fake.name) == last
+
+    def test_a_start_claiming_more_than_the_primary_wrote_is_copied(self, fake_secondary):
+        """A secondary whose START claims a serial past the primary's last one is not credited
+        with it: the primary copies it instead (COPY_BEGIN at the primary's own serial)."""
+        c, fake = fake_secondary
+        st = c.status()
+        serial = st["log"]["serial"]
+        fake.accept()
+        fake.authenticate(applied=serial + 500, source=st["instance"])
+        kind, _, _, _, body = recv_message(fake.sock)
+        assert kind == rp.COPY_BEGIN and body["serial"] == serial, (kind, body)
+        assert acked_serial(c, fake.name) == 0

@@ -46,6 +46,7 @@ class Applier:
         self.copying = bool(ctl.info.get("copying"))
         self.need_copy = bool(ctl.info.get("needs_copy"))   # the next START asks for a block copy
         self.current: link.FrameStream | None = None
+        self.carried = 0    # the last serial the current link carried: no ACK names more (the relay caps too)
         self.state = "waiting for primary"
         self.connected_since: float | None = None
         self.last_message = 0.0
@@ -106,6 +107,7 @@ class Applier:
                            {"applied": resume, "source": self.source, "copy": self.copying or self.need_copy}))
         await fs.drain()
         self.errs.clear()
+        self.carried = resume
         self.connected_since = time.time()
         self.state = "streaming"
         self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
@@ -159,6 +161,7 @@ class Applier:
                     await fut
                 copy_calls.clear()
                 first, last, blob = body
+                self.carried = max(self.carried, last)
                 expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
                 if first > expect:
                     self.log.warning("gap_detected", expected=expect, got=first)
@@ -183,6 +186,7 @@ class Applier:
                     self.history.append(b2[2])
                     pending += b2[2]
                     last = max(last, b2[1])
+                    self.carried = max(self.carried, last)
                 r = await self.ctl.call([m.OP_APPLY, instance, self.applied, pending])
                 pending = pending[r["consumed"]:]
                 if r["applied"] > self.applied:
@@ -190,15 +194,15 @@ class Applier:
                     self.source = instance
                 # acknowledge whatever is applied and not yet acknowledged on this link
                 # (after a reconnect everything resent may be a duplicate: ACK anyway)
-                if not self.copying and self.applied > acked:
-                    fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
+                if not self.copying and self._ack_serial() > acked:
+                    acked = self._ack_serial()
+                    fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked}))
                     await fs.drain()
-                    acked = self.applied
             elif kind == rp.COPY_BEGIN:
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
                 self.copying, self.need_copy = True, False
                 self.state = "copying"
-                self.applied = body["serial"]
+                self.applied = self.carried = body["serial"]
                 pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
             elif kind == rp.COPY_BLOCKS:
@@ -215,12 +219,13 @@ class Applier:
                 self.copying = False
                 self.state = "streaming"
                 self.applied, self.source = r["applied"], instance
+                self.carried = max(self.carried, self.applied)
                 fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
                 await fs.drain()
                 acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
             elif kind == rp.HEARTBEAT:
-                applied = self.applied if not self.copying else 0   # no "backup complete" mid-copy
+                applied = self._ack_serial() if not self.copying else 0   # no "backup complete" mid-copy
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
                 await fs.drain()
             elif kind == rp.VERIFY:
@@ -228,13 +233,20 @@ class Applier:
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
 
+    def _ack_serial(self) -> int:
+        """What an acknowledgement on the current link says is applied: the
+        last serial applied, but never past what this link carried (after a
+        resume from the log history's end the link resends serials applied
+        before: what was applied past them is acknowledged as they arrive)."""
+        return min(self.applied, self.carried)
+
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
         (the primary drops a link it has not heard from)."""
         hb = self.cfg.replication.heartbeat
         while True:
             await asyncio.sleep(hb)
-            applied = self.applied if not self.copying else 0
+            applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
             except ConnectionError:

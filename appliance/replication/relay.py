@@ -14,7 +14,10 @@ copy will carry them ([0130]).
 Reading ACKs and writing the stream are separate tasks (the writer never
 waits on the reader). Each ACK moves the secondary's acknowledged serial,
 which the agent reports to the controller, which releases synchronous
-commits waiting for it.
+commits waiting for it. An acknowledgement never counts beyond the last
+serial sent on that link (`sent`: both tasks run on the agent's one loop),
+and a START that claims more than this primary ever wrote gets a copy: a
+broken secondary cannot release synchronous commits early.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Relay:
         self.name = sec.name
         self.log = agent.log.bind(secondary=sec.name)
         self.errs = LogOnce(self.log)
+        self.ack_errs = LogOnce(self.log)   # acknowledgements past the stream, once per link
         self.state = "connecting"
         self.connected = False
         self.acked = 0                # last serial the secondary confirmed applied
@@ -118,14 +122,16 @@ class Relay:
             self.connected = True
             self.last_error = None
             self.errs.clear()
+            self.ack_errs.clear()
             self.last_heard = time.monotonic()
             self.log.info("secondary_connected", peer=fs.peer, applied=applied, follows=source)
             need_copy = bool(start.get("copy")) or source != a.instance
             if not need_copy:
-                self.acked = max(self.acked, applied)
                 try:
                     self._seek(applied)
-                except NeedCopy:
+                    self.acked = max(self.acked, applied)
+                except NeedCopy as exc:
+                    self.log.warning("secondary_needs_copy", reason=str(exc))
                     need_copy = True
             reader = asyncio.get_running_loop().create_task(self._read(fs))
             writer = asyncio.get_running_loop().create_task(self._write(fs, need_copy))
@@ -146,7 +152,10 @@ class Relay:
         """Position the stream right after serial `applied`."""
         self.sent_pos.clear()
         b = self.agent.bounds()
-        if applied >= b["serial"]:
+        if applied > b["serial"]:
+            raise NeedCopy(f"the secondary says it applied serial {applied}, past this primary's "
+                           f"last serial {b['serial']}")
+        if applied == b["serial"]:
             self.pos, self.sent, self.acked_pos = b["head"], applied, b["head"]
             return
         rc = lib.apl_log_seek(self.agent.reader.view, applied + 1, self._pos)
@@ -293,6 +302,12 @@ class Relay:
     # -- reading ACKs --------------------------------------------------------------------
 
     def _acked(self, applied: int) -> None:
+        if applied > self.sent:
+            # nothing past `sent` went out on this link: the secondary cannot have applied it
+            self.ack_errs.error("secondary_ack_beyond_sent", "beyond_sent", applied=applied, sent=self.sent)
+            if self.sent <= self.acked:
+                return
+            applied = self.sent
         self.acked = applied
         while self.sent_pos and self.sent_pos[0][0] <= applied:
             self.acked_pos = self.sent_pos.popleft()[1]
