@@ -240,3 +240,38 @@ class TestAckBeyondSent:
         kind, _, _, _, body = recv_message(fake.sock)
         assert kind == rp.COPY_BEGIN and body["serial"] == serial, (kind, body)
         assert acked_serial(c, fake.name) == 0
+
+
+# -- A5: what an unauthenticated peer can make an agent hold --------------------------------------
+
+
+class TestHandshakeFrameLimit:
+    def test_secondary_drops_a_large_frame_before_authentication(self, make_cluster):
+        """A peer that has not authenticated announces a 200 MiB frame on the secondary's listen
+        port: the agent drops the connection at the length prefix (it never buffers toward it),
+        says why, and keeps replicating."""
+        c = make_cluster(secondaries=(("async", ""),)).start()
+        sec = c.secondaries[0]
+        with socket.create_connection(("127.0.0.1", c.ports[0]), timeout=5) as s:
+            s.sendall(struct.pack("<IB", 200 << 20, framing.VERSION) + b"\0" * 4096)
+            try:
+                closed = s.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            except socket.timeout:
+                closed = False
+        assert closed, "the secondary's agent kept reading a 200 MiB frame from an unauthenticated peer"
+        ev = sec.agent.wait_event("primary_refused")
+        assert "exceeds the limit of 65536" in ev["error"], ev
+        c.primary.app.connect().table("accounts")[1] = {"branch": "a", "balance": 1}
+        assert_identical(c)
+
+    def test_primary_drops_a_large_frame_from_an_unauthenticated_secondary(self, fake_secondary):
+        """Whatever listens at a secondary's address must authenticate before the primary's relay
+        takes a frame over 64 KiB from it."""
+        c, fake = fake_secondary
+        fake.accept()
+        fake.sock.sendall(struct.pack("<IB", 100 << 20, framing.VERSION) + b"\0" * 4096)
+        ev = wait_for(lambda: agent_events(c.primary, "secondary_link_failed"), 20, "secondary_link_failed")[0]
+        assert "exceeds the limit of 65536" in ev["error"], ev
+

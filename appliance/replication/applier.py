@@ -86,7 +86,7 @@ class Applier:
         await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _accept(self, reader, writer) -> None:
-        fs = link.FrameStream(reader, writer)
+        fs = link.FrameStream(reader, writer, max_frame=link.HANDSHAKE_MAX_FRAME)
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
                                                           epoch_seen=self.epoch_seen)
