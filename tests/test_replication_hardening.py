@@ -275,3 +275,59 @@ class TestHandshakeFrameLimit:
         ev = wait_for(lambda: agent_events(c.primary, "secondary_link_failed"), 20, "secondary_link_failed")[0]
         assert "exceeds the limit of 65536" in ev["error"], ev
 
+
+# -- N1: what the agents log ----------------------------------------------------------------------
+
+
+def non_json_lines(proc) -> list[str]:
+    """Lines of a process's output that are not structured events (tracebacks and the like)."""
+    import json
+    out = []
+    for line in proc.log().splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            out.append(line)
+    return out
+
+
+class TestAgentLogs:
+    def test_sigterm_stops_both_agents_with_events_only(self, make_cluster):
+        """SIGTERM to a streaming primary agent and to its secondaries' agents: each exits 0 and
+        writes nothing but structured events (no asyncio traceback)."""
+        c = make_cluster(secondaries=(("sync", ""), ("async", ""))).start()
+        c.primary.app.connect().table("accounts")[1] = {"branch": "a", "balance": 1}
+        c.wait_caught_up()
+        for node in c.nodes:
+            node.agent.signal(signal.SIGTERM)
+        for node in c.nodes:
+            assert node.agent.proc.wait(20) == 0, node.agent.log()[-2000:]
+            assert node.agent.wait_event("agent_stopping")
+            assert non_json_lines(node.agent) == [], f"{node.name}'s agent wrote:\n" + "\n".join(
+                non_json_lines(node.agent)[:40])
+
+    def test_waiting_for_the_controller_names_its_socket(self, make_cluster):
+        """An agent started before its controller logs once that it waits, naming the socket, then
+        attaches when the controller comes up."""
+        c = make_cluster(secondaries=(("async", ""),))
+        sec = c.secondaries[0]
+        sec.agent.start(wait=False)
+        ev = sec.agent.wait_event("controller_unavailable_waiting")
+        path = str(sec.app.cfg.socket_path)
+        assert ev["socket"] == path and path in ev["error"], ev
+        sec.app.start()
+        sec.agent.wait_event("agent_started")
+        assert len(agent_events(sec, "controller_unavailable_waiting")) == 1
+
+    def test_a_down_secondary_is_logged_once(self, make_cluster):
+        """While a secondary stays down the relay retries (status counts the attempts) but logs
+        the failure and the state change once, not at every attempt."""
+        c = make_cluster(secondaries=(("async", ""),)).start()
+        sec = c.secondaries[0]
+        sec.agent.kill()
+        wait_for(lambda: c.status()["replication"]["secondaries"][sec.name]["attempts"] >= 5, 30, "five attempts")
+        failed = agent_events(c.primary, "secondary_link_failed", secondary=sec.name)
+        changes = agent_events(c.primary, "relay_state_changed", secondary=sec.name)
+        after = [e for e in changes if e["timestamp"] >= failed[0]["timestamp"]]
+        assert len(failed) <= 2, failed            # the link's end, then the refused connects
+        assert [(e["from"], e["to"]) for e in after] == [("streaming", "disconnected")], after

@@ -174,6 +174,7 @@ class SyncTracker:
                 "lag": lag,
                 "copy": st.get("copy"),
                 "copies": st.get("copies", 0),
+                "attempts": st.get("attempts", 0),   # connection attempts failed since the link was up
                 "warning": st.get("warning"),
                 "error": st.get("error"),
             }

@@ -26,6 +26,7 @@ import time
 
 from .. import errors
 from .._os import logs, sdnotify
+from .._os.lifecycle import cancel_and_wait
 from ..config import Config
 from ..store.reader import Reader
 from ..store.segment import Attachment
@@ -51,18 +52,21 @@ def _run_loop(coro) -> None:
 
 
 async def _connect_controller(cfg: Config, role: str, log) -> link.ControlLink:
-    """Attach to the controller as its agent, waiting for it to be up."""
-    logged = False
+    """Attach to the controller as its agent, waiting for it to be up
+    (logged once, naming the socket; again when the reason changes)."""
+    path = str(cfg.socket_path)
+    logged = None
     while True:
-        ctl = link.ControlLink(str(cfg.socket_path), f"agent:{role}")
+        ctl = link.ControlLink(path, f"agent:{role}")
         try:
             await ctl.connect(role)
             return ctl
         except (OSError, errors.UnavailableError) as exc:
             ctl.close()
-            if not logged:
-                log.warning("controller_unavailable_waiting", error=str(exc) or type(exc).__name__)
-                logged = True
+            if type(exc) is not logged:
+                logged = type(exc)
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or logged.__name__)
+                log.warning("controller_unavailable_waiting", socket=path, error=f"controller socket {path}: {why}")
             await asyncio.sleep(0.2)
         except errors.ApplianceError:
             ctl.close()
@@ -144,8 +148,7 @@ class PrimaryAgent:
                 if t.exception():
                     raise t.exception()
         finally:
-            for t in tasks:
-                t.cancel()
+            await cancel_and_wait([*tasks, *self.verify_tasks])
 
     async def _watch(self) -> None:
         """Long-poll the controller for newly published log entries."""

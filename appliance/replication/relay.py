@@ -27,6 +27,7 @@ from collections import deque
 
 from .. import errors
 from .._native import ffi, lib
+from .._os.lifecycle import cancel_and_wait
 from .._os.logs import LogOnce
 from ..wire import replication as rp
 from . import link
@@ -60,6 +61,7 @@ class Relay:
         self.acked_pos = 0
         self.copy: dict | None = None  # progress while copying
         self.last_error: str | None = None
+        self.attempts = 0             # connection attempts failed since the link was last up
         self.warning: str | None = None
         self.last_heard = 0.0
         self.wake = asyncio.Event()
@@ -85,11 +87,15 @@ class Relay:
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
-                "warning": self.warning}
+                "warning": self.warning, "attempts": self.attempts}
 
     # -- the connection loop ------------------------------------------------------------
 
     async def run(self) -> None:
+        """Connect, stream, and reconnect with backoff (up to 2 s). A
+        secondary that stays down is logged once (secondary_link_failed, and
+        the state's change to "disconnected"), not per attempt: status counts
+        the attempts."""
         backoff = 0.05
         while True:
             try:
@@ -99,8 +105,10 @@ class Relay:
                 raise
             except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError, NeedCopy) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if not self.connected:
+                    self.attempts += 1
                 self.errs.error("secondary_link_failed", f"{type(exc).__name__}:{getattr(exc, 'code', '')}",
-                                error=str(exc) or type(exc).__name__)
+                                error=str(exc) or type(exc).__name__, attempts=self.attempts)
             finally:
                 if self.connected:
                     self.connected = False
@@ -110,7 +118,8 @@ class Relay:
             backoff = min(backoff * 2, 2.0)
 
     async def _session(self) -> None:
-        self.set_state("connecting")
+        if self.state != "disconnected":   # retries stay "disconnected" until the link is up
+            self.set_state("connecting")
         fs = await link.connect_peer(self.sec.address, self.agent.tls)
         try:
             a = self.agent
@@ -121,6 +130,7 @@ class Relay:
                 raise errors.ProtocolError(f"{fs.peer}: malformed START")
             self.connected = True
             self.last_error = None
+            self.attempts = 0
             self.errs.clear()
             self.ack_errs.clear()
             self.last_heard = time.monotonic()
@@ -133,11 +143,12 @@ class Relay:
                 except NeedCopy as exc:
                     self.log.warning("secondary_needs_copy", reason=str(exc))
                     need_copy = True
-            reader = asyncio.get_running_loop().create_task(self._read(fs))
-            writer = asyncio.get_running_loop().create_task(self._write(fs, need_copy))
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (reader, writer):
-                t.cancel()
+            tasks = (asyncio.get_running_loop().create_task(self._read(fs)),
+                     asyncio.get_running_loop().create_task(self._write(fs, need_copy)))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait(tasks)   # also when the agent stops: no task is left to fail alone
             for t in done:
                 exc = t.exception()
                 if exc is not None:
