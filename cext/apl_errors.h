@@ -45,7 +45,8 @@
     _(APL_EBUSY,           -31114, "resource busy") \
     _(APL_EUNKNOWN,        -31115, "commit outcome unknown: the controller stopped before answering") \
     _(APL_EREADONLY,       -31116, "this appliance is a secondary: read-only") \
-    _(APL_ENOREAD,         -31117, "this secondary keeps lz4 backup blocks and serves no reads")
+    _(APL_ENOREAD,         -31117, "this secondary keeps lz4 backup blocks and serves no reads") \
+    _(APL_EBACKUP,         -31118, "committed locally; its synchronous backup was not confirmed in time")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

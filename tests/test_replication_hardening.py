@@ -92,6 +92,100 @@ def log_after(c, serial: int) -> bytes:
         att.close()
 
 
+# -- A4: a synchronous commit whose backup does not come ------------------------------------------
+
+
+@pytest.fixture
+def blocked(make_cluster):
+    """A primary with one synchronous secondary ("block": the default policy) whose agent is
+    stopped (SIGSTOP) for the test, resumed afterwards: (cluster, secondary)."""
+    c = make_cluster(secondaries=(("sync", ""),)).start()
+    with c.primary.app.connect() as db:
+        db.table("accounts")[2] = {"branch": "a", "balance": 1}
+    sec = c.secondaries[0]
+    sec.agent.signal(signal.SIGSTOP)
+    try:
+        yield c, sec
+    finally:
+        sec.agent.signal(signal.SIGCONT)
+
+
+def waiting(c) -> list[dict]:
+    return c.status()["replication"]["waiting"]
+
+
+class TestCommitTimeout:
+    def test_backup_timeout_is_not_a_retryable_error(self):
+        """BackupTimeoutError is neither UnavailableError nor TransactionCancelledError: retrying
+        a transaction that committed would do it twice."""
+        assert not issubclass(errors.BackupTimeoutError, (errors.UnavailableError, errors.TransactionCancelledError,
+                                                          ConnectionError, TimeoutError))
+        assert errors.class_for("APL_EBACKUP") is errors.BackupTimeoutError
+
+    def test_the_socket_timeout_never_reports_a_local_commit_as_unreachable(self, blocked):
+        """With the sync secondary down, an autocommit on a client with timeout=2 ends after 2 s with
+        BackupTimeoutError carrying txn and serial (not UnavailableError "not reachable"); the record
+        is committed and visible, stays locked until the backup is confirmed, and status lists the
+        waiting commit; once the secondary resumes the lock goes."""
+        c, sec = blocked
+        db = c.primary.app.connect(timeout=2.0)
+        acc = db.table("accounts")
+        try:
+            acc[2] = {"branch": "b", "balance": 2}
+        except errors.ApplianceError as exc:
+            e = exc
+        else:
+            pytest.fail("the commit returned although its synchronous secondary is stopped")
+        assert type(e).__name__ == "BackupTimeoutError", f"{type(e).__name__}: {e}"
+        assert "committed" in str(e) and "locked" in str(e) and e.details["serial"] > 0, str(e)
+        assert acc[2] == {"id": 2, "branch": "b", "balance": 2}
+        [w] = waiting(c)
+        assert (w["txn"], w["serial"], w["answered"]) == (e.details["txn"], e.details["serial"], True)
+        with pytest.raises(errors.LockTimeoutError):       # the records stay locked ([0104])
+            with db.transaction(durability="local") as tx:
+                tx.update("accounts", 2, {"balance": 3})
+        sec.agent.signal(signal.SIGCONT)
+        wait_for(lambda: not waiting(c), 30, "the backup to be confirmed")
+        with db.transaction(durability="local") as tx:
+            tx.update("accounts", 2, {"balance": 4})
+        assert_identical(c, min_records=1)
+
+    def test_commit_timeout_of_a_transaction(self, blocked):
+        """db.transaction(commit_timeout=S): leaving the block raises BackupTimeoutError after S;
+        the transaction is committed (its result says the backup is pending), not cancelled."""
+        c, sec = blocked
+        db = c.primary.app.connect()
+        t0 = time.monotonic()
+        with pytest.raises(errors.BackupTimeoutError) as err:
+            with db.transaction(program="p", commit_timeout=0.5) as tx:
+                tx.update("accounts", 2, {"balance": 7})
+        assert time.monotonic() - t0 < 20
+        assert tx.state == "committed" and tx.result["backup"] == "pending"
+        assert (tx.result["txn"], tx.result["serial"]) == (err.value.details["txn"], err.value.details["serial"])
+        assert db.table("accounts")[2]["balance"] == 7
+
+    def test_commit_timeout_of_a_connection_covers_autocommits_and_loads(self, blocked):
+        """appliance.connect(commit_timeout=S) bounds every write of that client; both writes wait
+        for their backup (status), each answered once."""
+        c, sec = blocked
+        db = c.primary.app.connect(commit_timeout=0.3)
+        with pytest.raises(errors.BackupTimeoutError):
+            db.table("accounts")[3] = {"branch": "c", "balance": 3}
+        with pytest.raises(errors.BackupTimeoutError):
+            db.load("accounts", [{"id": 10 + i, "branch": "l", "balance": i} for i in range(5)])
+        assert [w["answered"] for w in waiting(c)] == [True, True]
+        assert len(db.table("accounts")) == 7
+
+    @pytest.mark.parametrize("bad", [0, -1, "5", True, float("nan")])
+    def test_a_bad_commit_timeout_is_refused(self, bank, db, bad):
+        """commit_timeout must be a positive number of seconds (or None): anything else is a
+        WrongTypeError at connect() or transaction(), before anything is sent."""
+        with pytest.raises(errors.WrongTypeError, match="commit_timeout"):
+            appliance.connect(bank.config, commit_timeout=bad)
+        with pytest.raises(errors.WrongTypeError, match="commit_timeout"):
+            db.transaction(commit_timeout=bad)
+
+
 # -- R5: an apply error ---------------------------------------------------------------------------
 
 

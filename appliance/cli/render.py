@@ -69,6 +69,9 @@ def status(st: dict) -> None:
                       "yes" if x["healthy"] else "no", str(x["acked_serial"]), str(lag["transactions"]),
                       _size(lag.get("bytes", 0)), f"{lag['seconds']:.3f}", note)
         console.print(t)
+        for w in rep.get("waiting", ())[:5]:
+            console.print(f"awaiting backup: transaction {w['txn']} (serial {w['serial']}) for {w['waiting_s']:.1f} s, "
+                          f"from {', '.join(w['waiting_for']) or '-'}" + ("; its client has its answer" if w["answered"] else ""))
     elif rep and rep.get("role") == "secondary":
         ag = rep.get("agent") or {}
         console.print(f"secondary of {rep['primary']}: applied serial {rep['applied_serial']}, "

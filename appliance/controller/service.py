@@ -454,7 +454,8 @@ class Controller:
             txn = self._open_txn(sess)
             wait = bool(args[0]) if args else True
             durability = self.sync.check_durability(args[1] if len(args) > 1 else None)
-            return (yield from self._commit(txn, wait, durability))
+            bound = m.check_commit_timeout(args[2] if len(args) > 2 else None)
+            return (yield from self._commit(txn, wait, durability, bound))
         if op == m.OP_CANCEL:
             txn = sess.txn
             if txn is not None and txn.state == "open":
@@ -637,8 +638,20 @@ class Controller:
         """A one-statement autocommit (``table[k] = v``) whose record is not
         locked runs straight through, without the coroutine machinery.
         False: the general path must take it (it validates everything again)."""
-        if len(req) != 4 or (sess.txn is not None and sess.txn.state == "open"):
-            return False  # (options as a fifth element take the general path)
+        durability, bound = "quorum", None
+        if len(req) == 5:   # options: only durability and commit_timeout come this way
+            opts = req[4]
+            if type(opts) is not dict or not opts.keys() <= {"durability", "commit_timeout"}:
+                return False
+            try:
+                durability = self.sync.check_durability(opts.get("durability"))
+                bound = m.check_commit_timeout(opts.get("commit_timeout"))
+            except errors.ApplianceError:
+                return False
+        elif len(req) != 4:
+            return False
+        if sess.txn is not None and sess.txn.state == "open":
+            return False
         steps = req[3]
         if type(steps) is not list or len(steps) != 1:
             return False
@@ -671,15 +684,17 @@ class Controller:
                                    "results": txn.results}))
             return True
         txn.state = "committing"
-        txn.durability = "quorum"
+        txn.durability = durability
+        txn.commit_timeout = bound
         txn.wait = True
         sess.gen = _FAST
         self.commit_queue.append((sess, txn))
         return True
 
-    def _commit(self, txn: Txn, wait: bool = True, durability="quorum"):
+    def _commit(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None):
         txn.durability = durability
         txn.wait = wait
+        txn.commit_timeout = bound
         effective = any(c.after != c.before for c in txn.changes.values())
         if not effective:
             txn.state = "committed"
@@ -698,6 +713,7 @@ class Controller:
         if not isinstance(opts, dict):
             raise errors.ProtocolError("atomic: options must be a map")
         durability = self.sync.check_durability(opts.get("durability"))
+        bound = m.check_commit_timeout(opts.get("commit_timeout"))
         wait = bool(opts.get("wait", True))
         _arity(args, 3, "atomic")
         if sess.txn is not None and sess.txn.state == "open":
@@ -716,12 +732,13 @@ class Controller:
         except BaseException:
             self._cancel(txn, "statement_failed")
             raise
-        out = yield from self._commit(txn, wait, durability)
+        out = yield from self._commit(txn, wait, durability, bound)
         out["results"] = results
         return out
 
     def _load(self, sess: Session, args: list):
-        durability = self.sync.check_durability(args[2] if len(args) == 3 else None)
+        durability = self.sync.check_durability(args[2] if len(args) >= 3 else None)
+        bound = m.check_commit_timeout(args[3] if len(args) == 4 else None)
         args = args[:2]
         _arity(args, 2, "load")
         if sess.txn is not None and sess.txn.state == "open":
@@ -748,7 +765,7 @@ class Controller:
             self._cancel(txn, "load_failed")
             e.details.setdefault("index", i)
             raise
-        yield from self._commit(txn, True, durability)
+        yield from self._commit(txn, True, durability, bound)
         return len(recs)
 
     def _txn_status(self, number, since_ns) -> str:
@@ -803,15 +820,16 @@ class Controller:
             result = {"txn": txn.number, "serial": serial, "version": version}
             if self.sync.enabled:
                 self.sync.committed(serial)
-            d = getattr(txn, "durability", "quorum")
+            d = txn.durability
             if self.sync.needs_wait(d):
                 # backup first: the records stay locked until the secondaries confirm ([0104])
-                w = Waiter(serial, txn, d)
-                w.session, w.result = sess, result
+                w = Waiter(serial, txn, d, session=sess, result=result)
                 self.sync.waiting.append(w)
-                if not getattr(txn, "wait", True):
+                if not txn.wait:
                     w.replied = True
                     self._reply_commit(sess, txn, dict(result, backup="pending"), None)
+                elif txn.commit_timeout is not None:
+                    w.timer = self.add_timer(txn.commit_timeout, lambda w=w: self._backup_timed_out(w))
                 continue
             self._release(txn)
             self._reply_commit(sess, txn, result, None)
@@ -828,7 +846,7 @@ class Controller:
                 result["results"] = txn.results
                 self._send(sess, m.ok(result))
             else:
-                self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
+                self._send(sess, m.err(exc.code, exc.message, _plain({**exc.details, "txn": txn.number})))
             self._pump(sess)
         elif exc is None:
             self._resume(sess, result)
@@ -837,10 +855,23 @@ class Controller:
 
     def _release_backed_up(self) -> None:
         for w in self.sync.ready():
+            if w.timer is not None:
+                self.cancel_timer(w.timer)
             self._release(w.txn)
             if not w.replied:
                 w.replied = True
                 self._reply_commit(w.session, w.txn, w.result, None)
+
+    def _backup_timed_out(self, w: Waiter) -> None:
+        """A commit's bound (commit_timeout) passed before its backup was
+        confirmed: answer BackupTimeoutError (committed here, the backup
+        pending); it stays in sync.waiting, its records locked, until the
+        confirmation or the policy releases it (_release_backed_up)."""
+        w.timer = None
+        if w.replied or w not in self.sync.waiting:
+            return
+        w.replied = True
+        self._reply_commit(w.session, w.txn, None, self.sync.timed_out(w, w.txn.commit_timeout))
 
     # ------------------------------------------------------------------ replication
 

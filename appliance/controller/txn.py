@@ -64,7 +64,7 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait")
+                 "changes", "state", "results", "durability", "wait", "commit_timeout")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
         self.number = number
@@ -79,6 +79,7 @@ class Txn:
         self.results = None
         self.durability = "quorum"   # what the commit waits for (controller.sync)
         self.wait = True             # reply only once that durability is reached
+        self.commit_timeout = None   # ... or after this many seconds (BackupTimeoutError)
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
