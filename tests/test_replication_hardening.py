@@ -17,6 +17,7 @@ import time
 import pytest
 
 import appliance
+import fault_helpers as fh
 from appliance import errors
 from appliance._native import lib
 from appliance.replication import link
@@ -425,3 +426,114 @@ class TestAgentLogs:
         after = [e for e in changes if e["timestamp"] >= failed[0]["timestamp"]]
         assert len(failed) <= 2, failed            # the link's end, then the refused connects
         assert [(e["from"], e["to"]) for e in after] == [("streaming", "disconnected")], after
+
+
+# -- R7: systemctl reload (SIGHUP) ---------------------------------------------------------------
+
+
+def edit_file(path, *changes: tuple[str, str]) -> None:
+    text = path.read_text()
+    for old, new in changes:
+        assert old in text, f"{old!r} not in {path}"
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+class TestReload:
+    def test_controller_reloads_lock_timeout_and_names_what_needs_a_restart(self, make_appliance):
+        """SIGHUP to a controller: a changed lock_timeout is applied to the next lock wait, a changed
+        storage size is logged as needing a restart, and the controller serves on."""
+        app = make_appliance().start()
+        db1, db2 = app.connect(), app.connect()
+        edit_file(app.config, ("lock_timeout = 2.0", "lock_timeout = 0.3"), ("max_readers = 128", "max_readers = 256"))
+        app.controller.signal(signal.SIGHUP)
+        ev = fh.wait_event(app, "config_reloaded")[0]
+        assert ev["applied"] == ["controller.lock_timeout"]
+        assert fh.events(app, "config_reload_needs_restart")[0]["keys"] == ["storage.max_readers"]
+        db1.table("accounts")[1] = {"branch": "a", "balance": 1}
+        with db1.transaction() as tx1:
+            tx1.get("accounts", 1, for_update=True)
+            with pytest.raises(errors.LockTimeoutError, match="waited 0.3 s"):
+                with db2.transaction() as tx2:
+                    tx2.update("accounts", 1, {"balance": 2})
+        assert db1.status()["pid"] == app.controller.pid
+
+    def test_a_bad_config_on_reload_changes_nothing(self, make_appliance):
+        """SIGHUP with a config that no longer loads: config_reload_failed names the file and the
+        key; the controller serves on with what it had."""
+        app = make_appliance().start()
+        db = app.connect()
+        edit_file(app.config, ("lock_timeout = 2.0", 'lock_timeout = "soon"'))
+        app.controller.signal(signal.SIGHUP)
+        ev = fh.wait_event(app, "config_reload_failed")[0]
+        assert ev["key"] == "controller.lock_timeout" and ev["file"] == str(app.config.resolve()), ev
+        assert not fh.events(app, "config_reloaded")
+        db.table("accounts")[1] = {"branch": "a", "balance": 1}
+        assert db.table("accounts")[1]["balance"] == 1
+
+    def test_agents_and_controllers_of_a_pair_reload(self, make_cluster):
+        """SIGHUP to all four processes of a synchronous pair (systemctl reload appliance): the
+        agents apply the new heartbeat, nobody exits, synchronous commits go on."""
+        c = make_cluster(secondaries=(("sync", ""),)).start()
+        for node in c.nodes:
+            edit_file(node.app.config, ("heartbeat = 0.2", "heartbeat = 0.3"))
+        for node in c.nodes:
+            node.agent.signal(signal.SIGHUP)
+            node.app.controller.signal(signal.SIGHUP)
+        for node in c.nodes:
+            assert node.agent.wait_event("config_reloaded")["applied"] == ["replication.heartbeat"]
+            assert fh.wait_event(node.app, "config_reloaded")[0]["applied"] == []
+            assert not agent_events(node, "config_reload_needs_restart")
+        db = c.primary.app.connect(commit_timeout=20)
+        db.table("accounts")[1] = {"branch": "a", "balance": 1}
+        for node in c.nodes:
+            assert node.agent.proc.poll() is None and node.app.controller.proc.poll() is None
+        assert_identical(c)
+
+    def test_reloaded_degrade_policy_releases_a_blocked_commit(self, blocked):
+        """A commit held by a stopped sync secondary ("block") goes on once the primary's controller
+        reloads on_unreachable = "degrade": the secondary is degraded, logged and shown in status."""
+        c, sec = blocked
+        db = c.primary.app.connect(commit_timeout=60)
+        t, out = in_thread(db.table("accounts").__setitem__, 5, {"branch": "x", "balance": 5})
+        wait_for(lambda: waiting(c), 10, "the commit to wait for its backup")
+        edit_file(c.primary.app.config, ('mode = "sync"\n', 'mode = "sync"\non_unreachable = "degrade"\n'
+                                                           'degrade_after = 0.5\n'))
+        c.primary.app.controller.signal(signal.SIGHUP)
+        t.join(30)
+        assert not t.is_alive() and "error" not in out, out
+        ev = fh.wait_event(c.primary.app, "config_reloaded")[0]
+        assert ev["applied"] == [f"replication.secondaries.{sec.name}.degrade_after",
+                                 f"replication.secondaries.{sec.name}.on_unreachable"]
+        assert controller_events(c.primary, "secondary_degraded")
+        assert sec_status(c, sec)["degraded"]
+
+
+class TestReloadAccess:
+    @pytest.fixture
+    def tmp_path(self):
+        """make_appliance's directory, one that `nobody` may traverse to the socket (pytest's own
+        is 0700)."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+        path = Path(tempfile.mkdtemp(prefix="apl-reload-"))
+        path.chmod(0o755)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def test_controller_reloads_the_access_list(self, make_appliance):
+        """A user added to [access] may connect after SIGHUP (new connections are checked against
+        the reloaded list)."""
+        from test_faults import ACCESS_NOBODY, NOBODY, session_connect
+        app = make_appliance().start()
+        path = str(app.cfg.socket_path)
+        kind, value = fh.run_as(NOBODY.pw_uid, NOBODY.pw_gid, session_connect, path, app.name)
+        assert kind == "raised" and isinstance(value, errors.AccessDeniedError), (kind, value)
+        app.config.write_text(app.config.read_text() + "\n" + ACCESS_NOBODY + "\n")
+        app.controller.signal(signal.SIGHUP)
+        assert fh.wait_event(app, "config_reloaded")[0]["applied"] == ["access.users"]
+        kind, value = fh.run_as(NOBODY.pw_uid, NOBODY.pw_gid, session_connect, path, app.name)
+        assert kind == "ok" and value["name"] == app.name, (kind, value)

@@ -142,6 +142,18 @@ class Controller:
         self.listener = s
         self.ep.register(s.fileno(), select.EPOLLIN)
 
+    def reconfigure(self, cfg: Config) -> None:
+        """Run with a reloaded config (SIGHUP: config.reload_logged gives it,
+        with only the keys config.RELOADABLE lets the controller take)."""
+        self.cfg = cfg
+        self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
+        self._uids = cfg.allowed_uids() | {0, os.geteuid()}
+        self._gids = cfg.allowed_gids()
+        self._cred_cache.clear()
+        if self.role == "primary":
+            self.sync.reconfigure(cfg.replication)
+            self._release_backed_up()
+
     def close(self) -> None:
         for sess in list(self.sessions.values()):
             self._drop(sess, "controller_stopping", log=False)

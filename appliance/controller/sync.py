@@ -52,16 +52,24 @@ class Waiter:
 class SyncTracker:
     def __init__(self, rc: ReplicationConfig | None, log) -> None:
         self.log = log
-        self.secondaries = {s.name: s for s in (rc.secondaries if rc else ())}
-        self.sync_names = [s.name for s in self.secondaries.values() if s.mode == "sync"]
-        self.quorum = rc.sync_quorum if rc else "all"
+        self.degraded: set[str] = set()
+        self.reconfigure(rc)
         self.acked: dict[str, int] = {n: 0 for n in self.secondaries}
         self.state: dict[str, dict] = {n: {"connected": False} for n in self.secondaries}
-        self.degraded: set[str] = set()
         self.waiting: list[Waiter] = []
         self.timeouts = LogOnce(log)   # commits answered BackupTimeoutError, logged once per cause
         self.commits: list[tuple[int, float]] = []  # (serial, wall time) of recent commits, for lag
         self.last_serial = 0
+
+    def reconfigure(self, rc: ReplicationConfig | None) -> None:
+        """The secondaries' settings (a reload keeps their names: config.RELOADABLE)."""
+        self.secondaries = {s.name: s for s in (rc.secondaries if rc else ())}
+        self.sync_names = [s.name for s in self.secondaries.values() if s.mode == "sync"]
+        self.quorum = rc.sync_quorum if rc else "all"
+        for name in [n for n in self.degraded if n not in self.sync_names
+                     or self.secondaries[n].on_unreachable != "degrade"]:
+            self.degraded.discard(name)   # no longer synchronous, or its policy is "block" now
+            self.log.warning("secondary_rejoined_quorum", secondary=name, reason="reload")
 
     @property
     def enabled(self) -> bool:

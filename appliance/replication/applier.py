@@ -54,6 +54,12 @@ class Applier:
         self.suspended = False
         self.server: Listener | None = None
 
+    def reconfigure(self, cfg) -> None:
+        """A reloaded config: the secret and TLS files are read again (for
+        the links accepted from then on; the current one goes on)."""
+        secret, tls = cfg.secret(), link.tls_context(cfg, server=True)
+        self.cfg, self.secret, self.tls = cfg, secret, tls
+
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
         # TLS is started per connection (_upgrade), so a refused certificate is logged here too
@@ -243,9 +249,8 @@ class Applier:
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
         (the primary drops a link it has not heard from)."""
-        hb = self.cfg.replication.heartbeat
         while True:
-            await asyncio.sleep(hb)
+            await asyncio.sleep(self.cfg.replication.heartbeat)
             applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))

@@ -65,7 +65,7 @@ class Relay:
         self.warning: str | None = None
         self.last_heard = 0.0
         self.wake = asyncio.Event()
-        self.opts = (lib.APL_EXPORT_DELTA if sec.delta_updates else 0) | (0 if sec.send_b_logs else lib.APL_EXPORT_NO_B)
+        self.reconfigure(sec)
         self._buf = ffi.new("uint8_t[]", CHUNK)
         self._pos = ffi.new("uint64_t *")
         self._first, self._last, self._count = (ffi.new("uint64_t *") for _ in range(3))
@@ -73,6 +73,12 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+
+    def reconfigure(self, sec) -> None:
+        """This secondary's settings (a reload: the address serves the next
+        connection, the export options the next message)."""
+        self.sec = sec
+        self.opts = (lib.APL_EXPORT_DELTA if sec.delta_updates else 0) | (0 if sec.send_b_logs else lib.APL_EXPORT_NO_B)
 
     # -- state ------------------------------------------------------------------------
 
@@ -202,7 +208,6 @@ class Relay:
         self.sent_pos.append((last, self.pos))
 
     async def _write(self, fs, need_copy: bool) -> None:
-        hb = self.agent.cfg.replication.heartbeat
         if need_copy:
             await self._copy(fs)
         self.set_state("streaming")
@@ -227,7 +232,7 @@ class Relay:
                 continue
             self._check_retention()
             try:
-                await asyncio.wait_for(self.wake.wait(), hb)
+                await asyncio.wait_for(self.wake.wait(), self.agent.cfg.replication.heartbeat)
             except asyncio.TimeoutError:
                 fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
                                    {"head": self.agent.serial, "sent": self.sent}))
