@@ -290,3 +290,17 @@ class TestReloadPlan:
         with capture_logs() as logs:
             assert config.reload_logged(old, "controller", structlog.get_logger(), pytest.fail) is None
         assert logs[0]["event"] == "config_reload_failed" and logs[0]["key"] == "controller.lock_timeout"
+
+    def test_a_setting_the_process_cannot_use_changes_nothing(self, tmp_path):
+        """When applying fails (a TLS file the agent cannot load), the reload is refused as a whole:
+        config_reload_failed, and no config_reloaded."""
+        from structlog.testing import capture_logs
+        old = primary(tmp_path)
+        primary(tmp_path, heartbeat=0.25)
+
+        def refuse(cfg):
+            raise FileNotFoundError(2, "No such file or directory", "/etc/appliance/tls.key")
+        with capture_logs() as logs:
+            assert config.reload_logged(old, "agent", structlog.get_logger(), refuse) is None
+        assert [e["event"] for e in logs] == ["config_reload_failed"]
+        assert "tls.key" in logs[0]["error"]

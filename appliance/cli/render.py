@@ -77,6 +77,8 @@ def status(st: dict) -> None:
         console.print(f"secondary of {rep['primary']}: applied serial {rep['applied_serial']}, "
                       f"{'copying, ' if rep['copying'] else ''}agent {'attached' if ag.get('attached') else 'absent'}"
                       f", link {ag.get('state', '?')}")
+        if rep.get("needs_copy"):
+            console.print(f"needs a block copy from its primary: it refused the stream ({rep['needs_copy']})")
         hist = ag.get("history") or {}
         if hist.get("enabled"):
             console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "
