@@ -232,8 +232,7 @@ class Client:
         t = self.schema.table(table)
         total = 0
         chunk: list = []
-        bound = self._commit_bound()
-        extra = [self.durability, bound] if bound is not None else [self.durability] if self.durability is not None else []
+        extra = [self.durability, self._commit_bound()]
         for rec in records:
             chunk.append(rec)
             if len(chunk) >= batch:
