@@ -13,6 +13,7 @@ The commented examples in config/ document every key.
 """
 from __future__ import annotations
 
+import fnmatch
 import grp
 import hashlib
 import json
@@ -28,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._os import files as layout
 from .errors import ConfigError
 
-__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences"]
+__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences",
+           "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
 
 FIELD_TYPES = ("int", "str", "bytes", "float", "bool")
 KEY_TYPES = ("int", "str", "bytes")
@@ -551,3 +553,121 @@ def load(path: str | os.PathLike) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", file=str(path), key=None, problem=str(exc)) from None
     return from_dict(doc, path.resolve())
+
+
+# -- reload (SIGHUP) ---------------------------------------------------------------
+
+#: What each process takes from its config file again on SIGHUP (dotted keys,
+#: fnmatch patterns; a secondary's keys are under its name). Every other key
+#: that changed needs a restart, and is logged so (config_reload_needs_restart);
+#: keys the other process reloads are left to it.
+RELOADABLE = {
+    "controller": (
+        "controller.lock_timeout",             # lock waits that start from then on
+        "access.users", "access.groups",        # connections accepted from then on
+        "replication.sync_quorum",
+        "replication.secondaries.*.mode",
+        "replication.secondaries.*.on_unreachable",
+        "replication.secondaries.*.degrade_after",
+    ),
+    "agent": (
+        "replication.heartbeat",
+        "replication.secret_file", "replication.tls_cert", "replication.tls_key", "replication.tls_ca",
+        "replication.secondaries.*.address",    # links made from then on
+        "replication.secondaries.*.mode",
+        "replication.secondaries.*.send_b_logs",
+        "replication.secondaries.*.delta_updates",
+        "replication.history_period", "replication.history_memory", "replication.history_disk",
+        "replication.history_a_logs",
+    ),
+}
+
+
+def _tree(cfg: Config) -> dict:
+    """The config as nested dicts, secondaries keyed by name."""
+    d = cfg.model_dump(exclude={"path"})
+    if d.get("replication"):
+        d["replication"]["secondaries"] = {x["name"]: x for x in d["replication"]["secondaries"]}
+    return d
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ; a section or secondary present on one
+    side only is one key (``replication.secondaries.<name>``)."""
+    out: list[str] = []
+
+    def diff(a, b, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if k not in a or k not in b:
+                    out.append(key)
+                else:
+                    diff(a[k], b[k], key)
+        elif a != b:
+            out.append(prefix)
+    diff(_tree(old), _tree(new), "")
+    return out
+
+
+def _reloadable(key: str, process: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pat) for pat in RELOADABLE[process])
+
+
+def reload_plan(old: Config, new: Config, process: str) -> tuple[list[str], list[str]]:
+    """(keys `process` applies now, keys that need a restart) for a reload
+    from `old` (running) to `new` (the file)."""
+    other = "agent" if process == "controller" else "controller"
+    apply, restart = [], []
+    for key in changed_keys(old, new):
+        if _reloadable(key, process):
+            apply.append(key)
+        elif not _reloadable(key, other):
+            restart.append(key)
+    return apply, restart
+
+
+def _merged(old: Config, new: Config, keys: list[str]) -> Config:
+    """`old` with the values of `keys` (as changed_keys names them) from `new`."""
+    tree, src = _tree(old), _tree(new)
+    for key in keys:
+        *path, last = key.split(".")
+        dst, frm = tree, src
+        for part in path:
+            dst, frm = dst[part], frm[part]
+        dst[last] = frm[last]
+    if tree.get("replication"):
+        tree["replication"]["secondaries"] = tuple(tree["replication"]["secondaries"].values())
+    return Config.model_validate({**tree, "path": old.path})
+
+
+def reload_logged(running: Config, process: str, log, apply) -> Config | None:
+    """SIGHUP: read `running`'s file again and call `apply(cfg)` with the
+    config to run with (`running` with what `process` can take from the
+    file); returns that config. None when the file or `apply` refuses it
+    (config_reload_failed; the process goes on as it was). Keys that need a
+    restart are logged (config_reload_needs_restart), what was applied too
+    (config_reloaded)."""
+    try:
+        new = load(running.path)
+    except ConfigError as e:
+        log.error("config_reload_failed", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
+        return None
+    keys, restart = reload_plan(running, new, process)
+    if restart:
+        log.warning("config_reload_needs_restart", keys=restart, file=str(running.path))
+    try:
+        merged = _merged(running, new, keys)
+    except ValidationError as exc:   # the values taken do not fit with the ones kept
+        log.error("config_reload_failed", file=str(running.path), key=_loc(exc.errors()[0]["loc"]),
+                  error=f"{running.path}: {exc.errors()[0]['msg']} (with the keys that need a restart "
+                        f"unchanged: {', '.join(restart)})")
+        return None
+    try:
+        apply(merged)
+    except (OSError, ConfigError) as exc:   # a TLS or secret file that cannot be used
+        log.error("config_reload_failed", file=str(running.path), key=exc.details.get("key")
+                  if isinstance(exc, ConfigError) else None, error=f"{running.path}: {exc}")
+        return None
+    log.info("config_reloaded", applied=keys, file=str(running.path))
+    return merged

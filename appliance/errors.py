@@ -36,6 +36,7 @@ __all__ = [
     "DeadlockError",
     "TransactionStateError",
     "CommitUnknownError",
+    "BackupTimeoutError",
     "MemoryFullError",
     "ReadersFullError",
     "FormatError",
@@ -178,6 +179,20 @@ class CommitUnknownError(UnavailableError):
     the outcome could not be recovered afterwards."""
 
     codes = ("APL_EUNKNOWN",)
+
+
+class BackupTimeoutError(ApplianceError):
+    """A commit is done on the primary, but its synchronous secondaries did
+    not confirm the backup within the commit's wait bound (``commit_timeout``).
+
+    The transaction is committed and visible there; its records stay locked
+    until the backup is confirmed (or the secondary's ``on_unreachable``
+    policy degrades it). Do not retry it: it would run twice. ``details``:
+    ``txn``, ``serial``, ``version``, ``waiting_for`` (the secondaries not
+    confirmed), ``after_s``.
+    """
+
+    codes = ("APL_EBACKUP",)
 
 
 class MemoryFullError(ApplianceError, MemoryError):

@@ -220,6 +220,10 @@ int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
 int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
                    const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at);
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
+/* Roll back the open batch (a failed apply): every change it made is undone,
+ * nothing of it is published, the writer's state is rebuilt as at start-up
+ * recovery (facts in *r). APL_EBATCH when no batch is open. */
+int apl_batch_abort(apl_store *s, struct apl_recovery *r);
 /* Free what no reader can reach any more; returns slots freed (>= 0). */
 int64_t apl_reclaim(apl_store *s);
 /* Release slots of processes that no longer exist; returns slots released. */

@@ -1251,6 +1251,38 @@ int apl_batch_begin(apl_store *s)
     return APL_OK;
 }
 
+/*
+ * apl_batch_abort: give up the open batch; nothing of it is ever published.
+ * This is crash recovery (apl_store_recover) run in-process over the same
+ * memory, sound for the same reasons, none of which needs a process to die:
+ *  - nobody has seen the batch. Readers pin published versions only (<= G)
+ *    and step over newer block versions through bh_prev; the change log is
+ *    read only up to the published head. Undoing a location entry is one
+ *    release store back to the newest version <= G.
+ *  - a reader that loaded one of the batch's location entries before that
+ *    store holds a pin <= G, so it follows bh_prev away from the batch's
+ *    version; recovery retires that version at G + 1, so its slots stay
+ *    intact until every pin has passed G + 1, after the next publish.
+ *  - the slot free lists, the number list and the retire queue are rebuilt
+ *    from shared memory alone (what each location entry reaches down to the
+ *    oldest pin), so whatever the batch allocated, retired or half-wrote is
+ *    accounted for, whichever step it failed at.
+ *  - the log's head and serial go back to the published ones; its tail
+ *    stays where the batch moved it (log_make_room publishes the tail before
+ *    it overwrites anything).
+ * What recovery cannot read from shared memory is reset here: the reserve
+ * switch and the batch's source serial (apl_set_source). The cost is one
+ * pass over the location table and the slots: an error path, not a hot one.
+ */
+int apl_batch_abort(apl_store *s, struct apl_recovery *r)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    s->use_reserve = 0;
+    s->source_set = 0;
+    return apl_store_recover(s, r);
+}
+
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn)
 {
     if (!s->pending)

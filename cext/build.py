@@ -61,7 +61,7 @@ enum apl_error {
     APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
-    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, APL_ELIMIT, APL_EINTERNAL, ...
+    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, APL_ELIMIT, APL_EINTERNAL, APL_EBACKUP, ...
 };
 const char *apl_strerror(int code);
 const char *apl_errname(int code);
@@ -200,6 +200,7 @@ int apl_log_block(apl_store *s, uint32_t number, uint16_t flags, uint64_t txn,
 int apl_commit_txn(apl_store *s, uint64_t txn, uint64_t now, const uint8_t *tlog, uint32_t tlen,
                    const uint8_t *ops, uint64_t ops_len, uint64_t *commit_serial, int64_t *failed_at);
 int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
+int apl_batch_abort(apl_store *s, struct apl_recovery *r);
 int64_t apl_reclaim(apl_store *s);
 int64_t apl_sweep_readers(apl_store *s);
 int apl_store_stats(apl_store *s, struct apl_stats *st);

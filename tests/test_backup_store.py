@@ -105,6 +105,17 @@ class Secondary:
             self.w.reclaim()
 
 
+def streamed_pair(stores, compressed: bool, seed: int, batches: int) -> tuple[Writer, Secondary, Stream]:
+    """A primary and a secondary fed `batches` batches of its log: (primary, secondary, stream)."""
+    p = stores()
+    sec = Secondary(stores(compressed=compressed))
+    s = Stream(p, seed=seed)
+    for _ in range(batches):
+        s.batch()
+        sec.apply(s.export(0))
+    return p, sec, s
+
+
 def differing(a: Writer, b: Writer) -> list[int]:
     ra, rb = Reader(a.att), Reader(b.att)
     lim = max(ra.block_limit(), rb.block_limit())
@@ -160,12 +171,7 @@ class TestCrash:
     @pytest.mark.parametrize("compressed", [False, True])
     def test_unpublished_apply_rolls_back(self, stores, compressed):
         """A batch applied but not published is gone after recovery; applying continues from there."""
-        p = stores()
-        sec = Secondary(stores(compressed=compressed))
-        s = Stream(p, seed=11)
-        for _ in range(40):
-            s.batch()
-            sec.apply(s.export(0))
+        p, sec, s = streamed_pair(stores, compressed, seed=11, batches=40)
         before = {n: Reader(sec.w.att).block_checksum(n) for n in range(Reader(sec.w.att).block_limit())}
         applied = sec.applied
         for _ in range(5):
@@ -335,3 +341,81 @@ class TestCopyWhileWriting:
         copy_while_writing(s, sec, step, lambda rnd: rng.choice([2000, 5000, 20000]))
         assert differing(p, sec.w) == []
         self.stream_on(s, sec)
+
+
+def corrupt_last_count_change(blob: bytes) -> bytes:
+    """`blob` with its last INSERT or DELETE entry naming file 250 (there is none): the
+    entries before it apply, that one fails (APL_ECORRUPT) in the middle of the batch."""
+    from appliance.store.changelog import E_FILE, E_KIND, E_LEN, ENTRY
+    out = bytearray(blob)
+    pos, last = 0, None
+    while pos + ENTRY.size <= len(out):
+        f = ENTRY.unpack_from(out, pos)
+        if f[E_KIND] in (lib.APL_CE_INSERT, lib.APL_CE_DELETE):
+            last = pos
+        pos += f[E_LEN]
+    assert last is not None, "no insert or delete in the blob"
+    out[last + 8:last + 12] = (250).to_bytes(4, "little")   # ce_file (apl_layout.h)
+    assert ENTRY.unpack_from(out, last)[E_FILE] == 250
+    return bytes(out)
+
+
+class TestAbort:
+    @pytest.mark.parametrize("compressed", [False, True])
+    def test_a_failed_apply_is_rolled_back_in_process(self, stores, compressed):
+        """An apply that fails part-way (its earlier entries already changed blocks) is undone by
+        apl_batch_abort in the same process, while a reader keeps its pin: the blocks, the applied
+        serial and the slot accounting are those a restart's recovery would give, and applying
+        goes on from the same serial."""
+        p, sec, s = streamed_pair(stores, compressed, seed=17, batches=30)
+        r = Reader(sec.w.att)
+        sums = {n: r.block_checksum(n) for n in range(r.block_limit())}
+        st0 = sec.w.stats()
+        pin = r.pin() if not compressed else None     # a reader in the middle of the failed batch
+        applied = sec.applied
+        for _ in range(3):
+            s.batch(txns=6)
+        bad = corrupt_last_count_change(s.export(0))
+        sec.w.begin()
+        with pytest.raises(errors.CorruptionError):
+            sec.w.apply_entries(bad, sec.applied, None)
+        st_mid = sec.w.stats()
+        keys = ("slots_free", "blocks_used", "bytes_used", "bytes_live", "retire_pending")
+        changed = {k: st_mid[k] for k in keys} != {k: st0[k] for k in keys}
+        assert changed, "the failing apply changed nothing before it failed: the case is not exercised"
+        facts = sec.w.abort()
+        assert facts["rolled_back"] > 0 and not sec.w.in_batch
+        if pin is not None:
+            assert {n: r.block_checksum(n, pin.version) for n in sums} == sums
+            pin.close()
+        assert {n: r.block_checksum(n) for n in range(r.block_limit())} == sums
+        sb = sec.w.att.sb
+        assert sb.sb_pub[sb.sb_version & 1].pb_source_serial == applied
+        # the next batch publishes normally and the allocator agrees with a fresh recovery
+        assert lib.apl_log_seek(s.reader.view, applied + 1, s.pos) == 0
+        sec.apply(s.export(0))
+        for _ in range(5):
+            s.batch()
+            sec.apply(s.export(0))
+        assert differing(p, sec.w) == []
+        sec.w.begin()                       # one more version: every retired one is reclaimable
+        sec.w.publish(time.time_ns(), 0)
+        sec.w.reclaim()
+        mine = sec.w.stats()
+        fresh = Writer(Attachment(sec.w.att.name, writable=True), 8)
+        try:
+            fresh.recover()
+            theirs = fresh.stats()
+        finally:
+            fresh.close()
+        keys = ("slots_free", "blocks_used", "bytes_used", "bytes_live")
+        assert mine["retire_pending"] == 0
+        assert {k: mine[k] for k in keys} == {k: theirs[k] for k in keys}
+
+    def test_abort_without_a_batch_is_refused(self, stores):
+        """apl_batch_abort with no open batch is APL_EBATCH and changes nothing."""
+        w = stores()
+        version = w.att.sb.sb_version
+        with pytest.raises(errors.InternalError) as err:
+            w.abort()
+        assert err.value.code == "APL_EBATCH" and w.att.sb.sb_version == version

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
-from appliance import errors
+from appliance import config, errors
 from appliance.config import Config, load, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,3 +227,84 @@ class TestGoodConfigs:
         """Anything else is not a size."""
         with pytest.raises(ValueError):
             parse_size(text)
+
+
+REPLICATION = """
+[replication]
+role = "primary"
+secret_file = "s.secret"
+heartbeat = {heartbeat}
+[[replication.secondaries]]
+name = "b1"
+address = "127.0.0.1:7001"
+mode = "sync"
+{b1}
+"""
+
+
+def primary(tmp_path: Path, *, controller: str = "", storage: str = "", heartbeat: float = 0.5, b1: str = "",
+            extra: str = "") -> Config:
+    secret = tmp_path / "s.secret"
+    secret.write_text("x" * 32)
+    secret.chmod(0o600)
+    return load(write(tmp_path, toml(controller=controller, storage=storage)
+                      + REPLICATION.format(heartbeat=heartbeat, b1=b1) + extra))
+
+
+class TestReloadPlan:
+    """What SIGHUP changes in a running process (config.reload_plan / reload_logged)."""
+
+    def test_each_process_takes_its_own_keys(self, tmp_path):
+        """lock_timeout is the controller's to apply, heartbeat the agent's; a storage size needs a
+        restart of either."""
+        old = primary(tmp_path)
+        new = primary(tmp_path, controller="lock_timeout = 1.5", storage="max_readers = 64", heartbeat=0.25)
+        assert config.reload_plan(old, new, "controller") == (["controller.lock_timeout"], ["storage.max_readers"])
+        assert config.reload_plan(old, new, "agent") == (["replication.heartbeat"], ["storage.max_readers"])
+
+    def test_a_secondary_policy_is_reloadable_a_new_secondary_is_not(self, tmp_path):
+        """A secondary's on_unreachable and degrade_after are applied; a secondary added is one
+        key that needs a restart (not its fields)."""
+        old = primary(tmp_path)
+        new = primary(tmp_path, b1='on_unreachable = "degrade"\ndegrade_after = 0.5',
+                      extra='[[replication.secondaries]]\nname = "b2"\naddress = "127.0.0.1:7002"\n')
+        apply, restart = config.reload_plan(old, new, "controller")
+        assert apply == ["replication.secondaries.b1.degrade_after", "replication.secondaries.b1.on_unreachable"]
+        assert restart == ["replication.secondaries.b2"]
+
+    def test_reload_logged_keeps_what_needs_a_restart(self, tmp_path):
+        """reload_logged gives the running config with the applied keys only, and logs both lists."""
+        from structlog.testing import capture_logs
+        old = primary(tmp_path)
+        primary(tmp_path, controller="lock_timeout = 0.7", storage="max_readers = 64")   # rewrites the file
+        taken = []
+        with capture_logs() as logs:
+            cfg = config.reload_logged(old, "controller", structlog.get_logger(), taken.append)
+        assert taken == [cfg]
+        assert cfg.controller.lock_timeout == 0.7 and cfg.storage.max_readers == old.storage.max_readers
+        assert cfg.replication == old.replication and cfg.path == old.path
+        assert [(e["event"], e.get("keys") or e.get("applied")) for e in logs] == [
+            ("config_reload_needs_restart", ["storage.max_readers"]), ("config_reloaded", ["controller.lock_timeout"])]
+
+    def test_a_bad_file_changes_nothing(self, tmp_path):
+        """A config that no longer loads is refused (config_reload_failed, with the file and key)."""
+        from structlog.testing import capture_logs
+        old = primary(tmp_path)
+        write(tmp_path, toml(controller="lock_timeout = -1"))
+        with capture_logs() as logs:
+            assert config.reload_logged(old, "controller", structlog.get_logger(), pytest.fail) is None
+        assert logs[0]["event"] == "config_reload_failed" and logs[0]["key"] == "controller.lock_timeout"
+
+    def test_a_setting_the_process_cannot_use_changes_nothing(self, tmp_path):
+        """When applying fails (a TLS file the agent cannot load), the reload is refused as a whole:
+        config_reload_failed, and no config_reloaded."""
+        from structlog.testing import capture_logs
+        old = primary(tmp_path)
+        primary(tmp_path, heartbeat=0.25)
+
+        def refuse(cfg):
+            raise FileNotFoundError(2, "No such file or directory", "/etc/appliance/tls.key")
+        with capture_logs() as logs:
+            assert config.reload_logged(old, "agent", structlog.get_logger(), refuse) is None
+        assert [e["event"] for e in logs] == ["config_reload_failed"]
+        assert "tls.key" in logs[0]["error"]

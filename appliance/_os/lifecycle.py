@@ -18,6 +18,12 @@ A process ``__main__`` (controller, replication agent) owns one
 Nothing else touches signals. Signal handlers only set flags; all the work
 happens in the loop, where it is safe.
 
+The replication agent runs an asyncio loop instead: it registers the same
+signals with ``loop.add_signal_handler`` (SIGTERM/SIGINT stop, SIGHUP
+reload), and stops its tasks with :func:`cancel_and_wait`, so a task that
+fails while it is being stopped (its link closed under it) is never left for
+the loop's shutdown to report as an unhandled exception.
+
 Why the wakeup fd
 =================
 A Python-level signal handler runs only between bytecodes in the main
@@ -39,7 +45,7 @@ import signal
 import socket
 from types import FrameType, TracebackType
 
-__all__ = ["Shutdown"]
+__all__ = ["Shutdown", "cancel_and_wait"]
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
@@ -151,3 +157,14 @@ class Shutdown:
         tb: TracebackType | None,
     ) -> None:
         self.uninstall()
+
+
+async def cancel_and_wait(tasks) -> None:
+    """Cancel asyncio tasks and wait until each has finished; their outcome
+    (a result, an exception, the cancellation) is retrieved and dropped."""
+    import asyncio   # here: the controller imports this module and runs no asyncio
+
+    tasks = [t for t in tasks if t is not None]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

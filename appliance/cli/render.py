@@ -69,11 +69,16 @@ def status(st: dict) -> None:
                       "yes" if x["healthy"] else "no", str(x["acked_serial"]), str(lag["transactions"]),
                       _size(lag.get("bytes", 0)), f"{lag['seconds']:.3f}", note)
         console.print(t)
+        for w in rep.get("waiting", ())[:5]:
+            console.print(f"awaiting backup: transaction {w['txn']} (serial {w['serial']}) for {w['waiting_s']:.1f} s, "
+                          f"from {', '.join(w['waiting_for']) or '-'}" + ("; its client has its answer" if w["answered"] else ""))
     elif rep and rep.get("role") == "secondary":
         ag = rep.get("agent") or {}
         console.print(f"secondary of {rep['primary']}: applied serial {rep['applied_serial']}, "
                       f"{'copying, ' if rep['copying'] else ''}agent {'attached' if ag.get('attached') else 'absent'}"
                       f", link {ag.get('state', '?')}")
+        if rep.get("needs_copy"):
+            console.print(f"needs a block copy from its primary: it refused the stream ({rep['needs_copy']})")
         hist = ag.get("history") or {}
         if hist.get("enabled"):
             console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "

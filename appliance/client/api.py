@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import MutableMapping
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 import msgpack
@@ -39,22 +40,31 @@ _get = lib.apl_get
 _NOTFOUND = lib.APL_NOTFOUND
 _EBUFSIZE = lib.APL_EBUFSIZE
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+#: how much longer than a commit's wait bound the client waits for its answer
+_COMMIT_REPLY_GRACE = 5.0
 
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
-            durability=None, wait: float | None = None) -> "Client":
+            durability=None, wait: float | None = None, commit_timeout: float | None = None) -> "Client":
     """Attach to the running appliance described by a config file.
 
     `timeout`: seconds one request may take (None: no limit). `wait`:
     seconds to wait for a controller that is not up yet (no socket, or
     nobody listening on it); by default `timeout`, and 0 fails at once.
+    `commit_timeout`: how long a commit on a primary waits for its
+    synchronous backup (default: `timeout`; None with timeout None: no
+    bound); past it the commit raises
+    :class:`~appliance.errors.BackupTimeoutError` — committed, its backup
+    pending — never UnavailableError.
+
     Raises :class:`~appliance.errors.UnavailableError` when it is not running
     by then, :class:`~appliance.errors.AccessDeniedError` when this user may
     not attach, :class:`~appliance.errors.FormatError` when the config does
     not describe the appliance that is running.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait)
+    return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait,
+                  commit_timeout=commit_timeout)
 
 
 class _Buffers(threading.local):
@@ -78,10 +88,13 @@ class Client:
     per thread. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
-                 wait: float | None = None) -> None:
+                 wait: float | None = None, commit_timeout: float | None = None) -> None:
         self.config = cfg
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
+        #: how long a commit waits for that (seconds; None: the connection's timeout)
+        self.commit_timeout = m.check_commit_timeout(commit_timeout)
+        self._primary = cfg.role == "primary"   # only a primary's commits wait for a backup
         self.schema = Schema(cfg)
         self._name = name
         self._timeout = timeout
@@ -123,7 +136,8 @@ class Client:
         s = getattr(self._local, "session", None)
         if s is None or s.pid != _session_pid[0]:
             s = Session(str(self.config.socket_path), self.config.name, name=self._name,
-                        timeout=self._timeout, max_frame=self.config.controller.max_frame)
+                        timeout=self._reply_timeout(self._commit_bound()),
+                        max_frame=self.config.controller.max_frame)
             s.connect()
             self._local.session = s
             with self._lock:
@@ -151,6 +165,24 @@ class Client:
         if s is None or s.pid != _session_pid[0]:
             s = self._session()
         return s.call(req, what)
+
+    def _commit_bound(self, commit_timeout: float | None = None) -> float | None:
+        """What a commit sends as its wait bound: its own, the client's, or
+        the connection's timeout (the controller answers BackupTimeoutError
+        by then); None where no commit waits for a backup."""
+        if not self._primary:
+            return None
+        if commit_timeout is not None:
+            return commit_timeout
+        return self.commit_timeout if self.commit_timeout is not None else self._timeout
+
+    def _reply_timeout(self, bound: float | None) -> float | None:
+        """The socket timeout for a request whose commit may wait `bound`
+        seconds: the controller's answer (BackupTimeoutError at worst) comes
+        before it, so a commit waiting for its backup is never "not reachable"."""
+        if self._timeout is None or bound is None:
+            return self._timeout
+        return max(self._timeout, bound + _COMMIT_REPLY_GRACE)
 
     def _after_fork(self) -> None:
         self._local = threading.local()
@@ -182,7 +214,8 @@ class Client:
         self._check()
         return Snapshot(self)
 
-    def transaction(self, program: str | None = None, input: Any = None, *, durability=None) -> "Transaction":
+    def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
+                    commit_timeout: float | None = None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
         `input` form its T log: which program ran, with what input.
@@ -190,9 +223,13 @@ class Client:
         `durability` (a primary with secondaries): what commit waits for —
         "quorum" (the configured synchronous secondaries: the default),
         "local" (none), "all" (every secondary) or an int k (any k). The
-        records stay locked until it is reached, whatever commit(wait=...)."""
+        records stay locked until it is reached, whatever commit(wait=...).
+        `commit_timeout`: how long commit waits for it (default: the
+        client's); past it commit raises BackupTimeoutError (committed, the
+        backup pending: do not retry)."""
         self._check()
-        return Transaction(self, program, input, durability if durability is not None else self.durability)
+        return Transaction(self, program, input, durability if durability is not None else self.durability,
+                           m.check_commit_timeout(commit_timeout))
 
     def wait_applied(self, serial: int, timeout: float = 10.0) -> int:
         """Read-your-writes on a secondary: wait until the primary's change
@@ -222,7 +259,7 @@ class Client:
         pk = t.pk
         inserted = done = 0
         chunk: list = []
-        extra = [self.durability] if self.durability is not None else []
+        extra = [self.durability, self._commit_bound()]
 
         def send() -> None:
             nonlocal inserted, done, chunk
@@ -407,10 +444,11 @@ class Table(MutableMapping):
             raise errors.TransactionStateError(f"{self.name}: a snapshot is read-only")
         if self._client is None:
             raise errors.ClosedError(f"table {self.name!r}: its client is closed")
-        d = self._client.durability
-        if d is None:
-            return self._client._call([m.OP_ATOMIC, None, None, [step]], what)
-        return self._client._call([m.OP_ATOMIC, None, None, [step], {"durability": d}], what)
+        c = self._client
+        d, bound = c.durability, c._commit_bound()
+        if d is None and bound is None:
+            return c._call([m.OP_ATOMIC, None, None, [step]], what)
+        return c._call([m.OP_ATOMIC, None, None, [step], {"durability": d, "commit_timeout": bound}], what)
 
     def __setitem__(self, key, record: dict) -> None:
         self._write([m.OP_PUT, self.name, key, record], f"{self.name}[{key!r}] = ...")
@@ -456,6 +494,23 @@ class _SnapshotTable(Table):
         if n >= 0:
             return _unpackb(mv[:n])
         return self._miss(n, key, default, ver)
+
+
+@contextmanager
+def _reply_timeout(s: Session, timeout: float | None):
+    """`s` waits up to `timeout` for the replies of the requests inside."""
+    if timeout is None or s.timeout is None or timeout <= s.timeout:
+        yield
+        return
+    old, s.timeout = s.timeout, timeout
+    if s.sock is not None:
+        s.sock.settimeout(timeout)
+    try:
+        yield
+    finally:
+        s.timeout = old
+        if s.sock is not None:
+            s.sock.settimeout(old)
 
 
 def _short(v, limit: int = 60) -> str:
@@ -505,9 +560,11 @@ class Transaction:
     ``with`` block normally commits; an exception cancels.
     """
 
-    def __init__(self, client: Client, program: str | None, input: Any, durability=None) -> None:
+    def __init__(self, client: Client, program: str | None, input: Any, durability=None,
+                 commit_timeout: float | None = None) -> None:
         self._client = client
         self.durability = durability
+        self.commit_timeout = commit_timeout
         self._program = program
         self._input = input
         self.number: int | None = None
@@ -582,7 +639,10 @@ class Transaction:
         """Commit; returns {"txn", "serial", "version"}. With wait=False a
         primary answers right after the local commit (then "backup":
         "pending") while the records stay locked until the secondaries
-        confirm (Figure 6)."""
+        confirm (Figure 6). A commit that waits longer than its
+        commit_timeout raises BackupTimeoutError: it is committed (state
+        "committed", result with "backup": "pending"), the records stay
+        locked until the confirmation; do not retry it."""
         if self.state == "new":
             self.state = "committed"
             self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
@@ -593,8 +653,11 @@ class Transaction:
         if s.generation != self._generation or not s.connected:
             self.state = "cancelled"
             raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
+        bound = self._client._commit_bound(self.commit_timeout)
+        req = [m.OP_COMMIT, wait, self.durability] if bound is None else [m.OP_COMMIT, wait, self.durability, bound]
         try:
-            reply = s.call_many([[m.OP_COMMIT, wait, self.durability]], retry=False)[0]
+            with _reply_timeout(s, self._client._reply_timeout(bound)):
+                reply = s.call_many([req], retry=False)[0]
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
                 self.state = "cancelled"  # the commit never left: the controller cancelled it
@@ -606,6 +669,11 @@ class Transaction:
             return self.result
         try:
             self.result = result(reply, f"commit of transaction {self.number}")
+        except errors.BackupTimeoutError as e:
+            self.state = "committed"
+            self.result = {"txn": self.number, "serial": e.details.get("serial"),
+                           "version": e.details.get("version"), "backup": "pending"}
+            raise
         except errors.ApplianceError:
             self.state = "cancelled"
             raise

@@ -4,7 +4,9 @@
 config -> logging -> exclusive lock -> segments (create, or re-attach and
 recover) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
 never unlinks the segments: the data lives in them, and the next controller
-re-attaches.
+re-attaches. SIGHUP (``systemctl reload``) reads the config again between
+two loop iterations: what config.RELOADABLE lets the controller take is
+applied, the rest is logged as needing a restart.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import select
 import time
 
+from .. import config as config_mod
 from .. import errors
 from .._os import lifecycle, logs, sdnotify
 from ..config import Config
@@ -78,6 +81,8 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
             ctl.run_once(max_wait=max(0.0, next_hk - time.monotonic()))
             if shutdown is not None:
                 shutdown.drain()
+                if shutdown.take_reload():
+                    reload(ctl, log)
             if time.monotonic() >= next_hk:
                 ctl.housekeeping()
                 next_hk = time.monotonic() + HOUSEKEEPING_S
@@ -93,19 +98,24 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         lock.release()
 
 
+def reload(ctl, log) -> None:
+    """SIGHUP: reload the config file (RELOADING=1 ... READY=1 for systemd)."""
+    sdnotify.reloading()
+    config_mod.reload_logged(ctl.cfg, "controller", log, ctl.reconfigure)
+    sdnotify.ready(status=f"serving {ctl.cfg.name} at version {ctl.att.sb.sb_version}")
+
+
 def run(config_path: str) -> int:
     """Entry point of ``appliance controller``; returns the exit status."""
-    from .. import config as config_mod
-
     logs.configure()
     log = logs.get_logger(process="controller")
-    cfg = config_mod.load_logged(config_path, log)
-    if cfg is None:
-        return errors.EXIT_CONFIG
-    log = log.bind(appliance=cfg.name)
     shutdown = lifecycle.Shutdown()
-    shutdown.install()
+    shutdown.install()   # first: a SIGHUP or SIGTERM while starting is taken once the loop runs
     try:
+        cfg = config_mod.load_logged(config_path, log)
+        if cfg is None:
+            return errors.EXIT_CONFIG
+        log = log.bind(appliance=cfg.name)
         return serve(cfg, log, shutdown)
     except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError) as e:
         log.error("controller_refused_to_start", error=str(e), code=e.code)

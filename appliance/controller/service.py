@@ -139,6 +139,7 @@ class Controller:
         self.sync = SyncTracker(cfg.replication if self.role == "primary" else None, log)
         self.agent_state: dict = {}      # what the agent last reported (secondary: its link)
         self.copied: bytearray | None = None   # secondary: blocks copied so far while a copy runs
+        self.needs_copy: str | None = None     # secondary: why the primary's stream was refused
         self.watchers: set = set()
         self.verify_new: list[int] = []
         self.resync_new: list[str] = []
@@ -176,6 +177,18 @@ class Controller:
         s.setblocking(False)
         self.listener = s
         self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Run with a reloaded config (SIGHUP: config.reload_logged gives it,
+        with only the keys config.RELOADABLE lets the controller take)."""
+        self.cfg = cfg
+        self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
+        self._uids = cfg.allowed_uids() | {0, os.geteuid()}
+        self._gids = cfg.allowed_gids()
+        self._cred_cache.clear()
+        if self.role == "primary":
+            self.sync.reconfigure(cfg.replication)
+            self._release_backed_up()
 
     def close(self) -> None:
         for sess in list(self.sessions.values()):
@@ -591,7 +604,8 @@ class Controller:
             txn = self._open_txn(sess)
             wait = bool(args[0]) if args else True
             durability = self.sync.check_durability(args[1] if len(args) > 1 else None)
-            return (yield from self._commit(txn, wait, durability))
+            bound = m.check_commit_timeout(args[2] if len(args) > 2 else None)
+            return (yield from self._commit(txn, wait, durability, bound))
         if op == m.OP_CANCEL:
             txn = sess.txn
             if txn is not None and txn.state == "open":
@@ -781,8 +795,20 @@ class Controller:
         """A one-statement autocommit (``table[k] = v``) whose record is not
         locked runs straight through, without the coroutine machinery.
         False: the general path must take it (it validates everything again)."""
-        if len(req) != 4 or (sess.txn is not None and sess.txn.state == "open"):
-            return False  # (options as a fifth element take the general path)
+        durability, bound = "quorum", None
+        if len(req) == 5:   # options: only durability and commit_timeout come this way
+            opts = req[4]
+            if type(opts) is not dict or not opts.keys() <= {"durability", "commit_timeout"}:
+                return False
+            try:
+                durability = self.sync.check_durability(opts.get("durability"))
+                bound = m.check_commit_timeout(opts.get("commit_timeout"))
+            except errors.ApplianceError:
+                return False
+        elif len(req) != 4:
+            return False
+        if sess.txn is not None and sess.txn.state == "open":
+            return False
         steps = req[3]
         if type(steps) is not list or len(steps) != 1:
             return False
@@ -815,15 +841,17 @@ class Controller:
                                    "results": txn.results}))
             return True
         txn.state = "committing"
-        txn.durability = "quorum"
+        txn.durability = durability
+        txn.commit_timeout = bound
         txn.wait = True
         sess.gen = _FAST
         self.commit_queue.append((sess, txn))
         return True
 
-    def _commit(self, txn: Txn, wait: bool = True, durability="quorum"):
+    def _commit(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None):
         txn.durability = durability
         txn.wait = wait
+        txn.commit_timeout = bound
         effective = any(c.after != c.before for c in txn.changes.values())
         if not effective:
             txn.state = "committed"
@@ -842,6 +870,7 @@ class Controller:
         if not isinstance(opts, dict):
             raise errors.ProtocolError("atomic: options must be a map")
         durability = self.sync.check_durability(opts.get("durability"))
+        bound = m.check_commit_timeout(opts.get("commit_timeout"))
         wait = bool(opts.get("wait", True))
         _arity(args, 3, "atomic")
         if sess.txn is not None and sess.txn.state == "open":
@@ -860,7 +889,7 @@ class Controller:
         except BaseException:
             self._cancel(txn, "statement_failed")
             raise
-        out = yield from self._commit(txn, wait, durability)
+        out = yield from self._commit(txn, wait, durability, bound)
         out["results"] = results
         return out
 
@@ -870,7 +899,8 @@ class Controller:
         _LOAD_CHUNK records the load lets the other sessions run (_YIELD).
         Nothing reaches shared memory before its commit, so the records stay
         invisible until then."""
-        durability = self.sync.check_durability(args[2] if len(args) == 3 else None)
+        durability = self.sync.check_durability(args[2] if len(args) >= 3 else None)
+        bound = m.check_commit_timeout(args[3] if len(args) == 4 else None)
         args = args[:2]
         _arity(args, 2, "load")
         if sess.txn is not None and sess.txn.state == "open":
@@ -907,7 +937,7 @@ class Controller:
             self._cancel(txn, "load_failed")
             e.details.setdefault("index", i)
             raise
-        yield from self._commit(txn, True, durability)
+        yield from self._commit(txn, True, durability, bound)
         return len(recs)
 
     def _txn_status(self, number, since_ns) -> str:
@@ -962,15 +992,16 @@ class Controller:
             result = {"txn": txn.number, "serial": serial, "version": version}
             if self.sync.enabled:
                 self.sync.committed(serial)
-            d = getattr(txn, "durability", "quorum")
+            d = txn.durability
             if self.sync.needs_wait(d):
                 # backup first: the records stay locked until the secondaries confirm ([0104])
-                w = Waiter(serial, txn, d)
-                w.session, w.result = sess, result
+                w = Waiter(serial, txn, d, session=sess, result=result)
                 self.sync.waiting.append(w)
-                if not getattr(txn, "wait", True):
+                if not txn.wait:
                     w.replied = True
                     self._reply_commit(sess, txn, dict(result, backup="pending"), None)
+                elif txn.commit_timeout is not None:
+                    w.timer = self.add_timer(txn.commit_timeout, lambda w=w: self._backup_timed_out(w))
                 continue
             self._release(txn)
             self._reply_commit(sess, txn, result, None)
@@ -987,7 +1018,7 @@ class Controller:
                 result["results"] = txn.results
                 self._send(sess, m.ok(result))
             else:
-                self._send(sess, m.err(exc.code, exc.message, {"txn": txn.number}))
+                self._send(sess, m.err(exc.code, exc.message, _plain({**exc.details, "txn": txn.number})))
             if sess.inbox:
                 self._ready.append((sess, None, 0, None, None))
         elif exc is None:
@@ -997,10 +1028,23 @@ class Controller:
 
     def _release_backed_up(self) -> None:
         for w in self.sync.ready():
+            if w.timer is not None:
+                self.cancel_timer(w.timer)
             self._release(w.txn)
             if not w.replied:
                 w.replied = True
                 self._reply_commit(w.session, w.txn, w.result, None)
+
+    def _backup_timed_out(self, w: Waiter) -> None:
+        """A commit's bound (commit_timeout) passed before its backup was
+        confirmed: answer BackupTimeoutError (committed here, the backup
+        pending); it stays in sync.waiting, its records locked, until the
+        confirmation or the policy releases it (_release_backed_up)."""
+        w.timer = None
+        if w.replied or w not in self.sync.waiting:
+            return
+        w.replied = True
+        self._reply_commit(w.session, w.txn, None, self.sync.timed_out(w, w.txn.commit_timeout))
 
     # ------------------------------------------------------------------ replication
 
@@ -1106,7 +1150,8 @@ class Controller:
             applied, source = self._applied_serial()
             return {"name": self.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
                     "role": self.role, "serial": self._published_serial(), "applied": applied,
-                    "source": source, "copying": self.copied is not None}
+                    "source": source, "copying": self.copied is not None,
+                    "needs_copy": self.needs_copy is not None}
         if sess.agent is None:
             raise errors.AccessDeniedError(f"op {op}: only the appliance's replication agent may use it")
         if op == m.OP_WATCH:
@@ -1160,6 +1205,9 @@ class Controller:
         if type(source) is not int or type(after) is not int or not isinstance(blob, bytes):
             raise errors.WrongTypeError("apply: expects (source instance, after serial, entries)")
         applied, have = self._applied_serial()
+        if self.needs_copy is not None:
+            raise errors.ProtocolError(f"apply: this secondary refused its primary's stream earlier "
+                                       f"({self.needs_copy}) and waits for a block copy", need_copy=True)
         if have and source != have and self.copied is None:
             raise errors.ProtocolError(f"apply: these changes come from primary instance {source}, "
                                        f"this secondary follows {have}: copy first", need_copy=True)
@@ -1179,14 +1227,34 @@ class Controller:
             self._last_consumed = consumed
             if consumed:
                 wr.set_source(last, source)
-            wr.publish(time.time_ns(), 0)
         except errors.ApplianceError as e:
-            # the batch may hold part of a transaction: never publish it
-            self.log.critical("apply_failed_exiting", error=str(e))
-            os._exit(70)
+            self._refuse_batch(e)
+        wr.publish(time.time_ns(), 0)
         for sess in list(self.watchers):
             self._wake_watcher(sess)
         wr.reclaim()
+
+    def _refuse_batch(self, e: errors.ApplianceError):
+        """The primary's changes failed to apply part-way. The batch may hold
+        part of a transaction, so it is rolled back in-process, never
+        published (Writer.abort: the start-up recovery over the same memory,
+        sound while readers read; see apl_batch_abort). Reads go on at the
+        last published version; this secondary takes no more of the stream
+        until a block copy begins. Raises the refusal for the agent, which
+        asks its primary for that copy."""
+        try:
+            facts = self.writer.abort()
+        except errors.ApplianceError:
+            self.log.critical("apply_rollback_failed_exiting", error=str(e), exc_info=True)
+            os._exit(70)  # the restarted controller rolls the unpublished batch back
+        applied = self._applied_serial()[0]
+        self.copied = None
+        self.needs_copy = f"{e.code}: {e.message}"
+        self.log.error("apply_refused", error=e.message, code=e.code, rolled_back=facts["rolled_back"],
+                       applied=applied)
+        raise errors.error_for(e.code, f"apply refused ({e.message}): nothing of it was applied, serial "
+                                       f"{applied} stays the last applied; this secondary needs a block copy",
+                               need_copy=True, applied=applied)
 
     def _copy(self, phase, source, payload) -> dict:
         """A block copy from the primary ([0079], [0127]): begin, blocks, end."""
@@ -1200,12 +1268,13 @@ class Controller:
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
             self.copied = bytearray((self.att.sb.sb_max_blocks + 7) // 8)
+            self.needs_copy = None
             # the stream continues after `serial`: record it, so entries that follow are not a gap
             self._apply_batch(lambda wr: (1, serial, serial), source)
             self.log.info("copy_started", source=source, blocks=limit, serial=serial)
             return {"copied": 0}
         if self.copied is None:
-            raise errors.ProtocolError("copy: no copy in progress")
+            raise errors.ProtocolError("copy: no copy in progress", need_copy=True)
         if phase == "blocks":
             if not isinstance(payload, bytes):
                 raise errors.WrongTypeError("copy blocks: expects block images (apl_block_images format)")
@@ -1317,6 +1386,7 @@ class Controller:
             applied, source = self._applied_serial()
             return {"role": "secondary", "primary": self.cfg.replication.primary, "applied_serial": applied,
                     "source_instance": source, "copying": self.copied is not None,
+                    "needs_copy": self.needs_copy,
                     "agent": dict(self.agent_state,
                                   attached=any(x.agent for x in self.sessions.values()))}
         return None

@@ -15,6 +15,11 @@ default) or, after ``degrade_after`` seconds of holding one, is taken out of
 the quorum — loudly: log, status — and back in once it has caught up
 ("degrade").
 
+A commit that waits has a bound (``commit_timeout``, as TimesTen's RETURN
+WAIT TIME; the client sends it): past it the client gets BackupTimeoutError
+— committed locally, backup pending — while the records stay locked until
+the confirmation comes, as with wait=False. Status lists the waiting commits.
+
 Shared state: none outside the controller's event-loop thread. The agent
 reports each secondary's acknowledged serial (OP_ACKED at once, OP_REPL_STATE
 with the rest of its state); this module
@@ -26,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import errors
+from .._os.logs import LogOnce
 from ..config import ReplicationConfig
 
 __all__ = ["SyncTracker", "Waiter"]
@@ -37,21 +43,33 @@ class Waiter:
     txn: object
     durability: object   # "quorum", "all" or an int
     since: float = field(default_factory=time.monotonic)
-    replied: bool = False
+    replied: bool = False   # the client has its answer (wait=False, or the bound passed)
+    session: object = None  # the client's session, for the answer
+    result: dict | None = None
+    timer: object = None    # the controller's timer for commit_timeout, while it runs
 
 
 class SyncTracker:
     def __init__(self, rc: ReplicationConfig | None, log) -> None:
         self.log = log
+        self.degraded: set[str] = set()
+        self.reconfigure(rc)
+        self.acked: dict[str, int] = {n: 0 for n in self.secondaries}
+        self.state: dict[str, dict] = {n: {"connected": False} for n in self.secondaries}
+        self.waiting: list[Waiter] = []
+        self.timeouts = LogOnce(log)   # commits answered BackupTimeoutError, logged once per cause
+        self.commits: list[tuple[int, float]] = []  # (serial, wall time) of recent commits, for lag
+        self.last_serial = 0
+
+    def reconfigure(self, rc: ReplicationConfig | None) -> None:
+        """The secondaries' settings (a reload keeps their names: config.RELOADABLE)."""
         self.secondaries = {s.name: s for s in (rc.secondaries if rc else ())}
         self.sync_names = [s.name for s in self.secondaries.values() if s.mode == "sync"]
         self.quorum = rc.sync_quorum if rc else "all"
-        self.acked: dict[str, int] = {n: 0 for n in self.secondaries}
-        self.state: dict[str, dict] = {n: {"connected": False} for n in self.secondaries}
-        self.degraded: set[str] = set()
-        self.waiting: list[Waiter] = []
-        self.commits: list[tuple[int, float]] = []  # (serial, wall time) of recent commits, for lag
-        self.last_serial = 0
+        for name in [n for n in self.degraded if n not in self.sync_names
+                     or self.secondaries[n].on_unreachable != "degrade"]:
+            self.degraded.discard(name)   # no longer synchronous, or its policy is "block" now
+            self.log.warning("secondary_rejoined_quorum", secondary=name, reason="reload")
 
     @property
     def enabled(self) -> bool:
@@ -115,6 +133,8 @@ class SyncTracker:
                 r = reached[d] = self._reached(d)
             (done if w.serial <= r else keep).append(w)
         self.waiting = keep
+        if done and not keep:
+            self.timeouts.clear()   # the backlog drained: the next timeout is news
         return done
 
     def _reached(self, d) -> float:
@@ -132,6 +152,24 @@ class SyncTracker:
         if k <= 0:
             return float("inf")
         return sorted(acks, reverse=True)[k - 1]   # the k-th best acknowledgement
+
+    def missing(self, w: Waiter) -> list[str]:
+        """The secondaries whose confirmation `w` still needs (those behind its serial)."""
+        names = self._quorum_members() if w.durability == "quorum" else list(self.secondaries)
+        return sorted(n for n in names if self.acked[n] < w.serial)
+
+    def timed_out(self, w: Waiter, after_s: float) -> errors.BackupTimeoutError:
+        """The answer for a commit whose bound passed before its backup
+        (logged once per set of missing secondaries, with a count after)."""
+        missing = self.missing(w)
+        self.timeouts.error("commit_backup_timeout", tuple(missing), txn=w.txn.number, serial=w.serial,
+                            after_s=after_s, waiting_for=missing)
+        return errors.BackupTimeoutError(
+            f"commit of transaction {w.txn.number}: committed on this primary (serial {w.serial}) but "
+            f"{', '.join(missing) or 'its secondaries'} did not confirm the backup within {after_s:g} s; "
+            "its records stay locked until they do (or their on_unreachable policy degrades them). "
+            "Do not retry it: it is committed", txn=w.txn.number, serial=w.serial,
+            version=(w.result or {}).get("version"), waiting_for=", ".join(missing), after_s=after_s)
 
     def tick(self) -> None:
         """Degrade synchronous secondaries that hold a commit too long (policy "degrade")."""
@@ -174,8 +212,15 @@ class SyncTracker:
                 "lag": lag,
                 "copy": st.get("copy"),
                 "copies": st.get("copies", 0),
+                "attempts": st.get("attempts", 0),   # connection attempts failed since the link was up
                 "warning": st.get("warning"),
                 "error": st.get("error"),
             }
+        now = time.monotonic()
+        oldest = sorted(self.waiting, key=lambda w: w.serial)[:100]
         return {"role": "primary", "quorum": self.quorum, "secondaries": out,
-                "waiting_commits": len(self.waiting)}
+                "waiting_commits": len(self.waiting),
+                # the oldest (at most 100) commits whose records wait for their backup
+                "waiting": [{"txn": w.txn.number, "serial": w.serial, "durability": w.durability,
+                             "waiting_s": round(now - w.since, 3), "answered": w.replied,
+                             "waiting_for": self.missing(w)} for w in oldest]}

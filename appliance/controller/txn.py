@@ -64,7 +64,7 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
         self.number = number
@@ -80,6 +80,7 @@ class Txn:
         self.durability = "quorum"   # what the commit waits for (controller.sync)
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
+        self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))

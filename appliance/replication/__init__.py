@@ -16,6 +16,11 @@ memory, and the history on disk.
 
 One asyncio loop per process: relays, the applier, the controller link and
 the periodic report are tasks on it; nothing here is shared across threads.
+Signals are loop callbacks too (loop.add_signal_handler): SIGTERM/SIGINT
+stop the agent, SIGHUP reloads its config between two steps of those tasks
+(config.reload_logged; each task reads the settings it may change —
+heartbeat, secret, TLS context, a secondary's address and options — when it
+next uses them, so a reload needs no lock).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import time
 
 from .. import errors
 from .._os import logs, sdnotify
+from .._os.lifecycle import cancel_and_wait
 from ..config import Config
 from ..store.reader import Reader
 from ..store.segment import Attachment
@@ -51,18 +57,21 @@ def _run_loop(coro) -> None:
 
 
 async def _connect_controller(cfg: Config, role: str, log) -> link.ControlLink:
-    """Attach to the controller as its agent, waiting for it to be up."""
-    logged = False
+    """Attach to the controller as its agent, waiting for it to be up
+    (logged once, naming the socket; again when the reason changes)."""
+    path = str(cfg.socket_path)
+    logged = None
     while True:
-        ctl = link.ControlLink(str(cfg.socket_path), f"agent:{role}")
+        ctl = link.ControlLink(path, f"agent:{role}")
         try:
             await ctl.connect(role)
             return ctl
         except (OSError, errors.UnavailableError) as exc:
             ctl.close()
-            if not logged:
-                log.warning("controller_unavailable_waiting", error=str(exc) or type(exc).__name__)
-                logged = True
+            if type(exc) is not logged:
+                logged = type(exc)
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or logged.__name__)
+                log.warning("controller_unavailable_waiting", socket=path, error=f"controller socket {path}: {why}")
             await asyncio.sleep(0.2)
         except errors.ApplianceError:
             ctl.close()
@@ -80,6 +89,16 @@ class PrimaryAgent:
         self.serial = 0
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config (only config.RELOADABLE's agent keys differ):
+        the secret and TLS files are read again for the links made from then
+        on; each relay takes its secondary's settings."""
+        secret, tls = cfg.secret(), link.tls_context(cfg, server=False)
+        self.cfg, self.secret, self.tls = cfg, secret, tls
+        by_name = {s.name: s for s in cfg.replication.secondaries}
+        for r in self.relays:
+            r.reconfigure(by_name[r.name])
 
     # -- shared facts for relays ----------------------------------------------------------
 
@@ -144,15 +163,13 @@ class PrimaryAgent:
                 if t.exception():
                     raise t.exception()
         finally:
-            for t in tasks:
-                t.cancel()
+            await cancel_and_wait([*tasks, *self.verify_tasks])
 
     async def _watch(self) -> None:
         """Long-poll the controller for newly published log entries."""
-        hb = self.cfg.replication.heartbeat
         while True:
             try:
-                b = await self.watch_ctl.call([m.OP_WATCH, self.serial, hb])
+                b = await self.watch_ctl.call([m.OP_WATCH, self.serial, self.cfg.replication.heartbeat])
             except errors.UnavailableError:
                 self.log.warning("controller_link_lost")
                 self.ctl.close()
@@ -183,10 +200,9 @@ class PrimaryAgent:
         """Send the secondaries' whole state to the controller (shown by
         status): soon after a change of state (coalesced: one report in
         flight), and every heartbeat. ACKs go ahead on their own (acked())."""
-        hb = self.cfg.replication.heartbeat
         while True:
             try:
-                await asyncio.wait_for(self._report_event.wait(), hb)
+                await asyncio.wait_for(self._report_event.wait(), self.cfg.replication.heartbeat)
             except asyncio.TimeoutError:
                 pass
             self._report_event.clear()
@@ -225,23 +241,35 @@ class SecondaryAgent:
     def __init__(self, cfg: Config, log) -> None:
         self.cfg = cfg
         self.log = log
+        self.applier: Applier | None = None
+        self.history: History | None = None
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config (only config.RELOADABLE's agent keys differ)."""
+        if self.applier is not None:
+            self.applier.reconfigure(cfg)
+        if self.history is not None:
+            rc, h = cfg.replication, self.history
+            h.period, h.memory, h.disk, h.keep_a = (rc.history_period, rc.history_memory, rc.history_disk,
+                                                    rc.history_a_logs)
+        self.cfg = cfg
 
     async def run(self, ready) -> None:
-        rc = self.cfg.replication
         ctl = await _connect_controller(self.cfg, "secondary", self.log)
         att = Attachment(self.cfg.name, writable=False)
         files = link.files_of(att)
         att.close()
-        history = History(self.cfg.resolve(rc.history_dir), period=rc.history_period, memory=rc.history_memory,
-                          disk=rc.history_disk, keep_a=rc.history_a_logs, log=self.log)
-        applier = Applier(self.cfg, ctl, self.log, history, files)
+        rc = self.cfg.replication   # (a reload may have come while the controller was awaited)
+        history = self.history = History(self.cfg.resolve(rc.history_dir), period=rc.history_period,
+                                         memory=rc.history_memory, disk=rc.history_disk, keep_a=rc.history_a_logs,
+                                         log=self.log)
+        applier = self.applier = Applier(self.cfg, ctl, self.log, history, files)
         await applier.start()
         ready(f"listening at {rc.listen} for {rc.primary}")
         self.log.info("agent_started", role="secondary", primary=rc.primary, applied=applier.applied)
-        hb = rc.heartbeat
         try:
             while True:
-                await asyncio.sleep(hb)
+                await asyncio.sleep(self.cfg.replication.heartbeat)
                 try:
                     await ctl.call([m.OP_REPL_STATE, applier.report()])
                 except errors.UnavailableError:
@@ -253,6 +281,7 @@ class SecondaryAgent:
                     applier.ctl = ctl
                     applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
                     applier.copying = bool(ctl.info.get("copying"))
+                    applier.need_copy = applier.need_copy or bool(ctl.info.get("needs_copy"))
                 if time.monotonic() - history.last_spill > 5:
                     history.spill()
         finally:
@@ -264,6 +293,7 @@ def run(config_path: str) -> int:
     """Entry point of ``appliance agent``; returns the exit status."""
     from .. import config as config_mod
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the loop handles it: a reload must not kill
     logs.configure()
     log = logs.get_logger(process="agent")
     cfg = config_mod.load_logged(config_path, log)
@@ -276,11 +306,17 @@ def run(config_path: str) -> int:
     log = log.bind(appliance=cfg.name, role=cfg.replication.role)
     agent = PrimaryAgent(cfg, log) if cfg.replication.role == "primary" else SecondaryAgent(cfg, log)
 
+    def reload() -> None:
+        sdnotify.reloading()
+        config_mod.reload_logged(agent.cfg, "agent", log, agent.reconfigure)
+        sdnotify.ready()
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
         task = asyncio.create_task(agent.run(lambda status: sdnotify.ready(status=status)))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

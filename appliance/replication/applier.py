@@ -8,6 +8,11 @@ them to the log history, and reports "backup complete" (ACK) with the serial
 of the last transaction fully applied ([0084], [0117]). A gap is answered
 with NAK; duplicates are ignored. While a block copy runs, ACKs wait until
 it ends: until then "backup complete" would not be true.
+
+When the controller refuses a batch of the stream (it failed to apply part
+way, so the controller rolled it back: see Controller._refuse_batch), the
+applier sends the primary an ERROR saying so and drops the link; its next
+START asks for a block copy ("copy": true), which the relay then runs.
 """
 from __future__ import annotations
 
@@ -39,13 +44,21 @@ class Applier:
         self.source = ctl.info["source"]
         self.epoch_seen = ctl.info["epoch"]
         self.copying = bool(ctl.info.get("copying"))
+        self.need_copy = bool(ctl.info.get("needs_copy"))   # the next START asks for a block copy
         self.current: link.FrameStream | None = None
+        self.carried = 0    # the last serial the current link carried: no ACK names more (the relay caps too)
         self.state = "waiting for primary"
         self.connected_since: float | None = None
         self.last_message = 0.0
         self.primary_time_lag = None
         self.suspended = False
         self.server: Listener | None = None
+
+    def reconfigure(self, cfg) -> None:
+        """A reloaded config: the secret and TLS files are read again (for
+        the links accepted from then on; the current one goes on)."""
+        secret, tls = cfg.secret(), link.tls_context(cfg, server=True)
+        self.cfg, self.secret, self.tls = cfg, secret, tls
 
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
@@ -79,7 +92,7 @@ class Applier:
         await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _accept(self, reader, writer) -> None:
-        fs = link.FrameStream(reader, writer)
+        fs = link.FrameStream(reader, writer, max_frame=link.HANDSHAKE_MAX_FRAME)
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
                                                           epoch_seen=self.epoch_seen)
@@ -97,16 +110,22 @@ class Applier:
         if self.history.enabled and self.history.last_serial < resume and instance == self.source:
             resume = self.history.last_serial  # fill the history's gap: applying skips duplicates
         fs.send(rp.message(rp.START, self.epoch_seen, resume,
-                           {"applied": resume, "source": self.source, "copy": self.copying}))
+                           {"applied": resume, "source": self.source, "copy": self.copying or self.need_copy}))
         await fs.drain()
         self.errs.clear()
+        self.carried = resume
         self.connected_since = time.time()
         self.state = "streaming"
         self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
         beat = asyncio.get_running_loop().create_task(self._heartbeats(fs))
         try:
             await self._serve(fs, instance)
-        except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
+        except errors.ApplianceError as exc:
+            if exc.details.get("need_copy") and self.current is fs:
+                self._ask_for_copy(fs, exc)
+            else:
+                self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
+        except (OSError, EOFError, asyncio.TimeoutError) as exc:
             self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
         finally:
             beat.cancel()
@@ -116,6 +135,18 @@ class Applier:
                 self.connected_since = None
                 self.state = "waiting for primary"
             self.history.spill()
+
+    def _ask_for_copy(self, fs: link.FrameStream, exc: errors.ApplianceError) -> None:
+        """The controller refused the stream and rolled the batch back: tell
+        the primary why (ERROR; the link closes after it). It reconnects, and
+        this START asks for a block copy."""
+        self.need_copy = True
+        self.log.error("copy_requested", peer=fs.peer, reason=str(exc), applied=self.applied)
+        try:
+            fs.send(rp.message(rp.ERROR, self.epoch_seen, self.applied, {
+                "code": exc.code, "message": f"secondary {self.cfg.name!r} refused the stream: {exc}"}))
+        except ConnectionError:
+            pass   # the primary is gone already: it asks START again, which asks for the copy
 
     async def _serve(self, fs: link.FrameStream, instance: int) -> None:
         pending = b""
@@ -136,6 +167,7 @@ class Applier:
                     await fut
                 copy_calls.clear()
                 first, last, blob = body
+                self.carried = max(self.carried, last)
                 expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
                 if first > expect:
                     self.log.warning("gap_detected", expected=expect, got=first)
@@ -160,6 +192,7 @@ class Applier:
                     self.history.append(b2[2])
                     pending += b2[2]
                     last = max(last, b2[1])
+                    self.carried = max(self.carried, last)
                 r = await self.ctl.call([m.OP_APPLY, instance, self.applied, pending])
                 pending = pending[r["consumed"]:]
                 if r["applied"] > self.applied:
@@ -167,15 +200,15 @@ class Applier:
                     self.source = instance
                 # acknowledge whatever is applied and not yet acknowledged on this link
                 # (after a reconnect everything resent may be a duplicate: ACK anyway)
-                if not self.copying and self.applied > acked:
-                    fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
+                if not self.copying and self._ack_serial() > acked:
+                    acked = self._ack_serial()
+                    fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked}))
                     await fs.drain()
-                    acked = self.applied
             elif kind == rp.COPY_BEGIN:
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
-                self.copying = True
+                self.copying, self.need_copy = True, False
                 self.state = "copying"
-                self.applied = body["serial"]
+                self.applied = self.carried = body["serial"]
                 pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
             elif kind == rp.COPY_BLOCKS:
@@ -192,12 +225,13 @@ class Applier:
                 self.copying = False
                 self.state = "streaming"
                 self.applied, self.source = r["applied"], instance
+                self.carried = max(self.carried, self.applied)
                 fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))
                 await fs.drain()
                 acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
             elif kind == rp.HEARTBEAT:
-                applied = self.applied if not self.copying else 0   # no "backup complete" mid-copy
+                applied = self._ack_serial() if not self.copying else 0   # no "backup complete" mid-copy
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
                 await fs.drain()
             elif kind == rp.VERIFY:
@@ -205,13 +239,19 @@ class Applier:
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
 
+    def _ack_serial(self) -> int:
+        """What an acknowledgement on the current link says is applied: the
+        last serial applied, but never past what this link carried (after a
+        resume from the log history's end the link resends serials applied
+        before: what was applied past them is acknowledged as they arrive)."""
+        return min(self.applied, self.carried)
+
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
         (the primary drops a link it has not heard from)."""
-        hb = self.cfg.replication.heartbeat
         while True:
-            await asyncio.sleep(hb)
-            applied = self.applied if not self.copying else 0
+            await asyncio.sleep(self.cfg.replication.heartbeat)
+            applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
             except ConnectionError:

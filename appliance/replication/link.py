@@ -5,7 +5,10 @@ its own controller (Unix socket), with the mutual authentication of
 A peer that is unknown, misconfigured or fails authentication is refused
 with an ERROR message and a log line on both sides, and nothing changes.
 Garbage, truncated or oversized frames raise ProtocolError: the caller drops
-the connection, never the process.
+the connection, never the process. Until the peer has authenticated, a
+frame may hold at most HANDSHAKE_MAX_FRAME bytes (a HELLO with the largest
+file list fits), so an unknown peer makes an agent hold no more than that
+and the stream's read buffer; MAX_FRAME applies from then on.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ __all__ = ["FrameStream", "tls_context", "connect_peer", "primary_handshake", "s
            "ControlLink", "AuthError"]
 
 HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_MAX_FRAME = 64 << 10   # 256 files of the longest names in a HELLO take about 25 KiB
 MAX_FRAME = 256 << 20
 
 
@@ -60,6 +64,11 @@ class FrameStream:
                 raise EOFError(f"{self.peer}: connection closed")
             self._ready.extend(self._dec.feed(data))
         return self._ready.popleft()
+
+    def allow_frames(self, max_frame: int) -> None:
+        """Change the frame limit: HANDSHAKE_MAX_FRAME until the peer has
+        authenticated, MAX_FRAME after."""
+        self._dec.max_frame = max_frame
 
     def peek(self):
         """The next message if it has already arrived (None otherwise): lets a
@@ -120,7 +129,7 @@ def tls_context(cfg: Config, server: bool) -> ssl.SSLContext | None:
 async def connect_peer(address: str, ctx: ssl.SSLContext | None, timeout: float = HANDSHAKE_TIMEOUT) -> FrameStream:
     host, port = parse_address(address)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
-    return FrameStream(reader, writer)
+    return FrameStream(reader, writer, max_frame=HANDSHAKE_MAX_FRAME)
 
 
 def _refuse(fs: FrameStream, epoch: int, code: str, message: str) -> None:
@@ -178,6 +187,7 @@ async def primary_handshake(fs: FrameStream, cfg: Config, secondary, *, instance
             _refuse(fs, epoch, "APL_EACCESS", "authentication failed")
             raise AuthError(f"{fs.peer}: secondary {secondary.name!r} failed authentication (shared secret)")
         mac = rp.mac(secret, "primary", n_s, n_p, cfg.name, secondary.name)
+    fs.allow_frames(MAX_FRAME)   # the secondary has proved who it is
     fs.send(rp.message(rp.AUTH, epoch, serial, {"mac": mac}))
     await fs.drain()
     _, _, start = await _expect(fs, rp.START, "START")
@@ -207,6 +217,7 @@ async def secondary_handshake(fs: FrameStream, cfg: Config, *, files: list, secr
                                             auth.get("mac")):
         _refuse(fs, epoch_seen, "APL_EACCESS", "authentication failed")
         raise AuthError(f"{fs.peer}: primary {rc.primary!r} failed authentication (shared secret)")
+    fs.allow_frames(MAX_FRAME)
     # only now, authenticated, do the peer's claims count
     if epoch < epoch_seen:
         _refuse(fs, epoch_seen, "APL_ESTALE", f"epoch {epoch} is older than {epoch_seen}, already seen")

@@ -14,7 +14,10 @@ copy will carry them ([0130]).
 Reading ACKs and writing the stream are separate tasks (the writer never
 waits on the reader). Each ACK moves the secondary's acknowledged serial,
 which the agent reports to the controller, which releases synchronous
-commits waiting for it.
+commits waiting for it. An acknowledgement never counts beyond the last
+serial sent on that link (`sent`: both tasks run on the agent's one loop),
+and a START that claims more than this primary ever wrote gets a copy: a
+broken secondary cannot release synchronous commits early.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from collections import deque
 
 from .. import errors
 from .._native import ffi, lib
+from .._os.lifecycle import cancel_and_wait
 from .._os.logs import LogOnce
 from ..wire import replication as rp
 from . import link
@@ -47,6 +51,7 @@ class Relay:
         self.name = sec.name
         self.log = agent.log.bind(secondary=sec.name)
         self.errs = LogOnce(self.log)
+        self.ack_errs = LogOnce(self.log)   # acknowledgements past the stream, once per link
         self.state = "connecting"
         self.connected = False
         self.acked = 0                # last serial the secondary confirmed applied
@@ -56,10 +61,11 @@ class Relay:
         self.acked_pos = 0
         self.copy: dict | None = None  # progress while copying
         self.last_error: str | None = None
+        self.attempts = 0             # connection attempts failed since the link was last up
         self.warning: str | None = None
         self.last_heard = 0.0
         self.wake = asyncio.Event()
-        self.opts = (lib.APL_EXPORT_DELTA if sec.delta_updates else 0) | (0 if sec.send_b_logs else lib.APL_EXPORT_NO_B)
+        self.reconfigure(sec)
         self._buf = ffi.new("uint8_t[]", CHUNK)
         self._pos = ffi.new("uint64_t *")
         self._first, self._last, self._count = (ffi.new("uint64_t *") for _ in range(3))
@@ -67,6 +73,12 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+
+    def reconfigure(self, sec) -> None:
+        """This secondary's settings (a reload: the address serves the next
+        connection, the export options the next message)."""
+        self.sec = sec
+        self.opts = (lib.APL_EXPORT_DELTA if sec.delta_updates else 0) | (0 if sec.send_b_logs else lib.APL_EXPORT_NO_B)
 
     # -- state ------------------------------------------------------------------------
 
@@ -81,11 +93,15 @@ class Relay:
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
-                "warning": self.warning}
+                "warning": self.warning, "attempts": self.attempts}
 
     # -- the connection loop ------------------------------------------------------------
 
     async def run(self) -> None:
+        """Connect, stream, and reconnect with backoff (up to 2 s). A
+        secondary that stays down is logged once (secondary_link_failed, and
+        the state's change to "disconnected"), not per attempt: status counts
+        the attempts."""
         backoff = 0.05
         while True:
             try:
@@ -95,8 +111,10 @@ class Relay:
                 raise
             except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError, NeedCopy) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if not self.connected:
+                    self.attempts += 1
                 self.errs.error("secondary_link_failed", f"{type(exc).__name__}:{getattr(exc, 'code', '')}",
-                                error=str(exc) or type(exc).__name__)
+                                error=str(exc) or type(exc).__name__, attempts=self.attempts)
             finally:
                 if self.connected:
                     self.connected = False
@@ -106,7 +124,8 @@ class Relay:
             backoff = min(backoff * 2, 2.0)
 
     async def _session(self) -> None:
-        self.set_state("connecting")
+        if self.state != "disconnected":   # retries stay "disconnected" until the link is up
+            self.set_state("connecting")
         fs = await link.connect_peer(self.sec.address, self.agent.tls)
         try:
             a = self.agent
@@ -117,21 +136,25 @@ class Relay:
                 raise errors.ProtocolError(f"{fs.peer}: malformed START")
             self.connected = True
             self.last_error = None
+            self.attempts = 0
             self.errs.clear()
+            self.ack_errs.clear()
             self.last_heard = time.monotonic()
             self.log.info("secondary_connected", peer=fs.peer, applied=applied, follows=source)
             need_copy = bool(start.get("copy")) or source != a.instance
             if not need_copy:
-                self.acked = max(self.acked, applied)
                 try:
                     self._seek(applied)
-                except NeedCopy:
+                    self.acked = max(self.acked, applied)
+                except NeedCopy as exc:
+                    self.log.warning("secondary_needs_copy", reason=str(exc))
                     need_copy = True
-            reader = asyncio.get_running_loop().create_task(self._read(fs))
-            writer = asyncio.get_running_loop().create_task(self._write(fs, need_copy))
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (reader, writer):
-                t.cancel()
+            tasks = (asyncio.get_running_loop().create_task(self._read(fs)),
+                     asyncio.get_running_loop().create_task(self._write(fs, need_copy)))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait(tasks)   # also when the agent stops: no task is left to fail alone
             for t in done:
                 exc = t.exception()
                 if exc is not None:
@@ -146,7 +169,10 @@ class Relay:
         """Position the stream right after serial `applied`."""
         self.sent_pos.clear()
         b = self.agent.bounds()
-        if applied >= b["serial"]:
+        if applied > b["serial"]:
+            raise NeedCopy(f"the secondary says it applied serial {applied}, past this primary's "
+                           f"last serial {b['serial']}")
+        if applied == b["serial"]:
             self.pos, self.sent, self.acked_pos = b["head"], applied, b["head"]
             return
         rc = lib.apl_log_seek(self.agent.reader.view, applied + 1, self._pos)
@@ -182,7 +208,6 @@ class Relay:
         self.sent_pos.append((last, self.pos))
 
     async def _write(self, fs, need_copy: bool) -> None:
-        hb = self.agent.cfg.replication.heartbeat
         if need_copy:
             await self._copy(fs)
         self.set_state("streaming")
@@ -207,7 +232,7 @@ class Relay:
                 continue
             self._check_retention()
             try:
-                await asyncio.wait_for(self.wake.wait(), hb)
+                await asyncio.wait_for(self.wake.wait(), self.agent.cfg.replication.heartbeat)
             except asyncio.TimeoutError:
                 fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
                                    {"head": self.agent.serial, "sent": self.sent}))
@@ -293,6 +318,12 @@ class Relay:
     # -- reading ACKs --------------------------------------------------------------------
 
     def _acked(self, applied: int) -> None:
+        if applied > self.sent:
+            # nothing past `sent` went out on this link: the secondary cannot have applied it
+            self.ack_errs.error("secondary_ack_beyond_sent", "beyond_sent", applied=applied, sent=self.sent)
+            if self.sent <= self.acked:
+                return
+            applied = self.sent
         self.acked = applied
         while self.sent_pos and self.sent_pos[0][0] <= applied:
             self.acked_pos = self.sent_pos.popleft()[1]

@@ -111,8 +111,7 @@ class Writer:
     def recover(self) -> dict:
         r = ffi.new("struct apl_recovery *")
         check(lib.apl_store_recover(self._s, r), "recover")
-        return {k: getattr(r, k) for k in ("rolled_back", "versions_kept", "blocks_live",
-                                           "slots_used", "readers_cleared", "log_head")}
+        return _facts(r)
 
     def close(self) -> None:
         if getattr(self, "_s", None) is not None:
@@ -205,6 +204,14 @@ class Writer:
     def use_reserve(self, on: bool) -> None:
         lib.apl_store_use_reserve(self._s, 1 if on else 0)
 
+    def abort(self) -> dict:
+        """Roll the open batch back (apl_batch_abort): nothing of it is
+        published; returns the recovery facts (rolled_back ...)."""
+        r = ffi.new("struct apl_recovery *")
+        check(lib.apl_batch_abort(self._s, r), "abort batch")
+        self.in_batch = False
+        return _facts(r)
+
     def publish(self, time_ns: int, last_txn: int) -> int:
         check(lib.apl_batch_publish(self._s, time_ns, last_txn), "publish")
         self.in_batch = False
@@ -234,3 +241,9 @@ class Writer:
             out["bytes_used"] = (out["slots_total"] - out["slots_free"]) * self.att.sb.sb_block_size
         out["segment_free"] = [st.seg_free[i] for i in range(nseg)]
         return out
+
+
+def _facts(r) -> dict:
+    """A struct apl_recovery as a dict."""
+    return {k: getattr(r, k) for k in ("rolled_back", "versions_kept", "blocks_live",
+                                       "slots_used", "readers_cleared", "log_head")}

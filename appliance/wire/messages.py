@@ -29,11 +29,12 @@ OP_INSERT              table, record                                   nil
 OP_UPDATE              table, key, changes (map)                       nil
 OP_DELETE              table, key                                      nil
 OP_PUT                 table, key, record                              "insert" or "update"
-OP_COMMIT              wait (bool)                                     map: txn, serial, version
+OP_COMMIT              wait (bool), durability, commit_timeout         map: txn, serial, version
 OP_CANCEL              -                                               nil
 OP_ATOMIC              program or nil, input, [[op, arg...], ...]      map: txn, serial, version,
                                                                        results (one per step)
-OP_LOAD                table, [record, ...], durability (optional)     number loaded
+OP_LOAD                table, [record, ...], durability, commit_timeout  number loaded
+                       (the last two optional)
 OP_TXN_STATUS          transaction number, its start time (ns)         "committed", "not_committed",
                                                                        "unknown", "open", "committing"
 OP_WAIT_APPLIED        primary serial, timeout (s)                     serial applied (secondary: read-your-writes)
@@ -48,7 +49,13 @@ OP_COMMIT takes a second, optional argument: the durability wanted, one of
 quorum: the default), "all" (every secondary), or an int k (any k
 secondaries). With wait false the reply comes after the local commit while
 the records stay locked until the durability is reached (Figure 6).
-OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...}.
+Its third, optional argument, commit_timeout (seconds, or nil: no bound;
+see check_commit_timeout), bounds the wait for that durability: past it the
+reply is APL_EBACKUP (BackupTimeoutError, details txn, serial, version,
+waiting_for, after_s): committed here, the backup pending, the records
+still locked until it is confirmed.
+OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...,
+"commit_timeout": ...}.
 
 The replication agent of the same appliance uses these, on the same socket
 (only after OP_AGENT, and only from the controller's own user or root):
@@ -86,6 +93,8 @@ OP_LOAD inserts the records as one transaction (program ``"load"``).
 """
 from __future__ import annotations
 
+from .. import errors
+
 PROTOCOL_VERSION = 1
 
 OK = 0
@@ -122,6 +131,21 @@ ONE_WAY = frozenset({OP_ACKED})
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("OP_")}
+
+
+#: the longest commit_timeout accepted (seconds)
+MAX_COMMIT_TIMEOUT = 86400.0
+
+
+def check_commit_timeout(t) -> float | None:
+    """A commit's wait bound in seconds, or None (wait as long as it takes);
+    WrongTypeError for anything else."""
+    if t is None:
+        return None
+    if type(t) in (int, float) and 0 < t <= MAX_COMMIT_TIMEOUT:   # (NaN fails both comparisons)
+        return float(t)
+    raise errors.WrongTypeError(f"commit_timeout must be a number of seconds in (0, {MAX_COMMIT_TIMEOUT:g}] or None, "
+                         f"not {t!r}")
 
 
 def ok(result=None) -> list:

@@ -44,11 +44,18 @@ Stream (primary -> secondary), in serial order:
 Replies (secondary -> primary):
 
     ACK         {applied}               backup complete: every transaction up to
-                                        `applied` (a COMMIT/CANCEL serial) is applied
+                                        `applied` (a COMMIT/CANCEL serial) is applied;
+                                        never past what this link carried (the primary
+                                        counts no acknowledgement past what it sent)
     NAK         {expected}              a gap: resend from serial `expected`
     VERIFY_RESULT {id, differ, checked}
     HEARTBEAT   {applied}
-    ERROR       {code, message}         then the connection is closed
+    ERROR       {code, message}         then the connection is closed (a secondary whose
+                                        controller refused a batch says why, and its next
+                                        START asks for a copy)
+
+Until the peer has authenticated (AUTH checked), a frame holds at most 64 KiB
+(link.HANDSHAKE_MAX_FRAME); a larger one ends the connection.
 """
 from __future__ import annotations
 
