@@ -73,6 +73,21 @@ static inline struct apl_bhdr *apl_resolve(const apl_view *v, uint32_t number, u
     return 0;
 }
 
+/*
+ * Block `number` as a block image sees it at `version`: NULL when the number
+ * is not in use then. A removed number stays in the location table until no
+ * pin can reach it; its head's bh_retired (set before the removal's version
+ * is published) tells from which version on it is gone.
+ */
+static inline struct apl_bhdr *apl_resolve_in_use(const apl_view *v, uint32_t number, uint64_t version)
+{
+    struct apl_bhdr *b = apl_resolve(v, number, version);
+    if (!b)
+        return 0;
+    uint64_t retired = LOAD_ACQ(&b->bh_retired);
+    return retired && retired <= version ? 0 : b;
+}
+
 /* Big-endian 8-byte prefix as an integer, zero-padded on the right. */
 static inline uint64_t apl_prefix(const uint8_t *k, uint32_t n)
 {

@@ -49,7 +49,14 @@
  * same batch modify the copy in place: no reader can be looking at it, because
  * a reader with snapshot version S always follows bh_prev while bh_version > S.
  * Publishing V is one release store of sb_version. Committed block versions are
- * never modified again (only bh_retired, which readers ignore).
+ * never modified again, but for bh_retired: removing a block number stores the
+ * removal's version V there (before V is published). Lookups never reach a
+ * removed number (no parent refers to it from V on); block images (verify,
+ * a first copy) read a number whose bh_retired is <= their version as not in
+ * use. The number itself stays in the location table until no pin can reach
+ * it, and is dropped then only if that same removal still holds: a secondary
+ * re-creates a number as soon as its primary reuses it, which can be before
+ * its own reclaim has passed the removal.
  *
  * A reader pins its snapshot before reading: rs_pin = APL_PIN_PENDING; full
  * fence; S = load(G); rs_pin = S. It reads, then stores rs_pin = 0. There is no
@@ -295,6 +302,7 @@ struct apl_bobj {
     uint32_t bo_number;      /** block number */
     uint64_t bo_version;     /** commit version that made it current */
     apl_addr bo_prev;        /** previous version of this number, or NONE */
+    uint64_t bo_retired;     /** version at which the number was removed, 0 = live */
     uint32_t bo_class;       /** size class of its slot */
     uint32_t bo_clen;        /** compressed bytes that follow the header */
     uint32_t bo_rawlen;      /** bytes of the image once decompressed */
@@ -334,7 +342,7 @@ _Static_assert(sizeof(struct apl_reader) == APL_CACHELINE, "reader slot is one c
 _Static_assert(sizeof(struct apl_bhdr) == 64, "block header size");
 _Static_assert(sizeof(struct apl_slot) == 16, "slot size");
 _Static_assert(sizeof(struct apl_centry) == 72, "change-log entry header size");
-_Static_assert(sizeof(struct apl_bobj) == 40, "backup object header size");
+_Static_assert(sizeof(struct apl_bobj) == 48, "backup object header size");
 _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits a block");
 
 /* The format number folds in the sizes of everything above (LMDB MDB_LOCK_FORMAT). */

@@ -1339,6 +1339,19 @@ int64_t apl_sweep_readers(apl_store *s)
     return cleared;
 }
 
+/* The version at which block `number` was removed (its head's bh_retired, or
+ * a backup object's bo_retired); 0 when it is live, UINT64_MAX when not in use. */
+static uint64_t removed_at(apl_store *s, uint32_t number)
+{
+    apl_addr a = s->v->v_loc[number];
+    if (a == APL_ADDR_NONE)
+        return UINT64_MAX;
+    if (s->bs)
+        return bs_removed_at(s, a);
+    struct apl_bhdr *h = apl_ptr(s->v, a);
+    return h ? h->bh_retired : UINT64_MAX;
+}
+
 int64_t apl_reclaim(apl_store *s)
 {
     if (s->pending || !s->rq_len)
@@ -1358,12 +1371,19 @@ int64_t apl_reclaim(apl_store *s)
             else
                 free_chain(s, r->addr);
             freed++;
-        } else {
+        } else if (removed_at(s, r->number) == r->at) {
+            /* The number is still removed by this very removal. It may have
+             * come back since: a secondary re-creates a number as soon as its
+             * primary reuses it, and the primary reuses a freed number at once
+             * while this store's reclaim can lag (a snapshot pins it, or the
+             * removal and the reuse arrived in one apply). Then its head is a
+             * live block (bh_retired 0, or a later removal's version) and this
+             * entry is stale: dropping the number would lose that block. */
             apl_addr a = s->v->v_loc[r->number];
             STORE_REL(&s->v->v_loc[r->number], APL_ADDR_NONE);
-            if (a != APL_ADDR_NONE && s->bs)
+            if (s->bs)
                 bs_release(s, a);
-            else if (a != APL_ADDR_NONE)
+            else
                 free_chain(s, a);
             s->free_nums[s->nfree_nums++] = r->number;
             freed++;

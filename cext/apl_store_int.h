@@ -79,6 +79,7 @@ int bs_recover(apl_store *s, struct apl_recovery *r);
 int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
 int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap);
 void bs_release(apl_store *s, apl_addr a);
+uint64_t bs_removed_at(apl_store *s, apl_addr a);
 int bs_stats(apl_store *s, struct apl_stats *st);
 
 #endif

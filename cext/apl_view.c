@@ -840,7 +840,7 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version, uint8_t 
     if (v->v_flags & APL_SB_COMPRESSED) {
         rc = apl_bobj_image(v, number, ver, out, cap);
     } else {
-        struct apl_bhdr *b = apl_resolve(v, number, ver);
+        struct apl_bhdr *b = apl_resolve_in_use(v, number, ver);
         rc = b ? apl_image(v, b, out, cap) : APL_NOTFOUND;
     }
     if (r)
@@ -1108,7 +1108,7 @@ int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t v
         if (v->v_flags & APL_SB_COMPRESSED) {
             len = apl_bobj_image(v, n, version, out + used + 8, cap - used - 8);
         } else {
-            struct apl_bhdr *b = apl_resolve(v, n, version);
+            struct apl_bhdr *b = apl_resolve_in_use(v, n, version);
             len = b ? apl_image(v, b, out + used + 8, cap - used - 8) : APL_NOTFOUND;
         }
         if (len == APL_NOTFOUND)

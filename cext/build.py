@@ -105,7 +105,7 @@ struct apl_slot { uint64_t sl_prefix; uint16_t sl_off; uint16_t sl_klen; uint32_
 #define APL_SB_COMPRESSED ...
 struct apl_bobj {
     uint32_t bo_magic; uint32_t bo_number; uint64_t bo_version; uint64_t bo_prev;
-    uint32_t bo_class; uint32_t bo_clen; uint32_t bo_rawlen; ...;
+    uint64_t bo_retired; uint32_t bo_class; uint32_t bo_clen; uint32_t bo_rawlen; ...;
 };
 struct apl_centry {
     uint32_t ce_len; uint16_t ce_kind; uint16_t ce_flags; uint32_t ce_file; uint32_t ce_block;

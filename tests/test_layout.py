@@ -19,7 +19,7 @@ CACHELINE = 64
 
 #: struct -> size, as the _Static_asserts of cext/apl_layout.h fix them
 SIZES = {"apl_super": 448, "apl_file": 128, "apl_reader": 64, "apl_bhdr": 64, "apl_slot": 16,
-         "apl_centry": 72, "apl_pub": 64, "apl_rhdr": 64, "apl_bobj": 40}
+         "apl_centry": 72, "apl_pub": 64, "apl_rhdr": 64, "apl_bobj": 48}
 
 
 def static_assert_sizes() -> dict[str, int]:
