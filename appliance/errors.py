@@ -38,6 +38,7 @@ __all__ = [
     "CommitUnknownError",
     "MemoryFullError",
     "ReadersFullError",
+    "SnapshotTooOldError",
     "FormatError",
     "CorruptionError",
     "StaleEpochError",
@@ -188,6 +189,15 @@ class ReadersFullError(ApplianceError):
     """Every reader slot is taken (raise ``max_readers`` in the config)."""
 
     codes = ("APL_EREADERS",)
+
+
+class SnapshotTooOldError(ApplianceError):
+    """A read at a snapshot's version found that version freed: its reader
+    slot was cleared by the controller (its process had no session) or
+    overwritten through the readers segment. Nothing wrong was returned; open
+    a new snapshot."""
+
+    codes = ("APL_ESNAPSHOT",)
 
 
 class FormatError(ApplianceError):

@@ -203,6 +203,12 @@ static inline uint64_t apl_fnv(uint64_t h, const uint8_t *p, uint64_t n)
     return h;
 }
 
+/* No pid is above the kernel's PID_MAX_LIMIT: a larger rs_pid is forged. */
+#define APL_PID_MAX 4194304u
+/* The process that owned a reader slot is gone: no such pid, or the pid now
+ * names a process started at another time than `start` (0: not checked). */
+int apl_pid_gone(uint32_t pid, uint64_t start);
+
 /* Pin the latest committed version in the calling thread's slot (apl_view.c). */
 struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version);
 static inline void apl_op_unpin(struct apl_reader *r)

@@ -74,6 +74,44 @@
  * A reader killed while pinned leaves its pid in the slot; the controller clears
  * slots whose pid no longer exists.
  *
+ * Slots are claimed and cleared by CAS on rs_pid, and only the CAS winner
+ * writes the rest of the slot: a claimer takes a free slot (0 -> its pid) or
+ * a dead process's (dead pid -> its pid); the controller clears one by
+ * (pid -> APL_PID_BUSY), then pin, then rs_pid = 0. A process is dead when
+ * kill(pid, 0) says ESRCH or its start time is not the slot's rs_start (the
+ * pid was reused). Each claim bumps rs_gen; a thread's cached per-call slot is
+ * used only while rs_pid and rs_gen are still its own.
+ *
+ * The readers segment is group-writable, so nothing in it is trusted for
+ * safety; a client may forge slots, pins or rh_high. Three things hold anyway:
+ *   - The writer scans slots up to its own high-water mark (the largest
+ *     rh_high it ever read, and every slot its listing found in use), so
+ *     lowering rh_high hides no slot it has seen. A claimer raises rh_high
+ *     before it pins, which is ordered like PENDING above.
+ *   - sb_horizon (meta, controller-written): before freeing versions with
+ *     bound B the writer stores sb_horizon = B (release, then a full fence);
+ *     every read at version S ends with an acquire fence and fails with
+ *     APL_ESNAPSHOT when sb_horizon > S. Memory is reused only after that
+ *     store, so a read that saw reused bytes sees the horizon past its
+ *     version: a snapshot whose pin was wiped or overwritten fails, it never
+ *     returns data from a freed version. Honest pins are never below the
+ *     horizon (it is the oldest pin the writer saw). The writer also treats
+ *     pins below the horizon as the horizon, and recovery walks version
+ *     chains back only to it: versions older than that may be freed and reused.
+ *   - struct apl_rown (meta) records the owner (pid, start time) the
+ *     controller verified for each slot through a connected session
+ *     (SO_PEERCRED); slots that no verified owner or session holds are
+ *     cleared by the controller's housekeeping.
+ *
+ * Closing a view (the client library's close) must not unmap segments under
+ * a read of another thread: every reader entry point announces the view it is
+ * inside in a thread record (process memory) and then checks v_closed; the
+ * closer sets v_closed, runs membarrier(PRIVATE_EXPEDITED) (a full fence on
+ * every thread of the process; readers use a fence of their own where it is
+ * not available) and waits until no thread record names the view. A read
+ * that finds the view closed returns APL_ECLOSED. That wait is the closer's
+ * alone: a read never waits.
+ *
  * ---------------------------------------------------------------------------
  * The change log (read by the replication agent)
  * ---------------------------------------------------------------------------
@@ -98,7 +136,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   1u
+#define APL_FORMAT_VERSION   2u
 #define APL_MAGIC_META       0x4D4C5041u /* "APLM" */
 #define APL_MAGIC_READERS    0x524C5041u /* "APLR" */
 #define APL_MAGIC_DEVICE     0x444C5041u /* "APLD" */
@@ -185,7 +223,8 @@ struct apl_super {
     uint64_t sb_meta_size;      /** total bytes of the meta segment */
     uint32_t sb_page_size;      /** compressed store: bytes per device page (the slot size) */
     uint32_t sb_nclasses;       /** compressed store: object size classes (APL_BCLASSES) */
-    uint8_t  sb_pad1[256 - 120];
+    uint64_t sb_rown_off;       /** offset of struct apl_rown[sb_nreaders] */
+    uint8_t  sb_pad1[256 - 128];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */
@@ -194,7 +233,8 @@ struct apl_super {
     volatile uint32_t sb_controller_pid; /** pid of the controller that last opened it */
     volatile uint32_t sb_state;       /** 1 while a controller serves, 0 after a clean stop */
     volatile uint64_t sb_opened_ns;   /** when the current controller opened it */
-    uint8_t  sb_pad2[64 - 40];
+    volatile uint64_t sb_horizon;     /** a pin below it may have lost versions (reads fail) */
+    uint8_t  sb_pad2[64 - 48];
     struct apl_pub sb_pub[2];         /** sb_pub[G & 1] describes version G */
 };
 
@@ -223,13 +263,31 @@ struct apl_rhdr {
 
 /* One cache line per slot, so readers never share a line (LMDB MDB_reader). */
 struct apl_reader {
-    volatile uint32_t rs_pid;     /** owning process, 0 = free; claimed by CAS */
+    volatile uint32_t rs_pid;     /** owning process, 0 = free, APL_PID_BUSY while the
+                                      controller clears it; claimed by CAS */
     volatile uint32_t rs_tid;     /** owning thread (informational) */
     volatile uint64_t rs_pin;     /** APL_PIN_IDLE, APL_PIN_PENDING or a version */
     volatile uint64_t rs_since_ns;/** when the current pin was taken (snapshots) */
     volatile uint64_t rs_view;    /** the owner's view id (a process may map an appliance twice) */
     volatile uint32_t rs_kind;    /** 1 = per-call slot, 2 = snapshot slot */
-    uint8_t  rs_pad[64 - 36];
+    uint32_t rs_pad0;
+    volatile uint64_t rs_start;   /** the owner's start time (/proc/<pid>/stat), 0 = unknown */
+    volatile uint64_t rs_gen;     /** +1 at every claim: the claimer's token */
+    uint8_t  rs_pad[64 - 56];
+};
+
+#define APL_PID_BUSY         UINT32_MAX
+
+/*
+ * The owner of each reader slot as the controller last verified it (a
+ * connected session of that pid and start time): in the meta segment, which
+ * only the controller writes, so it outlives a controller restart and no
+ * client can forge it.
+ */
+struct apl_rown {
+    uint32_t ro_pid;         /** 0 = no verified owner */
+    uint32_t ro_pad;
+    uint64_t ro_start;
 };
 
 /* ------------------------------------------------------------------ */
@@ -339,6 +397,7 @@ _Static_assert(sizeof(struct apl_super) == 256 + 64 + 128, "superblock size");
 _Static_assert(sizeof(struct apl_file) == 128, "file entry size");
 _Static_assert(sizeof(struct apl_rhdr) == 64, "readers header is one cache line");
 _Static_assert(sizeof(struct apl_reader) == APL_CACHELINE, "reader slot is one cache line");
+_Static_assert(sizeof(struct apl_rown) == 16, "reader owner record size");
 _Static_assert(sizeof(struct apl_bhdr) == 64, "block header size");
 _Static_assert(sizeof(struct apl_slot) == 16, "slot size");
 _Static_assert(sizeof(struct apl_centry) == 72, "change-log entry header size");
@@ -354,6 +413,7 @@ _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits 
     ^ (uint32_t)sizeof(struct apl_slot) * 47u \
     ^ (uint32_t)sizeof(struct apl_centry) * 53u \
     ^ (uint32_t)sizeof(struct apl_bobj) * 61u ^ APL_BCLASSES * 67u \
+    ^ (uint32_t)sizeof(struct apl_rown) * 71u \
     ^ (uint32_t)sizeof(apl_addr) * 59u))
 
 #endif /* APL_LAYOUT_H */

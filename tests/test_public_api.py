@@ -18,7 +18,8 @@ ERRORS = {
     "ApplianceError", "ConfigError", "UnavailableError", "AccessDeniedError", "ProtocolError", "ClosedError",
     "NoSuchTableError", "NoSuchFieldError", "WrongTypeError", "KeyTooLongError", "NoSuchRecordError",
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
-    "TransactionStateError", "CommitUnknownError", "MemoryFullError", "ReadersFullError", "FormatError",
+    "TransactionStateError", "CommitUnknownError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError",
+    "FormatError",
     "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "InternalError", "error_for",
 }
 
