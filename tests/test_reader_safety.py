@@ -472,3 +472,44 @@ class TestPinnedMemory:
                 kill_child(child)
             wait_event(app, "readers_hold_old_versions_cleared", timeout=15)
             assert db.status()["readers"]["oldest_pin_pid"] != child.pid
+
+
+READ_ONLY_ACROSS_RESTART = r"""
+import sys, time, appliance
+db = appliance.connect(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()                      # the controller was restarted meanwhile
+with db.snapshot() as snap:
+    t = snap.table("accounts")
+    before = t.get(3)
+    print("pinned", flush=True)
+    sys.stdin.readline()                  # others wrote for several housekeeping rounds
+    print(t.get(3) == before, len(t))
+"""
+
+
+class TestRestart:
+    def test_a_reading_client_keeps_its_slots_across_a_controller_restart(self, bank):
+        """A client that only reads, across a controller restart: the snapshot it opens afterwards
+        belongs to a session again (it says HELLO first), so the controller never clears it while
+        writes go on for several housekeeping rounds."""
+        with bank.connect() as db:
+            fill(db)
+        reader = bank.spawn(READ_ONLY_ACROSS_RESTART, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "ready"
+            bank.restart()
+            reader.stdin.write("go\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline().strip() == "pinned"
+            with bank.connect() as db:
+                for rnd in range(30):
+                    for i in range(0, 300, 10):
+                        db.table("accounts")[i] = {"branch": "r", "balance": rnd}
+                    time.sleep(0.1)
+            reader.stdin.write("go\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline().split() == ["True", "300"]
+        finally:
+            kill_child(reader)
+        assert not events(bank, "reader_slots_swept")

@@ -106,6 +106,7 @@ class Client:
         self._bufs = _Buffers()
         self._pid = os.getpid()
         self._snapshots: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
+        self._opened_ns = self._att.sb.sb_opened_ns   # which controller our sessions know
         _live_clients.add(self)
 
     # -- plumbing ---------------------------------------------------------------
@@ -163,7 +164,22 @@ class Client:
         """A consistent read-only view: every read through it sees one
         committed state. Holds old block versions until closed."""
         self._check()
+        self._vouch()
         return Snapshot(self)
+
+    def _vouch(self) -> None:
+        """The controller clears reader slots that no session of their process
+        owns. After a controller restart this process's sessions are gone (a
+        reading-only client never notices): say HELLO again before a new
+        snapshot takes a slot."""
+        opened = self._att.sb.sb_opened_ns
+        if opened == self._opened_ns:
+            return
+        self._opened_ns = opened
+        try:
+            self._call([m.OP_HELLO, m.PROTOCOL_VERSION, self._name or f"pid{os.getpid()}", os.getpid()], "hello")
+        except errors.UnavailableError:
+            pass   # no controller now: reads go on, the next snapshot asks again
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
