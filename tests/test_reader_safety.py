@@ -232,6 +232,8 @@ class TestSlotTakeover:
             end = time.monotonic() + 3.0
             while time.monotonic() < end:
                 rounds += 1
+                while slot.rs_pid == lib.APL_PID_BUSY:   # the sweeper is clearing it: let it finish
+                    pass                                 # (a plain store now would undo its CAS)
                 slot.rs_pin, slot.rs_pid = 1, dead.pid   # a dead reader's slot, pinning version 1
                 try:
                     pin = s.reader.pin()                 # the table is full: take the dead one over
