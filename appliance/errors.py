@@ -39,6 +39,7 @@ __all__ = [
     "BackupTimeoutError",
     "MemoryFullError",
     "ReadersFullError",
+    "SnapshotTooOldError",
     "FormatError",
     "CorruptionError",
     "StaleEpochError",
@@ -205,6 +206,15 @@ class ReadersFullError(ApplianceError):
     """Every reader slot is taken (raise ``max_readers`` in the config)."""
 
     codes = ("APL_EREADERS",)
+
+
+class SnapshotTooOldError(ApplianceError):
+    """A read at a snapshot's version found that version freed: its reader
+    slot was cleared by the controller (its process had no session) or
+    overwritten through the readers segment. Nothing wrong was returned; open
+    a new snapshot."""
+
+    codes = ("APL_ESNAPSHOT",)
 
 
 class FormatError(ApplianceError):

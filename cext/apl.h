@@ -34,6 +34,7 @@ struct apl_geometry {
     uint64_t max_blocks;
     uint64_t files_off;
     uint64_t layout_off;
+    uint64_t rown_off;
     uint64_t loc_off;
     uint64_t log_off;
     uint64_t meta_size;
@@ -62,29 +63,35 @@ typedef struct apl_view {
     uint64_t v_max_blocks;
     struct apl_rhdr *v_rhdr;
     struct apl_reader *v_readers;
+    struct apl_rown *v_rown;       /* the owners the controller verified (meta) */
     uint32_t v_nreaders;
     uint32_t v_nfiles;
     uint32_t v_bsize;
     uint32_t v_nseg;
     uint32_t v_flags;              /* sb_flags: APL_SB_COMPRESSED */
     uint64_t v_seg_slots;
+    volatile uint32_t v_closed;    /* set by apl_view_close: reads fail with APL_ECLOSED */
     uint8_t *v_seg[APL_MAX_SEGMENTS];
 } apl_view;
 
 int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
                   uint8_t *readers, uint64_t readers_size,
                   uint8_t **segs, uint32_t nsegs, uint64_t seg_size);
-/* Release every reader slot this process holds in this view. */
+/* Close a view: reads that start from now on fail with APL_ECLOSED; waits
+ * for the reads other threads are inside, then releases every reader slot
+ * this process holds in it. The segments may be unmapped once it returns. */
 void apl_view_close(apl_view *v);
 /* Re-point device segment `index` (device replacement). */
 int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem);
 
-uint64_t apl_committed(const apl_view *v);
+uint64_t apl_committed(apl_view *v);
 
 /*
  * Reads. version = 0 reads the latest committed version under a per-call pin
  * taken from the calling thread's reader slot; a non-zero version reads that
- * version (the caller holds it pinned, see apl_snap_open).
+ * version (the caller holds it pinned, see apl_snap_open). Every read fails
+ * with APL_ESNAPSHOT when its version was freed meanwhile (sb_horizon passed
+ * it: the pin was wiped), and with APL_ECLOSED on a closed view.
  * apl_get* copy the value into out and return its length; APL_NOTFOUND when
  * there is no such key; APL_EBUFSIZE when cap is too small (the length needed
  * is then stored in the first 8 bytes of out, so cap must be >= 8).
@@ -119,9 +126,13 @@ int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
 /* Records in a file at a version (0 = latest). */
 int64_t apl_count(apl_view *v, uint32_t file, uint64_t version);
 
-/* Long-lived snapshot pins: each takes its own reader slot. */
-int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *version);
-int apl_snap_close(apl_view *v, uint32_t slot);
+/* Long-lived snapshot pins: each takes its own reader slot; *gen is the
+ * claim's token, which close checks (the slot may have been taken since). */
+int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *gen, uint64_t *version);
+int apl_snap_close(apl_view *v, uint32_t slot, uint64_t gen);
+/* A process's start time (clock ticks after boot, /proc/<pid>/stat field 22),
+ * 0 when it cannot be read; with the pid it names one process, not a reused pid. */
+uint64_t apl_pid_start(uint32_t pid);
 
 /*
  * A block's logical content at a version: for a primary block, its whole
@@ -171,6 +182,8 @@ struct apl_stats {
     uint64_t log_tail;
     uint64_t log_size;
     uint64_t serial;
+    uint64_t retained;        /* slots (compressed: objects) held by old versions for readers */
+    uint64_t horizon;         /* sb_horizon: pins below it read nothing */
     uint64_t bytes_used;      /* compressed store: bytes of pages in use */
     uint64_t bytes_live;      /* compressed store: bytes of live objects */
     uint64_t seg_free[APL_MAX_SEGMENTS];
@@ -226,8 +239,28 @@ int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
 int apl_batch_abort(apl_store *s, struct apl_recovery *r);
 /* Free what no reader can reach any more; returns slots freed (>= 0). */
 int64_t apl_reclaim(apl_store *s);
-/* Release slots of processes that no longer exist; returns slots released. */
+/* Release slots of processes that no longer exist (kill(pid, 0) fails with
+ * ESRCH, or the pid now names a process with another start time); returns
+ * slots released. */
 int64_t apl_sweep_readers(apl_store *s);
+/* One reader slot in use, as apl_readers_list reports it. */
+struct apl_slotinfo {
+    uint32_t slot;
+    uint32_t pid;
+    uint64_t start;
+    uint64_t gen;
+    uint64_t pin;
+    uint64_t since_ns;
+    uint32_t kind;
+    uint32_t owned;           /* 1 when apl_reader_own recorded this pid and start */
+};
+/* Every slot in use (all rh_nslots, whatever rh_high says); the writer's own
+ * high-water mark learns from it. Returns how many were written to out. */
+int64_t apl_readers_list(apl_store *s, struct apl_slotinfo *out, uint32_t cap);
+/* Record that a connected session verified (pid, start) as the slot's owner. */
+int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start);
+/* Clear slot `slot` if it still holds (pid, gen); returns 1 when cleared. */
+int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
 uint64_t apl_next_txn(apl_store *s);

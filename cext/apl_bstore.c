@@ -157,6 +157,13 @@ void bs_release(apl_store *s, apl_addr a)
     push_free(&b->cls[o->bo_class], a);
 }
 
+/* The version the object at `a` was removed at, 0 when live. */
+uint64_t bs_removed_at(apl_store *s, apl_addr a)
+{
+    struct apl_bobj *o = obj_at(s->v, a);
+    return o ? o->bo_retired : UINT64_MAX;
+}
+
 int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len)
 {
     struct bstore *b = s->bs;
@@ -167,9 +174,9 @@ int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len
     apl_addr old = s->v->v_loc[number];
     if (!img) {  /* the number is removed */
         struct apl_bobj *o = old == APL_ADDR_NONE ? 0 : obj_at(s->v, old);
-        if (!o || o->bo_pad)
+        if (!o || o->bo_retired)
             return APL_OK;
-        o->bo_pad = (uint32_t)s->pending;  /* retired at this version (crash recovery reads it) */
+        o->bo_retired = s->pending;  /* crash recovery and reclaim read it */
         return retire_push(s, RT_NUMBER, APL_ADDR_NONE, number, s->pending);
     }
     if (len > (uint64_t)LZ4_compressBound((int)b->page) || len > INT32_MAX)
@@ -202,6 +209,7 @@ int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len
     o->bo_class = (uint32_t)ci;
     o->bo_clen = (uint32_t)clen;
     o->bo_rawlen = (uint32_t)len;
+    o->bo_retired = 0;
     o->bo_pad = 0;
     memcpy(p + OBJ_HDR, b->comp, (size_t)clen);
     if (prev && prev->bo_version == s->pending) {
@@ -231,7 +239,7 @@ int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap)
     struct apl_bobj *o = obj_at(s->v, a);
     if (!o)
         return APL_ECORRUPT;
-    if (o->bo_pad)
+    if (o->bo_retired)
         return APL_NOTFOUND;
     if (o->bo_rawlen > cap)
         return APL_EBUFSIZE;
@@ -250,7 +258,7 @@ int64_t apl_bobj_image(const apl_view *v, uint32_t number, uint64_t version, uin
         if (!o)
             return APL_ECORRUPT;
         if (o->bo_version <= version) {
-            if (o->bo_pad && o->bo_pad <= version)
+            if (o->bo_retired && o->bo_retired <= version)
                 return APL_NOTFOUND;
             if (o->bo_rawlen > cap)
                 return APL_EBUFSIZE;
@@ -296,9 +304,9 @@ int bs_recover(apl_store *s, struct apl_recovery *r)
             STORE_REL(&v->v_loc[num], a);
         if (a == APL_ADDR_NONE)
             continue;
-        if (o->bo_pad > g)
-            o->bo_pad = 0;
-        if (o->bo_pad) {  /* removed in a published batch: free it now */
+        if (o->bo_retired > g)
+            o->bo_retired = 0;
+        if (o->bo_retired) {  /* removed in a published batch: free it now */
             STORE_REL(&v->v_loc[num], APL_ADDR_NONE);
             continue;
         }

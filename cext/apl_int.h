@@ -73,6 +73,21 @@ static inline struct apl_bhdr *apl_resolve(const apl_view *v, uint32_t number, u
     return 0;
 }
 
+/*
+ * Block `number` as a block image sees it at `version`: NULL when the number
+ * is not in use then. A removed number stays in the location table until no
+ * pin can reach it; its head's bh_retired (set before the removal's version
+ * is published) tells from which version on it is gone.
+ */
+static inline struct apl_bhdr *apl_resolve_in_use(const apl_view *v, uint32_t number, uint64_t version)
+{
+    struct apl_bhdr *b = apl_resolve(v, number, version);
+    if (!b)
+        return 0;
+    uint64_t retired = LOAD_ACQ(&b->bh_retired);
+    return retired && retired <= version ? 0 : b;
+}
+
 /* Big-endian 8-byte prefix as an integer, zero-padded on the right. */
 static inline uint64_t apl_prefix(const uint8_t *k, uint32_t n)
 {
@@ -187,6 +202,12 @@ static inline uint64_t apl_fnv(uint64_t h, const uint8_t *p, uint64_t n)
     }
     return h;
 }
+
+/* No pid is above the kernel's PID_MAX_LIMIT: a larger rs_pid is forged. */
+#define APL_PID_MAX 4194304u
+/* The process that owned a reader slot is gone: no such pid, or the pid now
+ * names a process started at another time than `start` (0: not checked). */
+int apl_pid_gone(uint32_t pid, uint64_t start);
 
 /* Pin the latest committed version in the calling thread's slot (apl_view.c). */
 struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version);

@@ -51,7 +51,14 @@
  * same batch modify the copy in place: no reader can be looking at it, because
  * a reader with snapshot version S always follows bh_prev while bh_version > S.
  * Publishing V is one release store of sb_version. Committed block versions are
- * never modified again (only bh_retired, which readers ignore).
+ * never modified again, but for bh_retired: removing a block number stores the
+ * removal's version V there (before V is published). Lookups never reach a
+ * removed number (no parent refers to it from V on); block images (verify,
+ * a first copy) read a number whose bh_retired is <= their version as not in
+ * use. The number itself stays in the location table until no pin can reach
+ * it, and is dropped then only if that same removal still holds: a secondary
+ * re-creates a number as soon as its primary reuses it, which can be before
+ * its own reclaim has passed the removal.
  *
  * A reader pins its snapshot before reading: rs_pin = APL_PIN_PENDING; full
  * fence; S = load(G); rs_pin = S. It reads, then stores rs_pin = 0. There is no
@@ -68,6 +75,44 @@
  * its free lists from the version chains alone (apl_store.c, recovery).
  * A reader killed while pinned leaves its pid in the slot; the controller clears
  * slots whose pid no longer exists.
+ *
+ * Slots are claimed and cleared by CAS on rs_pid, and only the CAS winner
+ * writes the rest of the slot: a claimer takes a free slot (0 -> its pid) or
+ * a dead process's (dead pid -> its pid); the controller clears one by
+ * (pid -> APL_PID_BUSY), then pin, then rs_pid = 0. A process is dead when
+ * kill(pid, 0) says ESRCH or its start time is not the slot's rs_start (the
+ * pid was reused). Each claim bumps rs_gen; a thread's cached per-call slot is
+ * used only while rs_pid and rs_gen are still its own.
+ *
+ * The readers segment is group-writable, so nothing in it is trusted for
+ * safety; a client may forge slots, pins or rh_high. Three things hold anyway:
+ *   - The writer scans slots up to its own high-water mark (the largest
+ *     rh_high it ever read, and every slot its listing found in use), so
+ *     lowering rh_high hides no slot it has seen. A claimer raises rh_high
+ *     before it pins, which is ordered like PENDING above.
+ *   - sb_horizon (meta, controller-written): before freeing versions with
+ *     bound B the writer stores sb_horizon = B (release, then a full fence);
+ *     every read at version S ends with an acquire fence and fails with
+ *     APL_ESNAPSHOT when sb_horizon > S. Memory is reused only after that
+ *     store, so a read that saw reused bytes sees the horizon past its
+ *     version: a snapshot whose pin was wiped or overwritten fails, it never
+ *     returns data from a freed version. Honest pins are never below the
+ *     horizon (it is the oldest pin the writer saw). The writer also treats
+ *     pins below the horizon as the horizon, and recovery walks version
+ *     chains back only to it: versions older than that may be freed and reused.
+ *   - struct apl_rown (meta) records the owner (pid, start time) the
+ *     controller verified for each slot through a connected session
+ *     (SO_PEERCRED); slots that no verified owner or session holds are
+ *     cleared by the controller's housekeeping.
+ *
+ * Closing a view (the client library's close) must not unmap segments under
+ * a read of another thread: every reader entry point announces the view it is
+ * inside in a thread record (process memory) and then checks v_closed; the
+ * closer sets v_closed, runs membarrier(PRIVATE_EXPEDITED) (a full fence on
+ * every thread of the process; readers use a fence of their own where it is
+ * not available) and waits until no thread record names the view. A read
+ * that finds the view closed returns APL_ECLOSED. That wait is the closer's
+ * alone: a read never waits.
  *
  * ---------------------------------------------------------------------------
  * The change log (read by the replication agent)
@@ -93,7 +138,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   1u
+#define APL_FORMAT_VERSION   2u
 #define APL_MAGIC_META       0x4D4C5041u /* "APLM" */
 #define APL_MAGIC_READERS    0x524C5041u /* "APLR" */
 #define APL_MAGIC_DEVICE     0x444C5041u /* "APLD" */
@@ -183,7 +228,8 @@ struct apl_super {
     uint64_t sb_layout_off;     /** offset of the layout description (0: none recorded) */
     uint64_t sb_layout_len;     /** its bytes: the configuration's tables and storage settings as
                                     JSON, so a refused configuration can be told what differs */
-    uint8_t  sb_pad1[256 - 136];
+    uint64_t sb_rown_off;       /** offset of struct apl_rown[sb_nreaders] */
+    uint8_t  sb_pad1[256 - 144];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */
@@ -192,7 +238,8 @@ struct apl_super {
     volatile uint32_t sb_controller_pid; /** pid of the controller that last opened it */
     volatile uint32_t sb_state;       /** 1 while a controller serves, 0 after a clean stop */
     volatile uint64_t sb_opened_ns;   /** when the current controller opened it */
-    uint8_t  sb_pad2[64 - 40];
+    volatile uint64_t sb_horizon;     /** a pin below it may have lost versions (reads fail) */
+    uint8_t  sb_pad2[64 - 48];
     struct apl_pub sb_pub[2];         /** sb_pub[G & 1] describes version G */
 };
 
@@ -221,13 +268,31 @@ struct apl_rhdr {
 
 /* One cache line per slot, so readers never share a line (LMDB MDB_reader). */
 struct apl_reader {
-    volatile uint32_t rs_pid;     /** owning process, 0 = free; claimed by CAS */
+    volatile uint32_t rs_pid;     /** owning process, 0 = free, APL_PID_BUSY while the
+                                      controller clears it; claimed by CAS */
     volatile uint32_t rs_tid;     /** owning thread (informational) */
     volatile uint64_t rs_pin;     /** APL_PIN_IDLE, APL_PIN_PENDING or a version */
     volatile uint64_t rs_since_ns;/** when the current pin was taken (snapshots) */
     volatile uint64_t rs_view;    /** the owner's view id (a process may map an appliance twice) */
     volatile uint32_t rs_kind;    /** 1 = per-call slot, 2 = snapshot slot */
-    uint8_t  rs_pad[64 - 36];
+    uint32_t rs_pad0;
+    volatile uint64_t rs_start;   /** the owner's start time (/proc/<pid>/stat), 0 = unknown */
+    volatile uint64_t rs_gen;     /** +1 at every claim: the claimer's token */
+    uint8_t  rs_pad[64 - 56];
+};
+
+#define APL_PID_BUSY         UINT32_MAX
+
+/*
+ * The owner of each reader slot as the controller last verified it (a
+ * connected session of that pid and start time): in the meta segment, which
+ * only the controller writes, so it outlives a controller restart and no
+ * client can forge it.
+ */
+struct apl_rown {
+    uint32_t ro_pid;         /** 0 = no verified owner */
+    uint32_t ro_pad;
+    uint64_t ro_start;
 };
 
 /* ------------------------------------------------------------------ */
@@ -300,6 +365,7 @@ struct apl_bobj {
     uint32_t bo_number;      /** block number */
     uint64_t bo_version;     /** commit version that made it current */
     apl_addr bo_prev;        /** previous version of this number, or NONE */
+    uint64_t bo_retired;     /** version at which the number was removed, 0 = live */
     uint32_t bo_class;       /** size class of its slot */
     uint32_t bo_clen;        /** compressed bytes that follow the header */
     uint32_t bo_rawlen;      /** bytes of the image once decompressed */
@@ -336,10 +402,11 @@ _Static_assert(sizeof(struct apl_super) == 256 + 64 + 128, "superblock size");
 _Static_assert(sizeof(struct apl_file) == 128, "file entry size");
 _Static_assert(sizeof(struct apl_rhdr) == 64, "readers header is one cache line");
 _Static_assert(sizeof(struct apl_reader) == APL_CACHELINE, "reader slot is one cache line");
+_Static_assert(sizeof(struct apl_rown) == 16, "reader owner record size");
 _Static_assert(sizeof(struct apl_bhdr) == 64, "block header size");
 _Static_assert(sizeof(struct apl_slot) == 16, "slot size");
 _Static_assert(sizeof(struct apl_centry) == 72, "change-log entry header size");
-_Static_assert(sizeof(struct apl_bobj) == 40, "backup object header size");
+_Static_assert(sizeof(struct apl_bobj) == 48, "backup object header size");
 _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits a block");
 
 /* The format number folds in the sizes of everything above (LMDB MDB_LOCK_FORMAT). */
@@ -351,6 +418,7 @@ _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits 
     ^ (uint32_t)sizeof(struct apl_slot) * 47u \
     ^ (uint32_t)sizeof(struct apl_centry) * 53u \
     ^ (uint32_t)sizeof(struct apl_bobj) * 61u ^ APL_BCLASSES * 67u \
+    ^ (uint32_t)sizeof(struct apl_rown) * 71u \
     ^ (uint32_t)sizeof(apl_addr) * 59u))
 
 #endif /* APL_LAYOUT_H */

@@ -173,6 +173,8 @@ int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uin
     r->addr = addr;
     r->number = number;
     r->kind = kind;
+    r->slots = kind == RT_OBJECT ? 1 : kind == RT_CHAIN && !s->bs ? chain_len(s, apl_ptr(s->v, addr)) : 0;
+    s->retained += r->slots;
     s->rq_len++;
     return APL_OK;
 }
@@ -1316,13 +1318,21 @@ int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn)
 /* Readers: oldest pin, sweeping, reclamation                          */
 /* ------------------------------------------------------------------ */
 
-static int pid_dead(uint32_t pid)
+/* Slots to scan: up to the writer's own high-water mark, which learns from
+ * rh_high but is never lowered by it (a client may write rh_high). */
+static uint32_t readers_high(apl_store *s)
 {
-    return kill((pid_t)pid, 0) == -1 && errno == ESRCH;
+    uint32_t high = LOAD_ACQ(&s->v->v_rhdr->rh_high);
+    if (high > s->v->v_nreaders)
+        high = s->v->v_nreaders;
+    if (high > s->rhigh)
+        s->rhigh = high;
+    return s->rhigh;
 }
 
-/* Smallest pinned version, or the current version when nothing is pinned.
- * Returns 0 (and *busy) when some reader is between PENDING and its pin. */
+/* Smallest pinned version, or the current version when nothing is pinned;
+ * never below the horizon (a pin under it reads nothing: apl_layout.h).
+ * *busy when some reader is between PENDING and its pin. */
 static uint64_t oldest_pin(apl_store *s, int *busy, uint64_t *active)
 {
     FENCE();
@@ -1333,9 +1343,7 @@ static uint64_t oldest_pin(apl_store *s, int *busy, uint64_t *active)
         *active = 0;
     if (!s->v->v_readers)
         return oldest;
-    uint32_t high = LOAD_ACQ(&s->v->v_rhdr->rh_high);
-    if (high > s->v->v_nreaders)
-        high = s->v->v_nreaders;
+    uint32_t high = readers_high(s);
     for (uint32_t i = 0; i < high; i++) {
         uint64_t pin = LOAD_ACQ(&s->v->v_readers[i].rs_pin);
         if (pin == APL_PIN_PENDING) {
@@ -1347,7 +1355,22 @@ static uint64_t oldest_pin(apl_store *s, int *busy, uint64_t *active)
         if (pin && pin < oldest)
             oldest = pin;
     }
-    return oldest;
+    return oldest < s->horizon ? s->horizon : oldest;
+}
+
+/* Clear a slot held by `pid`: only the winner of the CAS pid -> BUSY writes
+ * it (a claimer may take the slot the moment rs_pid is 0 again). */
+static int clear_slot(apl_store *s, struct apl_reader *r, uint32_t pid)
+{
+    uint32_t expect = pid;
+    if (pid != APL_PID_BUSY &&
+        !__atomic_compare_exchange_n(&r->rs_pid, &expect, APL_PID_BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return 0;
+    STORE_REL(&r->rs_pin, APL_PIN_IDLE);
+    STORE_RLX(&r->rs_view, 0);
+    STORE_REL(&r->rs_pid, 0);
+    (void)s;
+    return 1;
 }
 
 int64_t apl_sweep_readers(apl_store *s)
@@ -1355,47 +1378,121 @@ int64_t apl_sweep_readers(apl_store *s)
     if (!s->v->v_readers)
         return 0;
     int64_t cleared = 0;
-    uint32_t high = LOAD_ACQ(&s->v->v_rhdr->rh_high);
-    if (high > s->v->v_nreaders)
-        high = s->v->v_nreaders;
+    uint32_t high = readers_high(s);
     for (uint32_t i = 0; i < high; i++) {
         struct apl_reader *r = &s->v->v_readers[i];
         uint32_t pid = LOAD_ACQ(&r->rs_pid);
-        if (!pid || !pid_dead(pid))
+        /* BUSY is only ever set by a controller clearing the slot: one that
+         * stopped half-way (only one controller runs at a time) */
+        if (!pid || (pid != APL_PID_BUSY && !apl_pid_gone(pid, LOAD_RLX(&r->rs_start))))
             continue;
-        STORE_REL(&r->rs_pin, APL_PIN_IDLE);
-        uint32_t expect = pid;
-        if (__atomic_compare_exchange_n(&r->rs_pid, &expect, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-            cleared++;
+        cleared += clear_slot(s, r, pid);
     }
     return cleared;
 }
 
+int64_t apl_readers_list(apl_store *s, struct apl_slotinfo *out, uint32_t cap)
+{
+    if (!s->v->v_readers)
+        return 0;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->v->v_nreaders && n < cap; i++) {
+        struct apl_reader *r = &s->v->v_readers[i];
+        uint32_t pid = LOAD_ACQ(&r->rs_pid);
+        if (!pid)
+            continue;
+        if (i + 1 > s->rhigh)
+            s->rhigh = i + 1;
+        struct apl_slotinfo *o = &out[n++];
+        o->slot = i;
+        o->pid = pid;
+        o->start = LOAD_RLX(&r->rs_start);
+        o->gen = LOAD_RLX(&r->rs_gen);
+        o->pin = LOAD_RLX(&r->rs_pin);
+        o->since_ns = LOAD_RLX(&r->rs_since_ns);
+        o->kind = LOAD_RLX(&r->rs_kind);
+        o->owned = s->v->v_rown[i].ro_pid == pid && s->v->v_rown[i].ro_start == o->start;
+    }
+    return n;
+}
+
+int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start)
+{
+    if (!s->v->v_readers || slot >= s->v->v_nreaders)
+        return APL_EINVAL;
+    s->v->v_rown[slot].ro_start = start;
+    s->v->v_rown[slot].ro_pid = pid;
+    return APL_OK;
+}
+
+int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen)
+{
+    if (!s->v->v_readers || slot >= s->v->v_nreaders || !pid)
+        return APL_EINVAL;
+    struct apl_reader *r = &s->v->v_readers[slot];
+    if (LOAD_ACQ(&r->rs_gen) != gen)
+        return 0;
+    int cleared = clear_slot(s, r, pid);
+    if (cleared)
+        s->v->v_rown[slot].ro_pid = 0;
+    return cleared;
+}
+
+/* The version at which block `number` was removed (its head's bh_retired, or
+ * a backup object's bo_retired); 0 when it is live, UINT64_MAX when not in use. */
+static uint64_t removed_at(apl_store *s, uint32_t number)
+{
+    apl_addr a = s->v->v_loc[number];
+    if (a == APL_ADDR_NONE)
+        return UINT64_MAX;
+    if (s->bs)
+        return bs_removed_at(s, a);
+    struct apl_bhdr *h = apl_ptr(s->v, a);
+    return h ? h->bh_retired : UINT64_MAX;
+}
+
 int64_t apl_reclaim(apl_store *s)
 {
+    if (s->v->v_readers)
+        readers_high(s);  /* learn every slot claimed so far, whatever rh_high says later */
     if (s->pending || !s->rq_len)
         return 0;
     int busy;
     uint64_t oldest = oldest_pin(s, &busy, 0);
     if (busy)
         return 0;
+    if (oldest > s->horizon && s->rq[s->rq_head].at <= oldest) {
+        /* before anything is freed: a pin below `oldest` (wiped or forged,
+         * an honest one never is) fails its reads from now on */
+        s->horizon = oldest;
+        STORE_REL(&s->v->v_sb->sb_horizon, oldest);
+        FENCE();
+    }
     int64_t freed = 0;
     while (s->rq_len) {
         struct retire *r = &s->rq[s->rq_head];
         if (r->at > oldest)
             break;
+        s->retained -= r->slots;
         if (r->kind == RT_CHAIN || r->kind == RT_OBJECT) {
             if (s->bs)
                 bs_release(s, r->addr);
             else
                 free_chain(s, r->addr);
             freed++;
-        } else {
+        } else if (removed_at(s, r->number) == r->at) {
+            /* The number is still removed by this very removal. It may have
+             * come back since: a secondary re-creates a number as soon as its
+             * primary reuses it, and the primary reuses a freed number at once
+             * while this store's reclaim can lag (a snapshot pins it, or the
+             * removal and the reuse arrived in one apply). Then its head is a
+             * live block (bh_retired 0, or a later removal's version) and this
+             * entry is stale: dropping the number would lose that block. */
             apl_addr a = s->v->v_loc[r->number];
             STORE_REL(&s->v->v_loc[r->number], APL_ADDR_NONE);
-            if (a != APL_ADDR_NONE && s->bs)
+            if (s->bs)
                 bs_release(s, a);
-            else if (a != APL_ADDR_NONE)
+            else
                 free_chain(s, a);
             s->free_nums[s->nfree_nums++] = r->number;
             freed++;
@@ -1517,13 +1614,22 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
         s->log_tail = s->log_head;
     s->serial = g ? pb->pb_serial : 0;
     s->epoch = sb->sb_epoch;
+    s->retained = 0;
+    s->horizon = sb->sb_horizon;
     r->readers_cleared = (uint64_t)apl_sweep_readers(s);
     if (s->bs) {
+        /* bs_recover keeps no old version: nothing below G is readable now */
+        s->horizon = g;
+        STORE_REL(&sb->sb_horizon, g);
+        FENCE();
         int brc = bs_recover(s, r);
         r->log_head = s->log_head;
         return brc;
     }
-    /* a reader between PENDING and its pin will pin the current version */
+    /* a reader between PENDING and its pin will pin the current version; a
+     * pin below the horizon (forged, or wiped and written back) is taken as
+     * the horizon: versions older than it may have been freed and reused, so
+     * the chains are walked back no further */
     int busy;
     uint64_t oldest = oldest_pin(s, &busy, 0);
 
@@ -1639,6 +1745,8 @@ int apl_store_stats(apl_store *s, struct apl_stats *st)
     uint64_t oldest = oldest_pin(s, &busy, &active);
     st->oldest_pin = active ? oldest : 0;
     st->readers_active = active;
+    st->retained = s->retained;
+    st->horizon = s->horizon;
     st->log_head = s->log_head;
     st->log_tail = s->log_tail;
     st->log_size = v->v_log_size;

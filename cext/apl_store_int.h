@@ -17,6 +17,7 @@ struct retire {
     apl_addr addr;     /* RT_CHAIN: head of the chain version to free */
     uint32_t number;   /* RT_NUMBER: block number to free (with its last chain) */
     uint32_t kind;
+    uint32_t slots;    /* RT_CHAIN / RT_OBJECT: slots (objects) it holds, counted in `retained` */
 };
 
 struct rec {
@@ -55,6 +56,11 @@ struct apl_store {
     /* retire queue, ordered by `at` (a ring) */
     struct retire *rq;
     uint64_t rq_head, rq_len, rq_cap;
+    uint64_t retained;              /* slots (objects) its RT_CHAIN / RT_OBJECT entries hold */
+    /* readers: the writer's own high-water mark of slots (never lowered by
+     * rh_high, which clients can write) and the horizon it published */
+    uint32_t rhigh;
+    uint64_t horizon;
     /* the last operation */
     struct apl_opinfo op;
     /* scratch for rewrites */
@@ -79,6 +85,7 @@ int bs_recover(apl_store *s, struct apl_recovery *r);
 int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
 int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap);
 void bs_release(apl_store *s, apl_addr a);
+uint64_t bs_removed_at(apl_store *s, apl_addr a);
 int bs_stats(apl_store *s, struct apl_stats *st);
 
 #endif

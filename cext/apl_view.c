@@ -9,11 +9,17 @@
  *     call's reads see one committed version and nothing outlives the call;
  *   - snapshot slots: one per open snapshot (apl_snap_open/close), pinned for
  *     the snapshot's life.
- * A slot is claimed by CAS on rs_pid (0 -> our pid). A thread's cached slots
+ * A slot is claimed by CAS on rs_pid (0 -> our pid, or a dead owner's pid ->
+ * ours); only the CAS winner writes the rest of it. A thread's cached slots
  * are released when it exits (pthread key destructor), a view's when it is
- * closed, and a dead process's by whoever notices (kill(pid, 0) == ESRCH).
- * After fork() the child forgets the parent's cached slots (pthread_atfork):
- * they belong to the parent's pid.
+ * closed, and a dead process's by whoever notices (apl_pid_gone). After
+ * fork() the child forgets the parent's cached slots and thread records
+ * (pthread_atfork): they belong to the parent's pid and threads.
+ *
+ * Thread records (closing under reads, apl_layout.h): shared between the
+ * threads of this process; each thread writes only its own in_view, the
+ * closer reads them all under views_lock; the list itself changes only under
+ * views_lock (a thread's first read, its exit, fork).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,7 +27,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <time.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
 #include <unistd.h>
+#include <linux/membarrier.h>
 #include <sys/syscall.h>
 
 #include "apl_int.h"
@@ -74,7 +84,8 @@ int apl_geometry(struct apl_geometry *g)
         return APL_EINVAL;
     g->files_off = APL_PAGE;
     g->layout_off = g->files_off + (uint64_t)g->nfiles * sizeof(struct apl_file);
-    g->loc_off = APL_ALIGN(g->layout_off + g->layout_len, APL_PAGE);
+    g->rown_off = APL_ALIGN(g->layout_off + g->layout_len, APL_PAGE);
+    g->loc_off = APL_ALIGN(g->rown_off + (uint64_t)g->nreaders * sizeof(struct apl_rown), APL_PAGE);
     g->log_off = APL_ALIGN(g->loc_off + g->max_blocks * sizeof(apl_addr), APL_PAGE);
     g->meta_size = APL_ALIGN(g->log_off + g->log_size, APL_PAGE);
     g->readers_size = APL_ALIGN(sizeof(struct apl_rhdr) + (uint64_t)g->nreaders * sizeof(struct apl_reader), APL_PAGE);
@@ -101,6 +112,7 @@ int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instan
     sb->sb_files_off = g->files_off;
     sb->sb_layout_off = g->layout_len ? g->layout_off : 0;
     sb->sb_layout_len = g->layout_len;
+    sb->sb_rown_off = g->rown_off;
     sb->sb_loc_off = g->loc_off;
     sb->sb_log_off = g->log_off;
     sb->sb_log_size = g->log_size;
@@ -149,9 +161,10 @@ int apl_check_meta(const uint8_t *meta, uint64_t size)
         return APL_EVERSION;
     if (sb->sb_meta_size > size || sb->sb_log_off + sb->sb_log_size > size ||
         sb->sb_loc_off + sb->sb_max_blocks * sizeof(apl_addr) > sb->sb_log_off ||
-        sb->sb_files_off + (uint64_t)sb->sb_nfiles * sizeof(struct apl_file) > sb->sb_loc_off ||
+        sb->sb_files_off + (uint64_t)sb->sb_nfiles * sizeof(struct apl_file) > sb->sb_rown_off ||
         (sb->sb_layout_len && (sb->sb_layout_off < sb->sb_files_off ||
-                               sb->sb_layout_off + sb->sb_layout_len > sb->sb_loc_off)))
+                               sb->sb_layout_off + sb->sb_layout_len > sb->sb_rown_off)) ||
+        sb->sb_rown_off + (uint64_t)sb->sb_nreaders * sizeof(struct apl_rown) > sb->sb_loc_off)
         return APL_EGEOMETRY;
     return APL_OK;
 }
@@ -195,10 +208,25 @@ static apl_view *live_views[MAX_LIVE_VIEWS];
 struct tls_ent {
     uint64_t view_id;
     struct apl_reader *slot;
+    uint64_t gen;                  /* our claim's token (rs_gen) */
 };
 static __thread struct tls_ent tls_cache[TLS_SLOTS];
 static pthread_key_t tls_key;
 static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
+
+/* This thread's record: which view a read of it is inside (0 = none). */
+struct rd_thread {
+    volatile uint64_t in_view;
+    struct rd_thread *next;
+    int registered;
+};
+static __thread struct rd_thread tls_rd;
+static struct rd_thread *rd_threads;     /* under views_lock */
+/* 0 once membarrier(PRIVATE_EXPEDITED) is registered: the closer fences for us */
+static int rd_need_fence = 1;
+/* this process's pid and start time (set again in a forked child) */
+static uint32_t proc_pid;
+static uint64_t proc_start;
 
 static int view_is_live(uint64_t id)
 {
@@ -215,6 +243,16 @@ static void release_slot(struct apl_reader *r)
     STORE_REL(&r->rs_pid, 0);
 }
 
+static void rd_unlink(struct rd_thread *t)
+{
+    for (struct rd_thread **p = &rd_threads; *p; p = &(*p)->next)
+        if (*p == t) {
+            *p = t->next;
+            break;
+        }
+    t->registered = 0;
+}
+
 /* Thread exit: give back this thread's per-call slots of views still mapped. */
 static void tls_destructor(void *unused)
 {
@@ -225,19 +263,85 @@ static void tls_destructor(void *unused)
             release_slot(tls_cache[i].slot);
         tls_cache[i].view_id = 0;
     }
+    if (tls_rd.registered)
+        rd_unlink(&tls_rd);
     pthread_mutex_unlock(&views_lock);
 }
 
-/* In a forked child the cached slots are the parent's: forget them. */
+static void membarrier_register(void)
+{
+    rd_need_fence = syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) != 0;
+}
+
+/* In a forked child the cached slots are the parent's and the other threads
+ * do not exist: forget both. */
 static void tls_atfork_child(void)
 {
     memset(tls_cache, 0, sizeof(tls_cache));
+    rd_threads = 0;
+    if (tls_rd.registered) {
+        tls_rd.next = 0;
+        rd_threads = &tls_rd;
+    }
+    tls_rd.in_view = 0;
+    pthread_mutex_init(&views_lock, 0);
+    proc_pid = (uint32_t)getpid();
+    proc_start = apl_pid_start(proc_pid);
+    membarrier_register();
 }
 
 static void tls_init(void)
 {
     pthread_key_create(&tls_key, tls_destructor);
     pthread_atfork(0, 0, tls_atfork_child);
+    proc_pid = (uint32_t)getpid();
+    proc_start = apl_pid_start(proc_pid);
+    membarrier_register();
+}
+
+static void rd_register(void)
+{
+    pthread_mutex_lock(&views_lock);
+    tls_rd.next = rd_threads;
+    rd_threads = &tls_rd;
+    tls_rd.registered = 1;
+    pthread_mutex_unlock(&views_lock);
+    pthread_setspecific(tls_key, (void *)1); /* arm the destructor */
+}
+
+/* Enter a read of view v: announce it, then check that v is not closed
+ * (Dekker with apl_view_close: one of the two sees the other). Nothing
+ * mapped may be touched before this returns APL_OK. */
+static inline int view_enter(apl_view *v)
+{
+    if (__builtin_expect(!tls_rd.registered, 0))
+        rd_register();
+    STORE_RLX(&tls_rd.in_view, v->v_id);
+    if (rd_need_fence)
+        FENCE();
+    else
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    if (LOAD_RLX(&v->v_closed)) {
+        STORE_REL(&tls_rd.in_view, 0);
+        return APL_ECLOSED;
+    }
+    return APL_OK;
+}
+
+static inline void view_exit(void)
+{
+    STORE_REL(&tls_rd.in_view, 0);
+}
+
+/* A read's result, unless its version was freed meanwhile: reused memory is
+ * written only after sb_horizon passed the versions it held (apl_reclaim), so
+ * a read that saw any of it sees the horizon past its version here. */
+static inline int64_t horizon_checked(const apl_view *v, uint64_t ver, int64_t rc)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LOAD_ACQ(&v->v_sb->sb_horizon) > ver)
+        return APL_ESNAPSHOT;
+    return rc;
 }
 
 int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
@@ -252,10 +356,13 @@ int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
         return APL_EGEOMETRY;
     if (readers && (rc = apl_check_readers(readers, readers_size, sb->sb_instance)))
         return rc;
+    if (readers && ((const struct apl_rhdr *)readers)->rh_nslots != sb->sb_nreaders)
+        return APL_EGEOMETRY;
     memset(v, 0, sizeof(*v));
     v->v_meta = meta;
     v->v_sb = (struct apl_super *)meta;
     v->v_files = (struct apl_file *)(meta + sb->sb_files_off);
+    v->v_rown = (struct apl_rown *)(meta + sb->sb_rown_off);
     v->v_loc = (uint64_t *)(meta + sb->sb_loc_off);
     v->v_log = meta + sb->sb_log_off;
     v->v_log_size = sb->sb_log_size;
@@ -276,7 +383,7 @@ int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
     if (readers) {
         v->v_rhdr = (struct apl_rhdr *)readers;
         v->v_readers = (struct apl_reader *)(readers + sizeof(struct apl_rhdr));
-        v->v_nreaders = v->v_rhdr->rh_nslots;
+        v->v_nreaders = sb->sb_nreaders;
     }
     pthread_once(&tls_once, tls_init);
     pthread_mutex_lock(&views_lock);
@@ -293,16 +400,32 @@ int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
 
 void apl_view_close(apl_view *v)
 {
+    if (v->v_closed)
+        return;
+    STORE_RLX(&v->v_closed, 1);
+    if (rd_need_fence || syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
+        FENCE();
+    /* wait for the reads other threads are inside (a read never waits, so
+     * this ends); views_lock is not held while yielding: a read may take it */
+    for (;;) {
+        int busy = 0;
+        pthread_mutex_lock(&views_lock);
+        for (struct rd_thread *t = rd_threads; t && !busy; t = t->next)
+            busy = t != &tls_rd && LOAD_ACQ(&t->in_view) == v->v_id;
+        pthread_mutex_unlock(&views_lock);
+        if (!busy)
+            break;
+        sched_yield();
+    }
     pthread_mutex_lock(&views_lock);
     for (int i = 0; i < MAX_LIVE_VIEWS; i++)
         if (live_views[i] == v)
             live_views[i] = 0;
     if (v->v_readers) {
-        uint32_t pid = (uint32_t)getpid();
         uint32_t high = LOAD_ACQ(&v->v_rhdr->rh_high);
         for (uint32_t i = 0; i < high && i < v->v_nreaders; i++) {
             struct apl_reader *r = &v->v_readers[i];
-            if (r->rs_pid == pid && r->rs_view == v->v_id)
+            if (r->rs_pid == proc_pid && r->rs_view == v->v_id)
                 release_slot(r);
         }
     }
@@ -310,11 +433,12 @@ void apl_view_close(apl_view *v)
         if (tls_cache[i].view_id == v->v_id)
             tls_cache[i].view_id = 0;
     pthread_mutex_unlock(&views_lock);
+    /* nothing mapped is reachable from a closed view: every entry point
+     * checks v_closed (view_enter) before it touches a segment */
     v->v_id = 0;
-    /* a closed view reads nothing: every lookup checks the file id against
-     * v_nfiles before touching a segment, so it fails with APL_EFILE */
-    v->v_nfiles = 0;
-    v->v_nseg = 0;
+    v->v_readers = 0;
+    v->v_rhdr = 0;
+    v->v_nreaders = 0;
 }
 
 int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem)
@@ -325,41 +449,77 @@ int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem)
     return APL_OK;
 }
 
-uint64_t apl_committed(const apl_view *v)
+uint64_t apl_committed(apl_view *v)
 {
-    return apl_now_version(v);
+    if (view_enter(v))
+        return 0;
+    uint64_t g = apl_now_version(v);
+    view_exit();
+    return g;
 }
 
 /* ------------------------------------------------------------------ */
 /* Reader slots and pins                                               */
 /* ------------------------------------------------------------------ */
 
-static int pid_alive(uint32_t pid)
+uint64_t apl_pid_start(uint32_t pid)
 {
-    return !(kill((pid_t)pid, 0) == -1 && errno == ESRCH);
+    char path[48], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    /* "pid (comm) state ..." — comm may hold spaces and parentheses: the
+     * fields that follow start after its last ')'; starttime is field 22 */
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return 0;
+    int field = 2;
+    for (p++; *p && field < 22; p++)
+        if (*p == ' ')
+            field++;
+    return field == 22 ? strtoull(p, 0, 10) : 0;
 }
 
-static struct apl_reader *claim_slot(apl_view *v, uint32_t kind)
+int apl_pid_gone(uint32_t pid, uint64_t start)
+{
+    if (pid == 0 || pid > APL_PID_MAX)
+        return 1;
+    if (kill((pid_t)pid, 0) == -1 && errno == ESRCH)
+        return 1;
+    if (start) {
+        uint64_t now = apl_pid_start(pid);
+        if (now && now != start)
+            return 1;  /* the pid names another process now */
+    }
+    return 0;
+}
+
+static struct apl_reader *claim_slot(apl_view *v, uint32_t kind, uint64_t *token)
 {
     if (!v->v_readers)
         return 0;
-    uint32_t pid = (uint32_t)getpid();
+    uint32_t pid = proc_pid;
     uint32_t tid = (uint32_t)syscall(SYS_gettid);
     uint32_t n = v->v_nreaders;
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < n; i++) {
             struct apl_reader *r = &v->v_readers[i];
             uint32_t owner = LOAD_RLX(&r->rs_pid);
-            if (owner && pass == 1 && owner != pid && !pid_alive(owner)) {
-                /* a dead process's slot: unpin, then free it (others may race; CAS decides) */
-                STORE_REL(&r->rs_pin, APL_PIN_IDLE);
-                uint32_t expect = owner;
-                __atomic_compare_exchange_n(&r->rs_pid, &expect, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
-                owner = LOAD_RLX(&r->rs_pid);
+            uint32_t expect = owner;
+            if (owner) {
+                /* second pass: a dead process's slot is taken over by CAS; the
+                 * winner alone writes the slot (a loser must not touch a pin
+                 * that may already be someone else's) */
+                if (pass == 0 || owner == pid || owner == APL_PID_BUSY ||
+                    !apl_pid_gone(owner, LOAD_RLX(&r->rs_start)))
+                    continue;
             }
-            if (owner)
-                continue;
-            uint32_t expect = 0;
             if (!__atomic_compare_exchange_n(&r->rs_pid, &expect, pid, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
                 continue;
             STORE_RLX(&r->rs_pin, APL_PIN_IDLE);
@@ -367,6 +527,10 @@ static struct apl_reader *claim_slot(apl_view *v, uint32_t kind)
             r->rs_view = v->v_id;
             r->rs_kind = kind;
             r->rs_since_ns = 0;
+            r->rs_start = proc_start;
+            uint64_t gen = r->rs_gen + 1;
+            STORE_REL(&r->rs_gen, gen);
+            *token = gen;
             uint32_t high = LOAD_RLX(&v->v_rhdr->rh_high);
             while (high < i + 1 &&
                    !__atomic_compare_exchange_n(&v->v_rhdr->rh_high, &high, i + 1, 0,
@@ -387,6 +551,7 @@ static inline uint64_t pin_latest(apl_view *v, struct apl_reader *r)
     return ver;
 }
 
+/* Inside view_enter: this thread's per-call slot of v, pinned at the latest version. */
 struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version)
 {
     struct apl_reader *r = 0;
@@ -394,13 +559,20 @@ struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version)
     for (int i = 0; i < TLS_SLOTS; i++) {
         if (tls_cache[i].view_id == v->v_id) {
             r = tls_cache[i].slot;
+            if (LOAD_RLX(&r->rs_pid) != proc_pid || LOAD_RLX(&r->rs_gen) != tls_cache[i].gen) {
+                /* the controller cleared it (or it was overwritten): not ours any more */
+                tls_cache[i].view_id = 0;
+                r = 0;
+                free_i = i;
+            }
             break;
         }
         if (!tls_cache[i].view_id && free_i < 0)
             free_i = i;
     }
     if (!r) {
-        r = claim_slot(v, 1);
+        uint64_t gen;
+        r = claim_slot(v, 1, &gen);
         if (!r)
             return 0;
         if (free_i < 0) {
@@ -413,32 +585,48 @@ struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version)
         }
         tls_cache[free_i].view_id = v->v_id;
         tls_cache[free_i].slot = r;
+        tls_cache[free_i].gen = gen;
         pthread_setspecific(tls_key, (void *)1); /* arm the destructor */
     }
     *version = pin_latest(v, r);
     return r;
 }
 
-int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *version)
+int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *gen, uint64_t *version)
 {
-    struct apl_reader *r = claim_slot(v, 2);
-    if (!r)
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    struct apl_reader *r = claim_slot(v, 2, gen);
+    if (!r) {
+        view_exit();
         return APL_EREADERS;
+    }
     *version = pin_latest(v, r);
     r->rs_since_ns = now_ns();
     *slot = (uint32_t)(r - v->v_readers);
+    view_exit();
     return APL_OK;
 }
 
-int apl_snap_close(apl_view *v, uint32_t slot)
+int apl_snap_close(apl_view *v, uint32_t slot, uint64_t gen)
 {
-    if (!v->v_readers || slot >= v->v_nreaders)
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    if (!v->v_readers || slot >= v->v_nreaders) {
+        view_exit();
         return APL_EINVAL;
+    }
     struct apl_reader *r = &v->v_readers[slot];
-    if (r->rs_pid != (uint32_t)getpid() || r->rs_view != v->v_id)
-        return APL_EINVAL;
-    release_slot(r);
-    return APL_OK;
+    /* only our own claim: after fork, or once the controller cleared it, the
+     * slot is someone else's */
+    if (r->rs_pid != proc_pid || r->rs_view != v->v_id || r->rs_gen != gen)
+        rc = APL_EINVAL;
+    else
+        release_slot(r);
+    view_exit();
+    return rc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -498,6 +686,33 @@ static int64_t get_at(apl_view *v, uint32_t file, uint64_t ver, const uint8_t *k
     return vlen;
 }
 
+/* Begin a read at `version`, or (0) at the latest under this thread's
+ * per-call pin (*r, else NULL): view_enter first, so nothing mapped is touched
+ * on a closed view. */
+static inline int read_begin(apl_view *v, uint64_t version, uint64_t *ver, struct apl_reader **r)
+{
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    *r = 0;
+    *ver = version;
+    if (!version && !(*r = apl_op_pin(v, ver))) {
+        view_exit();
+        return APL_EREADERS;
+    }
+    return APL_OK;
+}
+
+/* End it: the result, checked against the horizon while still pinned. */
+static inline int64_t read_end(apl_view *v, uint64_t ver, struct apl_reader *r, int64_t rc)
+{
+    rc = horizon_checked(v, ver, rc);
+    if (r)
+        apl_op_unpin(r);
+    view_exit();
+    return rc;
+}
+
 int64_t apl_get(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen,
                 uint64_t version, uint8_t *out, uint64_t cap)
 {
@@ -507,15 +722,12 @@ int64_t apl_get(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen,
         return APL_EKEY;
     if (file >= v->v_nfiles)
         return APL_EFILE;
-    if (version)
-        return get_at(v, file, version, key, klen, out, cap);
     uint64_t ver;
-    struct apl_reader *r = apl_op_pin(v, &ver);
-    if (!r)
-        return APL_EREADERS;
-    int64_t rc = get_at(v, file, ver, key, klen, out, cap);
-    apl_op_unpin(r);
-    return rc;
+    struct apl_reader *r;
+    int rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
+    return read_end(v, ver, r, get_at(v, file, ver, key, klen, out, cap));
 }
 
 /* Integer keys: 8 bytes big-endian with the sign bit flipped (memcmp order = numeric order). */
@@ -530,11 +742,11 @@ int64_t apl_count(apl_view *v, uint32_t file, uint64_t version)
 {
     if (file >= v->v_nfiles)
         return APL_EFILE;
-    struct apl_reader *r = 0;
-    uint64_t ver = version;
-    if (!ver && !(r = apl_op_pin(v, &ver)))
-        return APL_EREADERS;
-    int64_t rc;
+    uint64_t ver;
+    struct apl_reader *r;
+    int64_t rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
     if (v->v_flags & APL_SB_COMPRESSED) {
         uint8_t img[64];
         int64_t n = apl_bobj_image(v, v->v_files[file].fl_meta, ver, img, sizeof img);
@@ -549,9 +761,7 @@ int64_t apl_count(apl_view *v, uint32_t file, uint64_t version)
         struct apl_bhdr *m = apl_resolve(v, v->v_files[file].fl_meta, ver);
         rc = (m && m->bh_magic == APL_BLK_META) ? (int64_t)m->bh_count : APL_ECORRUPT;
     }
-    if (r)
-        apl_op_unpin(r);
-    return rc;
+    return read_end(v, ver, r, rc);
 }
 
 /* ------------------------------------------------------------------ */
@@ -565,6 +775,7 @@ struct iter {
     struct { struct apl_bhdr *b; uint32_t i; } path[APL_MAX_HEIGHT];
     struct apl_bhdr *blk;              /* current block of the leaf chain */
     uint32_t idx;                      /* next slot in blk */
+    uint32_t hops;                     /* overflow blocks followed in this chain */
     int err;
 };
 
@@ -578,6 +789,7 @@ static int iter_down(struct iter *it, uint32_t num)
         if (b->bh_level == 0) {
             it->blk = b;
             it->idx = 0;
+            it->hops = 0;
             return 0;
         }
         if (b->bh_nslots == 0 || it->depth >= (int)APL_MAX_HEIGHT)
@@ -611,8 +823,11 @@ static int iter_seek(struct iter *it, uint32_t file, const uint8_t *k, uint32_t 
         num = apl_slots(b)[ci].sl_aux;
     }
     struct apl_bhdr *b = apl_resolve(it->v, num, it->ver);
+    if (!b)
+        return it->err = APL_ECORRUPT;
     uint32_t ci;
     b = apl_chain_block(it->v, b, p, k, n, &ci);
+    it->hops = ci;
     int eq;
     uint32_t i = apl_lower_bound(b, p, k, n, &eq);
     if (eq && !incl)
@@ -639,7 +854,7 @@ static const struct apl_slot *iter_next(struct iter *it, struct apl_bhdr **owner
         }
         if (it->blk->bh_next != APL_ADDR_NONE) {
             struct apl_bhdr *nx = apl_ptr(it->v, it->blk->bh_next);
-            if (!nx) {
+            if (!nx || ++it->hops > 64) {
                 it->err = APL_ECORRUPT;
                 return 0;
             }
@@ -719,17 +934,13 @@ int64_t apl_scan(apl_view *v, uint32_t file,
         return APL_EKEY;
     if (what != APL_SCAN_VALUES && what != APL_SCAN_KEYS)
         return APL_EINVAL;
-    if (version)
-        return scan_at(v, file, version, lo, lolen, lo_incl, hi, hilen, what, out, cap,
-                       count, resume, resume_len, more);
     uint64_t ver;
-    struct apl_reader *r = apl_op_pin(v, &ver);
-    if (!r)
-        return APL_EREADERS;
-    int64_t rc = scan_at(v, file, ver, lo, lolen, lo_incl, hi, hilen, what, out, cap,
-                         count, resume, resume_len, more);
-    apl_op_unpin(r);
-    return rc;
+    struct apl_reader *r;
+    int rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
+    return read_end(v, ver, r, scan_at(v, file, ver, lo, lolen, lo_incl, hi, hilen, what, out, cap,
+                                       count, resume, resume_len, more));
 }
 
 static int64_t find_at(apl_view *v, uint32_t index, uint32_t table, uint64_t ver,
@@ -783,17 +994,13 @@ int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
         return APL_ENOREAD;
     if (plen > APL_MAX_KEY || afterlen > APL_MAX_KEY)
         return APL_EKEY;
-    if (version)
-        return find_at(v, index, table, version, prefix, plen, after, afterlen, out, cap,
-                       count, resume, resume_len, more);
     uint64_t ver;
-    struct apl_reader *r = apl_op_pin(v, &ver);
-    if (!r)
-        return APL_EREADERS;
-    int64_t rc = find_at(v, index, table, ver, prefix, plen, after, afterlen, out, cap,
-                         count, resume, resume_len, more);
-    apl_op_unpin(r);
-    return rc;
+    struct apl_reader *r;
+    int rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
+    return read_end(v, ver, r, find_at(v, index, table, ver, prefix, plen, after, afterlen, out, cap,
+                                       count, resume, resume_len, more));
 }
 
 /* ------------------------------------------------------------------ */
@@ -808,9 +1015,13 @@ int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
 int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap)
 {
     uint64_t used = 0;
-    uint32_t nrec = 0;
-    for (struct apl_bhdr *c = b; c; c = c->bh_next != APL_ADDR_NONE ? apl_ptr(v, c->bh_next) : 0)
+    uint32_t nrec = 0, nb = 0;
+    /* a chain has at most 1 + max_overflow (<= 9) blocks: a longer walk (reused
+     * memory under a wiped pin) stops here; the horizon check then reports it */
+    for (struct apl_bhdr *c = b; c && nb < 64; c = c->bh_next != APL_ADDR_NONE ? apl_ptr(v, c->bh_next) : 0, nb++)
         nrec += c->bh_nslots;
+    if (nb == 64)
+        return APL_ECORRUPT;
     PUT(uint32_t, b->bh_number);
     PUT(uint32_t, b->bh_magic);
     PUT(uint32_t, b->bh_file);
@@ -821,7 +1032,8 @@ int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t 
         PUT(uint64_t, b->bh_count);
         return (int64_t)used;
     }
-    for (struct apl_bhdr *c = b; c; c = c->bh_next != APL_ADDR_NONE ? apl_ptr(v, c->bh_next) : 0) {
+    nb = 0;
+    for (struct apl_bhdr *c = b; c && nb < 64; c = c->bh_next != APL_ADDR_NONE ? apl_ptr(v, c->bh_next) : 0, nb++) {
         const struct apl_slot *s = apl_slots(c);
         for (uint32_t i = 0; i < c->bh_nslots; i++) {
             uint32_t vlen = c->bh_level ? 0 : s[i].sl_aux;
@@ -839,20 +1051,18 @@ int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t 
 
 int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version, uint8_t *out, uint64_t cap)
 {
-    struct apl_reader *r = 0;
-    uint64_t ver = version;
-    if (!ver && !(r = apl_op_pin(v, &ver)))
-        return APL_EREADERS;
-    int64_t rc;
+    uint64_t ver;
+    struct apl_reader *r;
+    int64_t rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
     if (v->v_flags & APL_SB_COMPRESSED) {
         rc = apl_bobj_image(v, number, ver, out, cap);
     } else {
-        struct apl_bhdr *b = apl_resolve(v, number, ver);
+        struct apl_bhdr *b = apl_resolve_in_use(v, number, ver);
         rc = b ? apl_image(v, b, out, cap) : APL_NOTFOUND;
     }
-    if (r)
-        apl_op_unpin(r);
-    return rc;
+    return read_end(v, ver, r, rc);
 }
 
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum)
@@ -874,9 +1084,12 @@ int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t 
 
 uint64_t apl_block_limit(apl_view *v)
 {
+    if (view_enter(v))
+        return 0;
     uint64_t n = v->v_max_blocks;
     while (n > 0 && LOAD_RLX(&v->v_loc[n - 1]) == APL_ADDR_NONE)
         n--;
+    view_exit();
     return n;
 }
 
@@ -884,7 +1097,7 @@ uint64_t apl_block_limit(apl_view *v)
 /* Change log reading                                                  */
 /* ------------------------------------------------------------------ */
 
-int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial)
+static int log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial)
 {
     for (int tries = 0; tries < 1000; tries++) {
         uint64_t g = LOAD_ACQ(&v->v_sb->sb_version);
@@ -904,10 +1117,44 @@ int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *versio
     return APL_ECORRUPT;
 }
 
-int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
+int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial)
+{
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    rc = log_bounds(v, head, tail, version, serial);
+    view_exit();
+    return rc;
+}
+
+/*
+ * Reading entries the writer may be overwriting (log_make_room publishes the
+ * new tail, then a release fence, then overwrites): take the header once into
+ * *h and use nothing but that copy (a compiler barrier keeps the compiler from
+ * reading the shared header again); copy what it describes; then a full fence
+ * and the bounds again. An entry from before the tail is APL_ELOGFULL, never
+ * trusted: the copy may mix two entries. A header that fails its checks while
+ * its position is still retained is corruption.
+ */
+static inline void entry_header(struct apl_centry *h, const struct apl_centry *e)
+{
+    memcpy(h, e, sizeof *h);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The error for a header that failed its checks at log position pos. */
+static int entry_bad(apl_view *v, uint64_t pos)
 {
     uint64_t head, tail, ver, serial;
-    int rc = apl_log_bounds(v, &head, &tail, &ver, &serial);
+    FENCE();
+    int rc = log_bounds(v, &head, &tail, &ver, &serial);
+    return rc ? rc : pos < tail ? APL_ELOGFULL : APL_ECORRUPT;
+}
+
+static int64_t log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
+{
+    uint64_t head, tail, ver, serial;
+    int rc = log_bounds(v, &head, &tail, &ver, &serial);
     if (rc)
         return rc;
     uint64_t size = v->v_log_size;
@@ -921,11 +1168,12 @@ int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
             *pos += size - off;
             continue;
         }
-        const struct apl_centry *e = (const struct apl_centry *)(v->v_log + off);
-        uint32_t len = e->ce_len;
-        if (len < sizeof(*e) || (len & 7) || len > size - off)
-            return APL_ECORRUPT;
-        if (e->ce_kind == APL_CE_PAD) {
+        struct apl_centry h;
+        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
+        uint32_t len = h.ce_len;
+        if (len < sizeof(h) || (len & 7) || len > size - off)
+            return entry_bad(v, *pos);
+        if (h.ce_kind == APL_CE_PAD) {
             *pos += len;
             continue;
         }
@@ -936,15 +1184,27 @@ int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
             }
             return APL_EBUFSIZE;
         }
-        memcpy(out, e, len);
+        memcpy(out, &h, sizeof h);
+        memcpy(out + sizeof h, v->v_log + off + sizeof h, len - sizeof h);
         /* the copy is valid only if the writer did not overwrite it meanwhile */
-        if ((rc = apl_log_bounds(v, &head, &tail, &ver, &serial)))
+        FENCE();
+        if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
             return rc;
         if (*pos < tail)
             return APL_ELOGFULL;
         *pos += len;
         return len;
     }
+}
+
+int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
+{
+    int64_t rc = view_enter(v);
+    if (rc)
+        return rc;
+    rc = log_read(v, pos, out, cap);
+    view_exit();
+    return rc;
 }
 
 /*
@@ -957,11 +1217,11 @@ int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
  * Returns bytes written (0: nothing new), APL_ELOGFULL when *pos was
  * overwritten, APL_EBUFSIZE when not even the first entry fits.
  */
-int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
-                       uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count)
+static int64_t log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
+                          uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count)
 {
     uint64_t head, tail, ver, serial;
-    int rc = apl_log_bounds(v, &head, &tail, &ver, &serial);
+    int rc = log_bounds(v, &head, &tail, &ver, &serial);
     if (rc)
         return rc;
     uint64_t size = v->v_log_size, used = 0, n = 0, p = *pos;
@@ -975,23 +1235,24 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
             p += size - off;
             continue;
         }
-        const struct apl_centry *e = (const struct apl_centry *)(v->v_log + off);
-        uint32_t len = e->ce_len;
-        if (len < sizeof(*e) || (len & 7) || len > size - off ||
-            sizeof(*e) + (uint64_t)e->ce_klen + e->ce_alen + e->ce_blen > len)
-            return APL_ECORRUPT;
-        if (e->ce_kind == APL_CE_PAD) {
+        struct apl_centry h;
+        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
+        uint32_t len = h.ce_len;
+        if (len < sizeof(h) || (len & 7) || len > size - off ||
+            sizeof(h) + (uint64_t)h.ce_klen + h.ce_alen + h.ce_blen > len)
+            return entry_bad(v, p);
+        if (h.ce_kind == APL_CE_PAD) {
             p += len;
             continue;
         }
-        if (max_serial && e->ce_serial > max_serial)
+        if (max_serial && h.ce_serial > max_serial)
             break;
-        const uint8_t *key = (const uint8_t *)(e + 1);
-        const uint8_t *a = key + e->ce_klen, *b = a + e->ce_alen;
-        uint32_t alen = e->ce_alen, blen = e->ce_blen, flags = e->ce_flags;
+        const uint8_t *key = v->v_log + off + sizeof(h);
+        const uint8_t *a = key + h.ce_klen, *b = a + h.ce_alen;
+        uint32_t klen = h.ce_klen, alen = h.ce_alen, blen = h.ce_blen, flags = h.ce_flags;
         uint32_t doff = 0, drep = 0, dnew = 0;
         int delta = 0;
-        if ((opts & APL_EXPORT_DELTA) && e->ce_kind == APL_CE_UPDATE && alen && blen) {
+        if ((opts & APL_EXPORT_DELTA) && h.ce_kind == APL_CE_UPDATE && alen && blen) {
             uint32_t m = alen < blen ? alen : blen, pre = 0, suf = 0;
             while (pre < m && a[pre] == b[pre])
                 pre++;
@@ -1005,7 +1266,7 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
         }
         uint32_t out_alen = delta ? 8 + dnew : alen;
         uint32_t out_blen = (opts & APL_EXPORT_NO_B) ? 0 : blen;
-        uint64_t elen = APL_ALIGN(sizeof(*e) + (uint64_t)e->ce_klen + out_alen + out_blen, 8);
+        uint64_t elen = APL_ALIGN(sizeof(h) + (uint64_t)klen + out_alen + out_blen, 8);
         if (used + elen > cap) {
             if (n == 0) {
                 if (cap >= 8)
@@ -1015,10 +1276,10 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
             break;
         }
         struct apl_centry *o = (struct apl_centry *)(out + used);
-        memcpy(o, e, sizeof(*e));
+        memcpy(o, &h, sizeof(h));
         uint8_t *q = (uint8_t *)(o + 1);
-        memcpy(q, key, e->ce_klen);
-        q += e->ce_klen;
+        memcpy(q, key, klen);
+        q += klen;
         if (delta) {
             memcpy(q, &doff, 4);
             memcpy(q + 4, &drep, 4);
@@ -1039,15 +1300,15 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
         o->ce_blen = out_blen;
         o->ce_flags = (uint16_t)flags;
         if (!n)
-            *first_serial = e->ce_serial;
-        *last_serial = e->ce_serial;
+            *first_serial = h.ce_serial;
+        *last_serial = h.ce_serial;
         n++;
         used += elen;
         p += len;
     }
     /* valid only if the writer did not overwrite what we copied */
     FENCE();
-    if ((rc = apl_log_bounds(v, &head, &tail, &ver, &serial)))
+    if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
         return rc;
     if (start < tail)
         return APL_ELOGFULL;
@@ -1056,12 +1317,23 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
     return (int64_t)used;
 }
 
+int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,
+                       uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count)
+{
+    int64_t rc = view_enter(v);
+    if (rc)
+        return rc;
+    rc = log_export(v, pos, out, cap, opts, max_serial, first_serial, last_serial, count);
+    view_exit();
+    return rc;
+}
+
 /* Position of the entry with this serial; APL_NOTFOUND when it is past the
  * head, APL_ELOGFULL when it is no longer retained. */
-int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
+static int log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
 {
     uint64_t head, tail, ver, last;
-    int rc = apl_log_bounds(v, &head, &tail, &ver, &last);
+    int rc = log_bounds(v, &head, &tail, &ver, &last);
     if (rc)
         return rc;
     if (serial > last)
@@ -1073,23 +1345,34 @@ int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
             p += size - off;
             continue;
         }
-        const struct apl_centry *e = (const struct apl_centry *)(v->v_log + off);
-        if (e->ce_len < sizeof(*e) || (e->ce_len & 7) || e->ce_len > size - off)
-            return APL_ECORRUPT;
-        if (e->ce_kind != APL_CE_PAD) {
-            if (e->ce_serial == serial) {
+        struct apl_centry h;
+        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
+        if (h.ce_len < sizeof(h) || (h.ce_len & 7) || h.ce_len > size - off)
+            return entry_bad(v, p);
+        if (h.ce_kind != APL_CE_PAD) {
+            if (h.ce_serial == serial) {
                 *pos = p;
                 FENCE();
-                if ((rc = apl_log_bounds(v, &head, &tail, &ver, &last)))
+                if ((rc = log_bounds(v, &head, &tail, &ver, &last)))
                     return rc;
                 return p < tail ? APL_ELOGFULL : APL_OK;
             }
-            if (e->ce_serial > serial)
+            if (h.ce_serial > serial)
                 return APL_ELOGFULL;
         }
-        p += e->ce_len;
+        p += h.ce_len;
     }
     return APL_ELOGFULL;
+}
+
+int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
+{
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    rc = log_seek(v, serial, pos);
+    view_exit();
+    return rc;
 }
 
 /*
@@ -1101,8 +1384,8 @@ int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
  * has passed it). Stops before `cap` would overflow or at `limit`; *next is
  * the number to continue from. Returns bytes written.
  */
-int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
-                         uint8_t *out, uint64_t cap, uint32_t *next)
+static int64_t block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
+                            uint8_t *out, uint64_t cap, uint32_t *next)
 {
     uint64_t used = 0;
     uint32_t n = start;
@@ -1115,7 +1398,7 @@ int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t v
         if (v->v_flags & APL_SB_COMPRESSED) {
             len = apl_bobj_image(v, n, version, out + used + 8, cap - used - 8);
         } else {
-            struct apl_bhdr *b = apl_resolve(v, n, version);
+            struct apl_bhdr *b = apl_resolve_in_use(v, n, version);
             len = b ? apl_image(v, b, out + used + 8, cap - used - 8) : APL_NOTFOUND;
         }
         if (len == APL_NOTFOUND)
@@ -1134,4 +1417,15 @@ int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t v
     }
     *next = n;
     return (int64_t)used;
+}
+
+int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
+                         uint8_t *out, uint64_t cap, uint32_t *next)
+{
+    uint64_t ver;
+    struct apl_reader *r;
+    int64_t rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
+    return read_end(v, ver, r, block_images(v, start, limit, ver, out, cap, next));
 }

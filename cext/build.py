@@ -61,7 +61,7 @@ enum apl_error {
     APL_ENOMEM, APL_ELOGFULL, APL_EBATCH, APL_EGEOMETRY, APL_EUNDO,
     APL_ELOCKTIMEOUT, APL_EDEADLOCK, APL_ECANCELLED, APL_ETXN, APL_ENOTABLE, APL_ENOFIELD,
     APL_ETYPE, APL_EACCESS, APL_EUNAVAIL, APL_EPROTO, APL_ECLOSED, APL_ECONFIG, APL_ESTALE,
-    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, APL_ELIMIT, APL_EINTERNAL, APL_EBACKUP, ...
+    APL_EBUSY, APL_EUNKNOWN, APL_EREADONLY, APL_ENOREAD, APL_ELIMIT, APL_EINTERNAL, APL_EBACKUP, APL_ESNAPSHOT, ...
 };
 const char *apl_strerror(int code);
 const char *apl_errname(int code);
@@ -79,8 +79,9 @@ struct apl_super {
     uint32_t sb_max_overflow; uint32_t sb_nreaders; uint32_t sb_flags; uint64_t sb_files_off;
     uint64_t sb_loc_off; uint64_t sb_log_off; uint64_t sb_log_size; uint64_t sb_meta_size;
     uint32_t sb_page_size; uint32_t sb_nclasses; uint64_t sb_layout_off; uint64_t sb_layout_len;
+    uint64_t sb_rown_off;
     uint64_t sb_version; uint64_t sb_epoch; uint64_t sb_txn_next;
-    uint32_t sb_controller_pid; uint32_t sb_state; uint64_t sb_opened_ns;
+    uint32_t sb_controller_pid; uint32_t sb_state; uint64_t sb_opened_ns; uint64_t sb_horizon;
     struct apl_pub sb_pub[2];
     ...;
 };
@@ -91,7 +92,11 @@ struct apl_file {
 struct apl_rhdr { uint32_t rh_magic; uint32_t rh_format; uint64_t rh_instance;
                   uint32_t rh_nslots; uint32_t rh_high; ...; };
 struct apl_reader { uint32_t rs_pid; uint32_t rs_tid; uint64_t rs_pin; uint64_t rs_since_ns;
-                    uint64_t rs_view; uint32_t rs_kind; ...; };
+                    uint64_t rs_view; uint32_t rs_kind; uint64_t rs_start; uint64_t rs_gen; ...; };
+struct apl_rown { uint32_t ro_pid; uint64_t ro_start; ...; };
+#define APL_PID_BUSY ...
+#define APL_PIN_IDLE ...
+#define APL_PIN_PENDING ...
 struct apl_seghdr { uint32_t sg_magic; uint32_t sg_format; uint64_t sg_instance;
                     uint32_t sg_index; uint32_t sg_block_size; uint64_t sg_slots; ...; };
 struct apl_bhdr {
@@ -105,7 +110,7 @@ struct apl_slot { uint64_t sl_prefix; uint16_t sl_off; uint16_t sl_klen; uint32_
 #define APL_SB_COMPRESSED ...
 struct apl_bobj {
     uint32_t bo_magic; uint32_t bo_number; uint64_t bo_version; uint64_t bo_prev;
-    uint32_t bo_class; uint32_t bo_clen; uint32_t bo_rawlen; ...;
+    uint64_t bo_retired; uint32_t bo_class; uint32_t bo_clen; uint32_t bo_rawlen; ...;
 };
 struct apl_centry {
     uint32_t ce_len; uint16_t ce_kind; uint16_t ce_flags; uint32_t ce_file; uint32_t ce_block;
@@ -118,7 +123,8 @@ struct apl_geometry {
     uint32_t block_size; uint32_t nsegments; uint64_t segment_size; uint32_t nfiles;
     uint32_t max_overflow; uint32_t nreaders; uint64_t log_size;
     uint32_t compressed; uint64_t max_blocks_in; uint64_t layout_len; uint32_t page_size;
-    uint64_t segment_slots; uint64_t max_blocks; uint64_t files_off; uint64_t layout_off; uint64_t loc_off;
+    uint64_t segment_slots; uint64_t max_blocks; uint64_t files_off; uint64_t layout_off; uint64_t rown_off;
+    uint64_t loc_off;
     uint64_t log_off; uint64_t meta_size; uint64_t readers_size; ...;
 };
 int apl_geometry(struct apl_geometry *g);
@@ -137,7 +143,7 @@ int apl_view_open(apl_view *v, uint8_t *meta, uint64_t meta_size,
                   uint8_t **segs, uint32_t nsegs, uint64_t seg_size);
 void apl_view_close(apl_view *v);
 int apl_view_set_segment(apl_view *v, uint32_t index, uint8_t *mem);
-uint64_t apl_committed(const apl_view *v);
+uint64_t apl_committed(apl_view *v);
 int64_t apl_get(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen,
                 uint64_t version, uint8_t *out, uint64_t cap);
 int64_t apl_get_i64(apl_view *v, uint32_t file, int64_t key,
@@ -153,8 +159,9 @@ int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
                  uint64_t version, uint8_t *out, uint64_t cap,
                  uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
 int64_t apl_count(apl_view *v, uint32_t file, uint64_t version);
-int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *version);
-int apl_snap_close(apl_view *v, uint32_t slot);
+int apl_snap_open(apl_view *v, uint32_t *slot, uint64_t *gen, uint64_t *version);
+int apl_snap_close(apl_view *v, uint32_t slot, uint64_t gen);
+uint64_t apl_pid_start(uint32_t pid);
 int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
                         uint8_t *out, uint64_t cap);
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
@@ -173,7 +180,7 @@ struct apl_stats {
     uint64_t version; uint64_t slots_total; uint64_t slots_free; uint64_t blocks_used;
     uint64_t max_blocks; uint64_t retire_pending; uint64_t oldest_pin; uint64_t readers_active;
     uint64_t log_head; uint64_t log_tail; uint64_t log_size; uint64_t serial;
-    uint64_t bytes_used; uint64_t bytes_live;
+    uint64_t retained; uint64_t horizon; uint64_t bytes_used; uint64_t bytes_live;
     uint64_t seg_free[...]; ...;
 };
 apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots);
@@ -203,6 +210,13 @@ int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn);
 int apl_batch_abort(apl_store *s, struct apl_recovery *r);
 int64_t apl_reclaim(apl_store *s);
 int64_t apl_sweep_readers(apl_store *s);
+struct apl_slotinfo {
+    uint32_t slot; uint32_t pid; uint64_t start; uint64_t gen; uint64_t pin; uint64_t since_ns;
+    uint32_t kind; uint32_t owned; ...;
+};
+int64_t apl_readers_list(apl_store *s, struct apl_slotinfo *out, uint32_t cap);
+int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start);
+int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
 uint64_t apl_next_txn(apl_store *s);

@@ -19,7 +19,7 @@ CACHELINE = 64
 
 #: struct -> size, as the _Static_asserts of cext/apl_layout.h fix them
 SIZES = {"apl_super": 448, "apl_file": 128, "apl_reader": 64, "apl_bhdr": 64, "apl_slot": 16,
-         "apl_centry": 72, "apl_pub": 64, "apl_rhdr": 64, "apl_bobj": 40}
+         "apl_centry": 72, "apl_pub": 64, "apl_rhdr": 64, "apl_bobj": 48, "apl_rown": 16}
 
 
 def static_assert_sizes() -> dict[str, int]:
@@ -43,7 +43,7 @@ def format_number_from_sizes() -> int:
          ^ s("struct apl_super") * 31 ^ s("struct apl_file") * 37 ^ s("struct apl_reader") * 41
          ^ s("struct apl_bhdr") * 43 ^ s("struct apl_slot") * 47 ^ s("struct apl_centry") * 53
          ^ s("struct apl_bobj") * 61 ^ lib.APL_BCLASSES * 67
-         ^ s("uint64_t") * 59)
+         ^ s("struct apl_rown") * 71 ^ s("uint64_t") * 59)
     return v & 0xFFFFFFFF
 
 

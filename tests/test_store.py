@@ -564,6 +564,40 @@ class TestSnapshots:
             t.join()
         assert not bad, bad[:3]
 
+    def test_removed_number_has_no_image_while_a_pin_keeps_it(self, stores):
+        """A number removed while a reader pins an older version is not in use from its removal on:
+        block images (verify's checksums, a first copy's images) say so at once, and still show it
+        at the pinned version."""
+        s = stores(block_size=1024, max_overflow=0)
+        s.begin()
+        for k in range(200):
+            s.writer.put(0, encode_int(k), mp_value(100, k), INSERT)
+        s.publish()
+        before = set(live_numbers(s.writer.att))
+        pin = s.pin()
+        s.begin()
+        for k in range(200):
+            s.writer.delete(0, encode_int(k))
+        now = s.publish()
+        removed = sorted(before - {n for n in range(s.reader.block_limit()) if s.reader.block_image(n)})
+        assert removed, "the deletes removed no number"
+        assert set(removed) <= set(live_numbers(s.writer.att)), "the pin keeps the removed numbers"
+        for n in removed:
+            assert s.reader.block_image(n) is None and s.reader.block_checksum(n) == 0
+            assert s.reader.block_image(n, now) is None
+            assert s.reader.block_image(n, pin.version) is not None
+        images, _ = s.reader.block_images(0, now, 1 << 20, s.reader.block_limit())
+        pos, absent = 0, set()
+        while pos < len(images):
+            num, length = int.from_bytes(images[pos:pos + 4], "little"), int.from_bytes(images[pos + 4:pos + 8], "little")
+            if length == 0:
+                absent.add(num)
+            pos += 8 + length
+        assert set(removed) <= absent
+        pin.close()
+        s.writer.reclaim()
+        assert not set(removed) & set(live_numbers(s.writer.att))
+
     def test_reader_slots_run_out_and_come_back(self, stores):
         """Pins beyond the reader slots raise ReadersFullError; a closed pin's slot is reused."""
         s = stores(nreaders=4)

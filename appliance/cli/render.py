@@ -44,8 +44,13 @@ def status(st: dict) -> None:
                   f"cancelled, {tx['deadlocks']} deadlocks, {tx['lock_timeouts']} lock timeouts; "
                   f"last committed {tx['last_txn']}; {tx['locks_held']} locks held")
     r, lg, cl = st["readers"], st["log"], st["clients"]
-    console.print(f"readers: {r['active']} pinned (oldest version {r['oldest_pin'] or '-'}); "
+    oldest = (f"oldest version {r['oldest_pin']}, pid {r['oldest_pin_pid']}, {r['oldest_pin_age_s']} s"
+              if r.get("oldest_pin_pid") else f"oldest version {r['oldest_pin'] or '-'}")
+    console.print(f"readers: {r['active']} pinned ({oldest}), {r['slots_in_use']} of {r['slots']} slots, "
+                  f"old versions {_size(r['old_versions_bytes'])}; "
                   f"clients: {cl['connected']} connected, {cl['refused']} refused, {cl['dropped']} dropped")
+    if r.get("warning"):
+        console.print(f"WARNING: readers hold old versions: {r['warning']}")
     console.print(f"change log: serial {lg['serial']}, {_size(lg['head'] - lg['tail'])} retained of {_size(lg['size'])}")
     mem = st.get("memory")
     if mem:

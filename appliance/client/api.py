@@ -124,6 +124,8 @@ class Client:
         self._reader = Reader(self._att)
         self._bufs = _Buffers()
         self._pid = os.getpid()
+        self._snapshots: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
+        self._opened_ns = self._att.sb.sb_opened_ns   # which controller our sessions know
         _live_clients.add(self)
 
     # -- plumbing ---------------------------------------------------------------
@@ -189,7 +191,9 @@ class Client:
         self._sessions = []
         self._lock = threading.Lock()
         self._bufs = _Buffers()
-        self._pid = os.getpid()
+        parent, self._pid = self._pid, os.getpid()
+        for snap in list(self._snapshots):
+            snap._orphan(parent)   # the pin is the parent's: this process has none
 
     # -- public surface ---------------------------------------------------------
 
@@ -212,7 +216,22 @@ class Client:
         """A consistent read-only view: every read through it sees one
         committed state. Holds old block versions until closed."""
         self._check()
+        self._vouch()
         return Snapshot(self)
+
+    def _vouch(self) -> None:
+        """The controller clears reader slots that no session of their process
+        owns. After a controller restart this process's sessions are gone (a
+        reading-only client never notices): say HELLO again before a new
+        snapshot takes a slot."""
+        opened = self._att.sb.sb_opened_ns
+        if opened == self._opened_ns:
+            return
+        self._opened_ns = opened
+        try:
+            self._call([m.OP_HELLO, m.PROTOCOL_VERSION, self._name or f"pid{os.getpid()}", os.getpid()], "hello")
+        except errors.UnavailableError:
+            pass   # no controller now: reads go on, the next snapshot asks again
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
                     commit_timeout: float | None = None) -> "Transaction":
@@ -296,6 +315,9 @@ class Client:
         return self._reader.committed()
 
     def close(self) -> None:
+        """Close the connections and unmap the segments. Reads other threads
+        are inside finish first (apl_view_close waits for them); reads that
+        start later raise ClosedError."""
         if self._closed:
             return
         self._closed = True
@@ -304,7 +326,7 @@ class Client:
             for s in self._sessions:
                 s.close()
             self._sessions.clear()
-        self._att.close()   # empties the C view: tables' reads fail with ClosedError
+        self._att.close()   # closes the C view first: reads fail with APL_ECLOSED, then unmaps
 
     def __enter__(self) -> "Client":
         return self
@@ -357,7 +379,7 @@ class Table(MutableMapping):
     def get(self, key, default=None):
         """The record with this primary key, or `default`."""
         # the hot path: one C call (pin, lookup, copy, unpin) and one decode;
-        # a closed client's view fails every lookup with APL_EFILE
+        # a closed client's view fails every lookup with APL_ECLOSED
         c = self._client
         cbuf, size, mv = c._bufs.t
         if self._int_key and type(key) is int:
@@ -474,7 +496,7 @@ class _SnapshotTable(Table):
         super()._version()
         snap = self._snap
         if snap._pin is None:
-            raise errors.ClosedError(f"table {self.name!r}: its snapshot is closed")
+            snap._check()
         return snap.version
 
     def get(self, key, default=None):
@@ -526,11 +548,25 @@ class Snapshot:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._pin = client._reader.pin()
+        self._parent = 0           # after fork: the pid that holds the pin
         self.version = self._pin.version
+        client._snapshots.add(self)
+
+    def _check(self) -> None:
+        if self._parent:
+            raise errors.ClosedError(f"snapshot at version {self.version} belongs to process {self._parent}, "
+                                     "which opened it before fork(); it pins nothing here: open a new one")
+        if self._pin is None:
+            raise errors.ClosedError("snapshot is closed")
+
+    def _orphan(self, parent: int) -> None:
+        if self._pin is not None:
+            self._pin = None       # never released here: the slot is the parent's
+            self._parent = parent
 
     def table(self, name: str) -> Table:
         if self._pin is None:
-            raise errors.ClosedError("snapshot is closed")
+            self._check()
         return _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
 
     def close(self) -> None:

@@ -76,7 +76,7 @@ class Session:
         self.pid = _pid[0]
         try:
             try:
-                s.sendall(_encode([m.OP_HELLO, m.PROTOCOL_VERSION, self.name]))
+                s.sendall(_encode([m.OP_HELLO, m.PROTOCOL_VERSION, self.name, _pid[0]]))
             except OSError:
                 pass  # a refusal may already be waiting to be read: read it below
             try:

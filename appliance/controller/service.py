@@ -46,6 +46,7 @@ import msgpack
 
 from .. import errors
 from .._os.logs import LogEvery, LogOnce
+from .._native import lib
 from ..config import Config
 from ..store import changelog
 from ..store.reader import Reader
@@ -53,6 +54,7 @@ from ..store.records import Schema
 from ..wire import framing
 from ..wire import messages as m
 from .locks import DEADLOCK, GRANTED, LockManager
+from .readers import ReaderSlots
 from .sync import SyncTracker, Waiter
 from .txn import Change, Committer, Txn
 
@@ -79,7 +81,7 @@ _REPEAT_LOG_S = 10.0   # client_refused (per user), txn_idle_cancelled: one line
 class Session:
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
                  "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid",
-                 "waits", "paused", "mask", "idle_ns")
+                 "waits", "paused", "mask", "idle_ns", "start")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
         self.sock = sock
@@ -102,6 +104,7 @@ class Session:
         self.paused = False             # not read from: _INBOX_PAUSE requests queued
         self.mask = select.EPOLLIN      # what epoll watches for this socket
         self.idle_ns = self.opened_ns   # when its last request finished (controller.idle_timeout)
+        self.start = None               # the peer's start time, from HELLO on (owns its reader slots)
 
 
 class Controller:
@@ -112,6 +115,7 @@ class Controller:
         self.writer = writer
         self.att = writer.att
         self.reader = Reader(self.att)
+        self.readers = ReaderSlots(writer, log, self.att.sb.sb_block_size, self.att.compressed)
         self.committer = Committer(writer)
         self.locks = LockManager()
         self.sessions: dict[int, Session] = {}
@@ -614,11 +618,21 @@ class Controller:
         if op == m.OP_LOAD:
             return (yield from self._load(sess, args))
         if op == m.OP_HELLO:
-            _arity(args, 2, "hello")
+            if len(args) not in (2, 3):
+                _arity(args, 3, "hello")
             if args[0] != m.PROTOCOL_VERSION:
                 raise errors.ProtocolError(f"hello: protocol version {args[0]!r} is not supported "
                                            f"(controller speaks {m.PROTOCOL_VERSION})")
+            if len(args) == 3 and args[2] != sess.pid:
+                # its reader slots carry the pid it sees; the controller knows readers by SO_PEERCRED
+                self.log.warning("client_refused", pid=sess.pid, uid=sess.uid, claimed_pid=args[2],
+                                 reason="pid_namespace")
+                raise errors.AccessDeniedError(
+                    f"connect to appliance {self.cfg.name!r}: this process is pid {args[2]!r} in its pid "
+                    f"namespace but pid {sess.pid} in the controller's: clients must share the controller's "
+                    "pid namespace (reader slots are tied to pids)", pid=sess.pid, claimed_pid=str(args[2]))
             sess.name = str(args[1])[:64]
+            sess.start = lib.apl_pid_start(sess.pid)
             sb = self.att.sb
             return {"name": self.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
                     "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
@@ -1327,10 +1341,8 @@ class Controller:
         if self.sync.waiting:
             self.sync.tick()
             self._release_backed_up()
-        st = self.writer.stats()
-        if st["retire_pending"]:
-            self.writer.sweep_readers()
-            self.writer.reclaim()
+        self.readers.sweep({x.pid: x.start for x in self.sessions.values() if x.start is not None})
+        self.writer.reclaim()
 
     def status(self) -> dict:
         st = self.writer.stats()
@@ -1367,7 +1379,7 @@ class Controller:
                              "next_txn": sb.sb_txn_next, "locks_held": len(self.locks),
                              "idle_cancelled": self.counters["idle_cancelled"],
                              "batches": self.counters["batches"]},
-            "readers": {"active": st["readers_active"], "oldest_pin": st["oldest_pin"]},
+            "readers": self.readers.status(st, sb.sb_nreaders),
             "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"],
                     "serial": st["serial"]},
             "clients": {"connected": len(self.sessions), "refused": self.counters["clients_refused"],

@@ -29,22 +29,26 @@ _SUM = struct.Struct("<IQ")
 
 
 class Pin:
-    """A pinned committed version (a snapshot slot); release with close()."""
+    """A pinned committed version (a snapshot slot); release with close().
+    Only the process that opened it releases its slot (apl_snap_close checks
+    the claim), so a forked child's close leaves the parent's pin alone."""
 
-    __slots__ = ("_reader", "_slot", "version", "__weakref__")
+    __slots__ = ("_reader", "_slot", "_gen", "version", "__weakref__")
 
     def __init__(self, reader: "Reader") -> None:
         slot = ffi.new("uint32_t *")
+        gen = ffi.new("uint64_t *")
         ver = ffi.new("uint64_t *")
-        check(lib.apl_snap_open(reader.view, slot, ver), "pin a snapshot")
+        check(lib.apl_snap_open(reader.view, slot, gen, ver), "pin a snapshot")
         self._reader = reader
         self._slot = slot[0]
+        self._gen = gen[0]
         self.version = ver[0]
 
     def close(self) -> None:
         if self._reader is not None:
             if not self._reader.closed:
-                lib.apl_snap_close(self._reader.view, self._slot)
+                lib.apl_snap_close(self._reader.view, self._slot, self._gen)
             self._reader = None
 
     def __del__(self):  # a leaked snapshot must not pin memory for the process's life

@@ -7,12 +7,13 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import errors
 from .._native import check, ffi, lib
 from .segment import Attachment, Geometry, Segment, SegmentNames, readers_mode, unlink_all
 
-__all__ = ["Writer", "FileSpec", "OpInfo"]
+__all__ = ["Writer", "FileSpec", "OpInfo", "SlotInfo"]
 
 KIND_INSERT = lib.APL_CE_INSERT
 KIND_UPDATE = lib.APL_CE_UPDATE
@@ -24,6 +25,18 @@ class FileSpec:
     name: str          # table name, or "<table>.<field>" for an alternate-key index
     kind: int          # lib.APL_FILE_PRIMARY / APL_FILE_ALTKEY
     table: int         # for an index: the file id of its table
+
+
+class SlotInfo(NamedTuple):
+    """One reader slot in use (apl_readers_list)."""
+    slot: int
+    pid: int
+    start: int       # the owner's start time as it recorded it (0: unknown)
+    gen: int         # the claim's token
+    pin: int         # 0 idle, PENDING, or the pinned version
+    since_ns: int    # a snapshot's pin time (0 for a per-call slot)
+    kind: int        # 1 per-call, 2 snapshot
+    owned: bool      # the controller verified this pid and start as its owner
 
 
 @dataclass(frozen=True)
@@ -221,7 +234,24 @@ class Writer:
         return check(lib.apl_reclaim(self._s), "reclaim")
 
     def sweep_readers(self) -> int:
+        """Clear the slots of processes that are gone (pid free or reused)."""
         return check(lib.apl_sweep_readers(self._s), "sweep readers")
+
+    def readers(self) -> list[SlotInfo]:
+        """Every reader slot in use (all of them, whatever rh_high says)."""
+        n = self.att.sb.sb_nreaders
+        buf = ffi.new("struct apl_slotinfo[]", n)
+        got = check(lib.apl_readers_list(self._s, buf, n), "list reader slots")
+        return [SlotInfo(b.slot, b.pid, b.start, b.gen, b.pin, b.since_ns, b.kind, bool(b.owned))
+                for b in (buf[i] for i in range(got))]
+
+    def own_reader(self, slot: int, pid: int, start: int) -> None:
+        """Record that a connected session verified (pid, start) as the slot's owner."""
+        check(lib.apl_reader_own(self._s, slot, pid, start), "own reader slot")
+
+    def clear_reader(self, slot: int, pid: int, gen: int) -> bool:
+        """Clear the slot if it still holds that claim; True when cleared."""
+        return check(lib.apl_reader_clear(self._s, slot, pid, gen), "clear reader slot") == 1
 
     def next_txn(self) -> int:
         return lib.apl_next_txn(self._s)
@@ -236,7 +266,7 @@ class Writer:
         out = {k: getattr(st, k) for k in ("version", "slots_total", "slots_free", "blocks_used",
                                            "max_blocks", "retire_pending", "oldest_pin",
                                            "readers_active", "log_head", "log_tail", "log_size",
-                                           "serial", "bytes_used", "bytes_live")}
+                                           "serial", "retained", "horizon", "bytes_used", "bytes_live")}
         if not self.att.compressed:
             out["bytes_used"] = (out["slots_total"] - out["slots_free"]) * self.att.sb.sb_block_size
         out["segment_free"] = [st.seg_free[i] for i in range(nseg)]

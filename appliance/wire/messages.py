@@ -20,8 +20,10 @@ a key is the primary-key value itself (int, str or bytes).
 =====================  ==============================================  =============================
 op                     arguments                                       result
 =====================  ==============================================  =============================
-OP_HELLO               protocol version, client name                   map: name, instance, epoch,
-                                                                       schema_hash, pid, version
+OP_HELLO               protocol version, client name, its pid          map: name, instance, epoch,
+                       (optional: refused with APL_EACCESS when it     schema_hash, pid, version
+                       is not the pid SO_PEERCRED gives, i.e. another
+                       pid namespace)
 OP_STATUS              -                                               map (see controller.status)
 OP_BEGIN               program name or nil, input (any)                transaction number
 OP_GET_FOR_UPDATE      table, key                                      record or nil (locks the key)
