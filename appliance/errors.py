@@ -51,11 +51,17 @@ __all__ = [
     "error_for",
 ]
 
-# Exit statuses of the processes and the CLI (sysexits.h), in one place.
+# Exit statuses of the processes and the CLI (sysexits.h where one fits), in one place.
+EXIT_OK = 0
+EXIT_REFUSED = 1     # the CLI: a refused operation (a typed error, its message on stderr)
+EXIT_USAGE = 2       # the CLI: bad arguments (click's own)
+EXIT_NOT_RUNNING = 3 # the CLI: the appliance is not running
 EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket)
 EXIT_NOSPACE = 73    # EX_CANTCREAT: shared memory cannot hold the segments (/dev/shm too small)
 EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
 EXIT_CONFIG = 78     # EX_CONFIG: the configuration is refused
+EXIT_SOFTWARE = 70   # EX_SOFTWARE: the controller stopped itself rather than publish a batch it could not
+                     # finish; the restarted controller rolls that batch back
 
 
 class ApplianceError(Exception):

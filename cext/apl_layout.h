@@ -164,6 +164,10 @@ typedef uint64_t apl_addr;
 #define APL_PIN_IDLE         0ull
 #define APL_PIN_PENDING      UINT64_MAX
 
+/* An appliance's role (sb_role): the config gives the first one; a failover
+ * changes it and the epoch together (appliance/controller/role.py). */
+enum apl_role { APL_ROLE_NONE = 0, APL_ROLE_STANDALONE = 1, APL_ROLE_PRIMARY = 2, APL_ROLE_SECONDARY = 3 };
+
 /* File kinds. */
 enum apl_file_kind { APL_FILE_PRIMARY = 1, APL_FILE_ALTKEY = 2 };
 
@@ -239,7 +243,8 @@ struct apl_super {
     volatile uint32_t sb_state;       /** 1 while a controller serves, 0 after a clean stop */
     volatile uint64_t sb_opened_ns;   /** when the current controller opened it */
     volatile uint64_t sb_horizon;     /** a pin below it may have lost versions (reads fail) */
-    uint8_t  sb_pad2[64 - 48];
+    volatile uint32_t sb_role;        /** enum apl_role: the role now (APL_ROLE_NONE: the config's) */
+    uint8_t  sb_pad2[64 - 52];
     struct apl_pub sb_pub[2];         /** sb_pub[G & 1] describes version G */
 };
 

@@ -50,6 +50,7 @@ CDEF = r"""
 #define APL_CEF_REMOVED ...
 #define APL_NO_BLOCK ...
 
+enum apl_role { APL_ROLE_NONE, APL_ROLE_STANDALONE, APL_ROLE_PRIMARY, APL_ROLE_SECONDARY };
 enum apl_file_kind { APL_FILE_PRIMARY, APL_FILE_ALTKEY };
 enum apl_block_kind { APL_BLK_LEAF, APL_BLK_OVFL, APL_BLK_INNR, APL_BLK_META };
 enum apl_entry_kind { APL_CE_BEGIN, APL_CE_INSERT, APL_CE_UPDATE, APL_CE_DELETE,
@@ -82,6 +83,7 @@ struct apl_super {
     uint64_t sb_rown_off;
     uint64_t sb_version; uint64_t sb_epoch; uint64_t sb_txn_next;
     uint32_t sb_controller_pid; uint32_t sb_state; uint64_t sb_opened_ns; uint64_t sb_horizon;
+    uint32_t sb_role;
     struct apl_pub sb_pub[2];
     ...;
 };

@@ -1,8 +1,9 @@
 """The ``appliance`` command: starts the processes and serves operators.
 
-Exit status: 0 success; 1 a refused operation (typed error, message on
-stderr); 2 usage; 3 the appliance is not running; 69 the appliance is busy
-(another controller serves it); 78 bad configuration (EX_CONFIG).
+Exit status (appliance.errors.EXIT_*): 0 success; 1 a refused operation
+(typed error, message on stderr); 2 usage; 3 the appliance is not running;
+69 the appliance is busy (another controller serves it); 78 bad
+configuration (EX_CONFIG).
 """
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ import click
 
 from .. import errors
 
-EXIT_REFUSED = 1
-EXIT_NOT_RUNNING = 3
-EXIT_BUSY = errors.EXIT_BUSY
-EXIT_CONFIG = errors.EXIT_CONFIG
+from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_REFUSED
 
 CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
                       type=click.Path(dir_okay=False), help="the appliance's TOML configuration")

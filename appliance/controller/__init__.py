@@ -55,7 +55,8 @@ class ControllerLock:
 
 
 def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
-    from .service import Controller, check_socket_free
+    from .loop import check_socket_free
+    from .service import Controller
     from .storage import open_or_create
 
     t0 = time.monotonic()
@@ -73,9 +74,10 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         if shutdown is not None:
             ctl.ep.register(shutdown.fileno(), select.EPOLLIN)
         log.info("controller_started", appliance=cfg.name, created=created, version=sb.sb_version,
+                 role=ctl.role.name, epoch=ctl.role.epoch,
                  socket=str(cfg.socket_path), startup_ms=round((time.monotonic() - t0) * 1000, 1),
                  **{f"recovery_{k}": v for k, v in facts.items()})
-        sdnotify.ready(status=f"serving {cfg.name} at version {sb.sb_version}")
+        sdnotify.ready(status=f"serving {cfg.name} as {ctl.role.name} at version {sb.sb_version}, epoch {ctl.role.epoch}")
         next_hk = time.monotonic() + HOUSEKEEPING_S
         while not (shutdown and shutdown.requested):
             ctl.run_once(max_wait=max(0.0, next_hk - time.monotonic()))
@@ -102,7 +104,8 @@ def reload(ctl, log) -> None:
     """SIGHUP: reload the config file (RELOADING=1 ... READY=1 for systemd)."""
     sdnotify.reloading()
     config_mod.reload_logged(ctl.cfg, "controller", log, ctl.reconfigure)
-    sdnotify.ready(status=f"serving {ctl.cfg.name} at version {ctl.att.sb.sb_version}")
+    sdnotify.ready(status=f"serving {ctl.cfg.name} as {ctl.role.name} at version {ctl.att.sb.sb_version}, "
+                          f"epoch {ctl.role.epoch}")
 
 
 def run(config_path: str) -> int:

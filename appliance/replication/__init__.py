@@ -56,13 +56,16 @@ def _run_loop(coro) -> None:
         uvloop.run(coro)
 
 
-async def _connect_controller(cfg: Config, role: str, log) -> link.ControlLink:
+async def _connect_controller(cfg: Config, role: str | None, log) -> link.ControlLink:
     """Attach to the controller as its agent, waiting for it to be up
-    (logged once, naming the socket; again when the reason changes)."""
+    (logged once, naming the socket; again when the reason changes).
+    `role`: the role the agent runs, refused by a controller whose appliance
+    has another one now; None to be told (the first link: the controller
+    owns the role, appliance/controller/role.py)."""
     path = str(cfg.socket_path)
     logged = None
     while True:
-        ctl = link.ControlLink(path, f"agent:{role}")
+        ctl = link.ControlLink(path, f"agent:{role or 'starting'}")
         try:
             await ctl.connect(role)
             return ctl
@@ -79,9 +82,10 @@ async def _connect_controller(cfg: Config, role: str, log) -> link.ControlLink:
 
 
 class PrimaryAgent:
-    def __init__(self, cfg: Config, log) -> None:
+    def __init__(self, cfg: Config, log, ctl: link.ControlLink) -> None:
         self.cfg = cfg
         self.log = log
+        self.ctl = ctl       # the link the agent learnt its role on
         self.secret = cfg.secret()
         self.tls = link.tls_context(cfg, server=False)
         self.relays: list[Relay] = []
@@ -139,7 +143,6 @@ class PrimaryAgent:
 
     async def run(self, ready) -> None:
         # two links: WATCH parks on its own, so reports (ACKs) never queue behind it
-        self.ctl = await _connect_controller(self.cfg, "primary", self.log)
         self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
         info = self.ctl.info
         self.att = Attachment(self.cfg.name, writable=False)
@@ -238,9 +241,10 @@ class PrimaryAgent:
 
 
 class SecondaryAgent:
-    def __init__(self, cfg: Config, log) -> None:
+    def __init__(self, cfg: Config, log, ctl: link.ControlLink) -> None:
         self.cfg = cfg
         self.log = log
+        self.ctl = ctl       # the link the agent learnt its role on
         self.applier: Applier | None = None
         self.history: History | None = None
 
@@ -255,7 +259,7 @@ class SecondaryAgent:
         self.cfg = cfg
 
     async def run(self, ready) -> None:
-        ctl = await _connect_controller(self.cfg, "secondary", self.log)
+        ctl = self.ctl
         att = Attachment(self.cfg.name, writable=False)
         files = link.files_of(att)
         att.close()
@@ -303,12 +307,30 @@ def run(config_path: str) -> int:
         log.error("config_invalid", error=f"{cfg.path}: no [replication] section: nothing for an agent to do",
                   key="replication")
         return errors.EXIT_CONFIG
-    log = log.bind(appliance=cfg.name, role=cfg.replication.role)
-    agent = PrimaryAgent(cfg, log) if cfg.replication.role == "primary" else SecondaryAgent(cfg, log)
+    log = log.bind(appliance=cfg.name)
+    agents: dict = {}   # "agent": the running agent, once the controller said which role it serves
+
+    async def start(ready) -> None:
+        """Ask the controller which role the appliance has (it owns the role:
+        a failover changes it there), then run that side of replication."""
+        first = await _connect_controller(cfg, None, log)
+        role = first.info["role"]
+        if role not in ("primary", "secondary"):
+            first.close()
+            raise errors.ConfigError(f"{cfg.path}: appliance {cfg.name!r} is {role}: nothing for an agent to do",
+                                     file=str(cfg.path), key="replication.role", problem=role)
+        kind = PrimaryAgent if role == "primary" else SecondaryAgent
+        agent = agents["agent"] = kind(agents.get("cfg", cfg), log.bind(role=role), first)
+        await agent.run(ready)
 
     def reload() -> None:
         sdnotify.reloading()
-        config_mod.reload_logged(agent.cfg, "agent", log, agent.reconfigure)
+        agent = agents.get("agent")
+        if agent is not None:
+            config_mod.reload_logged(agent.cfg, "agent", log, agent.reconfigure)
+        else:   # not attached yet: the agent starts with the reloaded file
+            config_mod.reload_logged(agents.get("cfg", cfg), "agent", log,
+                                     lambda new: agents.__setitem__("cfg", new))
         sdnotify.ready()
 
     async def main() -> None:
@@ -317,7 +339,7 @@ def run(config_path: str) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        task = asyncio.create_task(agent.run(lambda status: sdnotify.ready(status=status)))
+        task = asyncio.create_task(start(lambda status: sdnotify.ready(status=status)))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if stopper in done:

@@ -13,7 +13,7 @@ from typing import Iterator
 from .. import errors
 from .._native import check, ffi, lib
 
-__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "KIND_NAMES"]
+__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "first_serial", "KIND_NAMES"]
 
 _HDR = ffi.sizeof("struct apl_centry")
 #: struct apl_centry for code that walks raw entries without cffi casts:
@@ -26,6 +26,14 @@ E_KLEN, E_ALEN, E_BLEN = 11, 12, 13
 KIND_NAMES = {lib.APL_CE_BEGIN: "begin", lib.APL_CE_INSERT: "insert", lib.APL_CE_UPDATE: "update",
               lib.APL_CE_DELETE: "delete", lib.APL_CE_COMMIT: "commit", lib.APL_CE_CANCEL: "cancel",
               lib.APL_CE_BLOCK: "block", lib.APL_CE_PAD: "pad"}
+
+
+def first_serial(blob: bytes) -> int | None:
+    """The serial of the first entry of exported entries (apl_log_export), or
+    None when `blob` holds no whole entry header."""
+    if len(blob) < _HDR:
+        return None
+    return ENTRY.unpack_from(blob, 0)[E_SERIAL]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,34 +17,12 @@ behind it).
 Keys and records travel as msgpack values: a record is a map field -> value;
 a key is the primary-key value itself (int, str or bytes).
 
-=====================  ==============================================  =============================
-op                     arguments                                       result
-=====================  ==============================================  =============================
-OP_HELLO               protocol version, client name, its pid          map: name, instance, epoch,
-                       (optional: refused with APL_EACCESS when it     schema_hash, pid, version
-                       is not the pid SO_PEERCRED gives, i.e. another
-                       pid namespace)
-OP_STATUS              -                                               map (see controller.status)
-OP_BEGIN               program name or nil, input (any)                transaction number
-OP_GET_FOR_UPDATE      table, key                                      record or nil (locks the key)
-OP_INSERT              table, record                                   nil
-OP_UPDATE              table, key, changes (map)                       nil
-OP_DELETE              table, key                                      nil
-OP_PUT                 table, key, record                              "insert" or "update"
-OP_COMMIT              wait (bool), durability, commit_timeout         map: txn, serial, version
-OP_CANCEL              -                                               nil
-OP_ATOMIC              program or nil, input, [[op, arg...], ...]      map: txn, serial, version,
-                                                                       results (one per step)
-OP_LOAD                table, [record, ...], durability, commit_timeout  number loaded
-                       (the last two optional)
-OP_TXN_STATUS          transaction number, its start time (ns)         "committed", "not_committed",
-                                                                       "unknown", "open", "committing"
-OP_WAIT_APPLIED        primary serial, timeout (s)                     serial applied (secondary: read-your-writes)
-OP_VERIFY              timeout (s)                                     {secondary: {ok, differ, checked, serial}}
-                                                                       (primary; its agent compares every block)
-OP_RESYNC              secondary name                                  nil (primary: its agent copies every
-                                                                       block to that secondary again)
-=====================  ==============================================  =============================
+Every request, its arguments (a trailing ``?``: optional) and its result are
+listed once, in :data:`REQUESTS` below; the tables here are rendered from it,
+the controller checks every request's argument count against it, and
+tests/test_protocol.py checks that each handler takes exactly those arguments.
+
+{client_requests}
 
 OP_COMMIT takes a second, optional argument: the durability wanted, one of
 "local" (do not wait for secondaries), "quorum" (the configured synchronous
@@ -62,22 +40,7 @@ OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...,
 The replication agent of the same appliance uses these, on the same socket
 (only after OP_AGENT, and only from the controller's own user or root):
 
-=====================  ==============================================  =============================
-OP_AGENT               role ("primary" / "secondary"), agent pid       map: name, instance, epoch, role
-OP_WATCH               serial, timeout (s)                             log bounds once the published
-                                                                       serial exceeds `serial` (or at the
-                                                                       timeout): head, tail, serial, version,
-                                                                       "verify": ids operators asked for,
-                                                                       "resync": secondaries to copy again
-OP_REPL_STATE          {secondary: {connected, acked, state, ...}}     nil (primary: drives synchronous
-                                                                       commits; shown by status)
-OP_ACKED               secondary name, serial it confirmed applied     none: one-way (primary: releases the
-                                                                       synchronous commits it satisfies)
-OP_APPLY               source instance, after serial, entries blob     map: applied, consumed (secondary)
-OP_COPY                phase ("begin"/"blocks"/"end"), payload         map: copied, applied (secondary)
-OP_BLOCK_SUMS          version (0 = latest)                            map: version, serial, sums (bytes:
-                                                                       u32 number + u64 checksum each)
-=====================  ==============================================  =============================
+{agent_requests}
 
 OP_ACKED is the one request without a reply: it is on the path of every
 synchronous commit, and a reply would cost the controller a send and the
@@ -94,6 +57,8 @@ cancelled and the reply is that step's error.
 OP_LOAD inserts the records as one transaction (program ``"load"``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .. import errors
 
@@ -133,6 +98,92 @@ ONE_WAY = frozenset({OP_ACKED})
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("OP_")}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of the protocol: its arguments (a name each; a trailing
+    "?" marks an optional one, all of them last) and what it answers."""
+
+    op: int
+    args: tuple[str, ...]
+    result: str
+    agent: bool = False      # only on an agent's session (after OP_AGENT)
+
+    @property
+    def name(self) -> str:
+        return NAMES[self.op]
+
+    @property
+    def arity(self) -> tuple[int, int]:
+        """(required, at most) arguments."""
+        return sum(1 for a in self.args if not a.endswith("?")), len(self.args)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The argument names as a handler's parameters spell them."""
+        return tuple(a.rstrip("?").replace(" ", "_") for a in self.args)
+
+
+_R = Request
+#: every request: what it takes, what it answers
+REQUESTS: dict[int, Request] = {r.op: r for r in (
+    _R(OP_HELLO, ("version", "name", "pid?"),
+       "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
+       "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
+    _R(OP_STATUS, (), "map (see controller.status)"),
+    _R(OP_BEGIN, ("program", "input"), "transaction number (program: a name or nil; input: any)"),
+    _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
+    _R(OP_INSERT, ("table", "record"), "nil"),
+    _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
+    _R(OP_DELETE, ("table", "key"), "nil"),
+    _R(OP_PUT, ("table", "key", "record"), '"insert" or "update"'),
+    _R(OP_COMMIT, ("wait?", "durability?", "commit_timeout?"), "map: txn, serial, version"),
+    _R(OP_CANCEL, (), "nil"),
+    _R(OP_ATOMIC, ("program", "input", "steps", "options?"),
+       "map: txn, serial, version, results (one per step); steps: [[op, arg...], ...]"),
+    _R(OP_LOAD, ("table", "records", "durability?", "commit_timeout?"), "number loaded"),
+    _R(OP_TXN_STATUS, ("txn", "since_ns"),
+       '"committed", "not_committed", "unknown", "open" or "committing" (since_ns: its start time)'),
+    _R(OP_WAIT_APPLIED, ("serial", "timeout"), "serial applied (a secondary: read-your-writes)"),
+    _R(OP_VERIFY, ("timeout",), "{secondary: {ok, differ, checked, serial}} (a primary: its agent compares "
+       "every block)"),
+    _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
+    _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
+       "needs_copy (role: the one the agent expects, or nil to be told)"),
+    _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
+       'timeout): head, tail, serial, version, "verify": ids operators asked for, "resync": secondaries to '
+       "copy again", agent=True),
+    _R(OP_REPL_STATE, ("state",), "nil ({secondary: {connected, acked, state, ...}}: drives synchronous "
+       'commits on a primary, shown by status; or {"verify": {id: result}})', agent=True),
+    _R(OP_ACKED, ("secondary", "serial"), "none: one-way (a primary: releases the synchronous commits the "
+       "serial satisfies)", agent=True),
+    _R(OP_APPLY, ("source", "after", "entries"), "map: applied, consumed (a secondary)", agent=True),
+    _R(OP_COPY, ("phase", "source", "payload"), 'map: copied or applied (a secondary; phase: "begin", '
+       '"blocks" or "end")', agent=True),
+    _R(OP_BLOCK_SUMS, (), "map: version, serial, limit, sums (bytes: u32 number + u64 checksum each)",
+       agent=True),
+)}
+del _R
+
+
+def _table(requests) -> str:
+    import textwrap
+    w1, w2, w3 = 21, 46, 44
+    rule = f"{'=' * w1}  {'=' * w2}  {'=' * w3}"
+    lines = [rule, f"{'op':<{w1}}  {'arguments':<{w2}}  result", rule]
+    for r in requests:
+        left = textwrap.wrap(", ".join(r.args) or "-", w2) or ["-"]
+        right = textwrap.wrap(r.result, w3)
+        for i in range(max(len(left), len(right))):
+            lines.append(f"{(r.name if i == 0 else ''):<{w1}}  {(left[i] if i < len(left) else ''):<{w2}}  "
+                         f"{right[i] if i < len(right) else ''}".rstrip())
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+__doc__ = __doc__.replace("{client_requests}", _table(r for r in REQUESTS.values() if r.op < OP_AGENT)) \
+                 .replace("{agent_requests}", _table(r for r in REQUESTS.values() if r.op >= OP_AGENT))
 
 
 #: the longest commit_timeout accepted (seconds)

@@ -1,0 +1,449 @@
+"""Transactions and their statements on the controller: BEGIN, the
+statements (get for update, insert, update, delete, put), CANCEL, the
+one-round-trip ATOMIC, bulk LOAD, the outcome of a transaction (TXN_STATUS),
+and what keeps them bounded: lock waits, deadlocks, idle transactions.
+
+A statement runs as it arrives: it is validated (:meth:`Transactions.prepare`,
+nothing locked or changed), locks its record (waiting if another
+transaction holds it: ``WAIT_LOCK``, up to ``controller.lock_timeout``; a
+wait that would close a cycle is a deadlock and cancels this transaction),
+takes the B image (the committed pre-image, stable from then on because the
+record is locked) and computes the A image. Nothing reaches shared memory
+before COMMIT (see :mod:`.commit`), so cancelling only drops the changes and
+the locks. The loop thread alone runs all of this (see :mod:`.loop`).
+"""
+from __future__ import annotations
+
+import time
+
+import msgpack
+
+from .. import errors
+from ..store import changelog
+from ..wire import messages as m
+from .locks import DEADLOCK, GRANTED
+from .loop import FAST, WAIT_LOCK, YIELD, plain
+from .ops import handler
+from .txn import Change, Txn
+
+__all__ = ["Transactions"]
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.Packer(use_bin_type=True).pack
+LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
+
+
+class Transactions:
+    """The open transactions of every session, and their statements."""
+
+    def __init__(self, ctl) -> None:
+        self.ctl = ctl
+        self.log = ctl.log
+        self.active: dict[int, Txn] = {}
+        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0, "idle_cancelled": 0}
+        self.configure(ctl.cfg)
+        self.max_key = ctl.schema.max_key
+        # a change-log entry may take at most a quarter of the ring (apl_log_append)
+        self.max_tlog = ctl.cfg.storage.log_size // 4 - 256
+
+    def configure(self, cfg) -> None:
+        self.lock_timeout_ns = int(cfg.controller.lock_timeout * 1e9)
+        self.idle_timeout_ns = int(cfg.controller.idle_timeout * 1e9)
+        self.max_load = cfg.controller.max_load_records
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def begin(self, sess, program, input_) -> Txn:
+        if program is not None and not isinstance(program, str):
+            raise errors.WrongTypeError("begin: program must be a string or None")
+        if input_ is not None and not isinstance(input_, (int, float, bool, str)):
+            size = len(_packb([program, input_]))
+            if size > self.max_tlog:
+                raise errors.RecordTooLargeError(
+                    f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
+                    "fit the change log", size=size, limit=self.max_tlog)
+        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess)
+        sess.txn = txn
+        self.active[txn.number] = txn
+        return txn
+
+    def open_txn(self, sess) -> Txn:
+        txn = sess.txn
+        if txn is not None and txn.state == "cancelled" and txn.reason == "idle_timeout":
+            sess.txn = None   # said once; the next statement needs a new transaction
+            raise errors.TransactionCancelledError(
+                f"transaction {txn.number} was cancelled: it stayed open with no request for more than "
+                f"{self.ctl.cfg.controller.idle_timeout:g} s (controller.idle_timeout); its locks were released",
+                txn=txn.number)
+        if txn is None or txn.state != "open":
+            raise errors.TransactionStateError("no transaction is open on this connection (begin one first)")
+        return txn
+
+    def cancel(self, txn: Txn, reason: str) -> None:
+        if txn.state not in ("open",):
+            return
+        txn.state = "cancelled"
+        txn.reason = reason
+        txn.changes.clear()
+        self.active.pop(txn.number, None)
+        self.counters["cancelled"] += 1
+        self.log.debug("txn_cancelled", txn=txn.number, reason=reason)
+        self.release(txn)
+
+    def release(self, txn: Txn) -> None:
+        for grant in self.ctl.locks.release_all(txn):
+            grant()
+
+    def finished(self, txn: Txn, state: str) -> None:
+        """`txn` committed (or was cancelled while committing): it leaves the active set."""
+        txn.state = state
+        self.active.pop(txn.number, None)
+        self.counters["committed" if state == "committed" else "cancelled"] += 1
+
+    # ------------------------------------------------------------------ locks
+
+    def lock(self, txn: Txn, file: int, pk: bytes):
+        key = (file, pk)
+        sess = txn.session
+        locks = self.ctl.locks
+        r = locks.acquire(txn, key, lambda: self._granted(txn))
+        if r == GRANTED:
+            return
+        if r == DEADLOCK:
+            self.counters["deadlocks"] += 1
+            self.log.info("deadlock_detected", txn=txn.number, holder=locks.holder(key).number)
+            self.cancel(txn, "deadlock")
+            raise errors.DeadlockError(
+                f"transaction {txn.number}: deadlock waiting for a record lock held by transaction "
+                f"{locks.holder(key).number if locks.holder(key) else '?'}; "
+                "this transaction was cancelled (retry it)", txn=txn.number)
+        timer = self.ctl.add_timer(self.lock_timeout_ns / 1e9, lambda: self._lock_timed_out(txn))
+        try:
+            yield WAIT_LOCK
+        finally:
+            self.ctl.cancel_timer(timer)
+        if sess.closed or txn.state != "open":
+            raise errors.TransactionCancelledError(f"transaction {txn.number} was cancelled")
+
+    def _granted(self, txn: Txn) -> None:
+        sess = txn.session
+        if sess is not None and not sess.closed and sess.txn is txn:
+            self.ctl.resume(sess)
+
+    def _lock_timed_out(self, txn: Txn) -> None:
+        if txn.waiting_for is None or txn.state != "open":
+            return
+        self.counters["lock_timeouts"] += 1
+        self.ctl.locks.cancel_wait(txn)
+        self.cancel(txn, "lock_timeout")
+        self.ctl.resume(txn.session, exc=errors.LockTimeoutError(
+            f"transaction {txn.number}: waited {self.ctl.cfg.controller.lock_timeout:g} s for a record lock; "
+            "the transaction was cancelled (retry it)", txn=txn.number))
+
+    def cancel_idle(self) -> None:
+        """Cancel the open transactions whose client sent nothing for
+        controller.idle_timeout (their locks would otherwise be held for as
+        long as the client likes); the client's next statement is told why."""
+        if not self.idle_timeout_ns:
+            return
+        now = time.monotonic_ns()
+        for txn in list(self.active.values()):
+            sess = txn.session
+            if txn.state != "open" or sess is None or sess.gen is not None or sess.inbox:
+                continue   # a request of its is running or waiting (a lock wait has its own timeout)
+            idle = now - sess.idle_ns
+            if idle > self.idle_timeout_ns:
+                self.cancel(txn, "idle_timeout")
+                self.counters["idle_cancelled"] += 1
+                self.ctl.throttled.warning("txn_idle_cancelled", None, txn=txn.number, pid=sess.pid,
+                                           uid=sess.uid, idle_s=round(idle / 1e9, 1),
+                                           total=self.counters["idle_cancelled"])
+
+    # ------------------------------------------------------------------ statements
+
+    def _committed(self, file: int, pk: bytes) -> bytes | None:
+        return self.ctl.reader.get_raw(file, pk, self.ctl.att.sb.sb_version)
+
+    def _change(self, txn: Txn, t, key, pk: bytes) -> Change:
+        ch = txn.changes.get((t.file, pk))
+        if ch is None:
+            before = self._committed(t.file, pk)
+            rec = _unpackb(before) if before is not None else None
+            ch = Change(t, key, pk, before, rec)
+            txn.changes[(t.file, pk)] = ch
+        return ch
+
+    def prepare(self, op: int, args: list) -> tuple:
+        """Validate a statement; no lock taken, nothing changed.
+        Returns (op, table, key, encoded key, payload)."""
+        schema = self.ctl.schema
+        r = m.REQUESTS[op]
+        least, most = r.arity
+        if not least <= len(args) <= most:
+            raise errors.ProtocolError(f"{r.name.lower()[3:]}: expected {least} arguments "
+                                       f"({', '.join(r.args)}), got {len(args)}")
+        if op == m.OP_PUT:
+            t = schema.table(args[0])
+            key = args[1]
+            rec = t.full(args[2], key)
+            pk = t.key(key)
+            alt = t.alt_entries(rec, pk)
+            t.check_keys(pk, alt, self.max_key)
+            return op, t, key, pk, (rec, t.encode(rec, pk), alt)
+        if op == m.OP_INSERT:
+            t = schema.table(args[0])
+            rec = t.full(args[1])
+            key = rec[t.pk]
+            pk = t.key(key)
+            alt = t.alt_entries(rec, pk)
+            t.check_keys(pk, alt, self.max_key)
+            return op, t, key, pk, (rec, t.encode(rec, pk), alt)
+        if op == m.OP_UPDATE:
+            t = schema.table(args[0])
+            key = args[1]
+            if not isinstance(args[2], dict):
+                raise errors.WrongTypeError(f"{t.name}.update({key!r}): changes must be a dict", table=t.name)
+            return op, t, key, t.key(key), args[2]
+        if op == m.OP_DELETE or op == m.OP_GET_FOR_UPDATE:
+            t = schema.table(args[0])
+            key = args[1]
+            return op, t, key, t.key(key), None
+        raise errors.ProtocolError(f"op {op} is not a transaction statement")
+
+    def apply(self, txn: Txn, p: tuple):
+        """Carry out a prepared statement; the caller holds the record's lock."""
+        op, t, key, pk, payload = p
+        ch = self._change(txn, t, key, pk)
+        if op == m.OP_PUT:
+            existed = ch.after_rec is not None
+            ch.after_rec, ch.after, ch.after_alt = payload
+            return "update" if existed else "insert"
+        if op == m.OP_INSERT:
+            if ch.after_rec is not None:
+                raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key",
+                                               table=t.name, key=key)
+            ch.after_rec, ch.after, ch.after_alt = payload
+            return None
+        if op == m.OP_GET_FOR_UPDATE:
+            return ch.after_rec
+        if ch.after_rec is None:
+            what = "update" if op == m.OP_UPDATE else "delete"
+            raise errors.NoSuchRecordError(f"{t.name}.{what}({key!r}): no such record", table=t.name, key=key)
+        if op == m.OP_DELETE:
+            ch.after_rec, ch.after, ch.after_alt = None, None, ()
+            return None
+        new = t.merge(ch.after_rec, payload, key)
+        alt = t.alt_entries(new, pk)
+        t.check_keys(pk, alt, self.max_key)
+        ch.after = t.encode(new, pk)
+        ch.after_rec, ch.after_alt = new, alt
+        return None
+
+    def statement(self, txn: Txn, op: int, args: list):
+        """One statement of a transaction (a generator: it may wait for a lock)."""
+        p = self.prepare(op, args)
+        yield from self.lock(txn, p[1].file, p[3])
+        return self.apply(txn, p)
+
+    def fast_atomic(self, sess, req: list) -> bool:
+        """A one-statement autocommit (``table[k] = v``) whose record is not
+        locked runs straight through, without the coroutine machinery.
+        False: the general path must take it (it validates everything again)."""
+        ctl = self.ctl
+        durability, bound = "quorum", None
+        if len(req) == 5:   # options: only durability and commit_timeout come this way
+            opts = req[4]
+            if type(opts) is not dict or not opts.keys() <= {"durability", "commit_timeout"}:
+                return False
+            try:
+                durability = ctl.sync.check_durability(opts.get("durability"))
+                bound = m.check_commit_timeout(opts.get("commit_timeout"))
+            except errors.ApplianceError:
+                return False
+        elif len(req) != 4:
+            return False
+        if sess.txn is not None and sess.txn.state == "open":
+            return False
+        steps = req[3]
+        if type(steps) is not list or len(steps) != 1:
+            return False
+        st = steps[0]
+        if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS \
+                or not (req[1] is None or type(req[1]) is str):
+            return False
+        try:
+            p = self.prepare(st[0], st[1:])
+        except errors.ApplianceError as e:
+            ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
+            return True
+        lk = (p[1].file, p[3])
+        if ctl.locks.holder(lk) is not None:
+            return False
+        txn = self.begin(sess, req[1], req[2])
+        ctl.locks.acquire(txn, lk, None)
+        try:
+            res = self.apply(txn, p)
+        except errors.ApplianceError as e:
+            self.cancel(txn, "statement_failed")
+            ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
+            return True
+        txn.results = [res]
+        if not any(c.after != c.before for c in txn.changes.values()):
+            txn.state = "committed"
+            self.active.pop(txn.number, None)
+            self.release(txn)
+            ctl.send(sess, m.ok({"txn": txn.number, "serial": None, "version": ctl.att.sb.sb_version,
+                                 "results": txn.results}))
+            return True
+        txn.state = "committing"
+        txn.durability = durability
+        txn.commit_timeout = bound
+        txn.wait = True
+        sess.gen = FAST
+        ctl.commits.enqueue(sess, txn)
+        return True
+
+    def load(self, sess, table, recs, durability, bound):
+        """Insert records as one transaction. At most controller.max_load_records
+        per request (the client library splits bigger loads); every
+        LOAD_CHUNK records the load lets the other sessions run (YIELD).
+        Nothing reaches shared memory before its commit, so the records stay
+        invisible until then."""
+        if sess.txn is not None and sess.txn.state == "open":
+            raise errors.TransactionStateError("load: a transaction is open on this connection")
+        t = self.ctl.schema.table(table)
+        if not isinstance(recs, list):
+            raise errors.ProtocolError("load: records must be a list")
+        if len(recs) > self.max_load:
+            raise errors.LimitError(
+                f"load {t.name}: {len(recs)} records in one request; at most {self.max_load} "
+                f"(controller.max_load_records in {self.ctl.cfg.path}): send them in several",
+                table=t.name, records=len(recs), limit=self.max_load)
+        txn = self.begin(sess, "load", {"table": t.name, "records": len(recs)})
+        prepare, apply_stmt, locks, file = self.prepare, self.apply, self.ctl.locks, t.file
+        args = [t.name, None]
+        i = 0
+        try:
+            for i, rec in enumerate(recs):
+                if i and not i % LOAD_CHUNK:
+                    yield YIELD
+                    if sess.closed or txn.state != "open":
+                        raise errors.TransactionCancelledError(f"load {t.name}: transaction {txn.number} "
+                                                               "was cancelled")
+                args[1] = rec
+                p = prepare(m.OP_INSERT, args)
+                lk = (file, p[3])
+                if locks.holder(lk) is None:      # the common case: take it, no coroutine
+                    locks.acquire(txn, lk, None)
+                else:
+                    yield from self.lock(txn, file, p[3])
+                apply_stmt(txn, p)
+        except errors.ApplianceError as e:
+            self.cancel(txn, "load_failed")
+            e.details.setdefault("index", i)
+            raise
+        yield from self.ctl.commits.commit(txn, True, durability, bound)
+        return len(recs)
+
+
+# ---------------------------------------------------------------------- requests
+
+def _statement(ctl, sess, op: int, args: tuple):
+    txn = ctl.txns.open_txn(sess)
+    return (yield from ctl.txns.statement(txn, op, list(args)))
+
+
+@handler(m.OP_GET_FOR_UPDATE, writes=True)
+def get_for_update(ctl, sess, table, key):
+    return (yield from _statement(ctl, sess, m.OP_GET_FOR_UPDATE, (table, key)))
+
+
+@handler(m.OP_INSERT, writes=True)
+def insert(ctl, sess, table, record):
+    return (yield from _statement(ctl, sess, m.OP_INSERT, (table, record)))
+
+
+@handler(m.OP_UPDATE, writes=True)
+def update(ctl, sess, table, key, changes):
+    return (yield from _statement(ctl, sess, m.OP_UPDATE, (table, key, changes)))
+
+
+@handler(m.OP_DELETE, writes=True)
+def delete(ctl, sess, table, key):
+    return (yield from _statement(ctl, sess, m.OP_DELETE, (table, key)))
+
+
+@handler(m.OP_PUT, writes=True)
+def put(ctl, sess, table, key, record):
+    return (yield from _statement(ctl, sess, m.OP_PUT, (table, key, record)))
+
+
+@handler(m.OP_BEGIN, writes=True)
+def begin(ctl, sess, program, input):
+    if sess.txn is not None and sess.txn.state == "open":
+        raise errors.TransactionStateError(f"begin: transaction {sess.txn.number} is still open on this connection")
+    return ctl.txns.begin(sess, program, input).number
+
+
+@handler(m.OP_COMMIT, writes=True)
+def commit(ctl, sess, wait=True, durability=None, commit_timeout=None):
+    txn = ctl.txns.open_txn(sess)
+    d = ctl.sync.check_durability(durability)
+    bound = m.check_commit_timeout(commit_timeout)
+    return (yield from ctl.commits.commit(txn, bool(wait), d, bound))
+
+
+@handler(m.OP_CANCEL)
+def cancel(ctl, sess):
+    txn = sess.txn
+    if txn is not None and txn.state == "open":
+        ctl.txns.cancel(txn, "cancelled")
+    return None
+
+
+@handler(m.OP_ATOMIC, writes=True)
+def atomic(ctl, sess, program, input, steps, options=None):
+    opts = {} if options is None else options
+    if not isinstance(opts, dict):
+        raise errors.ProtocolError("atomic: options must be a map")
+    durability = ctl.sync.check_durability(opts.get("durability"))
+    bound = m.check_commit_timeout(opts.get("commit_timeout"))
+    wait = bool(opts.get("wait", True))
+    if sess.txn is not None and sess.txn.state == "open":
+        raise errors.TransactionStateError(
+            f"atomic: transaction {sess.txn.number} is open on this connection; commit or cancel it first")
+    if not isinstance(steps, list):
+        raise errors.ProtocolError("atomic: steps must be a list")
+    txns = ctl.txns
+    txn = txns.begin(sess, program, input)
+    results = []
+    try:
+        for st in steps:
+            if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS:
+                raise errors.ProtocolError("atomic: each step must be [op, args...] with a statement op")
+            results.append((yield from txns.statement(txn, st[0], st[1:])))
+    except BaseException:
+        txns.cancel(txn, "statement_failed")
+        raise
+    out = yield from ctl.commits.commit(txn, wait, durability, bound)
+    out["results"] = results
+    return out
+
+
+@handler(m.OP_LOAD, writes=True)
+def load(ctl, sess, table, records, durability=None, commit_timeout=None):
+    d = ctl.sync.check_durability(durability)
+    bound = m.check_commit_timeout(commit_timeout)
+    return (yield from ctl.txns.load(sess, table, records, d, bound))
+
+
+@handler(m.OP_TXN_STATUS)
+def txn_status(ctl, sess, txn, since_ns):
+    """committed / not_committed / unknown (the log no longer covers it) /
+    open / committing for a transaction of this controller's life."""
+    if not isinstance(txn, int) or not isinstance(since_ns, int):
+        raise errors.WrongTypeError("txn_status: expects a transaction number and a start time (ns)")
+    t = ctl.txns.active.get(txn)
+    if t is not None:
+        return t.state
+    return changelog.txn_outcome(ctl.reader, txn, since_ns)

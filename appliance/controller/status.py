@@ -1,0 +1,90 @@
+"""What the controller says about itself: HELLO (who it is, to a client that
+connects) and STATUS (everything `appliance status` shows), put together
+from each part's own report.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .. import errors
+from .._native import lib
+from ..wire import messages as m
+from .devices import device_status
+from .ops import handler
+
+__all__ = ["status"]
+
+
+def status(ctl) -> dict:
+    st = ctl.writer.stats()
+    sb = ctl.att.sb
+    tables = [{"name": name, "records": ctl.reader.count(t.file, sb.sb_version), "primary_key": t.pk,
+               "alternate_keys": list(t.alt)} for name, t in ctl.schema.tables.items()]
+    pub = sb.sb_pub[sb.sb_version & 1]
+    txc = ctl.txns.counters
+    return {
+        "name": ctl.cfg.name,
+        "pid": os.getpid(),
+        "instance": sb.sb_instance,
+        "role": ctl.role.name,
+        "epoch": ctl.role.epoch,
+        "version": sb.sb_version,
+        "started_ns": ctl.started_ns,
+        "uptime_s": (time.time_ns() - ctl.started_ns) / 1e9,
+        "block_size": sb.sb_block_size,
+        "memory": {"bytes_used": st["bytes_used"], "compressed": ctl.att.compressed,
+                   "bytes_live": st["bytes_live"] if ctl.att.compressed else st["bytes_used"]},
+        "segments": device_status(ctl, st),
+        "blocks": {"used": st["blocks_used"], "max": st["max_blocks"],
+                   "slots_total": st["slots_total"], "slots_free": st["slots_free"],
+                   "old_versions_pending": st["retire_pending"]},
+        "tables": tables,
+        "transactions": {"active": len(ctl.txns.active), "committed": txc["committed"],
+                         "cancelled": txc["cancelled"], "deadlocks": txc["deadlocks"],
+                         "lock_timeouts": txc["lock_timeouts"], "last_txn": pub.pb_txn,
+                         "next_txn": sb.sb_txn_next, "locks_held": len(ctl.locks),
+                         "idle_cancelled": txc["idle_cancelled"], "batches": ctl.commits.batches},
+        "readers": ctl.readers.status(st, sb.sb_nreaders),
+        "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"], "serial": st["serial"]},
+        "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
+                    "dropped": ctl.counters["clients_dropped"]},
+        "recovery": ctl.recovery,
+        "replication": _replication(ctl),
+    }
+
+
+def _replication(ctl) -> dict | None:
+    role = ctl.role
+    if role.is_primary:
+        st = ctl.sync.status()
+        st["agent"] = {k: v for k, v in ctl.agents.status().items() if k != "secondaries"}
+        return st
+    if role.is_secondary:
+        return {"role": "secondary", "primary": ctl.cfg.replication.primary if ctl.cfg.replication else None,
+                **ctl.applier.status(), "agent": ctl.agents.status()}
+    return None
+
+
+@handler(m.OP_HELLO)
+def hello(ctl, sess, version, name, pid=None):
+    if version != m.PROTOCOL_VERSION:
+        raise errors.ProtocolError(f"hello: protocol version {version!r} is not supported "
+                                   f"(controller speaks {m.PROTOCOL_VERSION})")
+    if pid is not None and pid != sess.pid:
+        # its reader slots carry the pid it sees; the controller knows readers by SO_PEERCRED
+        ctl.log.warning("client_refused", pid=sess.pid, uid=sess.uid, claimed_pid=pid, reason="pid_namespace")
+        raise errors.AccessDeniedError(
+            f"connect to appliance {ctl.cfg.name!r}: this process is pid {pid!r} in its pid "
+            f"namespace but pid {sess.pid} in the controller's: clients must share the controller's "
+            "pid namespace (reader slots are tied to pids)", pid=sess.pid, claimed_pid=str(pid))
+    sess.name = str(name)[:64]
+    sess.start = lib.apl_pid_start(sess.pid)
+    sb = ctl.att.sb
+    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+            "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
+
+
+@handler(m.OP_STATUS)
+def status_op(ctl, sess):
+    return status(ctl)
