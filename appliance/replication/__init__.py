@@ -40,6 +40,7 @@ from . import link
 from .applier import Applier
 from .history import History
 from .relay import Relay
+from .states import RelayState
 
 __all__ = ["run"]
 
@@ -220,8 +221,8 @@ class PrimaryAgent:
         results = {}
 
         async def one(r: Relay):
-            if not r.connected or r.state != "streaming":
-                results[r.name] = {"ok": False, "state": r.state, "error": "not streaming"}
+            if not r.connected or r.state is not RelayState.STREAMING:
+                results[r.name] = {"ok": False, "state": r.state.value, "error": "not streaming"}
                 return
             fut = asyncio.get_running_loop().create_future()
             r.verify_waiters[vid] = fut

@@ -25,6 +25,7 @@ from .._os.logs import LogOnce
 from ..wire import messages as m
 from ..wire import replication as rp
 from . import link
+from .states import ApplierState, set_state
 from .history import History
 
 __all__ = ["Applier"]
@@ -47,7 +48,7 @@ class Applier:
         self.need_copy = bool(ctl.info.get("needs_copy"))   # the next START asks for a block copy
         self.current: link.FrameStream | None = None
         self.carried = 0    # the last serial the current link carried: no ACK names more (the relay caps too)
-        self.state = "waiting for primary"
+        self.state = ApplierState.WAITING
         self.connected_since: float | None = None
         self.last_message = 0.0
         self.primary_time_lag = None
@@ -67,8 +68,11 @@ class Applier:
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
+    def _set_state(self, state: ApplierState) -> None:
+        set_state(self, state, self.log, "applier_state_changed")
+
     def report(self) -> dict:
-        return {"state": self.state, "connected": self.current is not None, "applied": self.applied,
+        return {"state": self.state.value, "connected": self.current is not None, "applied": self.applied,
                 "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
                 "primary_time_lag_s": self.primary_time_lag,
                 "connected_since": self.connected_since}
@@ -115,7 +119,7 @@ class Applier:
         self.errs.clear()
         self.carried = resume
         self.connected_since = time.time()
-        self.state = "streaming"
+        self._set_state(ApplierState.STREAMING)
         self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
         beat = asyncio.get_running_loop().create_task(self._heartbeats(fs))
         try:
@@ -133,7 +137,7 @@ class Applier:
             if self.current is fs:
                 self.current = None
                 self.connected_since = None
-                self.state = "waiting for primary"
+                self._set_state(ApplierState.WAITING)
             self.history.spill()
 
     def _ask_for_copy(self, fs: link.FrameStream, exc: errors.ApplianceError) -> None:
@@ -207,7 +211,7 @@ class Applier:
             elif kind == rp.COPY_BEGIN:
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
                 self.copying, self.need_copy = True, False
-                self.state = "copying"
+                self._set_state(ApplierState.COPYING)
                 self.applied = self.carried = body["serial"]
                 pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
@@ -223,7 +227,7 @@ class Applier:
                 copy_calls.clear()
                 r = await self.ctl.call([m.OP_COPY, "end", instance, body])
                 self.copying = False
-                self.state = "streaming"
+                self._set_state(ApplierState.STREAMING)
                 self.applied, self.source = r["applied"], instance
                 self.carried = max(self.carried, self.applied)
                 fs.send(rp.message(rp.ACK, self.epoch_seen, self.applied, {"applied": self.applied}))

@@ -31,6 +31,7 @@ from .._os.lifecycle import cancel_and_wait
 from .._os.logs import LogOnce
 from ..wire import replication as rp
 from . import link
+from .states import RelayState, set_state
 
 __all__ = ["Relay"]
 
@@ -52,7 +53,7 @@ class Relay:
         self.log = agent.log.bind(secondary=sec.name)
         self.errs = LogOnce(self.log)
         self.ack_errs = LogOnce(self.log)   # acknowledgements past the stream, once per link
-        self.state = "connecting"
+        self.state = RelayState.CONNECTING
         self.connected = False
         self.acked = 0                # last serial the secondary confirmed applied
         self.sent = 0                 # last serial sent
@@ -82,16 +83,14 @@ class Relay:
 
     # -- state ------------------------------------------------------------------------
 
-    def set_state(self, state: str, **kw) -> None:
-        if state != self.state:
-            self.log.info("relay_state_changed", **{"from": self.state, "to": state}, **kw)
-            self.state = state
+    def set_state(self, state: RelayState, **kw) -> None:
+        if set_state(self, state, self.log, "relay_state_changed", **kw):
             self.agent.report_soon()
 
     def report(self) -> dict:
         head = self.agent.head
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
-        return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state,
+        return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state.value,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
                 "warning": self.warning, "attempts": self.attempts}
 
@@ -119,13 +118,13 @@ class Relay:
                 if self.connected:
                     self.connected = False
                     self.log.warning("secondary_disconnected")
-                self.set_state("disconnected")
+                self.set_state(RelayState.DISCONNECTED)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _session(self) -> None:
-        if self.state != "disconnected":   # retries stay "disconnected" until the link is up
-            self.set_state("connecting")
+        if self.state is not RelayState.DISCONNECTED:   # retries stay "disconnected" until the link is up
+            self.set_state(RelayState.CONNECTING)
         fs = await link.connect_peer(self.sec.address, self.agent.tls)
         try:
             a = self.agent
@@ -210,7 +209,7 @@ class Relay:
     async def _write(self, fs, need_copy: bool) -> None:
         if need_copy:
             await self._copy(fs)
-        self.set_state("streaming")
+        self.set_state(RelayState.STREAMING)
         while True:
             self.wake.clear()
             if self.verify_queue:
@@ -218,13 +217,13 @@ class Relay:
             if self.force_copy:
                 self.force_copy = False
                 await self._copy(fs)
-                self.set_state("streaming")
+                self.set_state(RelayState.STREAMING)
             try:
                 blob = self._export()
             except NeedCopy as exc:
                 self.log.warning("secondary_fell_behind_log", reason=str(exc))
                 await self._copy(fs)
-                self.set_state("streaming")
+                self.set_state(RelayState.STREAMING)
                 continue
             if blob is not None:
                 self._send_entries(fs, blob)
@@ -271,7 +270,7 @@ class Relay:
     async def _copy(self, fs) -> None:
         """Copy every block while the primary keeps processing."""
         a = self.agent
-        self.set_state("copying")
+        self.set_state(RelayState.COPYING)
         t0 = time.monotonic()
         pin, version, serial = a.pin_with_serial()
         try:
@@ -347,7 +346,7 @@ class Relay:
                 raise errors.ProtocolError(f"{fs.peer}: gap reported at serial {expected}; resuming from it")
             elif kind == rp.HEARTBEAT:
                 applied = body.get("applied") if isinstance(body, dict) else None
-                if type(applied) is int and applied > self.acked and self.state == "streaming":
+                if type(applied) is int and applied > self.acked and self.state is RelayState.STREAMING:
                     self._acked(applied)   # a heartbeat carries the applied serial too
             elif kind == rp.VERIFY_RESULT:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
