@@ -74,13 +74,18 @@ class TestLogs:
         (line,) = log_lines()
         assert json.loads(line)["event"] == "controller_started"
 
-    def test_env_overrides_level_and_renderer(self):
-        """APPLIANCE_LOG_LEVEL and APPLIANCE_LOG_JSON=0 override the arguments."""
-        lines = log_lines("json=True", APPLIANCE_LOG_LEVEL="debug", APPLIANCE_LOG_JSON="0")
+    def test_env_sets_level_and_renderer_when_the_arguments_do_not(self):
+        """APPLIANCE_LOG_LEVEL and APPLIANCE_LOG_JSON=0 apply when configure() is not given them."""
+        lines = log_lines("", APPLIANCE_LOG_LEVEL="debug", APPLIANCE_LOG_JSON="0")
         assert len(lines) == 2
         assert "debug_seen" in lines[0] and "controller_started" in lines[1]
         assert not lines[1].startswith("{")
         assert "\x1b[" not in lines[1]  # no colors into a pipe
+
+    def test_arguments_win_over_the_environment(self):
+        """--log-format / --log-level (configure's arguments) win over APPLIANCE_LOG_*."""
+        lines = log_lines("json=True, level='info'", APPLIANCE_LOG_LEVEL="debug", APPLIANCE_LOG_JSON="0")
+        assert len(lines) == 1 and json.loads(lines[0])["event"] == "controller_started"
 
     def test_exception_rendered_in_json(self):
         """log.exception() in JSON mode carries the formatted traceback."""
@@ -279,3 +284,32 @@ class TestShutdown:
             "drained": ["SIGHUP"], "taken": [True, False], "requested": False,
             "sigterm_default": True, "wakeup_fd": -1,
         }
+
+
+class TestLogOptions:
+    """`appliance controller|agent --log-format/--log-level`: chosen by the operator, over the environment."""
+
+    def _start(self, tmp_path, *flags: str, **env: str) -> str:
+        from procs import APPLIANCE
+        bad = tmp_path / "bad.toml"
+        bad.write_text('name = "x"\n[storage]\nsegments = 0\n[tables.t]\nprimary_key = "id"\nfields = {id = "int"}\n')
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
+        r = subprocess.run([*APPLIANCE, "controller", "--config", str(bad), *flags], capture_output=True, text=True,
+                           cwd=RUN_DIR, env={**clean, **env}, timeout=30)
+        assert r.returncode == 78, r.stderr
+        return r.stdout
+
+    def test_console_format_into_a_pipe(self, tmp_path):
+        """--log-format console: the readable format even where JSON is the default (a pipe)."""
+        out = self._start(tmp_path, "--log-format", "console")
+        line = next(ln for ln in out.splitlines() if "config_invalid" in ln)
+        assert not line.startswith("{") and "storage.segments" in line
+
+    def test_json_format_wins_over_the_environment(self, tmp_path):
+        out = self._start(tmp_path, "--log-format", "json", APPLIANCE_LOG_JSON="0")
+        ev = json.loads(next(ln for ln in out.splitlines() if "config_invalid" in ln))
+        assert ev["event"] == "config_invalid" and ev["key"] == "storage.segments"
+
+    def test_log_level_filters(self, tmp_path):
+        """--log-level critical leaves out the error a refused config logs."""
+        assert "config_invalid" not in self._start(tmp_path, "--log-level", "critical", "--log-format", "json")

@@ -21,10 +21,12 @@ docs/logging-best-practices.md:
   ``flush=True``), and nothing else: systemd's journal stores, rotates and
   timestamps it.
 
-Renderer choice (``json=None``): JSON when stdout is not a TTY or when running
-under systemd (``$JOURNAL_STREAM`` or ``$INVOCATION_ID`` set), the console
-renderer on a TTY. ``APPLIANCE_LOG_JSON=1``/``0`` overrides the ``json``
-argument and ``APPLIANCE_LOG_LEVEL`` overrides ``level``.
+Renderer choice: the ``json`` argument (``--log-format json|console``); when
+it is None, ``APPLIANCE_LOG_JSON=1``/``0``; without either, JSON when stdout
+is not a TTY or when running under systemd (``$JOURNAL_STREAM`` or
+``$INVOCATION_ID`` set), the console renderer on a TTY. The level likewise:
+the ``level`` argument (``--log-level``), else ``APPLIANCE_LOG_LEVEL``, else
+info.
 
 Event names are snake_case facts (``controller_started``, ``peer_connected``);
 context is bound, not formatted: ``log.bind(instance=..., peer=...)``.
@@ -80,10 +82,10 @@ def _under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
 
 
-def _env_json(default: bool | None) -> bool | None:
+def _env_json(given: bool | None) -> bool | None:
     raw = os.environ.get("APPLIANCE_LOG_JSON")
-    if raw is None or raw == "":
-        return default
+    if given is not None or raw is None or raw == "":
+        return given
     if raw in ("1", "true", "yes"):
         return True
     if raw in ("0", "false", "no"):
@@ -91,21 +93,21 @@ def _env_json(default: bool | None) -> bool | None:
     raise ValueError(f"APPLIANCE_LOG_JSON={raw!r}: expected 1 or 0")
 
 
-def _level_number(level: str) -> int:
-    name = os.environ.get("APPLIANCE_LOG_LEVEL") or level
+def _level_number(level: str | None) -> int:
+    name = level or os.environ.get("APPLIANCE_LOG_LEVEL") or "info"
     try:
         return _LEVELS[name.lower()]
     except KeyError:
         raise ValueError(f"log level {name!r}: expected one of {', '.join(_LEVELS)}") from None
 
 
-def configure(*, json: bool | None = None, level: str = "info") -> None:
+def configure(*, json: bool | None = None, level: str | None = None) -> None:
     """Configure structlog for this process; call once, from ``__main__``.
 
     *json*: ``True`` JSON lines, ``False`` console renderer, ``None`` decide
     from the environment (see the module docstring). *level*: the lowest level
-    logged (``debug``, ``info``, ``warning``, ``error``, ``critical``).
-    ``$APPLIANCE_LOG_JSON`` and ``$APPLIANCE_LOG_LEVEL`` override both.
+    logged (``debug``, ``info``, ``warning``, ``error``, ``critical``); None:
+    ``$APPLIANCE_LOG_LEVEL``, else info. Given arguments win over the environment.
     Raises ``ValueError`` for an unknown level or ``APPLIANCE_LOG_JSON`` value.
     """
     stream = sys.stdout

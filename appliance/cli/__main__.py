@@ -46,20 +46,35 @@ def main() -> None:
     """An in-memory database appliance with real-time block-level backup."""
 
 
+LOG_FORMAT = click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto",
+                          show_default=True, help="auto: $APPLIANCE_LOG_JSON if set, else JSON lines under "
+                          "systemd or into a pipe and a readable console format on a terminal")
+LOG_LEVEL = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error", "critical"]),
+                         default=None, help="the lowest level logged (default: $APPLIANCE_LOG_LEVEL, else info)")
+
+
+def _log_json(fmt: str) -> bool | None:
+    return {"auto": None, "json": True, "console": False}[fmt]
+
+
 @main.command()
 @CONFIG
-def controller(config_path: str) -> None:
+@LOG_FORMAT
+@LOG_LEVEL
+def controller(config_path: str, log_format: str, log_level: str | None) -> None:
     """Run the controller in the foreground (the sole writer; systemd runs it)."""
     from ..controller import run
-    sys.exit(run(config_path))
+    sys.exit(run(config_path, log_json=_log_json(log_format), log_level=log_level))
 
 
 @main.command()
 @CONFIG
-def agent(config_path: str) -> None:
+@LOG_FORMAT
+@LOG_LEVEL
+def agent(config_path: str, log_format: str, log_level: str | None) -> None:
     """Run the replication agent in the foreground (systemd runs it)."""
     from ..replication import run
-    sys.exit(run(config_path))
+    sys.exit(run(config_path, log_json=_log_json(log_format), log_level=log_level))
 
 
 @main.command()

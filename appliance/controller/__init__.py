@@ -108,9 +108,9 @@ def reload(ctl, log) -> None:
                           f"epoch {ctl.role.epoch}")
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
     """Entry point of ``appliance controller``; returns the exit status."""
-    logs.configure()
+    logs.configure(json=log_json, level=log_level)
     log = logs.get_logger(process="controller")
     shutdown = lifecycle.Shutdown()
     shutdown.install()   # first: a SIGHUP or SIGTERM while starting is taken once the loop runs

@@ -294,12 +294,12 @@ class SecondaryAgent:
             applier.server.close()
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
     """Entry point of ``appliance agent``; returns the exit status."""
     from .. import config as config_mod
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the loop handles it: a reload must not kill
-    logs.configure()
+    logs.configure(json=log_json, level=log_level)
     log = logs.get_logger(process="agent")
     cfg = config_mod.load_logged(config_path, log)
     if cfg is None:
