@@ -367,6 +367,25 @@ class Cluster:
                 raise AssertionError(f"{secondary} not {state} {cond} after {timeout}s: {st}")
             time.sleep(0.05)
 
+    def wait_replication(self, predicate, what: str, timeout: float = 30.0) -> dict:
+        """Poll the primary's status until predicate(status["replication"]) is true; return
+        that part of the status (its "waiting" commits and "secondaries" come from one moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rep = self.status()["replication"]
+            if predicate(rep):
+                return rep
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not {what} after {timeout}s: waiting {rep['waiting']}, acked "
+                                     f"{ {k: v['acked_serial'] for k, v in rep['secondaries'].items()} }")
+            time.sleep(0.02)
+
+    def wait_waiting(self, count: int = 1, timeout: float = 30.0) -> dict:
+        """Wait until the primary lists `count` commits waiting for their backup (status
+        replication.waiting); returns the replication status of that moment."""
+        return self.wait_replication(lambda rep: len(rep["waiting"]) == count,
+                                     f"{count} commit(s) waiting for their backup", timeout)
+
     def wait_caught_up(self, timeout: float = 30.0) -> int:
         """Every secondary has acknowledged everything committed so far."""
         deadline = time.monotonic() + timeout

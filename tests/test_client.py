@@ -573,19 +573,33 @@ class TestClosedClient:
     def test_connect_waits_for_a_controller_that_is_starting(self, make_appliance):
         """connect(timeout=30) called before the controller is up waits for it and returns a working client."""
         import appliance
+        import socket
+        import sys
         app = make_appliance()
         got = {}
+        refused = threading.Event()
+
+        def note_refused(frame, event, arg):      # a connect() to the controller socket that failed
+            if event == "c_exception" and getattr(arg, "__name__", "") == "connect" \
+                    and isinstance(getattr(arg, "__self__", None), socket.socket):
+                refused.set()
 
         def attach():
+            sys.setprofile(note_refused)
             try:
                 got["client"] = appliance.connect(app.config, timeout=30)
             except Exception as e:  # noqa: BLE001 - reported below
                 got["error"] = e
+            finally:
+                sys.setprofile(None)
 
         t = threading.Thread(target=attach)
-        t.start()                        # before the controller process even exists
+        t.start()
+        assert refused.wait(30), got          # it tried, found no controller, and waits
+        assert app.controller.proc is None and "client" not in got and "error" not in got
         app.start()
-        t.join()
+        t.join(60)
+        assert not t.is_alive(), "connect() did not return once the controller was up"
         assert "error" not in got, got.get("error")
         c = got["client"]
         app.clients.append(c)

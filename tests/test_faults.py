@@ -1,8 +1,7 @@
 """Faults: controller crashes, client deaths, bad input on the socket, access control.
 
 Real controller processes, real sockets, real shared memory; children are real
-processes killed with real signals. Tests marked xfail(strict=True) show bugs
-of the product (the reason says which).
+processes killed with real signals.
 """
 from __future__ import annotations
 
@@ -175,6 +174,13 @@ def open_segments(names: list[str]) -> dict:
         except errors.ApplianceError as e:
             out[n] = type(e).__name__
     return out
+
+
+def assert_released_by_cancel(client) -> None:
+    """No transaction open, no lock held, and none released by a lock timeout: the controller
+    cancelled the transaction that held them."""
+    st = client.status()["transactions"]
+    assert (st["active"], st["locks_held"], st["lock_timeouts"]) == (0, 0, 0), st
 
 
 def slots_in_use(client) -> int:
@@ -363,7 +369,10 @@ class TestClientDeath:
         assert db.status()["transactions"]["locks_held"] == len(HELD) + 1
         kill_child(held.proc)
         assert_untouched_by_holder(held.acc, held.before)
+        wait_event(bank, "txn_cancelled", reason="client_gone")
+        assert_released_by_cancel(db)
         transfer_held_keys(db)  # would wait the 2 s lock timeout and raise LockTimeoutError
+        assert db.status()["transactions"]["lock_timeouts"] == 0
         assert held.acc[999999]["branch"] == "new"
         assert [held.acc[k]["balance"] for k in HELD] == [held.before[k]["balance"] - 1 for k in HELD]
         wait_event(bank, "txn_cancelled", reason="client_gone")
@@ -380,8 +389,10 @@ class TestClientDeath:
         assert db.status()["transactions"]["locks_held"] == len(HELD) + 1
         other.close()
         assert_untouched_by_holder(acc, before)
-        transfer_held_keys(db)
         wait_event(bank, "txn_cancelled", reason="client_gone")
+        assert_released_by_cancel(db)
+        transfer_held_keys(db)
+        assert db.status()["transactions"]["lock_timeouts"] == 0
         assert acc[999999]["branch"] == "new"
 
 

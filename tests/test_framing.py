@@ -252,14 +252,17 @@ class TestDecoder:
             with pytest.raises(ValueError):
                 Decoder(max_frame=bad)
 
-    @settings(max_examples=300, deadline=1000)
+    @settings(max_examples=300, deadline=None)
     @given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=12))
     def test_fuzz_random_bytes(self, data, cuts):
-        """Random bytes in random chunks raise nothing but FrameError, and never hang."""
+        """Random bytes in random chunks raise nothing but FrameError, and never hang: what is
+        not refused is decoded, but for at most one frame (prefix and max_frame) still buffered."""
+        dec = Decoder(max_frame=256)
         with contextlib.suppress(FrameError):
-            feed_chunked(Decoder(max_frame=256), data, cuts)
+            feed_chunked(dec, data, cuts)
+            assert dec.buffered <= 4 + 256
 
-    @settings(max_examples=300, deadline=1000)
+    @settings(max_examples=300, deadline=None)
     @given(
         bodies=st.lists(
             st.one_of(st.binary(max_size=40), st.binary(max_size=40).map(lambda b: b"\x01" + b)),
@@ -268,12 +271,14 @@ class TestDecoder:
         cuts=st.lists(st.integers(0, 400), max_size=12),
     )
     def test_fuzz_framed_random_bodies(self, bodies, cuts):
-        """Well-framed random bodies decode or raise FrameError, whatever the chunking."""
+        """Well-framed random bodies decode or raise FrameError, whatever the chunking: one payload
+        per frame, nothing left buffered."""
         data = b"".join(frame(b) for b in bodies)
+        dec = Decoder(max_frame=256)
         with contextlib.suppress(FrameError):
-            feed_chunked(Decoder(max_frame=256), data, cuts)
+            assert len(feed_chunked(dec, data, cuts)) == len(bodies) and dec.buffered == 0
 
-    @settings(max_examples=100, deadline=1000)
+    @settings(max_examples=100, deadline=None)
     @given(
         objs=st.lists(
             st.recursive(

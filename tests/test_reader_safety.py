@@ -503,10 +503,20 @@ class TestRestart:
             reader.stdin.write("go\n")
             reader.stdin.flush()
             assert reader.stdout.readline().strip() == "pinned"
+            rounds = set()                    # the pin's age, as each housekeeping round saw it
+            deadline = time.monotonic() + 60
             with bank.connect() as db:
-                for rnd in range(30):
+                for rnd in range(10_000):
                     for i in range(0, 300, 10):
                         db.table("accounts")[i] = {"branch": "r", "balance": rnd}
+                    r = db.status()["readers"]
+                    assert r["swept"] == 0, r
+                    if rounds or r["oldest_pin_pid"] is not None:   # from the first round after the pin on:
+                        assert r["oldest_pin_pid"] == reader.pid, r   # still pinned, never cleared
+                        rounds.add(r["oldest_pin_age_s"])
+                    if len(rounds) >= 4:      # four rounds found the slot (an unowned one goes at the second)
+                        break
+                    assert time.monotonic() < deadline, f"housekeeping rounds seen: {sorted(rounds)}"
                     time.sleep(0.1)
             reader.stdin.write("go\n")
             reader.stdin.flush()

@@ -137,14 +137,18 @@ class TestSynchronous:
 
             t = threading.Thread(target=commit)
             t.start()
-            t.join(1.5)
-            assert t.is_alive(), "a synchronous commit returned while its secondary was stopped"
+            # the commit is done on the primary and waits, unanswered, for the secondary's ack
+            [w] = c.wait_waiting()["waiting"]
+            assert (w["answered"], w["waiting_for"]) == (False, [sec.name]), w
+            assert c.status()["replication"]["secondaries"][sec.name]["acked_serial"] < w["serial"]
+            assert "result" not in out, "a synchronous commit returned while its secondary was stopped"
             # the change is committed locally and visible there, but not yet backed up
             assert db.table("accounts")[1]["balance"] == 2
-            assert sdb.table("accounts")[1]["balance"] == 1
+            assert sdb.applied_serial() < w["serial"] and sdb.table("accounts")[1]["balance"] == 1
             sec.agent.signal(signal.SIGCONT)
             t.join(30)
             assert not t.is_alive()
+            assert out["result"]["serial"] == w["serial"]
             assert out["applied_at_return"] >= out["result"]["serial"]
             assert sdb.table("accounts")[1]["balance"] == 2
         finally:
@@ -165,11 +169,18 @@ class TestSynchronous:
             tx.put("accounts", 1, {"branch": "a", "balance": 2})
             r = tx.commit(wait=False)
             assert r["backup"] == "pending"
+            st = c.status()
+            [w] = st["replication"]["waiting"]           # answered, its backup still to come
+            assert (w["txn"], w["serial"], w["answered"]) == (r["txn"], r["serial"], True), w
+            assert st["replication"]["secondaries"][sec.name]["acked_serial"] < r["serial"]
+            assert st["transactions"]["locks_held"] == 1
             with pytest.raises(errors.LockTimeoutError):   # lock_timeout is 2 s in these configs
                 with other.transaction() as t2:
                     t2.get("accounts", 1, for_update=True)
             sec.agent.signal(signal.SIGCONT)
             c.wait_caught_up()
+            c.wait_waiting(count=0)
+            assert c.status()["transactions"]["locks_held"] == 0
             with other.transaction() as t2:
                 assert t2.get("accounts", 1, for_update=True)["balance"] == 2
         finally:
@@ -186,8 +197,25 @@ class TestSynchronous:
             sec.agent.signal(signal.SIGSTOP)
             with db.transaction(durability="local") as tx:
                 tx.put("accounts", 5, {"branch": "a", "balance": 1})
-            assert tx.result["serial"]
+            local = tx.result["serial"]
+            assert local
+            rep = c.status()["replication"]          # returned without the ack, and nothing waits for it
+            assert rep["waiting"] == [] and rep["secondaries"][sec.name]["acked_serial"] < local
+            out = {}
+
+            def quorum():
+                with db.transaction(durability="quorum") as tx:
+                    tx.put("accounts", 6, {"branch": "a", "balance": 1})
+                out["result"] = tx.result
+
+            t = threading.Thread(target=quorum)
+            t.start()
+            [w] = c.wait_waiting()["waiting"]
+            assert (w["durability"], w["answered"], w["waiting_for"]) == ("quorum", False, [sec.name]), w
+            assert "result" not in out, "a quorum commit returned while its sync secondary was stopped"
             sec.agent.signal(signal.SIGCONT)
+            t.join(30)
+            assert not t.is_alive() and out["result"]["serial"] == w["serial"] > local
             c.wait_caught_up()
         finally:
             sec.agent.signal(signal.SIGCONT)
@@ -200,13 +228,20 @@ class TestSynchronous:
         s1, s2, s3 = c.secondaries
         try:
             s1.agent.signal(signal.SIGSTOP)
-            db.table("accounts")[1] = {"branch": "a", "balance": 1}   # 2 of 3 still answer
+            with db.transaction() as tx:                   # 2 of 3 still answer
+                tx.put("accounts", 1, {"branch": "a", "balance": 1})
+            first = tx.result["serial"]
+            assert c.status()["replication"]["secondaries"][s1.name]["acked_serial"] < first
             s2.agent.signal(signal.SIGSTOP)
             done = threading.Event()
             t = threading.Thread(target=lambda: (db.table("accounts").__setitem__(
                 2, {"branch": "a", "balance": 2}), done.set()))
             t.start()
-            t.join(1.5)
+            # s3 has acknowledged the commit, and it still waits: 1 of the 2 required acks
+            rep = c.wait_replication(lambda rep: len(rep["waiting"]) == 1 and rep["secondaries"][s3.name][
+                "acked_serial"] >= rep["waiting"][0]["serial"], "a commit acknowledged by s3 alone")
+            [w] = rep["waiting"]
+            assert (w["answered"], w["waiting_for"]) == (False, sorted([s1.name, s2.name])), w
             assert not done.is_set(), "a commit returned with only 1 of the 2 required acks"
             s1.agent.signal(signal.SIGCONT)
             t.join(30)
@@ -225,10 +260,12 @@ class TestSynchronous:
         """durability 'all' (or 2) waits for the asynchronous secondary too; 'quorum' does not."""
         c = make_cluster(secondaries=(("sync", ""), ("async", ""))).start()
         db = appliance.connect(c.primary.app.config)
-        _, lazy = c.secondaries
+        eager, lazy = c.secondaries
         try:
             lazy.agent.signal(signal.SIGSTOP)
-            db.table("accounts")[1] = {"branch": "a", "balance": 1}      # quorum: the sync one is enough
+            with db.transaction() as tx:                   # quorum: the sync one is enough
+                tx.put("accounts", 1, {"branch": "a", "balance": 1})
+            assert c.status()["replication"]["secondaries"][lazy.name]["acked_serial"] < tx.result["serial"]
             done = threading.Event()
 
             def strong():
@@ -237,7 +274,11 @@ class TestSynchronous:
                 done.set()
             t = threading.Thread(target=strong)
             t.start()
-            t.join(1.5)
+            # the sync secondary has acknowledged it; the commit still waits for the async one
+            rep = c.wait_replication(lambda rep: len(rep["waiting"]) == 1 and rep["secondaries"][eager.name][
+                "acked_serial"] >= rep["waiting"][0]["serial"], "a commit acknowledged by the sync secondary")
+            [w] = rep["waiting"]
+            assert (w["durability"], w["answered"], w["waiting_for"]) == (durability, False, [lazy.name]), w
             assert not done.is_set(), f"durability={durability!r} returned without the async secondary's ack"
             lazy.agent.signal(signal.SIGCONT)
             t.join(30)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import socket
 import struct
-import time
 
 import pytest
 
@@ -138,6 +137,7 @@ class TestCommitTimeout:
             pytest.fail("the commit returned although its synchronous secondary is stopped")
         assert type(e).__name__ == "BackupTimeoutError", f"{type(e).__name__}: {e}"
         assert "committed" in str(e) and "locked" in str(e) and e.details["serial"] > 0, str(e)
+        assert e.details["after_s"] == 2.0 and e.details["waiting_for"] == sec.name, e.details   # the client's timeout
         assert acc[2] == {"id": 2, "branch": "b", "balance": 2}
         [w] = waiting(c)
         assert (w["txn"], w["serial"], w["answered"]) == (e.details["txn"], e.details["serial"], True)
@@ -155,11 +155,12 @@ class TestCommitTimeout:
         the transaction is committed (its result says the backup is pending), not cancelled."""
         c, sec = blocked
         db = c.primary.app.connect()
-        t0 = time.monotonic()
         with pytest.raises(errors.BackupTimeoutError) as err:
             with db.transaction(program="p", commit_timeout=0.5) as tx:
                 tx.update("accounts", 2, {"balance": 7})
-        assert time.monotonic() - t0 < 20
+        assert err.value.details["after_s"] == 0.5      # the transaction's bound, not the connection's 30 s
+        [w] = waiting(c)                                # answered once its 0.5 s had passed, still waiting
+        assert (w["txn"], w["answered"]) == (tx.result["txn"], True) and w["waiting_s"] >= 0.5, w
         assert tx.state == "committed" and tx.result["backup"] == "pending"
         assert (tx.result["txn"], tx.result["serial"]) == (err.value.details["txn"], err.value.details["serial"])
         assert db.table("accounts")[2]["balance"] == 7
@@ -169,11 +170,13 @@ class TestCommitTimeout:
         for their backup (status), each answered once."""
         c, sec = blocked
         db = c.primary.app.connect(commit_timeout=0.3)
-        with pytest.raises(errors.BackupTimeoutError):
+        with pytest.raises(errors.BackupTimeoutError) as put:
             db.table("accounts")[3] = {"branch": "c", "balance": 3}
-        with pytest.raises(errors.BackupTimeoutError):
+        with pytest.raises(errors.BackupTimeoutError) as load:
             db.load("accounts", [{"id": 10 + i, "branch": "l", "balance": i} for i in range(5)])
-        assert [w["answered"] for w in waiting(c)] == [True, True]
+        assert put.value.details["after_s"] == load.value.details["after_s"] == 0.3
+        assert [(w["serial"], w["answered"]) for w in waiting(c)] == \
+            [(put.value.details["serial"], True), (load.value.details["serial"], True)]
         assert len(db.table("accounts")) == 7
 
     @pytest.mark.parametrize("bad", [0, -1, "5", True, float("nan")])
@@ -319,7 +322,7 @@ class TestAckBeyondSent:
         wait_for(lambda: c.status()["replication"]["waiting_commits"] == 1, 10, "the commit to wait")
         assert "result" not in out and acked_serial(c, fake.name) == serial
         fake.send(rp.ACK, last, {"applied": last})
-        t.join(10)
+        t.join(30)
         assert not t.is_alive() and "error" not in out, out
         assert acked_serial(c, fake.name) == last
 

@@ -120,6 +120,7 @@ class TestInstall:
         assert not [p for p in again["written"] if p.endswith(".toml")]   # idempotent
 
     def test_a_different_config_is_refused_without_force(self, single):
+        """`install` with another config for an installed instance exits 78 saying it differs; the installed config stays."""
         c, _ = single
         c.write("/root/other.toml", SINGLE.replace('segments = 2', 'segments = 3'))
         r = c.run([APPLIANCE, "install", "--instance", "bank", "--config", "/root/other.toml"], check=False)

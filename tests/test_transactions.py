@@ -415,6 +415,8 @@ class TestDroppedTransaction:
         tx.update("accounts", 1, {"balance": -1})
         del tx
         gc.collect()
+        st = db.status()["transactions"]                     # cancelled by the client at collection
+        assert (st["active"], st["locks_held"], st["cancelled"]) == (0, 0, 1), st
         db.table("accounts")[2] = acct(2, "main", 5)        # the same connection: not stuck
         with db.transaction() as t2:
             t2.update("accounts", 3, {"balance": 6})
@@ -422,7 +424,8 @@ class TestDroppedTransaction:
         with other.transaction() as t3:                       # record 1 is not locked any more
             t3.update("accounts", 1, {"balance": 7})
         assert [db.table("accounts")[k]["balance"] for k in (1, 2, 3)] == [7, 5, 6]
-        assert db.status()["transactions"]["locks_held"] == 0
+        st = db.status()["transactions"]
+        assert st["locks_held"] == 0 and st["lock_timeouts"] == 0, st
 
     def test_transaction_collected_in_another_thread_is_cancelled(self, bank, db, accounts):
         """A transaction opened in a thread that has ended, and collected in another, is cancelled: its locks are released."""
@@ -440,8 +443,11 @@ class TestDroppedTransaction:
         t.join()
         box.clear()
         gc.collect()
+        st = db.status()["transactions"]
+        assert (st["active"], st["locks_held"], st["cancelled"]) == (0, 0, 1), st
         other = bank.connect()
         with other.transaction() as t3:
             t3.update("accounts", 1, {"balance": 7})
         assert db.table("accounts")[1]["balance"] == 7
+        assert db.status()["transactions"]["lock_timeouts"] == 0
 
