@@ -462,7 +462,9 @@ class TestPinnedMemory:
                     warned = events(app, "readers_hold_old_versions", pid=child.pid)
                     if warned:
                         break
-                    time.sleep(0.01)
+                    # paced so that a housekeeping round (once a second) comes well before
+                    # the kept versions fill memory: about 200 updates a second
+                    time.sleep(0.04)
                 assert warned, db.status()["readers"]
                 st = db.status()
                 r = st["readers"]
