@@ -276,7 +276,7 @@ int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, u
                        uint64_t max_serial, uint64_t *first_serial, uint64_t *last_serial, uint64_t *count);
 int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos);
 
-/* ---- a secondary applying a primary's stream (apl_store.c) ---- */
+/* ---- a secondary applying a primary's stream (apl_apply.c) ---- */
 /* Apply entries (as exported by apl_log_export) after `after_serial`, only
  * whole transactions: *consumed = bytes up to the end of the last COMMIT or
  * CANCEL; *last_serial / *last_commit = its serial. `copied`, when not NULL,
@@ -288,7 +288,7 @@ int apl_apply_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint64_t a
 /* Replace block `number` with an image (apl_block_image format); img NULL or
  * len 0 removes the number. */
 int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
-/* A copy: block images in batches (apl_view.c), applied in batches. */
+/* A copy: block images in batches (apl_read.c), applied in batches. */
 int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
                          uint8_t *out, uint64_t cap, uint32_t *next);
 int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copied, uint64_t nbits);

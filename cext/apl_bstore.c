@@ -1,9 +1,10 @@
 /*
  * apl_bstore.c — a secondary's lz4 backup blocks (format: apl_layout.h,
  * "Compressed backup blocks"). Controller process only, one thread, like
- * apl_store.c, whose batches, retire queue and publishing it shares: an
- * object replaced in a batch is retired at the batch's version, so an
- * unpublished batch rolls back after a crash exactly as block versions do.
+ * the block store, whose batches and publishing (apl_txn.c) and retire
+ * queue (apl_alloc.c) it shares: an object replaced in a batch is retired
+ * at the batch's version, so an unpublished batch rolls back after a crash
+ * exactly as block versions do.
  *
  * Allocation: device segments are cut into pages; a page serves one size
  * class. Free objects of each class sit on a stack (process memory, rebuilt
@@ -440,7 +441,7 @@ static int64_t image_edit(const uint8_t *in, uint64_t len, int kind, const uint8
     return (int64_t)nlen;
 }
 
-/* apply_record / count_add / apply_image for a compressed store (apl_store.c dispatches). */
+/* apply_record / count_add / apply_image for a compressed store (apl_apply.c dispatches). */
 int bs_apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
                     const uint8_t *val, uint32_t vlen, int delta)
 {

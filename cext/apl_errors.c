@@ -1,3 +1,7 @@
+/*
+ * apl_errors.c — the text and the name of each error code (apl_strerror,
+ * apl_errname), both generated from the one list in apl_errors.h.
+ */
 #include "apl_errors.h"
 
 const char *apl_strerror(int code)

@@ -1,13 +1,20 @@
 /*
- * apl_int.h — inline helpers shared by the reader (apl_view.c) and the writer
- * (apl_store.c): address resolution, version chains, key comparison, and the
- * binary search inside one block.
+ * apl_int.h — what the C files share that Python does not see: inline helpers
+ * of readers (apl_readers.c, apl_read.c, apl_log.c) and the writer (its files
+ * are listed in apl_store_int.h): address resolution, version chains, key
+ * comparison, the binary search inside one block, entering a view; and the
+ * internal functions one file defines for others (APL_INTERNAL: not exported
+ * from the compiled module).
  */
 #ifndef APL_INT_H
 #define APL_INT_H
 
 #include <string.h>
 #include "apl.h"
+
+/* A function or variable one C file defines for the others: a direct call
+ * inside the module, neither exported nor interposable. */
+#define APL_INTERNAL __attribute__((visibility("hidden")))
 
 #define LOAD_ACQ(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOAD_RLX(p)      __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -207,21 +214,59 @@ static inline uint64_t apl_fnv(uint64_t h, const uint8_t *p, uint64_t n)
 #define APL_PID_MAX 4194304u
 /* The process that owned a reader slot is gone: no such pid, or the pid now
  * names a process started at another time than `start` (0: not checked). */
-int apl_pid_gone(uint32_t pid, uint64_t start);
+APL_INTERNAL int apl_pid_gone(uint32_t pid, uint64_t start);
 
-/* Pin the latest committed version in the calling thread's slot (apl_view.c). */
-struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version);
+/* Pin the latest committed version in the calling thread's slot (apl_readers.c). */
+APL_INTERNAL struct apl_reader *apl_op_pin(apl_view *v, uint64_t *version);
 static inline void apl_op_unpin(struct apl_reader *r)
 {
     STORE_REL(&r->rs_pin, APL_PIN_IDLE);
 }
 
-/* Descend a file's tree to the leaf chain that holds the key (reader or writer). */
-struct apl_bhdr *apl_descend(const apl_view *v, uint32_t file, uint64_t version,
-                             uint64_t p, const uint8_t *k, uint32_t n);
+/* ---- entering a view: every reader entry point (thread records: apl_readers.c) ---- */
+/* This thread's record: which view a read of it is inside (0 = none). */
+struct rd_thread {
+    volatile uint64_t in_view;
+    struct rd_thread *next;
+    int registered;
+};
+APL_INTERNAL extern __thread struct rd_thread tls_rd;
+/* 0 once membarrier(PRIVATE_EXPEDITED) is registered (apl_readers.c) */
+APL_INTERNAL extern int rd_need_fence;
+/* A thread's first read: link its record into the process's list. */
+APL_INTERNAL void rd_register(void);
 
-int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap);
+/* Enter a read of view v: announce it, then check that v is not closed
+ * (Dekker with apl_view_close: one of the two sees the other). Nothing
+ * mapped may be touched before this returns APL_OK. */
+static inline int view_enter(apl_view *v)
+{
+    if (__builtin_expect(!tls_rd.registered, 0))
+        rd_register();
+    STORE_RLX(&tls_rd.in_view, v->v_id);
+    if (rd_need_fence)
+        FENCE();
+    else
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    if (LOAD_RLX(&v->v_closed)) {
+        STORE_REL(&tls_rd.in_view, 0);
+        return APL_ECLOSED;
+    }
+    return APL_OK;
+}
+
+static inline void view_exit(void)
+{
+    STORE_REL(&tls_rd.in_view, 0);
+}
+
+/* Descend a file's tree to the leaf chain that holds the key (reader or writer; apl_read.c). */
+APL_INTERNAL struct apl_bhdr *apl_descend(const apl_view *v, uint32_t file, uint64_t version,
+                                          uint64_t p, const uint8_t *k, uint32_t n);
+
+/* The image of block version b (apl_block_image format; apl_read.c). */
+APL_INTERNAL int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap);
 /* apl_bstore.c: a compressed block's image at a version */
-int64_t apl_bobj_image(const apl_view *v, uint32_t number, uint64_t version, uint8_t *out, uint64_t cap);
+APL_INTERNAL int64_t apl_bobj_image(const apl_view *v, uint32_t number, uint64_t version, uint8_t *out, uint64_t cap);
 
 #endif

@@ -72,7 +72,7 @@
  * its fence orders its load of G after the writer's earlier publish, and the
  * pin it takes is at least the G the writer used as the bound. The oldest pin
  * only grows over time, which is also what lets a restarted controller rebuild
- * its free lists from the version chains alone (apl_store.c, recovery).
+ * its free lists from the version chains alone (apl_alloc.c, recovery).
  * A reader killed while pinned leaves its pid in the slot; the controller clears
  * slots whose pid no longer exists.
  *

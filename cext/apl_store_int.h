@@ -1,7 +1,15 @@
 /*
- * apl_store_int.h — the writer's private state, shared by the two writer
- * files: apl_store.c (block chains) and apl_bstore.c (a secondary's lz4
- * backup blocks). Controller process only; one thread.
+ * apl_store_int.h — the writer's private state and the functions its files
+ * share: apl_txn.c (batches and transactions), apl_tree.c (the primary's
+ * trees), apl_chain.c (one block chain), apl_alloc.c (allocation,
+ * reclamation, recovery), apl_log.c (the change log), apl_apply.c (a
+ * secondary's apply) and apl_bstore.c (a secondary's lz4 backup blocks).
+ *
+ * Only the controller process calls anything in these files, from one
+ * thread, so the allocator, the retire queue and the batch state are plain
+ * process memory. What other processes see is the shared memory this code
+ * writes, under the protocol described in apl_layout.h (the steps of a
+ * batch: apl_txn.c).
  */
 #ifndef APL_STORE_INT_H
 #define APL_STORE_INT_H
@@ -76,16 +84,78 @@ struct apl_store {
     uint64_t max_key;
 };
 
-int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uint64_t at);
+/* ---- small helpers of every writer file ---- */
+
+static inline struct apl_bhdr *head_of(apl_store *s, uint32_t number)
+{
+    apl_addr a = s->v->v_loc[number];
+    return a == APL_ADDR_NONE ? 0 : apl_ptr(s->v, a);
+}
+
+static inline struct apl_bhdr *next_of(apl_store *s, const struct apl_bhdr *b)
+{
+    return b->bh_next == APL_ADDR_NONE ? 0 : apl_ptr(s->v, b->bh_next);
+}
+
+static inline apl_addr addr_of(apl_store *s, const struct apl_bhdr *b)
+{
+    const uint8_t *p = (const uint8_t *)b;
+    for (uint32_t i = 0; i < s->v->v_nseg; i++) {
+        const uint8_t *base = s->v->v_seg[i];
+        if (base && p >= base + s->bsize && p < base + (s->v->v_seg_slots + 1) * (uint64_t)s->bsize)
+            return APL_ADDR(i, (uint64_t)(p - base) / s->bsize - 1);
+    }
+    return APL_ADDR_NONE;
+}
+
+static inline uint32_t rec_bytes(const struct rec *r)
+{
+    return SLOT_SIZE + r->klen + r->vlen;
+}
+
+static inline uint32_t blk_room(const struct apl_bhdr *b)
+{
+    return (uint32_t)b->bh_upper - b->bh_lower;
+}
+
+/* ---- allocation and the retire queue (apl_alloc.c) ---- */
+/* Free slots allocation may take (the reserve only while it is switched on). */
+APL_INTERNAL uint64_t avail_slots(apl_store *s);
+APL_INTERNAL uint64_t avail_nums(apl_store *s);
+APL_INTERNAL apl_addr alloc_slot(apl_store *s);
+APL_INTERNAL void free_slot(apl_store *s, apl_addr a);
+APL_INTERNAL uint32_t alloc_number(apl_store *s);
+APL_INTERNAL int retire_push(apl_store *s, uint32_t kind, apl_addr addr, uint32_t number, uint64_t at);
+
+/* ---- one block chain (apl_chain.c) ---- */
+APL_INTERNAL uint32_t chain_len(apl_store *s, struct apl_bhdr *h);
+APL_INTERNAL void blk_reset(apl_store *s, struct apl_bhdr *b);
+APL_INTERNAL void blk_init(apl_store *s, struct apl_bhdr *b, uint32_t magic, uint32_t number,
+                           uint32_t file, uint16_t level);
+APL_INTERNAL void blk_append(struct apl_bhdr *b, const struct rec *r);
+APL_INTERNAL int blk_insert(apl_store *s, struct apl_bhdr *b, uint32_t idx, const struct rec *r);
+APL_INTERNAL void blk_remove(apl_store *s, struct apl_bhdr *b, uint32_t idx);
+APL_INTERNAL void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src);
+APL_INTERNAL struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err);
+APL_INTERNAL uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total);
+APL_INTERNAL uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur_nb, uint64_t p,
+                                  const uint8_t *key, uint32_t klen, const uint8_t *val, uint32_t vlen,
+                                  int eq, uint64_t *total);
+APL_INTERNAL void write_chain(apl_store *s, struct apl_bhdr *head, uint64_t a, const uint64_t *bounds,
+                              uint32_t nb, const apl_addr *ovfl);
 
 /* apl_bstore.c: a store whose blocks are lz4 images (sb_flags & APL_SB_COMPRESSED) */
-int bs_open(apl_store *s);
-void bs_free(apl_store *s);
-int bs_recover(apl_store *s, struct apl_recovery *r);
-int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
-int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap);
-void bs_release(apl_store *s, apl_addr a);
-uint64_t bs_removed_at(apl_store *s, apl_addr a);
-int bs_stats(apl_store *s, struct apl_stats *st);
+APL_INTERNAL int bs_open(apl_store *s);
+APL_INTERNAL void bs_free(apl_store *s);
+APL_INTERNAL int bs_recover(apl_store *s, struct apl_recovery *r);
+APL_INTERNAL int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len);
+APL_INTERNAL int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap);
+APL_INTERNAL void bs_release(apl_store *s, apl_addr a);
+APL_INTERNAL uint64_t bs_removed_at(apl_store *s, apl_addr a);
+APL_INTERNAL int bs_stats(apl_store *s, struct apl_stats *st);
+/* apply_record / count_add for a compressed store (apl_apply.c dispatches) */
+APL_INTERNAL int bs_apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                                 const uint8_t *val, uint32_t vlen, int delta);
+APL_INTERNAL int bs_count_add(apl_store *s, uint32_t meta, int64_t delta);
 
 #endif

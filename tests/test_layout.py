@@ -133,3 +133,140 @@ class TestFormatNumber:
         assert lib.apl_check_readers(creaders, len(readers), inst) == 0
         ffi.cast("struct apl_rhdr *", creaders).rh_format += 1
         assert lib.apl_check_readers(creaders, len(readers), inst) == lib.APL_EVERSION
+
+
+# ---------------------------------------------------------------------------
+# The cffi declarations follow the headers (cext/build.py generates them)
+# ---------------------------------------------------------------------------
+
+CEXT = LAYOUT_H.parent
+#: the headers Python sees: apl.h and what it includes
+PUBLIC_HEADERS = ("apl.h", "apl_layout.h", "apl_errors.h")
+
+
+def _load_build():
+    """cext/build.py as a module (it is run by setuptools, not imported by the package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("apl_build", CEXT / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def header_text(name: str) -> str:
+    """A header as the compiler reads it: continuation lines joined, comments gone."""
+    text = (CEXT / name).read_text().replace("\\\n", " ")
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+
+
+def header_prototypes(name: str) -> dict[str, tuple[str, list[str]]]:
+    """apl_* function -> (return type, parameter types) as the header declares them."""
+    out = {}
+    text = "\n".join(line for line in header_text(name).splitlines() if not line.lstrip().startswith("#"))
+    for m in re.finditer(r"^[ \t]*((?:const\s+)?(?:struct\s+)?\w+[\s*]+)(apl_\w+)\s*\(([^;{]*?)\)\s*;", text, re.M):
+        params = [p.strip() for p in m[3].split(",")]
+        types = [] if params == ["void"] else [re.fullmatch(r"(.*?[\s*])\w+", p)[1].strip() for p in params]
+        out[m[2]] = (m[1].strip(), types)
+    return out
+
+
+def header_constants(name: str) -> dict[str, int | None]:
+    """Every APL_* object-like macro and enumerator -> its value when it is a literal, else None."""
+    text = header_text(name)
+    out: dict[str, int | None] = {}
+
+    def literal(v: str) -> int | None:
+        v = v.strip()
+        m = re.fullmatch(r"(-?)(0[xX][0-9A-Fa-f]+|\d+)[uUlL]*", v)
+        return int(m[1] + m[2], 0) if m else None
+
+    for m in re.finditer(r"^[ \t]*#[ \t]*define[ \t]+(APL_\w+)[ \t]+(\S[^\n]*)$", text, re.M):
+        if m[1] == "APL_ERRORS":  # the X-macro list: its entries are the enumerators of enum apl_error
+            for e in re.finditer(r"\b_\(\s*(APL_\w+)\s*,\s*(-?\d+)", m[2]):
+                out[e[1]] = int(e[2])
+        else:
+            out[m[1]] = literal(m[2])
+    for m in re.finditer(r"\benum\s+\w+\s*\{([^}]*)\}", text):
+        body = " ".join(line for line in m[1].splitlines() if not line.lstrip().startswith("#"))
+        for e in re.finditer(r"\b(APL_\w+)\s*(?:=\s*([^,]+))?(?:,|$)", body.strip()):
+            out[e[1]] = literal(e[2]) if e[2] else None
+    return out
+
+
+def header_structs(name: str) -> dict[str, list[str]]:
+    """struct -> its field names in order, as the header declares them."""
+    out = {}
+    for m in re.finditer(r"\bstruct\s+(\w+)\s*\{([^}]*)\}", header_text(name)):
+        fields = []
+        for decl in m[2].split(";"):
+            if decl.strip():
+                fields += [re.search(r"(\w+)\s*(?:\[[^\]]*\])?\s*$", d)[1] for d in decl.split(",")]
+        out[m[1]] = fields
+    return out
+
+
+class TestCdefFollowsHeaders:
+    """Whatever the headers declare, Python sees: same functions with the same
+    signatures, every constant with its value, every struct with all its fields."""
+
+    @pytest.mark.parametrize("header", PUBLIC_HEADERS)
+    def test_every_function_with_its_signature(self, header):
+        protos = header_prototypes(header)
+        assert header != "apl.h" or len(protos) > 50
+        for name, (ret, params) in sorted(protos.items()):
+            assert hasattr(lib, name), f"{header}: {name} is not in the cffi module"
+            want = ffi.typeof(f"{ret}(*)({', '.join(params) or 'void'})")
+            assert ffi.typeof(getattr(lib, name)) == want, f"{header}: {name}"
+
+    @pytest.mark.parametrize("header", PUBLIC_HEADERS)
+    def test_every_constant_with_its_value(self, header):
+        consts = header_constants(header)
+        assert consts
+        missing = sorted(n for n in consts if not hasattr(lib, n))
+        assert not missing, f"{header}: not in the cffi module: {missing}"
+        wrong = {n: (getattr(lib, n), v) for n, v in consts.items() if v is not None and getattr(lib, n) != v}
+        assert not wrong, f"{header}: cffi value != header value: {wrong}"
+
+    @pytest.mark.parametrize("header", PUBLIC_HEADERS)
+    def test_every_struct_with_all_its_fields(self, header):
+        for struct, fields in header_structs(header).items():
+            seen = [n for n, _ in ffi.typeof(f"struct {struct}").fields]
+            assert seen == fields, f"{header}: struct {struct}"
+
+    def test_the_cffi_module_builds_every_c_source(self):
+        """A new cext/*.c file (a CPython type module, say) is compiled without editing build.py."""
+        build = _load_build()
+        assert sorted(build.SOURCES) == sorted(p.name for p in CEXT.glob("*.c"))
+
+    def test_a_header_addition_flows_into_the_cdef(self, tmp_path):
+        """A prototype, constant and field added to a header reach the cdef with no other edit."""
+        build = _load_build()
+        for h in CEXT.glob("*.h"):
+            (tmp_path / h.name).write_text(h.read_text())
+        apl_h = tmp_path / "apl.h"
+        apl_h.write_text(apl_h.read_text().replace(
+            "#endif", "#define APL_PY_FLAG 4u\nint apl_py_install(const char *module);\n"
+            "struct apl_py_info {\n    uint32_t pi_types;   /* types installed */\n    uint64_t pi_seen[APL_MAX_FILES];\n};\n#endif"))
+        cdef = build.cdef_from_headers(apl_h)
+        assert "int apl_py_install(const char *module);" in cdef
+        assert "#define APL_PY_FLAG ..." in cdef
+        assert re.search(r"struct apl_py_info \{\s*uint32_t pi_types;\s*uint64_t pi_seen\[\.\.\.\];\s*\.\.\.;\s*\};", cdef)
+        from cffi import FFI
+        FFI().cdef(cdef)  # cffi accepts it as it is
+
+    @pytest.mark.parametrize("bad, what", [
+        ("#ifdef APL_SOMETHING\nint apl_x(void);\n#endif\n", "#ifdef"),
+        ("extern int apl_counter;\n", "apl_counter"),
+        ('#define APL_NAME "x"\n', "APL_NAME"),
+    ])
+    def test_what_it_cannot_translate_stops_the_build(self, tmp_path, bad, what):
+        """A header construct the generator does not know is an error naming the file and line, never dropped."""
+        build = _load_build()
+        for h in CEXT.glob("*.h"):
+            (tmp_path / h.name).write_text(h.read_text())
+        apl_h = tmp_path / "apl.h"
+        text = apl_h.read_text()
+        apl_h.write_text(text.replace("#endif", bad + "#endif"))
+        with pytest.raises(build.CdefError) as exc:
+            build.cdef_from_headers(apl_h)
+        assert "apl.h:" in str(exc.value) and what in str(exc.value)

@@ -291,12 +291,10 @@ def compare_sums(a: bytes, b: bytes) -> list[int]:
 
 def _serial_after(pending: bytes) -> int:
     """The last serial in a partial transaction kept back (its entries are contiguous)."""
-    from ..store.changelog import ENTRY, E_LEN, E_SERIAL
-    pos, last = 0, 0
-    while pos + ENTRY.size <= len(pending):
-        f = ENTRY.unpack_from(pending, pos)
+    from ..store.changelog import E_SERIAL, walk
+    last = 0
+    for _, f in walk(pending):
         last = f[E_SERIAL]
-        pos += f[E_LEN]
     return last
 
 

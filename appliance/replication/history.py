@@ -25,7 +25,7 @@ from pathlib import Path
 import lz4.frame
 
 from .._native import lib
-from ..store.changelog import ENTRY as _HDR
+from ..store.changelog import E_ALEN, E_BLEN, E_KIND, E_KLEN, E_LEN, E_SERIAL, ENTRY, walk
 
 __all__ = ["History"]
 
@@ -39,15 +39,10 @@ def _strip(blob: bytes, keep_a: bool, after: int = 0) -> tuple[bytes, int, int]:
     removed unless keep_a: (bytes, first, last serial)."""
     out = bytearray()
     first = last = 0
-    pos = 0
-    n = len(blob)
-    while pos + _HDR.size <= n:
-        f = _HDR.unpack_from(blob, pos)
-        ln, kind, serial, klen, alen, blen = f[0], f[1], f[5], f[11], f[12], f[13]
-        if ln < _HDR.size or pos + ln > n:
-            break
+    size = ENTRY.size
+    for pos, f in walk(blob):
+        ln, kind, serial, klen, alen, blen = f[E_LEN], f[E_KIND], f[E_SERIAL], f[E_KLEN], f[E_ALEN], f[E_BLEN]
         if serial <= after:   # already in the history (a resend)
-            pos += ln
             continue
         if not first:
             first = serial
@@ -56,13 +51,12 @@ def _strip(blob: bytes, keep_a: bool, after: int = 0) -> tuple[bytes, int, int]:
             if keep_a or kind in (lib.APL_CE_BEGIN,) or not alen:
                 out += blob[pos:pos + ln]
             else:
-                body = blob[pos + _HDR.size: pos + _HDR.size + klen] + \
-                    blob[pos + _HDR.size + klen + alen: pos + _HDR.size + klen + alen + blen]
-                new_len = (_HDR.size + len(body) + 7) & ~7
+                body = blob[pos + size: pos + size + klen] + \
+                    blob[pos + size + klen + alen: pos + size + klen + alen + blen]
+                new_len = (size + len(body) + 7) & ~7
                 hdr = list(f)
-                hdr[0], hdr[12] = new_len, 0
-                out += _HDR.pack(*hdr) + body + b"\0" * (new_len - _HDR.size - len(body))
-        pos += ln
+                hdr[E_LEN], hdr[E_ALEN] = new_len, 0
+                out += ENTRY.pack(*hdr) + body + b"\0" * (new_len - size - len(body))
     return bytes(out), first, last
 
 
@@ -166,10 +160,6 @@ class History:
                     chunks.append(f.read())
         chunks.extend(self.buf)
         for blob in chunks:
-            pos = 0
-            while pos + _HDR.size <= len(blob):
-                ln = _HDR.unpack_from(blob, pos)[0]
-                serial = _HDR.unpack_from(blob, pos)[5]
-                if serial >= since_serial:
-                    yield blob[pos:pos + ln]
-                pos += ln
+            for pos, f in walk(blob):
+                if f[E_SERIAL] >= since_serial:
+                    yield blob[pos:pos + f[E_LEN]]

@@ -2,7 +2,9 @@
 
 The replication agent streams it; the controller searches it to answer
 "did transaction N commit?" for a client whose commit was interrupted by a
-controller restart; tests check what it holds.
+controller restart; tests check what it holds. Entries outside shared memory
+(a received blob, the secondary's history files) are read with walk(),
+first_serial() and ENTRY, whose layout comes from the header through cffi.
 """
 from __future__ import annotations
 
@@ -13,27 +15,62 @@ from typing import Iterator
 from .. import errors
 from .._native import check, ffi, lib
 
-__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "first_serial", "KIND_NAMES"]
+__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "KIND_NAMES", "FIELDS", "ENTRY",
+           "walk", "first_serial"]
 
 _HDR = ffi.sizeof("struct apl_centry")
-#: struct apl_centry for code that walks raw entries without cffi casts:
-#: len, kind, flags, file, block, serial, txn, epoch, time_ns, version, offset, klen, alen, blen
-ENTRY = struct.Struct("<IHHIIQQQQQIIII")
-if ENTRY.size != _HDR or ffi.offsetof("struct apl_centry", "ce_serial") != 16:  # pragma: no cover
-    raise ImportError("appliance.store.changelog: ENTRY disagrees with cext/apl_layout.h")
-E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN = 0, 1, 2, 3, 4, 5, 6
-E_KLEN, E_ALEN, E_BLEN = 11, 12, 13
-KIND_NAMES = {lib.APL_CE_BEGIN: "begin", lib.APL_CE_INSERT: "insert", lib.APL_CE_UPDATE: "update",
-              lib.APL_CE_DELETE: "delete", lib.APL_CE_COMMIT: "commit", lib.APL_CE_CANCEL: "cancel",
-              lib.APL_CE_BLOCK: "block", lib.APL_CE_PAD: "pad"}
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}   # struct format of an unsigned integer by size
+
+
+def _entry_struct() -> tuple[tuple[str, ...], struct.Struct]:
+    """struct apl_centry as cffi reads it from cext/apl_layout.h: its field
+    names in order, and a struct.Struct with each field at its offset (pad
+    bytes where the compiler put them), for code that walks raw entries."""
+    fmt, at, names = "=", 0, []
+    for name, f in ffi.typeof("struct apl_centry").fields:
+        size = ffi.sizeof(f.type)
+        if f.type.kind != "primitive" or not f.type.cname.startswith("uint") or size not in _CODES:
+            raise ImportError(f"appliance.store.changelog: struct apl_centry.{name} is not an unsigned integer")
+        fmt += f"{f.offset - at}x" * (f.offset > at) + _CODES[size]
+        at = f.offset + size
+        names.append(name)
+    fmt += f"{_HDR - at}x" * (_HDR > at)
+    return tuple(names), struct.Struct(fmt)
+
+
+#: the entry header's fields (struct apl_centry, in order) and their struct.Struct
+FIELDS, ENTRY = _entry_struct()
+#: index of a field in what ENTRY unpacks
+E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN, E_KLEN, E_ALEN, E_BLEN = (
+    FIELDS.index(f"ce_{n}") for n in ("len", "kind", "flags", "file", "block", "serial", "txn", "klen", "alen", "blen"))
+_SERIAL_AT = ffi.offsetof("struct apl_centry", "ce_serial")
+_SERIAL = struct.Struct("=Q")
+
+
+def walk(blob: bytes) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(position, header fields as ENTRY unpacks them) of each entry of `blob`
+    (entries back to back, as apl_log_export writes them), up to the first
+    one that is cut short or shorter than a header."""
+    pos, n = 0, len(blob)
+    while pos + _HDR <= n:
+        f = ENTRY.unpack_from(blob, pos)
+        ln = f[E_LEN]
+        if ln < _HDR or pos + ln > n:
+            return
+        yield pos, f
+        pos += ln
 
 
 def first_serial(blob: bytes) -> int | None:
-    """The serial of the first entry of exported entries (apl_log_export), or
-    None when `blob` holds no whole entry header."""
-    if len(blob) < _HDR:
+    """The serial of the first entry of `blob`; None when it is too short to hold one."""
+    if len(blob) < _SERIAL_AT + _SERIAL.size:
         return None
-    return ENTRY.unpack_from(blob, 0)[E_SERIAL]
+    return _SERIAL.unpack_from(blob, _SERIAL_AT)[0]
+
+
+KIND_NAMES = {lib.APL_CE_BEGIN: "begin", lib.APL_CE_INSERT: "insert", lib.APL_CE_UPDATE: "update",
+              lib.APL_CE_DELETE: "delete", lib.APL_CE_COMMIT: "commit", lib.APL_CE_CANCEL: "cancel",
+              lib.APL_CE_BLOCK: "block", lib.APL_CE_PAD: "pad"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The controller's handle on the store: format, recover, batches, changes,
-the change log, publishing and reclamation. A thin layer over apl_store.c;
-only the controller process uses it, from one thread.
+the change log, publishing and reclamation. A thin layer over the C writer
+(cext/apl_store_int.h lists its files); only the controller process uses it,
+from one thread.
 """
 from __future__ import annotations
 
