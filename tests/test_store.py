@@ -1,4 +1,4 @@
-"""The C store (cext/apl_store.c, cext/apl_view.c) held against a plain Python model.
+"""The C store (the writer and reader sides in cext/) held against a plain Python model.
 
 Every store is created by tests/store_helpers.Store under a unique name and is
 unlinked by the test that made it; the `stores` fixture and the module-level

@@ -15,7 +15,7 @@ BLOCK images for blocks whose structure changed, the alternate-key index
 changes, and COMMIT. If applying fails part-way (memory full), the changes
 already applied are undone from their B images — and logged, so a secondary
 mirrors exactly what happened — followed by a CANCEL entry ([0122]). All of
-that is one C call per transaction (apl_commit_txn in cext/apl_store.c).
+that is one C call per transaction (apl_commit_txn in cext/apl_txn.c).
 """
 from __future__ import annotations
 
