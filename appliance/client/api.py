@@ -29,7 +29,7 @@ from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
 from ..wire import messages as m
-from .session import Session, result
+from .session import PIPELINE_DEPTH, Session, check_depth, result
 from .session import _pid as _session_pid
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
@@ -45,7 +45,8 @@ _COMMIT_REPLY_GRACE = 5.0
 
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
-            durability=None, wait: float | None = None, commit_timeout: float | None = None) -> "Client":
+            durability=None, wait: float | None = None, commit_timeout: float | None = None,
+            pipeline: bool = False, pipeline_depth: int = PIPELINE_DEPTH) -> "Client":
     """Attach to the running appliance described by a config file.
 
     `timeout`: seconds one request may take (None: no limit). `wait`:
@@ -55,7 +56,11 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     synchronous backup (default: `timeout`; None with timeout None: no
     bound); past it the commit raises
     :class:`~appliance.errors.BackupTimeoutError` — committed, its backup
-    pending — never UnavailableError.
+    pending — never UnavailableError. `pipeline`: whether this client's
+    transactions pipeline their writes by default (see
+    :meth:`Client.transaction`); `pipeline_depth`: how many replies of
+    pipelined statements a connection leaves unread at most (1 to
+    MAX_PIPELINED, 4096) before it reads half of them.
 
     Raises :class:`~appliance.errors.UnavailableError` when it is not running
     by then, :class:`~appliance.errors.AccessDeniedError` when this user may
@@ -64,7 +69,13 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait,
-                  commit_timeout=commit_timeout)
+                  commit_timeout=commit_timeout, pipeline=pipeline, pipeline_depth=pipeline_depth)
+
+
+def _check_pipeline(pipeline) -> bool:
+    if type(pipeline) is not bool:
+        raise errors.WrongTypeError(f"pipeline must be True or False, not {pipeline!r}")
+    return pipeline
 
 
 class _Buffers(threading.local):
@@ -88,8 +99,12 @@ class Client:
     per thread. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
-                 wait: float | None = None, commit_timeout: float | None = None) -> None:
+                 wait: float | None = None, commit_timeout: float | None = None, pipeline: bool = False,
+                 pipeline_depth: int = PIPELINE_DEPTH) -> None:
         self.config = cfg
+        #: whether transactions pipeline their writes unless transaction(pipeline=...) says otherwise
+        self.pipeline = _check_pipeline(pipeline)
+        self._depth = check_depth(pipeline_depth)
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
         #: how long a commit waits for that (seconds; None: the connection's timeout)
@@ -139,7 +154,7 @@ class Client:
         if s is None or s.pid != _session_pid[0]:
             s = Session(str(self.config.socket_path), self.config.name, name=self._name,
                         timeout=self._reply_timeout(self._commit_bound()),
-                        max_frame=self.config.controller.max_frame)
+                        max_frame=self.config.controller.max_frame, depth=self._depth)
             s.connect()
             self._local.session = s
             with self._lock:
@@ -234,7 +249,7 @@ class Client:
             pass   # no controller now: reads go on, the next snapshot asks again
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
-                    commit_timeout: float | None = None) -> "Transaction":
+                    commit_timeout: float | None = None, pipeline: bool | None = None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
         `input` form its T log: which program ran, with what input.
@@ -245,10 +260,18 @@ class Client:
         records stay locked until it is reached, whatever commit(wait=...).
         `commit_timeout`: how long commit waits for it (default: the
         client's); past it commit raises BackupTimeoutError (committed, the
-        backup pending: do not retry)."""
+        backup pending: do not retry).
+
+        `pipeline` (default: the client's, see connect()): send insert,
+        update, delete and put without waiting for their replies, and the
+        commit right behind them; their errors are raised later, naming the
+        statement, and a failed one rolls the transaction back (README,
+        "Pipelined statements"). False: every statement waits for its reply,
+        raises its own error there and leaves the transaction open."""
         self._check()
         return Transaction(self, program, input, durability if durability is not None else self.durability,
-                           m.check_commit_timeout(commit_timeout))
+                           m.check_commit_timeout(commit_timeout),
+                           self.pipeline if pipeline is None else _check_pipeline(pipeline))
 
     def wait_applied(self, serial: int, timeout: float = 10.0) -> int:
         """Read-your-writes on a secondary: wait until the primary's change
@@ -587,6 +610,73 @@ class Snapshot:
             pass
 
 
+_PIPELINE = {"pipeline": True}        # OP_BEGIN's options of a pipelined transaction
+_OK = m.OK
+
+
+def _pipelined_failure(reply, tag, txn) -> errors.ApplianceError:
+    """The error to raise for a pipelined statement's error reply: its own
+    class, naming the statement (position, op, table, key) and what became of
+    the transaction. `tag`: (position, what, op, table, key), None for BEGIN."""
+    position, what, op, table, key = tag if tag is not None else (0, "begin", "begin", None, None)
+    try:
+        result(reply, what)
+        return errors.ProtocolError(f"{what}: an error reply was expected")   # not reached: reply is not OK
+    except errors.ApplianceError as e:
+        err = e
+    text = err.message
+    if text.startswith(what + ": "):
+        text = text[len(what) + 2:]
+    if tag is None:
+        head, tail = "begin of a pipelined transaction", "; none of its statements was carried out"
+    else:
+        head = f"{what} (statement {position} of transaction {txn}, pipelined)"
+        tail = ("" if isinstance(err, errors.TransactionCancelledError) else
+                "; the transaction was rolled back: nothing it did remains, the statements sent after "
+                "this one were not carried out, and it cannot commit (cancel it)")
+    details = {**err.details, "txn": txn, "statement": position, "op": op, "table": table, "key": key}
+    return type(err)(f"{head}: {text}{tail}", code=err.code, **details)
+
+
+class _Link:
+    """A transaction as its connection knows it: the replies of its pipelined
+    statements land here (Session.outstanding holds this, never the
+    Transaction, so a transaction dropped with replies unread is still
+    collected, and cancelled). Its owner thread alone uses it, except for
+    Session.close() of a client closed from another thread (then every reply
+    is lost anyway)."""
+
+    __slots__ = ("number", "begin_pending", "failure", "open", "generation")
+
+    def __init__(self) -> None:
+        self.number: int | None = None
+        self.begin_pending = False   # its BEGIN was sent pipelined, the reply not read yet
+        self.failure: errors.ApplianceError | None = None   # the first pipelined failure read
+        self.open = False            # begun on its connection and not ended (Session.txn)
+        self.generation = 0          # of the connection it was begun on
+
+    def reply(self, tag, reply) -> None:
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK:
+            if tag is None:
+                self.begin_pending = False
+                self.number = reply[1]
+            return
+        if tag is None:
+            self.begin_pending = False
+        if self.failure is None:     # later error replies are the statements not carried out
+            self.failure = _pipelined_failure(reply, tag, self.number)
+
+    def lost(self, tag) -> None:
+        if tag is None:
+            self.begin_pending = False
+        if self.failure is None:
+            what = "begin" if tag is None else f"{tag[1]} (statement {tag[0]})"
+            self.failure = errors.UnavailableError(
+                f"{what}: the connection to the controller was lost before its reply; transaction "
+                f"{self.number if self.number is not None else '(not numbered yet)'} was cancelled",
+                txn=self.number, sent=True)
+
+
 class Transaction:
     """A transaction on the controller; see :meth:`Client.transaction`.
 
@@ -594,80 +684,190 @@ class Transaction:
     this transaction sees it. ``insert``, ``update``, ``delete`` and ``put``
     lock their record. Locks are held until the transaction ends. Leaving the
     ``with`` block normally commits; an exception cancels.
+
+    Pipelined (``pipeline=True``): ``insert``, ``update``, ``delete`` and
+    ``put`` are sent without waiting for their reply (``put`` returns None);
+    a failure among them is raised, naming the statement, by the next
+    statement that waits (a get that asks the controller), by a later
+    statement once its reply is in, or by commit, which is sent right behind
+    them. The failed statement rolled the transaction back: state
+    ``"failed"``, statements and commit raise TransactionStateError, cancel()
+    ends it. See the README, "Pipelined statements".
     """
 
     def __init__(self, client: Client, program: str | None, input: Any, durability=None,
-                 commit_timeout: float | None = None) -> None:
+                 commit_timeout: float | None = None, pipeline: bool = False) -> None:
         self._client = client
         self.durability = durability
         self.commit_timeout = commit_timeout
+        #: whether writes are sent without waiting for their replies
+        self.pipeline = pipeline
         self._program = program
         self._input = input
-        self.number: int | None = None
-        self.state = "new"       # new, open, committed, cancelled
+        self.state = "new"       # new, open, failed, committed, cancelled, unknown
         self.result: dict | None = None
         self._written: set = set()
         self._session: Session | None = None
         self._generation = 0
         self._began_ns = 0
+        self._link = _Link()
+        self._position = 0       # statements called so far (gets, inserts, updates, deletes, puts)
 
-    def _statement(self, req: list, what: str):
-        if self.state not in ("new", "open"):
-            raise errors.TransactionStateError(f"{what}: transaction is {self.state}")
+    @property
+    def number(self) -> int | None:
+        """The transaction's number (None before its first statement). A
+        pipelined transaction learns it from its BEGIN's reply: asking for it
+        first reads the replies that came before (it raises nothing)."""
+        link = self._link
+        if link.begin_pending:
+            try:
+                self._session.drain()
+            except errors.UnavailableError:
+                pass             # recorded by the link (lost): raised at the next statement
+        return link.number
+
+    # -- states -------------------------------------------------------------------
+
+    def _check_usable(self, what: str) -> None:
+        state = self.state
+        if state == "failed":
+            f = self._link.failure
+            raise errors.TransactionStateError(
+                f"{what}: transaction {self._link.number} failed: {f.message.split('; ')[0]}; it was rolled "
+                "back and takes no more statements: cancel it", txn=self._link.number,
+                statement=f.details.get("statement"), op=f.details.get("op"), table=f.details.get("table"),
+                key=f.details.get("key"))
+        if state not in ("new", "open"):
+            raise errors.TransactionStateError(f"{what}: transaction is {state}")
+
+    def _opened(self, s: Session) -> None:
+        self._session = s
+        self._generation = s.generation
+        self.state = "open"
+        link = self._link
+        link.open = True
+        link.generation = s.generation
+        s.txn = link
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        self._link.open = False
+
+    def _raise_failure(self):
+        """Raise the failure a pipelined statement's reply brought (once; after
+        it the transaction is "failed", or "cancelled" when the controller
+        cancelled it: a lock timeout, a deadlock, a lost connection)."""
+        f = self._link.failure
+        cancelled = isinstance(f, (errors.TransactionCancelledError, errors.UnavailableError))
+        self._end("cancelled" if cancelled else "failed")
+        raise f
+
+    def _tag(self, op: str, what: str, table: str, key):
+        """What a pipelined statement's reply is filed under (None: it waits)."""
+        return (self._position, what, op, table, key) if self.pipeline else None
+
+    # -- statements -----------------------------------------------------------------
+
+    def _statement(self, req: list, what: str, tag=None):
+        """Send a statement: with a `tag`, pipelined (returns None at once);
+        without, wait for its reply and return its result."""
+        self._check_usable(what)
         c = self._client
         c._check()
+        link = self._link
         if self.state == "new":
             s = c._session()
+            other = s.txn
+            if other is not None and other is not link and other.open and other.generation == s.generation:
+                raise errors.TransactionStateError(
+                    f"{what}: transaction {other.number} is still open on this thread's connection; "
+                    "commit or cancel it first", txn=other.number)
+            begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE] if self.pipeline else \
+                [m.OP_BEGIN, self._program, self._input]
             self._began_ns = time.time_ns()
-            replies = s.call_many([[m.OP_BEGIN, self._program, self._input], req])
-            self.number = result(replies[0], "begin")
-            self._session = s
-            self._generation = s.generation
-            self.state = "open"
+            if tag is not None:
+                s.send_pipelined([begin, req], link, [None, tag], retry=True)
+                link.begin_pending = True
+                self._opened(s)
+                return None
+            replies = s.call_many([begin, req])
+            link.number = result(replies[0], "begin")
+            self._opened(s)
             reply = replies[1]
         else:
             s = self._session
             if s is not c._session() or s.generation != self._generation or not s.connected:
-                self.state = "cancelled"
+                self._end("cancelled")
                 raise errors.UnavailableError(
-                    f"{what}: the connection to the controller was lost; transaction {self.number} "
+                    f"{what}: the connection to the controller was lost; transaction {link.number} "
                     "was cancelled")
+            if link.failure is not None:
+                self._raise_failure()
             try:
+                if tag is not None:
+                    s.send_pipelined([req], link, [tag])
+                    return None
                 reply = s.call_many([req], retry=False)[0]
             except errors.UnavailableError:
-                self.state = "cancelled"
+                self._end("cancelled")
                 raise
+            if link.failure is not None:     # a pipelined statement before this one failed
+                self._raise_failure()
         try:
             return result(reply, what)
         except errors.TransactionCancelledError:
-            self.state = "cancelled"
+            self._end("cancelled")
             raise
 
     def get(self, table: str, key, *, for_update: bool = False):
         """The record as this transaction sees it (or None). With
-        `for_update`, lock it until the transaction ends."""
-        if self.state not in ("new", "open"):
-            raise errors.TransactionStateError(f"{table}.get({_short(key)}): transaction is {self.state}")
+        `for_update`, lock it until the transaction ends. A get that asks the
+        controller (for_update, or a record this transaction wrote) waits for
+        the pipelined statements before it; a plain get of another record
+        reads the committed state where it is, asking nobody."""
+        what = f"{table}.get({_short(key)})"
+        self._check_usable(what)
+        self._position += 1
         if for_update or (table, key) in self._written:
-            return self._statement([m.OP_GET_FOR_UPDATE, table, key], f"{table}.get({_short(key)})")
+            return self._statement([m.OP_GET_FOR_UPDATE, table, key], what)
+        if self._link.failure is not None and self.state == "open":
+            self._raise_failure()
         return self._client.table(table).get(key)
 
     def insert(self, table: str, record: dict) -> None:
-        self._statement([m.OP_INSERT, table, record], f"{table}.insert")
-        pk = self._client.schema.table(table).pk
+        what = f"{table}.insert"
+        pk = self._client.schema.table(table).pk      # an unknown table: raised here, nothing sent
+        key = record.get(pk) if isinstance(record, dict) else None
+        self._check_usable(what)
+        self._position += 1
+        self._statement([m.OP_INSERT, table, record], what, self._tag("insert", what, table, key))
         if isinstance(record, dict):
-            self._written.add((table, record.get(pk)))
+            self._written.add((table, key))
 
     def update(self, table: str, key, changes: dict) -> None:
-        self._statement([m.OP_UPDATE, table, key, changes], f"{table}.update({key!r})")
+        what = f"{table}.update({key!r})"
+        self._client.schema.table(table)
+        self._check_usable(what)
+        self._position += 1
+        self._statement([m.OP_UPDATE, table, key, changes], what, self._tag("update", what, table, key))
         self._written.add((table, key))
 
     def delete(self, table: str, key) -> None:
-        self._statement([m.OP_DELETE, table, key], f"{table}.delete({key!r})")
+        what = f"{table}.delete({key!r})"
+        self._client.schema.table(table)
+        self._check_usable(what)
+        self._position += 1
+        self._statement([m.OP_DELETE, table, key], what, self._tag("delete", what, table, key))
         self._written.add((table, key))
 
-    def put(self, table: str, key, record: dict) -> str:
-        r = self._statement([m.OP_PUT, table, key, record], f"{table}.put({key!r})")
+    def put(self, table: str, key, record: dict) -> str | None:
+        """Insert or replace; returns "insert" or "update" — or None in a
+        pipelined transaction, which does not wait to know."""
+        what = f"{table}.put({key!r})"
+        self._client.schema.table(table)
+        self._check_usable(what)
+        self._position += 1
+        r = self._statement([m.OP_PUT, table, key, record], what, self._tag("put", what, table, key))
         self._written.add((table, key))
         return r
 
@@ -678,17 +878,21 @@ class Transaction:
         confirm (Figure 6). A commit that waits longer than its
         commit_timeout raises BackupTimeoutError: it is committed (state
         "committed", result with "backup": "pending"), the records stay
-        locked until the confirmation; do not retry it."""
+        locked until the confirmation; do not retry it. In a pipelined
+        transaction the commit goes right behind the statements, and a
+        failure among them is raised here instead: nothing is committed."""
         if self.state == "new":
             self.state = "committed"
             self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
             return self.result
-        if self.state != "open":
-            raise errors.TransactionStateError(f"commit: transaction {self.number} is {self.state}")
+        self._check_usable("commit")
+        link = self._link
         s = self._session
         if s.generation != self._generation or not s.connected:
-            self.state = "cancelled"
-            raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
+            self._end("cancelled")
+            raise errors.UnavailableError(f"commit: connection lost; transaction {link.number} was cancelled")
+        if link.failure is not None:
+            self._raise_failure()
         bound = self._client._commit_bound(self.commit_timeout)
         req = [m.OP_COMMIT, wait, self.durability] if bound is None else [m.OP_COMMIT, wait, self.durability, bound]
         try:
@@ -696,24 +900,30 @@ class Transaction:
                 reply = s.call_many([req], retry=False)[0]
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
-                self.state = "cancelled"  # the commit never left: the controller cancelled it
+                self._end("cancelled")  # the commit never left: the controller cancelled it
                 raise errors.UnavailableError(
-                    f"commit of transaction {self.number}: the connection to the controller was lost; "
-                    "the transaction was cancelled", txn=self.number, sent=False) from None
-            self.state = "unknown"
+                    f"commit of transaction {link.number}: the connection to the controller was lost; "
+                    "the transaction was cancelled", txn=link.number, sent=False) from None
+            self._end("unknown")
+            if link.number is None:     # a pipelined BEGIN whose reply never came: nothing to ask about
+                raise errors.CommitUnknownError(
+                    "commit of a pipelined transaction: the controller stopped before answering even its "
+                    "begin, so its number is unknown and its outcome cannot be asked; check the data") from None
             self.result = self._resolve()
             return self.result
+        if link.failure is not None:    # a pipelined statement failed: the controller refused the commit
+            self._raise_failure()
         try:
-            self.result = result(reply, f"commit of transaction {self.number}")
+            self.result = result(reply, f"commit of transaction {link.number}")
         except errors.BackupTimeoutError as e:
-            self.state = "committed"
-            self.result = {"txn": self.number, "serial": e.details.get("serial"),
+            self._end("committed")
+            self.result = {"txn": link.number, "serial": e.details.get("serial"),
                            "version": e.details.get("version"), "backup": "pending"}
             raise
         except errors.ApplianceError:
-            self.state = "cancelled"
+            self._end("cancelled")
             raise
-        self.state = "committed"
+        self._end("committed")
         return self.result
 
     def _resolve(self) -> dict:
@@ -732,10 +942,10 @@ class Transaction:
                         txn=self.number) from None
                 time.sleep(0.05)
         if st == "committed":
-            self.state = "committed"
+            self._end("committed")
             return {"txn": self.number, "serial": None, "version": None, "recovered": True}
         if st == "not_committed":
-            self.state = "cancelled"
+            self._end("cancelled")
             raise errors.TransactionCancelledError(
                 f"commit of transaction {self.number}: the controller stopped before publishing it; "
                 "it did not commit (retry it)", txn=self.number)
@@ -748,33 +958,35 @@ class Transaction:
         # dropped while open: cancel it, or its connection (and its locks) stay taken
         try:
             if self.state == "open" and self._session is not None:
-                self.state = "cancelled"
+                self._end("cancelled")
                 self._session.cancel_dropped(self._generation)
         except Exception:
             pass
 
     def cancel(self) -> None:
-        """Cancel: nothing the transaction did remains. Idempotent."""
+        """Cancel: nothing the transaction did remains, its locks are released
+        when this returns. Idempotent. A pipelined transaction's failure not
+        raised yet is not raised: cancelling discards it with the rest."""
         if self.state == "open":
-            self.state = "cancelled"
+            self._end("cancelled")
             s = self._session
             if s.generation == self._generation and s.connected:
                 try:
-                    s.call_many([[m.OP_CANCEL]], retry=False)
+                    s.call_many([[m.OP_CANCEL]], retry=False)   # after the replies still outstanding
                 except errors.UnavailableError:
                     pass  # the controller cancels it when the connection goes
-        elif self.state == "new":
-            self.state = "cancelled"
+        elif self.state in ("new", "failed"):
+            self._end("cancelled")   # failed: the controller rolled it back already
 
     def __enter__(self) -> "Transaction":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            if self.state in ("new", "open"):
-                self.commit()   # after cancel() leaving the block does nothing
+            if self.state in ("new", "open", "failed"):
+                self.commit()   # after cancel() leaving the block does nothing; failed: raises
         else:
             self.cancel()
 
     def __repr__(self) -> str:
-        return f"<appliance.Transaction {self.number} {self.state}>"
+        return f"<appliance.Transaction {self._link.number} {self.state}>"

@@ -69,7 +69,7 @@ FAST = object()            # sess.gen while a fast-path autocommit waits for its
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 256 << 10
 PUMP_BATCH = 256           # requests of one session per loop turn
-INBOX_PAUSE = 4096         # queued requests at which a session is not read from
+INBOX_PAUSE = m.MAX_PIPELINED + 1   # queued requests at which a session is not read from
 _ACCEPT_BACKOFF = (0.05, 1.0)   # seconds without accepting after EMFILE & co: first, longest
 REPEAT_LOG_S = 10.0        # client_refused (per user), txn_idle_cancelled: one line per this many seconds
 
@@ -119,6 +119,7 @@ class Loop:
         self.timers: list = []
         self._timer_seq = 0
         self.counters = {"clients_refused": 0, "clients_dropped": 0}
+        self.queued_peak = 0             # the most requests one session had waiting to start (status)
         self.max_frame = cfg.controller.max_frame
         self._set_access(cfg)
         self.listener: socket.socket | None = None
@@ -409,6 +410,8 @@ class Loop:
             return
         if msgs:
             sess.inbox.extend(msgs)
+            if len(sess.inbox) > self.queued_peak:
+                self.queued_peak = len(sess.inbox)
             self.pump(sess)
             if len(sess.inbox) >= INBOX_PAUSE and not sess.paused and not sess.closed:
                 sess.paused = True

@@ -53,7 +53,7 @@ class Transactions:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def begin(self, sess, program, input_) -> Txn:
+    def begin(self, sess, program, input_, pipelined: bool = False) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
         if input_ is not None and not isinstance(input_, (int, float, bool, str)):
@@ -62,13 +62,20 @@ class Transactions:
                 raise errors.RecordTooLargeError(
                     f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
                     "fit the change log", size=size, limit=self.max_tlog)
-        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess)
+        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, pipelined)
         sess.txn = txn
         self.active[txn.number] = txn
         return txn
 
-    def open_txn(self, sess) -> Txn:
+    def open_txn(self, sess, ending: bool = False) -> Txn:
+        """The session's open transaction, for a statement or (`ending`) its commit."""
         txn = sess.txn
+        if txn is not None and txn.reason == "pipelined_failed":
+            if ending:
+                sess.txn = None   # its commit is refused: the transaction is over
+            raise errors.TransactionStateError(
+                f"transaction {txn.number} was rolled back when a pipelined statement failed ({txn.failure}); "
+                "this request was not carried out: cancel the transaction", txn=txn.number)
         if txn is not None and txn.state == "cancelled" and txn.reason == "idle_timeout":
             sess.txn = None   # said once; the next statement needs a new transaction
             raise errors.TransactionCancelledError(
@@ -89,6 +96,14 @@ class Transactions:
         self.counters["cancelled"] += 1
         self.log.debug("txn_cancelled", txn=txn.number, reason=reason)
         self.release(txn)
+
+    def fail(self, txn: Txn, e: errors.ApplianceError) -> None:
+        """A write statement of a pipelined transaction failed: roll the transaction
+        back now (its changes dropped, its locks released). The statements its client
+        sent behind this one assumed it succeeded, so none of them may run: they, and
+        the commit, are answered with the failure (open_txn) until the client ends it."""
+        self.cancel(txn, "pipelined_failed")
+        txn.failure = e.message
 
     def release(self, txn: Txn) -> None:
         for grant in self.ctl.locks.release_all(txn):
@@ -350,7 +365,17 @@ class Transactions:
 
 def _statement(ctl, sess, op: int, args: tuple):
     txn = ctl.txns.open_txn(sess)
-    return (yield from ctl.txns.statement(txn, op, list(args)))
+    if not txn.pipelined:
+        return (yield from ctl.txns.statement(txn, op, list(args)))
+    try:
+        return (yield from ctl.txns.statement(txn, op, list(args)))
+    except errors.ApplianceError as e:
+        # a pipelined write that fails rolls its transaction back (a lock timeout or a
+        # deadlock has cancelled it already); a get for update's client waits for its
+        # answer, so nothing was sent behind it on trust: it fails as in any transaction
+        if op != m.OP_GET_FOR_UPDATE and txn.state == "open":
+            ctl.txns.fail(txn, e)
+        raise
 
 
 @handler(m.OP_GET_FOR_UPDATE, writes=True)
@@ -379,15 +404,21 @@ def put(ctl, sess, table, key, record):
 
 
 @handler(m.OP_BEGIN, writes=True)
-def begin(ctl, sess, program, input):
+def begin(ctl, sess, program, input, options=None):
     if sess.txn is not None and sess.txn.state == "open":
         raise errors.TransactionStateError(f"begin: transaction {sess.txn.number} is still open on this connection")
-    return ctl.txns.begin(sess, program, input).number
+    pipelined = False
+    if options is not None:
+        if type(options) is not dict or not options.keys() <= {"pipeline"} \
+                or type(options.get("pipeline", False)) is not bool:
+            raise errors.ProtocolError(f'begin: options must be nil or {{"pipeline": true|false}}, not {options!r:.80}')
+        pipelined = options.get("pipeline", False)
+    return ctl.txns.begin(sess, program, input, pipelined).number
 
 
 @handler(m.OP_COMMIT, writes=True)
 def commit(ctl, sess, wait=True, durability=None, commit_timeout=None):
-    txn = ctl.txns.open_txn(sess)
+    txn = ctl.txns.open_txn(sess, ending=True)
     d = ctl.sync.check_durability(durability)
     bound = m.check_commit_timeout(commit_timeout)
     return (yield from ctl.commits.commit(txn, bool(wait), d, bound))
@@ -398,6 +429,8 @@ def cancel(ctl, sess):
     txn = sess.txn
     if txn is not None and txn.state == "open":
         ctl.txns.cancel(txn, "cancelled")
+    elif txn is not None and txn.reason == "pipelined_failed":
+        sess.txn = None   # rolled back already; its client has ended it
     return None
 
 

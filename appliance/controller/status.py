@@ -48,7 +48,7 @@ def status(ctl) -> dict:
         "readers": ctl.readers.status(st, sb.sb_nreaders),
         "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"], "serial": st["serial"]},
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
-                    "dropped": ctl.counters["clients_dropped"]},
+                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak},
         "recovery": ctl.recovery,
         "replication": _replication(ctl),
     }

@@ -64,9 +64,10 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "pipelined",
+                 "failure")
 
-    def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
+    def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False) -> None:
         self.number = number
         self.program = program
         self.input = input
@@ -81,6 +82,8 @@ class Txn:
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
+        self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
+        self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))

@@ -55,6 +55,21 @@ transaction in a single round trip: an autocommitted write such as
 ``table[key] = record`` is one OP_ATOMIC. If a step fails the transaction is
 cancelled and the reply is that step's error.
 OP_LOAD inserts the records as one transaction (program ``"load"``).
+
+Pipelined transactions. A client may send a transaction's statements
+without waiting for their replies (the replies still come one per request,
+in order). It says so at OP_BEGIN with ``{"pipeline": true}``: then a write
+statement (OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT) that fails rolls the
+whole transaction back at once — its changes dropped, its locks released —
+because the statements behind it were sent on the assumption that it
+succeeded. Its reply is its own error; every later statement and the
+OP_COMMIT are not carried out and get APL_ETXN ("... was rolled back when a
+pipelined statement failed (<that statement's error>) ..."); OP_COMMIT and
+OP_CANCEL end it, a new OP_BEGIN replaces it. An OP_GET_FOR_UPDATE that
+fails leaves the transaction open as in any transaction (its client waits
+for that reply, so nothing was sent behind it on trust), and errors that
+cancel a transaction anyway (APL_ELOCKTIMEOUT, APL_EDEADLOCK) do so as
+always. A client keeps at most :data:`MAX_PIPELINED` replies outstanding.
 """
 from __future__ import annotations
 
@@ -90,6 +105,11 @@ OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
 OP_ACKED = 36
+
+#: the most replies a client leaves unread on one connection (flow control of pipelined
+#: statements); the controller stops reading only a session with more requests queued
+#: (controller.loop.INBOX_PAUSE), so a client within it never waits for the controller to read
+MAX_PIPELINED = 4096
 
 #: requests the controller answers with no reply
 ONE_WAY = frozenset({OP_ACKED})
@@ -132,7 +152,9 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
-    _R(OP_BEGIN, ("program", "input"), "transaction number (program: a name or nil; input: any)"),
+    _R(OP_BEGIN, ("program", "input", "options?"),
+       'transaction number (program: a name or nil; input: any; options: nil or {"pipeline": bool}, see '
+       '"Pipelined transactions")'),
     _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
     _R(OP_INSERT, ("table", "record"), "nil"),
     _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
