@@ -983,8 +983,12 @@ class Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            if self.state in ("new", "open", "failed"):
-                self.commit()   # after cancel() leaving the block does nothing; failed: raises
+            if self.state in ("new", "open", "failed"):   # after cancel() leaving the block does nothing
+                try:
+                    self.commit()
+                finally:
+                    if self.state == "failed":   # a pipelined statement failed: raised, and it ends here
+                        self._end("cancelled")
         else:
             self.cancel()
 
