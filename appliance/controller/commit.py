@@ -39,18 +39,27 @@ class GroupCommit:
     def enqueue(self, sess, txn: Txn) -> None:
         self.queue.append((sess, txn))
 
-    def commit(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None):
-        """COMMIT of an open transaction (a generator: it waits for the batch)."""
+    def start(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None) -> dict | None:
+        """Begin the COMMIT of an open transaction: its result when it changes
+        nothing (committed at once, nothing logged), else None: it is
+        "committing" and must join the next batch (commit() yields WAIT_COMMIT,
+        the fast paths queue it with sess.gen FAST)."""
         txn.durability = durability
         txn.wait = wait
         txn.commit_timeout = bound
-        effective = any(c.after != c.before for c in txn.changes.values())
-        if not effective:
+        if not any(c.after != c.before for c in txn.changes.values()):
             txn.state = "committed"
             self.ctl.txns.active.pop(txn.number, None)
             self.ctl.txns.release(txn)
             return {"txn": txn.number, "serial": None, "version": self.ctl.att.sb.sb_version}
         txn.state = "committing"
+        return None
+
+    def commit(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None):
+        """COMMIT of an open transaction (a generator: it waits for the batch)."""
+        done = self.start(txn, wait, durability, bound)
+        if done is not None:
+            return done
         result = yield WAIT_COMMIT
         return result
 
@@ -120,7 +129,8 @@ class GroupCommit:
         if sess.gen is FAST:
             sess.gen = None
             if exc is None:
-                result["results"] = txn.results
+                if txn.results is not None:     # an autocommit's: what each step answered
+                    result["results"] = txn.results
                 ctl.send(sess, m.ok(result))
             else:
                 ctl.send(sess, m.err(exc.code, exc.message, plain({**exc.details, "txn": txn.number})))

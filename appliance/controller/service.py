@@ -32,14 +32,17 @@ from .agent_ops import AgentLink
 from .apply import SecondaryApply
 from .commit import GroupCommit
 from .locks import LockManager
-from .loop import WAIT_COMMIT, WAIT_WATCH, Loop
-from .ops import dispatch
+from .loop import WAIT_COMMIT, WAIT_WATCH, Loop, plain
+from .ops import HANDLERS, check, dispatch
 from .readers import ReaderSlots
 from .role import Role
-from .statements import Transactions
+from .statements import LATER, Transactions
 from .sync import SyncTracker
 
 __all__ = ["Controller"]
+
+#: coroutine ops the fast path carries out when they need not wait (see fast_request)
+_NOW = m.STEP_OPS | {m.OP_COMMIT}
 
 
 class Controller(Loop):
@@ -85,18 +88,50 @@ class Controller(Loop):
         return dispatch(self, sess, req)
 
     def fast_request(self, sess, req: list) -> bool:
-        if req[0] != m.OP_ATOMIC or self.role.is_secondary:
+        """Carry out without a coroutine what needs no wait, after the same
+        checks (ops.check): a handler that is a plain function, a statement
+        whose lock is free or its own, a commit (answered by the batch, as a
+        fast autocommit is), a one-statement autocommit. False: the general
+        path (dispatch) takes the request."""
+        op = req[0]
+        if op == m.OP_ATOMIC:
+            if self.role.is_secondary:
+                return False
+            try:
+                return self.txns.fast_atomic(sess, req)
+            except Exception as e:  # a bug: report it, undo, keep serving
+                sess.gen = None
+                txn = sess.txn
+                if txn is not None and txn.state in ("open", "committing"):
+                    txn.state = "open"
+                    self.txns.cancel(txn, "internal_error")
+                self.request_failed(sess, e)
+                return True
+        h = HANDLERS.get(op)
+        if h is None or (h.generator and op not in _NOW):
             return False
         try:
-            return self.txns.fast_atomic(sess, req)
-        except Exception as e:  # a bug: report it, undo, keep serving
+            h = check(self, sess, req)
+            if not h.generator:
+                r = h.fn(self, sess, *req[1:])
+            elif op == m.OP_COMMIT:
+                r = self.txns.commit_now(sess, *req[1:])
+            else:
+                r = self.txns.statement_now(sess, op, req[1:])
+            if r is LATER:
+                if op == m.OP_COMMIT:
+                    return True     # queued for the batch, which answers it (sess.gen is FAST)
+                return False        # another transaction's lock: the general path waits for it
+        except errors.ApplianceError as e:
+            self.send(sess, m.err(e.code, e.message, plain(e.details)))
+        except Exception as e:  # a bug: what Loop._step does with one
             sess.gen = None
-            txn = sess.txn
-            if txn is not None and txn.state in ("open", "committing"):
-                txn.state = "open"
-                self.txns.cancel(txn, "internal_error")
+            self.request_aborted(sess)
             self.request_failed(sess, e)
-            return True
+        else:
+            self.send(sess, m.ok(r))
+        sess.idle_ns = time.monotonic_ns()
+        return True
 
     def one_way(self, sess, req: list) -> None:
         """A request with no reply (OP_ACKED) from an agent's session: refused

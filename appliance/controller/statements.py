@@ -26,11 +26,12 @@ from .loop import FAST, WAIT_LOCK, YIELD, plain
 from .ops import handler
 from .txn import Change, Txn
 
-__all__ = ["Transactions"]
+__all__ = ["Transactions", "LATER"]
 
 _unpackb = msgpack.unpackb
 _packb = msgpack.Packer(use_bin_type=True).pack
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
+LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
 
 
 class Transactions:
@@ -260,6 +261,49 @@ class Transactions:
         yield from self.lock(txn, p[1].file, p[3])
         return self.apply(txn, p)
 
+    def failed(self, txn: Txn, op: int, e: errors.ApplianceError) -> None:
+        """Statement `op` of `txn` raised `e`. In a pipelined transaction a failed
+        write rolls it back (see fail); a get for update's client waits for its
+        answer, so nothing was sent behind it on trust: it fails as in any
+        transaction, and so do the errors that cancelled it already (a lock
+        timeout, a deadlock)."""
+        if txn.pipelined and op != m.OP_GET_FOR_UPDATE and txn.state == "open":
+            self.fail(txn, e)
+
+    def statement_now(self, sess, op: int, args: list):
+        """A statement whose record lock is free or its transaction's already,
+        carried out at once (no coroutine: the common case); LATER when the
+        lock is another's (the general path takes the request and validates it
+        again: prepare changes nothing)."""
+        txn = self.open_txn(sess)
+        try:
+            p = self.prepare(op, args)
+            key = (p[1].file, p[3])
+            locks = self.ctl.locks
+            holder = locks.holder(key)
+            if holder is None:
+                locks.acquire(txn, key, None)
+            elif holder is not txn:
+                return LATER
+            return self.apply(txn, p)
+        except errors.ApplianceError as e:
+            self.failed(txn, op, e)
+            raise
+
+    def commit_now(self, sess, wait=True, durability=None, commit_timeout=None):
+        """COMMIT without a coroutine: its result when it is answered at once
+        (nothing to write), else LATER: it waits for the batch like a fast-path
+        autocommit (sess.gen is FAST; the batch answers it)."""
+        ctl = self.ctl
+        txn = self.open_txn(sess, ending=True)
+        done = ctl.commits.start(txn, bool(wait), ctl.sync.check_durability(durability),
+                                 m.check_commit_timeout(commit_timeout))
+        if done is not None:
+            return done
+        sess.gen = FAST
+        ctl.commits.enqueue(sess, txn)
+        return LATER
+
     def fast_atomic(self, sess, req: list) -> bool:
         """A one-statement autocommit (``table[k] = v``) whose record is not
         locked runs straight through, without the coroutine machinery.
@@ -303,17 +347,11 @@ class Transactions:
             ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
             return True
         txn.results = [res]
-        if not any(c.after != c.before for c in txn.changes.values()):
-            txn.state = "committed"
-            self.active.pop(txn.number, None)
-            self.release(txn)
-            ctl.send(sess, m.ok({"txn": txn.number, "serial": None, "version": ctl.att.sb.sb_version,
-                                 "results": txn.results}))
+        done = ctl.commits.start(txn, True, durability, bound)
+        if done is not None:
+            done["results"] = txn.results
+            ctl.send(sess, m.ok(done))
             return True
-        txn.state = "committing"
-        txn.durability = durability
-        txn.commit_timeout = bound
-        txn.wait = True
         sess.gen = FAST
         ctl.commits.enqueue(sess, txn)
         return True
@@ -365,16 +403,10 @@ class Transactions:
 
 def _statement(ctl, sess, op: int, args: tuple):
     txn = ctl.txns.open_txn(sess)
-    if not txn.pipelined:
-        return (yield from ctl.txns.statement(txn, op, list(args)))
     try:
         return (yield from ctl.txns.statement(txn, op, list(args)))
     except errors.ApplianceError as e:
-        # a pipelined write that fails rolls its transaction back (a lock timeout or a
-        # deadlock has cancelled it already); a get for update's client waits for its
-        # answer, so nothing was sent behind it on trust: it fails as in any transaction
-        if op != m.OP_GET_FOR_UPDATE and txn.state == "open":
-            ctl.txns.fail(txn, e)
+        ctl.txns.failed(txn, op, e)
         raise
 
 

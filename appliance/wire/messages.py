@@ -74,6 +74,7 @@ always. A client keeps at most :data:`MAX_PIPELINED` replies outstanding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .. import errors
 
@@ -134,9 +135,9 @@ class Request:
     def name(self) -> str:
         return NAMES[self.op]
 
-    @property
+    @cached_property
     def arity(self) -> tuple[int, int]:
-        """(required, at most) arguments."""
+        """(required, at most) arguments (every request checks it: computed once)."""
         return sum(1 for a in self.args if not a.endswith("?")), len(self.args)
 
     @property
