@@ -244,6 +244,7 @@ class ApplianceClient(Client):
         self.t = self.db.table(TABLE)
         self.get = self.t.get          # the bound method itself: no wrapper is timed
         self.range_len = range_len
+        self.cancelled = appliance.errors.TransactionCancelledError
 
     @contextmanager
     def _snapshot(self):
@@ -270,13 +271,39 @@ class ApplianceClient(Client):
         with self.db.transaction(program="bench", input={"id": k}) as tx:
             tx.update(TABLE, k, {"balance": rec["balance"]})
 
+    def _transfer(self, arg, pipeline: bool):
+        """Two reads for update, two updates, commit; a deadlock victim (two
+        transfers locking the same accounts in opposite orders) is retried, so
+        each call is one transfer done."""
+        src, dst, amount = arg
+        while True:
+            try:
+                with self.db.transaction(program="transfer", input={"src": src, "dst": dst, "amount": amount},
+                                         pipeline=pipeline) as tx:
+                    a = tx.get(TABLE, src, for_update=True)
+                    b = tx.get(TABLE, dst, for_update=True)
+                    tx.update(TABLE, src, {"balance": a["balance"] - amount})
+                    tx.update(TABLE, dst, {"balance": b["balance"] + amount})
+                return
+            except self.cancelled:
+                continue
+
+    def transfer(self, arg):
+        """Pipelined: BEGIN + first get, second get, then the updates and the commit in one send."""
+        self._transfer(arg, True)
+
+    def transfer_waiting(self, arg):
+        """Every statement waits for its reply: five round trips."""
+        self._transfer(arg, False)
+
     def close(self) -> None:
         self.db.close()
 
 
 class ApplianceSystem(System):
     name = "appliance"
-    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write")}
+    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write"),
+               "transfer": [("appliance", "transfer"), ("appliance (not pipelined)", "transfer_waiting")]}
 
     def start(self) -> None:
         appliance, _ = _api()

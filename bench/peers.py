@@ -74,6 +74,17 @@ class LmdbClient(Client):
         with self.env.begin(write=True, db=self.main) as txn:
             txn.put(PK(k), packb(rec))
 
+    def transfer(self, arg):
+        """One write transaction: two gets, two puts (lmdb serializes writers: no conflict to retry)."""
+        src, dst, amount = arg
+        ks, kd = PK(src), PK(dst)
+        with self.env.begin(write=True, db=self.main) as txn:
+            a, b = unpackb(txn.get(ks)), unpackb(txn.get(kd))
+            a["balance"] -= amount
+            b["balance"] += amount
+            txn.put(ks, packb(a))
+            txn.put(kd, packb(b))
+
     def close(self) -> None:
         self.env.close()
 
@@ -146,6 +157,23 @@ class RedisClient(Client):
     def write(self, arg):
         k, rec = next_write(arg)
         self.r.set(b"r:%d" % k, packb(rec))
+
+    def transfer(self, arg):
+        """WATCH both, GET, GET, then MULTI/SET/SET/EXEC in one send (four round trips);
+        redis-py's transaction() runs it again when EXEC aborts (a watched key changed),
+        so each call is one transfer done."""
+        src, dst, amount = arg
+        ks, kd = b"r:%d" % src, b"r:%d" % dst
+
+        def move(pipe) -> None:
+            a, b = unpackb(pipe.get(ks)), unpackb(pipe.get(kd))
+            a["balance"] -= amount
+            b["balance"] += amount
+            pipe.multi()
+            pipe.set(ks, packb(a))
+            pipe.set(kd, packb(b))
+
+        self.r.transaction(move, ks, kd)
 
     def close(self) -> None:
         self.r.close()

@@ -22,6 +22,7 @@ GOALS = [
     ("get", "appliance", "lmdb (one long txn)", None, 1.5, 1.0),
     ("write", "appliance", "redis", 8, 1.5, 1.0),
     ("sync-write", "appliance (sync)", "redis (SET, WAIT 1 0)", 8, 2.0, 1.0),
+    ("transfer", "appliance", "redis", 8, 1.5, None),
 ]
 ORDER_GOAL = 1.5   # mean get latency after a random-order load ÷ after a key-order load
 SYNC_P99_GOAL_MS = 2.0     # p99 of a synchronous commit on loopback

@@ -4,8 +4,8 @@
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
-snapshot-get, find, range, write, tx-write, order, sync-write, async-write,
-copy, catch-up; "replication" = the last four); see README.md.
+snapshot-get, find, range, write, tx-write, transfer, order, sync-write,
+async-write, copy, catch-up; "replication" = the last four); see README.md.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def benches(range_len: int) -> list[Bench]:
         Bench("range", f"range of {range_len:,} records", "range", (1,), 1),
         Bench("write", "one-record write transaction", "record", (1, 8), 1),
         Bench("tx-write", "explicit transaction (1 update)", "record", (1, 8), 1),
+        Bench("transfer", "bank transfer (2 reads for update, 2 updates)", "transfer", (1, 8), 1),
     ]
 
 
@@ -71,7 +72,7 @@ SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1)
         Bench("sync-tx-write", "synchronous explicit transaction (1 update)", "record", (8,), 1)]
 ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
 CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
-SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write"]
+SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer"]
 REPLICATION_IDS = ["sync-write", "async-write", "copy", "catch-up"]
 BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS]
 
