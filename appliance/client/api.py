@@ -558,6 +558,15 @@ def _reply_timeout(s: Session, timeout: float | None):
             s.sock.settimeout(old)
 
 
+def _what(op: str, table=None, key=None) -> str:
+    """A statement as messages name it: "accounts.update(7)", "accounts.insert", "commit"."""
+    if table is None:
+        return op
+    if op == "insert":
+        return f"{table}.insert"
+    return f"{table}.{op}({_short(key)})"
+
+
 def _short(v, limit: int = 60) -> str:
     """repr() for messages, cut short: a 5 MB key must not make a 5 MB message."""
     r = repr(v)
@@ -617,8 +626,9 @@ _OK = m.OK
 def _pipelined_failure(reply, tag, txn) -> errors.ApplianceError:
     """The error to raise for a pipelined statement's error reply: its own
     class, naming the statement (position, op, table, key) and what became of
-    the transaction. `tag`: (position, what, op, table, key), None for BEGIN."""
-    position, what, op, table, key = tag if tag is not None else (0, "begin", "begin", None, None)
+    the transaction. `tag`: (position, op, table, key), None for BEGIN."""
+    position, op, table, key = tag if tag is not None else (0, "begin", None, None)
+    what = _what(op, table, key)
     try:
         result(reply, what)
         return errors.ProtocolError(f"{what}: an error reply was expected")   # not reached: reply is not OK
@@ -670,7 +680,7 @@ class _Link:
         if tag is None:
             self.begin_pending = False
         if self.failure is None:
-            what = "begin" if tag is None else f"{tag[1]} (statement {tag[0]})"
+            what = "begin" if tag is None else f"{_what(*tag[1:])} (statement {tag[0]})"
             self.failure = errors.UnavailableError(
                 f"{what}: the connection to the controller was lost before its reply; transaction "
                 f"{self.number if self.number is not None else '(not numbered yet)'} was cancelled",
@@ -728,8 +738,12 @@ class Transaction:
 
     # -- states -------------------------------------------------------------------
 
-    def _check_usable(self, what: str) -> None:
+    def _check_usable(self, op: str, table=None, key=None) -> None:
+        """Raise unless statements may still be sent (state new or open)."""
         state = self.state
+        if state == "new" or state == "open":
+            return
+        what = _what(op, table, key)
         if state == "failed":
             f = self._link.failure
             raise errors.TransactionStateError(
@@ -737,8 +751,7 @@ class Transaction:
                 "back and takes no more statements: cancel it", txn=self._link.number,
                 statement=f.details.get("statement"), op=f.details.get("op"), table=f.details.get("table"),
                 key=f.details.get("key"))
-        if state not in ("new", "open"):
-            raise errors.TransactionStateError(f"{what}: transaction is {state}")
+        raise errors.TransactionStateError(f"{what}: transaction is {state}")
 
     def _opened(self, s: Session) -> None:
         self._session = s
@@ -762,59 +775,68 @@ class Transaction:
         self._end("cancelled" if cancelled else "failed")
         raise f
 
-    def _tag(self, op: str, what: str, table: str, key):
-        """What a pipelined statement's reply is filed under (None: it waits)."""
-        return (self._position, what, op, table, key) if self.pipeline else None
-
     # -- statements -----------------------------------------------------------------
 
-    def _statement(self, req: list, what: str, tag=None):
-        """Send a statement: with a `tag`, pipelined (returns None at once);
-        without, wait for its reply and return its result."""
-        self._check_usable(what)
+    def _statement(self, req: list, op: str, table: str, key, pipelined: bool):
+        """Send a statement (`op` with `table` and `key` name it in errors):
+        pipelined, return None at once; else wait for its reply and return
+        its result."""
+        if self.state != "open":
+            self._check_usable(op, table, key)
+            return self._first(req, op, table, key, pipelined)
+        c = self._client
+        if c._closed:
+            c._check()
+        link = self._link
+        s = self._session
+        if s is not c._session() or s.generation != self._generation or not s.connected:
+            self._end("cancelled")
+            raise errors.UnavailableError(
+                f"{_what(op, table, key)}: the connection to the controller was lost; transaction "
+                f"{link.number} was cancelled")
+        if link.failure is not None:
+            self._raise_failure()
+        try:
+            if pipelined:
+                s.send_pipelined([req], link, [(self._position, op, table, key)])
+                return None
+            reply = s.request(req)
+        except errors.UnavailableError:
+            self._end("cancelled")
+            raise
+        if link.failure is not None:     # a pipelined statement before this one failed
+            self._raise_failure()
+        return self._result(reply, op, table, key)
+
+    def _first(self, req: list, op: str, table: str, key, pipelined: bool):
+        """The first statement: BEGIN goes with it."""
         c = self._client
         c._check()
         link = self._link
-        if self.state == "new":
-            s = c._session()
-            other = s.txn
-            if other is not None and other is not link and other.open and other.generation == s.generation:
-                raise errors.TransactionStateError(
-                    f"{what}: transaction {other.number} is still open on this thread's connection; "
-                    "commit or cancel it first", txn=other.number)
-            begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE] if self.pipeline else \
-                [m.OP_BEGIN, self._program, self._input]
-            self._began_ns = time.time_ns()
-            if tag is not None:
-                s.send_pipelined([begin, req], link, [None, tag], retry=True)
-                link.begin_pending = True
-                self._opened(s)
-                return None
-            replies = s.call_many([begin, req])
-            link.number = result(replies[0], "begin")
+        s = c._session()
+        other = s.txn
+        if other is not None and other is not link and other.open and other.generation == s.generation:
+            raise errors.TransactionStateError(
+                f"{_what(op, table, key)}: transaction {other.number} is still open on this thread's "
+                "connection; commit or cancel it first", txn=other.number)
+        begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE] if self.pipeline else \
+            [m.OP_BEGIN, self._program, self._input]
+        self._began_ns = time.time_ns()
+        if pipelined:
+            s.send_pipelined([begin, req], link, [None, (self._position, op, table, key)], now=True)
+            link.begin_pending = True
             self._opened(s)
-            reply = replies[1]
-        else:
-            s = self._session
-            if s is not c._session() or s.generation != self._generation or not s.connected:
-                self._end("cancelled")
-                raise errors.UnavailableError(
-                    f"{what}: the connection to the controller was lost; transaction {link.number} "
-                    "was cancelled")
-            if link.failure is not None:
-                self._raise_failure()
-            try:
-                if tag is not None:
-                    s.send_pipelined([req], link, [tag])
-                    return None
-                reply = s.call_many([req], retry=False)[0]
-            except errors.UnavailableError:
-                self._end("cancelled")
-                raise
-            if link.failure is not None:     # a pipelined statement before this one failed
-                self._raise_failure()
+            return None
+        replies = s.call_many([begin, req])
+        link.number = result(replies[0], "begin")
+        self._opened(s)
+        return self._result(replies[1], op, table, key)
+
+    def _result(self, reply, op: str, table: str, key):
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK:
+            return reply[1]
         try:
-            return result(reply, what)
+            return result(reply, _what(op, table, key))
         except errors.TransactionCancelledError:
             self._end("cancelled")
             raise
@@ -825,49 +847,42 @@ class Transaction:
         controller (for_update, or a record this transaction wrote) waits for
         the pipelined statements before it; a plain get of another record
         reads the committed state where it is, asking nobody."""
-        what = f"{table}.get({_short(key)})"
-        self._check_usable(what)
+        if self.state != "open":
+            self._check_usable("get", table, key)
         self._position += 1
         if for_update or (table, key) in self._written:
-            return self._statement([m.OP_GET_FOR_UPDATE, table, key], what)
+            return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
         if self._link.failure is not None and self.state == "open":
             self._raise_failure()
         return self._client.table(table).get(key)
 
     def insert(self, table: str, record: dict) -> None:
-        what = f"{table}.insert"
         pk = self._client.schema.table(table).pk      # an unknown table: raised here, nothing sent
         key = record.get(pk) if isinstance(record, dict) else None
-        self._check_usable(what)
+        if self.state != "open":
+            self._check_usable("insert", table, key)
         self._position += 1
-        self._statement([m.OP_INSERT, table, record], what, self._tag("insert", what, table, key))
+        self._statement([m.OP_INSERT, table, record], "insert", table, key, self.pipeline)
         if isinstance(record, dict):
             self._written.add((table, key))
 
     def update(self, table: str, key, changes: dict) -> None:
-        what = f"{table}.update({key!r})"
-        self._client.schema.table(table)
-        self._check_usable(what)
-        self._position += 1
-        self._statement([m.OP_UPDATE, table, key, changes], what, self._tag("update", what, table, key))
-        self._written.add((table, key))
+        self._write([m.OP_UPDATE, table, key, changes], "update", table, key)
 
     def delete(self, table: str, key) -> None:
-        what = f"{table}.delete({key!r})"
-        self._client.schema.table(table)
-        self._check_usable(what)
-        self._position += 1
-        self._statement([m.OP_DELETE, table, key], what, self._tag("delete", what, table, key))
-        self._written.add((table, key))
+        self._write([m.OP_DELETE, table, key], "delete", table, key)
 
     def put(self, table: str, key, record: dict) -> str | None:
         """Insert or replace; returns "insert" or "update" — or None in a
         pipelined transaction, which does not wait to know."""
-        what = f"{table}.put({key!r})"
-        self._client.schema.table(table)
-        self._check_usable(what)
+        return self._write([m.OP_PUT, table, key, record], "put", table, key)
+
+    def _write(self, req: list, op: str, table: str, key):
+        self._client.schema.table(table)              # an unknown table: raised here, nothing sent
+        if self.state != "open":
+            self._check_usable(op, table, key)
         self._position += 1
-        r = self._statement([m.OP_PUT, table, key, record], what, self._tag("put", what, table, key))
+        r = self._statement(req, op, table, key, self.pipeline)
         self._written.add((table, key))
         return r
 
@@ -893,11 +908,15 @@ class Transaction:
             raise errors.UnavailableError(f"commit: connection lost; transaction {link.number} was cancelled")
         if link.failure is not None:
             self._raise_failure()
-        bound = self._client._commit_bound(self.commit_timeout)
+        c = self._client
+        bound = c._commit_bound(self.commit_timeout)
         req = [m.OP_COMMIT, wait, self.durability] if bound is None else [m.OP_COMMIT, wait, self.durability, bound]
         try:
-            with _reply_timeout(s, self._client._reply_timeout(bound)):
-                reply = s.call_many([req], retry=False)[0]
+            if bound is None:
+                reply = s.request(req)
+            else:
+                with _reply_timeout(s, c._reply_timeout(bound)):
+                    reply = s.request(req)
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
                 self._end("cancelled")  # the commit never left: the controller cancelled it

@@ -1,12 +1,13 @@
 """A client's connection to the controller (one per thread).
 
 Blocking Unix-socket requests with pipelining (several requests in one send,
-replies read in order). A request may also be sent without waiting for its
-reply (:meth:`Session.send_pipelined`, a pipelined transaction's statements):
-its reply is read, and handed to whoever sent it, by the next request of the
-session that waits, or as soon as ``depth`` replies are outstanding (flow
-control: at most that many unread replies, so neither side's buffers grow
-with the number of statements sent). A broken connection is not fatal: the
+replies read in order). A request may also go without waiting for its reply
+(:meth:`Session.send_pipelined`, a pipelined transaction's statements): it
+is queued and sent with the next request of the session (which then reads
+its reply first and hands it to whoever queued it), or as soon as ``depth``
+replies are outstanding (flow control: at most that many unread replies, so
+neither side's buffers grow with the number of statements sent; then half
+of them are read). A broken connection is not fatal: the
 next request reconnects by itself. While the controller is down, requests raise
 :class:`~appliance.errors.UnavailableError`; a request whose reply was lost
 because the controller stopped mid-way raises it too (or
@@ -65,8 +66,11 @@ class Session:
         self.cancel_pending = 0
         # Replies of requests sent without waiting (send_pipelined), in the order
         # they will come: (sink, tag) each; the reply goes to sink.reply(tag, reply),
-        # or sink.lost(tag) if the connection goes first. Touched only under _io.
+        # or sink.lost(tag) if the connection goes first. `queued`: the frames of
+        # the last of them, not sent yet (every send puts them first). Both are
+        # touched only under _io (or by close(), when the connection is gone).
         self.outstanding: deque = deque()
+        self.queued: list = []
         self.depth = depth
         self.peak = 0          # the most replies that were outstanding at once
         self.txn = None        # the link of the transaction open on this connection (client.api)
@@ -121,6 +125,7 @@ class Session:
                 pass
         self.sock = None
         self.reader = None
+        self.queued = []       # never sent: they belonged to this connection
         if self.outstanding:   # their replies will never come: tell whoever waits for them
             lost, self.outstanding = self.outstanding, deque()
             for sink, tag in lost:
@@ -156,6 +161,8 @@ class Session:
     def _read_outstanding(self, keep: int) -> None:
         """Read outstanding replies until `keep` are left, handing each to its
         sink (the caller holds self._io)."""
+        if self.queued:
+            self._send(b"", retry=False)     # their requests first
         out = self.outstanding
         try:
             while len(out) > keep:
@@ -167,16 +174,17 @@ class Session:
             raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
                                     sent=True) from None
 
-    def send_pipelined(self, reqs: list, sink, tags: list, retry: bool = False) -> None:
-        """Send requests without waiting for their replies: the reply of
-        ``reqs[i]`` goes to ``sink.reply(tags[i], reply)`` when it is read (by
-        the next request of this session that waits, by :meth:`drain`, or here
-        once ``depth`` replies are outstanding: then half of them are read
+    def send_pipelined(self, reqs: list, sink, tags: list, now: bool = False) -> None:
+        """Requests whose replies are not waited for: queued, and sent with the
+        next request of this session (`now`: at once, reconnecting first if the
+        connection went stale: the first statement of a transaction, with its
+        BEGIN). The reply of ``reqs[i]`` goes to ``sink.reply(tags[i], reply)``
+        when it is read (by the next request that waits, by :meth:`drain`, or
+        here once ``depth`` replies are outstanding: then half of them are read
         first), or to ``sink.lost(tags[i])`` if the connection goes before.
-        retry: as for :meth:`call_many`. Nothing is sent when a value cannot
-        be encoded (WrongTypeError) or the connection is gone
-        (UnavailableError, sent=False)."""
-        self._ready(retry)
+        Nothing is queued when a value cannot be encoded (WrongTypeError) or
+        the connection is gone (UnavailableError, sent=False)."""
+        self._ready(now)
         try:
             data = framing.encode_many(reqs)
         except (OverflowError, TypeError, ValueError) as exc:
@@ -185,13 +193,17 @@ class Session:
             out = self.outstanding
             if len(out) + len(reqs) > self.depth:
                 self._read_outstanding(self.depth // 2)
-            self._send(data, retry)
+            if now:
+                self._send(data, True)
+            else:
+                self.queued.append(data)
             out.extend(zip(repeat(sink), tags))
             if len(out) > self.peak:
                 self.peak = len(out)
 
     def drain(self) -> None:
-        """Read every outstanding reply (UnavailableError if the connection goes)."""
+        """Send what is queued, read every outstanding reply (UnavailableError
+        if the connection goes)."""
         if self.outstanding:
             with self._io:
                 if self.sock is not None:
@@ -229,6 +241,18 @@ class Session:
         self._ready(retry)
         return self._roundtrip(reqs, retry)
 
+    def request(self, req: list, retry: bool = False) -> list:
+        """One request of an open transaction (never resent on a new
+        connection unless `retry`); its raw reply, read after the replies
+        still outstanding."""
+        self._ready(retry)
+        try:
+            data = _encode(req)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise _unsendable(req, "", exc) from None
+        with self._io:
+            return self._exchange(data, 1, retry)[0]
+
     def _ready(self, retry: bool) -> None:
         """Before a request: connected (reconnecting only if `retry`), and a
         dropped transaction's cancel sent first."""
@@ -244,9 +268,15 @@ class Session:
         restarted since), the bytes never reached anyone: reconnect once and
         send again — unless `retry` is false (a request that belongs to the
         old connection, like a statement of its open transaction). Raises
-        UnavailableError(sent=False) when the request could not be sent."""
+        UnavailableError(sent=False) when the request could not be sent.
+        The queued pipelined requests go first (never on a new connection)."""
         try:
-            self.sock.sendall(data)
+            if self.queued:
+                self.queued.append(data)
+                first, self.queued = b"".join(self.queued), []
+                self.sock.sendall(first)
+            else:
+                self.sock.sendall(data)
             return
         except OSError as exc:
             self.close()
