@@ -57,13 +57,13 @@ class Transactions:
     def begin(self, sess, program, input_, pipelined: bool = False) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
-        if input_ is not None and not isinstance(input_, (int, float, bool, str)):
-            size = len(_packb([program, input_]))
-            if size > self.max_tlog:
-                raise errors.RecordTooLargeError(
-                    f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
-                    "fit the change log", size=size, limit=self.max_tlog)
+        tlog = _packb([program, input_])     # the T log, as its BEGIN entry will carry it
+        if len(tlog) > self.max_tlog:
+            raise errors.RecordTooLargeError(
+                f"begin: the transaction's input (T log) takes {len(tlog)} bytes; at most {self.max_tlog} "
+                "fit the change log", size=len(tlog), limit=self.max_tlog)
         txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, pipelined)
+        txn.tlog = tlog
         sess.txn = txn
         self.active[txn.number] = txn
         return txn

@@ -65,7 +65,7 @@ class Txn:
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
                  "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "pipelined",
-                 "failure")
+                 "failure", "tlog")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False) -> None:
         self.number = number
@@ -84,6 +84,7 @@ class Txn:
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
         self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
         self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
+        self.tlog = None             # msgpack [program, input], packed once at BEGIN
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
@@ -125,7 +126,8 @@ class Committer:
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
                                 _step(ops, TXN_INSERT, fid, ak, b"")
-        return self.w.commit_txn(txn.number, now, _packb([txn.program, txn.input]), ops)
+        tlog = txn.tlog if txn.tlog is not None else _packb([txn.program, txn.input])
+        return self.w.commit_txn(txn.number, now, tlog, ops)
 
 
 _OP = struct.Struct("<B3xIII")
