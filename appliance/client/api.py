@@ -727,11 +727,11 @@ class Transaction:
     def number(self) -> int | None:
         """The transaction's number (None before its first statement). A
         pipelined transaction learns it from its BEGIN's reply: asking for it
-        first reads the replies that came before (it raises nothing)."""
+        reads the replies up to that one (it raises nothing)."""
         link = self._link
         if link.begin_pending:
             try:
-                self._session.drain()
+                self._session.drain(link)
             except errors.UnavailableError:
                 pass             # recorded by the link (lost): raised at the next statement
         return link.number

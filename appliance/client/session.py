@@ -201,13 +201,23 @@ class Session:
             if len(out) > self.peak:
                 self.peak = len(out)
 
-    def drain(self) -> None:
-        """Send what is queued, read every outstanding reply (UnavailableError
-        if the connection goes)."""
-        if self.outstanding:
-            with self._io:
-                if self.sock is not None:
-                    self._read_outstanding(0)
+    def drain(self, sink=None) -> None:
+        """Send what is queued, then read the outstanding replies: all of them,
+        or up to the first one that goes to `sink` (UnavailableError if the
+        connection goes)."""
+        if not self.outstanding:
+            return
+        with self._io:
+            if self.sock is None:
+                return
+            out = self.outstanding
+            if sink is None:
+                self._read_outstanding(0)
+                return
+            for i, (s, _) in enumerate(out):
+                if s is sink:
+                    self._read_outstanding(len(out) - i - 1)
+                    return
 
     def cancel_dropped(self, generation: int) -> None:
         """A transaction of this connection was dropped while open (Transaction.__del__):
