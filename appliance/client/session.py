@@ -67,8 +67,13 @@ class Session:
         # Replies of requests sent without waiting (send_pipelined), in the order
         # they will come: (sink, tag) each; the reply goes to sink.reply(tag, reply),
         # or sink.lost(tag) if the connection goes first. `queued`: the frames of
-        # the last of them, not sent yet (every send puts them first). Both are
-        # touched only under _io (or by close(), when the connection is gone).
+        # the last of them, not sent yet (every send puts them first).
+        # Shared between the session's thread and Transaction.__del__ (any thread,
+        # a garbage collection): both touch them only holding _io (__del__ takes
+        # it without blocking or defers to cancel_pending), so sends and reads
+        # never interleave and replies are matched to requests in order. Only
+        # close() (Client.close from any thread) clears them without _io: the
+        # connection is gone then, and every reply with it.
         self.outstanding: deque = deque()
         self.queued: list = []
         self.depth = depth
