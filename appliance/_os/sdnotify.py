@@ -26,7 +26,7 @@ import os
 import socket
 import time
 
-__all__ = ["notify", "ready", "status", "stopping", "reloading", "watchdog", "watchdog_interval"]
+__all__ = ["notify", "ready", "status", "stopping", "reloading", "watchdog", "watchdog_interval", "Notifier"]
 
 
 def notify(state: str) -> bool:
@@ -97,3 +97,44 @@ def watchdog_interval() -> float | None:
     except (KeyError, ValueError):
         return None
     return usec / 1_000_000 if usec > 0 else None
+
+
+class Notifier:
+    """What a serving process keeps telling systemd: ``STATUS=`` when its text
+    changes, ``WATCHDOG=1`` when due.
+
+    The pings are sent from the caller's own loop turn (:meth:`ping`, every
+    turn; it sends at most every third of ``WatchdogSec=``), never from a
+    thread or timer of their own: a loop that stops turning stops the pings,
+    and systemd restarts the process. :meth:`wait_s` bounds the loop's poll
+    so an idle loop still pings in time.
+    """
+
+    __slots__ = ("period", "_next", "_status")
+
+    def __init__(self) -> None:
+        interval = watchdog_interval()
+        #: seconds between pings; None when the watchdog is off
+        self.period = interval / 3 if interval else None
+        self._next = 0.0
+        self._status: str | None = None
+
+    def ready(self, text: str) -> None:
+        self._status = text
+        ready(status=text)
+
+    def status(self, text: str) -> None:
+        """``STATUS=<text>`` unless that is what systemd shows already."""
+        if text != self._status:
+            self._status = text
+            status(text)
+
+    def ping(self, now: float) -> None:
+        """``WATCHDOG=1`` if a third of the watchdog interval passed since the last one."""
+        if self.period is not None and now >= self._next:
+            self._next = now + self.period
+            watchdog()
+
+    def wait_s(self, now: float) -> float:
+        """Seconds the loop may sleep before the next ping is due (inf: no watchdog)."""
+        return float("inf") if self.period is None else max(0.0, self._next - now)

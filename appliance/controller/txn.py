@@ -64,7 +64,7 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
         self.number = number
@@ -81,6 +81,7 @@ class Txn:
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
+        self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
