@@ -66,6 +66,9 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
     ctl = metrics = None
     try:
         check_socket_free(cfg)   # before any segment is made for a start that cannot serve
+        if cfg.metrics is not None:   # likewise: a port in use refuses the start
+            metrics = MetricsServer(cfg, log)
+            metrics.start()
         writer, facts, created = open_or_create(cfg, log)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
@@ -73,9 +76,8 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         sb.sb_opened_ns = time.time_ns()
         ctl = Controller(cfg, writer, log, recovery=facts, created=created)
         ctl.listen()
-        if cfg.metrics is not None:   # before READY=1: a port in use refuses the start
-            metrics = MetricsServer(ctl)
-            metrics.start()
+        if metrics is not None:
+            metrics.attach(ctl)
         if shutdown is not None:
             ctl.ep.register(shutdown.fileno(), select.EPOLLIN)
         log.info("controller_started", appliance=cfg.name, created=created, version=sb.sb_version,

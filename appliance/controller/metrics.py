@@ -60,20 +60,22 @@ _NOT_YET = {
 class MetricsServer:
     """The HTTP endpoint and the snapshot it serves (see the module docstring)."""
 
-    def __init__(self, ctl) -> None:
-        self.ctl = ctl
-        self.cfg = ctl.cfg
-        self.reader = ctl.reader
-        self.max_chain = ctl.cfg.storage.max_overflow + 1
-        self.snapshot: dict | None = None
+    def __init__(self, cfg, log) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.ctl = None
+        self.reader = None
+        self.max_chain = cfg.storage.max_overflow + 1
+        self.snapshot: dict | None = None   # None until attach(): a scrape then shows process_* only
         self.httpd = None
         self.thread = None
 
     def start(self) -> None:
-        """Bind and serve; a listen address that cannot be bound refuses the start (net.bind_error)."""
+        """Bind and serve, before the controller makes or opens anything: a
+        listen address that cannot be bound refuses the start (net.bind_error)
+        and leaves nothing behind."""
         from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-        self.publish()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
         ProcessCollector(registry=registry)
@@ -82,7 +84,14 @@ class MetricsServer:
             self.httpd, self.thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             raise bind_error(self.cfg.path, "metrics.listen", self.cfg.metrics.listen, exc) from None
-        self.ctl.log.info("metrics_listening", address=self.cfg.metrics.listen)
+        self.log.info("metrics_listening", address=self.cfg.metrics.listen)
+
+    def attach(self, ctl) -> None:
+        """The controller serves: its figures from now on (its reader before
+        the first snapshot, which is what the scrape thread looks at)."""
+        self.ctl = ctl
+        self.reader = ctl.reader
+        self.publish()
 
     def publish(self) -> None:
         """The loop thread, once a second: a new snapshot for the scrapes."""
@@ -105,6 +114,8 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         snap = self.server.snapshot   # one reference load: this scrape's consistent second
+        if snap is None:
+            return
         st = snap["status"]
 
         def gauge(name, doc, value=None, labels=(), samples=()):
