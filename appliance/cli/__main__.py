@@ -165,6 +165,18 @@ def status(config_path: str, as_json: bool) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="seconds between samples")
+@click.option("--once", is_flag=True, help="print one frame (rates over one interval) and exit")
+@click.option("--json", "as_json", is_flag=True, help="print one frame's figures as JSON and exit")
+def top(config_path: str, interval: float, once: bool, as_json: bool) -> None:
+    """A live view: throughput and lag sparklines, health, devices, snapshots (q quits)."""
+    from . import top as top_mod
+    sys.exit(top_mod.run(_load(config_path), interval=interval, once=once, as_json=as_json))
+
+
+@main.command()
+@CONFIG
 @click.argument("table")
 @click.argument("source", type=click.File("rb"))
 @click.option("--batch", default=5000, show_default=True,
