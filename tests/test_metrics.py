@@ -8,6 +8,8 @@ other's order.
 """
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 import urllib.request
@@ -16,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Cluster, free_port
+from procs import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pair(make_module_appliance, tmp_path_factory):
     c = Cluster(make_module_appliance, tmp_path_factory.mktemp("metrics"),
-                secondaries=(("sync", ""), ("async", "")))
+                secondaries=(("sync", ""), ("async", "")), secondary_replication='history_dir = "history"')
     c.metrics = {}
     for node in c.nodes:
         port = free_port()
@@ -162,3 +165,17 @@ class TestEndpoint:
                      and value(s, "appliance_secondary_lag_serials") == 0, "the secondary caught up")
         assert value(s, "appliance_info", role="secondary") == 1
         assert value(s, "appliance_secondary_primary_connected") == 1
+
+
+class TestDashboard:
+    def test_every_metric_it_charts_is_served(self, pair):
+        """config/grafana-dashboard.json queries only metrics a primary or a secondary endpoint serves."""
+        dash = json.loads((ROOT / "config" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+        charted = {n for e in exprs for n in re.findall(r"\b((?:appliance|process)_[a-z_]+)", e)}
+        assert len(charted) >= 25
+        served: set = set()
+        for node in pair.nodes:
+            served |= set(wait_for(pair.metrics[node.name], lambda m: "appliance_agent_attached" in m and
+                                   (node is pair.primary or "appliance_history_disk_bytes" in m), "its figures"))
+        assert charted - served == set()
