@@ -542,7 +542,9 @@ def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
 
 
-def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
+def from_dict(doc: dict, path: Path | str = "<memory>", *, check_files: bool = True) -> Config:
+    """Validate a parsed config. `check_files`: read the secret file too (off
+    for `appliance install`, which may be about to make it)."""
     path = Path(path)
     try:
         cfg = Config.model_validate({**doc, "path": path})
@@ -572,7 +574,8 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
     cfg.allowed_uids()
     cfg.allowed_gids()
     cfg.gid()
-    cfg.secret()
+    if check_files:
+        cfg.secret()
     return cfg
 
 
