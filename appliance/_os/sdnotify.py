@@ -13,8 +13,9 @@ Who calls what (units are ``Type=notify``, see systemd/):
 - long phases (seeding, restore) report progress with :func:`status`;
 - on SIGHUP: :func:`reloading`, reload, then :func:`ready` again;
 - on SIGTERM: :func:`stopping`, then shut down;
-- with ``WatchdogSec=`` set: :func:`watchdog` from the process's one periodic
-  timer, at least every ``watchdog_interval() / 2`` seconds.
+- with ``WatchdogSec=`` set: :func:`watchdog` from the process's own loop
+  turn (:class:`Notifier`, every third of ``watchdog_interval()``), so a loop
+  that stops turning stops the pings.
 
 Outside systemd ``$NOTIFY_SOCKET`` is unset and every call is a cheap no-op
 returning False. Sending never raises and never logs: a lost notification
