@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._os import files as layout
-from .errors import ConfigError
+from .errors import ConfigError, exit_status
 
 __all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences",
            "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
@@ -288,6 +288,20 @@ def parse_address(v: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (controller/metrics.py); absent: no endpoint."""
+
+    # host:port the controller serves /metrics on (HTTP); its agent's figures
+    # are among them, so one endpoint per appliance
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v):
+        parse_address(v)
+        return v
+
+
 class AccessConfig(_Strict):
     users: tuple[str | int, ...] = ()
     groups: tuple[str | int, ...] = ()
@@ -299,6 +313,7 @@ class Config(_Strict):
     controller: ControllerConfig = ControllerConfig()
     access: AccessConfig = AccessConfig()
     replication: ReplicationConfig | None = None
+    metrics: MetricsConfig | None = None
     tables: dict[str, TableConfig]
     path: Path = Path("<memory>")
 
@@ -360,17 +375,50 @@ class Config(_Strict):
             st = path.stat()
             data = path.read_bytes().strip()
         except OSError as exc:
-            raise ConfigError(f"{self.path}: replication.secret_file: cannot read {path}: {exc.strerror}",
-                              file=str(self.path), key="replication.secret_file", problem=str(exc.strerror)) from None
+            raise self._file_error("replication.secret_file", path, exc,
+                                   "the same secret on every peer, at least 16 bytes (`appliance install` "
+                                   "makes one), mode 0640, group appliance") from None
         if st.st_mode & 0o007:
             raise ConfigError(f"{self.path}: replication.secret_file: {path} is readable by others; "
                               "chmod o-rwx it", file=str(self.path), key="replication.secret_file",
-                              problem="world-readable secret")
+                              problem="world-readable secret", cause="permission")
         if len(data) < 16:
             raise ConfigError(f"{self.path}: replication.secret_file: the secret in {path} is shorter "
                               "than 16 bytes", file=str(self.path), key="replication.secret_file",
                               problem="secret too short")
         return data
+
+    def _file_error(self, key: str, path: Path, exc: OSError, what: str) -> ConfigError:
+        """A file the config names cannot be read: which key, which file, and the fix."""
+        if isinstance(exc, FileNotFoundError):
+            return ConfigError(f"{self.path}: {key}: {path} does not exist; put it there ({what}) or "
+                               f"point {key} at it", file=str(self.path), key=key, problem="no such file",
+                               path=str(path), cause="missing_file")
+        if isinstance(exc, PermissionError):
+            return ConfigError(f"{self.path}: {key}: {path} cannot be read by this user (uid {os.geteuid()}): "
+                               f"{exc.strerror}; give its group (appliance) read access", file=str(self.path),
+                               key=key, problem=str(exc.strerror), path=str(path), cause="permission")
+        return ConfigError(f"{self.path}: {key}: cannot read {path}: {exc.strerror}", file=str(self.path),
+                           key=key, problem=str(exc.strerror), path=str(path))
+
+    def check_tls_files(self) -> None:
+        """The TLS files of [replication] exist and can be read (the agent,
+        at start): ConfigError naming the key, the file and the fix."""
+        r = self.replication
+        if r is None:
+            return
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            p = getattr(r, key)
+            if p is None:
+                continue
+            path = self.resolve(p)
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise self._file_error(f"replication.{key}", path, exc,
+                                       "PEM files: this appliance's certificate, its key, and the CA "
+                                       "that signed its peers' certificates") from None
 
     def replication_fingerprint(self) -> int:
         """What primary and secondary must agree on: block size and tables."""
@@ -494,7 +542,9 @@ def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
 
 
-def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
+def from_dict(doc: dict, path: Path | str = "<memory>", *, check_files: bool = True) -> Config:
+    """Validate a parsed config. `check_files`: read the secret file too (off
+    for `appliance install`, which may be about to make it)."""
     path = Path(path)
     try:
         cfg = Config.model_validate({**doc, "path": path})
@@ -524,18 +574,22 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
     cfg.allowed_uids()
     cfg.allowed_gids()
     cfg.gid()
-    cfg.secret()
+    if check_files:
+        cfg.secret()
     return cfg
 
 
-def load_logged(path: str | os.PathLike, log) -> Config | None:
-    """load() for a process's start: a bad config is logged (config_invalid,
-    with file and key) and gives None; the caller exits with errors.EXIT_CONFIG."""
+def load_logged(path: str | os.PathLike, log) -> tuple[Config | None, int]:
+    """load() for a process's start: (the config, 0), or for a refused one
+    (None, the exit status the process ends with: errors.exit_status, e.g. 78
+    for a bad key, 66 for a missing secret file), logged as config_invalid
+    with file, key and cause."""
     try:
-        return load(path)
+        return load(path), 0
     except ConfigError as e:
-        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
-        return None
+        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"),
+                  cause=e.details.get("cause"))
+        return None, exit_status(e)
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -150,6 +150,12 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
 /* Highest block number in use + 1 (for iterating block numbers). */
 uint64_t apl_block_limit(apl_view *v);
+/* Primary blocks by the length of their chain (the block and its overflow
+ * blocks, bh_chain) at the latest committed version, pinned for the walk:
+ * hist[i] counts the chains of i + 1 blocks, hist[nbuckets - 1] those of
+ * nbuckets blocks or more. An lz4 backup store (no chains) leaves every bucket
+ * 0. Costs one location-table walk: for metrics, not for a hot path. */
+int apl_chain_lengths(apl_view *v, uint64_t *hist, uint32_t nbuckets);
 
 /* ---- the writer (controller only) ---- */
 typedef struct apl_store apl_store;

@@ -483,15 +483,45 @@ int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t 
     return n < 0 ? (int)n : APL_OK;
 }
 
+/* Highest block number in use + 1, inside a read of v. */
+static uint64_t block_limit_in(const apl_view *v)
+{
+    uint64_t n = v->v_max_blocks;
+    while (n > 0 && LOAD_RLX(&v->v_loc[n - 1]) == APL_ADDR_NONE)
+        n--;
+    return n;
+}
+
 uint64_t apl_block_limit(apl_view *v)
 {
     if (view_enter(v))
         return 0;
-    uint64_t n = v->v_max_blocks;
-    while (n > 0 && LOAD_RLX(&v->v_loc[n - 1]) == APL_ADDR_NONE)
-        n--;
+    uint64_t n = block_limit_in(v);
     view_exit();
     return n;
+}
+
+int apl_chain_lengths(apl_view *v, uint64_t *hist, uint32_t nbuckets)
+{
+    if (nbuckets == 0)
+        return APL_EINVAL;
+    memset(hist, 0, sizeof(*hist) * nbuckets);
+    if (v->v_flags & APL_SB_COMPRESSED)
+        return APL_OK;
+    uint64_t ver;
+    struct apl_reader *r;
+    int rc = read_begin(v, 0, &ver, &r);
+    if (rc)
+        return rc;
+    uint64_t limit = block_limit_in(v);
+    for (uint64_t n = 0; n < limit; n++) {
+        const struct apl_bhdr *b = apl_resolve_in_use(v, (uint32_t)n, ver);
+        if (!b || b->bh_magic != APL_BLK_LEAF)
+            continue;
+        uint32_t len = b->bh_chain ? b->bh_chain : 1;
+        hist[len >= nbuckets ? nbuckets - 1 : len - 1]++;
+    }
+    return (int)read_end(v, ver, r, APL_OK);
 }
 
 /*

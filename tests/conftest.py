@@ -207,18 +207,35 @@ def built_dist(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel}
 
 
-@pytest.fixture
-def make_appliance(tmp_path):
-    """Factory: make_appliance(**config_kw) -> Appliance (not started)."""
+def _appliances(base: Path):
+    """make(**config_kw) -> an Appliance in its own folder under `base`, and the list of those made."""
     made: list[Appliance] = []
 
     def make(**kw) -> Appliance:
-        sub = tmp_path / f"a{len(made)}"
+        sub = base / f"a{len(made)}"
         sub.mkdir()
         a = Appliance(sub, **kw)
         made.append(a)
         return a
 
+    return make, made
+
+
+@pytest.fixture
+def make_appliance(tmp_path):
+    """Factory: make_appliance(**config_kw) -> Appliance (not started)."""
+    make, made = _appliances(tmp_path)
+    yield make
+    for a in made:
+        a.cleanup()
+
+
+@pytest.fixture(scope="module")
+def make_module_appliance(tmp_path_factory):
+    """Factory like make_appliance, for appliances every test of a module
+    shares (a booted cluster per module keeps the suite fast); torn down, and
+    their segments unlinked, after the module's last test."""
+    make, made = _appliances(tmp_path_factory.mktemp("shared"))
     yield make
     for a in made:
         a.cleanup()

@@ -110,6 +110,11 @@ BAD = [
      "no such group 'no_such_group_zz9'"),
     ("unknown-storage-group", toml(storage='group = "no_such_group_zz9"'), "storage.group",
      "no such group 'no_such_group_zz9'"),
+    ("metrics-listen-not-an-address", toml(access='[metrics]\nlisten = "9464"'), "metrics.listen",
+     "must be host:port"),
+    ("metrics-listen-port-zero", toml(access='[metrics]\nlisten = "127.0.0.1:0"'), "metrics.listen",
+     "must be host:port"),
+    ("metrics-without-listen", toml(access='[metrics]\nport = 9464'), "metrics.listen", "required key is missing"),
 ]
 
 

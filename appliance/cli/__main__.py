@@ -2,8 +2,10 @@
 
 Exit status (appliance.errors.EXIT_*): 0 success; 1 a refused operation
 (typed error, message on stderr); 2 usage; 3 the appliance is not running;
-69 the appliance is busy (another controller serves it); 78 bad
-configuration (EX_CONFIG).
+69 the appliance is busy (another controller serves it, an address in use);
+78 bad configuration (EX_CONFIG), 66 a file it names is missing (EX_NOINPUT),
+77 one this user may not read (EX_NOPERM); the processes add 64 (a bad
+environment variable) and 67 (a user logind would remove the segments of).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import click
 
 from .. import errors
 
-from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_REFUSED
+from ..errors import EXIT_BUSY, EXIT_NOT_RUNNING, EXIT_REFUSED
 
 CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
                       type=click.Path(dir_okay=False), help="the appliance's TOML configuration")
@@ -23,10 +25,8 @@ CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="F
 
 def _fail(e: errors.ApplianceError) -> "click.exceptions.Exit":
     click.echo(f"appliance: {e}", err=True)
-    if isinstance(e, errors.ConfigError):
-        return click.exceptions.Exit(EXIT_CONFIG)
-    if isinstance(e, errors.BusyError):
-        return click.exceptions.Exit(EXIT_BUSY)
+    if isinstance(e, (errors.ConfigError, errors.BusyError)):
+        return click.exceptions.Exit(errors.exit_status(e))   # 78, or a missing file's 66 ...
     if isinstance(e, errors.UnavailableError):
         return click.exceptions.Exit(EXIT_NOT_RUNNING)
     return click.exceptions.Exit(EXIT_REFUSED)
@@ -161,6 +161,18 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(json.dumps(st, default=str))
     else:
         render.status(st)
+
+
+@main.command()
+@CONFIG
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="seconds between samples")
+@click.option("--once", is_flag=True, help="print one frame (rates over one interval) and exit")
+@click.option("--json", "as_json", is_flag=True, help="print one frame's figures as JSON and exit")
+def top(config_path: str, interval: float, once: bool, as_json: bool) -> None:
+    """A live view: throughput and lag sparklines, health, devices, snapshots (q quits)."""
+    from . import top as top_mod
+    sys.exit(top_mod.run(_load(config_path), interval=interval, once=once, as_json=as_json))
 
 
 @main.command()

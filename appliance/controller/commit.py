@@ -21,6 +21,7 @@ import time
 
 from .. import errors
 from ..wire import messages as m
+from .latency import CommitLatency
 from .loop import FAST, WAIT_COMMIT, plain
 from .sync import Waiter
 from .txn import Committer, Txn
@@ -35,8 +36,10 @@ class GroupCommit:
         self.committer = Committer(ctl.writer)
         self.queue: list = []          # (session, txn) waiting for the next batch
         self.batches = 0
+        self.latency = CommitLatency()  # queued -> published, per transaction (status, metrics)
 
     def enqueue(self, sess, txn: Txn) -> None:
+        txn.queued_ns = time.monotonic_ns()
         self.queue.append((sess, txn))
 
     def start(self, txn: Txn, wait: bool = True, durability="quorum", bound: float | None = None) -> dict | None:
@@ -92,6 +95,7 @@ class GroupCommit:
             self.log.critical("commit_batch_failed_exiting", exc_info=True)
             os._exit(errors.EXIT_SOFTWARE)  # the restarted controller rolls the unpublished batch back
         self.batches += 1
+        self.latency.observe(queue)
         for sess, txn, serial, exc in outcomes:
             if exc is not None:
                 exc = errors.error_for(exc.code, f"commit of transaction {txn.number}: "

@@ -174,7 +174,8 @@ class Loop:
             raise errors.AccessDeniedError(
                 f"{self.cfg.path}: controller.socket: cannot create its directory {path.parent}: "
                 f"{exc.strerror}; run as root or as the appliance user (appliance install), or set "
-                "controller.socket to a path this user may write", socket=str(path)) from None
+                "controller.socket to a path this user may write", socket=str(path), key="controller.socket",
+                cause="permission") from None
         check_socket_free(self.cfg)   # again, just before taking the path over
         try:
             path.unlink()
@@ -186,7 +187,8 @@ class Loop:
         except OSError as exc:
             s.close()
             raise errors.AccessDeniedError(f"{self.cfg.path}: controller.socket: cannot bind {path}: "
-                                           f"{exc.strerror}", socket=str(path)) from None
+                                           f"{exc.strerror}", socket=str(path), key="controller.socket",
+                                           cause="permission") from None
         os.chmod(path, 0o666)  # the gate is the SO_PEERCRED check, with a clear refusal
         s.listen(512)
         s.setblocking(False)

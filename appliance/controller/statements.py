@@ -32,6 +32,9 @@ _unpackb = msgpack.unpackb
 _packb = msgpack.Packer(use_bin_type=True).pack
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
+#: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
+CANCEL_REASONS = ("cancelled", "client_gone", "deadlock", "idle_timeout", "lock_timeout", "statement_failed",
+                  "pipelined_failed", "load_failed", "commit_failed", "internal_error")
 
 
 class Transactions:
@@ -41,7 +44,9 @@ class Transactions:
         self.ctl = ctl
         self.log = ctl.log
         self.active: dict[int, Txn] = {}
-        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0, "idle_cancelled": 0}
+        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0, "idle_cancelled": 0,
+                         "lock_waits": 0}
+        self.cancelled_by = dict.fromkeys(CANCEL_REASONS, 0)   # reason -> transactions cancelled for it
         self.configure(ctl.cfg)
         self.max_key = ctl.schema.max_key
         # a change-log entry may take at most a quarter of the ring (apl_log_append)
@@ -95,6 +100,7 @@ class Transactions:
         txn.changes.clear()
         self.active.pop(txn.number, None)
         self.counters["cancelled"] += 1
+        self.cancelled_by[reason] = self.cancelled_by.get(reason, 0) + 1
         self.log.debug("txn_cancelled", txn=txn.number, reason=reason)
         self.release(txn)
 
@@ -115,6 +121,8 @@ class Transactions:
         txn.state = state
         self.active.pop(txn.number, None)
         self.counters["committed" if state == "committed" else "cancelled"] += 1
+        if state != "committed":
+            self.cancelled_by["commit_failed"] = self.cancelled_by.get("commit_failed", 0) + 1
 
     # ------------------------------------------------------------------ locks
 
@@ -133,6 +141,7 @@ class Transactions:
                 f"transaction {txn.number}: deadlock waiting for a record lock held by transaction "
                 f"{locks.holder(key).number if locks.holder(key) else '?'}; "
                 "this transaction was cancelled (retry it)", txn=txn.number)
+        self.counters["lock_waits"] += 1
         timer = self.ctl.add_timer(self.lock_timeout_ns / 1e9, lambda: self._lock_timed_out(txn))
         try:
             yield WAIT_LOCK

@@ -27,6 +27,8 @@ decides which waiting transactions are satisfied.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -190,10 +192,13 @@ class SyncTracker:
     # -- status --------------------------------------------------------------------------------
 
     def lag(self, name: str) -> dict:
+        """Commits not acknowledged by `name`, and how long the oldest of them
+        has waited (self.commits is in serial order: a binary search, not a walk)."""
         acked = self.acked[name]
-        behind = [(s, t) for s, t in self.commits if s > acked]
-        return {"transactions": len(behind),
-                "seconds": round(time.time() - behind[0][1], 3) if behind else 0.0}
+        first = bisect.bisect_right(self.commits, (acked, math.inf))
+        behind = len(self.commits) - first
+        return {"transactions": behind,
+                "seconds": round(time.time() - self.commits[first][1], 3) if behind else 0.0}
 
     def status(self) -> dict:
         out = {}

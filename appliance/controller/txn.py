@@ -64,8 +64,8 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "pipelined",
-                 "failure", "tlog")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns",
+                 "pipelined", "failure", "tlog")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False) -> None:
         self.number = number
@@ -82,6 +82,7 @@ class Txn:
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
+        self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
         self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
         self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
         self.tlog = None             # msgpack [program, input], packed once at BEGIN

@@ -94,6 +94,7 @@ class PrimaryAgent:
         self.serial = 0
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
+        self.ready = False   # its relays run (READY=1 sent)
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -104,6 +105,11 @@ class PrimaryAgent:
         by_name = {s.name: s for s in cfg.replication.secondaries}
         for r in self.relays:
             r.reconfigure(by_name[r.name])
+
+    def status_line(self) -> str:
+        """STATUS= of the unit: each secondary's link state and serials behind."""
+        parts = [f"{r.name} {r.state.value}, {max(0, self.serial - r.acked)} serials behind" for r in self.relays]
+        return f"streaming to {'; '.join(parts)}"
 
     # -- shared facts for relays ----------------------------------------------------------
 
@@ -159,6 +165,7 @@ class PrimaryAgent:
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
         ready(f"streaming to {', '.join(r.name for r in self.relays)}")
+        self.ready = True
         self.log.info("agent_started", role="primary", secondaries=[r.name for r in self.relays],
                       serial=self.serial)
         try:
@@ -248,6 +255,14 @@ class SecondaryAgent:
         self.ctl = ctl       # the link the agent learnt its role on
         self.applier: Applier | None = None
         self.history: History | None = None
+        self.ready = False   # its listener runs (READY=1 sent)
+
+    def status_line(self) -> str:
+        """STATUS= of the unit: the link from the primary and how far behind it this side is."""
+        a = self.applier
+        behind = f", {max(0, a.primary_serial - a.applied)} serials behind" if a.primary_serial else ""
+        return (f"listening at {self.cfg.replication.listen} for {self.cfg.replication.primary}: "
+                f"{a.state.value}, applied {a.applied}{behind}")
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ)."""
@@ -271,6 +286,7 @@ class SecondaryAgent:
         applier = self.applier = Applier(self.cfg, ctl, self.log, history, files)
         await applier.start()
         ready(f"listening at {rc.listen} for {rc.primary}")
+        self.ready = True
         self.log.info("agent_started", role="secondary", primary=rc.primary, applied=applier.applied)
         try:
             while True:
@@ -295,23 +311,37 @@ class SecondaryAgent:
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
-    """Entry point of ``appliance agent``; returns the exit status."""
+    """Entry point of ``appliance agent``; returns the exit status
+    (errors.exit_status of what refused the start; 75, restarted by systemd,
+    while its controller is not there to attach to)."""
     from .. import config as config_mod
+    from .._os import environment
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the loop handles it: a reload must not kill
-    logs.configure(json=log_json, level=log_level)
-    log = logs.get_logger(process="agent")
-    cfg = config_mod.load_logged(config_path, log)
+    try:
+        log = environment.configure_logs("agent", json=log_json, level=log_level)
+    except errors.ConfigError as e:
+        logs.get_logger(process="agent").error("agent_refused_to_start", error=str(e), key=e.details.get("key"),
+                                               cause=e.details.get("cause"))
+        return errors.exit_status(e)
+    cfg, refused = config_mod.load_logged(config_path, log)
     if cfg is None:
-        return errors.EXIT_CONFIG
+        return refused
     if cfg.replication is None:
         log.error("config_invalid", error=f"{cfg.path}: no [replication] section: nothing for an agent to do",
                   key="replication")
         return errors.EXIT_CONFIG
     log = log.bind(appliance=cfg.name)
+    try:
+        cfg.check_tls_files()   # before waiting for the controller: a missing certificate is said at once
+    except errors.ConfigError as e:
+        log.error("agent_refused_to_start", error=str(e), file=e.details.get("file"), key=e.details.get("key"),
+                  cause=e.details.get("cause"))
+        return errors.exit_status(e)
     agents: dict = {}   # "agent": the running agent, once the controller said which role it serves
+    notifier = sdnotify.Notifier()
 
-    async def start(ready) -> None:
+    async def start() -> None:
         """Ask the controller which role the appliance has (it owns the role:
         a failover changes it there), then run that side of replication."""
         first = await _connect_controller(cfg, None, log)
@@ -322,7 +352,7 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
                                      file=str(cfg.path), key="replication.role", problem=role)
         kind = PrimaryAgent if role == "primary" else SecondaryAgent
         agent = agents["agent"] = kind(agents.get("cfg", cfg), log.bind(role=role), first)
-        await agent.run(ready)
+        await agent.run(lambda status: notifier.ready(status))
 
     def reload() -> None:
         sdnotify.reloading()
@@ -334,33 +364,46 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
                                      lambda new: agents.__setitem__("cfg", new))
         sdnotify.ready()
 
+    async def keepalive() -> None:
+        """WATCHDOG=1 while the loop turns (this task runs only when it does),
+        and the STATUS= line once a second when it changed."""
+        while True:
+            now = time.monotonic()
+            notifier.ping(now)
+            agent = agents.get("agent")
+            if agent is not None and agent.ready:
+                notifier.status(agent.status_line())
+            await asyncio.sleep(min(1.0, notifier.wait_s(now)))
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        task = asyncio.create_task(start(lambda status: sdnotify.ready(status=status)))
+        task = asyncio.create_task(start())
+        pings = asyncio.create_task(keepalive())
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if stopper in done:
-            sdnotify.stopping()
-            log.info("agent_stopping")
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        else:
-            stopper.cancel()
-            task.result()
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                sdnotify.stopping()
+                log.info("agent_stopping")
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+            else:
+                task.result()
+        finally:
+            await cancel_and_wait([pings, stopper])
 
     try:
         _run_loop(main())
         return 0
-    except (errors.UnavailableError, errors.BusyError) as e:
-        log.error("agent_failed", error=str(e))
-        return errors.EXIT_TEMPFAIL   # systemd restarts it
     except errors.ApplianceError as e:
-        log.error("agent_failed", error=str(e))
-        return errors.EXIT_CONFIG if isinstance(e, (errors.ConfigError, errors.FormatError)) else 1
+        log.error("agent_failed", error=str(e), key=e.details.get("key"), cause=e.details.get("cause"))
+        if isinstance(e, errors.BusyError) and not e.details.get("cause"):
+            return errors.EXIT_TEMPFAIL   # another agent still attached: systemd restarts this one
+        return errors.exit_status(e)

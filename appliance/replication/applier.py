@@ -22,6 +22,7 @@ import time
 
 from .. import errors
 from .._os.logs import LogOnce
+from .._os.net import bind_error
 from ..wire import messages as m
 from ..wire import replication as rp
 from . import link
@@ -52,6 +53,7 @@ class Applier:
         self.connected_since: float | None = None
         self.last_message = 0.0
         self.primary_time_lag = None
+        self.primary_serial = 0   # the primary's latest serial this side heard of (its lag, in status)
         self.suspended = False
         self.server: Listener | None = None
 
@@ -64,7 +66,10 @@ class Applier:
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
         # TLS is started per connection (_upgrade), so a refused certificate is logged here too
-        self.server = Listener(host, port, self._upgrade)
+        try:
+            self.server = Listener(host, port, self._upgrade)
+        except OSError as exc:
+            raise bind_error(self.cfg.path, "replication.listen", self.cfg.replication.listen, exc) from None
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
@@ -74,7 +79,7 @@ class Applier:
     def report(self) -> dict:
         return {"state": self.state.value, "connected": self.current is not None, "applied": self.applied,
                 "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
-                "primary_time_lag_s": self.primary_time_lag,
+                "primary_time_lag_s": self.primary_time_lag, "primary_serial": self.primary_serial,
                 "connected_since": self.connected_since}
 
     async def _upgrade(self, sock: socket.socket, peer) -> None:
@@ -172,6 +177,7 @@ class Applier:
                 copy_calls.clear()
                 first, last, blob = body
                 self.carried = max(self.carried, last)
+                self.primary_serial = max(self.primary_serial, last)
                 expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
                 if first > expect:
                     self.log.warning("gap_detected", expected=expect, got=first)
@@ -235,6 +241,8 @@ class Applier:
                 acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
             elif kind == rp.HEARTBEAT:
+                if isinstance(body, dict) and type(body.get("head")) is int:
+                    self.primary_serial = max(self.primary_serial, body["head"])
                 applied = self._ack_serial() if not self.copying else 0   # no "backup complete" mid-copy
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
                 await fs.drain()

@@ -116,10 +116,22 @@ def tls_context(cfg: Config, server: bool) -> ssl.SSLContext | None:
     r = cfg.replication
     if r is None or r.tls_cert is None:
         return None
+    cfg.check_tls_files()   # a missing or unreadable file: ConfigError naming its key
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cfg.resolve(r.tls_cert)), str(cfg.resolve(r.tls_key)))
-    ctx.load_verify_locations(str(cfg.resolve(r.tls_ca)))
+    try:
+        ctx.load_cert_chain(str(cfg.resolve(r.tls_cert)), str(cfg.resolve(r.tls_key)))
+    except ssl.SSLError as exc:
+        raise errors.ConfigError(f"{cfg.path}: replication.tls_cert, replication.tls_key: cannot load "
+                                 f"{cfg.resolve(r.tls_cert)} with its key {cfg.resolve(r.tls_key)}: "
+                                 f"{exc.reason or exc}; both must be PEM and the key must match the certificate",
+                                 file=str(cfg.path), key="replication.tls_cert", problem=str(exc)) from None
+    try:
+        ctx.load_verify_locations(str(cfg.resolve(r.tls_ca)))
+    except ssl.SSLError as exc:
+        raise errors.ConfigError(f"{cfg.path}: replication.tls_ca: cannot load {cfg.resolve(r.tls_ca)}: "
+                                 f"{exc.reason or exc}; it must hold PEM certificates",
+                                 file=str(cfg.path), key="replication.tls_ca", problem=str(exc)) from None
     ctx.verify_mode = ssl.CERT_REQUIRED
     if not server:
         ctx.check_hostname = False  # peers are checked by certificate name below (and the HMAC)

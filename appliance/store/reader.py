@@ -236,6 +236,14 @@ class Reader:
     def block_limit(self) -> int:
         return lib.apl_block_limit(self.view)
 
+    def chain_lengths(self, nbuckets: int) -> list[int]:
+        """Primary blocks by the length of their chain at the latest version
+        (apl_chain_lengths): [chains of 1 block, of 2, ..., of nbuckets or more].
+        One walk of the location table under its own pin."""
+        hist = ffi.new("uint64_t[]", nbuckets)
+        check(lib.apl_chain_lengths(self.view, hist, nbuckets), "chain lengths")
+        return list(hist)
+
     def block_sums(self, version: int) -> bytes:
         """(u32 number, u64 checksum) of every block in use at a pinned version."""
         out = bytearray()
