@@ -631,9 +631,10 @@ def _pipelined_failure(reply, tag, txn) -> errors.ApplianceError:
     what = _what(op, table, key)
     try:
         result(reply, what)
-        return errors.ProtocolError(f"{what}: an error reply was expected")   # not reached: reply is not OK
     except errors.ApplianceError as e:
         err = e
+    else:   # not reached: only error replies come here
+        err = errors.ProtocolError(f"{what}: an error reply was expected")
     text = err.message
     if text.startswith(what + ": "):
         text = text[len(what) + 2:]
