@@ -128,6 +128,21 @@ class TestFailureSurfaces:
         assert tx.state == "cancelled"                      # the with block cancelled the failed transaction
         assert balances(accounts) == dict.fromkeys(KEYS, 100)
 
+    def test_a_failed_begin(self, db, accounts):
+        """A BEGIN refused (its T log too large for the change log) sent with a pipelined write: the
+        commit raises the BEGIN's own error, and the write, which had no transaction, changed nothing."""
+        tx = db.transaction(program="big", input="x" * (2 << 20))
+        tx.update("accounts", 1, {"balance": 1})
+        with pytest.raises(errors.RecordTooLargeError, match="begin of a pipelined transaction: .*none of its "
+                                                             "statements was carried out") as ei:
+            tx.commit()
+        assert ei.value.details["statement"] == 0 and tx.number is None and tx.state == "failed"
+        tx.cancel()
+        assert accounts[1]["balance"] == 100
+        with db.transaction() as t2:                         # the connection serves on
+            t2.update("accounts", 1, {"balance": 2})
+        assert accounts[1]["balance"] == 2
+
     def test_errors_the_client_sees_itself_are_raised_at_once(self, db, accounts):
         """An unknown table and a value the wire cannot carry are raised by the statement itself,
         before anything is sent: the transaction stays open and commits the rest."""
