@@ -12,7 +12,11 @@ processing; the secondary drops changes to blocks not yet copied, since the
 copy will carry them ([0130]).
 
 Reading ACKs and writing the stream are separate tasks (the writer never
-waits on the reader). Each ACK moves the secondary's acknowledged serial,
+waits on the reader). While an ENTRIES message that ended at a transaction
+boundary waits for its ACK, the writer holds what commits meanwhile (up to
+HOLD_BYTES of log) and sends it in one message when the ACK comes: under
+load, commits share messages, applies and ACKs instead of each paying for
+its own, and an idle link sends a commit at once. Each ACK moves the secondary's acknowledged serial,
 which the agent reports to the controller, which releases synchronous
 commits waiting for it. An acknowledgement never counts beyond the last
 serial sent on that link (`sent`: both tasks run on the agent's one loop),
@@ -37,6 +41,7 @@ __all__ = ["Relay"]
 
 CHUNK = 1 << 20            # bytes of entries per ENTRIES message
 COPY_BATCH = 1 << 20       # bytes of block images per COPY_BLOCKS message
+HOLD_BYTES = 64 << 10      # log bytes the writer holds while a message waits for its ACK
 _ELOGFULL = lib.APL_ELOGFULL
 _EBUFSIZE = lib.APL_EBUFSIZE
 
@@ -59,6 +64,7 @@ class Relay:
         self.sent = 0                 # last serial sent
         self.pos = 0                  # next log position to send
         self.sent_pos: deque = deque()  # (last serial, end position) of messages not yet acked
+        self.awaiting = False         # a message that ended at a transaction boundary waits for its ACK
         self.acked_pos = 0
         self.copy: dict | None = None  # progress while copying
         self.last_error: str | None = None
@@ -167,6 +173,7 @@ class Relay:
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
         self.sent_pos.clear()
+        self.awaiting = False
         b = self.agent.bounds()
         if applied > b["serial"]:
             raise NeedCopy(f"the secondary says it applied serial {applied}, past this primary's "
@@ -200,11 +207,25 @@ class Relay:
             return None
         return bytes(ffi.buffer(self._buf, n))
 
+    def _export_now(self) -> bytes | None:
+        """_export() right after reading the bounds, so that a message that
+        reaches the published serial is known to (_send_entries)."""
+        self.agent.refresh()
+        return self._export()
+
     def _send_entries(self, fs, blob: bytes) -> None:
         first, last = self._first[0], self._last[0]
         fs.send(rp.message(rp.ENTRIES, self.agent.epoch, first, [first, last, blob]))
         self.sent = last
         self.sent_pos.append((last, self.pos))
+        # up to a published serial: a transaction boundary (a batch publishes
+        # whole transactions), so the secondary applies all of it and ACKs it
+        self.awaiting = last == self.agent.serial
+
+    def _holding(self) -> bool:
+        """Hold new entries for the next message: one that ended at a
+        transaction boundary waits for its ACK, and little is new."""
+        return self.awaiting and self.agent.head - self.pos < HOLD_BYTES
 
     async def _write(self, fs, need_copy: bool) -> None:
         if need_copy:
@@ -219,7 +240,7 @@ class Relay:
                 await self._copy(fs)
                 self.set_state(RelayState.STREAMING)
             try:
-                blob = self._export()
+                blob = None if self._holding() else self._export_now()
             except NeedCopy as exc:
                 self.log.warning("secondary_fell_behind_log", reason=str(exc))
                 await self._copy(fs)
@@ -231,8 +252,9 @@ class Relay:
                 continue
             self._check_retention()
             try:
-                await asyncio.wait_for(self.wake.wait(), self.agent.cfg.replication.heartbeat)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.agent.cfg.replication.heartbeat):   # (no task per wait)
+                    await self.wake.wait()
+            except TimeoutError:
                 fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
                                    {"head": self.agent.serial, "sent": self.sent}))
                 await fs.drain()
@@ -307,6 +329,7 @@ class Relay:
                          "eta_s": round((limit - n) * (sent_bytes / max(n, 1)) / rate, 1) if n else None}
             a.report_soon()
         fs.send(rp.message(rp.COPY_END, a.epoch, self.sent, {"serial": self.sent}))
+        self.awaiting = False   # (its ACK is the copy's: the stream goes on unheld)
         await fs.drain()
         el = time.monotonic() - t0
         self.log.info("copy_finished", blocks=n, bytes=sent_bytes, seconds=round(el, 3),
@@ -327,6 +350,9 @@ class Relay:
         while self.sent_pos and self.sent_pos[0][0] <= applied:
             self.acked_pos = self.sent_pos.popleft()[1]
         self.agent.acked(self.name, applied)
+        if self.awaiting:
+            self.awaiting = False
+            self.wake.set()   # what was held goes now
 
     async def _read(self, fs) -> None:
         timeout = max(3.0, 6 * self.agent.cfg.replication.heartbeat)
