@@ -97,6 +97,7 @@ class PrimaryAgent:
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
         self.wakeups: link.Wakeups | None = None   # the watch link's, while it is up
+        self._watching = False                     # its "published" eventfd is in the loop
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -155,14 +156,30 @@ class PrimaryAgent:
             pass
         self.report_soon()   # the watch task reconnects; the report after it carries the serial
 
-    def _use_wakeups(self, w: link.Wakeups) -> None:
-        """Wake the relays whenever the controller signals a publish."""
-        loop = asyncio.get_running_loop()
-        if self.wakeups is not None:
-            loop.remove_reader(self.wakeups.published)
+    def _use_wakeups(self, w: link.Wakeups | None) -> None:
+        """Wake the relays whenever the controller signals a publish (None:
+        the link is down)."""
+        self._watch_published(False)
         self.wakeups = w
-        loop.add_reader(w.published, self._published)
-        self._published(force=True)   # what was published before the reader was added
+        if w is not None:
+            self.holding_changed()
+            self._published(force=True)   # what was published before the reader was added
+
+    def _watch_published(self, on: bool) -> None:
+        if on != self._watching and self.wakeups is not None:
+            loop = asyncio.get_running_loop()
+            if on:
+                loop.add_reader(self.wakeups.published, self._published)
+            else:
+                loop.remove_reader(self.wakeups.published)
+            self._watching = on
+
+    def holding_changed(self) -> None:
+        """A relay started or stopped holding entries for its next message
+        (Relay.awaiting). While every relay holds, a publish wakes nobody: the
+        eventfd is out of the loop and counts the publishes, and is back in as
+        soon as a relay sends again."""
+        self._watch_published(not all(r.awaiting for r in self.relays))
 
     def _published(self, force: bool = False) -> None:
         """The controller published a version: the relays send what is new."""
@@ -203,9 +220,7 @@ class PrimaryAgent:
                 if t.exception():
                     raise t.exception()
         finally:
-            if self.wakeups is not None:
-                asyncio.get_running_loop().remove_reader(self.wakeups.published)
-                self.wakeups = None
+            self._use_wakeups(None)
             await cancel_and_wait([*tasks, *self.verify_tasks])
 
     async def _watch(self) -> None:
@@ -217,9 +232,7 @@ class PrimaryAgent:
                 b = await self.watch_ctl.call([m.OP_WATCH, None, self.cfg.replication.heartbeat])
             except errors.UnavailableError:
                 self.log.warning("controller_link_lost")
-                if self.wakeups is not None:
-                    asyncio.get_running_loop().remove_reader(self.wakeups.published)
-                    self.wakeups = None
+                self._use_wakeups(None)
                 self.ctl.close()
                 self.watch_ctl.close()
                 self.ctl = await _connect_controller(self.cfg, "primary", self.log)
@@ -252,6 +265,7 @@ class PrimaryAgent:
             except asyncio.TimeoutError:
                 pass
             self._report_event.clear()
+            self.refresh()   # the lag it reports (publishes are not signalled while every relay holds)
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
                      "reported_at": time.time()}
             try:

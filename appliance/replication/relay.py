@@ -173,7 +173,7 @@ class Relay:
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
         self.sent_pos.clear()
-        self.awaiting = False
+        self._await(False)
         b = self.agent.bounds()
         if applied > b["serial"]:
             raise NeedCopy(f"the secondary says it applied serial {applied}, past this primary's "
@@ -220,7 +220,12 @@ class Relay:
         self.sent_pos.append((last, self.pos))
         # up to a published serial: a transaction boundary (a batch publishes
         # whole transactions), so the secondary applies all of it and ACKs it
-        self.awaiting = last == self.agent.serial
+        self._await(last == self.agent.serial)
+
+    def _await(self, awaiting: bool) -> None:
+        if awaiting != self.awaiting:
+            self.awaiting = awaiting
+            self.agent.holding_changed()
 
     def _holding(self) -> bool:
         """Hold new entries for the next message: one that ended at a
@@ -255,6 +260,7 @@ class Relay:
                 async with asyncio.timeout(self.agent.cfg.replication.heartbeat):   # (no task per wait)
                     await self.wake.wait()
             except TimeoutError:
+                self.agent.refresh()   # (not signalled while every relay holds)
                 fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
                                    {"head": self.agent.serial, "sent": self.sent}))
                 await fs.drain()
@@ -329,7 +335,7 @@ class Relay:
                          "eta_s": round((limit - n) * (sent_bytes / max(n, 1)) / rate, 1) if n else None}
             a.report_soon()
         fs.send(rp.message(rp.COPY_END, a.epoch, self.sent, {"serial": self.sent}))
-        self.awaiting = False   # (its ACK is the copy's: the stream goes on unheld)
+        self._await(False)   # (its ACK is the copy's: the stream goes on unheld)
         await fs.drain()
         el = time.monotonic() - t0
         self.log.info("copy_finished", blocks=n, bytes=sent_bytes, seconds=round(el, 3),
@@ -351,7 +357,7 @@ class Relay:
             self.acked_pos = self.sent_pos.popleft()[1]
         self.agent.acked(self.name, applied)
         if self.awaiting:
-            self.awaiting = False
+            self._await(False)
             self.wake.set()   # what was held goes now
 
     async def _read(self, fs) -> None:
