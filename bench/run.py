@@ -249,7 +249,7 @@ class Run:
     # ---------------------------------------------------------- replication ----
 
     def replication(self) -> None:
-        """Pairs on loopback: Redis + replica, then three appliance pairs (see replication.py)."""
+        """Pairs on loopback: Redis + replica, then the appliance pairs (see replication.py)."""
         a = self.args
         if "copy" in a.benches:
             self.out.say("[loopback TCP bandwidth]", style="bold")
