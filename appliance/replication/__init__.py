@@ -97,7 +97,6 @@ class PrimaryAgent:
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
         self.wakeups: link.Wakeups | None = None   # the watch link's, while it is up
-        self._watching = False                     # its "published" eventfd is in the loop
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -159,36 +158,25 @@ class PrimaryAgent:
     def _use_wakeups(self, w: link.Wakeups | None) -> None:
         """Wake the relays whenever the controller signals a publish (None:
         the link is down)."""
-        self._watch_published(False)
+        loop = asyncio.get_running_loop()
+        if self.wakeups is not None:
+            loop.remove_reader(self.wakeups.published)
         self.wakeups = w
         if w is not None:
-            self.holding_changed()
+            loop.add_reader(w.published, self._published)
             self._published(force=True)   # what was published before the reader was added
 
-    def _watch_published(self, on: bool) -> None:
-        if on != self._watching and self.wakeups is not None:
-            loop = asyncio.get_running_loop()
-            if on:
-                loop.add_reader(self.wakeups.published, self._published)
-            else:
-                loop.remove_reader(self.wakeups.published)
-            self._watching = on
-
-    def holding_changed(self) -> None:
-        """A relay started or stopped holding entries for its next message
-        (Relay.awaiting). While every relay holds, a publish wakes nobody: the
-        eventfd is out of the loop and counts the publishes, and is back in as
-        soon as a relay sends again."""
-        self._watch_published(not all(r.awaiting for r in self.relays))
-
     def _published(self, force: bool = False) -> None:
-        """The controller published a version: the relays send what is new."""
+        """The controller published a version: the relays send what is new,
+        but for one that holds it for its next message (Relay.holding: it
+        sends when its ACK comes), which is not woken at all."""
         w = self.wakeups
         if w is None or not (w.take_published() or force):
             return
         self.refresh()
         for r in self.relays:
-            r.wake.set()
+            if not r.holding():
+                r.wake.set()
 
     # -- tasks --------------------------------------------------------------------------------
 

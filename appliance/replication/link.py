@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import ssl
+import time
 from collections import deque
 
 from .. import errors
@@ -46,6 +47,8 @@ class FrameStream:
         self.writer = writer
         self._dec = framing.Decoder(max_frame)
         self._ready: deque = deque()
+        self.waiting_since: float | None = None   # while recv() waits for data
+        self._expired: str | None = None          # why expire_if_silent ended the stream
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         sock = writer.get_extra_info("socket")
@@ -54,18 +57,35 @@ class FrameStream:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def recv(self, timeout: float | None = None):
+        """The next message. `timeout`: seconds to wait for it (a timer per
+        call: for the handshake; a stream that waits for every message uses
+        expire_if_silent from a periodic task instead)."""
         while not self._ready:
-            if timeout is None:
-                data = await self.reader.read(1 << 20)
-            else:
-                async with asyncio.timeout(timeout):   # a timer, not a task per read (wait_for)
+            self.waiting_since = time.monotonic()
+            try:
+                if timeout is None:
                     data = await self.reader.read(1 << 20)
+                else:
+                    async with asyncio.timeout(timeout):   # a timer, not a task per read (wait_for)
+                        data = await self.reader.read(1 << 20)
+            finally:
+                self.waiting_since = None
             if not data:
+                if self._expired:
+                    raise TimeoutError(f"{self.peer}: {self._expired}")
                 if self._dec.buffered:
                     raise errors.ProtocolError(f"{self.peer}: connection closed mid-frame")
                 raise EOFError(f"{self.peer}: connection closed")
             self._ready.extend(self._dec.feed(data))
         return self._ready.popleft()
+
+    def expire_if_silent(self, seconds: float) -> None:
+        """End the stream if recv() has been waiting more than `seconds` for a
+        message: it then raises TimeoutError (the peer went silent)."""
+        since = self.waiting_since
+        if since is not None and not self._expired and time.monotonic() - since > seconds:
+            self._expired = f"nothing received for {seconds:g} s"
+            self.close()
 
     def allow_frames(self, max_frame: int) -> None:
         """Change the frame limit: HANDSHAKE_MAX_FRAME until the peer has
