@@ -60,7 +60,9 @@ PRIMARY = """
 [replication]
 role = "primary"
 secret_file = "{secret}"
+{secondaries}"""
 
+PRIMARY_SECONDARY = """
 [[replication.secondaries]]
 name = "{secondary}"
 address = "127.0.0.1:{port}"
@@ -353,18 +355,21 @@ class ApplianceSystem(System):
 
 
 class AppliancePair(ApplianceSystem):
-    """A primary with one secondary on loopback (free port), ``mode`` "sync" or
-    "async"; the secondary serves reads (uncompressed blocks) or keeps lz4
-    backup blocks (``serve_reads = false``). :meth:`start` starts both
-    controllers; :meth:`start_agents` starts replication."""
+    """A primary with one secondary (or ``secondaries`` of them) on loopback
+    (free ports), ``mode`` "sync" or "async"; the secondaries serve reads
+    (uncompressed blocks) or keep lz4 backup blocks (``serve_reads = false``).
+    :meth:`start` starts the controllers; :meth:`start_agents` starts
+    replication."""
 
     BENCHES = ()
 
-    def __init__(self, data, mode: str = "sync", serve_reads: bool = True, log_size: str = "64MiB") -> None:
+    def __init__(self, data, mode: str = "sync", serve_reads: bool = True, log_size: str = "64MiB",
+                 secondaries: int = 1) -> None:
         super().__init__(data)
         self.mode, self.serve_reads, self.log_size = mode, serve_reads, log_size
         self.kind = "uncompressed" if serve_reads else "lz4"
-        self.name = f"appliance ({mode})"
+        self.count = secondaries
+        self.name = f"appliance ({mode})" if secondaries == 1 else f"appliance ({mode}, {secondaries} secondaries)"
         self.SPECIAL = {f"{mode}-write": (self.name, "write"), f"{mode}-tx-write": (self.name, "tx_write")}
 
     def start(self) -> None:
@@ -374,45 +379,62 @@ class AppliancePair(ApplianceSystem):
         secret = self.dir / "secret"
         secret.write_bytes(os.urandom(32).hex().encode())
         secret.chmod(0o600)
-        port = free_port()
         base = f"bench{os.getpid()}x{next(_instances)}"
+        names = [base + "s" + ("" if i == 0 else str(i)) for i in range(self.count)]
+        ports = [free_port() for _ in names]
         self.node = Node(self.dir, base + "p", self.data.n, self.log_size, PRIMARY.format(
-            secret=secret, secondary=base + "s", port=port, mode=self.mode))
-        self.secondary = Node(self.dir, base + "s", self.data.n, self.log_size, SECONDARY.format(
-            secret=secret, port=port, primary=base + "p", serve_reads=str(self.serve_reads).lower()))
-        self.nodes = [self.node, self.secondary]
+            secret=secret, secondaries="".join(PRIMARY_SECONDARY.format(secondary=n, port=p, mode=self.mode)
+                                               for n, p in zip(names, ports))))
+        self.secondaries = [Node(self.dir, n, self.data.n, self.log_size, SECONDARY.format(
+            secret=secret, port=p, primary=base + "p", serve_reads=str(self.serve_reads).lower()))
+            for n, p in zip(names, ports)]
+        self.secondary = self.secondaries[0]
+        self.nodes = [self.node, *self.secondaries]
         for node in self.nodes:
             node.start()
         self.db = self.node.connect()
-        self.primary_agent, self.secondary_agent = Agent(self.node), Agent(self.secondary)
-        self.agents = [self.secondary_agent, self.primary_agent]
+        self.primary_agent = Agent(self.node)
+        self.secondary_agents = [Agent(n) for n in self.secondaries]
+        self.secondary_agent = self.secondary_agents[0]
+        self.agents = [*self.secondary_agents, self.primary_agent]
         self.notes = [
-            f"appliance pairs: a primary and one secondary on 127.0.0.1, each a controller and a "
-            f"replication agent (HMAC secret, no TLS, no log history, heartbeat 0.5 s); same segments "
-            f"({segment_mib(self.data.n)} MiB x 4) on both",
+            f"appliance pairs: a primary and one secondary (two for the row that says so) on 127.0.0.1, each "
+            f"a controller and a replication agent (HMAC secret, no TLS, no log history, heartbeat 0.5 s); "
+            f"same segments ({segment_mib(self.data.n)} MiB x 4) on both",
         ]
 
     def start_agents(self) -> float:
-        """Start the secondary's agent, then (once it listens) the primary's;
+        """Start the secondaries' agents, then (once they listen) the primary's;
         returns the wall-clock time the primary's agent was started."""
-        self.secondary_agent.start()
-        self.secondary_agent.wait_event("agent_started")
+        for agent in self.secondary_agents:
+            agent.start()
+        for agent in self.secondary_agents:
+            agent.wait_event("agent_started")
         return self.primary_agent.start()
+
+    def cpu_processes(self) -> dict[str, int]:
+        """The pid of each server process of the pair, by role."""
+        procs = {"primary_controller": self.node.proc.pid, "primary_agent": self.primary_agent.proc.pid}
+        for i, (node, agent) in enumerate(zip(self.secondaries, self.secondary_agents)):
+            tag = "secondary" if i == 0 else f"secondary{i + 1}"
+            procs[f"{tag}_agent"] = agent.proc.pid
+            procs[f"{tag}_controller"] = node.proc.pid
+        return procs
 
     def replica(self) -> dict:
         """The secondary as the primary's status shows it."""
         return next(iter(self.node.status()["replication"]["secondaries"].values()))
 
     def wait_caught_up(self, timeout: float = 120.0, poll: float = 0.02) -> float:
-        """Wait until the secondary is streaming and has acknowledged every change
-        the primary has logged so far; returns the wall-clock time it was seen."""
+        """Wait until every secondary is streaming and has acknowledged every
+        change the primary has logged so far; returns the wall-clock time it was seen."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.node.status()
-            sec = next(iter(st["replication"]["secondaries"].values()))
-            if sec["state"] == "streaming" and sec["acked_serial"] >= st["log"]["serial"]:
+            secs = list(st["replication"]["secondaries"].values())
+            if all(sec["state"] == "streaming" and sec["acked_serial"] >= st["log"]["serial"] for sec in secs):
                 return time.time()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"secondary not caught up after {timeout:.0f} s: {sec}; log serial "
+                raise RuntimeError(f"secondaries not caught up after {timeout:.0f} s: {secs}; log serial "
                                    f"{st['log']['serial']}\n{log_tail(self.primary_agent.log)}")
             time.sleep(poll)

@@ -24,10 +24,12 @@ Run from :class:`run.Run` (see README.md, "Replication"):
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import time
 
 from appliance_system import AppliancePair, event_time
+from data import make_args
 from harness import Timing, run_workers
 from systems import Unavailable
 
@@ -166,3 +168,122 @@ def catch_up(pair: AppliancePair, params: dict, seconds: float, seed: int):
         "restart_to_link_s": link_up - restarted, "link_to_caught_up_s": done - link_up,
         "rate": txns / max(done - link_up, 1e-9), "rate_from_restart": txns / max(done - restarted, 1e-9),
     }
+
+
+# ------------------------------------------------ CPU per synchronous commit ----
+
+CPU_WARMUP_COMMITS = 200     # per client, before the counters are read
+
+
+def proc_cpu_us(pid: int) -> tuple[float, float, float, int]:
+    """(user, system, on-CPU) microseconds a process has used, and the times
+    it was put on a CPU: ``utime`` and ``stime`` of ``/proc/<pid>/stat`` (all
+    its threads), and the scheduler's own run time and count of time slices,
+    the first and third fields of ``/proc/<pid>/task/*/schedstat`` (every
+    thread)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    ran = slices = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                st = f.read().split()
+        except FileNotFoundError:   # a thread that ended meanwhile
+            continue
+        ran, slices = ran + int(st[0]), slices + int(st[2])
+    return int(fields[11]) * 1e6 / tick, int(fields[12]) * 1e6 / tick, ran / 1e3, slices   # stat(5) fields 14, 15
+
+
+def _cpu_worker(spec, params, seed, commits, barrier, conn) -> None:
+    try:
+        args = make_args("record", params, seed)
+        client = spec()
+        try:
+            for i in range(CPU_WARMUP_COMMITS):
+                client.write(args[i % len(args)])
+            barrier.wait(300)            # the parent reads the counters
+            barrier.wait(300)
+            c0 = time.process_time()
+            for i in range(commits):
+                client.write(args[(CPU_WARMUP_COMMITS + i) % len(args)])
+            cpu = time.process_time() - c0
+            barrier.wait(300)            # every client is done: the parent reads them again
+        finally:
+            client.close()
+        conn.send({"cpu_s": cpu})
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        import traceback
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def sync_cpu(pair: AppliancePair, params: dict, clients: int, commits: int, seed: int) -> dict:
+    """CPU per synchronous one-record commit, per process of the pair.
+
+    ``clients`` worker processes each run ``commits // clients`` autocommits
+    (``t[k] = rec``, durability "quorum": each returns once the secondary
+    applied it) after a warm-up; the four processes' utime+stime
+    (/proc/<pid>/stat) are read when every client is ready and again when all
+    are done, and divided by the commits. What one commit costs does not
+    depend on how fast the machine is at the time, only on how many commits
+    share a batch and a message (1 client: none)."""
+    ctx = mp.get_context("spawn")
+    procs = pair.cpu_processes()
+    per_client = commits // clients
+    barrier = ctx.Barrier(clients + 1)
+    workers, conns = [], []
+    try:
+        for w in range(clients):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_cpu_worker, daemon=True, name=f"bench-sync-cpu-{w}",
+                            args=(pair.client_spec(), params, seed * 1000 + w, per_client, barrier, send))
+            p.start()
+            send.close()
+            workers.append(p)
+            conns.append(recv)
+        barrier.wait(300)
+        before_status = pair.node.status()
+        before = {name: proc_cpu_us(pid) for name, pid in procs.items()}
+        t0 = time.monotonic()
+        barrier.wait(300)
+        barrier.wait(300)
+        elapsed = time.monotonic() - t0
+        after = {name: proc_cpu_us(pid) for name, pid in procs.items()}
+        after_status = pair.node.status()
+        results = []
+        for recv in conns:
+            msg = recv.recv()
+            if "error" in msg:
+                raise RuntimeError(f"sync-cpu worker failed:\n{msg['error']}")
+            results.append(msg)
+    finally:
+        barrier.abort()
+        for p in workers:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for recv in conns:
+            recv.close()
+    tx0, tx1 = before_status["transactions"], after_status["transactions"]
+    done = tx1["committed"] - tx0["committed"]
+    if done < per_client * clients:
+        raise RuntimeError(f"only {done} of {per_client * clients} commits were effective")
+    n = per_client * clients
+    out = {"commits": n, "clients": clients, "seconds": elapsed, "commits_per_s": n / elapsed,
+           "commits_per_batch": n / max(1, tx1["batches"] - tx0["batches"])}
+    total = total_stat = 0.0
+    for name in procs:
+        user, system, ran, slices = (a - b for a, b in zip(after[name], before[name]))
+        out[f"{name}_user_us"], out[f"{name}_system_us"] = user / n, system / n
+        out[f"{name}_runs"] = slices / n
+        out[f"{name}_stat_us"] = (user + system) / n
+        out[f"{name}_us"] = ran / n
+        total += ran
+        total_stat += user + system
+    out["total_us"] = total / n
+    out["total_stat_us"] = total_stat / n
+    out["clients_us"] = sum(r["cpu_s"] for r in results) * 1e6 / n
+    return out

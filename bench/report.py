@@ -29,6 +29,8 @@ SYNC_P99_GOAL_MS = 2.0     # p99 of a synchronous commit on loopback
 COPY_GOAL = 0.5            # first copy ÷ its bottleneck (loopback TCP, and lz4 for an lz4 secondary)
 CATCH_UP_GOAL = 3.0        # catch-up rate ÷ the primary's sustained write rate
 MEMORY_GOAL = 0.5          # lz4 secondary's memory ÷ the primary's
+SYNC_CPU_GOAL_US = 140.0   # CPU of the four processes per synchronous commit, 8 clients
+SYNC_2_GOAL = 0.8          # synchronous commit rate with 2 synchronous secondaries ÷ with 1
 
 
 def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str) -> dict:
@@ -98,6 +100,13 @@ def replication_ratio_rows(rows: list[dict]) -> list[dict]:
             out.append(_ratio_row("sync-write", "p99 of a synchronous commit, in ms (not a ratio)",
                                   "appliance (sync) p99 ms", r["processes"], r["p99_us"] / 1000,
                                   SYNC_P99_GOAL_MS, None, higher_is_better=False))
+    sync = {r["system"]: r for r in rows if r["kind"] == "measurement" and r["bench"] == "sync-write"
+            and r["processes"] == 8}
+    one, two = sync.get("appliance (sync)"), sync.get("appliance (sync, 2 secondaries)")
+    if one and two and one["ops_per_s"]:
+        out.append(_ratio_row("sync-2", "synchronous commit rate, 2 synchronous secondaries ÷ 1",
+                              "appliance (sync, 2 secondaries)/appliance (sync)", 8,
+                              two["ops_per_s"] / one["ops_per_s"], SYNC_2_GOAL, None))
     rates = [r for r in rows if r["kind"] == "rate"]
     limits = {r["bench"]: r for r in rates if r["bench"] in ("copy-tcp", "copy-lz4")}
     for r in rates:
@@ -115,6 +124,10 @@ def replication_ratio_rows(rows: list[dict]) -> list[dict]:
                 out.append(_ratio_row("catch-up", f"catch-up ÷ primary write rate, {label}",
                                       f"{r['system']}/primary", 1, rate / r["write_rate"], CATCH_UP_GOAL, None,
                                       copied=r["copied"]))
+        elif r["bench"] == "sync-cpu":
+            out.append(_ratio_row("sync-cpu", "CPU µs per synchronous commit, 4 processes (not a ratio)",
+                                  f"{r['system']} µs", r["clients"], r["total_us"],
+                                  SYNC_CPU_GOAL_US if r["clients"] == 8 else None, None, higher_is_better=False))
         elif r["bench"] == "memory":
             lz4 = "lz4" in r["system"]
             out.append(_ratio_row("memory", "secondary ÷ primary memory (pages in use)", f"{r['system']}/primary",

@@ -5,7 +5,7 @@
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
 snapshot-get, find, range, write, tx-write, transfer, order, sync-write,
-async-write, copy, catch-up; "replication" = the last four); see README.md.
+sync-cpu, sync-2, async-write, copy, catch-up; "replication" = the last six); see README.md.
 """
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1)
 ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
 CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
 SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer"]
-REPLICATION_IDS = ["sync-write", "async-write", "copy", "catch-up"]
+REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
+#: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
+SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
 BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS]
 
 
@@ -112,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     or not any(n in ("lmdb", "redis", "appliance") for n in names)]
     chosen = [n for n in names if n in BENCH_IDS]
     args.benches = set(chosen or BENCH_IDS)
+    if "sync-2" in args.benches:     # compared with the one-secondary sync-write row of the same run
+        args.benches.add("sync-write")
     return args
 
 
@@ -246,7 +250,7 @@ class Run:
     # ---------------------------------------------------------- replication ----
 
     def replication(self) -> None:
-        """Pairs on loopback: Redis + replica, then three appliance pairs (see replication.py)."""
+        """Pairs on loopback: Redis + replica, then the appliance pairs (see replication.py)."""
         a = self.args
         if "copy" in a.benches:
             self.out.say("[loopback TCP bandwidth]", style="bold")
@@ -257,8 +261,11 @@ class Run:
         if "appliance" not in a.systems:
             return
         from appliance_system import AppliancePair
-        if "sync-write" in a.benches:
+        if a.benches & {"sync-write", "sync-cpu"}:
             self.pair("appliance: primary + synchronous secondary", AppliancePair, self.sync_rows, mode="sync")
+        if "sync-2" in a.benches:
+            self.pair("appliance: primary + 2 synchronous secondaries", AppliancePair, self.sync2_rows,
+                      mode="sync", secondaries=2)
         if a.benches & {"async-write", "catch-up", "copy"}:
             log_mib = max(64, 32 * int(a.catch_up)) if "catch-up" in a.benches else 64   # retains the catch-up load
             self.pair("appliance: primary + asynchronous secondary", AppliancePair, self.async_rows,
@@ -310,7 +317,30 @@ class Run:
         pair.wait_caught_up()          # streaming: the first copy of an empty appliance
         self.fill(pair)                # each 10,000-record transaction waits for the secondary
         pair.wait_caught_up()
-        self.benches(pair, self.variants(pair, SYNC))
+        if "sync-write" in self.args.benches:
+            self.benches(pair, self.variants(pair, SYNC))
+        if "sync-cpu" in self.args.benches:
+            self.sync_cpu(pair)
+
+    def sync2_rows(self, pair) -> None:
+        pair.start_agents()
+        pair.wait_caught_up()
+        self.fill(pair)
+        pair.wait_caught_up()
+        self.measure(pair, SYNC[0], pair.name, "write", 8)
+
+    def sync_cpu(self, pair) -> None:
+        """CPU per synchronous commit, per process (replication.sync_cpu)."""
+        from replication import sync_cpu
+        for clients, full, quick in SYNC_CPU:
+            c = sync_cpu(pair, self.params, clients, quick if self.args.quick else full,
+                         SYNC[0].seed(100 + clients))
+            per = ", ".join(f"{name.replace('_', ' ')} {c[name + '_us']:.0f}"
+                            for name in pair.cpu_processes())
+            self.rate("sync-cpu", f"CPU per synchronous commit, {clients} client{'s' * (clients > 1)}",
+                      pair.name, c["total_us"], "µs", f"{per} (clients {c['clients_us']:.0f}); "
+                      f"{c['commits']:,} commits at {c['commits_per_s']:,.0f}/s, "
+                      f"{c['commits_per_batch']:.1f} per batch", **c)
 
     def async_rows(self, pair) -> None:
         self.fill(pair)                # no agent runs yet: the secondary gets a first copy

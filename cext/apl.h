@@ -302,6 +302,15 @@ int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
 
+/* ---- a primary's controller and its agent (apl_acks.c; apl_layout.h, struct apl_acks) ---- */
+void apl_acks_init(struct apl_acks *a, uint64_t instance, uint32_t count);
+/* The agent: secondary i confirmed `serial`. Returns 1 when the controller
+ * should be signalled (a commit waits for a serial it reaches), else 0. */
+int apl_acks_post(struct apl_acks *a, uint32_t i, uint64_t serial);
+/* The controller: the lowest serial a commit waits for (0: none), then every
+ * acknowledged serial into out[0 .. ak_count). */
+void apl_acks_want(struct apl_acks *a, uint64_t serial, uint64_t *out);
+
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
 

@@ -514,25 +514,28 @@ class TestBadInput:
             assert conn.request(put("accounts", 1, good))[0] == m.OK  # no transaction was left open
         assert db.table("accounts")[1] == {"id": 1, **good}
 
-    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
-                             ids=["unknown_secondary", "no_args", "bad_args"])
-    def test_one_way_request_from_a_client_is_refused(self, bank, req):
-        """OP_ACKED from a session that is not an agent's is an ordinary request: refused with AccessDeniedError, and the connection serves on."""
+    @pytest.mark.parametrize("req", [[m.OP_WAKEUPS], [m.OP_WAKEUPS, "extra"]], ids=["plain", "bad_args"])
+    def test_wakeups_from_a_client_are_refused(self, bank, req):
+        """OP_WAKEUPS (an agent's eventfds and acknowledgement memory) from a session that is not an agent's is refused with AccessDeniedError, with no descriptor, and the connection serves on."""
         with RawConn(bank.cfg.socket_path) as conn:
-            assert reply_error(conn.request(req)) is errors.AccessDeniedError
+            conn.send(framing.encode(req))
+            data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 16, 3)
+            assert fds == []
+            reply = framing.Decoder().feed(data)[0]
+            assert reply_error(reply) is errors.AccessDeniedError
             assert conn.hello()[0] == m.OK
 
-    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
-                             ids=["unknown_secondary", "no_args", "bad_args"])
-    def test_one_way_request_from_an_agent_refused_without_a_reply(self, bank, req):
-        """A one-way request (OP_ACKED) the controller refuses from an agent's session is logged and gets no reply: the next reply on the connection is the next request's."""
+    def test_wakeups_exist_on_a_primary_only(self, bank):
+        """An agent of an appliance that is no primary asking for wake-ups gets a ProtocolError naming the role, and no descriptor."""
         with RawConn(bank.cfg.socket_path) as conn:
             attached = conn.request([m.OP_AGENT, bank.cfg.role, os.getpid()])
             assert attached[0] == m.OK, attached
-            conn.send(framing.encode(req))
-            reply = conn.hello()
-            assert reply[0] == m.OK and reply[1]["name"] == bank.name
-            wait_event(bank, "one_way_request_refused", op=m.OP_ACKED)
+            conn.send(framing.encode([m.OP_WAKEUPS]))
+            data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 16, 3)
+            assert fds == []
+            reply = framing.Decoder().feed(data)[0]
+            assert reply_error(reply) is errors.ProtocolError and "primary" in reply[2], reply
+            assert conn.hello()[0] == m.OK
 
     @pytest.mark.parametrize("op", [99, 1 << 40])
     def test_unknown_high_op_is_a_protocol_error(self, bank, op):

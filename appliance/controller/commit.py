@@ -145,15 +145,23 @@ class GroupCommit:
             ctl.resume(sess, exc=exc)
 
     def release_backed_up(self) -> None:
-        """Release the synchronous commits their secondaries have confirmed."""
+        """Release the synchronous commits their secondaries have confirmed.
+        The acknowledgements are read from the agent's shared memory each
+        round, after posting the lowest serial still waiting (pull_acks): the
+        last round posts what the agent must signal for next."""
         ctl = self.ctl
-        for w in ctl.sync.ready():
-            if w.timer is not None:
-                ctl.cancel_timer(w.timer)
-            ctl.txns.release(w.txn)
-            if not w.replied:
-                w.replied = True
-                self.reply(w.session, w.txn, w.result, None)
+        while True:
+            ctl.agents.pull_acks()
+            ready = ctl.sync.ready() if ctl.sync.waiting else ()
+            if not ready:
+                return
+            for w in ready:
+                if w.timer is not None:
+                    ctl.cancel_timer(w.timer)
+                ctl.txns.release(w.txn)
+                if not w.replied:
+                    w.replied = True
+                    self.reply(w.session, w.txn, w.result, None)
 
     def _backup_timed_out(self, w: Waiter) -> None:
         """A commit's bound (commit_timeout) passed before its backup was

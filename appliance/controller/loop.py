@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+from array import array
 import os
 import pwd
 import select
@@ -79,7 +80,7 @@ class Session:
 
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
                  "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid",
-                 "waits", "paused", "mask", "idle_ns", "start")
+                 "waits", "paused", "mask", "idle_ns", "start", "fds", "wakeups")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
         self.sock = sock
@@ -103,13 +104,16 @@ class Session:
         self.mask = select.EPOLLIN      # what epoll watches for this socket
         self.idle_ns = self.opened_ns   # when its last request finished (controller.idle_timeout)
         self.start = None               # the peer's start time, from HELLO on (owns its reader slots)
+        self.fds: list[int] = []        # descriptors to pass with the next bytes sent (SCM_RIGHTS)
+        self.wakeups = None             # the agent's wake-ups (agent_ops.Wakeups), after OP_WAKEUPS
 
 
 class Loop:
     """Sockets, timers and request scheduling. The subclass supplies what a
     request does: :meth:`handle` (a coroutine per request), and the hooks
-    :meth:`fast_request`, :meth:`one_way`, :meth:`session_dropped` and
-    :meth:`batch_work` (the group commit, run once per turn)."""
+    :meth:`fast_request`, :meth:`session_dropped` and :meth:`batch_work`
+    (the group commit, run once per turn). Descriptors other than sockets
+    (an agent's eventfd) are watched with :meth:`watch_fd`."""
 
     def __init__(self, cfg: Config, log) -> None:
         self.cfg = cfg
@@ -134,6 +138,7 @@ class Loop:
         self.ep = select.epoll()
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._fd_handlers: dict = {}     # fd -> what to call when it is readable (watch_fd)
 
     # ------------------------------------------------------------------ what the subclass supplies
 
@@ -144,9 +149,6 @@ class Loop:
     def fast_request(self, sess: Session, req: list) -> bool:
         """Carry out `req` without a coroutine if it can; True when it did."""
         return False
-
-    def one_way(self, sess: Session, req: list) -> None:
-        """A request that gets no reply (an agent's OP_ACKED)."""
 
     def session_dropped(self, sess: Session) -> None:
         """`sess` is gone: cancel what it had open."""
@@ -223,6 +225,19 @@ class Loop:
     def cancel_timer(entry) -> None:
         entry[2] = None
 
+    def watch_fd(self, fd: int, fn) -> None:
+        """Call `fn()` from the loop whenever `fd` is readable (level-triggered:
+        fn reads what made it so)."""
+        self._fd_handlers[fd] = fn
+        self.ep.register(fd, select.EPOLLIN)
+
+    def unwatch_fd(self, fd: int) -> None:
+        if self._fd_handlers.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
     def run_once(self, max_wait: float = 1.0) -> None:
         wait = max_wait
         if self.timers:
@@ -243,6 +258,12 @@ class Loop:
                 continue
             sess = self.sessions.get(fd)
             if sess is None:
+                fn = self._fd_handlers.get(fd)
+                if fn is not None:
+                    try:
+                        fn()
+                    except Exception as e:
+                        self.bugs.error("fd_handler_failed", failure_kind(e), error=describe(e), exc_info=True)
                 continue
             try:
                 if ev & (select.EPOLLHUP | select.EPOLLERR) or (ev & select.EPOLLIN and not sess.paused):
@@ -432,7 +453,11 @@ class Loop:
                 self._watch(sess)
             return
         try:
-            n = sess.sock.send(sess.out)
+            if sess.fds:
+                n = sess.sock.sendmsg([sess.out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", sess.fds))])
+                sess.fds = []   # they went with the first byte sent
+            else:
+                n = sess.sock.send(sess.out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
@@ -491,9 +516,6 @@ class Loop:
             sess.requests += 1
             if type(req) is not list or not req or type(req[0]) is not int:
                 self.send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
-                continue
-            if req[0] in m.ONE_WAY and sess.agent:
-                self.one_way(sess, req)     # from anyone else: an ordinary request, refused
                 continue
             if self.fast_request(sess, req):
                 continue

@@ -133,17 +133,6 @@ class Controller(Loop):
         sess.idle_ns = time.monotonic_ns()
         return True
 
-    def one_way(self, sess, req: list) -> None:
-        """A request with no reply (OP_ACKED) from an agent's session: refused
-        ones are logged, not answered (the agent reads no reply to it)."""
-        try:
-            if not self.role.is_primary or sess.agent != "primary" or len(req) != 3:
-                raise errors.ProtocolError("one-way request out of place")
-            agent_ops.acked(self, sess, req[1], req[2])
-        except errors.ApplianceError:
-            self.log.warning("one_way_request_refused", op=req[0], agent=sess.agent, pid=sess.pid,
-                             request=repr(req)[:200])
-
     def request_waits(self, sess, cmd) -> None:
         if cmd is WAIT_COMMIT:
             self.commits.enqueue(sess, sess.txn)
@@ -170,6 +159,7 @@ class Controller(Loop):
 
     def housekeeping(self) -> None:
         self.txns.cancel_idle()
+        self.agents.pull_acks()   # acknowledgements nobody waited for: status, lag, a degraded one's return
         if self.sync.waiting:
             self.sync.tick()
             self.commits.release_backed_up()

@@ -59,6 +59,7 @@ def status(ctl) -> dict:
 def _replication(ctl) -> dict | None:
     role = ctl.role
     if role.is_primary:
+        ctl.agents.pull_acks()
         st = ctl.sync.status()
         st["agent"] = {k: v for k, v in ctl.agents.status().items() if k != "secondaries"}
         behind = serials_behind(ctl)

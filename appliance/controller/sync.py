@@ -21,9 +21,9 @@ WAIT TIME; the client sends it): past it the client gets BackupTimeoutError
 the confirmation comes, as with wait=False. Status lists the waiting commits.
 
 Shared state: none outside the controller's event-loop thread. The agent
-reports each secondary's acknowledged serial (OP_ACKED at once, OP_REPL_STATE
-with the rest of its state); this module
-decides which waiting transactions are satisfied.
+reports each secondary's acknowledged serial (at once in shared memory, read
+by AgentLink.pull_acks; with the rest of its state in OP_REPL_STATE); this
+module decides which waiting transactions are satisfied.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class SyncTracker:
             self.ack(name, a if type(a) is int else 0)
 
     def ack(self, name: str, serial: int) -> None:
-        """A secondary confirmed everything up to `serial` applied (OP_ACKED)."""
+        """A secondary confirmed everything up to `serial` applied."""
         if serial > self.acked[name]:
             self.acked[name] = serial
         if name in self.degraded and self.acked[name] >= self.last_serial and self.state[name].get("connected"):

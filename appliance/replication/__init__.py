@@ -33,6 +33,7 @@ from .. import errors
 from .._os import logs, sdnotify
 from .._os.lifecycle import cancel_and_wait
 from ..config import Config
+from ..store import changelog
 from ..store.reader import Reader
 from ..store.segment import Attachment
 from ..wire import messages as m
@@ -57,18 +58,19 @@ def _run_loop(coro) -> None:
         uvloop.run(coro)
 
 
-async def _connect_controller(cfg: Config, role: str | None, log) -> link.ControlLink:
+async def _connect_controller(cfg: Config, role: str | None, log, wakeups: bool = False) -> link.ControlLink:
     """Attach to the controller as its agent, waiting for it to be up
     (logged once, naming the socket; again when the reason changes).
     `role`: the role the agent runs, refused by a controller whose appliance
     has another one now; None to be told (the first link: the controller
-    owns the role, appliance/controller/role.py)."""
+    owns the role, appliance/controller/role.py). `wakeups`: the link also
+    gets a primary's wake-ups (link.Wakeups)."""
     path = str(cfg.socket_path)
     logged = None
     while True:
         ctl = link.ControlLink(path, f"agent:{role or 'starting'}")
         try:
-            await ctl.connect(role)
+            await ctl.connect(role, wakeups)
             return ctl
         except (OSError, errors.UnavailableError) as exc:
             ctl.close()
@@ -95,6 +97,7 @@ class PrimaryAgent:
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
         self.ready = False   # its relays run (READY=1 sent)
+        self.wakeups: link.Wakeups | None = None   # the watch link's, while it is up
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -114,10 +117,17 @@ class PrimaryAgent:
     # -- shared facts for relays ----------------------------------------------------------
 
     def bounds(self) -> dict:
-        from ..store import changelog
         b = changelog.bounds(self.reader)
         self.head, self.serial = max(self.head, b["head"]), max(self.serial, b["serial"])
         return b
+
+    def refresh(self) -> None:
+        """head and serial as published now (after every publish: no allocation)."""
+        head, serial = self._bounds.head_serial()
+        if head > self.head:
+            self.head = head
+        if serial > self.serial:
+            self.serial = serial
 
     def pin_with_serial(self):
         """Pin the latest version; (pin, version, the log serial it ends at)."""
@@ -138,29 +148,60 @@ class PrimaryAgent:
 
     def acked(self, name: str, serial: int) -> None:
         """Pass a secondary's "backup complete" to the controller at once: it
-        releases the synchronous commits waiting for it. One-way and sent from
-        the relay's reader itself, so an ACK costs no task switch and no reply;
-        the periodic report carries the rest of the relay's state."""
+        releases the synchronous commits waiting for it. Stored in the shared
+        acknowledgements from the relay's reader itself (link.Wakeups.post),
+        so an ACK costs no task switch and no message; the periodic report
+        carries the rest of the relay's state."""
+        w = self.wakeups
         try:
-            self.ctl.notify([m.OP_ACKED, name, serial])
-        except errors.UnavailableError:
-            self.report_soon()   # the watch task reconnects; the report after it carries the serial
+            if w is not None:
+                w.post(name, serial)
+                return
+        except OSError:
+            pass
+        self.report_soon()   # the watch task reconnects; the report after it carries the serial
+
+    def _use_wakeups(self, w: link.Wakeups | None) -> None:
+        """Wake the relays whenever the controller signals a publish (None:
+        the link is down)."""
+        loop = asyncio.get_running_loop()
+        if self.wakeups is not None:
+            loop.remove_reader(self.wakeups.published)
+        self.wakeups = w
+        if w is not None:
+            loop.add_reader(w.published, self._published)
+            self._published(force=True)   # what was published before the reader was added
+
+    def _published(self, force: bool = False) -> None:
+        """The controller published a version: the relays send what is new,
+        but for one that holds it for its next message (Relay.holding: it
+        sends when its ACK comes), which is not woken at all."""
+        w = self.wakeups
+        if w is None or not (w.take_published() or force):
+            return
+        self.refresh()
+        for r in self.relays:
+            if not r.holding():
+                r.wake.set()
 
     # -- tasks --------------------------------------------------------------------------------
 
     async def run(self, ready) -> None:
-        # two links: WATCH parks on its own, so reports (ACKs) never queue behind it
-        self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+        # two links: WATCH parks on its own, so reports never queue behind it; it
+        # holds the wake-ups (publishes, acknowledgements: link.Wakeups)
+        self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log, wakeups=True)
         info = self.ctl.info
         self.att = Attachment(self.cfg.name, writable=False)
         if self.att.instance != info["instance"]:
             raise errors.UnavailableError("the appliance was re-created while the agent attached; restart")
         self.instance, self.epoch = info["instance"], info["epoch"]
         self.reader = Reader(self.att)
+        self._bounds = changelog.Bounds(self.reader)
         self.log_size = self.att.sb.sb_log_size
         self.files = link.files_of(self.att)
         self.bounds()
         self.relays = [Relay(self, s) for s in self.cfg.replication.secondaries]
+        self._use_wakeups(self.watch_ctl.wakeups)
         tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
@@ -174,29 +215,31 @@ class PrimaryAgent:
                 if t.exception():
                     raise t.exception()
         finally:
+            self._use_wakeups(None)
             await cancel_and_wait([*tasks, *self.verify_tasks])
 
     async def _watch(self) -> None:
-        """Long-poll the controller for newly published log entries."""
+        """Long-poll the controller for what operators ask of the agent
+        (verify, resync), and keep the links up: new log entries are
+        signalled by the wake-ups (_published)."""
         while True:
             try:
-                b = await self.watch_ctl.call([m.OP_WATCH, self.serial, self.cfg.replication.heartbeat])
+                b = await self.watch_ctl.call([m.OP_WATCH, None, self.cfg.replication.heartbeat])
             except errors.UnavailableError:
                 self.log.warning("controller_link_lost")
+                self._use_wakeups(None)
                 self.ctl.close()
                 self.watch_ctl.close()
                 self.ctl = await _connect_controller(self.cfg, "primary", self.log)
-                self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+                self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log, wakeups=True)
                 if self.ctl.info["instance"] != self.instance:
                     raise errors.UnavailableError("the appliance was re-created; the agent restarts")
+                self._use_wakeups(self.watch_ctl.wakeups)
                 self.report_soon()
                 continue
-            self.head, self.serial = b["head"], b["serial"]
+            self.head, self.serial = max(self.head, b["head"]), max(self.serial, b["serial"])
             for r in self.relays:
                 r.wake.set()
-            # let the relays send the new entries before this task re-arms the
-            # watch: the entries are on the synchronous commits' path, the watch is not
-            await asyncio.sleep(0)
             for name in b.get("resync", ()) or ():
                 for r in self.relays:
                     if r.name == name:
@@ -217,6 +260,7 @@ class PrimaryAgent:
             except asyncio.TimeoutError:
                 pass
             self._report_event.clear()
+            self.refresh()   # the lag it reports (publishes are not signalled while every relay holds)
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
                      "reported_at": time.time()}
             try:

@@ -161,9 +161,8 @@ class Applier:
         pending = b""
         acked = -1   # last ACK on this link: the first applied serial is always acknowledged
         copy_calls: list = []
-        timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
         while self.current is fs:
-            kind, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
+            kind, epoch, serial, ts, body = rp.parse(await fs.recv())   # (silence: _heartbeats)
             if epoch < self.epoch_seen:
                 fs.send(rp.message(rp.ERROR, self.epoch_seen, 0,
                                    {"code": "APL_ESTALE", "message": f"epoch {epoch} < {self.epoch_seen}"}))
@@ -260,9 +259,11 @@ class Applier:
 
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
-        (the primary drops a link it has not heard from)."""
+        (the primary drops a link it has not heard from), and drop a primary
+        silent while _serve waits for it (a timer here, not one per message)."""
         while True:
             await asyncio.sleep(self.cfg.replication.heartbeat)
+            fs.expire_if_silent(max(3.0, 6 * self.cfg.replication.heartbeat))
             applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))

@@ -42,12 +42,15 @@ The replication agent of the same appliance uses these, on the same socket
 
 {agent_requests}
 
-OP_ACKED is the one request without a reply: it is on the path of every
-synchronous commit, and a reply would cost the controller a send and the
-agent a wake-up per acknowledgement for nothing. A malformed one from an
-agent is logged and ignored (the agent's full OP_REPL_STATE carries the same
-serial). From any session that is not an agent's it is an ordinary request:
-refused with AccessDeniedError, like every agent op.
+A synchronous commit crosses the primary's agent link twice, so neither
+crossing is a message: OP_WAKEUPS hands the agent, with its reply, three
+descriptors (SCM_RIGHTS ancillary data, in this order): an eventfd the
+controller signals after every publish (the agent then reads the log bounds
+from shared memory: no OP_WATCH round trip per commit), an eventfd the agent
+signals when an acknowledgement may release a commit, and a memfd holding
+the acknowledged serials (cext/apl_layout.h, struct apl_acks, which also says
+why no wake-up is lost). OP_WATCH with serial nil then waits only for what an
+operator asked of the agent (verify, resync) or its timeout.
 
 OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
 OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
@@ -105,15 +108,12 @@ OP_REPL_STATE = 32
 OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
-OP_ACKED = 36
+OP_WAKEUPS = 37
 
 #: the most replies a client leaves unread on one connection (flow control of pipelined
 #: statements); the controller stops reading only a session with more requests queued
 #: (controller.loop.INBOX_PAUSE), so a client within it never waits for the controller to read
 MAX_PIPELINED = 4096
-
-#: requests the controller answers with no reply
-ONE_WAY = frozenset({OP_ACKED})
 
 #: ops allowed as steps of a transaction (and of OP_ATOMIC)
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
@@ -174,13 +174,13 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy (role: the one the agent expects, or nil to be told)"),
-    _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
-       'timeout): head, tail, serial, version, "verify": ids operators asked for, "resync": secondaries to '
-       "copy again", agent=True),
+    _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
+       'an operator asked something of the agent, or at the timeout: head, tail, serial, version, "verify": '
+       'ids operators asked for, "resync": secondaries to copy again', agent=True),
     _R(OP_REPL_STATE, ("state",), "nil ({secondary: {connected, acked, state, ...}}: drives synchronous "
        'commits on a primary, shown by status; or {"verify": {id: result}})', agent=True),
-    _R(OP_ACKED, ("secondary", "serial"), "none: one-way (a primary: releases the synchronous commits the "
-       "serial satisfies)", agent=True),
+    _R(OP_WAKEUPS, (), "map: instance, secondaries (names, in the order of the acknowledgement slots); with "
+       "it, the published and acked eventfds and the acknowledgements memfd (a primary)", agent=True),
     _R(OP_APPLY, ("source", "after", "entries"), "map: applied, consumed (a secondary)", agent=True),
     _R(OP_COPY, ("phase", "source", "payload"), 'map: copied or applied (a secondary; phase: "begin", '
        '"blocks" or "end")', agent=True),
