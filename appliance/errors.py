@@ -37,6 +37,8 @@ __all__ = [
     "TransactionStateError",
     "CommitUnknownError",
     "BackupTimeoutError",
+    "DiskError",
+    "DiskFullError",
     "MemoryFullError",
     "ReadersFullError",
     "SnapshotTooOldError",
@@ -58,6 +60,7 @@ EXIT_USAGE = 2       # the CLI: bad arguments (click's own)
 EXIT_NOT_RUNNING = 3 # the CLI: the appliance is not running
 EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket)
 EXIT_NOSPACE = 73    # EX_CANTCREAT: shared memory cannot hold the segments (/dev/shm too small)
+EXIT_IOERR = 74      # EX_IOERR: the durability files cannot be used (a cold start refused, the directory unusable)
 EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
 EXIT_CONFIG = 78     # EX_CONFIG: the configuration is refused
 EXIT_SOFTWARE = 70   # EX_SOFTWARE: the controller stopped itself rather than publish a batch it could not
@@ -200,6 +203,24 @@ class BackupTimeoutError(ApplianceError):
     """
 
     codes = ("APL_EBACKUP",)
+
+
+class DiskError(ApplianceError):
+    """The durability files (``[durability] dir``: log files, checkpoints)
+    could not be written or read: an I/O error, a file that is not the
+    appliance's, a directory it may not use. ``details``: ``path``, and for a
+    commit ``txn`` and ``committed`` (True: applied in memory, its log not yet
+    on disk; False: refused, nothing changed)."""
+
+    codes = ("APL_EDISK",)
+
+
+class DiskFullError(DiskError):
+    """No space left on the disk of ``[durability] dir``. While it lasts,
+    commits are refused (nothing changed; retry once space returns) and the
+    appliance writes the log it holds as soon as space returns."""
+
+    codes = ("APL_ENOSPC",)
 
 
 class MemoryFullError(ApplianceError, MemoryError):

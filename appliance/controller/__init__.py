@@ -64,12 +64,16 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
     ctl = None
     try:
         check_socket_free(cfg)   # before any segment is made for a start that cannot serve
-        writer, facts, created = open_or_create(cfg, log)
+        files = None
+        if cfg.durability is not None:
+            from ..durability.logfiles import LogDir
+            files = LogDir(cfg.durability_dir, log, cfg.storage.mode_bits)
+        writer, facts, created = open_or_create(cfg, log, files)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
         sb.sb_state = 1
         sb.sb_opened_ns = time.time_ns()
-        ctl = Controller(cfg, writer, log, recovery=facts, created=created)
+        ctl = Controller(cfg, writer, log, recovery=facts, created=created, files=files)
         ctl.listen()
         if shutdown is not None:
             ctl.ep.register(shutdown.fileno(), select.EPOLLIN)
@@ -120,10 +124,13 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
             return errors.EXIT_CONFIG
         log = log.bind(appliance=cfg.name)
         return serve(cfg, log, shutdown)
-    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError) as e:
+    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError,
+            errors.DiskError) as e:
         log.error("controller_refused_to_start", error=str(e), code=e.code)
         if isinstance(e, errors.BusyError):
             return errors.EXIT_BUSY
+        if isinstance(e, errors.DiskError):
+            return errors.EXIT_IOERR
         return errors.EXIT_NOSPACE if isinstance(e, errors.MemoryFullError) else errors.EXIT_CONFIG
     finally:
         shutdown.uninstall()

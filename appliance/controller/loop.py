@@ -131,6 +131,7 @@ class Loop:
         self._accept_paused = False
         self._user_names: dict[int, str] = {}
         self.ep = select.epoll()
+        self.wakeups: dict = {}          # fd -> what to run when it is readable (another thread's eventfd)
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
 
@@ -192,6 +193,12 @@ class Loop:
         self.listener = s
         self.ep.register(s.fileno(), select.EPOLLIN)
 
+    def add_wakeup(self, fd: int, fn) -> None:
+        """Run fn() on the loop thread whenever `fd` (an eventfd another
+        thread of this process writes) is readable; fn must read it."""
+        self.wakeups[fd] = fn
+        self.ep.register(fd, select.EPOLLIN)
+
     def close(self) -> None:
         for sess in list(self.sessions.values()):
             self.drop(sess, "controller_stopping", log=False)
@@ -240,6 +247,12 @@ class Loop:
                 continue
             sess = self.sessions.get(fd)
             if sess is None:
+                fn = self.wakeups.get(fd)
+                if fn is not None:
+                    try:
+                        fn()
+                    except Exception as e:
+                        self.bugs.error("wakeup_failed", failure_kind(e), error=describe(e), exc_info=True)
                 continue
             try:
                 if ev & (select.EPOLLHUP | select.EPOLLERR) or (ev & select.EPOLLIN and not sess.paused):

@@ -1,0 +1,326 @@
+"""Durability on disk ([durability]): log files, checkpoints, cold start.
+
+Real controllers with real files in the test's temporary directory; a
+"power cut" is every process SIGKILLed and every segment unlinked, which
+leaves exactly what a machine that lost power keeps: the files (fsynced or
+in the page cache, which these tests do not drop: the guarantee of each
+log_sync mode against the page cache is the README's, not a test's).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance import errors
+from appliance.durability import records as rec
+from appliance.store.reader import Reader
+from appliance.store.segment import Attachment, unlink_all
+
+from procs import APPLIANCE, RUN_DIR
+
+TABLES = """
+[tables.accounts]
+primary_key = "id"
+alternate_keys = ["branch"]
+fields = { id = "int", branch = "str", balance = "int" }
+
+[tables.transfers]
+primary_key = "id"
+fields = { id = "int", src = "int", dst = "int", amount = "int" }
+"""
+
+
+def durability(d, **kw) -> str:
+    kw.setdefault("checkpoint_every", "off")
+    lines = [f'dir = "{d}"'] + [f"{k} = {json.dumps(v)}" for k, v in kw.items()]
+    return "[durability]\n" + "\n".join(lines) + "\n"
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([*APPLIANCE, *map(str, args)], capture_output=True, text=True, cwd=RUN_DIR,
+                          timeout=timeout)
+
+
+def block_sums(name: str) -> tuple[int, str]:
+    """(serial, digest of every block's checksum) of a running appliance, read from its segments."""
+    att = Attachment(name, writable=False)
+    try:
+        r = Reader(att)
+        pin = r.pin()
+        try:
+            pb = att.sb.sb_pub[pin.version & 1]
+            return pb.pb_serial, hashlib.sha1(r.block_sums(pin.version)).hexdigest()
+        finally:
+            pin.close()
+    finally:
+        att.close()
+
+
+def power_cut(app) -> None:
+    """Every process of the appliance killed, every segment gone: only the files remain."""
+    for p in app.children:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    app.controller.kill()
+    unlink_all(app.name, app.cfg.storage.segments)
+
+
+def fill(db, n: int, start: int = 0) -> None:
+    t = db.table("accounts")
+    for i in range(start, start + n):
+        t[i] = {"branch": f"br{i % 7}", "balance": 1000 + i}
+
+
+def log_files(d) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("log-") and p.name.endswith(".apl"))
+
+
+class TestLogFilesAndColdStart:
+    def test_commits_reach_the_log_and_a_cold_start_rebuilds_every_block(self, make_appliance, tmp_path):
+        """With log_sync = "commit" every acknowledged commit is on disk when it
+        returns (status: durable serial = the serial); after a power cut the
+        controller rebuilds the segments from the log alone: the same blocks
+        (checksums), the same serial; status and the log line say what it
+        loaded; new commits continue the serials, after the file's last record."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 300)
+        with db.transaction(program="transfer", input={"src": 1, "dst": 2}) as tx:
+            tx.update("accounts", 1, {"balance": 0})
+            tx.insert("transfers", {"id": 1, "src": 1, "dst": 2, "amount": 1001})
+        del db.table("accounts")[5]
+        st = db.status()
+        dur = st["durability"]
+        assert dur["log_sync"] == "commit" and dur["durable_serial"] == st["log"]["serial"] > 0
+        assert dur["fsyncs"] > 0 and dur["error"] is None and dur["log_bytes_since_checkpoint"] > 0
+        assert log_files(d) == ["log-00000000000000000001.apl"]
+        human = cli("status", "--config", app.config)
+        assert "durability:" in human.stdout and f"durable serial {st['log']['serial']}" in human.stdout
+        before = block_sums(app.name)
+        db.close()
+
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        db = app.connect()
+        st = db.status()
+        cold = st["recovery"]["cold_start"]
+        assert cold["checkpoint"] is None and cold["serial"] == before[0]
+        assert cold["records_replayed"] == 302 and cold["entries_replayed"] > 302 and cold["log_cut"] is None
+        ev = [e for e in app.controller.events() if e.get("event") == "cold_start_loaded"]
+        assert len(ev) == 1 and ev[0]["serial"] == before[0] and "seconds" in ev[0]
+        t = db.table("accounts")
+        assert len(t) == 299 and t[1]["balance"] == 0 and db.table("transfers")[1]["amount"] == 1001
+        assert sorted(r["id"] for r in t.find("branch", "br3"))[:3] == [3, 10, 17]
+        t[7] = {"branch": "x", "balance": 7}
+        st = db.status()
+        assert st["log"]["serial"] > before[0] and st["durability"]["durable_serial"] == st["log"]["serial"]
+        assert log_files(d) == ["log-00000000000000000001.apl"] and st["durability"]["log_seq"] == 303
+        db.close()
+
+    def test_a_plain_restart_keeps_its_segments_and_continues_the_file(self, make_appliance, tmp_path):
+        """A controller killed with its segments left recovers from them as
+        before (no cold start) and appends to the same log file, after the
+        record where it stopped."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 50)
+        seq = db.status()["durability"]["log_seq"]
+        db.close()
+        app.controller.kill()
+        app.controller.start()
+        db = app.connect()
+        st = db.status()
+        assert "cold_start" not in st["recovery"] and st["durability"]["log_seq"] == seq
+        fill(db, 10, 50)
+        st = db.status()
+        assert st["durability"]["log_seq"] == seq + 10 and log_files(d) == ["log-00000000000000000001.apl"]
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+
+    def test_interval_and_off_answer_at_once_and_a_clean_stop_loses_nothing(self, make_appliance, tmp_path):
+        """log_sync = "interval" forces the file every sync_interval (fsyncs
+        far fewer than commits); "off" never forces it while running; a
+        SIGTERM stop writes and forces everything either way."""
+        for mode, extra in (("interval", {"sync_interval": "50ms"}), ("off", {})):
+            d = tmp_path / mode
+            app = make_appliance(tables=TABLES, extra=durability(d, log_sync=mode, **extra)).start()
+            db = app.connect()
+            fill(db, 200)
+            st = db.status()["durability"]
+            assert st["log_sync"] == mode and st["written_serial"] > 0
+            if mode == "off":
+                assert st["fsyncs"] == 0
+            else:
+                assert st["fsyncs"] < 200
+            db.close()
+            before = block_sums(app.name)
+            assert app.controller.stop() == 0
+            unlink_all(app.name, app.cfg.storage.segments)
+            app.controller.start()
+            assert block_sums(app.name) == before
+
+
+class TestCheckpoints:
+    def test_checkpoint_command_retires_files_and_a_cold_start_uses_it(self, make_appliance, tmp_path):
+        """`appliance checkpoint` writes one (human and --json output, status
+        last_checkpoint); with keep_checkpoints = 2 the third removes the
+        first and the log files only it needed; a cold start loads the newest
+        checkpoint and replays only the log after it."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, keep_checkpoints=2, log_file_size="1MiB")).start()
+        db = app.connect()
+        fill(db, 400)
+        r = cli("checkpoint", "--config", app.config)
+        assert r.returncode == 0 and r.stdout.startswith("checkpoint checkpoint-"), r.stderr
+        fill(db, 400, 400)
+        r = cli("checkpoint", "--config", app.config, "--json")
+        assert r.returncode == 0, r.stderr
+        second = json.loads(r.stdout)
+        st = db.status()["durability"]
+        assert st["last_checkpoint"]["file"] == second["file"] and second["serial"] <= st["durable_serial"]
+        assert st["checkpoints"]["taken"] == 2 and second["blocks"] > 0 and second["bytes"] > 0
+        fill(db, 400, 800)
+        cps = sorted(p.name for p in d.glob("checkpoint-*.apl"))
+        assert len(cps) == 2
+        third = json.loads(cli("checkpoint", "--config", app.config, "--json").stdout)
+        t = db.table("accounts")
+        t[5] = {"branch": "after", "balance": 5}
+        deadline = time.monotonic() + 10
+        while len(list(d.glob("checkpoint-*.apl"))) != 2 or cps[0] in {p.name for p in d.glob("*.apl")}:
+            assert time.monotonic() < deadline, sorted(p.name for p in d.iterdir())
+            time.sleep(0.05)
+        first_seq = int(cps[0][len("checkpoint-"):-4])
+        assert all(int(n[4:-4]) > first_seq for n in log_files(d)[1:])   # files only the first needed are gone
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        cold = app.connect().status()["recovery"]["cold_start"]
+        assert cold["checkpoint"] == third["file"] and cold["checkpoint_serial"] == third["serial"]
+        assert cold["records_replayed"] == 1
+
+    def test_checkpoint_every_volume_of_log(self, make_appliance, tmp_path):
+        """checkpoint_every = "1MiB": a checkpoint is taken by itself once that much log was written."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, checkpoint_every="1MiB", log_sync="off")).start()
+        db = app.connect()
+        db.load("accounts", [{"id": i, "branch": "b" * 60, "balance": i} for i in range(12000)], batch=2000)
+        deadline = time.monotonic() + 10
+        while not db.status()["durability"]["last_checkpoint"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        ev = [e for e in app.controller.events() if e.get("event") == "checkpoint_started"]
+        assert ev and ev[0]["reason"] == "checkpoint_every"
+
+    def test_checkpoint_without_durability_is_refused(self, bank):
+        """`appliance checkpoint` on a memory-only appliance: a ConfigError
+        naming [durability], exit 78, nothing written."""
+        r = cli("checkpoint", "--config", bank.config)
+        assert r.returncode == errors.EXIT_CONFIG and "durability" in r.stderr
+
+
+class TestDamagedFiles:
+    """A torn or corrupt tail is cut at the last whole record; a corrupt
+    checkpoint is passed over for the previous one with its logs."""
+
+    def test_a_log_cut_at_any_offset_loads_whole_transactions_only(self, make_appliance, tmp_path):
+        """The log cut at random byte offsets (a torn write): each cold start
+        loads the transactions whose records are whole — every transfer in
+        them moved its money exactly once, none in part — and says what it cut."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, log_sync="off")).start()
+        db = app.connect()
+        acc = db.table("accounts")
+        for i in range(20):
+            acc[i] = {"branch": "b", "balance": 1000}
+        for k in range(1, 120):
+            with db.transaction(program="transfer") as tx:
+                a, b = k % 20, (k * 7 + 3) % 20
+                if a == b:
+                    b = (b + 1) % 20
+                ra = tx.get("accounts", a, for_update=True)
+                rb = tx.get("accounts", b, for_update=True)
+                tx.update("accounts", a, {"balance": ra["balance"] - k})
+                tx.update("accounts", b, {"balance": rb["balance"] + k})
+                tx.insert("transfers", {"id": k, "src": a, "dst": b, "amount": k})
+        db.close()
+        app.controller.stop()
+        unlink_all(app.name, app.cfg.storage.segments)
+        (logf,) = [d / n for n in log_files(d)]
+        whole = logf.read_bytes()
+        import random
+        rng = random.Random(13)
+        offsets = sorted(rng.sample(range(200, len(whole) - 1), 4)) + [len(whole) - 3]
+        for off in offsets:
+            logf.write_bytes(whole[:off] + (os.urandom(20) if off % 2 else b""))
+            app.controller.start()
+            c = app.connect()
+            cold = c.status()["recovery"]["cold_start"]
+            assert cold["log_cut"] is not None and cold["log_cut"]["file"] == logf.name
+            tr = {r["id"]: r for r in c.table("transfers").range()}
+            bal = {r["id"]: r["balance"] for r in c.table("accounts").range()}
+            assert sorted(tr) == list(range(1, len(tr) + 1))        # a prefix of the transfers
+            expect = {i: 1000 for i in range(20)}
+            for r in tr.values():
+                expect[r["src"]] -= r["amount"]
+                expect[r["dst"]] += r["amount"]
+            assert bal == expect and sum(bal.values()) == 20000
+            c.close()
+            app.controller.kill()
+            unlink_all(app.name, app.cfg.storage.segments)
+        assert logf.stat().st_size <= offsets[-1]                  # the last cut was truncated off
+
+    def test_a_corrupt_checkpoint_is_passed_over_for_the_previous_one(self, make_appliance, tmp_path):
+        """Bytes flipped in the newest checkpoint: the cold start detects it by
+        checksum (log checkpoint_unusable), loads the previous checkpoint and
+        the log after it, and ends in the same state."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, keep_checkpoints=2)).start()
+        db = app.connect()
+        fill(db, 300)
+        assert cli("checkpoint", "--config", app.config).returncode == 0
+        fill(db, 300, 300)
+        assert cli("checkpoint", "--config", app.config).returncode == 0
+        fill(db, 20, 600)
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        old, new = sorted(d.glob("checkpoint-*.apl"))
+        data = bytearray(new.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 8):
+            data[i] ^= 0xFF
+        new.write_bytes(bytes(data))
+        app.controller.start()
+        assert block_sums(app.name) == before
+        cold = app.connect().status()["recovery"]["cold_start"]
+        assert cold["checkpoint"] == old.name
+        assert [s["file"] for s in cold["checkpoints_skipped"]] == [new.name]
+        assert "checksum" in cold["checkpoints_skipped"][0]["reason"]
+        assert any(e.get("event") == "checkpoint_unusable" for e in app.controller.events())
+
+    def test_files_of_another_appliance_are_refused(self, make_appliance, tmp_path):
+        """A durability dir made by another appliance: the controller refuses
+        to start (exit 74) naming both, and loads nothing."""
+        d = tmp_path / "files"
+        a = make_appliance(tables=TABLES, extra=durability(d)).start()
+        fill(a.connect(), 5)
+        power_cut(a)
+        b = make_appliance(tables=TABLES, extra=durability(d))
+        b.controller.start(wait=False)
+        assert b.controller.proc.wait(30) == errors.EXIT_IOERR
+        assert "belongs to appliance" in b.controller.log()
