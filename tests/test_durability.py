@@ -324,3 +324,69 @@ class TestDamagedFiles:
         b.controller.start(wait=False)
         assert b.controller.proc.wait(30) == errors.EXIT_IOERR
         assert "belongs to appliance" in b.controller.log()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 512 KiB mounted for the test (unmounted after it): a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+class TestFullDisk:
+    def test_commits_fail_typed_while_the_disk_is_full_and_go_on_when_space_returns(self, make_appliance,
+                                                                                     small_disk):
+        """The log's disk fills up: commits fail with DiskFullError (the one in
+        flight says it is applied in memory but not durable; later ones that
+        they changed nothing), status says why; once space returns the log is
+        written and commits go on; after a power cut every acknowledged commit
+        is there."""
+        app = make_appliance(tables=TABLES, extra=durability(small_disk / "files")).start()
+        db = app.connect()
+        t = db.table("accounts")
+        acked, failures = [], []
+        i = 0
+        while len(failures) < 3:
+            try:
+                t[i] = {"branch": "x" * 200, "balance": i}
+                acked.append(i)
+            except errors.DiskFullError as e:
+                failures.append((i, e))
+            i += 1
+            assert i < 20000, "the disk never filled up"
+        first, refused = failures[0], failures[1:]
+        assert first[1].details["committed"] is True and "applied in memory" in str(first[1])
+        assert "No space left on device" in str(first[1]) and "do not retry it" in str(first[1])
+        for k, e in refused:
+            assert e.details["committed"] is False and "nothing was changed" in str(e)
+            assert k not in t                                       # refused: nothing changed
+        st = db.status()["durability"]
+        assert st["error"] and "No space" in st["error"]
+        assert any(e.get("event") == "durability_write_failed" for e in app.controller.events())
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                t[i] = {"branch": "y", "balance": i}
+                acked.append(i)
+                break
+            except errors.DiskFullError:
+                assert time.monotonic() < deadline, "commits did not resume once space returned"
+                time.sleep(0.1)
+        assert db.status()["durability"]["error"] is None
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        c = app.connect()
+        t = c.table("accounts")
+        assert all(t.get(k) is not None and t[k]["balance"] == k for k in acked)
+        assert t[first[0]]["balance"] == first[0]       # the one in flight was written once space returned
+        c.close()

@@ -98,7 +98,7 @@ class GroupCommit:
             if exc is not None:
                 exc = errors.error_for(exc.code, f"commit of transaction {txn.number}: "
                                        f"{exc.message.split(': ', 1)[-1]}; the transaction was cancelled",
-                                       txn=txn.number)
+                                       **{**exc.details, "txn": txn.number})
                 txns.finished(txn, "cancelled")
                 txns.release(txn)
                 self.reply(sess, txn, None, exc)
