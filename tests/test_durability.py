@@ -475,3 +475,38 @@ class TestPowerCut:
             assert sum(bal.values()) == 1000 * n
             assert cold["log_cut"] is None or cold["log_cut"]["set_aside"] == []
         assert len(acked) > 100
+
+
+class TestDurableSecondary:
+    def test_a_secondary_cold_starts_from_its_files_and_catches_up_without_a_copy(self, make_cluster):
+        """A synchronous secondary with its own [durability] loses power alone:
+        it cold-starts from its files (its first block copy and the stream it
+        applied since), its agent asks the primary to resume after that
+        durable serial, and the primary streams what it missed from its change
+        log — no second block copy — until the two are identical."""
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES,
+                         secondary_replication='[durability]\ndir = "files"\ncheckpoint_every = "off"\n')
+        c.start()
+        (sec,) = c.secondaries
+        db = c.primary.app.connect()
+        fill(db, 200)
+        c.wait_caught_up()
+        acked = c.status()["replication"]["secondaries"][sec.name]["acked_serial"]
+        before = c.status()["replication"]["secondaries"][sec.name]["copies"]
+        sec.agent.kill()
+        power_cut(sec.app)
+        local = c.primary.app.connect(durability="local")      # the synchronous secondary is down
+        fill(local, 50, 200)
+        sec.app.controller.start()
+        st = sec.app.connect().status()
+        cold = st["recovery"]["cold_start"]
+        assert cold["source_serial"] >= acked and cold["records_replayed"] > 0
+        assert st["replication"]["applied_serial"] == cold["source_serial"]
+        sec.agent.start()
+        c.wait_state(sec.name, "streaming")
+        c.wait_caught_up()
+        assert c.status()["replication"]["secondaries"][sec.name]["copies"] == before
+        rc, res = c.verify()
+        assert rc == 0, res
+        fill(db, 10, 250)                                      # synchronous again
+        assert c.verify()[0] == 0

@@ -92,6 +92,15 @@ class _Replay:
         self.nbits = wr.att.sb.sb_max_blocks
 
     def record(self, r: rec.Record) -> None:
+        try:
+            self._record(r)
+        except errors.ApplianceError as e:   # a record whole and valid that does not apply: refuse, load nothing
+            raise errors.DiskError(f"{self.cfg.path}: cold start: log record seq {r.seq} "
+                                   f"({rec.KIND_NAMES.get(r.kind, r.kind)}) does not apply to the state before "
+                                   f"it ({e}); nothing was loaded", path=str(self.cfg.durability_dir)) from None
+        self.records += 1
+
+    def _record(self, r: rec.Record) -> None:
         wr, k = self.wr, r.kind
         if k == rec.KIND_ENTRIES:
             if r.first != self.serial + 1:
@@ -130,7 +139,6 @@ class _Replay:
             self.gap = {"after": r.first, "next": r.last, "seq": r.seq}
             raise StopLog(f"record seq {r.seq}: serials {r.first + 1}..{r.last - 1} never reached the files "
                           "(the controller stopped before writing them and its change log no longer held them)")
-        self.records += 1
 
 
 def cold_start(cfg: Config, log, d: LogDir):
