@@ -269,6 +269,7 @@ class Durable:
             fn(self._not_durable(seq))
         else:
             heapq.heappush(self._waiting_written if written else self._waiting, (seq, next(self._n), fn))
+            w.want_wake = True
 
     def wait_seq(self, sess, seq: int):
         """A request's wait for record `seq` on disk (log_sync = "commit"): a
@@ -305,6 +306,8 @@ class Durable:
                     fn(self._not_durable(seq))
         elif self._reported_error is not None:
             self._reported_error = None
+        if self.mode != "commit" and not self._waiting and not self._waiting_written:
+            w.want_wake = False
         cp = self.checkpoint
         if cp is not None and cp.done and not getattr(cp, "handled", False):
             cp.handled = True

@@ -70,6 +70,8 @@ __all__ = ["LogDir", "LogWriter", "LogEnd", "StopLog", "log_name", "fsync_dir", 
 _LOG = re.compile(r"^log-(\d{20})\.apl$")
 _CKP = re.compile(r"^checkpoint-(\d{20})\.apl$")
 RETRY_S = 0.5          # a failed write or fsync is tried again this often
+OFF_WRITE_S = 0.01     # log_sync = "off": what is queued is written this often
+WRITE_BYTES = 1 << 20  # ... or as soon as this much is queued (any mode)
 
 
 def log_name(seq: int) -> str:
@@ -314,6 +316,9 @@ class LogWriter:
         self._unsynced: list[tuple[int, bytes]] = []   # (offset, bytes) written since the last good fsync
         self._unsynced_seq = (end.seq, end.serial)
         self._last_sync = time.monotonic()
+        self._period = sync_interval if mode == "interval" else OFF_WRITE_S
+        self._next_tick = self._last_sync + self._period
+        self.want_wake = mode == "commit"   # the loop waits for something: wake it after each write/fsync
         if end.path is not None:
             self._fd = os.open(end.path, os.O_WRONLY | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="durability-log-writer", daemon=True)
@@ -329,7 +334,8 @@ class LogWriter:
         with self._cv:
             self._queue.append((seq, kind, payload, first, last, aux1, aux2))
             self._queued_bytes += len(payload) + rec.HDR.size
-            self._cv.notify()
+            if self.mode == "commit" or len(self._queue) == 1 or self._queued_bytes >= WRITE_BYTES:
+                self._cv.notify()      # "interval", "off": once a tick (the writer then waits for _next_tick)
         return seq
 
     @property
@@ -377,12 +383,12 @@ class LogWriter:
         give_up = None                  # stopping while the disk refuses: until when to keep trying
         while True:
             with self._cv:
-                while not self._queue and not self._stop and not pending and not self._sync_due() \
-                        and self.error is None:
+                while not self._ready(pending):
                     self._cv.wait(self._wait_s())
                 pending.extend(self._queue)
                 self._queue = []
                 stop, rotate = self._stop, self._rotate
+                self._next_tick = time.monotonic() + self._period
             try:
                 if pending:
                     self._write(pending, rotate)
@@ -416,10 +422,20 @@ class LogWriter:
                         pass
                 return
 
+    def _ready(self, pending: list) -> bool:
+        """Whether the writer has work now (under _cv)."""
+        if self._stop or self.error is not None or pending or self._sync_due():
+            return True
+        if not self._queue:
+            return False
+        return self.mode == "commit" or self._rotate or self._queued_bytes >= WRITE_BYTES or \
+            time.monotonic() >= self._next_tick
+
     def _wait_s(self):
-        if self.mode == "interval" and self._unsynced:
-            return max(0.0, self._last_sync + self.sync_interval - time.monotonic())
-        return None
+        if self.mode == "commit" or not (self._queue or self._unsynced):
+            return None
+        tick = self._next_tick if self._queue else self._last_sync + self.sync_interval
+        return max(0.0, tick - time.monotonic())
 
     def _sync_due(self) -> bool:
         return self.mode == "interval" and bool(self._unsynced) and \
@@ -485,7 +501,8 @@ class LogWriter:
             self._unsynced_seq = (self.written_seq, self.written_serial)
             if self.mode == "off":
                 self.synced_seq, self.synced_serial = self.written_seq, self.written_serial
-            self._wake()
+            if self.want_wake and self.mode != "commit":
+                self._wake()
 
     def _sync(self) -> None:
         try:
@@ -499,7 +516,8 @@ class LogWriter:
         self._unsynced.clear()
         self._last_sync = time.monotonic()
         self.synced_seq, self.synced_serial = self._unsynced_seq
-        self._wake()
+        if self.want_wake:
+            self._wake()
 
 
 _SERIAL_KINDS = {rec.KIND_ENTRIES, rec.KIND_APPLIED, rec.KIND_GAP, rec.KIND_COPY_BEGIN, rec.KIND_COPY_END}
