@@ -517,8 +517,9 @@ class TestDurableSecondary:
         applied since), its agent asks the primary to resume after that
         durable serial, and the primary streams what it missed from its change
         log — no second block copy — until the two are identical."""
-        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES,
-                         secondary_replication='[durability]\ndir = "files"\ncheckpoint_every = "off"\n')
+        files = '[durability]\ndir = "files"\ncheckpoint_every = "off"\n'
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES, secondary_replication=files,
+                         primary_replication=files)
         c.start()
         (sec,) = c.secondaries
         db = c.primary.app.connect()
@@ -543,3 +544,38 @@ class TestDurableSecondary:
         assert rc == 0, res
         fill(db, 10, 250)                                      # synchronous again
         assert c.verify()[0] == 0
+
+    def test_after_power_cuts_everywhere_the_primary_streams_what_its_ring_lost_from_its_files(
+            self, make_cluster):
+        """Both durable; the secondary loses power, the primary goes on alone,
+        then the primary loses power too. After both cold start the primary's
+        change-log ring begins empty, but its log files still hold what the
+        secondary misses: the relay streams it from them (log
+        stream_from_log_files) instead of copying the blocks."""
+        files = '[durability]\ndir = "files"\ncheckpoint_every = "off"\n'
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES, secondary_replication=files,
+                         primary_replication=files)
+        c.start()
+        (sec,) = c.secondaries
+        prim = c.primary
+        fill(prim.app.connect(), 100, batch=20)
+        c.wait_caught_up()
+        copies = c.status()["replication"]["secondaries"][sec.name]["copies"]
+        sec.agent.kill()
+        power_cut(sec.app)
+        fill(prim.app.connect(durability="local"), 60, 100, batch=5)
+        before = block_sums(prim.name)
+        prim.agent.kill()
+        power_cut(prim.app)
+        prim.app.controller.start()
+        assert block_sums(prim.name) == before
+        sec.app.controller.start()
+        sec.agent.start()
+        prim.agent.start()
+        c.wait_state(sec.name, "streaming")
+        c.wait_caught_up()
+        st = c.status()["replication"]["secondaries"][sec.name]
+        assert copies == 1 and st["copies"] == 0     # the first copy; none by the restarted agent
+        assert any(e.get("event") == "stream_from_log_files" for e in prim.agent.events())
+        rc, res = c.verify()
+        assert rc == 0, res

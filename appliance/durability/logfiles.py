@@ -65,7 +65,8 @@ from pathlib import Path
 from .. import errors
 from . import records as rec
 
-__all__ = ["LogDir", "LogWriter", "LogEnd", "StopLog", "log_name", "fsync_dir", "disk_error", "write_all"]
+__all__ = ["LogDir", "LogWriter", "LogEnd", "StopLog", "log_name", "fsync_dir", "disk_error", "write_all",
+           "entries_after"]
 
 _LOG = re.compile(r"^log-(\d{20})\.apl$")
 _CKP = re.compile(r"^checkpoint-(\d{20})\.apl$")
@@ -112,12 +113,19 @@ class LogEnd:
 
 
 class LogDir:
-    """A durability directory: its log files and checkpoints, by name."""
+    """A durability directory: its log files and checkpoints, by name.
+    `readonly`: another process's view of the controller's directory (the
+    agent reading old log records): nothing is created, removed or cut."""
 
-    def __init__(self, path: Path, log, mode: int = 0o640) -> None:
+    def __init__(self, path: Path, log, mode: int = 0o640, *, readonly: bool = False) -> None:
         self.path = path
         self.log = log
         self.mode = mode & 0o660
+        self.readonly = readonly
+        self.continue_at: LogEnd | None = None   # set by a cold start: where the log goes on
+        self.copy_incomplete = False             # a cold start ended inside a secondary's block copy
+        if readonly:
+            return
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".probe"
@@ -128,8 +136,6 @@ class LogDir:
             raise disk_error(exc, "durability.dir: cannot use", path) from None
         for p in path.glob("*.tmp"):    # a checkpoint or file creation a crash interrupted
             p.unlink(missing_ok=True)
-        self.continue_at: LogEnd | None = None   # set by a cold start: where the log goes on
-        self.copy_incomplete = False             # a cold start ended inside a secondary's block copy
 
     def logs(self) -> list[tuple[int, Path]]:
         """(first seq, path) of every log file, in seq order."""
@@ -185,7 +191,10 @@ class LogDir:
 
     def _cut(self, files, i: int, path: Path | None, offset: int, reason: str) -> dict:
         """End the log at (path, offset): truncate that file there (set it
-        aside when nothing of it is usable) and set every later file aside."""
+        aside when nothing of it is usable) and set every later file aside
+        (read-only: only say where it ends)."""
+        if self.readonly:
+            return {"file": path.name if path is not None else None, "offset": offset, "reason": reason}
         aside, cut_bytes = [], 0
         later = files[i + 1:] if path is not None else files[i:]
         if path is not None:
@@ -281,6 +290,36 @@ class LogDir:
         if gone:
             fsync_dir(self.path)
         return gone
+
+
+def entries_after(d: LogDir, after: int, upto: int, cap: int = 256 << 20) -> list[bytes] | None:
+    """A primary's change-log entries with serials after..upto (inclusive),
+    read back from its log files (entries back to back, whole transactions),
+    for a secondary its change-log ring no longer reaches; None when the
+    files do not hold every one of them or they exceed `cap` bytes."""
+    from ..store.changelog import E_SERIAL, walk
+    out: list[bytes] = []
+    state = {"covered": after, "bytes": 0}
+
+    def on_record(r: rec.Record) -> None:
+        if r.kind == rec.KIND_GAP and r.last > state["covered"]:
+            raise StopLog("a gap")
+        if r.kind != rec.KIND_ENTRIES or r.last <= state["covered"]:
+            return
+        if r.first > state["covered"] + 1:
+            raise StopLog("serials missing")
+        blob = r.payload
+        if r.first <= after:   # a batch that began before: only the entries after `after`
+            start = next((pos for pos, f in walk(blob) if f[E_SERIAL] > after), len(blob))
+            blob = blob[start:]
+        out.append(blob)
+        state["covered"], state["bytes"] = r.last, state["bytes"] + len(blob)
+        if r.last >= upto or state["bytes"] > cap:
+            raise StopLog("done")
+    d.read(0, on_record, payloads=lambda kind: kind == rec.KIND_ENTRIES)
+    if state["covered"] < upto or state["bytes"] > cap:
+        return None
+    return out
 
 
 class LogWriter:
