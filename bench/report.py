@@ -31,6 +31,7 @@ CATCH_UP_GOAL = 3.0        # catch-up rate ÷ the primary's sustained write rate
 MEMORY_GOAL = 0.5          # lz4 secondary's memory ÷ the primary's
 CHECKPOINT_GOAL = 0.5      # checkpoint write rate ÷ the disk's sequential write rate
 COLD_START_GOAL = 2.0      # cold start time ÷ the time to read its files
+CHECKPOINT_P99_GOAL = 1.2  # p99 of a durable commit during checkpoints ÷ without
 
 
 def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str) -> dict:
@@ -100,6 +101,14 @@ def durability_ratio_rows(rows: list[dict]) -> list[dict]:
         out.append(_ratio_row("checkpoint", "checkpoint write rate ÷ disk sequential write rate",
                               f"{cp['system']}/{disk['system']}", 1, cp["value"] / disk["value"],
                               CHECKPOINT_GOAL, None))
+    meas = {(r["bench"], r["processes"]): r for r in rows if r["kind"] == "measurement"
+            and r["system"].startswith(APPLIANCE)}
+    during, plain = meas.get(("durable-write-ckpt", 8)), meas.get(("durable-write", 8))
+    if during and plain and plain["p99_us"]:
+        out.append(_ratio_row("durable-write-ckpt", "p99 of a durable commit during checkpoints ÷ without",
+                              f"{during['system']}, 8 processes", 8, during["p99_us"] / plain["p99_us"],
+                              CHECKPOINT_P99_GOAL, None, higher_is_better=False,
+                              ops_ratio=round(during["ops_per_s"] / plain["ops_per_s"], 3)))
     cold, read = rates.get("cold-start"), rates.get("file-read")
     if cold and read and read["value"]:
         out.append(_ratio_row("cold-start", "cold start time ÷ time to read its files", "appliance/read", 1,

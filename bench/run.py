@@ -73,6 +73,7 @@ SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1)
 ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
 CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
 DURABLE = [Bench("durable-write", "durable one-record write (on disk at commit)", "record", (1, 8), 1)]
+DURING_CHECKPOINT = Bench("durable-write-ckpt", "durable one-record write, checkpoints running", "record", (8,), 1)
 INTERVAL = [Bench("interval-write", "one-record write, disk forced every second", "record", (1, 8), 1)]
 SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write"]
 REPLICATION_IDS = ["sync-write", "async-write", "copy", "catch-up"]
@@ -398,6 +399,25 @@ class Run:
             self.benches(system, self.variants(system, DURABLE))
         if "checkpoint" in self.args.benches and hasattr(system, "checkpoint"):
             self.checkpoint_rows(system)
+            if "durable-write" in self.args.benches:
+                self.during_checkpoints(system)
+
+    def during_checkpoints(self, system) -> None:
+        """The 8-process durable write again while checkpoints follow one another."""
+        import threading
+        stop, taken = threading.Event(), []
+
+        def checkpoints():
+            while not stop.is_set():
+                taken.append(system.checkpoint())
+        t = threading.Thread(target=checkpoints, daemon=True)
+        t.start()
+        try:
+            self.measure(system, DURING_CHECKPOINT, system.name, "write", 8)
+        finally:
+            stop.set()
+            t.join(120)
+        self.out.say(f"  ({len(taken)} checkpoints written during the row and its warm-up)")
 
     def interval_rows(self, system) -> None:
         self.fill(system)
