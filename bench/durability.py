@@ -241,6 +241,18 @@ def big_records(total_bytes: int, note_len: int = 900):
         yield chunk
 
 
+def used_files(directory: Path) -> list[Path]:
+    """What a cold start reads: the newest checkpoint and the log files that
+    hold records after it (older log files stay for the older checkpoints)."""
+    import structlog
+    from appliance.durability.logfiles import LogDir
+    d = LogDir(directory, structlog.get_logger(), readonly=True)
+    (seq, newest), = d.checkpoints()[-1:]
+    logs = d.logs()
+    later = [p for i, (first, p) in enumerate(logs) if i + 1 == len(logs) or logs[i + 1][0] > seq + 1]
+    return [newest, *later]
+
+
 def cold_start(data, target_bytes: int) -> dict:
     """Load ~target_bytes of records, checkpoint, write a tenth of that again as
     log, kill everything, remove the segments; then the time to read the
@@ -271,7 +283,7 @@ def cold_start(data, target_bytes: int) -> dict:
         node.proc.kill()
         node.proc.wait()
         unlink_all(node.name)
-        files = sorted(p for p in system.files_dir.iterdir() if p.suffix == ".apl")
+        files = used_files(system.files_dir)
         drop_cache(files)
         nbytes, read_s = read_files(files)
         drop_cache(files)

@@ -23,9 +23,11 @@ records after that seq onto the images gives every later state.
 
 The thread runs at the lowest CPU priority (nice 19, its own thread only):
 alone on the machine it writes at the disk's speed, beside a commit load
-it takes what the commits leave, so their latency barely moves. It forces
-what it wrote every FLUSH_BYTES, so the disk never gets one burst of the
-whole checkpoint to flush, in the way of the log's fdatasyncs.
+it takes what the commits leave, so their latency barely moves. Every
+FLUSH_BYTES it starts the write-back of what it wrote (sync_file_range,
+without waiting), so the disk writes while the thread goes on and never
+gets the whole checkpoint in one burst at the final fdatasync, in the way of
+the log's.
 
 Shared with the loop thread: ``progress`` (a dict replaced, never mutated:
 one reference store), ``result``/``error`` (set once, before the thread
@@ -41,12 +43,26 @@ from pathlib import Path
 
 from .. import errors
 from . import records as rec
-from .logfiles import LogDir, disk_error, fsync_dir, write_all
+from .logfiles import LogDir, disk_error, fsync_dir, write_all, writev_all
 
 __all__ = ["CheckpointWriter", "checkpoint_name", "read_header", "load", "BadCheckpoint", "retire"]
 
 CHUNK = 4 << 20                # bytes of block images per BLOCKS record
-FLUSH_BYTES = 64 << 20         # fdatasync this often while writing
+FLUSH_BYTES = 32 << 20         # start the write-back this often while writing
+
+
+def _writeback_starter():
+    """sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE) from libc, or a no-op."""
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return lambda fd, off, n: fn(fd, off, n, 2)
+    except (OSError, AttributeError):
+        return lambda fd, off, n: None
+
+
+_start_writeback = _writeback_starter()
 
 
 def checkpoint_name(seq: int) -> str:
@@ -101,17 +117,18 @@ class CheckpointWriter:
                          0)
             version, limit = self.header["version"], self.header["block_limit"]
             n = nrec = images = 0
-            while n < limit:
-                if self._cancel:
-                    raise errors.UnavailableError("checkpoint: given up, the controller stops")
-                batch, n = self.reader.block_images(n, version, CHUNK, limit)
-                nrec += 1
-                before = off
-                off = write_all(fd, b"".join(rec.frame(nrec, rec.KIND_BLOCKS, batch, first=n)), off)
-                if off // FLUSH_BYTES != before // FLUSH_BYTES:
-                    os.fdatasync(fd)
-                images += len(batch)
-                self.progress = {"blocks": n, "total": limit, "bytes": off}
+            out = _Writer(fd, off)         # writes while this thread reads the next images
+            try:
+                while n < limit:
+                    if self._cancel:
+                        raise errors.UnavailableError("checkpoint: given up, the controller stops")
+                    batch, n = self.reader.block_images(n, version, CHUNK, limit)
+                    nrec += 1
+                    out.put(rec.frame(nrec, rec.KIND_BLOCKS, batch, first=n))
+                    images += len(batch)
+                    self.progress = {"blocks": n, "total": limit, "bytes": out.queued}
+            finally:
+                off = out.close()
             self.pin.close()
             self.pin = None
             end = {"blocks": n, "bytes": images, "records": nrec}
@@ -144,6 +161,50 @@ class CheckpointWriter:
                 pass
 
 
+class _Writer:
+    """The checkpoint's writes, in a thread of their own (two records
+    ahead at most): pwritev of each record's pieces (no copy), and the
+    write-back started every FLUSH_BYTES. close() waits for it and returns
+    the offset reached, or raises its OSError."""
+
+    def __init__(self, fd: int, off: int) -> None:
+        import queue
+        self.fd, self.off, self.queued, self.flushed = fd, off, off, 0
+        self.error: OSError | None = None
+        self._q: "queue.Queue" = queue.Queue(maxsize=2)
+        self._t = threading.Thread(target=self._run, name="durability-checkpoint-write", daemon=True)
+        self._t.start()
+
+    def put(self, pieces: list) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queued += sum(len(p) for p in pieces)
+        self._q.put(pieces)
+
+    def _run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        while (pieces := self._q.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self.off = writev_all(self.fd, pieces, self.off)
+                if self.off - self.flushed >= FLUSH_BYTES:
+                    _start_writeback(self.fd, self.flushed, self.off - self.flushed)
+                    self.flushed = self.off
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> int:
+        self._q.put(None)
+        self._t.join()
+        if self.error is not None:
+            raise self.error
+        return self.off
+
+
 def read_header(path: Path) -> dict:
     """The HEADER of a checkpoint (BadCheckpoint when even that is unusable)."""
     res = rec.Scan(path)
@@ -157,15 +218,17 @@ def read_header(path: Path) -> dict:
     raise BadCheckpoint(f"{path.name}: no header ({res.stop}: {res.problem or 'empty'})")
 
 
-def load(path: Path, on_images) -> tuple[dict, dict]:
+def load(path: Path, on_images, records: rec.ReadAhead | None = None) -> tuple[dict, dict]:
     """Read a checkpoint, calling on_images(bytes) for each BLOCKS record in
     order; (header, END's counts). BadCheckpoint when it is not whole and
-    valid — possibly after some images were handed over (the caller undoes)."""
-    res = rec.Scan(path)
+    valid — possibly after some images were handed over (the caller undoes).
+    `records`: a read-ahead of the file already started (ReadAhead)."""
+    records = records or rec.ReadAhead(path, rec.CHECKPOINT_MAGIC)
+    res = records.result
     header = end = None
     nrec = 0
     try:
-        for r in rec.read(path, rec.CHECKPOINT_MAGIC, res):
+        for r in records:
             if header is None:
                 if r.kind != rec.KIND_HEADER:
                     raise BadCheckpoint(f"{path.name}: its first record is not a header")

@@ -169,13 +169,19 @@ def cold_start(cfg: Config, log, d: LogDir):
                 continue
             _check_header(cfg, header, f"checkpoint {path.name}")
             start = header
-        wr = create(cfg, instance=header.get("instance"))
+        ahead = rec.ReadAhead(path, rec.CHECKPOINT_MAGIC) if path is not None else None   # reads while create() reserves
+        try:
+            wr = create(cfg, instance=header.get("instance"))
+        except BaseException:
+            if ahead is not None:
+                ahead.close()
+            raise
         try:
             wr.begin()
             if path is not None:
                 copied = bytearray((wr.att.sb.sb_max_blocks + 7) // 8)
                 try:
-                    ckp.load(path, lambda images: wr.apply_images(images, copied))
+                    ckp.load(path, lambda images: wr.apply_images(images, copied), ahead)
                 except ckp.BadCheckpoint as e:
                     skipped.append({"file": path.name, "reason": str(e)})
                     log.error("checkpoint_unusable", file=path.name, reason=str(e))

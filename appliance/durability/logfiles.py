@@ -66,7 +66,7 @@ from .. import errors
 from . import records as rec
 
 __all__ = ["LogDir", "LogWriter", "LogEnd", "StopLog", "log_name", "fsync_dir", "disk_error", "write_all",
-           "entries_after"]
+           "entries_after", "writev_all"]
 
 _LOG = re.compile(r"^log-(\d{20})\.apl$")
 _CKP = re.compile(r"^checkpoint-(\d{20})\.apl$")
@@ -166,9 +166,10 @@ class LogDir:
             if first > end.seq + 1:
                 return end, self._cut(files, i, None, 0, f"log records {end.seq + 1}..{first - 1} are "
                                                           "missing (no file holds them)")
-            res = rec.Scan(path)
+            records = rec.ReadAhead(path, rec.LOG_MAGIC, payloads=payloads)
+            res = records.result
             bad = None
-            for r in rec.read(path, rec.LOG_MAGIC, res, payloads=payloads):
+            for r in records:
                 if r.kind == rec.KIND_HEADER:
                     continue
                 if r.seq <= after:
@@ -573,6 +574,21 @@ def _note(end: LogEnd, r: rec.Record) -> None:
         end.serial, end.source = r.first, r.aux1
     elif r.kind == rec.KIND_COPY_END:
         end.serial, end.source = r.last, r.aux1
+
+
+def writev_all(fd: int, pieces: list, offset: int) -> int:
+    """pwritev every byte of `pieces` (buffers, in order) at `offset`, without
+    joining them; returns the offset after them."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return offset
 
 
 def write_all(fd: int, data: bytes, offset: int) -> int:

@@ -54,7 +54,8 @@ from typing import Iterator
 
 import msgpack
 
-__all__ = ["LOG_MAGIC", "CHECKPOINT_MAGIC", "FORMAT", "HDR", "Record", "Scan", "frame", "scan", "pack", "unpack",
+__all__ = ["LOG_MAGIC", "CHECKPOINT_MAGIC", "FORMAT", "HDR", "Record", "Scan", "ReadAhead", "frame", "read", "scan",
+           "pack", "unpack",
            "KIND_HEADER", "KIND_ENTRIES", "KIND_APPLIED", "KIND_COPY_BEGIN", "KIND_COPY_BLOCKS", "KIND_COPY_END",
            "KIND_ROLE", "KIND_GAP", "KIND_BLOCKS", "KIND_END", "KIND_NAMES"]
 
@@ -175,6 +176,7 @@ def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) 
             result.stop, result.problem = "torn", ("shorter than its magic number" if size else "empty")
             return
         with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            mm.madvise(mmap.MADV_SEQUENTIAL)     # read once, front to back: large readahead, pages dropped behind
             if mm[:MAGIC_LEN] != magic:
                 result.stop, result.problem = "corrupt", "not a durability file of this kind (magic number)"
                 return
@@ -186,6 +188,58 @@ def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) 
                     return
                 result.stop_offset = item.offset + item.size
                 yield item
+
+
+class ReadAhead:
+    """read() in a thread of its own, a few records ahead of the consumer
+    (iterate it once): reading and checking the next records (mmap copies,
+    zlib.crc32, which releases the GIL) overlaps with applying the previous
+    ones (C calls, which release it too). The thread starts at once, so the
+    caller may do other work before it iterates. Shared: a bounded queue;
+    `result` is complete once the iteration ends."""
+
+    _END = object()
+
+    def __init__(self, path: Path, magic: bytes, *, payloads=lambda kind: True, depth: int = 4) -> None:
+        import queue
+        import threading
+        self.result = Scan(path)
+        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, magic, payloads),
+                                        name="durability-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, path, magic, payloads) -> None:
+        try:
+            for r in read(path, magic, self.result, payloads=payloads):
+                if self._stop:
+                    return
+                self._q.put(r)
+        except BaseException as e:   # handed to the consumer
+            self._error = e
+        finally:
+            self._q.put(self._END)
+
+    def __iter__(self) -> Iterator[Record]:
+        try:
+            while (r := self._q.get()) is not self._END:
+                yield r
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading (the consumer gave up early) and wait for the thread."""
+        self._stop = True
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except Exception:
+                pass
+        self._thread.join()
 
 
 def scan(path: Path, magic: bytes, *, payloads=lambda kind: True, records: bool = True) -> Scan:
