@@ -135,7 +135,8 @@ class TestLogFilesAndColdStart:
     def test_a_plain_restart_keeps_its_segments_and_continues_the_file(self, make_appliance, tmp_path):
         """A controller killed with its segments left recovers from them as
         before (no cold start) and appends to the same log file, after the
-        record where it stopped."""
+        record where it stopped; `appliance destroy` removes the segments and
+        says the files stay, which the next start loads."""
         d = tmp_path / "files"
         app = make_appliance(tables=TABLES, extra=durability(d)).start()
         db = app.connect()
@@ -152,7 +153,9 @@ class TestLogFilesAndColdStart:
         assert st["durability"]["log_seq"] == seq + 10 and log_files(d) == ["log-00000000000000000001.apl"]
         before = block_sums(app.name)
         db.close()
-        power_cut(app)
+        assert app.controller.stop() == 0
+        r = cli("destroy", "--yes", "--config", app.config)
+        assert r.returncode == 0 and "still holds its log files and checkpoints" in r.stdout, r.stdout
         app.controller.start()
         assert block_sums(app.name) == before
 

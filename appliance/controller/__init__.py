@@ -1,8 +1,9 @@
 """The controller process: owns the segments, sole writer, serves clients.
 
 ``run(config_path)`` is what ``appliance controller --config FILE`` calls:
-config -> logging -> exclusive lock -> segments (create, or re-attach and
-recover) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
+config -> logging -> exclusive lock -> segments (create, re-attach and
+recover, or — none there but [durability] files — the cold start from the
+files) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
 never unlinks the segments: the data lives in them, and the next controller
 re-attaches. SIGHUP (``systemctl reload``) reads the config again between
 two loop iterations: what config.RELOADABLE lets the controller take is

@@ -31,6 +31,7 @@ import time
 
 from .. import errors
 from .._native import ffi
+from .._os import sdnotify
 from ..config import Config, layout_differences
 from ..store.segment import unlink_all
 from . import checkpoint as ckp
@@ -169,6 +170,9 @@ def cold_start(cfg: Config, log, d: LogDir):
                 continue
             _check_header(cfg, header, f"checkpoint {path.name}")
             start = header
+        sdnotify.status(f"cold start of {cfg.name}: loading "
+                        + (f"checkpoint {path.name} and the log after it" if path else "the log from its start"))
+        log.info("cold_start_loading", checkpoint=path.name if path else None, dir=str(d.path))
         ahead = rec.ReadAhead(path, rec.CHECKPOINT_MAGIC) if path is not None else None   # reads while create() reserves
         try:
             wr = create(cfg, instance=header.get("instance"))
