@@ -349,6 +349,28 @@ class TestDamagedFiles:
         assert "checksum" in cold["checkpoints_skipped"][0]["reason"]
         assert any(e.get("event") == "checkpoint_unusable" for e in app.controller.events())
 
+    def test_a_batch_larger_than_the_ring_is_a_logged_gap_closed_by_a_checkpoint(self, make_appliance, tmp_path):
+        """A batch whose entries overwrite the change-log ring before they are
+        copied out (storage.log_size of 1 MiB, a 10,000-record load): the
+        files get a GAP (log_gap), a checkpoint is taken at once, and a cold
+        start after it has every record."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, log_size="1MiB", extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 10_000, batch=10_000)
+        deadline = time.monotonic() + 20
+        while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert any(e.get("event") == "log_gap" for e in app.controller.events())
+        fill(db, 5, 10_000)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        c = app.connect()
+        assert len(c.table("accounts")) == 10_005 and c.table("accounts")[10_004]["balance"] == 11_004
+        c.close()
+
     def test_files_of_another_appliance_are_refused(self, make_appliance, tmp_path):
         """A durability dir made by another appliance: the controller refuses
         to start (exit 74) naming both, and loads nothing."""

@@ -91,6 +91,7 @@ class Durable:
         sb = self.att.sb
         pb = sb.sb_pub[sb.sb_version & 1]
         self.pos = pb.pb_log_head           # the change log is copied out from here
+        self.exported = pb.pb_serial         # ... and this is the last serial copied out
         header = {"format": rec.FORMAT, "kind": "log", "appliance": ctl.cfg.name, "instance": sb.sb_instance,
                   "schema_hash": ctl.cfg.schema_hash(), "layout": ctl.cfg.layout(), "role": ctl.role.name,
                   "epoch": sb.sb_epoch}
@@ -189,6 +190,7 @@ class Durable:
         seq = self.writer.submit(rec.KIND_ENTRIES, blob, first=first, last=last,
                                  aux1=sb.sb_pub[sb.sb_version & 1].pb_txn, aux2=sb.sb_txn_next)
         self._unsynced.append((last, seq))
+        self.exported = last
 
     def _export(self) -> tuple[bytes, int, int]:
         """Entries from self.pos to the published head, whole."""
@@ -204,7 +206,7 @@ class Durable:
                 continue
             if n == lib.APL_ELOGFULL:     # a batch larger than the ring: what it overwrote is lost to the files
                 b = changelog.bounds(self.ctl.reader)
-                self._gap(last or self._serial_before(), b["serial"] + 1, "a batch overwrote the change "
+                self._gap(last or self.exported, b["serial"] + 1, "a batch overwrote the change "
                           "log ring before it was copied out (storage.log_size too small for it)")
                 self.pos = b["head"]
                 return b"", 0, 0
@@ -218,9 +220,6 @@ class Durable:
             chunks.append(bytes(ffi.buffer(self._buf, n)))
             self.pos = self._pos[0]
         return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), first, last
-
-    def _serial_before(self) -> int:
-        return self.writer.written_serial
 
     def applied(self, kind: int, payload: bytes, *, first: int = 0, last: int = 0, source: int = 0) -> int:
         """A secondary published what it applied of its primary's stream (or
