@@ -371,6 +371,39 @@ class TestDamagedFiles:
         assert len(c.table("accounts")) == 10_005 and c.table("accounts")[10_004]["balance"] == 11_004
         c.close()
 
+    def test_durability_added_to_an_appliance_with_data(self, make_appliance, tmp_path):
+        """[durability] added to an appliance that holds data: a checkpoint is
+        taken at its start (checkpoint_needed), after which a cold start has
+        everything. Without that checkpoint the log alone cannot rebuild the
+        data from before it: the cold start refuses (exit 74) and loads nothing."""
+        app = make_appliance(tables=TABLES).start()
+        db = app.connect()
+        fill(db, 100, batch=50)
+        db.close()
+        assert app.controller.stop() == 0
+        d = tmp_path / "files"
+        app.config.write_text(app.config.read_text().replace("[tables.accounts]",
+                                                              durability(d) + "\n[tables.accounts]", 1))
+        app.controller.start()
+        db = app.connect()
+        deadline = time.monotonic() + 10
+        while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert any(e.get("event") == "checkpoint_needed" for e in app.controller.events())
+        fill(db, 5, 100)
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        power_cut(app)
+        for p in d.glob("checkpoint-*.apl"):
+            p.unlink()
+        app.controller.start(wait=False)
+        assert app.controller.proc.wait(30) == errors.EXIT_IOERR
+        assert "no checkpoint holds the serials before it" in app.controller.log()
+
     def test_files_of_another_appliance_are_refused(self, make_appliance, tmp_path):
         """A durability dir made by another appliance: the controller refuses
         to start (exit 74) naming both, and loads nothing."""

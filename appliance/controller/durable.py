@@ -45,7 +45,7 @@ from .._native import ffi, lib
 from ..durability import checkpoint as ckp
 from ..durability import records as rec
 from ..durability.coldstart import file_directory
-from ..durability.logfiles import LogDir, LogEnd, LogWriter
+from ..durability.logfiles import LogDir, LogEnd, LogWriter, file_header
 from ..store import changelog
 from ..wire import messages as m
 from .ops import handler
@@ -122,17 +122,20 @@ class Durable:
 
     def _check_files(self, end: LogEnd, header: dict) -> None:
         """Files of another incarnation of the appliance are refused (the segments win only over nothing)."""
-        for _first, path in self.dir.logs()[-1:]:
-            res = rec.Scan(path)
-            for r in rec.read(path, rec.LOG_MAGIC, res, payloads=lambda k: k == rec.KIND_HEADER):
-                h = r.doc() if r.kind == rec.KIND_HEADER else {}
-                if h.get("instance") != header["instance"] or h.get("appliance") != header["appliance"]:
-                    raise errors.DiskError(
-                        f"{self.ctl.cfg.path}: durability.dir {self.dir.path} holds the files of another "
-                        f"appliance or of another incarnation of it (instance {h.get('instance')}, these segments "
-                        f"are {header['instance']}); move it aside (the next start writes a checkpoint) or "
-                        f"remove the segments (appliance destroy) to load the files", path=str(self.dir.path))
-                break
+        newest = self.dir.logs()[-1:]
+        if not newest:
+            newest = self.dir.checkpoints()[-1:]
+        for _first, path in newest:
+            try:
+                h = ckp.read_header(path) if path.name.startswith("checkpoint-") else file_header(path) or {}
+            except ckp.BadCheckpoint:
+                continue
+            if h.get("instance") != header["instance"] or h.get("appliance") != header["appliance"]:
+                raise errors.DiskError(
+                    f"{self.ctl.cfg.path}: durability.dir {self.dir.path} holds the files of another "
+                    f"appliance or of another incarnation of it (instance {h.get('instance')}, these segments "
+                    f"are {header['instance']}); move it aside (the next start writes a checkpoint) or "
+                    f"remove the segments (appliance destroy) to load the files", path=str(self.dir.path))
 
     def _continue(self, end: LogEnd, pb) -> None:
         """A plain restart (the segments were there): make the files reach

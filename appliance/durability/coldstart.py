@@ -36,7 +36,7 @@ from ..config import Config, layout_differences
 from ..store.segment import unlink_all
 from . import checkpoint as ckp
 from . import records as rec
-from .logfiles import LogDir, LogEnd, StopLog
+from .logfiles import LogDir, LogEnd, StopLog, file_header
 
 __all__ = ["cold_start", "file_directory"]
 
@@ -51,13 +51,8 @@ def file_directory(att) -> list[list]:
 
 def _log_header(d: LogDir) -> dict | None:
     """The HEADER of the oldest log file (who the files belong to)."""
-    for _first, path in d.logs():
-        res = rec.Scan(path)
-        for r in rec.read(path, rec.LOG_MAGIC, res, payloads=lambda k: k == rec.KIND_HEADER):
-            if r.kind == rec.KIND_HEADER:
-                return r.doc()
-            break
-    return None
+    logs = d.logs()
+    return file_header(logs[0][1]) if logs else None
 
 
 def _check_header(cfg: Config, h: dict, what: str) -> None:
@@ -91,6 +86,7 @@ class _Replay:
         self.entries = 0
         self.gap: dict | None = None
         self.nbits = wr.att.sb.sb_max_blocks
+        self.strict = "version" not in start    # the log alone: it must begin at the first serial
 
     def record(self, r: rec.Record) -> None:
         try:
@@ -105,6 +101,12 @@ class _Replay:
         wr, k = self.wr, r.kind
         if k == rec.KIND_ENTRIES:
             if r.first != self.serial + 1:
+                if self.strict and not self.entries:
+                    raise errors.DiskError(
+                        f"{self.cfg.path}: durability.dir {self.cfg.durability_dir}: the log begins at serial "
+                        f"{r.first} and no checkpoint holds the serials before it (durability was enabled on an "
+                        "appliance with data and its first checkpoint was not written); nothing was loaded",
+                        path=str(self.cfg.durability_dir))
                 raise StopLog(f"record seq {r.seq} holds serials {r.first}..{r.last} after serial {self.serial}")
             consumed, last, _ = wr.apply_entries(r.payload, self.serial, None)
             if consumed != len(r.payload) or last != r.last:

@@ -66,7 +66,7 @@ from .. import errors
 from . import records as rec
 
 __all__ = ["LogDir", "LogWriter", "LogEnd", "StopLog", "log_name", "fsync_dir", "disk_error", "write_all",
-           "entries_after", "writev_all"]
+           "entries_after", "writev_all", "file_header"]
 
 _LOG = re.compile(r"^log-(\d{20})\.apl$")
 _CKP = re.compile(r"^checkpoint-(\d{20})\.apl$")
@@ -291,6 +291,14 @@ class LogDir:
         if gone:
             fsync_dir(self.path)
         return gone
+
+
+def file_header(path: Path) -> dict | None:
+    """The HEADER record of a log file (None when it has none)."""
+    res = rec.Scan(path)
+    for r in rec.read(path, rec.LOG_MAGIC, res, payloads=lambda k: k == rec.KIND_HEADER):
+        return r.doc() if r.kind == rec.KIND_HEADER else None
+    return None
 
 
 def entries_after(d: LogDir, after: int, upto: int, cap: int = 256 << 20) -> list[bytes] | None:
