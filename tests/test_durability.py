@@ -84,6 +84,15 @@ def fill(db, n: int, start: int = 0, batch: int | None = None) -> None:
         t[i] = {"branch": f"br{i % 7}", "balance": 1000 + i}
 
 
+def wait_checkpoint(db, timeout: float = 20.0) -> dict:
+    """Until status says a checkpoint was written and none is needed; its durability part."""
+    deadline = time.monotonic() + timeout
+    while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    return st
+
+
 def log_files(d) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith("log-") and p.name.endswith(".apl"))
 
@@ -234,10 +243,7 @@ class TestCheckpoints:
         app = make_appliance(tables=TABLES, extra=durability(d, checkpoint_every="1MiB", log_sync="off")).start()
         db = app.connect()
         db.load("accounts", [{"id": i, "branch": "b" * 60, "balance": i} for i in range(12000)], batch=2000)
-        deadline = time.monotonic() + 10
-        while not db.status()["durability"]["last_checkpoint"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_checkpoint(db)
         ev = [e for e in app.controller.events() if e.get("event") == "checkpoint_started"]
         assert ev and ev[0]["reason"] == "checkpoint_every"
 
@@ -358,10 +364,7 @@ class TestDamagedFiles:
         app = make_appliance(tables=TABLES, log_size="1MiB", extra=durability(d)).start()
         db = app.connect()
         fill(db, 10_000, batch=10_000)
-        deadline = time.monotonic() + 20
-        while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.05)
+        wait_checkpoint(db)
         assert any(e.get("event") == "log_gap" for e in app.controller.events())
         fill(db, 5, 10_000)
         db.close()
@@ -386,10 +389,7 @@ class TestDamagedFiles:
                                                               durability(d) + "\n[tables.accounts]", 1))
         app.controller.start()
         db = app.connect()
-        deadline = time.monotonic() + 10
-        while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.05)
+        wait_checkpoint(db)
         assert any(e.get("event") == "checkpoint_needed" for e in app.controller.events())
         fill(db, 5, 100)
         before = block_sums(app.name)
