@@ -171,9 +171,11 @@ class LogDir:
             bad = None
             for r in records:
                 if r.kind == rec.KIND_HEADER:
+                    end.path, end.offset = path, r.offset + r.size   # the newest file goes on, even with no record
                     continue
-                if r.seq <= after:
-                    continue              # before the part asked for
+                if r.seq <= after:        # before the part asked for (a checkpoint covers it)
+                    end.path, end.offset = path, r.offset + r.size
+                    continue
                 if r.seq != end.seq + 1:
                     bad = (r.offset, f"record seq {r.seq} at offset {r.offset} does not follow seq {end.seq}")
                     break
