@@ -29,14 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._os import files as layout
 from .errors import ConfigError, exit_status
 
-__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences",
-           "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
+__all__ = ["Config", "TableConfig", "FieldConfig", "DurabilityConfig", "load", "FIELD_TYPES", "parse_size",
+           "parse_duration", "layout_differences", "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
 
 FIELD_TYPES = ("int", "str", "bytes", "float", "bool")
 KEY_TYPES = ("int", "str", "bytes")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.I)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h)?\s*$", re.I)
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _UNITS = {"b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 1000 ** 2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000 ** 3, "t": 1 << 40,
           "tib": 1 << 40, "tb": 1000 ** 4}
@@ -52,6 +54,20 @@ def parse_size(v: Any) -> int:
         if m:
             return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
     raise ValueError(f"{v!r} is not a size (use bytes, or a string like '64MiB')")
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds from a number (seconds) or a string with a unit: "250us",
+    "10ms", "2s", "5min", "1h"."""
+    if isinstance(v, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '10ms' or '5min'")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        m = _DURATION.match(v)
+        if m:
+            return float(m.group(1)) * _SECONDS[(m.group(2) or "s").lower()]
+    raise ValueError(f"{v!r} is not a duration (use seconds, or a string like '10ms', '2s', '5min', '1h')")
 
 
 class _Strict(BaseModel):
@@ -302,6 +318,87 @@ class MetricsConfig(_Strict):
         return v
 
 
+class DurabilityConfig(_Strict):
+    """[durability]: the change log in checksummed files and checkpoints of
+    every block in `dir` (appliance/durability/). Absent: memory only."""
+
+    dir: str
+    # "commit": a commit is answered once its log is on disk (fdatasync; one
+    # for every commit of a group); "interval": written at once, forced at
+    # most every sync_interval; "off": written, never forced
+    log_sync: Literal["commit", "interval", "off"] = "commit"
+    sync_interval: float = 0.01
+    # a checkpoint when this much time passed ("5min") or this much log was
+    # written ("1GiB") since the last one; "off": only `appliance checkpoint`
+    checkpoint_every: str | int | float = "5min"
+    keep_checkpoints: int = Field(2, ge=1, le=100)
+    # a new log file once the current one holds this much
+    log_file_size: int = 64 << 20
+
+    @field_validator("sync_interval", mode="before")
+    @classmethod
+    def _interval(cls, v):
+        s = parse_duration(v)
+        if not 0 < s <= 60:
+            raise ValueError(f"sync_interval {v!r} must be more than 0 and at most 60 s")
+        return s
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _every(cls, v):
+        _checkpoint_every(v)
+        return v
+
+    @field_validator("log_file_size", mode="before")
+    @classmethod
+    def _file_size(cls, v):
+        n = parse_size(v)
+        if not 1 << 20 <= n <= 1 << 32:
+            raise ValueError(f"log_file_size {v!r} must be between 1MiB and 4GiB")
+        return n
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v):
+        if not v.strip():
+            raise ValueError("dir must name a directory")
+        return v
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        """checkpoint_every as a time (None: not a time)."""
+        kind, n = _checkpoint_every(self.checkpoint_every)
+        return n if kind == "time" else None
+
+    @property
+    def checkpoint_bytes(self) -> int | None:
+        """checkpoint_every as a volume of log (None: not a volume)."""
+        kind, n = _checkpoint_every(self.checkpoint_every)
+        return int(n) if kind == "bytes" else None
+
+
+def _checkpoint_every(v) -> tuple[str, float]:
+    """("time", seconds), ("bytes", n) or ("off", 0) for durability.checkpoint_every."""
+    if isinstance(v, str) and v.strip().lower() in ("off", "never", "0"):
+        return "off", 0
+    m = _SIZE.match(v) if isinstance(v, str) else None
+    if m and m.group(2) and m.group(2).lower().endswith("b"):   # "1GiB", "500MB"; "5m" is five minutes
+        n = parse_size(v)
+        if n < 1 << 20:
+            raise ValueError(f"checkpoint_every {v!r}: a volume of log must be at least 1MiB")
+        return "bytes", n
+    try:
+        s = parse_duration(v)
+    except ValueError:
+        raise ValueError(f"checkpoint_every {v!r} must be a time ('5min', '30s'), a volume of log "
+                         "('1GiB', '256MiB') or 'off'") from None
+    if s == 0:
+        return "off", 0
+    if s < 1:
+        raise ValueError(f"checkpoint_every {v!r}: at least 1 s between checkpoints")
+    return "time", s
+
+
 class AccessConfig(_Strict):
     users: tuple[str | int, ...] = ()
     groups: tuple[str | int, ...] = ()
@@ -314,6 +411,7 @@ class Config(_Strict):
     access: AccessConfig = AccessConfig()
     replication: ReplicationConfig | None = None
     metrics: MetricsConfig | None = None
+    durability: DurabilityConfig | None = None
     tables: dict[str, TableConfig]
     path: Path = Path("<memory>")
 
@@ -356,6 +454,11 @@ class Config(_Strict):
             return None
         q = Path(p)
         return q if q.is_absolute() else (self.path.parent / q)
+
+    @property
+    def durability_dir(self) -> Path | None:
+        """[durability] dir, resolved; None when the appliance is memory only."""
+        return self.resolve(self.durability.dir) if self.durability else None
 
     @property
     def role(self) -> str:
@@ -576,7 +679,18 @@ def from_dict(doc: dict, path: Path | str = "<memory>", *, check_files: bool = T
     cfg.gid()
     if check_files:
         cfg.secret()
+    _check_durability_dir(cfg)
     return cfg
+
+
+def _check_durability_dir(cfg: Config) -> None:
+    """durability.dir is a directory, or does not exist yet (the controller makes it)."""
+    d = cfg.durability_dir
+    if d is None:
+        return
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{cfg.path}: durability.dir: {d} exists and is not a directory",
+                          file=str(cfg.path), key="durability.dir", problem="not a directory")
 
 
 def load_logged(path: str | os.PathLike, log) -> tuple[Config | None, int]:
@@ -623,6 +737,8 @@ RELOADABLE = {
         "replication.secondaries.*.mode",
         "replication.secondaries.*.on_unreachable",
         "replication.secondaries.*.degrade_after",
+        "durability.checkpoint_every",         # read at each housekeeping round
+        "durability.keep_checkpoints",         # applied at the next checkpoint
     ),
     "agent": (
         "replication.heartbeat",

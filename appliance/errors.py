@@ -37,6 +37,8 @@ __all__ = [
     "TransactionStateError",
     "CommitUnknownError",
     "BackupTimeoutError",
+    "DiskError",
+    "DiskFullError",
     "MemoryFullError",
     "ReadersFullError",
     "SnapshotTooOldError",
@@ -62,6 +64,7 @@ EXIT_NOINPUT = 66    # EX_NOINPUT: a file the configuration names is missing (se
 EXIT_NOUSER = 67     # EX_NOUSER: run by a user whose segments logind's RemoveIPC= would delete (not a system user)
 EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket); an address in use
 EXIT_NOSPACE = 73    # EX_CANTCREAT: shared memory cannot hold the segments (/dev/shm too small)
+EXIT_IOERR = 74      # EX_IOERR: the durability files cannot be used (a cold start refused, the directory unusable)
 EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
 EXIT_NOPERM = 77     # EX_NOPERM: a file or directory the process needs is not its to read or write
                      # (the socket's directory, a secret readable by others)
@@ -219,6 +222,24 @@ class BackupTimeoutError(ApplianceError):
     codes = ("APL_EBACKUP",)
 
 
+class DiskError(ApplianceError):
+    """The durability files (``[durability] dir``: log files, checkpoints)
+    could not be written or read: an I/O error, a file that is not the
+    appliance's, a directory it may not use. ``details``: ``path``, and for a
+    commit ``txn`` and ``committed`` (True: applied in memory, its log not yet
+    on disk; False: refused, nothing changed)."""
+
+    codes = ("APL_EDISK",)
+
+
+class DiskFullError(DiskError):
+    """No space left on the disk of ``[durability] dir``. While it lasts,
+    commits are refused (nothing changed; retry once space returns) and the
+    appliance writes the log it holds as soon as space returns."""
+
+    codes = ("APL_ENOSPC",)
+
+
 class MemoryFullError(ApplianceError, MemoryError):
     """No free block slot is left in the appliance's segments."""
 
@@ -300,6 +321,8 @@ def exit_status(e: BaseException) -> int:
         return EXIT_BUSY
     if isinstance(e, MemoryFullError):
         return EXIT_NOSPACE
+    if isinstance(e, DiskError):
+        return EXIT_IOERR
     if isinstance(e, UnavailableError):
         return EXIT_TEMPFAIL
     if isinstance(e, (ConfigError, FormatError, AccessDeniedError)):

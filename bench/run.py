@@ -5,7 +5,9 @@
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
 snapshot-get, find, range, write, tx-write, transfer, order, sync-write,
-sync-cpu, sync-2, async-write, copy, catch-up; "replication" = the last six); see README.md.
+sync-cpu, sync-2, async-write, copy, catch-up, durable-write, interval-write,
+checkpoint, cold-start; "replication" = sync-write..catch-up, "durability" =
+the last four); see README.md.
 """
 from __future__ import annotations
 
@@ -72,11 +74,15 @@ SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1)
         Bench("sync-tx-write", "synchronous explicit transaction (1 update)", "record", (8,), 1)]
 ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
 CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
+DURABLE = [Bench("durable-write", "durable one-record write (on disk at commit)", "record", (1, 8), 1)]
+DURING_CHECKPOINT = Bench("durable-write-ckpt", "durable one-record write, checkpoints running", "record", (8,), 1)
+INTERVAL = [Bench("interval-write", "one-record write, disk forced every second", "record", (1, 8), 1)]
 SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer"]
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
-BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS]
+DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
+BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS, *DURABILITY_IDS]
 
 
 def system_classes() -> dict:
@@ -91,22 +97,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the rows (meta, measurements, ratios) as JSON")
     p.add_argument("--only", metavar="NAME,...", default="",
                    help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS,
-                                                                             "replication"]))
+                                                                             "replication", "durability"]))
     p.add_argument("--records", type=int, help="number of records (default 1,000,000; --quick 200,000)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
     p.add_argument("--catch-up", type=float, dest="catch_up", metavar="SECONDS",
                    help="seconds of load while the secondary is stopped (default 30; --quick 5)")
+    p.add_argument("--cold-start-mib", type=int, dest="cold_start_mib", metavar="MIB",
+                   help="MiB of records the cold-start row loads (default 1024; --quick 128)")
     args = p.parse_args(argv)
     args.records = args.records or (200_000 if args.quick else 1_000_000)
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
+    args.cold_start_mib = args.cold_start_mib or (128 if args.quick else 1024)
     if args.records < 1000:
         p.error("--records must be at least 1000")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if "replication" in names:
         names = [n for n in names if n != "replication"] + REPLICATION_IDS
+    if "durability" in names:
+        names = [n for n in names if n != "durability"] + DURABILITY_IDS
     unknown = [n for n in names if n not in {"lmdb", "redis", "appliance", *BENCH_IDS}]
     if unknown:
         p.error(f"unknown --only name(s): {', '.join(unknown)}")
@@ -391,6 +402,81 @@ class Run:
                   f"restart to link up; primary wrote {c['write_rate']:,.0f} txn/s{copy}", **c)
 
 
+    # ---------------------------------------------------------- durability ----
+
+    def durability(self) -> None:
+        """The appliance with [durability] on disk against Redis's AOF and
+        lmdb's sync=True, the checkpoint write rate and the cold start (durability.py)."""
+        from durability import DurableAppliance, DurableLmdb, DurableRedis
+        a = self.args
+        want = lambda *ids: a.benches & set(ids)        # noqa: E731
+        if want("durable-write", "checkpoint") and "appliance" in a.systems:
+            self.pair("appliance, log_sync = \"commit\"", DurableAppliance, self.durable_rows, log_sync="commit")
+        if want("durable-write") and "redis" in a.systems:
+            self.pair("redis, appendfsync always", DurableRedis, self.durable_rows, fsync="always")
+        if want("durable-write") and "lmdb" in a.systems:
+            self.pair("lmdb, sync=True", DurableLmdb, self.durable_rows)
+        if want("interval-write") and "appliance" in a.systems:
+            self.pair("appliance, log_sync = \"interval\" (1 s)", DurableAppliance, self.interval_rows,
+                      log_sync="interval", interval="1s")
+        if want("interval-write") and "redis" in a.systems:
+            self.pair("redis, appendfsync everysec", DurableRedis, self.interval_rows, fsync="everysec")
+        if want("cold-start") and "appliance" in a.systems:
+            self.out.say(f"[appliance: cold start of {a.cold_start_mib} MiB]", style="bold")
+            self.guard("cold start", self.cold_start_rows)
+
+    def durable_rows(self, system) -> None:
+        self.fill(system)
+        if "durable-write" in self.args.benches:
+            self.benches(system, self.variants(system, DURABLE))
+        if "checkpoint" in self.args.benches and hasattr(system, "checkpoint"):
+            self.checkpoint_rows(system)
+            if "durable-write" in self.args.benches:
+                self.during_checkpoints(system)
+
+    def during_checkpoints(self, system) -> None:
+        """The 8-process durable write again while checkpoints follow one another."""
+        import threading
+        stop, taken = threading.Event(), []
+
+        def checkpoints():
+            while not stop.is_set():
+                taken.append(system.checkpoint())
+        t = threading.Thread(target=checkpoints, daemon=True)
+        t.start()
+        try:
+            self.measure(system, DURING_CHECKPOINT, system.name, "write", 8)
+        finally:
+            stop.set()
+            t.join(120)
+        self.out.say(f"  ({len(taken)} checkpoints written during the row and its warm-up)")
+
+    def interval_rows(self, system) -> None:
+        self.fill(system)
+        self.benches(system, self.variants(system, INTERVAL))
+
+    def checkpoint_rows(self, system) -> None:
+        from durability import disk_write_rate
+        cp = system.checkpoint()
+        self.rate("checkpoint", f"checkpoint of {self.data.n:,} records", system.name, cp["rate_mb_s"], "MB/s",
+                  f"{cp['bytes'] / 1e6:,.1f} MB ({cp['blocks']:,} blocks) in {cp['seconds']:.2f} s, "
+                  "written and fdatasync'ed", **{k: cp[k] for k in ("bytes", "blocks", "seconds")})
+        d = disk_write_rate(system.disk, max(cp["bytes"], 64 << 20))
+        self.rate("disk-write", "disk sequential write, same disk", "4 MiB writes + fdatasync", d["mb_s"], "MB/s",
+                  f"{d['bytes'] / 1e6:,.0f} MB in {d['seconds']:.2f} s", **d)
+
+    def cold_start_rows(self) -> None:
+        from durability import cold_start
+        c = cold_start(self.data, self.args.cold_start_mib << 20)
+        self.notes.append(f"cold start: {c['disk']}")
+        self.rate("file-read", f"read the files of {c['file_bytes'] / 2**30:.2f} GiB", "sequential read, cold cache",
+                  c["read_s"], "s", f"{c['read_mb_s']:,.0f} MB/s", **{k: c[k] for k in ("file_bytes", "read_s")})
+        self.rate("cold-start", f"cold start of {c['file_bytes'] / 2**30:.2f} GiB", "appliance", c["cold_start_s"], "s",
+                  f"{c['records']:,} records, {c['block_bytes'] / 2**30:.2f} GiB of blocks; checkpoint "
+                  f"{c['checkpoint_bytes'] / 2**30:.2f} GiB + {c['records_replayed']} log records; loading "
+                  f"{c['loaded_s']:.2f} s of it, the rest is process start", **c)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every finally block stops its servers.
@@ -410,6 +496,8 @@ def main(argv=None) -> int:
         run.order_test(classes["appliance"])
     if args.benches & set(REPLICATION_IDS):
         run.replication()
+    if args.benches & set(DURABILITY_IDS):
+        run.durability()
 
     meta = meta_row(args, run.info, run.notes, run.unavailable, timer_overhead_ns())
     meta["failures"] = run.failures

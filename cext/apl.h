@@ -269,6 +269,10 @@ int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start);
 int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
+/* A store rebuilt from durability files (a cold start): inside the open batch,
+ * its change-log serial continues after `serial` and transaction numbers from
+ * at least `txn_next`. APL_EINVAL if `serial` is below the store's own. */
+int apl_store_resume(apl_store *s, uint64_t serial, uint64_t txn_next);
 uint64_t apl_next_txn(apl_store *s);
 
 /* ---- change-log reading (agent, recovery tools) ---- */

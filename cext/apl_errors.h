@@ -49,7 +49,9 @@
     _(APL_ENOREAD,         -31117, "this secondary keeps lz4 backup blocks and serves no reads") \
     _(APL_ELIMIT,          -31118, "the request exceeds a configured limit") \
     _(APL_EINTERNAL,       -31119, "internal error: an error code this build does not know") \
-    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time")
+    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time") \
+    _(APL_EDISK,           -31121, "the durability files could not be written or read") \
+    _(APL_ENOSPC,          -31122, "no space left for the durability files")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

@@ -136,6 +136,25 @@ def copy(config_path: str, secondary: str, timeout: float) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for it to be written")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def checkpoint(config_path: str, timeout: float, as_json: bool) -> None:
+    """Write a checkpoint of every block now (progress bar); older files it makes unnecessary go."""
+    from . import durability
+    cfg = _load(config_path)
+    try:
+        cp = durability.run(cfg, timeout, as_json)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(cp))
+    else:
+        click.echo(f"checkpoint {cp['file']}: version {cp['version']}, serial {cp['serial']}, {cp['blocks']} "
+                   f"blocks, {cp['bytes'] / 1e6:.1f} MB in {cp['seconds']:.2f} s ({cp['rate_mb_s']} MB/s)")
+
+
+@main.command()
+@CONFIG
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Segments, blocks, tables, transactions; exits 3 when not running."""
@@ -212,7 +231,7 @@ def load(config_path: str, table: str, source, batch: int, skip_existing: bool) 
 @CONFIG
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def destroy(config_path: str, yes: bool) -> None:
-    """Delete the appliance's shared-memory segments (all its data)."""
+    """Delete the appliance's shared-memory segments (all its data in memory; durability files stay)."""
     from ..controller import ControllerLock
     from ..store.segment import unlink_all
     cfg = _load(config_path)
@@ -228,6 +247,9 @@ def destroy(config_path: str, yes: bool) -> None:
     finally:
         lock.release()
     click.echo(f"removed {len(removed)} segment(s) of {cfg.name}")
+    if cfg.durability_dir is not None and cfg.durability_dir.is_dir() and any(cfg.durability_dir.iterdir()):
+        click.echo(f"note: {cfg.durability_dir} (durability.dir) still holds its log files and checkpoints: the "
+                   "next start loads them (cold start); move or delete that directory to start empty")
 
 
 @main.command()

@@ -1,8 +1,9 @@
 """The controller process: owns the segments, sole writer, serves clients.
 
 ``run(config_path)`` is what ``appliance controller --config FILE`` calls:
-config -> logging -> exclusive lock -> segments (create, or re-attach and
-recover) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
+config -> logging -> exclusive lock -> segments (create, re-attach and
+recover, or — none there but [durability] files — the cold start from the
+files) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
 never unlinks the segments: the data lives in them, and the next controller
 re-attaches. SIGHUP (``systemctl reload``) reads the config again between
 two loop iterations: what config.RELOADABLE lets the controller take is
@@ -69,12 +70,16 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         if cfg.metrics is not None:   # likewise: a port in use refuses the start
             metrics = MetricsServer(cfg, log)
             metrics.start()
-        writer, facts, created = open_or_create(cfg, log)
+        files = None
+        if cfg.durability is not None:
+            from ..durability.logfiles import LogDir
+            files = LogDir(cfg.durability_dir, log, cfg.storage.mode_bits)
+        writer, facts, created = open_or_create(cfg, log, files)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
         sb.sb_state = 1
         sb.sb_opened_ns = time.time_ns()
-        ctl = Controller(cfg, writer, log, recovery=facts, created=created)
+        ctl = Controller(cfg, writer, log, recovery=facts, created=created, files=files)
         ctl.listen()
         if metrics is not None:
             metrics.attach(ctl)
@@ -143,7 +148,7 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
         log = log.bind(appliance=cfg.name)
         return serve(cfg, log, shutdown)
     except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError,
-            errors.ConfigError) as e:
+            errors.ConfigError, errors.DiskError) as e:
         log.error("controller_refused_to_start", error=str(e), code=e.code, key=e.details.get("key"),
                   cause=e.details.get("cause"))
         return errors.exit_status(e)

@@ -9,7 +9,11 @@ durability asks for acknowledgements from secondaries ([0099]–[0109]): then
 it waits in ``sync.waiting`` with its record locks held ([0104]) until the
 secondaries confirm its COMMIT serial (:meth:`GroupCommit.release_backed_up`),
 its bound passes (``commit_timeout``: BackupTimeoutError, still locked), or
-the policy degrades a secondary.
+the policy degrades a secondary. With [durability] and ``log_sync =
+"commit"`` the answer also waits for the batch's log record to be on disk
+(:mod:`.durable`): after the secondaries confirmed, if it waits for them too.
+A disk that refuses the log makes the batch refuse its transactions before
+applying them.
 
 Integrity first: an unexpected failure while a batch is open ends the
 process without publishing; the restarted controller rolls the batch back.
@@ -77,9 +81,14 @@ class GroupCommit:
         now = time.time_ns()
         outcomes = []
         last = 0
+        durable = ctl.durable
+        refused = durable.refusal() if durable is not None else None
         wr.begin()
         try:
             for sess, txn in queue:
+                if refused is not None:
+                    outcomes.append((sess, txn, None, refused))
+                    continue
                 try:
                     serial = self.committer.apply(txn, now)
                     outcomes.append((sess, txn, serial, None))
@@ -91,6 +100,8 @@ class GroupCommit:
                         raise  # APL_EUNDO and the like: do not publish (below)
                     outcomes.append((sess, txn, None, e))
             version = wr.publish(now, last)
+            if durable is not None:
+                durable.published()    # the batch's log record, to the writer thread
         except BaseException:
             self.log.critical("commit_batch_failed_exiting", exc_info=True)
             os._exit(errors.EXIT_SOFTWARE)  # the restarted controller rolls the unpublished batch back
@@ -100,7 +111,7 @@ class GroupCommit:
             if exc is not None:
                 exc = errors.error_for(exc.code, f"commit of transaction {txn.number}: "
                                        f"{exc.message.split(': ', 1)[-1]}; the transaction was cancelled",
-                                       txn=txn.number)
+                                       **{**exc.details, "txn": txn.number})
                 txns.finished(txn, "cancelled")
                 txns.release(txn)
                 self.reply(sess, txn, None, exc)
@@ -116,17 +127,34 @@ class GroupCommit:
                 sync.waiting.append(w)
                 if not txn.wait:
                     w.replied = True
-                    self.reply(sess, txn, dict(result, backup="pending"), None)
+                    self.answer(sess, txn, dict(result, backup="pending"), serial)
                 elif txn.commit_timeout is not None:
                     w.timer = ctl.add_timer(txn.commit_timeout, lambda w=w: self._backup_timed_out(w))
                 continue
             txns.release(txn)
-            self.reply(sess, txn, result, None)
+            self.answer(sess, txn, result, serial)
         if sync.waiting:
             self.release_backed_up()
         ctl.published()
         wr.reclaim()
         return True
+
+    def answer(self, sess, txn: Txn, result: dict, serial: int) -> None:
+        """Answer a committed transaction, once its log record is on disk
+        when the appliance is durable (durable.when_durable)."""
+        durable = self.ctl.durable
+        if durable is None:
+            self.reply(sess, txn, result, None)
+            return
+
+        def done(exc) -> None:
+            if exc is None:
+                self.reply(sess, txn, result, None)
+            else:
+                self.reply(sess, txn, None, type(exc)(
+                    f"commit of transaction {txn.number} (serial {serial}): {exc.message}", code=exc.code,
+                    **{**exc.details, "txn": txn.number, "serial": serial, "version": result["version"]}))
+        durable.when_durable(serial, done)
 
     def reply(self, sess, txn: Txn, result, exc) -> None:
         ctl = self.ctl
@@ -161,7 +189,7 @@ class GroupCommit:
                 ctl.txns.release(w.txn)
                 if not w.replied:
                     w.replied = True
-                    self.reply(w.session, w.txn, w.result, None)
+                    self.answer(w.session, w.txn, w.result, w.serial)
 
     def _backup_timed_out(self, w: Waiter) -> None:
         """A commit's bound (commit_timeout) passed before its backup was

@@ -11,6 +11,7 @@ carry out requests, each owning its own state:
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
+- ``durable``  log files and checkpoints on disk, when [durability] is set (:mod:`.durable`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
 request goes through the op table (:mod:`.ops`), which the part that
@@ -27,7 +28,7 @@ from ..config import Config
 from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
-from . import agent_ops, apply, statements, status as status_mod  # noqa: F401  (they fill the op table)
+from . import agent_ops, apply, durable, statements, status as status_mod  # noqa: F401  (they fill the op table)
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
 from .commit import GroupCommit
@@ -46,7 +47,8 @@ _NOW = m.STEP_OPS | {m.OP_COMMIT}
 
 
 class Controller(Loop):
-    def __init__(self, cfg: Config, writer, log, *, recovery: dict | None = None, created: bool = False) -> None:
+    def __init__(self, cfg: Config, writer, log, *, recovery: dict | None = None, created: bool = False,
+                 files=None) -> None:
         super().__init__(cfg, log)
         self.schema = Schema(cfg)
         self.writer = writer
@@ -64,6 +66,7 @@ class Controller(Loop):
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
         self.role.on_change(self._role_changed)
+        self.durable = durable.Durable(self, files) if files is not None else None
 
     def _role_changed(self, old: str, new: str) -> None:
         self.sync = SyncTracker(self.cfg.replication if new == "primary" else None, self.log)
@@ -165,6 +168,13 @@ class Controller(Loop):
             self.commits.release_backed_up()
         self.readers.sweep({x.pid: x.start for x in self.sessions.values() if x.start is not None})
         self.writer.reclaim()
+        if self.durable is not None:
+            self.durable.housekeeping()
+
+    def close(self) -> None:
+        super().close()
+        if self.durable is not None:
+            self.durable.close()   # before the segments go: a checkpoint reads them
 
     def status(self) -> dict:
         return status_mod.status(self)

@@ -53,6 +53,7 @@ def status(ctl) -> dict:
                     "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak},
         "recovery": ctl.recovery,
         "replication": _replication(ctl),
+        "durability": ctl.durable.status() if ctl.durable is not None else None,
     }
 
 

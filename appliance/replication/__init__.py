@@ -128,6 +128,31 @@ class PrimaryAgent:
             self.head = head
         if serial > self.serial:
             self.serial = serial
+    def ring_start(self) -> tuple[int, int]:
+        """(position, serial) of the oldest entry the change-log ring holds
+        (the next one to be written when it is empty)."""
+        from ..store import changelog
+        for _ in range(100):      # the writer may move the tail past it meanwhile: read it again
+            b = self.bounds()
+            try:
+                for e in changelog.read_entries(self.reader, b["tail"], limit=1):
+                    return e.pos, e.serial
+            except errors.InternalError:
+                continue
+            return b["head"], b["serial"] + 1
+        raise errors.BusyError("could not read the change log's oldest entry")
+
+    def log_files_after(self, after: int, upto: int) -> list[bytes] | None:
+        """Entries after..upto read back from the controller's durability
+        files (None without [durability], or when they do not hold them all)."""
+        if self.cfg.durability is None or upto <= after:
+            return None
+        from ..durability.logfiles import LogDir, entries_after
+        try:
+            return entries_after(LogDir(self.cfg.durability_dir, self.log, readonly=True), after, upto)
+        except OSError as exc:
+            self.log.warning("log_files_unreadable", error=str(exc), dir=str(self.cfg.durability_dir))
+            return None
 
     def pin_with_serial(self):
         """Pin the latest version; (pin, version, the log serial it ends at)."""

@@ -5,7 +5,11 @@ both ways, learns where the secondary stands (START: last serial applied and
 the primary instance it followed) and streams the change log from there. If
 the log no longer holds what the secondary needs — it is new, followed
 another primary, or was disconnected longer than the log ring retains — the
-relay copies the blocks instead ([0079], [0127]): it pins a version, sends
+relay copies the blocks instead ([0079], [0127]) — unless the primary is
+durable and its log files still hold what the ring lost (after a cold
+start the ring begins empty): then it sends those entries from the files
+first (durability.logfiles.entries_after) and goes on from the ring. A copy
+pins a version, sends
 the log entries up to that version, then block images read at that version,
 and repeats, so the stream stays consistent while the primary keeps
 processing; the secondary drops changes to blocks not yet copied, since the
@@ -82,6 +86,7 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+        self.backlog: list[bytes] = []   # entries from the log files, sent before the ring's (see _seek)
 
     def reconfigure(self, sec) -> None:
         """This secondary's settings (a reload: the address serves the next
@@ -185,7 +190,14 @@ class Relay:
             return
         rc = lib.apl_log_seek(self.agent.reader.view, applied + 1, self._pos)
         if rc == _ELOGFULL:
-            raise NeedCopy(f"the log no longer holds serial {applied + 1}")
+            tail, first = self.agent.ring_start()
+            self.backlog = self.agent.log_files_after(applied, first - 1) or []
+            if not self.backlog:
+                raise NeedCopy(f"the log no longer holds serial {applied + 1}")
+            self.log.info("stream_from_log_files", after=applied, upto=first - 1,
+                          bytes=sum(map(len, self.backlog)))
+            self.pos, self.sent, self.acked_pos = tail, applied, tail
+            return
         if rc < 0:
             raise errors.error_for("APL_ECORRUPT", f"log seek: {rc}")
         self.pos, self.sent, self.acked_pos = self._pos[0], applied, self._pos[0]
@@ -250,6 +262,7 @@ class Relay:
             self._ticker.cancel()
 
     async def _stream(self, fs) -> None:
+        await self._send_backlog(fs)
         while True:
             self.wake.clear()
             if self.ticked:
@@ -280,6 +293,29 @@ class Relay:
                 continue
             self._check_retention()
             await self.wake.wait()   # a publish (PrimaryAgent._published), an ACK, a tick, an operator
+
+    async def _send_backlog(self, fs) -> None:
+        """The entries _seek found in the log files, in ENTRIES of about CHUNK bytes."""
+        from ..store.changelog import E_LEN, E_SERIAL, walk
+        backlog, self.backlog = self.backlog, []
+        for blob in backlog:
+            start = 0
+            first = last = None
+            for pos, f in walk(blob):
+                if pos + f[E_LEN] - start > CHUNK and first is not None:
+                    self._send_file_entries(fs, first, last, blob[start:pos])
+                    await fs.drain()
+                    start, first = pos, None
+                first = f[E_SERIAL] if first is None else first
+                last = f[E_SERIAL]
+            if first is not None:
+                self._send_file_entries(fs, first, last, blob[start:])
+                await fs.drain()
+
+    def _send_file_entries(self, fs, first: int, last: int, blob: bytes) -> None:
+        fs.send(rp.message(rp.ENTRIES, self.agent.epoch, first, [first, last, blob]))
+        self.sent = last
+        self.sent_pos.append((last, self.pos))
 
     def _check_retention(self) -> None:
         """Warn well before the log ring overwrites what this secondary still needs."""

@@ -102,6 +102,7 @@ OP_TXN_STATUS = 20
 OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
 OP_RESYNC = 23
+OP_CHECKPOINT = 24
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -172,6 +173,8 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_VERIFY, ("timeout",), "{secondary: {ok, differ, checked, serial}} (a primary: its agent compares "
        "every block)"),
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
+    _R(OP_CHECKPOINT, (), "map: number, dir (a checkpoint begins, or the one running goes on; status "
+       "durability.checkpoint shows its progress, durability.last_checkpoint the last one written)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
