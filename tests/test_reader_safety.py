@@ -181,9 +181,9 @@ class TestForgedSlots:
         v = pin.version
         reads = [lambda: s.reader.get_raw(0, encode_int(5), version=v),
                  lambda: s.reader.count(0, v),
-                 lambda: list(s.reader.scan_values(0, None, None, version=v)),
+                 lambda: list(s.reader.scan_raw(0, None, None, version=v)),
                  lambda: list(s.reader.scan_keys(0, None, None, version=v)),
-                 lambda: list(s.reader.find_values(1, 0, b"x", version=v)),
+                 lambda: list(s.reader.find_raw(1, 0, b"x", version=v)),
                  lambda: s.reader.block_image(0, v),
                  lambda: s.reader.block_images(0, v, 1 << 16, 64)]
         for read in reads:
