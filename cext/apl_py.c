@@ -100,9 +100,15 @@ static PyObject *rec_decode(Codec *c, const uint8_t *p, uint64_t n)
         const struct apl_rec_field *f = &L->f[i];
         PyObject *val;
         if (p[i >> 3] & (1u << (i & 7))) {
-            if (!f->nullable) {
+            /* None: an empty slot or span, so every record has one image */
+            static const uint8_t zero[8];
+            int empty = apl_rec_fixed(f->type)
+                ? !memcmp(p + f->at, zero, f->type == APL_REC_BOOL ? 1 : 8)
+                : (f->at ? apl_rec_u16(ends + 2 * (f->at - 1)) : 0) == apl_rec_u16(ends + 2 * f->at);
+            if (!f->nullable || !empty) {
                 Py_DECREF(d);
-                return corrupt(c, "a field that may not be None is null", n);
+                return corrupt(c, f->nullable ? "a None field holds a value"
+                                              : "a field that may not be None is null", n);
             }
             val = Py_NewRef(Py_None);
         } else {
@@ -116,6 +122,10 @@ static PyObject *rec_decode(Codec *c, const uint8_t *p, uint64_t n)
             case APL_REC_FLOAT: {
                 double x;
                 memcpy(&x, p + f->at, 8);
+                if (isnan(x)) {   /* validation never stores one */
+                    Py_DECREF(d);
+                    return corrupt(c, "a float field holds NaN", n);
+                }
                 val = PyFloat_FromDouble(x);
                 break;
             }

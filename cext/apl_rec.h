@@ -35,7 +35,10 @@
  *   variable area the str (UTF-8) and bytes values back to back.
  *
  * Its length is exactly ceil(N/8) + fixed bytes + 2V + the last end (0 when
- * V = 0). A leaf record takes at most (block - 64) / 2 bytes (at most 16,352
+ * V = 0). A record has exactly one image: the decoder refuses (as damage)
+ * any other length, a stray bitmap bit, a None field whose slot or span is
+ * not empty, a bool other than 0 or 1, a NaN, ends out of order, a str that
+ * is not UTF-8. A leaf record takes at most (block - 64) / 2 bytes (at most 16,352
  * with 32 KiB blocks), so u16 ends always suffice; the encoder refuses
  * anything larger before building it.
  *

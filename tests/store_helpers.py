@@ -5,7 +5,8 @@
   fixture finalizer can remove whatever a failing test left behind.
 - A plain Python model check (:func:`check_state`) that reads the store through
   every read path (get, count, scans with tiny continuation buffers, block
-  images) and compares with a dict.
+  images) and compares with a dict; a table's schema over a store's files
+  and its native reader (:func:`table_schema`, :func:`native_reader`).
 - Readers of the shared memory that bypass the C read path: the tree walk over
   block images (:func:`walk_tree`), the slot audit over the location table and
   the overflow chains (:func:`audit_slots`), and the change log
@@ -24,8 +25,10 @@ from types import SimpleNamespace
 
 import msgpack
 
-from appliance._native import check, ffi, lib
+from appliance._native import check, ffi, lib, raise_for
+from appliance.config import TableConfig
 from appliance.store.reader import Reader
+from appliance.store.records import TableSchema
 from appliance.store.segment import Attachment, Geometry, SegmentNames, exists, unlink_all
 from appliance.store.writer import FileSpec, Writer
 
@@ -88,6 +91,21 @@ def mp_value(size: int, seed: int) -> bytes:
         out = msgpack.packb(rnd.randbytes(size - 3))
     assert len(out) == size
     return out
+
+
+def table_schema(fields: dict, *, pk: str = "id", alt: tuple = (), block_size: int = 1024,
+                 name: str = "t") -> TableSchema:
+    """The schema of a table over a :class:`Store`'s files: the table is file
+    0, its alternate keys files 1, 2, ... in order (as Store makes them)."""
+    cfg = TableConfig.model_validate({"primary_key": pk, "alternate_keys": list(alt), "fields": fields})
+    return TableSchema(name, cfg, 0, {f: i for i, f in enumerate(alt, 1)}, max_record(block_size))
+
+
+def native_reader(reader: Reader, schema: TableSchema):
+    """The table's native reader (cext/apl_py.c), its failed reads raised as the client's are."""
+    def on_error(rc, op, arg):
+        raise_for(rc, f"{schema.name}.{op}({'' if arg is None else repr(arg)})")
+    return reader.table_reader(schema, on_error)
 
 
 # ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from appliance.wire import messages as m
 from fault_helpers import RawConn, events, kill_child, reply_error, spawn_ready, wait_event
 
 from procs import RUN_DIR
-from store_helpers import INSERT, UPSERT, Store, check_state, log_bounds, mp_value, unlink_leftovers
+from store_helpers import (INSERT, UPSERT, Store, check_state, log_bounds, mp_value, native_reader, table_schema,
+                           unlink_leftovers)
 
 
 @pytest.fixture
@@ -171,7 +172,8 @@ class TestForgedSlots:
 
     def test_a_wiped_pin_fails_reads_instead_of_reading_freed_versions(self, stores):
         """A neighbour wipes a live snapshot's pin; the writer frees and reuses its versions. Every
-        read through the snapshot then fails with SnapshotTooOldError: none returns data."""
+        read through the snapshot (the cffi reads and the native get, scan and find) then fails
+        with SnapshotTooOldError: none returns data."""
         s = stores(nreaders=8, segment_size=4 << 20, nfiles=2)
         model = load(s)
         pin = s.pin()
@@ -179,7 +181,11 @@ class TestForgedSlots:
         slots_of(s.reader)[pin._slot].rs_pin = 0
         churn(s, model, 15)
         v = pin.version
+        native = native_reader(s.reader, table_schema({"id": "int", "x": "str"}, alt=("x",))).at(v)
         reads = [lambda: s.reader.get_raw(0, encode_int(5), version=v),
+                 lambda: native.get(5),
+                 lambda: native.scan(None, True, None, 0, 1 << 16),
+                 lambda: native.find(1, b"x", 0, "x"),
                  lambda: s.reader.count(0, v),
                  lambda: list(s.reader.scan_raw(0, None, None, version=v)),
                  lambda: list(s.reader.scan_keys(0, None, None, version=v)),
