@@ -23,23 +23,8 @@ from appliance.wire import messages as m
 from fault_helpers import RawConn, events, kill_child, reply_error, spawn_ready, wait_event
 
 from procs import RUN_DIR
-from store_helpers import (INSERT, UPSERT, Store, check_state, log_bounds, mp_value, native_reader, table_schema,
-                           unlink_leftovers)
+from store_helpers import INSERT, UPSERT, check_state, log_bounds, mp_value, native_reader, table_schema
 
-
-@pytest.fixture
-def stores():
-    """Factory of in-process stores (tests/store_helpers.Store), closed and unlinked at the end."""
-    made: list[Store] = []
-
-    def make(**kw) -> Store:
-        made.append(Store(**kw))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
-    assert not unlink_leftovers()
 
 #: the log entry's klen flips between its true value and one that overruns the
 #: exporter's buffer while another process exports the entry in a loop

@@ -20,26 +20,11 @@ from appliance.config import layout_differences
 from appliance.store.keys import encode_int, encode_str
 
 from conftest import write_config
-from store_helpers import INSERT, UPSERT, Store, native_reader, table_schema, unlink_leftovers
+from store_helpers import INSERT, UPSERT, Store, native_reader, table_schema
 
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 TYPES = ("int", "float", "bool", "str", "bytes")
-
-
-@pytest.fixture
-def stores():
-    """Factory of in-process stores (tests/store_helpers.Store), closed and unlinked at the end."""
-    made: list[Store] = []
-
-    def make(**kw) -> Store:
-        made.append(Store(**kw))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
-    assert not unlink_leftovers()
 
 
 # ---------------------------------------------------------------------------- the format, in Python

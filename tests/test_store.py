@@ -43,21 +43,6 @@ def _unlink_everything():
     assert not left, f"tests left these stores linked: {left}"
 
 
-@pytest.fixture
-def stores():
-    """Factory of stores; its finalizer closes and unlinks each one (unlink_all)."""
-    made: list[Store] = []
-
-    def make(**kw) -> Store:
-        s = Store(**kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-
-
 # ----------------------------------------------------------------------------
 # Strategies
 # ----------------------------------------------------------------------------
