@@ -47,6 +47,25 @@ static inline const uint8_t *apl_slot_key(const struct apl_bhdr *b, const struct
     return (const uint8_t *)b + s->sl_off;
 }
 
+/* The rest of a leaf's slot array, past the lines apl_resolve asked for: a
+ * binary search probes lines all over it (and apl_chain_block its last
+ * slot), so every miss is started at once; reading bh_nslots waits only for
+ * the header, already on its way. */
+static inline void apl_prefetch_slots(const struct apl_bhdr *b)
+{
+    uint32_t end = HDR_SIZE + SLOT_SIZE * (uint32_t)b->bh_nslots;
+    if (end > APL_MAX_BLOCK)   /* damaged memory: prefetches never fault, but stay near */
+        end = APL_MAX_BLOCK;
+    for (uint32_t off = APL_PREFETCH_LINES * APL_CACHELINE; off < end; off += APL_CACHELINE)
+        __builtin_prefetch((const char *)b + off, 0, 3);
+}
+
+static inline void apl_prefetch_head(const struct apl_bhdr *b)
+{
+    for (int l = 0; l < APL_PREFETCH_LINES; l++)
+        __builtin_prefetch((const char *)b + l * APL_CACHELINE, 0, 3);
+}
+
 /*
  * The version of block `number` visible at `version`: the newest one whose
  * bh_version <= version. Versions strictly decrease along bh_prev; a chain that
@@ -67,8 +86,7 @@ static inline struct apl_bhdr *apl_resolve(const apl_view *v, uint32_t number, u
          * probe after another: ask for their cache lines all at once so the
          * misses overlap instead of queueing (the dominant cost of a random
          * lookup on a large file). */
-        for (int l = 0; l < APL_PREFETCH_LINES; l++)
-            __builtin_prefetch((const char *)b + l * APL_CACHELINE, 0, 3);
+        apl_prefetch_head(b);
         uint64_t bv = b->bh_version;
         if (bv >= last)
             return 0;

@@ -593,10 +593,17 @@ static int64_t get_copy(apl_view *v, uint32_t file, uint64_t version, const uint
     return read_end(v, ver, r, got);
 }
 
-static PyObject *tr_get(TReader *t, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *tr_get(TReader *t, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs < 1 || nargs > 2)
+    PyObject *dflt = nargs > 1 ? args[1] : Py_None;
+    if (kwnames) {   /* get(key, default=x), as a mapping's get allows */
+        Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+        if (nkw != 1 || nargs != 1 || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "default"))
+            return PyErr_Format(PyExc_TypeError, "get(key, default=None): unexpected arguments");
+        dflt = args[1];
+    } else if (nargs < 1 || nargs > 2) {
         return PyErr_Format(PyExc_TypeError, "get(key, default=None): %zd arguments given", nargs);
+    }
     PyObject *key = args[0];
     if (t->closed)
         return read_error(t, APL_ECLOSED, "get", key);
@@ -612,7 +619,7 @@ static PyObject *tr_get(TReader *t, PyObject *const *args, Py_ssize_t nargs)
     if (n >= 0)
         return rec_decode(t->codec, vbuf, (uint64_t)n);
     if (n == APL_NOTFOUND)
-        return Py_NewRef(nargs > 1 ? args[1] : Py_None);
+        return Py_NewRef(dflt);
     return read_error(t, n, "get", key);
 }
 
@@ -894,7 +901,7 @@ static PyObject *tr_closed(TReader *t, void *unused)
 }
 
 static PyMethodDef tr_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))tr_get, METH_FASTCALL,
+    {"get", (PyCFunction)(void (*)(void))tr_get, METH_FASTCALL | METH_KEYWORDS,
      "get(key, default=None) -> the record with this primary key (a dict), or default"},
     {"scan", (PyCFunction)(void (*)(void))tr_scan, METH_FASTCALL,
      "scan(lo, lo_incl, hi, version, cap) -> (records, resume): records of [lo, hi) (encoded keys,\n"

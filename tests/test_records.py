@@ -443,8 +443,11 @@ class TestNativeBadInput:
             n.get(True)
         with pytest.raises(errors.WrongTypeError, match="outside the signed 64-bit range"):
             n.get(1 << 64)
+        assert n.get(99, "none") == n.get(99, default="none") == "none" and n.get(99) is None
         with pytest.raises(TypeError):
             n.get()
+        with pytest.raises(TypeError):
+            n.get(1, other=2)
         with pytest.raises(TypeError):
             n.scan("lo", True, None, 0, 100)
         with pytest.raises(TypeError):
