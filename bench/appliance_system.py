@@ -94,11 +94,10 @@ def _api():
     return appliance, UnavailableError
 
 
-def segment_mib(n: int, per_record: int = 512) -> int:
-    """Per-segment size: `per_record` bytes a record in each of the 4 segments
-    (a power of two of MiB), >= 64 MiB."""
+def segment_mib(n: int) -> int:
+    """Per-segment size: about 512 bytes a record over the 4 segments, >= 64 MiB."""
     mib = 64
-    while (mib << 20) < n * per_record:
+    while (mib << 20) < n * 512:
         mib *= 2
     return mib
 
@@ -128,13 +127,13 @@ class Node:
     """One appliance: its config file, its controller process, its segments."""
 
     def __init__(self, directory: Path, name: str, n: int, log_size: str = "64MiB", replication: str = "",
-                 segment_bytes: int = 512) -> None:
+                 mib: int | None = None) -> None:
         self.dir, self.name = directory, name
         self.config = directory / f"{name}.toml"
         self.log = directory / f"{name}.controller.log"
         self.proc = None
         self._session = None
-        self.segment_mib = segment_mib(n, segment_bytes)
+        self.segment_mib = mib or segment_mib(n)     # MiB a device segment
         self.config.write_text(CONFIG.format(
             name=name, segment_mib=self.segment_mib, log_size=log_size, socket=directory / f"{name}.sock",
             user=pwd.getpwuid(os.getuid()).pw_name, replication=replication))
@@ -281,16 +280,16 @@ class ApplianceSystem(System):
     name = "appliance"
     SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write")}
 
-    def __init__(self, data, segment_bytes: int = 512) -> None:
+    def __init__(self, data, segment_mib: int | None = None) -> None:
         super().__init__(data)
-        self.segment_bytes = segment_bytes   # bytes a record in each device segment (segment_mib)
+        self.segment_mib = segment_mib       # MiB a device segment (None: segment_mib(N))
 
     def start(self) -> None:
         appliance, _ = _api()
         self.dir = ram_tempdir("bench-appliance-")
         self.nodes: list[Node] = []
         self.agents: list[Agent] = []
-        self.node = self._node("", segment_bytes=self.segment_bytes)
+        self.node = self._node("", mib=self.segment_mib)
         self.node.start()
         self.db = self.node.connect()
         self.info = {"appliance": getattr(appliance, "__version__", "?")}

@@ -268,8 +268,10 @@ class Run:
                 t0 = time.monotonic()
                 data = Dataset(self.data.n * GROWTH)
                 self.out.say(f"  {data.n:,} records generated in {time.monotonic() - t0:.1f} s")
-            # the large one gets less memory a record than the rest (which are sized generously)
-            system = self.start(cls, data=data, **({} if data is self.data else {"segment_bytes": 64}))
+            # the large one gets 320 B a record over its 4 segments and 64 MiB each for the old
+            # versions a load batch retires (the others are sized generously)
+            system = self.start(cls, data=data, **({} if data is self.data else
+                                                   {"segment_mib": 64 - (-data.n * 80 // 2**20)}))
             if system is None:
                 return
             try:
