@@ -86,6 +86,8 @@ static PyObject *corrupt(Codec *c, const char *detail, uint64_t n)
  * image: the codec's "corrupt" error). */
 static PyObject *rec_decode(Codec *c, const uint8_t *p, uint64_t n)
 {
+    if (!c->names)   /* cleared by the garbage collector (a cycle being freed) */
+        return PyErr_Format(PyExc_ValueError, "RecordCodec is not initialised");
     const struct apl_rec_layout *L = &c->lay;
     uint32_t var = apl_rec_varlen(L, p, n);
     if (var == UINT32_MAX)
@@ -168,7 +170,7 @@ static PyObject *rec_decode(Codec *c, const uint8_t *p, uint64_t n)
 
 /* One field's value as the encoder found it. */
 struct enc_val {
-    PyObject *v;          /* borrowed from the record; NULL: None */
+    PyObject *v;          /* a reference of its own (a key's __eq__ may change the dict); NULL: None */
     const char *bytes;    /* str/bytes */
     Py_ssize_t len;
     union { int64_t i; double d; } x;
@@ -177,10 +179,12 @@ struct enc_val {
 #define ENC_FALLBACK 1    /* not a canonical record: ask the fallback */
 
 /* Pass 1: check every field of `rec` against the layout; the size of its
- * image in *total. 0, ENC_FALLBACK or -1 (a Python error is set). */
-static int enc_check(Codec *c, PyObject *rec, struct enc_val *ev, uint64_t *total)
+ * image in *total. 0, ENC_FALLBACK or -1 (a Python error is set). The
+ * values ev[0..*held) hold a reference each, whatever it returns. */
+static int enc_check(Codec *c, PyObject *rec, struct enc_val *ev, uint64_t *total, uint32_t *held)
 {
     const struct apl_rec_layout *L = &c->lay;
+    *held = 0;
     if (!PyDict_CheckExact(rec) || PyDict_GET_SIZE(rec) != (Py_ssize_t)L->nfields)
         return ENC_FALLBACK;
     uint64_t var = 0;
@@ -190,11 +194,11 @@ static int enc_check(Codec *c, PyObject *rec, struct enc_val *ev, uint64_t *tota
         PyObject *v = PyDict_GetItemWithError(rec, name);
         if (!v)
             return PyErr_Occurred() ? -1 : ENC_FALLBACK;
-        ev[i].v = v;
+        ev[i].v = v == Py_None ? NULL : Py_NewRef(v);
+        *held = i + 1;
         if (v == Py_None) {
             if (!f->nullable)
                 return ENC_FALLBACK;
-            ev[i].v = NULL;
             continue;
         }
         switch (f->type) {
@@ -272,8 +276,9 @@ static PyObject *rec_encode(Codec *c, PyObject *rec, uint64_t limit, int canonic
     if (c->lay.nfields > 32 && !(ev = PyMem_Malloc(sizeof *ev * c->lay.nfields)))
         return PyErr_NoMemory();
     uint64_t total = 0;
+    uint32_t held;
     PyObject *out = NULL;
-    int rc = enc_check(c, rec, ev, &total);
+    int rc = enc_check(c, rec, ev, &total, &held);
     if (rc == ENC_FALLBACK) {
         if (canonical) {
             PyErr_SetString(PyExc_SystemError, "the codec's fallback returned a record it cannot encode");
@@ -294,6 +299,8 @@ static PyObject *rec_encode(Codec *c, PyObject *rec, uint64_t limit, int canonic
             enc_write(c, ev, (uint8_t *)PyBytes_AS_STRING(out));
         }
     }
+    for (uint32_t i = 0; i < held; i++)
+        Py_XDECREF(ev[i].v);
     if (ev != small)
         PyMem_Free(ev);
     return out;
@@ -807,6 +814,8 @@ static PyObject *tr_at(TReader *t, PyObject *arg)
         return NULL;
     if (!version)
         return PyErr_Format(PyExc_ValueError, "at(version): a snapshot's version is > 0");
+    if (!t->codec)
+        return PyErr_Format(PyExc_ValueError, "at(version): this TableReader was cleared");
     TReader *n = tr_alloc();
     if (!n)
         return NULL;

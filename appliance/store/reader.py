@@ -211,13 +211,6 @@ class Reader:
                 start, incl = bytes(ffi.buffer(resume, rlen[0])), False
         return self._chunks(run, version)
 
-    def find_values(self, tr: TableReader, index: int, prefix: bytes, *, version: int = 0,
-                    value=None) -> list[dict]:
-        """Every record of `tr`'s table whose alternate key (index file
-        `index`) encodes to `prefix`, in primary-key order: one native call,
-        one committed state (`version` 0: the latest). `value` names it in errors."""
-        return tr.find(index, prefix, version, value)
-
     def find_raw(self, index: int, table: int, prefix: bytes, *,
                  version: int | None = None) -> Iterator[bytes]:
         """The stored value bytes of the records whose alternate key (index file) encodes to `prefix`."""
