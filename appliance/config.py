@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._native import lib
 from ._os import files as layout
 from .errors import ConfigError, exit_status
 
@@ -522,13 +523,20 @@ class Config(_Strict):
                 raise self._file_error(f"replication.{key}", path, exc,
                                        "PEM files: this appliance's certificate, its key, and the CA "
                                        "that signed its peers' certificates") from None
+    def _tables_doc(self) -> dict:
+        """What fixes the records of every table: keys, field types, and the
+        record format with its field order (cext/apl_rec.h lays fields out in
+        schema order, so reordering them changes every stored image)."""
+        return {"record_format": lib.APL_REC_FORMAT,
+                "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
+                               "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()},
+                               "order": list(t.fields)}
+                           for n, t in self.tables.items()}}
 
     def replication_fingerprint(self) -> int:
-        """What primary and secondary must agree on: block size and tables."""
-        doc = {"block_size": self.storage.block_size,
-               "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
-                              "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
-                          for n, t in self.tables.items()}}
+        """What primary and secondary must agree on: block size, tables and
+        the record format."""
+        doc = {"block_size": self.storage.block_size, **self._tables_doc()}
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
@@ -548,10 +556,7 @@ class Config(_Strict):
         doc = {
             "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
             "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
-            "compressed": self.compressed, "max_blocks": s.max_blocks,
-            "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
-                           "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
-                       for n, t in self.tables.items()},
+            "compressed": self.compressed, "max_blocks": s.max_blocks, **self._tables_doc(),
         }
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
@@ -567,8 +572,10 @@ class Config(_Strict):
                         "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
                         "max_blocks": s.max_blocks},
             "replication": {"serve_reads": not self.compressed},
+            "record_format": lib.APL_REC_FORMAT,
             "tables": {n: {"primary_key": t.primary_key, "alternate_keys": list(t.alternate_keys),
-                           "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()}}
+                           "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()},
+                           "field_order": list(t.fields)}
                        for n, t in self.tables.items()},
         }
 

@@ -1,7 +1,8 @@
 """The peers: py-lmdb and Redis, set up as in-memory like-for-like systems.
 
 Both store each record as msgpack and every read decodes it with
-``msgpack.unpackb``, so they hand back the same dicts the appliance does.
+``msgpack.unpackb``, so they hand back the same dicts the appliance does
+(which stores its own record format and decodes it in C).
 """
 from __future__ import annotations
 

@@ -4,10 +4,12 @@
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
-snapshot-get, find, range, write, tx-write, transfer, order, sync-write,
-sync-cpu, sync-2, async-write, copy, catch-up, durable-write, interval-write,
-checkpoint, cold-start; "replication" = sync-write..catch-up, "durability" =
-the last four); see README.md.
+snapshot-get, find, range, write, tx-write, transfer, order, growth,
+sync-write, sync-cpu, sync-2, async-write, copy, catch-up, durable-write,
+interval-write, checkpoint, cold-start; "replication" = sync-write..catch-up,
+"durability" = the last four); see README.md.
+"growth" (10x the records in a fresh appliance) runs in the full benchmark,
+or with --quick only when named.
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "c
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
 DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
-BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS, *DURABILITY_IDS]
+BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS]
+GROWTH = 10               # the growth rows: get at GROWTH x the records against the records
 
 
 def system_classes() -> dict:
@@ -127,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.benches = set(chosen or BENCH_IDS)
     if "sync-2" in args.benches:     # compared with the one-secondary sync-write row of the same run
         args.benches.add("sync-write")
+    if args.quick and "growth" not in chosen:
+        args.benches.discard("growth")     # more memory and time than --quick allows
     return args
 
 
@@ -152,7 +157,8 @@ class Run:
             f"warms up {args.warmup:g} s, then all run concurrently for {args.duration:g} s between barriers",
             "latency: get/find time 1 op in 10 individually (the other 9 run untimed); ranges and "
             "writes time every op; bulk load = each 10,000-record batch timed ÷ 10,000",
-            "every system stores msgpack-encoded records and every read returns decoded dicts; the "
+            "the peers store msgpack-encoded records, the appliance its fixed-layout record format; "
+            "every read returns decoded dicts; the "
             "answers of each read op are checked against the generated data before it is timed",
         ]
         self.info: dict = {}
@@ -164,8 +170,8 @@ class Run:
         printer.say(f"{args.records:,} records generated in {time.monotonic() - t0:.1f} s "
                     f"({self.data.nbranches:,} branches)")
 
-    def add(self, bench_id, title, system, procs, m, latency) -> None:
-        self.rows.append(measurement_row(bench_id, title, system, procs, m, latency))
+    def add(self, bench_id, title, system, procs, m, latency, **extra) -> None:
+        self.rows.append(measurement_row(bench_id, title, system, procs, m, latency, **extra))
         self.out.say(f"  {title:<40} {system:<22} x{procs}  {m.ops_per_s:>12,.0f} ops/s"
                      f"  p50 {m.p50_us:>9,.2f} µs  p99 {m.p99_us:>9,.2f} µs")
 
@@ -178,9 +184,9 @@ class Run:
         self.failures.append(text)
         self.out.say(text, style="red")
 
-    def start(self, cls, **kw):
+    def start(self, cls, data=None, **kw):
         """A started system, or None (reported) when it cannot run here."""
-        system = cls(self.data, **kw)
+        system = cls(data or self.data, **kw)
         try:
             system.start()
             return system
@@ -201,21 +207,22 @@ class Run:
 
     def load(self, system, order: str, bench_id: str, title: str) -> bool:
         try:
-            m = measure_load(system, self.data, order)
+            m = measure_load(system, system.data, order)
         except Exception as e:  # noqa: BLE001
             self.fail(f"{system.name}: bulk load failed", f"{type(e).__name__}: {e}")
             return False
         self.add(bench_id, title, system.name, 1, m, LOAD_LATENCY)
         return True
 
-    def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None):
+    def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None,
+                params=None, **extra):
         try:
-            m = run_workers(system.client_spec(), op, bench.kind, self.params, procs, bench.step,
+            m = run_workers(system.client_spec(), op, bench.kind, params or self.params, procs, bench.step,
                             self.timing, bench.seed(procs))
         except Exception as e:  # noqa: BLE001 - one failed row does not stop the run
             self.fail(f"{label}: {bench.title} x{procs} failed", e)
             return
-        self.add(bench_id or bench.id, title or bench.title, label, procs, m, bench.latency)
+        self.add(bench_id or bench.id, title or bench.title, label, procs, m, bench.latency, **extra)
 
     def system(self, cls) -> None:
         self.out.say(f"[{cls.name}]", style="bold")
@@ -246,7 +253,8 @@ class Run:
         return [(b, label, op) for b in benches for label, op in system.variants(b.id)]
 
     def order_test(self, cls) -> None:
-        """Random get on two fresh systems, loaded in random and in key order."""
+        """Random get on two fresh systems, loaded in random and in key order,
+        and the shared memory each load takes per record."""
         self.out.say(f"[{cls.name}: random-order vs key-order load]", style="bold")
         for order, bench_id in (("random", "order-random"), ("key", "order-key")):
             system = self.start(cls)
@@ -255,6 +263,37 @@ class Run:
             try:
                 if self.load(system, order, f"load-{order}", f"bulk load {self.data.n:,} ({order} order, fresh)"):
                     self.measure(system, GET, cls.name, "get", 1, bench_id, f"get after {order}-order load")
+                    self.guard(f"{cls.name}: record bytes", self.record_bytes, system, order)
+            finally:
+                self.stop(system)
+
+    def record_bytes(self, system, order: str) -> None:
+        b = system.record_bytes()
+        per = b["bytes_used"] / b["records"]
+        self.rate("record-bytes", f"shared memory per record ({order}-order load)", system.name, per, "B",
+                  f"{b['bytes_used'] / 2**20:,.1f} MiB in use for {b['records']:,} records; raw "
+                  f"{b['raw_bytes_per_record']:.1f} B a record (key + image {b['table_bytes_per_record']:.1f}, "
+                  f"index entries {b['index_bytes_per_record']:.1f})", order=order, **b)
+
+    def growth(self, cls) -> None:
+        """Random get on a fresh system with the records, then on one with
+        GROWTH times as many (both loaded in random order, one at a time)."""
+        self.out.say(f"[{cls.name}: get at {GROWTH}x the records]", style="bold")
+        for data, bench_id in ((self.data, "growth-small"), (None, "growth-large")):
+            if data is None:
+                t0 = time.monotonic()
+                data = Dataset(self.data.n * GROWTH)
+                self.out.say(f"  {data.n:,} records generated in {time.monotonic() - t0:.1f} s")
+            # the large one gets 320 B a record over its 4 segments and 64 MiB each for the old
+            # versions a load batch retires (the others are sized generously)
+            system = self.start(cls, data=data, **({} if data is self.data else
+                                                   {"segment_mib": 64 - (-data.n * 80 // 2**20)}))
+            if system is None:
+                return
+            try:
+                if self.load(system, "random", f"load-{bench_id}", f"bulk load {data.n:,} (random order, fresh)"):
+                    self.measure(system, GET, cls.name, "get", 1, bench_id, f"get with {data.n:,} records",
+                                 params=data.params(), records=data.n)
             finally:
                 self.stop(system)
 
@@ -494,6 +533,8 @@ def main(argv=None) -> int:
             run.system(classes[name])
     if "order" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
         run.order_test(classes["appliance"])
+    if "growth" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
+        run.growth(classes["appliance"])
     if args.benches & set(REPLICATION_IDS):
         run.replication()
     if args.benches & set(DURABILITY_IDS):

@@ -2,7 +2,8 @@
  * apl.h — the C helpers' API, as Python sees it through cffi (cext/build.py).
  *
  * Reader side (any process that maps the segments): apl_view_*, apl_get*,
- * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image.
+ * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image; the same reads
+ * as CPython types (RecordCodec, TableReader: apl_py_install).
  * Writer side (the controller only): apl_store_*, apl_batch_*, apl_put,
  * apl_delete, apl_log_*, apl_reclaim, apl_sweep_readers.
  * Every function returns APL_OK (0) or a negative APL_* code (apl_errors.h),
@@ -102,7 +103,7 @@ int64_t apl_get_i64(apl_view *v, uint32_t file, int64_t key,
                     uint64_t version, uint8_t *out, uint64_t cap);
 
 /* What apl_scan writes for each record. */
-#define APL_SCAN_VALUES 1u   /* values back to back (each one msgpack object) */
+#define APL_SCAN_VALUES 1u   /* [u32 length][value bytes] per record */
 #define APL_SCAN_KEYS   2u   /* [u16 length][encoded key] per record */
 /* A scan reads [lo, hi) (lo exclusive when lo_incl is 0; hilen = APL_NO_BOUND
  * means no upper bound; lolen = 0 with lo_incl starts at the first record).
@@ -117,7 +118,8 @@ int64_t apl_scan(apl_view *v, uint32_t file,
                  uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
 /* Every record of primary file `table` whose alternate key in index file
  * `index` equals the encoded value `prefix` (the index keys are prefix+pk).
- * Values back to back, in primary-key order; same continuation contract. */
+ * Values as APL_SCAN_VALUES writes them, in primary-key order; same
+ * continuation contract. */
 int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
                  const uint8_t *prefix, uint32_t plen,
                  const uint8_t *after, uint32_t afterlen,
@@ -314,6 +316,11 @@ int apl_acks_post(struct apl_acks *a, uint32_t i, uint64_t serial);
 /* The controller: the lowest serial a commit waits for (0: none), then every
  * acknowledged serial into out[0 .. ak_count). */
 void apl_acks_want(struct apl_acks *a, uint64_t serial, uint64_t *out);
+
+/* ---- the read path as CPython types (apl_py.c) ---- */
+/* Set RecordCodec and TableReader as attributes of the (imported) Python
+ * module named `module`; APL_EINVAL when that fails. */
+int apl_py_install(const char *module);
 
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);

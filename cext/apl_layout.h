@@ -139,6 +139,12 @@
 #include <stddef.h>
 
 #define APL_FORMAT_VERSION   2u
+/* The record format (the value bytes of a leaf slot: cext/apl_rec.h). It is
+ * not part of APL_FORMAT, which fixes the blocks around records: the
+ * configuration's schema hash and layout include it with the fields in schema
+ * order (appliance/config.py), so segments or a peer with records of another
+ * format are refused naming it. 1 was one msgpack map per record. */
+#define APL_REC_FORMAT       2u
 #define APL_MAGIC_META       0x4D4C5041u /* "APLM" */
 #define APL_MAGIC_READERS    0x524C5041u /* "APLR" */
 #define APL_MAGIC_DEVICE     0x444C5041u /* "APLD" */

@@ -22,10 +22,27 @@ from appliance.client.session import Session
 from appliance.store.segment import unlink_all
 
 from procs import APPLIANCE, ROOT, RUN_DIR, die_with_parent as _die_with_parent
-from store_helpers import CREATED_NAMES, linked_segments, unique_name
+from store_helpers import CREATED_NAMES, Store, linked_segments, unique_name, unlink_leftovers
 
 # tests/installed runs only against a package installed from the wheel (tests/test_install.py)
 collect_ignore_glob = [] if os.environ.get("APPLIANCE_TEST_INSTALLED") else ["installed/*"]
+
+
+@pytest.fixture
+def stores():
+    """Factory of in-process stores (tests/store_helpers.Store), closed and unlinked at the end
+    (the store tests of several modules)."""
+    made: list[Store] = []
+
+    def make(**kw) -> Store:
+        made.append(Store(**kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+    assert not unlink_leftovers()
+
 
 BANK_TABLES = """
 [tables.accounts]

@@ -767,10 +767,12 @@ class TestAccess:
          ["tables.accounts.alternate_keys: [branch] in shared memory, [] in the config"]),
         ({"tables": BANK_TABLES.replace('balance = "int" }', 'balance = "int", note = "str" }')},
          ["tables.accounts.fields.note: not in shared memory, str in the config"]),
+        ({"tables": BANK_TABLES.replace('branch = "str", balance = "int"', 'balance = "int", branch = "str"')},
+         ["tables.accounts.field_order: [id, branch, balance] in shared memory, [id, balance, branch] in the config"]),
         ({"segments": 3, "segment_size": "8MiB"},
          ["storage.segments: 2 in shared memory, 3 in the config",
           "storage.segment_size: 16777216 in shared memory, 8388608 in the config"]),
-    ], ids=["field-type", "alternate-key", "new-field", "storage"])
+    ], ids=["field-type", "alternate-key", "new-field", "field-order", "storage"])
     def test_layout_mismatch_names_the_setting(self, bank, db, make_appliance, change, says):
         """A refused layout says which setting differs, with the value in shared memory and in the config; a client with that config is told the same."""
         import appliance

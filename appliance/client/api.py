@@ -20,10 +20,8 @@ from collections.abc import MutableMapping
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-import msgpack
-
 from .. import errors
-from .._native import ffi, lib, raise_for
+from .._native import raise_for
 from ..config import Config, layout_differences, load as load_config
 from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
@@ -34,12 +32,6 @@ from .session import _pid as _session_pid
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
 
-_unpackb = msgpack.unpackb
-_get_i64 = lib.apl_get_i64
-_get = lib.apl_get
-_NOTFOUND = lib.APL_NOTFOUND
-_EBUFSIZE = lib.APL_EBUFSIZE
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 #: how much longer than a commit's wait bound the client waits for its answer
 _COMMIT_REPLY_GRACE = 5.0
 
@@ -76,22 +68,6 @@ def _check_pipeline(pipeline) -> bool:
     if type(pipeline) is not bool:
         raise errors.WrongTypeError(f"pipeline must be True or False, not {pipeline!r}")
     return pipeline
-
-
-class _Buffers(threading.local):
-    """Per-thread output buffer for the C read calls (the GIL is released
-    during them, so threads must not share one). ``t`` is (C pointer, size,
-    memoryview), one attribute lookup on the hot path."""
-
-    def __init__(self) -> None:
-        self.grow(1 << 16)
-
-    def grow(self, size: int) -> None:
-        self.raw = bytearray(size)
-        self.c = ffi.from_buffer("uint8_t[]", self.raw)
-        self.mv = memoryview(self.raw)
-        self.size = size
-        self.t = (self.c, size, self.mv)
 
 
 class Client:
@@ -137,7 +113,6 @@ class Client:
             self._att.close()
             raise errors.UnavailableError(f"appliance {cfg.name!r} was re-created while attaching; retry")
         self._reader = Reader(self._att)
-        self._bufs = _Buffers()
         self._pid = os.getpid()
         self._snapshots: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         self._opened_ns = self._att.sb.sb_opened_ns   # which controller our sessions know
@@ -205,7 +180,6 @@ class Client:
         self._local = threading.local()
         self._sessions = []
         self._lock = threading.Lock()
-        self._bufs = _Buffers()
         parent, self._pid = self._pid, os.getpid()
         for snap in list(self._snapshots):
             snap._orphan(parent)   # the pin is the parent's: this process has none
@@ -384,12 +358,17 @@ class Table(MutableMapping):
 
     def __init__(self, client: Client, schema: TableSchema, snapshot: "Snapshot | None" = None) -> None:
         self._client = client
-        self._view = client._reader.view
         self._schema = schema
         self._snap = snapshot
         self._file = schema.file
-        self._int_key = schema.pk_codec.type_name == "int"
         self.name = schema.name
+        native = client._reader.table_reader(schema, _read_errors(schema.name, client, snapshot))
+        #: the native reader (cext/apl_py.c): a snapshot's reads at its pinned version
+        self._native = native if snapshot is None else native.at(snapshot.version)
+        # the hot path: the native method itself is the instance's get, so a
+        # get is one C call (encode the key, pin, look up, copy, unpin, build
+        # the dict) with no Python frame around it
+        self.get = self._native.get
 
     # -- reads -------------------------------------------------------------------
 
@@ -400,36 +379,9 @@ class Table(MutableMapping):
         return 0
 
     def get(self, key, default=None):
-        """The record with this primary key, or `default`."""
-        # the hot path: one C call (pin, lookup, copy, unpin) and one decode;
-        # a closed client's view fails every lookup with APL_ECLOSED
-        c = self._client
-        cbuf, size, mv = c._bufs.t
-        if self._int_key and type(key) is int:
-            try:
-                n = _get_i64(self._view, self._file, key, 0, cbuf, size)
-            except OverflowError:
-                n = self._get_slow(key, 0)
-        else:
-            n = self._get_slow(key, 0)
-        if n >= 0:
-            return _unpackb(mv[:n])
-        return self._miss(n, key, default, 0)
-
-    def _get_slow(self, key, ver: int) -> int:
-        k = self._schema.key(key)
-        b = self._client._bufs
-        return _get(self._view, self._file, k, len(k), ver, b.c, b.size)
-
-    def _miss(self, n: int, key, default, ver: int):
-        if n == _NOTFOUND:
-            return default
-        if n == _EBUFSIZE:
-            b = self._client._bufs
-            b.grow(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
-            return self._get_version(key, default, ver) if ver else self.get(key, default)
-        self._version()
-        raise_for(n, f"{self.name}.get({_short(key)})")
+        """The record with this primary key, or `default` (each instance's get
+        is its native reader's method itself: see __init__)."""
+        return self._native.get(key, default)
 
     def __getitem__(self, key):
         rec = self.get(key, _MISSING)
@@ -471,16 +423,14 @@ class Table(MutableMapping):
         s = self._schema
         lob = s.key(lo) if lo is not None else None
         hib = s.key(hi) if hi is not None else None
-        return self._client._reader.scan_values(self._file, lob, hib, version=ver)
+        return self._client._reader.scan_values(self._native, lob, hib, version=ver)
 
     def find(self, field: str, value) -> list[dict]:
         """Every record whose alternate key `field` equals `value`, in
-        primary-key order."""
-        ver = self._version() or None
+        primary-key order (one native call: one committed state)."""
         s = self._schema
         prefix = s.alt_key(field, value)
-        index = s.alt[field][0]
-        return list(self._client._reader.find_values(index, self._file, prefix, version=ver))
+        return self._native.find(s.alt[field][0], prefix, 0, value)
 
     # -- autocommitted writes -------------------------------------------------------
 
@@ -513,7 +463,8 @@ _MISSING = object()
 
 
 class _SnapshotTable(Table):
-    """A table read at a snapshot's pinned version (read-only)."""
+    """A table read at a snapshot's pinned version (read-only): its native
+    reader reads that version and is closed with the snapshot."""
 
     def _version(self) -> int:
         super()._version()
@@ -522,23 +473,18 @@ class _SnapshotTable(Table):
             snap._check()
         return snap.version
 
-    def get(self, key, default=None):
-        # the hot path of snapshot reads: the pin check inline, then one C call
-        snap = self._snap
-        if snap._pin is None:
-            self._version()         # raises ClosedError
-        return self._get_version(key, default, snap.version)
 
-    def _get_version(self, key, default, ver: int):
-        c = self._client
-        cbuf, size, mv = c._bufs.t
-        if self._int_key and type(key) is int and _I64_MIN <= key <= _I64_MAX:
-            n = _get_i64(self._view, self._file, key, ver, cbuf, size)
-        else:
-            n = self._get_slow(key, ver)
-        if n >= 0:
-            return _unpackb(mv[:n])
-        return self._miss(n, key, default, ver)
+def _read_errors(name: str, client: Client, snap: "Snapshot | None"):
+    """on_error of a table's native reader: the error of a failed read, a
+    closed client or snapshot first (it refers to neither table nor reader,
+    so a dropped snapshot's tables are freed, and its pin released, at once)."""
+    def on_error(rc: int, op: str, arg) -> None:
+        if client._closed:
+            raise errors.ClosedError(f"table {name!r}: its client is closed")
+        if snap is not None and snap._pin is None:
+            snap._check()
+        raise_for(rc, f"{name}.{op}({'' if arg is None else _short(arg)})")
+    return on_error
 
 
 @contextmanager
@@ -582,6 +528,8 @@ class Snapshot:
         self._pin = client._reader.pin()
         self._parent = 0           # after fork: the pid that holds the pin
         self.version = self._pin.version
+        #: its tables while anyone holds them (their native readers are closed with the pin)
+        self._tables: "weakref.WeakValueDictionary[str, _SnapshotTable]" = weakref.WeakValueDictionary()
         client._snapshots.add(self)
 
     def _check(self) -> None:
@@ -593,16 +541,25 @@ class Snapshot:
 
     def _orphan(self, parent: int) -> None:
         if self._pin is not None:
+            self._close_readers()  # this process pins nothing: no read at that version here
             self._pin = None       # never released here: the slot is the parent's
             self._parent = parent
 
     def table(self, name: str) -> Table:
         if self._pin is None:
             self._check()
-        return _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
+        t = self._tables.get(name)
+        if t is None:
+            t = self._tables[name] = _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
+        return t
+
+    def _close_readers(self) -> None:
+        for t in list(self._tables.values()):
+            t._native.close()
 
     def close(self) -> None:
         if self._pin is not None:
+            self._close_readers()  # before the pin goes: no read starts at an unpinned version
             self._pin.close()
             self._pin = None
 

@@ -28,8 +28,7 @@ from .txn import Change, Txn
 
 __all__ = ["Transactions", "LATER"]
 
-_unpackb = msgpack.unpackb
-_packb = msgpack.Packer(use_bin_type=True).pack
+_packb = msgpack.Packer(use_bin_type=True).pack   # T logs (program and input) stay msgpack
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
 #: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
@@ -193,7 +192,7 @@ class Transactions:
         ch = txn.changes.get((t.file, pk))
         if ch is None:
             before = self._committed(t.file, pk)
-            rec = _unpackb(before) if before is not None else None
+            rec = t.decode(before) if before is not None else None
             ch = Change(t, key, pk, before, rec)
             txn.changes[(t.file, pk)] = ch
         return ch

@@ -257,9 +257,10 @@ async def secondary_handshake(fs: FrameStream, cfg: Config, *, files: list, secr
         _refuse(fs, epoch_seen, "APL_ESTALE", f"epoch {epoch} is older than {epoch_seen}, already seen")
         raise errors.StaleEpochError(f"{fs.peer}: primary epoch {epoch} < {epoch_seen}: a deposed primary")
     if hello.get("fingerprint") != cfg.replication_fingerprint() or hello.get("files") != files:
-        _refuse(fs, epoch_seen, "APL_EGEOMETRY", "block size or tables differ from this secondary's")
-        raise errors.FormatError(f"{fs.peer}: the primary's block size or tables differ from this "
-                                 f"secondary's configuration ({cfg.path})")
+        _refuse(fs, epoch_seen, "APL_EGEOMETRY",
+                "block size, tables or record format differ from this secondary's")
+        raise errors.FormatError(f"{fs.peer}: the primary's block size, tables (fields and their order) or "
+                                 f"record format differ from this secondary's configuration ({cfg.path})")
     return epoch, hello
 
 
