@@ -21,9 +21,11 @@ import pytest
 from appliance import errors
 from appliance.durability import records as rec
 from appliance.store.reader import Reader
+from appliance.store.records import Schema
 from appliance.store.segment import Attachment, unlink_all
 
 from procs import APPLIANCE, RUN_DIR
+from store_helpers import native_reader
 
 TABLES = """
 [tables.accounts]
@@ -319,9 +321,10 @@ class TestDamagedFiles:
         wr, facts = cold_start(app.cfg, structlog.get_logger(), files)
         try:
             r = Reader(wr.att)      # read as Table.range reads
-            ids = {n: i for i, (n, _t, _f) in enumerate(app.cfg.files())}
-            tr = {x["id"]: x for x in r.scan_values(ids["transfers"], None, None)}
-            bal = {x["id"]: x["balance"] for x in r.scan_values(ids["accounts"], None, None)}
+            schema = Schema(app.cfg)
+            tr = {x["id"]: x for x in r.scan_values(native_reader(r, schema.table("transfers")), None, None)}
+            bal = {x["id"]: x["balance"]
+                   for x in r.scan_values(native_reader(r, schema.table("accounts")), None, None)}
         finally:
             wr.close()
         return facts["cold_start"]["log_cut"], tr, bal
