@@ -279,11 +279,17 @@ class PrimaryAgent:
         """Send the secondaries' whole state to the controller (shown by
         status): soon after a change of state (coalesced: one report in
         flight), and every heartbeat. ACKs go ahead on their own (acked())."""
+        loop = asyncio.get_running_loop()
         while True:
+            # the heartbeat sets the event itself: asyncio.wait_for (Python 3.11)
+            # drops a cancellation that arrives as the event is set, and at stop
+            # the relays' last state changes set it just as the agent cancels
+            # this task, which then never ended
+            tick = loop.call_later(self.cfg.replication.heartbeat, self._report_event.set)
             try:
-                await asyncio.wait_for(self._report_event.wait(), self.cfg.replication.heartbeat)
-            except asyncio.TimeoutError:
-                pass
+                await self._report_event.wait()
+            finally:
+                tick.cancel()
             self._report_event.clear()
             self.refresh()   # the lag it reports (publishes are not signalled while every relay holds)
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
