@@ -260,7 +260,9 @@ def cold_start(data, target_bytes: int) -> dict:
     import appliance
     from appliance.store.segment import unlink_all
     from systems import stop_process
-    system = DurableAppliance(data, "interval", "1s")
+    class Sized:          # segments sized for ~1 KiB records (segment_mib counts ~512 B a record)
+        n = max(data.n, target_bytes // 1024 * 3)
+    system = DurableAppliance(Sized, "interval", "1s")
     try:
         system.start()
         db = system.db
