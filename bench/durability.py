@@ -261,7 +261,7 @@ def cold_start(data, target_bytes: int) -> dict:
     from appliance.store.segment import unlink_all
     from systems import stop_process
     class Sized:          # segments sized for ~1 KiB records (segment_mib counts ~512 B a record)
-        n = max(data.n, target_bytes // 1024 * 3)
+        n = max(data.n, target_bytes // 1300)   # 4 segments of at least 1.5 x the records
     system = DurableAppliance(Sized, "interval", "1s")
     try:
         system.start()

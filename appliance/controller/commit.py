@@ -101,7 +101,7 @@ class GroupCommit:
                     outcomes.append((sess, txn, None, e))
             version = wr.publish(now, last)
             if durable is not None:
-                durable.published()    # the batch's log record, to the writer thread
+                durable.published(len(outcomes))    # the batch's log record, to the writer thread
         except BaseException:
             self.log.critical("commit_batch_failed_exiting", exc_info=True)
             os._exit(errors.EXIT_SOFTWARE)  # the restarted controller rolls the unpublished batch back

@@ -183,15 +183,16 @@ class Durable:
 
     # ------------------------------------------------------------------ records
 
-    def published(self) -> None:
-        """A primary published a batch: its change-log entries become one
-        record (called right after the publish, in the same loop turn)."""
+    def published(self, commits: int = 0) -> None:
+        """A primary published a batch (of `commits` commits to answer): its
+        change-log entries become one record (called right after the publish,
+        in the same loop turn)."""
         blob, first, last = self._export()
         if not blob:
             return
         sb = self.att.sb
         seq = self.writer.submit(rec.KIND_ENTRIES, blob, first=first, last=last,
-                                 aux1=sb.sb_pub[sb.sb_version & 1].pb_txn, aux2=sb.sb_txn_next)
+                                 aux1=sb.sb_pub[sb.sb_version & 1].pb_txn, aux2=sb.sb_txn_next, commits=commits)
         self._unsynced.append((last, seq))
         self.exported = last
 

@@ -31,9 +31,15 @@ The loop thread never waits for the disk: submit() takes the lock for a
 list append. The writer thread wakes the loop through an eventfd
 (``wake_fd``, in the loop's epoll) after each write or fsync, and when an
 error starts or ends; the loop then answers the commits that were waiting
-for those records (appliance/controller/durable.py). Group commit comes for
-free: every record that queued while an fsync ran goes out in the next
-write and shares the next fsync.
+for those records (appliance/controller/durable.py). Group commit: every
+record that queued while an fsync ran goes out in the next write and
+shares the next fsync. On a slow disk (fdatasync above SLOW_FSYNC_S on
+average) that alone splits the committing clients into two groups, each
+waiting for two fsyncs; so there the next write waits, up to half an
+fsync (HOLD_MAX_S at most), for the commits the last fsync answered to
+come back (``_queued_commits`` reaching what the last two groups held) and
+both groups share one fsync — what PostgreSQL's commit_delay does, by
+measure instead of by setting.
 
 Why this cannot lose an acknowledged commit: with log_sync = "commit" a
 commit is answered only once ``synced_seq`` has passed its record, which the
@@ -73,6 +79,8 @@ _CKP = re.compile(r"^checkpoint-(\d{20})\.apl$")
 RETRY_S = 0.5          # a failed write or fsync is tried again this often
 OFF_WRITE_S = 0.01     # log_sync = "off": what is queued is written this often
 WRITE_BYTES = 1 << 20  # ... or as soon as this much is queued (any mode)
+SLOW_FSYNC_S = 0.0005  # "commit": an fdatasync slower than this (on average) makes the next group wait ...
+HOLD_MAX_S = 0.002     # ... at most half an fdatasync and this long for the commits just answered to join it
 
 
 def log_name(seq: int) -> str:
@@ -348,6 +356,9 @@ class LogWriter:
         self._cv = threading.Condition(threading.Lock())
         self._queue: list = []
         self._queued_bytes = 0
+        self._queued_commits = 0          # commits the queued records carry (group commit on a slow disk)
+        self._hold: tuple | None = None   # (commits to wait for, until when) before the next write
+        self._fsync_ema = 0.0
         self._stop = False
         self._rotate = end.path is None   # no file yet: the first record opens one
         # loop thread only
@@ -377,13 +388,15 @@ class LogWriter:
     # -- the loop thread ---------------------------------------------------------------------
 
     def submit(self, kind: int, payload: bytes, *, first: int = 0, last: int = 0, aux1: int = 0,
-               aux2: int = 0) -> int:
-        """Queue a record; returns its seq (written in this order)."""
+               aux2: int = 0, commits: int = 0) -> int:
+        """Queue a record (of `commits` commits waiting for it); returns its
+        seq (written in this order)."""
         seq = self.next_seq
         self.next_seq = seq + 1
         with self._cv:
             self._queue.append((seq, kind, payload, first, last, aux1, aux2))
             self._queued_bytes += len(payload) + rec.HDR.size
+            self._queued_commits += commits
             if self.mode == "commit" or len(self._queue) == 1 or self._queued_bytes >= WRITE_BYTES:
                 self._cv.notify()      # "interval", "off": once a tick (the writer then waits for _next_tick)
         return seq
@@ -435,6 +448,12 @@ class LogWriter:
             with self._cv:
                 while not self._ready(pending):
                     self._cv.wait(self._wait_s())
+                if self._hold is not None:     # a slow disk: let the commits just answered join this group
+                    target, until = self._hold
+                    self._hold = None
+                    while self._queued_commits < target and not self._stop and (left := until - time.monotonic()) > 0:
+                        self._cv.wait(left)
+                taken, self._queued_commits = self._queued_commits, 0
                 pending.extend(self._queue)
                 self._queue = []
                 stop, rotate = self._stop, self._rotate
@@ -444,6 +463,11 @@ class LogWriter:
                     self._write(pending, rotate)
                 if self._unsynced and (self.mode == "commit" or stop or self._sync_due()):
                     self._sync()
+                    if self.mode == "commit" and self._fsync_ema >= SLOW_FSYNC_S:
+                        with self._cv:
+                            group = taken + self._queued_commits
+                        if group >= 2:
+                            self._hold = (group, time.monotonic() + min(self._fsync_ema / 2, HOLD_MAX_S))
             except OSError as exc:
                 first = self.error is None
                 self.error = disk_error(exc, "write log file", self.current or self.dir.path)
@@ -555,6 +579,7 @@ class LogWriter:
                 self._wake()
 
     def _sync(self) -> None:
+        t0 = time.monotonic()
         try:
             os.fdatasync(self._fd)
         except OSError:
@@ -565,6 +590,7 @@ class LogWriter:
         self.fsyncs += 1
         self._unsynced.clear()
         self._last_sync = time.monotonic()
+        self._fsync_ema = 0.8 * self._fsync_ema + 0.2 * (self._last_sync - t0)
         self.synced_seq, self.synced_serial = self._unsynced_seq
         if self.want_wake:
             self._wake()
