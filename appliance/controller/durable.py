@@ -98,8 +98,9 @@ class Durable:
         self._check_files(end, header)
         self.writer = LogWriter(d, mode=self.mode, sync_interval=self.cfg.sync_interval,
                                 file_size=self.cfg.log_file_size, header=header, end=end, log=self.log)
-        self._bytes_at_checkpoint = -d.log_bytes_after(self.last_checkpoint["log_seq"]) \
-            if self.last_checkpoint else -d.log_bytes_after(0)
+        # bytes since the checkpoint = what the files held after it at start + what is written from now on
+        self._bytes_at_checkpoint = -d.log_bytes_after(self.last_checkpoint["log_seq"] if self.last_checkpoint else 0,
+                                                       end)
         if cold is None:
             self._continue(end, pb)
         ctl.watch_fd(self.writer.wake_fd, self._woken)

@@ -23,11 +23,11 @@ records after that seq onto the images gives every later state.
 
 The thread runs at the lowest CPU priority (nice 19, its own thread only):
 alone on the machine it writes at the disk's speed, beside a commit load
-it takes what the commits leave, so their latency barely moves. Every
-FLUSH_BYTES it starts the write-back of what it wrote (sync_file_range,
-without waiting), so the disk writes while the thread goes on and never
-gets the whole checkpoint in one burst at the final fdatasync, in the way of
-the log's.
+it takes what the commits leave. Its writes go to the disk a record at a
+time, with one record in flight (sync_file_range: start the write-back of
+a record, then wait for the one before): a flush of the disk's cache — what
+every fdatasync of the log asks for — then never has more than two records
+of checkpoint to write first, and the final fdatasync little.
 
 Shared with the loop thread: ``progress`` (a dict replaced, never mutated:
 one reference store), ``result``/``error`` (set once, before the thread
@@ -48,21 +48,21 @@ from .logfiles import LogDir, disk_error, fsync_dir, write_all, writev_all
 __all__ = ["CheckpointWriter", "checkpoint_name", "read_header", "load", "BadCheckpoint", "retire"]
 
 CHUNK = 4 << 20                # bytes of block images per BLOCKS record
-FLUSH_BYTES = 32 << 20         # start the write-back this often while writing
+_WRITE, _WAIT = 2, 1 | 2 | 4   # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-def _writeback_starter():
-    """sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE) from libc, or a no-op."""
+def _sync_file_range():
+    """sync_file_range(fd, off, n, flags) from libc (it releases the GIL: ctypes), or a no-op."""
     try:
         import ctypes
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
         fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        return lambda fd, off, n: fn(fd, off, n, 2)
+        return fn
     except (OSError, AttributeError):
-        return lambda fd, off, n: None
+        return lambda fd, off, n, flags: 0
 
 
-_start_writeback = _writeback_starter()
+_sync_range = _sync_file_range()
 
 
 def checkpoint_name(seq: int) -> str:
@@ -163,13 +163,15 @@ class CheckpointWriter:
 
 class _Writer:
     """The checkpoint's writes, in a thread of their own (two records
-    ahead at most): pwritev of each record's pieces (no copy), and the
-    write-back started every FLUSH_BYTES. close() waits for it and returns
-    the offset reached, or raises its OSError."""
+    ahead at most): pwritev of each record's pieces (no copy), its
+    write-back started, the previous record's waited for (see the module
+    docstring). close() waits for it and returns the offset reached, or
+    raises its OSError."""
 
     def __init__(self, fd: int, off: int) -> None:
         import queue
-        self.fd, self.off, self.queued, self.flushed = fd, off, off, 0
+        self.fd, self.off, self.queued = fd, off, off
+        self._prev = (0, 0)
         self.error: OSError | None = None
         self._q: "queue.Queue" = queue.Queue(maxsize=2)
         self._t = threading.Thread(target=self._run, name="durability-checkpoint-write", daemon=True)
@@ -190,10 +192,12 @@ class _Writer:
             if self.error is not None:
                 continue
             try:
-                self.off = writev_all(self.fd, pieces, self.off)
-                if self.off - self.flushed >= FLUSH_BYTES:
-                    _start_writeback(self.fd, self.flushed, self.off - self.flushed)
-                    self.flushed = self.off
+                start = self.off
+                self.off = writev_all(self.fd, pieces, start)
+                _sync_range(self.fd, start, self.off - start, _WRITE)
+                if self._prev[1]:
+                    _sync_range(self.fd, self._prev[0], self._prev[1], _WAIT)
+                self._prev = (start, self.off - start)
             except OSError as exc:
                 self.error = exc
 

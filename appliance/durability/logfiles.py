@@ -53,6 +53,17 @@ record after a gap. An fsync that fails leaves no certainty about the pages
 it was flushing: the bytes written since the last good fsync are kept and
 written again before the next one.
 
+Log files are made in advance, full of zeros (a spare, ``log-spare.ready``,
+prepared by a helper thread at nice 19 and forced to disk): records then
+overwrite blocks the file already has, so an fdatasync writes the data and
+flushes the disk, without a journal commit for the file's size and block
+allocation — which, on ext4, would also wait for whatever other files
+(a checkpoint being written) have pending. The writer takes the spare when
+it starts a file (and moves onto one as soon as it is ready if the file it
+writes was not made in advance); without a spare (the disk full, not ready
+yet) it starts an empty file and appends, as correct and slower. Reading
+stops at the zeros (a header of zeros is the end).
+
 The GIL: the thread spends its time in os.pwrite and os.fdatasync, which
 release it; the Python around them is a few microseconds per write (the
 checksum of a large record is zlib's, which releases it too).
@@ -81,6 +92,10 @@ OFF_WRITE_S = 0.01     # log_sync = "off": what is queued is written this often
 WRITE_BYTES = 1 << 20  # ... or as soon as this much is queued (any mode)
 SLOW_FSYNC_S = 0.0005  # "commit": an fdatasync slower than this (on average) makes the next group wait ...
 HOLD_MAX_S = 0.002     # ... at most half an fdatasync and this long for the commits just answered to join it
+
+
+SPARE = "log-spare.ready"       # a log file made in advance (zeros), forced to disk
+SPARE_TMP = "log-spare.tmp"     # one being made (removed at start: .tmp)
 
 
 def log_name(seq: int) -> str:
@@ -274,15 +289,16 @@ class LogDir:
                 return end.serial, end.source
         return 0, 0
 
-    def log_bytes_after(self, seq: int) -> int:
-        """Bytes of the log files that hold records after `seq` (whole files)."""
+    def log_bytes_after(self, seq: int, end: LogEnd | None = None) -> int:
+        """Bytes of the log files that hold records after `seq` (whole files;
+        the one `end` is in up to its end, not its zeros made in advance)."""
         files = self.logs()
         total = 0
         for i, (first, p) in enumerate(files):
             nxt = files[i + 1][0] if i + 1 < len(files) else None
             if nxt is None or nxt > seq + 1:
                 try:
-                    total += p.stat().st_size
+                    total += end.offset if end is not None and p == end.path else p.stat().st_size
                 except FileNotFoundError:
                     pass
         return total
@@ -371,7 +387,10 @@ class LogWriter:
         self.bytes_written = 0            # since start
         self.fsyncs = 0
         self.current: Path | None = end.path
+        self.spares_made = 0
         # writer thread only
+        self._preallocated = end.path is not None and end.path.stat().st_size >= file_size
+        self._spare_thread: threading.Thread | None = None
         self._fd = -1
         self._offset = end.offset
         self._unsynced: list[tuple[int, bytes]] = []   # (offset, bytes) written since the last good fsync
@@ -384,6 +403,7 @@ class LogWriter:
             self._fd = os.open(end.path, os.O_WRONLY | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="durability-log-writer", daemon=True)
         self._thread.start()
+        self._make_spare()
 
     # -- the loop thread ---------------------------------------------------------------------
 
@@ -516,18 +536,21 @@ class LogWriter:
             time.monotonic() >= self._last_sync + self.sync_interval
 
     def _open_next(self, seq: int) -> None:
-        """A new log file whose HEADER is record `seq`; its directory entry is
-        fsynced before anything in it counts as written."""
+        """A new log file whose HEADER is record `seq` (the spare when there
+        is one); its directory entry is fsynced before anything in it counts
+        as written."""
         if self._fd >= 0:
             if self._unsynced or self.mode != "off":
                 self._sync()
             os.close(self._fd)
             self._fd = -1
         path = self.dir.path / log_name(seq)
-        tmp = path.with_name(path.name + ".tmp")
+        spare = self.dir.path / SPARE
         hdr = dict(self.header, first_seq=seq, created_ns=time.time_ns())
         data = rec.LOG_MAGIC + b"".join(rec.frame(0, rec.KIND_HEADER, rec.pack(hdr)))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.dir.mode)
+        made = spare.exists() and spare.stat().st_size >= self.file_size
+        tmp = spare if made else path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | (0 if made else os.O_CREAT | os.O_TRUNC), self.dir.mode)
         try:
             write_all(fd, data, 0)
             os.fdatasync(fd)
@@ -535,18 +558,60 @@ class LogWriter:
             fsync_dir(self.dir.path)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            if not made:
+                tmp.unlink(missing_ok=True)
             raise
         self._fd = fd
         self._offset = len(data)
         self.current = path
         self._rotate = False
+        self._preallocated = made
+        self._make_spare()
+
+    def _make_spare(self) -> None:
+        """Make the next file in advance, in a helper thread (at most one)."""
+        if self.mode == "off" or (self._spare_thread is not None and self._spare_thread.is_alive()):
+            return
+        if (self.dir.path / SPARE).exists():
+            return
+        self._spare_thread = threading.Thread(target=self._spare, name="durability-log-spare", daemon=True)
+        self._spare_thread.start()
+
+    def _spare(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        tmp = self.dir.path / SPARE_TMP
+        zeros = bytes(1 << 20)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.dir.mode)
+            try:
+                off = 0
+                while off < self.file_size and not self._stop:
+                    off = write_all(fd, zeros[:min(len(zeros), self.file_size - off)], off)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if self._stop:
+                tmp.unlink(missing_ok=True)
+                return
+            os.replace(tmp, self.dir.path / SPARE)
+            fsync_dir(self.dir.path)
+            self.spares_made += 1
+            with self._cv:
+                self._cv.notify()      # the writer may move onto it now
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.log.info("log_spare_not_made", error=str(exc))
 
     def _write(self, pending: list, rotate: bool) -> None:
         """Write `pending` (records in seq order) at the end of the current
         file, opening a new file first when asked or when it is full. What is
         written leaves `pending` as it goes, so a retry writes the rest."""
         while pending:
+            if not self._preallocated and self._fd >= 0 and (self.dir.path / SPARE).exists():
+                rotate = True          # onto a file made in advance: cheaper fsyncs from now on
             if rotate or self._fd < 0 or self._offset >= self.file_size:
                 self._open_next(pending[0][0])
                 rotate = False
