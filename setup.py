@@ -59,7 +59,8 @@ setup(
     ],
     extras_require={
         # pexpect and pyte drive `appliance top` in a pseudo-terminal and read its screen
-        "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41", "build>=1.0", "pexpect>=4.8", "pyte>=0.8"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41", "build>=1.0", "pexpect>=4.8", "pyte>=0.8",
+                 "pytest-xdist>=3.5"],
         "bench": ["lmdb>=1.4", "redis>=5.0"],
     },
     entry_points={"console_scripts": ["appliance=appliance.cli.__main__:main"]},
