@@ -232,12 +232,15 @@ class ReplicationConfig(_Strict):
     tls_key: str | None = None
     tls_ca: str | None = None
     heartbeat: float = Field(0.5, gt=0, le=60)
-    # primary
+    # primary: the secondaries it streams to (on a secondary: those it serves
+    # once it is promoted, `appliance promote`)
     secondaries: tuple[SecondaryConfig, ...] = ()
     sync_quorum: int | Literal["all"] = "all"
-    # secondary
+    # secondary: where it listens for its primary and which primary it accepts
+    # (a name, or several: after a failover any of them at a newer epoch); on
+    # a primary: what it is once it rejoins as a secondary (`appliance rejoin`)
     listen: str | None = None
-    primary: str | None = None            # the primary's name this secondary accepts
+    primary: str | tuple[str, ...] | None = None
     serve_reads: bool = True              # uncompressed blocks that clients read; False: lz4 backup blocks
     history_dir: str | None = None
     history_period: float = Field(86400.0, gt=0)
@@ -261,24 +264,31 @@ class ReplicationConfig(_Strict):
         if self.role == "primary":
             if not self.secondaries:
                 raise ValueError("a primary needs at least one [[replication.secondaries]]")
-            names = [x.name for x in self.secondaries]
-            if len(set(names)) != len(names):
-                raise ValueError("secondary names must be unique")
-            nsync = sum(1 for x in self.secondaries if x.mode == "sync")
-            if isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
-                raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
-                                 f"synchronous secondaries ({nsync})")
-            if self.listen is not None:
-                raise ValueError("listen is for a secondary")
         else:
             if self.listen is None:
                 raise ValueError("a secondary needs listen = \"host:port\"")
-            parse_address(self.listen)
             if self.primary is None:
                 raise ValueError("a secondary needs primary = \"<the primary appliance's name>\"")
-            if self.secondaries:
-                raise ValueError("secondaries are for a primary")
+        names = [x.name for x in self.secondaries]
+        if len(set(names)) != len(names):
+            raise ValueError("secondary names must be unique")
+        nsync = sum(1 for x in self.secondaries if x.mode == "sync")
+        if self.secondaries and isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
+            raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
+                             f"synchronous secondaries ({nsync})")
+        if self.listen is not None:
+            parse_address(self.listen)
+        if self.primary is not None and (not self.primaries or not all(isinstance(p, str) and p
+                                                                       for p in self.primaries)):
+            raise ValueError("primary must be a name or a list of names")
         return self
+
+    @property
+    def primaries(self) -> tuple[str, ...]:
+        """The primaries this appliance accepts a stream from as a secondary."""
+        if self.primary is None:
+            return ()
+        return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
 
 
 def parse_address(v: str) -> tuple[str, int]:

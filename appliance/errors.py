@@ -45,6 +45,9 @@ __all__ = [
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
+    "NotPrimaryError",
+    "RoleError",
+    "DeviceUnavailableError",
     "NotServingReadsError",
     "LimitError",
     "InternalError",
@@ -243,6 +246,35 @@ class ReadOnlyError(ApplianceError):
     """A write sent to a secondary appliance (it only takes its primary's changes)."""
 
     codes = ("APL_EREADONLY",)
+
+
+class NotPrimaryError(ApplianceError):
+    """A write sent to a primary that was deposed: it learnt that another
+    appliance became primary at a newer epoch (a failover), so it takes no
+    writes any more ("fenced"); reads still work. ``details``: ``epoch`` (the
+    newer one), ``primary`` (its name, when known). Write to the new primary;
+    do not retry here. A commit answered with it while waiting for its
+    synchronous backup was never confirmed by a secondary: the new primary
+    does not have it, and it is undone here when this appliance rejoins."""
+
+    codes = ("APL_ENOTPRIMARY",)
+
+
+class RoleError(ApplianceError):
+    """An operator's operation that does not fit the appliance's role or
+    state now (promote a secondary whose block copy is not complete, rejoin
+    an appliance that is already a secondary ...); nothing was changed."""
+
+    codes = ("APL_EROLE",)
+
+
+class DeviceUnavailableError(ApplianceError):
+    """The data a read or write needs lives on a storage device (a segment)
+    that is detached; ``details``: ``device`` (its index). Everything on the
+    other devices keeps working; the device comes back with ``appliance
+    device replace``."""
+
+    codes = ("APL_EDEVICE",)
 
 
 class NotServingReadsError(ApplianceError):

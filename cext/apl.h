@@ -296,6 +296,18 @@ int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
 
+/* ---- failover (apl_rewind.c) ---- */
+/* In the open batch: the change log continues at `serial` (a promoted
+ * secondary continues its primary's serials); entries it held are dropped. */
+int apl_log_restart(apl_store *s, uint64_t serial);
+/* In the open batch: undo entries (a history past a fork, oldest first, as the
+ * change log stores them) newest first from their B logs. Block numbers whose
+ * structure changed (BLOCK entries, APL_CEF_STRUCT) or whose B log is missing
+ * are not undone but set in `copy` (a bitmap of nbits): copy them from the new
+ * primary. *txns: the COMMITs undone. */
+int apl_undo_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copy, uint64_t nbits,
+                     uint64_t *txns);
+
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);
 

@@ -181,8 +181,8 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
 
 /* Upsert or delete one record in the chain of block `number`. */
 
-static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
-                        const uint8_t *val, uint32_t vlen, int delta)
+int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                 const uint8_t *val, uint32_t vlen, int delta)
 {
     if (s->bs)
         return bs_apply_record(s, number, kind, key, klen, val, vlen, delta);
@@ -286,7 +286,7 @@ static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *
     return rc;
 }
 
-static int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits)
+int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits)
 {
     if (file >= s->v->v_nfiles)
         return APL_ECORRUPT;

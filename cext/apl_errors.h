@@ -49,7 +49,10 @@
     _(APL_ENOREAD,         -31117, "this secondary keeps lz4 backup blocks and serves no reads") \
     _(APL_ELIMIT,          -31118, "the request exceeds a configured limit") \
     _(APL_EINTERNAL,       -31119, "internal error: an error code this build does not know") \
-    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time")
+    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time") \
+    _(APL_ENOTPRIMARY,     -31121, "this appliance is no longer the primary: a newer epoch took over") \
+    _(APL_EROLE,           -31122, "the operation does not fit the appliance's role or state") \
+    _(APL_EDEVICE,         -31123, "a storage device that holds the data is detached")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

@@ -3,7 +3,9 @@
  * share: apl_txn.c (batches and transactions), apl_tree.c (the primary's
  * trees), apl_chain.c (one block chain), apl_alloc.c (allocation,
  * reclamation, recovery), apl_log.c (the change log), apl_apply.c (a
- * secondary's apply) and apl_bstore.c (a secondary's lz4 backup blocks).
+ * secondary's apply), apl_rewind.c (failover: the log a promoted secondary
+ * continues, undoing a history past a fork) and apl_bstore.c (a secondary's
+ * lz4 backup blocks).
  *
  * Only the controller process calls anything in these files, from one
  * thread, so the allocator, the retire queue and the batch state are plain
@@ -143,6 +145,14 @@ APL_INTERNAL uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur
                                   int eq, uint64_t *total);
 APL_INTERNAL void write_chain(apl_store *s, struct apl_bhdr *head, uint64_t a, const uint64_t *bounds,
                               uint32_t nb, const apl_addr *ovfl);
+
+/* apl_apply.c: one record change in the chain of a block number (never a split;
+ * kind APL_CE_DELETE removes, any other upserts), and a file's record count
+ * (skipped while `copied` says its meta block is not copied yet); apl_rewind.c
+ * uses both to undo */
+APL_INTERNAL int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                              const uint8_t *val, uint32_t vlen, int delta);
+APL_INTERNAL int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits);
 
 /* apl_bstore.c: a store whose blocks are lz4 images (sb_flags & APL_SB_COMPRESSED) */
 APL_INTERNAL int bs_open(apl_store *s);

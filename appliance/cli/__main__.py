@@ -136,6 +136,110 @@ def copy(config_path: str, secondary: str, timeout: float) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--drain-timeout", default=5.0, show_default=True,
+              help="seconds to let the link from the old primary bring what it still has")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def promote(config_path: str, drain_timeout: float, yes: bool, as_json: bool) -> None:
+    """Failover: this secondary finishes what it received and becomes the primary (epoch + 1)."""
+    from . import recovery
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Promote {cfg.name!r} to primary? Its old primary must be down or fenced: it is refused "
+                      "from then on, and transactions it committed that did not reach this secondary are "
+                      "undone when it rejoins", abort=True)
+    try:
+        rep = recovery.promote(cfg, drain_timeout=drain_timeout)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+        return
+    was = f"the secondary of {rep['previous_primary']!r}" if rep["previous_primary"] else "a secondary"
+    click.echo(f"{cfg.name} is now the primary at epoch {rep['epoch']} (it was {was}); it takes writes now")
+    behind = rep.get("behind_serials")
+    heard = f", {rep['heard_s_ago']:.1f} s before" if rep.get("heard_s_ago") is not None else ""
+    click.echo(f"  applied every whole transaction it received, up to serial {rep['serial']}"
+               + (f"; the old primary last reported serial {rep['heard_serial']}{heard}: up to {behind} "
+                  "serials it had may be missing here" if behind else ""))
+    if rep.get("dropped"):
+        d = rep["dropped"]
+        click.echo(f"  dropped a transaction received only in part: serials {d['first_serial']}..{d['last_serial']}"
+                   f" ({d['bytes']} bytes)")
+    if rep.get("cut"):
+        click.echo("  WARNING: the old primary was still streaming when the drain ended: make sure it is "
+                   "stopped or fenced")
+    if not rep["agent_attached"]:
+        click.echo("  its agent was not running: what it had received and not handed over is not here")
+    if rep.get("expanded"):
+        x = rep["expanded"]
+        click.echo(f"  decompressed {x['blocks']} lz4 backup blocks into primary blocks "
+                   f"({x['bytes'] / 1e6:.1f} MB in {x['seconds']:.2f} s)")
+    secs = ", ".join(rep["secondaries"]) or "none configured"
+    click.echo(f"  its agent streams to: {secs}; took {rep['seconds']:.2f} s")
+
+
+@main.command()
+@CONFIG
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait until it follows the new primary (rewound, copied, streaming)")
+@click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for that")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def rejoin(config_path: str, wait: bool, timeout: float, yes: bool, as_json: bool) -> None:
+    """A former primary becomes a secondary of the new primary (what it committed past the fork is undone)."""
+    from . import recovery, render
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Make {cfg.name!r} a secondary of {' or '.join(cfg.replication.primaries) if cfg.replication else '?'}? "
+                      "It takes no writes from now on, and transactions it committed that the new primary "
+                      "never received are undone", abort=True)
+    try:
+        with render.phase_progress("rejoining", not as_json) as show:
+            rep = recovery.rejoin(cfg, wait=wait, timeout=timeout,
+                                  progress=lambda st: show(*recovery.rejoin_progress(st)))
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep, default=str))
+        return
+    click.echo(f"{cfg.name} is a secondary now, following {' or '.join(rep['follows'])} "
+               f"(it listens at {rep['listen']}); its last serial as a primary was {rep['serial']}")
+    rw = rep.get("rewound")
+    if rw:
+        click.echo(f"  undid {rw['transactions']} transaction(s) the new primary never received (serials "
+                   f"{rw['from_serial']}..{rw['to_serial']}) and copied {rw['blocks_to_copy']} block(s)")
+    elif wait:
+        click.echo("  nothing to undo: it held nothing the new primary lacks")
+    if wait:
+        click.echo(f"  streaming; applied serial {rep['replication']['applied_serial']}")
+
+
+@main.command()
+@CONFIG
+@click.option("--epoch", type=int, required=True, help="the newer epoch another appliance is primary at")
+@click.option("--primary", default=None, help="the name of that primary, when known")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def fence(config_path: str, epoch: int, primary: str | None, yes: bool, as_json: bool) -> None:
+    """Tell a primary that another appliance is primary at a newer epoch: it takes no writes from then on."""
+    from . import recovery
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Fence {cfg.name!r}? It refuses every write until it rejoins as a secondary", abort=True)
+    try:
+        rep = recovery.fence(cfg, epoch, primary)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+        return
+    by = f" ({rep['by']} is primary)" if rep.get("by") else ""
+    click.echo(f"{cfg.name} is fenced at epoch {rep['epoch']}{by}: it refuses writes, reads still work")
+
+
+@main.command()
+@CONFIG
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Segments, blocks, tables, transactions; exits 3 when not running."""

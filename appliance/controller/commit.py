@@ -59,6 +59,9 @@ class GroupCommit:
         if not self.queue:
             return False
         ctl = self.ctl
+        if not ctl.role.writable:    # fenced while these waited: nothing more is applied (recovery.py)
+            ctl.failover.refuse_writes()
+            return True
         txns, sync = ctl.txns, ctl.sync
         queue, self.queue = self.queue, []
         wr = ctl.writer

@@ -10,6 +10,7 @@ carry out requests, each owning its own state:
 - ``sync``     what the secondaries acknowledged, on a primary (:mod:`.sync`);
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
+- ``failover`` promote, fence, rejoin and rewind (:mod:`.recovery`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
@@ -35,6 +36,7 @@ from .locks import LockManager
 from .loop import WAIT_COMMIT, WAIT_WATCH, Loop
 from .ops import dispatch
 from .readers import ReaderSlots
+from .recovery import Failover
 from .role import Role
 from .statements import Transactions
 from .sync import SyncTracker
@@ -60,6 +62,7 @@ class Controller(Loop):
         self.sync = SyncTracker(cfg.replication if self.role.is_primary else None, log)
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
+        self.failover = Failover(self)
         self.role.on_change(self._role_changed)
 
     def _role_changed(self, old: str, new: str) -> None:
@@ -85,7 +88,7 @@ class Controller(Loop):
         return dispatch(self, sess, req)
 
     def fast_request(self, sess, req: list) -> bool:
-        if req[0] != m.OP_ATOMIC or self.role.is_secondary:
+        if req[0] != m.OP_ATOMIC or not self.role.writable:
             return False
         try:
             return self.txns.fast_atomic(sess, req)

@@ -50,6 +50,7 @@ def status(ctl) -> dict:
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
                     "dropped": ctl.counters["clients_dropped"]},
         "recovery": ctl.recovery,
+        "failover": ctl.failover.status(),
         "replication": _replication(ctl),
     }
 
@@ -61,7 +62,7 @@ def _replication(ctl) -> dict | None:
         st["agent"] = {k: v for k, v in ctl.agents.status().items() if k != "secondaries"}
         return st
     if role.is_secondary:
-        return {"role": "secondary", "primary": ctl.cfg.replication.primary if ctl.cfg.replication else None,
+        return {"role": "secondary", "primary": " or ".join(ctl.cfg.replication.primaries) if ctl.cfg.replication else None,
                 **ctl.applier.status(), "agent": ctl.agents.status()}
     return None
 

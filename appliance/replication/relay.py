@@ -22,6 +22,7 @@ broken secondary cannot release synchronous commits early.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import deque
 
@@ -74,6 +75,8 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+        self.repair: set[int] = set()  # block numbers to copy to it (a rewind's, a repair's)
+        self.rewinds = 0              # rewinds after a failover (status)
 
     def reconfigure(self, sec) -> None:
         """This secondary's settings (a reload: the address serves the next
@@ -92,7 +95,8 @@ class Relay:
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state.value,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
-                "warning": self.warning, "attempts": self.attempts}
+                "warning": self.warning, "attempts": self.attempts, "rewinds": self.rewinds,
+                "repair_pending": len(self.repair)}
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError, NeedCopy) as exc:
+                if isinstance(exc, errors.StaleEpochError):
+                    self.agent.learnt_epoch(exc.details.get("epoch"), exc.details.get("primary"), self.name)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if not self.connected:
                     self.attempts += 1
@@ -140,7 +146,11 @@ class Relay:
             self.ack_errs.clear()
             self.last_heard = time.monotonic()
             self.log.info("secondary_connected", peer=fs.peer, applied=applied, follows=source)
-            need_copy = bool(start.get("copy")) or source != a.instance
+            repair = start.get("repair")
+            self.repair = {n for n in repair if type(n) is int} if type(repair) is list else set()
+            need_copy = bool(start.get("copy"))
+            if not need_copy and source != a.instance:
+                applied, need_copy = await self._lineage(fs, applied, source)
             if not need_copy:
                 try:
                     self._seek(applied)
@@ -163,6 +173,31 @@ class Relay:
             for fut in self.verify_waiters.values():
                 if not fut.done():
                     fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
+
+    async def _lineage(self, fs, applied: int, source: int) -> tuple[int, bool]:
+        """A secondary that follows another primary than this one: if that is
+        the primary this one was promoted from (the fork: its instance and
+        the last serial of it held here) and the secondary is at or past
+        the fork serial, it rewinds to the fork and follows this primary from
+        there (what it holds past the fork is undone, the blocks that cannot
+        be undone are copied: self.repair). Else it needs a copy.
+        Returns (the serial to stream from, need_copy)."""
+        fork = self.agent.fork
+        if not fork or source != fork["instance"] or applied < fork["serial"]:
+            return applied, True
+        serial = fork["serial"]
+        if applied > serial:
+            self.log.warning("secondary_past_fork_rewinding", applied=applied, fork_serial=serial)
+        body = await link.rewind(fs, self.agent.epoch, serial)
+        blocks = body.get("blocks")
+        if not body.get("ok") or type(blocks) is not list:
+            self.log.warning("secondary_rewind_refused", reason=str(body.get("reason")), fork_serial=serial)
+            return applied, True
+        self.repair |= {n for n in blocks if type(n) is int}
+        self.rewinds += 1
+        self.log.info("secondary_rewound", fork_serial=serial, transactions=body.get("transactions"),
+                      blocks=len(blocks))
+        return serial, False
 
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
@@ -208,6 +243,7 @@ class Relay:
 
     async def _write(self, fs, need_copy: bool) -> None:
         if need_copy:
+            self.repair.clear()    # a whole copy carries every block
             await self._copy(fs)
         self.set_state(RelayState.STREAMING)
         while True:
@@ -216,7 +252,12 @@ class Relay:
                 await self._send_verify(fs)
             if self.force_copy:
                 self.force_copy = False
+                self.repair.clear()
                 await self._copy(fs)
+                self.set_state(RelayState.STREAMING)
+            if self.repair:
+                blocks, self.repair = sorted(self.repair), set()
+                await self._copy(fs, blocks)
                 self.set_state(RelayState.STREAMING)
             try:
                 blob = self._export()
@@ -267,20 +308,32 @@ class Relay:
         fs.send(rp.message(rp.VERIFY, a.epoch, self.sent, {"id": vid, "sums": sums, "serial": self.sent}))
         await fs.drain()
 
-    async def _copy(self, fs) -> None:
-        """Copy every block while the primary keeps processing."""
+    async def _copy(self, fs, blocks: list[int] | None = None) -> None:
+        """Copy every block while the primary keeps processing; with `blocks`,
+        those numbers only (a rewind's or a repair's), from where the stream
+        is (the secondary's other blocks are right and take the stream)."""
         a = self.agent
         self.set_state(RelayState.COPYING)
         t0 = time.monotonic()
         pin, version, serial = a.pin_with_serial()
         try:
             limit = a.reader.block_limit()
-            self._seek(serial)  # the copy starts at this stream position
+            if blocks is None:
+                self._seek(serial)  # the copy starts at this stream position
+            else:
+                # a copy of some blocks starts where the stream is: after a rewind, before any
+                # entry (the blocks it names are not consistent until their images come)
+                serial = self.sent
         finally:
             pin.close()
-        fs.send(rp.message(rp.COPY_BEGIN, a.epoch, serial, {"limit": limit, "serial": serial}))
-        self.copy = {"blocks": 0, "total": limit, "bytes": 0, "rate_mb_s": 0.0, "eta_s": None}
-        self.log.info("copy_started", blocks=limit, serial=serial)
+        begin = {"limit": limit, "serial": serial}
+        if blocks is not None:
+            begin["blocks"] = blocks
+        total = limit if blocks is None else len(blocks)
+        fs.send(rp.message(rp.COPY_BEGIN, a.epoch, serial, begin))
+        self.copy = {"blocks": 0, "total": total, "bytes": 0, "rate_mb_s": 0.0, "eta_s": None,
+                     "partial": blocks is not None}
+        self.log.info("copy_started", blocks=total, serial=serial, partial=blocks is not None)
         n = 0
         sent_bytes = 0
         while True:
@@ -291,10 +344,16 @@ class Relay:
                     if blob is None:
                         break
                     self._send_entries(fs, blob)
-                limit = max(limit, a.reader.block_limit())
-                if n >= limit:
-                    break
-                batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
+                if blocks is None:
+                    limit = max(limit, a.reader.block_limit())
+                    if n >= limit:
+                        break
+                    batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
+                else:
+                    if n >= total:
+                        break
+                    batch, n = _images_of(a.reader, blocks, n, version, COPY_BATCH)
+                    limit = total
                 size = len(batch)
             finally:
                 pin.close()
@@ -348,12 +407,34 @@ class Relay:
                 applied = body.get("applied") if isinstance(body, dict) else None
                 if type(applied) is int and applied > self.acked and self.state is RelayState.STREAMING:
                     self._acked(applied)   # a heartbeat carries the applied serial too
+            elif kind == rp.REPAIR:
+                blocks = body.get("blocks") if isinstance(body, dict) else None
+                if type(blocks) is not list:
+                    raise errors.ProtocolError(f"{fs.peer}: malformed REPAIR")
+                self.repair |= {n for n in blocks if type(n) is int and n >= 0}
+                self.log.warning("secondary_asked_repair", blocks=len(blocks))
+                self.wake.set()
             elif kind == rp.VERIFY_RESULT:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():
                     fut.set_result(body)
             elif kind == rp.ERROR:
-                raise errors.error_for(str(body.get("code", "APL_EPROTO")),
-                                       f"{fs.peer}: {body.get('message', 'error')}")
+                raise link.refusal(body if isinstance(body, dict) else {}, fs.peer, "ended the link")
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
+
+
+_IMAGE_HDR = struct.Struct("<II")
+
+
+def _images_of(reader, blocks: list[int], start: int, version: int, cap: int) -> tuple[bytes, int]:
+    """Images of blocks[start:] at `version` as apl_block_images writes them
+    ((u32 number, u32 length, image) each; length 0: not in use), up to about
+    `cap` bytes; returns (them, the index to go on from)."""
+    out = bytearray()
+    i = start
+    while i < len(blocks) and (len(out) < cap or i == start):
+        img = reader.block_image(blocks[i], version) or b""
+        out += _IMAGE_HDR.pack(blocks[i], len(img)) + img
+        i += 1
+    return bytes(out), i

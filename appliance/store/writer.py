@@ -14,7 +14,7 @@ from .. import errors
 from .._native import check, ffi, lib
 from .segment import Attachment, Geometry, Segment, SegmentNames, readers_mode, unlink_all
 
-__all__ = ["Writer", "FileSpec", "OpInfo", "SlotInfo"]
+__all__ = ["Writer", "FileSpec", "OpInfo", "SlotInfo", "bits_set"]
 
 KIND_INSERT = lib.APL_CE_INSERT
 KIND_UPDATE = lib.APL_CE_UPDATE
@@ -215,6 +215,24 @@ class Writer:
     def set_source(self, serial: int, instance: int) -> None:
         lib.apl_set_source(self._s, serial, instance)
 
+    # -- failover (apl_rewind.c) ----------------------------------------------------
+
+    def log_restart(self, serial: int) -> None:
+        """In the open batch: the change log continues at `serial`; the
+        entries it held (another history) are dropped."""
+        check(lib.apl_log_restart(self._s, serial), "restart the change log")
+
+    def undo_entries(self, blob: bytes) -> tuple[int, list[int]]:
+        """In the open batch: undo `blob` (entries, oldest first) newest first
+        from its B logs; returns (transactions undone, the block numbers to
+        copy from the new primary instead)."""
+        nbits = self.att.sb.sb_max_blocks
+        copy = bytearray((nbits + 7) // 8)
+        txns = ffi.new("uint64_t *")
+        check(lib.apl_undo_entries(self._s, blob, len(blob), ffi.from_buffer(copy), nbits, txns),
+              "undo the history past the fork")
+        return txns[0], bits_set(copy)
+
     def use_reserve(self, on: bool) -> None:
         lib.apl_store_use_reserve(self._s, 1 if on else 0)
 
@@ -272,6 +290,16 @@ class Writer:
             out["bytes_used"] = (out["slots_total"] - out["slots_free"]) * self.att.sb.sb_block_size
         out["segment_free"] = [st.seg_free[i] for i in range(nseg)]
         return out
+
+
+def bits_set(bits: bytes) -> list[int]:
+    """The numbers whose bit is set in a bitmap (bit n: byte n // 8, bit n % 8)."""
+    out = []
+    for i, byte in enumerate(bits):
+        if byte:
+            base = i * 8
+            out.extend(base + k for k in range(8) if byte >> k & 1)
+    return out
 
 
 def _facts(r) -> dict:

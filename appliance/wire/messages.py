@@ -83,6 +83,9 @@ OP_TXN_STATUS = 20
 OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
 OP_RESYNC = 23
+OP_PROMOTE = 24
+OP_FENCE = 25
+OP_REJOIN = 26
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -90,6 +93,8 @@ OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
 OP_ACKED = 36
+OP_REWIND = 37
+OP_EPOCH = 38
 
 #: requests the controller answers with no reply
 ONE_WAY = frozenset({OP_ACKED})
@@ -149,8 +154,14 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_VERIFY, ("timeout",), "{secondary: {ok, differ, checked, serial}} (a primary: its agent compares "
        "every block)"),
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
+    _R(OP_PROMOTE, ("options",), "map: epoch, serial, previous primary, what was drained and dropped (a "
+       "secondary becomes the primary; options: {drain_timeout}; see controller/recovery.py)"),
+    _R(OP_FENCE, ("epoch", "primary"), "map: fenced, epoch, by (a primary learns that `primary` (or nil) is "
+       "primary at a newer `epoch`: it takes no writes from then on)"),
+    _R(OP_REJOIN, ("options",), "map: role, serial, follows, history_from (a fenced or deposed primary becomes "
+       "a secondary of the new primary; options: {} for now)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
-       "needs_copy (role: the one the agent expects, or nil to be told)"),
+       "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
        'timeout): head, tail, serial, version, "verify": ids operators asked for, "resync": secondaries to '
        "copy again", agent=True),
@@ -163,6 +174,12 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        '"blocks" or "end")', agent=True),
     _R(OP_BLOCK_SUMS, (), "map: version, serial, limit, sums (bytes: u32 number + u64 checksum each)",
        agent=True),
+    _R(OP_REWIND, ("serial", "entries", "source"), "map: applied, transactions, blocks (a secondary undoes "
+       "what it holds past `serial` from its B logs: `entries` from its log history, or nil: its own change "
+       "log; then follows primary instance `source` from `serial`; `blocks`: numbers to copy from it)",
+       agent=True),
+    _R(OP_EPOCH, ("epoch",), "nil (a secondary accepted a stream at this newer epoch: it keeps it and "
+       "refuses older ones from then on)", agent=True),
 )}
 del _R
 
