@@ -401,13 +401,15 @@ class Config(_Strict):
                 out.append((f"{tname}.{ak}", tname, ak))
         return out
 
-    def schema_hash(self) -> int:
-        """Fingerprint of everything that fixes the on-memory format."""
+    def schema_hash(self, compressed: bool | None = None) -> int:
+        """Fingerprint of everything that fixes the on-memory format
+        (`compressed`: of the store in that form, e.g. an lz4 secondary's
+        once a promote has decompressed it; by default as configured)."""
         s = self.storage
         doc = {
             "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
             "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
-            "compressed": self.compressed, "max_blocks": s.max_blocks,
+            "compressed": self.compressed if compressed is None else compressed, "max_blocks": s.max_blocks,
             "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
                            "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
                        for n, t in self.tables.items()},
@@ -415,7 +417,7 @@ class Config(_Strict):
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
-    def layout(self) -> dict:
+    def layout(self, compressed: bool | None = None) -> dict:
         """What fixes the on-memory format, by configuration key (what
         schema_hash() fingerprints). It is recorded in the meta segment, so a
         configuration refused for a different layout is told which setting
@@ -425,7 +427,7 @@ class Config(_Strict):
             "storage": {"block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
                         "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
                         "max_blocks": s.max_blocks},
-            "replication": {"serve_reads": not self.compressed},
+            "replication": {"serve_reads": not (self.compressed if compressed is None else compressed)},
             "tables": {n: {"primary_key": t.primary_key, "alternate_keys": list(t.alternate_keys),
                            "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()}}
                        for n, t in self.tables.items()},

@@ -307,6 +307,11 @@ int apl_log_restart(apl_store *s, uint64_t serial);
  * primary. *txns: the COMMITs undone. */
 int apl_undo_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copy, uint64_t nbits,
                      uint64_t *txns);
+/* Promote an lz4 secondary (apl_bstore.c): lay every live backup block of
+ * `src` (a compressed store, no batch open) into `dst` (an uncompressed store
+ * with the same files, inside its open batch) as primary blocks. APL_EFULL:
+ * dst cannot hold them. *blocks, *bytes: numbers laid in, image bytes. */
+int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes);
 
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);

@@ -465,3 +465,61 @@ int bs_count_add(apl_store *s, uint32_t meta, int64_t delta)
     memcpy(b->raw + 20, &c, 8);
     return bs_put_image(s, meta, b->raw, (uint64_t)n);
 }
+
+/*
+ * Promoting an lz4 secondary ([0128]): every live backup object of `src`
+ * (this store, between batches) is decompressed and laid into `dst`, an
+ * uncompressed store of primary blocks with the same files, inside dst's open
+ * batch (apl_apply_image: the same edit a copy's images get), so dst holds
+ * the same image block for block. Nothing of src changes. *blocks and *bytes:
+ * numbers laid in and image bytes decompressed.
+ */
+int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes)
+{
+    *blocks = *bytes = 0;
+    if (!src->bs || dst->bs)
+        return APL_EINVAL;
+    if (!dst->pending || src->pending)
+        return APL_EBATCH;
+    const apl_view *v = src->v;
+    uint64_t cap = (uint64_t)LZ4_compressBound((int)src->bs->page) + 64;
+    uint8_t *buf = malloc(cap);
+    if (!buf)
+        return APL_ENOMEM;
+    int rc = APL_OK;
+    for (uint64_t num = 0; rc == APL_OK && num < v->v_max_blocks; num++) {
+        apl_addr a = v->v_loc[num];
+        if (a == APL_ADDR_NONE)
+            continue;
+        struct apl_bobj *o = obj_at(v, a);
+        if (!o) {
+            rc = APL_ECORRUPT;
+            break;
+        }
+        if (o->bo_retired)
+            continue;
+        if (num >= dst->v->v_max_blocks) {
+            rc = APL_EFULL;
+            break;
+        }
+        if (o->bo_rawlen > cap) {
+            uint8_t *nb = realloc(buf, o->bo_rawlen);
+            if (!nb) {
+                rc = APL_ENOMEM;
+                break;
+            }
+            buf = nb;
+            cap = o->bo_rawlen;
+        }
+        int n = LZ4_decompress_safe((const char *)(o + 1), (char *)buf, (int)o->bo_clen, (int)cap);
+        if (n != (int)o->bo_rawlen) {
+            rc = APL_ECORRUPT;
+            break;
+        }
+        rc = apl_apply_image(dst, (uint32_t)num, buf, (uint64_t)n);
+        (*blocks)++;
+        *bytes += (uint64_t)n;
+    }
+    free(buf);
+    return rc;
+}

@@ -24,7 +24,7 @@ import pytest
 import appliance
 from appliance import errors
 
-from conftest import Node, free_port
+from conftest import Appliance, Node, free_port
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 from repl_proxy import ReplProxy
@@ -91,38 +91,55 @@ print("done", flush=True)
 class Pair:
     """Two appliances, each the other's secondary when it is primary.
     `mode`: how the first primary backs up to the first secondary; the
-    promoted one serves the old primary synchronously with "degrade"."""
+    promoted one serves the old primary synchronously with "degrade".
+    `others`: more secondaries (asynchronous) of whichever of the two is
+    primary, each with a log history or without (True / False)."""
 
     def __init__(self, make_appliance, tmp_path, mode: str = "sync", lz4: bool = False, proxy: bool = False,
-                 segment_size: str = "16MiB", log_size: str = "8MiB") -> None:
+                 others: tuple[bool, ...] = (), segment_size: str = "16MiB", log_size: str = "8MiB") -> None:
         secret = tmp_path / "secret"
         secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         secret.chmod(0o600)
-        self.names = [unique_name("fa"), unique_name("fb")]
-        self.ports = [free_port(), free_port()]
+        count = 2 + len(others)
+        self.names = [unique_name("fa"), unique_name("fb")] + [unique_name("fc") for _ in others]
+        self.ports = [free_port() for _ in range(count)]
         # the first primary reaches its secondary through a fault-injecting proxy (tests/repl_proxy.py)
         self.proxy = ReplProxy(self.ports[1]) if proxy else None
-        addresses = [f"127.0.0.1:{self.ports[0]}", self.proxy.address if proxy else f"127.0.0.1:{self.ports[1]}"]
+        addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        to_b = self.proxy.address if proxy else addresses[1]
         nodes = []
-        for me, other in ((0, 1), (1, 0)):
+        for me in range(count):
+            other = 1 - me if me < 2 else None
             role = "primary" if me == 0 else "secondary"
-            policy = ('on_unreachable = "block"' if me == 0 else 'on_unreachable = "degrade"\ndegrade_after = 2.0')
-            smode = mode if me == 0 else "sync"
-            reads = "serve_reads = false\nhistory_dir = \"hist\"" if (lz4 and me == 1) else 'history_dir = "hist"'
+            if me == 1 and lz4:
+                keep = 'serve_reads = false\nhistory_dir = "hist"'
+            else:
+                keep = 'history_dir = "hist"' if me < 2 or others[me - 2] else ""
+            primary = f'"{self.names[other]}"' if other is not None else json.dumps(self.names[:2])
             extra = (f'[replication]\nrole = "{role}"\nsecret_file = "{secret}"\nheartbeat = 0.2\n'
-                     f'listen = "127.0.0.1:{self.ports[me]}"\nprimary = "{self.names[other]}"\n{reads}\n'
-                     f'[[replication.secondaries]]\nname = "{self.names[other]}"\n'
-                     f'address = "{addresses[other]}"\nmode = "{smode}"\n{policy}\n')
+                     f'listen = "{addresses[me]}"\nprimary = {primary}\n{keep}\n')
+            if me < 2:
+                policy = 'on_unreachable = "block"' if me == 0 else 'on_unreachable = "degrade"\ndegrade_after = 2.0'
+                extra += (f'[[replication.secondaries]]\nname = "{self.names[other]}"\n'
+                          f'address = "{to_b if me == 0 else addresses[0]}"\n'
+                          f'mode = "{mode if me == 0 else "sync"}"\n{policy}\n')
+                for k in range(2, count):
+                    extra += (f'[[replication.secondaries]]\nname = "{self.names[k]}"\naddress = "{addresses[k]}"\n'
+                              'mode = "async"\n')
             nodes.append(Node(make_appliance(name=self.names[me], extra=extra, tables=TABLES,
                                              segment_size=segment_size, log_size=log_size)))
-        self.a, self.b = nodes
+        self.a, self.b = nodes[:2]
+        self.others = nodes[2:]
+        self.nodes = nodes
 
     def start(self) -> "Pair":
-        for n in (self.a, self.b):
+        for n in self.nodes:
             n.app.start()
-        self.b.agent.start()
+        for n in self.nodes[1:]:
+            n.agent.start()
         self.a.agent.start()
-        wait_for(lambda: self.secondary_state(self.a, self.b.name) == "streaming", 30, what="streaming")
+        for n in self.nodes[1:]:
+            wait_for(lambda: self.secondary_state(self.a, n.name) == "streaming", 30, what="streaming")
         return self
 
     @staticmethod
@@ -144,7 +161,7 @@ class Pair:
         node.app.controller.kill()
 
     def cleanup(self) -> None:
-        for n in (self.a, self.b):
+        for n in self.nodes:
             n.cleanup()
         if self.proxy is not None:
             self.proxy.close()
@@ -329,3 +346,130 @@ class TestAsynchronousFailover:
         assert st["role"] == "secondary" and st["failover"]["rewound"]["transactions"] == 42
         copies = [e for e in pair.b.agent.events() if e.get("event") == "copy_started"]
         assert copies and all(e["partial"] for e in copies)     # its history reached the fork: no whole copy
+
+
+class TestLz4Secondary:
+    def test_promote_decompresses_backup_blocks_into_primary_blocks(self, make_pair):
+        """An lz4 secondary that serves no reads is promoted: its backup blocks become primary blocks ([0128]),
+        clients read and write it at once, a restarted controller takes the decompressed segments, and the old
+        primary rejoins it to end identical."""
+        pair = make_pair(mode="sync", lz4=True).start()
+        load_bank(pair.a)
+        with appliance.connect(pair.a.app.config) as db:
+            db.load("accounts", ({"id": 1000 + i, "branch": f"x{i % 13}", "balance": 0} for i in range(3000)))
+            for i in range(30):
+                transfer(db, i, 1000 + i, 7, f"z-{i}")
+        before = bank_state(pair.a)
+        with pytest.raises(errors.NotServingReadsError):
+            appliance.connect(pair.b.app.config)
+        pair.kill(pair.a)
+
+        rep = cli_json("promote", pair.b, "--yes")
+        x = rep["expanded"]
+        assert x["blocks"] > 20 and x["bytes"] > 0
+        assert bank_state(pair.b) == before                       # clients read it now, the same data
+        with appliance.connect(pair.b.app.config, timeout=5) as db:
+            assert len(db.table("accounts").find("branch", "x3")) == len([i for i in range(3000) if i % 13 == 3])
+            db.load("accounts", ({"id": 9000 + i, "branch": "n", "balance": 0} for i in range(500)))
+        st = pair.status(pair.b)
+        assert not st["memory"]["compressed"] and st["role"] == "primary"
+        pair.b.app.restart()                                      # the decompressed segments are its own now
+        assert pair.status(pair.b)["role"] == "primary"
+
+        pair.a.app.controller.start()
+        pair.a.agent.start()
+        cli_json("rejoin", pair.a, "--yes")
+        wait_for(lambda: pair.caught_up(pair.b, pair.a.name), 60, what="the rejoined secondary to catch up")
+        r = cli("verify", "--config", str(pair.b.app.config))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert bank_state(pair.a) == bank_state(pair.b)
+
+
+class TestOtherSecondaries:
+    def test_a_secondary_ahead_of_the_new_primary_is_rewound_or_copied(self, make_pair):
+        """Two more asynchronous secondaries, ahead of the one promoted (its link stalled): when the new
+        primary connects, the one with a log history is rewound to the fork from its history (no whole copy),
+        the one without is copied; both end identical to the new primary and accept only its newer epoch."""
+        pair = make_pair(mode="async", proxy=True, others=(True, False)).start()
+        c_hist, c_none = pair.others
+        load_bank(pair.a)
+        wait_for(lambda: all(pair.caught_up(pair.a, n.name) for n in pair.nodes[1:]), 30, what="catch-up")
+        pair.proxy.pause()                                     # B stops receiving; C and D go on
+        with appliance.connect(pair.a.app.config) as db:
+            for i in range(25):
+                transfer(db, i, i + 3, 2, f"ahead-{i}")
+            db.load("accounts", ({"id": 50_000 + i, "branch": "late", "balance": 0} for i in range(300)))
+        wait_for(lambda: all(pair.caught_up(pair.a, n.name) for n in pair.others), 30, what="C and D to catch up")
+        pair.kill(pair.a)
+        pair.proxy.drop()
+        rep = cli_json("promote", pair.b, "--yes")
+        with appliance.connect(pair.b.app.config, timeout=5) as db:
+            transfer(db, 5, 6, 1, "new-0")
+        for n in pair.others:
+            wait_for(lambda: pair.caught_up(pair.b, n.name), 60, what=f"{n.name} to follow the new primary")
+        res = cli_json("verify", pair.b, ok=False)["secondaries"]   # (the old primary is down: not compared)
+        assert res[c_hist.name]["ok"] and res[c_none.name]["ok"], res
+        assert res[pair.a.name]["error"] == "not streaming"
+        for n in pair.others:
+            assert bank_state(n) == bank_state(pair.b)
+            assert pair.status(n)["epoch"] == 2
+        rw = pair.status(c_hist)["failover"]["rewound"]
+        assert rw["transactions"] == 26 and rw["from_serial"] == rep["serial"] + 1
+        copies = [e for e in pair.b.agent.events() if e.get("event") == "copy_started"]
+        assert {e["secondary"] for e in copies if not e["partial"]} == {c_none.name}
+
+
+@pytest.fixture(scope="module")
+def idle_pair(tmp_path_factory):
+    """One running pair for the refusals below (they change nothing), shared by the module."""
+    base = tmp_path_factory.mktemp("pair")
+    made: list = []
+
+    def make(**kw) -> Appliance:
+        sub = base / f"a{len(made)}"
+        sub.mkdir()
+        made.append(Appliance(sub, **kw))
+        return made[-1]
+
+    p = Pair(make, base, mode="sync")
+    try:
+        yield p.start()
+    finally:
+        p.cleanup()
+
+
+class TestRefusals:
+    """Operations that do not fit the role are refused with a typed error, and change nothing."""
+
+    def test_promote_of_a_primary_and_rejoin_of_a_secondary_are_refused(self, idle_pair):
+        p = idle_pair
+        r = cli("promote", "--yes", "--config", str(p.a.app.config))
+        assert r.returncode == 1 and "is primary; this is for a secondary" in r.stderr
+        r = cli("rejoin", "--yes", "--no-wait", "--config", str(p.b.app.config))
+        assert r.returncode == 1 and "is secondary; this is for a primary" in r.stderr
+        assert (Pair.status(p.a)["role"], Pair.status(p.b)["role"]) == ("primary", "secondary")
+        assert Pair.status(p.a)["epoch"] == Pair.status(p.b)["epoch"] == 1
+
+    def test_fence_with_an_epoch_not_newer_is_refused_and_writes_go_on(self, idle_pair):
+        p = idle_pair
+        r = cli("fence", "--yes", "--epoch", "1", "--config", str(p.a.app.config))
+        assert r.returncode == 1 and "not newer than this appliance's epoch 1" in r.stderr
+        assert cli("fence", "--yes", "--epoch", "soon", "--config", str(p.a.app.config)).returncode == 2
+        assert Pair.status(p.a)["failover"]["fenced"] is None
+        with appliance.connect(p.a.app.config, timeout=5) as db:
+            db.table("accounts")[1] = {"branch": "a", "balance": 1}
+            assert db.table("accounts")[1]["balance"] == 1
+
+    def test_the_agent_only_requests_are_refused_to_a_client(self, idle_pair):
+        from appliance.client.session import Session
+        from appliance.wire import messages as m
+        cfg = idle_pair.b.app.cfg
+        s = Session(str(cfg.socket_path), cfg.name, timeout=5)
+        s.connect()
+        try:
+            for req in ([m.OP_REWIND, 0, None, 1], [m.OP_EPOCH, 9]):
+                with pytest.raises(errors.AccessDeniedError, match="only the appliance's replication agent"):
+                    s.call(req, "raw")
+        finally:
+            s.close()
+        assert Pair.status(idle_pair.b)["epoch"] == 1

@@ -215,7 +215,69 @@ class Failover:
                                    "there is nothing to take over", reason="empty")
 
     def _expand(self) -> dict:
-        raise errors.RoleError("promote: an lz4 secondary cannot be promoted by this build")
+        """An lz4 secondary's promote ([0128]): its backup blocks are
+        decompressed into primary blocks in new segments (made beside the old
+        ones under a temporary name: /dev/shm must hold both meanwhile), which
+        then take the appliance's segment names (rename: no client maps an lz4
+        store) and are attached in place of the old ones. Applied serial,
+        source, epoch and role carry over; the old segments are gone after."""
+        import json
+        import os
+
+        from ..store.reader import Reader
+        from ..store.segment import SHM_DIR, Attachment, SegmentNames, unlink_all
+        from ..store.writer import Writer
+        from .storage import file_specs, geometry
+        from .txn import Committer
+
+        ctl = self.ctl
+        cfg = ctl.cfg
+        s = cfg.storage
+        t0 = time.monotonic()
+        tmp = f"{cfg.name}~promote"
+        unlink_all(tmp, s.segments)
+        layout = json.dumps(cfg.layout(compressed=False), sort_keys=True).encode()
+        old = ctl.writer
+        applied, source = ctl.agents.applied_serial()
+        try:
+            new = Writer.create(tmp, geometry(cfg, len(layout), compressed=False), mode=s.mode_bits, gid=cfg.gid(),
+                                schema_hash=cfg.schema_hash(compressed=False), files=file_specs(cfg),
+                                reserve_slots=cfg.controller.reserve_blocks, layout=layout)
+        except errors.MemoryFullError as e:
+            raise errors.MemoryFullError(f"promote: decompressing the lz4 backup blocks needs new segments beside "
+                                         f"the old ones, and shared memory cannot hold them: {e}") from None
+        try:
+            new.begin()
+            blocks, nbytes = old.expand_into(new)
+            new.set_source(applied, source)
+            new.publish(time.time_ns(), 0)
+        except errors.ApplianceError as e:
+            new.close()
+            unlink_all(tmp, s.segments)
+            if isinstance(e, errors.MemoryFullError):
+                raise errors.MemoryFullError(
+                    f"promote: appliance {cfg.name!r} cannot hold its database as primary blocks: its segments "
+                    f"({s.segments} x {s.segment_size} bytes) are too small uncompressed; nothing was changed") from None
+            raise
+        sb = new.att.sb
+        sb.sb_txn_next = max(sb.sb_txn_next, old.att.sb.sb_txn_next)
+        new.close()
+        old.close()
+        a, b = SegmentNames(tmp, s.segments), SegmentNames(cfg.name, s.segments)
+        for x, y in zip(a.all(), b.all()):
+            os.replace(SHM_DIR + x, SHM_DIR + y)
+        wr = Writer(Attachment(cfg.name, writable=True, mode=s.mode_bits), cfg.controller.reserve_blocks)
+        wr.recover()
+        ctl.writer, ctl.att = wr, wr.att
+        ctl.reader = Reader(wr.att)
+        ctl.readers.writer, ctl.readers.compressed = wr, False
+        ctl.commits.committer = Committer(wr)
+        ctl.role.rebind(wr)
+        el = time.monotonic() - t0
+        out = {"blocks": blocks, "bytes": nbytes, "seconds": round(el, 3),
+               "rate_mb_s": round(nbytes / max(el, 1e-9) / 1e6, 1)}
+        self.log.warning("lz4_blocks_expanded", **out)
+        return out
 
     # ------------------------------------------------------------------ fence
 

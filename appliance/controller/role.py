@@ -59,6 +59,14 @@ class Role:
     def _takes_writes(self) -> bool:
         return self.name != "secondary" and not self._sb.sb_fenced_epoch
 
+    def rebind(self, writer) -> None:
+        """The store was made anew (an lz4 secondary's promote): its superblock
+        is this one's now; role and epoch carry over to it."""
+        epoch, code = self.epoch, self._sb.sb_role
+        self._writer, self._sb = writer, writer.att.sb
+        writer.set_epoch(epoch)
+        self._sb.sb_role = code
+
     @property
     def epoch(self) -> int:
         return self._sb.sb_epoch

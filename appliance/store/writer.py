@@ -233,6 +233,13 @@ class Writer:
               "undo the history past the fork")
         return txns[0], bits_set(copy)
 
+    def expand_into(self, dst: "Writer") -> tuple[int, int]:
+        """Lay every live lz4 backup block of this (compressed) store into
+        `dst`'s open batch as primary blocks (apl_expand); (blocks, bytes)."""
+        blocks, nbytes = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.apl_expand(self._s, dst._s, blocks, nbytes), "decompress the backup blocks into primary blocks")
+        return blocks[0], nbytes[0]
+
     def use_reserve(self, on: bool) -> None:
         lib.apl_store_use_reserve(self._s, 1 if on else 0)
 
