@@ -42,6 +42,7 @@ __all__ = [
     "SnapshotTooOldError",
     "FormatError",
     "CorruptionError",
+    "DamagedBlockError",
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
@@ -234,6 +235,15 @@ class FormatError(ApplianceError):
 
 class CorruptionError(ApplianceError):
     codes = ("APL_ECORRUPT",)
+
+
+class DamagedBlockError(CorruptionError):
+    """A change needs a block whose content no longer matches its checksum
+    (its memory was damaged): it is refused and nothing changes. ``appliance
+    verify`` names the damaged blocks, ``appliance repair`` copies them again
+    from a peer."""
+
+    codes = ("APL_EDAMAGED",)
 
 
 class StaleEpochError(ApplianceError):

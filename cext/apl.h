@@ -36,6 +36,7 @@ struct apl_geometry {
     uint64_t layout_off;
     uint64_t rown_off;
     uint64_t loc_off;
+    uint64_t sums_off;
     uint64_t log_off;
     uint64_t meta_size;
     uint64_t readers_size;
@@ -295,6 +296,20 @@ int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *co
 int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
+
+/* ---- block checksums (apl_sums.c) ---- */
+/* A block number as apl_check_blocks reports it. */
+struct apl_blockinfo {
+    uint32_t number;
+    uint32_t file;            /* the file it belongs to (UINT32_MAX: unknown) */
+    uint64_t devices;         /* bit i: a block of its chain lies on device segment i */
+    uint32_t damaged;         /* 1: its content does not match its checksum */
+    uint32_t removed;         /* 1: removed, waiting for readers to pass */
+};
+/* The numbers in use in [start, limit) (only the damaged ones with
+ * damaged_only), at most cap of them; *next: where to go on. Between batches. */
+int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct apl_blockinfo *out, uint32_t cap,
+                         uint32_t damaged_only, uint32_t *next);
 
 /* ---- failover (apl_rewind.c) ---- */
 /* In the open batch: the change log continues at `serial` (a promoted

@@ -74,7 +74,9 @@ static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t ma
         return 0;
     }
     if (s->v->v_loc[number] != APL_ADDR_NONE) {
+        s->replacing = 1;     /* the image replaces the content: a damaged one too ([0123] repair) */
         struct apl_bhdr *h = cow(s, number, err);
+        s->replacing = 0;
         if (h && h->bh_retired) {
             h->bh_retired = 0; /* a removed number that comes back */
         }
@@ -87,7 +89,7 @@ static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t ma
     }
     struct apl_bhdr *h = apl_ptr(s->v, a);
     blk_init(s, h, magic, number, file, level);
-    STORE_REL(&s->v->v_loc[number], a);
+    loc_publish(s, number, a);
     note_number(s, number);
     return h;
 }
@@ -131,6 +133,9 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
         struct apl_bhdr *h = cow_or_create(s, number, magic, file, 0, &err);
         if (!h)
             return err;
+        h->bh_magic = magic;
+        h->bh_file = file;
+        h->bh_level = 0;
         h->bh_count = count;
         return APL_OK;
     }

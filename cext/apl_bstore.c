@@ -224,7 +224,7 @@ int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len
     }
     b->bytes_live += b->cls[ci].size;
     STORE_REL(&o->bo_magic, APL_MAGIC_BOBJ);
-    STORE_REL(&s->v->v_loc[number], a);
+    loc_publish(s, number, a);
     if (number >= s->next_num)
         s->next_num = number + 1;
     return APL_OK;
@@ -302,13 +302,13 @@ int bs_recover(apl_store *s, struct apl_recovery *r)
         if (rc)
             break;
         if (a != a0)
-            STORE_REL(&v->v_loc[num], a);
+            loc_publish(s, (uint32_t)num, a);
         if (a == APL_ADDR_NONE)
             continue;
         if (o->bo_retired > g)
             o->bo_retired = 0;
         if (o->bo_retired) {  /* removed in a published batch: free it now */
-            STORE_REL(&v->v_loc[num], APL_ADDR_NONE);
+            loc_publish(s, (uint32_t)num, APL_ADDR_NONE);
             continue;
         }
         uint32_t seg = APL_ADDR_SEG(a);
@@ -522,4 +522,20 @@ int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes
     }
     free(buf);
     return rc;
+}
+
+uint64_t bs_sum(const apl_store *s, apl_addr a)
+{
+    const struct apl_bobj *o = obj_at(s->v, a);
+    return o ? obj_sum(o, o->bo_number) : 1;   /* an address that points nowhere: never a match */
+}
+
+uint32_t bs_file_of(const apl_store *s, apl_addr a)
+{
+    const struct apl_bobj *o = obj_at(s->v, a);
+    char head[16];
+    uint32_t file = UINT32_MAX;
+    if (o && LZ4_decompress_safe_partial((const char *)(o + 1), head, (int)o->bo_clen, 12, sizeof head) >= 12)
+        memcpy(&file, head + 8, 4);   /* the image opens with u32 number, u32 kind, u32 file */
+    return file;
 }

@@ -8,7 +8,7 @@
  *   /apl.<name>.meta    superblock, file directory, layout description (the
  *                       configuration's tables and storage settings as JSON, read
  *                       only to say what differs when a configuration is refused),
- *                       location table, change log. Written by the controller
+ *                       location table, block checksums (apl_sums.c), change log. Written by the controller
  *                       only; mapped read-only by clients and by the replication agent.
  *   /apl.<name>.readers reader slots: the only region clients write (their pins).
  *   /apl.<name>.dev<i>  "storage devices": an arena of fixed-length block slots.
@@ -138,7 +138,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   2u
+#define APL_FORMAT_VERSION   3u
 #define APL_MAGIC_META       0x4D4C5041u /* "APLM" */
 #define APL_MAGIC_READERS    0x524C5041u /* "APLR" */
 #define APL_MAGIC_DEVICE     0x444C5041u /* "APLD" */
@@ -246,7 +246,9 @@ struct apl_super {
                                     repair): a controller that restarts then asks for a whole copy */
     uint32_t sb_pad1a;
     char     sb_fenced_by[48];  /** the primary at sb_fenced_epoch, when it is known ("" otherwise) */
-    uint8_t  sb_pad1[256 - 144 - 80];
+    uint64_t sb_sums_off;       /** offset of uint64_t[sb_max_blocks]: each block number's checksum
+                                    (apl_sums.c; immutable after format, like the offsets above) */
+    uint8_t  sb_pad1[256 - 144 - 88];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */

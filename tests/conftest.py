@@ -207,6 +207,20 @@ def built_dist(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel}
 
 
+def appliance_factory(base: Path):
+    """make(**config_kw) -> Appliance (not started), each in a sub-folder of
+    `base`: for fixtures that share appliances across a module (their
+    finalizer cleans them up, as Cluster.cleanup does)."""
+    made: list[Appliance] = []
+
+    def make(**kw) -> Appliance:
+        sub = base / f"a{len(made)}"
+        sub.mkdir()
+        made.append(Appliance(sub, **kw))
+        return made[-1]
+    return make
+
+
 @pytest.fixture
 def make_appliance(tmp_path):
     """Factory: make_appliance(**config_kw) -> Appliance (not started)."""

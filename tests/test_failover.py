@@ -24,7 +24,7 @@ import pytest
 import appliance
 from appliance import errors
 
-from conftest import Appliance, Node, free_port
+from conftest import Node, appliance_factory, free_port
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 from repl_proxy import ReplProxy
@@ -423,15 +423,7 @@ class TestOtherSecondaries:
 def idle_pair(tmp_path_factory):
     """One running pair for the refusals below (they change nothing), shared by the module."""
     base = tmp_path_factory.mktemp("pair")
-    made: list = []
-
-    def make(**kw) -> Appliance:
-        sub = base / f"a{len(made)}"
-        sub.mkdir()
-        made.append(Appliance(sub, **kw))
-        return made[-1]
-
-    p = Pair(make, base, mode="sync")
+    p = Pair(appliance_factory(base), base, mode="sync")
     try:
         yield p.start()
     finally:

@@ -80,24 +80,42 @@ def agent(config_path: str, log_format: str, log_level: str | None) -> None:
 @main.command()
 @CONFIG
 @click.option("--timeout", default=120.0, show_default=True, help="seconds to wait for the comparison")
+@click.option("--local", is_flag=True, help="only check every block against its checksum, without a peer")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def verify(config_path: str, timeout: float, as_json: bool) -> None:
-    """Compare every secondary with the primary block by block; exit 0 when identical."""
+def verify(config_path: str, timeout: float, local: bool, as_json: bool) -> None:
+    """Check every block against its checksum, then (a primary) compare every secondary
+    with it block by block; exit 0 when nothing is damaged and every secondary is identical."""
     from ..client.session import Session
     from ..wire import messages as m
     cfg = _load(config_path)
     s = Session(str(cfg.socket_path), cfg.name, name="appliance-verify", timeout=timeout + 10)
     try:
         s.connect()
-        res = s.call([m.OP_VERIFY, timeout], "verify")
+        checked = s.call([m.OP_CHECK], "verify")
+        res = None
+        if not local and s.hello.get("role", cfg.role) != "secondary":
+            try:
+                res = s.call([m.OP_VERIFY, timeout], "verify")
+            except errors.ProtocolError:
+                res = None      # not a primary (a standalone appliance): nothing to compare with
     except errors.ApplianceError as e:
         raise _fail(e) from None
     finally:
         s.close()
-    ok = bool(res) and all(r.get("ok") for r in res.values())
+    clean = not checked["damaged"]
+    ok = clean and (res is None or (bool(res) and all(r.get("ok") for r in res.values())))
     if as_json:
-        click.echo(json.dumps({"identical": ok, "secondaries": res}))
+        click.echo(json.dumps({"identical": ok, "local": checked, "secondaries": res or {}}))
+        raise click.exceptions.Exit(0 if ok else EXIT_REFUSED)
+    if clean:
+        click.echo(f"{cfg.name}: {checked['checked']} blocks match their checksums")
     else:
+        bad = checked["damaged"]
+        shown = ", ".join(f"{b['block']} ({b['file']}, device {_devices(b['devices'])})" for b in bad[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        click.echo(f"{cfg.name}: {len(bad)} damaged block(s): {shown}{more}; `appliance repair` copies them "
+                   "again from a peer")
+    if res is not None:
         for name, r in sorted(res.items()):
             if r.get("ok"):
                 click.echo(f"{name}: identical ({r['checked']} blocks at serial {r.get('serial')})")
@@ -108,6 +126,49 @@ def verify(config_path: str, timeout: float, as_json: bool) -> None:
             else:
                 click.echo(f"{name}: not compared: {r.get('error') or r.get('state')}")
     raise click.exceptions.Exit(0 if ok else EXIT_REFUSED)
+
+
+def _devices(mask: int) -> str:
+    return ",".join(str(i) for i in range(64) if mask >> i & 1) or "-"
+
+
+@main.command()
+@CONFIG
+@click.option("--blocks", default=None, help="these block numbers (N,M,...)")
+@click.option("--table", default=None, help="every block of this table and its alternate-key indexes")
+@click.option("--device", type=int, default=None, help="every block with a part on this device segment")
+@click.option("--dry-run", is_flag=True, help="say which blocks, change nothing")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the peer")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def repair(config_path: str, blocks: str | None, table: str | None, device: int | None, dry_run: bool,
+           timeout: float, yes: bool, as_json: bool) -> None:
+    """Copy the damaged blocks (or those named) again from a peer, online."""
+    from . import recovery
+    cfg = _load(config_path)
+    try:
+        nums = [int(x) for x in blocks.split(",")] if blocks else None
+    except ValueError:
+        click.echo(f"appliance: --blocks {blocks!r}: expected block numbers separated by commas", err=True)
+        raise click.exceptions.Exit(errors.EXIT_USAGE) from None
+    if not dry_run and not yes and sys.stdin.isatty():
+        click.confirm(f"Replace blocks of {cfg.name!r} with a peer's copy? Their content here is overwritten",
+                      abort=True)
+    try:
+        rep = recovery.repair(cfg, blocks=nums, table=table, device=device, dry_run=dry_run, timeout=timeout)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+    elif rep["dry_run"]:
+        click.echo(f"{cfg.name}: would copy {len(rep['blocks'])} block(s) again: "
+                   f"{', '.join(map(str, rep['blocks'][:50])) or 'none'}")
+    elif not rep["blocks"]:
+        click.echo(f"{cfg.name}: nothing to repair (no damaged block)")
+    else:
+        click.echo(f"{cfg.name}: {len(rep['repaired'])} block(s) copied again from {rep.get('source')} in "
+                   f"{rep['seconds']:.2f} s" + (f"; NOT repaired: {rep['failed']}" if rep["failed"] else ""))
+    raise click.exceptions.Exit(0 if not rep.get("failed") else EXIT_REFUSED)
 
 
 @main.command()

@@ -17,7 +17,7 @@ from ..client.session import Session
 from ..config import Config, load
 from ..wire import messages as m
 
-__all__ = ["promote", "rejoin", "fence", "rejoin_progress"]
+__all__ = ["promote", "rejoin", "fence", "rejoin_progress", "check", "repair"]
 
 
 def _config(config) -> Config:
@@ -46,6 +46,25 @@ def fence(config, epoch: int, primary: str | None = None) -> dict:
     (newer than its own): it takes no writes from then on."""
     cfg = _config(config)
     return _call(cfg, [m.OP_FENCE, epoch, primary], "fence", 30)
+
+
+def check(config) -> dict:
+    """Every block of `config`'s appliance against its checksum (no peer):
+    checked, damaged ([{block, file, devices}]), version."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_CHECK], "check", 600)
+
+
+def repair(config, *, blocks: list[int] | None = None, table: str | None = None, device: int | None = None,
+           dry_run: bool = False, timeout: float = 30.0) -> dict:
+    """Copy blocks again from a peer (see OP_REPAIR): the damaged ones, or
+    those numbers, that table's, or that device's; blocks, repaired, failed."""
+    cfg = _config(config)
+    opts: dict = {"dry_run": dry_run, "timeout": timeout}
+    for k, v in (("blocks", blocks), ("table", table), ("device", device)):
+        if v is not None:
+            opts[k] = v
+    return _call(cfg, [m.OP_REPAIR, opts], "repair", timeout + 600)
 
 
 def rejoin(config, *, wait: bool = True, timeout: float = 600.0,

@@ -11,6 +11,7 @@ carry out requests, each owning its own state:
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
 - ``failover`` promote, fence, rejoin and rewind (:mod:`.recovery`);
+- ``repairs``  the local block check and repairs from a peer (:mod:`.repair`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
@@ -37,6 +38,7 @@ from .loop import WAIT_COMMIT, WAIT_WATCH, Loop
 from .ops import dispatch
 from .readers import ReaderSlots
 from .recovery import Failover
+from .repair import Repairs
 from .role import Role
 from .statements import Transactions
 from .sync import SyncTracker
@@ -63,6 +65,7 @@ class Controller(Loop):
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
         self.failover = Failover(self)
+        self.repairs = Repairs(self)
         self.role.on_change(self._role_changed)
 
     def _role_changed(self, old: str, new: str) -> None:
@@ -129,7 +132,7 @@ class Controller(Loop):
             self.txns.cancel(txn, "client_gone")
 
     def batch_pending(self) -> bool:
-        return bool(self.commits.queue)
+        return bool(self.commits.queue) and not self.commits.paused
 
     def batch_work(self) -> bool:
         return self.commits.run_batch()

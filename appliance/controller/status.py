@@ -51,6 +51,7 @@ def status(ctl) -> dict:
                     "dropped": ctl.counters["clients_dropped"]},
         "recovery": ctl.recovery,
         "failover": ctl.failover.status(),
+        "repair": ctl.repairs.status(),
         "replication": _replication(ctl),
     }
 
@@ -82,7 +83,7 @@ def hello(ctl, sess, version, name, pid=None):
     sess.name = str(name)[:64]
     sess.start = lib.apl_pid_start(sess.pid)
     sb = ctl.att.sb
-    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch, "role": ctl.role.name,
             "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
 
 

@@ -238,6 +238,10 @@ class PrimaryAgent:
                 t = asyncio.create_task(self._verify(vid))
                 self.verify_tasks.add(t)
                 t.add_done_callback(self.verify_tasks.discard)
+            for ask in b.get("asks", ()) or ():
+                t = asyncio.create_task(self._answer(ask))
+                self.verify_tasks.add(t)
+                t.add_done_callback(self.verify_tasks.discard)
 
     async def _report(self) -> None:
         """Send the secondaries' whole state to the controller (shown by
@@ -255,6 +259,25 @@ class PrimaryAgent:
                 await self.ctl.call([m.OP_REPL_STATE, state])
             except errors.UnavailableError:
                 await asyncio.sleep(0.05)
+
+    async def _answer(self, ask) -> None:
+        """An operator's request the controller passes on (repair.py: the
+        images of some blocks from a secondary)."""
+        answer: dict = {"error": f"unknown request {ask!r:.100}"}
+        if isinstance(ask, dict) and ask.get("kind") == "fetch":
+            relay = next((r for r in self.relays if r.name == ask.get("secondary")), None)
+            try:
+                if relay is None:
+                    raise errors.UnavailableError(f"no secondary {ask.get('secondary')!r}")
+                body = await relay.fetch(ask.get("blocks") or [])
+                answer = {"serial": body.get("serial"), "images": body.get("images")}
+            except (errors.ApplianceError, asyncio.TimeoutError, OSError) as exc:
+                answer = {"error": str(exc) or type(exc).__name__}
+        try:
+            await self.ctl.call([m.OP_REPL_STATE, {"answer": {"id": ask.get("id") if isinstance(ask, dict) else None,
+                                                              **answer}}])
+        except errors.UnavailableError:
+            pass
 
     async def _verify(self, vid: int) -> None:
         results = {}

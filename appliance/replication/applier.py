@@ -99,10 +99,27 @@ class Applier:
 
     async def answer(self, ask: dict) -> dict:
         """An operator's request from the controller (recovery.py)."""
-        if isinstance(ask, dict) and ask.get("kind") == "drain":
+        kind = ask.get("kind") if isinstance(ask, dict) else None
+        if kind == "drain":
             t = ask.get("timeout")
             return await self.drain(float(t) if type(t) in (int, float) else 5.0)
+        if kind == "repair" and type(ask.get("blocks")) is list:
+            return self.ask_repair(ask["blocks"])
         return {"error": f"unknown request {ask!r:.100}"}
+
+    def ask_repair(self, blocks: list[int]) -> dict:
+        """`appliance repair` on this secondary: the primary copies these
+        blocks again (REPAIR now if the link is up; the next START says so too)."""
+        self.repair = sorted(set(self.repair) | set(blocks))
+        fs = self.current
+        if fs is None:
+            return {"sent": False}
+        try:
+            fs.send(rp.message(rp.REPAIR, self.epoch_seen, self.applied, {"blocks": self.repair}))
+        except ConnectionError:
+            return {"sent": False}
+        self.log.warning("repair_asked", blocks=len(self.repair))
+        return {"sent": True}
 
     async def drain(self, timeout: float) -> dict:
         """Promote: take no new link from a primary; let the current one bring
@@ -333,6 +350,14 @@ class Applier:
             elif kind == rp.REWIND:
                 await self._rewind(fs, body, instance)
                 acked = -1
+            elif kind == rp.FETCH:
+                blocks = body.get("blocks") if isinstance(body, dict) else None
+                if type(blocks) is not list:
+                    raise errors.ProtocolError(f"{fs.peer}: malformed FETCH")
+                r = await self.ctl.call([m.OP_IMAGES, blocks])
+                fs.send(rp.message(rp.BLOCKS, self.epoch_seen, r["serial"],
+                                   {"id": body.get("id"), "serial": r["serial"], "images": r["images"]}))
+                await fs.drain()
             elif kind == rp.HEARTBEAT:
                 if isinstance(body, dict):
                     self._heard(body.get("head"))

@@ -22,7 +22,6 @@ broken secondary cannot release synchronous commits early.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections import deque
 
@@ -76,6 +75,9 @@ class Relay:
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
         self.repair: set[int] = set()  # block numbers to copy to it (a rewind's, a repair's)
+        self.fs = None                # the link while it is up
+        self.fetches: dict[int, asyncio.Future] = {}   # FETCH id -> its BLOCKS
+        self._fetch_seq = 0
         self.rewinds = 0              # rewinds after a failover (status)
 
     def reconfigure(self, sec) -> None:
@@ -140,6 +142,7 @@ class Relay:
             if type(applied) is not int or type(source) is not int:
                 raise errors.ProtocolError(f"{fs.peer}: malformed START")
             self.connected = True
+            self.fs = fs
             self.last_error = None
             self.attempts = 0
             self.errs.clear()
@@ -170,6 +173,10 @@ class Relay:
                     raise exc
         finally:
             fs.close()
+            self.fs = None
+            for fut in self.fetches.values():
+                if not fut.done():
+                    fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
             for fut in self.verify_waiters.values():
                 if not fut.done():
                     fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
@@ -198,6 +205,22 @@ class Relay:
         self.log.info("secondary_rewound", fork_serial=serial, transactions=body.get("transactions"),
                       blocks=len(blocks))
         return serial, False
+
+    async def fetch(self, blocks: list[int], timeout: float = 30.0) -> dict:
+        """The images of `blocks` from this secondary (FETCH, then its BLOCKS:
+        serial, images), to repair the primary's own blocks."""
+        if self.fs is None or self.state is not RelayState.STREAMING:
+            raise errors.UnavailableError(f"secondary {self.name!r} is not streaming")
+        self._fetch_seq += 1
+        fid = self._fetch_seq
+        fut = asyncio.get_running_loop().create_future()
+        self.fetches[fid] = fut
+        try:
+            self.fs.send(rp.message(rp.FETCH, self.agent.epoch, self.sent, {"id": fid, "blocks": blocks}))
+            await self.fs.drain()
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.fetches.pop(fid, None)
 
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
@@ -352,7 +375,7 @@ class Relay:
                 else:
                     if n >= total:
                         break
-                    batch, n = _images_of(a.reader, blocks, n, version, COPY_BATCH)
+                    batch, n = a.reader.images_of(blocks, n, version, COPY_BATCH)
                     limit = total
                 size = len(batch)
             finally:
@@ -407,6 +430,10 @@ class Relay:
                 applied = body.get("applied") if isinstance(body, dict) else None
                 if type(applied) is int and applied > self.acked and self.state is RelayState.STREAMING:
                     self._acked(applied)   # a heartbeat carries the applied serial too
+            elif kind == rp.BLOCKS:
+                fut = self.fetches.get(body.get("id")) if isinstance(body, dict) else None
+                if fut is not None and not fut.done():
+                    fut.set_result(body)
             elif kind == rp.REPAIR:
                 blocks = body.get("blocks") if isinstance(body, dict) else None
                 if type(blocks) is not list:
@@ -423,18 +450,3 @@ class Relay:
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
 
-
-_IMAGE_HDR = struct.Struct("<II")
-
-
-def _images_of(reader, blocks: list[int], start: int, version: int, cap: int) -> tuple[bytes, int]:
-    """Images of blocks[start:] at `version` as apl_block_images writes them
-    ((u32 number, u32 length, image) each; length 0: not in use), up to about
-    `cap` bytes; returns (them, the index to go on from)."""
-    out = bytearray()
-    i = start
-    while i < len(blocks) and (len(out) < cap or i == start):
-        img = reader.block_image(blocks[i], version) or b""
-        out += _IMAGE_HDR.pack(blocks[i], len(img)) + img
-        i += 1
-    return bytes(out), i

@@ -233,6 +233,18 @@ class Writer:
               "undo the history past the fork")
         return txns[0], bits_set(copy)
 
+    def check_blocks(self, start: int, limit: int, damaged_only: bool, cap: int) -> tuple[list[dict], int]:
+        """Block numbers in use in [start, limit) with their file, devices
+        (bit i: segment i) and whether their content still matches their
+        checksum (apl_check_blocks); only the damaged ones with
+        `damaged_only`. Returns (them, the number to go on from)."""
+        out = ffi.new("struct apl_blockinfo[]", max(1, min(cap, max(0, limit - start))))
+        nxt = ffi.new("uint32_t *")
+        n = check(lib.apl_check_blocks(self._s, start, limit, out, len(out), 1 if damaged_only else 0, nxt),
+                  "check block checksums")
+        return [{"number": b.number, "file": b.file, "devices": b.devices, "damaged": bool(b.damaged),
+                 "removed": bool(b.removed)} for b in (out[i] for i in range(n))], nxt[0]
+
     def expand_into(self, dst: "Writer") -> tuple[int, int]:
         """Lay every live lz4 backup block of this (compressed) store into
         `dst`'s open batch as primary blocks (apl_expand); (blocks, bytes)."""

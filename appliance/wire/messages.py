@@ -86,6 +86,8 @@ OP_RESYNC = 23
 OP_PROMOTE = 24
 OP_FENCE = 25
 OP_REJOIN = 26
+OP_CHECK = 27
+OP_REPAIR = 28
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -95,6 +97,7 @@ OP_BLOCK_SUMS = 35
 OP_ACKED = 36
 OP_REWIND = 37
 OP_EPOCH = 38
+OP_IMAGES = 39
 
 #: requests the controller answers with no reply
 ONE_WAY = frozenset({OP_ACKED})
@@ -134,7 +137,7 @@ _R = Request
 #: every request: what it takes, what it answers
 REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_HELLO, ("version", "name", "pid?"),
-       "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
+       "map: name, instance, epoch, role, schema_hash, pid, version. `pid`: the client's own; a pid other than "
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
     _R(OP_BEGIN, ("program", "input"), "transaction number (program: a name or nil; input: any)"),
@@ -160,6 +163,10 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "primary at a newer `epoch`: it takes no writes from then on)"),
     _R(OP_REJOIN, ("options",), "map: role, serial, follows, history_from (a fenced or deposed primary becomes "
        "a secondary of the new primary; options: {} for now)"),
+    _R(OP_CHECK, (), "map: checked, damaged ([{block, file, devices}]: blocks whose content no longer matches "
+       "its checksum), version, seconds"),
+    _R(OP_REPAIR, ("options",), "map: blocks, repaired, failed, source, seconds (options: {blocks | table | "
+       "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
@@ -178,6 +185,8 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "what it holds past `serial` from its B logs: `entries` from its log history, or nil: its own change "
        "log; then follows primary instance `source` from `serial`; `blocks`: numbers to copy from it)",
        agent=True),
+    _R(OP_IMAGES, ("blocks",), "map: serial, images (a secondary: the images of those blocks at its applied "
+       "serial, apl_block_images format; its primary repairs from them)", agent=True),
     _R(OP_EPOCH, ("epoch",), "nil (a secondary accepted a stream at this newer epoch: it keeps it and "
        "refuses older ones from then on)", agent=True),
 )}

@@ -45,6 +45,8 @@ Stream (primary -> secondary), in serial order:
                                         lineage: START source = the primary it was promoted
                                         from) undoes what it holds past `serial`, the fork,
                                         and follows this primary from there
+    FETCH       {id, blocks}            send the images of these block numbers (a primary
+                                        repairs damaged blocks of its own from them)
     SUSPEND / RESUME                    stop / restart applying (referential batch mode)
     HEARTBEAT   {head, committed}       keeps an idle link measurable
 
@@ -60,6 +62,7 @@ Replies (secondary -> primary):
                                         primary copies next); ok false: it could not
                                         (its history does not reach the fork): copy all
     REPAIR      {blocks}                copy these block numbers again (damaged here)
+    BLOCKS      {id, serial, images}    FETCH's answer: the images at `serial`, its applied one
     HEARTBEAT   {applied}
     ERROR       {code, message[, epoch, primary]}  then the connection is closed (a secondary
                                         whose controller refused a batch says why, and its
@@ -94,12 +97,14 @@ VERIFY = 14
 SUSPEND = 15
 RESUME = 16
 REWIND = 17
+FETCH = 18
 HEARTBEAT = 20
 ACK = 30
 NAK = 31
 VERIFY_RESULT = 32
 REWOUND = 33
 REPAIR = 34
+BLOCKS = 35
 ERROR = 40
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "PROTOCOL_VERSION"}
