@@ -5,7 +5,9 @@
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
 snapshot-get, find, range, write, tx-write, order, sync-write, async-write,
-sync-cpu, sync-2, copy, catch-up; "replication" = the last six); see README.md.
+sync-cpu, sync-2, copy, catch-up; "replication" = the last six; promote:
+promote-to-first-write on --promote-mib of blocks, both kinds of secondary);
+see README.md.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
-BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS]
+FAILOVER_IDS = ["promote"]
+BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS, *FAILOVER_IDS]
 
 
 def system_classes() -> dict:
@@ -96,11 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
     p.add_argument("--catch-up", type=float, dest="catch_up", metavar="SECONDS",
                    help="seconds of load while the secondary is stopped (default 30; --quick 5)")
+    p.add_argument("--promote-mib", type=int, dest="promote_mib", metavar="MIB",
+                   help="database size (MiB of blocks) of the promote rows (default 1024; --quick 256)")
     args = p.parse_args(argv)
     args.records = args.records or (200_000 if args.quick else 1_000_000)
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
+    args.promote_mib = args.promote_mib or (256 if args.quick else 1024)
     if args.records < 1000:
         p.error("--records must be at least 1000")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -390,6 +396,38 @@ class Run:
                   f"restart to link up; primary wrote {c['write_rate']:,.0f} txn/s{copy}", **c)
 
 
+    # ---------------------------------------------------------- failover ----
+
+    def failover(self) -> None:
+        """promote-to-first-write on a database of --promote-mib, both kinds of secondary (failover.py)."""
+        from failover import promote_to_first_write
+        size = self.args.promote_mib << 20
+        for serve_reads, kind in ((True, "uncompressed"), (False, "lz4")):
+            self.out.say(f"[appliance: promote an {kind} secondary, {self.args.promote_mib} MiB]", style="bold")
+            self.guard(f"promote ({kind})", self.promote_rows, promote_to_first_write, serve_reads, kind, size)
+
+    def promote_rows(self, fn, serve_reads: bool, kind: str, size: int) -> None:
+        r = fn(serve_reads, size, self.out.say)
+        gib = r["bytes"] / 2**30
+        lz = r.pop("lz4")
+        ex = r.pop("expanded") or {}
+        figures = {**r, **{f"expanded_{k}": v for k, v in ex.items()}}
+        self.rate("promote", f"promote to first write, {gib:.2f} GiB", f"appliance ({kind} secondary)",
+                  r["first_write_s"], "s", f"promote answered in {r['promote_s']:.3f} s (controller "
+                  f"{r['controller_s']:.3f} s), first write at {r['first_write_s']:.3f} s; {r['records']:,} "
+                  "records of ~1 KB" + ("; goal <= 1 s" if serve_reads else ""), **figures)
+        if lz is not None:
+            self.rate("promote-lz4", "lz4 decompression of the same blocks", "lz4.block.decompress, 1 core",
+                      lz["mb_s"], "MB/s", f"{lz['blocks']:,} block images, {lz['bytes'] / 1e6:,.1f} MB x "
+                      f"{lz['passes']} passes", **lz)
+            rate = ex.get("bytes", 0) / r["promote_s"] / 1e6
+            self.rate("promote-lz4-ratio", "promote rate / one core's lz4 decompression",
+                      "appliance (lz4 secondary)", rate / lz["mb_s"], "x",
+                      f"{rate:,.0f} MB/s of primary blocks over the whole promote (decompressing alone: "
+                      f"{ex.get('rate_mb_s', 0):,.0f} MB/s) vs {lz['mb_s']:,.0f} MB/s; goal >= 0.5",
+                      promote_mb_s=rate, lz4_mb_s=lz["mb_s"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every finally block stops its servers.
@@ -409,6 +447,8 @@ def main(argv=None) -> int:
         run.order_test(classes["appliance"])
     if args.benches & set(REPLICATION_IDS):
         run.replication()
+    if "promote" in args.benches and "appliance" in args.systems:
+        run.failover()
 
     meta = meta_row(args, run.info, run.notes, run.unavailable, timer_overhead_ns())
     meta["failures"] = run.failures

@@ -151,12 +151,13 @@ class Failover:
         self._check_promotable()
         t_drained = time.monotonic()
         applied, source = ctl.agents.applied_serial()
-        sb = ctl.att.sb
         expanded = None
         if ctl.att.compressed:
-            expanded = self._expand()
+            expanded = self._expand()    # (new segments: ctl.att is another attachment after it)
+        sb = ctl.att.sb
         wr = ctl.writer
-        rebuilt = wr.recover()     # the allocator from shared memory alone (see the module docstring)
+        # the allocator from shared memory alone (see the module docstring); an expanded store's is new
+        rebuilt = {"blocks_live": expanded["blocks"]} if expanded else wr.recover()
         wr.begin()
         wr.log_restart(applied)
         wr.publish(time.time_ns(), 0)
@@ -225,7 +226,7 @@ class Failover:
         import os
 
         from ..store.reader import Reader
-        from ..store.segment import SHM_DIR, Attachment, SegmentNames, unlink_all
+        from ..store.segment import SHM_DIR, SegmentNames, unlink_all
         from ..store.writer import Writer
         from .storage import file_specs, geometry
         from .txn import Committer
@@ -234,8 +235,9 @@ class Failover:
         cfg = ctl.cfg
         s = cfg.storage
         t0 = time.monotonic()
-        tmp = f"{cfg.name}~promote"
+        tmp, aside = f"{cfg.name}~promote", f"{cfg.name}~expanded"
         unlink_all(tmp, s.segments)
+        unlink_all(aside, s.segments)
         layout = json.dumps(cfg.layout(compressed=False), sort_keys=True).encode()
         old = ctl.writer
         applied, source = ctl.agents.applied_serial()
@@ -246,6 +248,7 @@ class Failover:
         except errors.MemoryFullError as e:
             raise errors.MemoryFullError(f"promote: decompressing the lz4 backup blocks needs new segments beside "
                                          f"the old ones, and shared memory cannot hold them: {e}") from None
+        t_made = time.monotonic()
         try:
             new.begin()
             blocks, nbytes = old.expand_into(new)
@@ -259,23 +262,36 @@ class Failover:
                     f"promote: appliance {cfg.name!r} cannot hold its database as primary blocks: its segments "
                     f"({s.segments} x {s.segment_size} bytes) are too small uncompressed; nothing was changed") from None
             raise
+        t_laid = time.monotonic()
         sb = new.att.sb
         sb.sb_txn_next = max(sb.sb_txn_next, old.att.sb.sb_txn_next)
-        new.close()
-        old.close()
-        a, b = SegmentNames(tmp, s.segments), SegmentNames(cfg.name, s.segments)
-        for x, y in zip(a.all(), b.all()):
-            os.replace(SHM_DIR + x, SHM_DIR + y)
-        wr = Writer(Attachment(cfg.name, writable=True, mode=s.mode_bits), cfg.controller.reserve_blocks)
-        wr.recover()
+        ctl.role.rebind(new)
+        # the new segments take the appliance's names; their mappings (and the writer over them)
+        # stay. The old ones go aside and are unmapped and freed once the promote has answered
+        # (freeing their pages takes time the first write should not wait for)
+        att = new.att
+        att.name, att.names = cfg.name, SegmentNames(cfg.name, s.segments)
+        for seg, y, z in zip([att.meta, att.readers, *att.devices], att.names.all(),
+                             SegmentNames(aside, s.segments).all()):
+            os.replace(SHM_DIR + y, SHM_DIR + z)
+            os.replace(SHM_DIR + seg.name, SHM_DIR + y)
+            seg.name = y
+
+        def drop_old() -> None:
+            old.close()
+            unlink_all(aside, s.segments)
+        ctl.add_timer(0.2, drop_old)
+        wr = new
         ctl.writer, ctl.att = wr, wr.att
         ctl.reader = Reader(wr.att)
         ctl.readers.writer, ctl.readers.compressed = wr, False
         ctl.commits.committer = Committer(wr)
-        ctl.role.rebind(wr)
         el = time.monotonic() - t0
         out = {"blocks": blocks, "bytes": nbytes, "seconds": round(el, 3),
-               "rate_mb_s": round(nbytes / max(el, 1e-9) / 1e6, 1)}
+               "rate_mb_s": round(nbytes / max(el, 1e-9) / 1e6, 1),
+               # where the time went: new segments made (reserved, formatted), blocks laid in, swapped
+               "make_s": round(t_made - t0, 3), "lay_s": round(t_laid - t_made, 3),
+               "swap_s": round(time.monotonic() - t_laid, 3)}
         self.log.warning("lz4_blocks_expanded", **out)
         return out
 

@@ -184,7 +184,6 @@ class Applier:
         if self.current is not None:
             self.log.warning("primary_link_replaced", old=self.current.peer, new=fs.peer)
             self.current.close()
-            await self.link_done.wait()
         self.current = fs
         self.link_done.clear()
         if epoch > self.epoch_seen:
