@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 
 from appliance_system import AppliancePair
-from replication import MB
+from replication import MB, block_images
 from systems import Unavailable
 
 NOTE = 900                 # bytes of the note field: records of about 1 KB
@@ -51,18 +51,7 @@ def lz4_decompress_rate(appliance_name: str, min_seconds: float = LZ4_MIN_SECOND
         import lz4.block
     except ImportError as e:
         raise Unavailable(f"python lz4 is not installed ({e})") from None
-    from appliance.store.reader import Reader
-    from appliance.store.segment import Attachment
-    att = Attachment(appliance_name, writable=False)
-    try:
-        reader = Reader(att)
-        pin = reader.pin()
-        try:
-            images = [img for n in range(reader.block_limit()) if (img := reader.block_image(n, pin.version))]
-        finally:
-            pin.close()
-    finally:
-        att.close()
+    images = block_images(appliance_name)
     packed = [lz4.block.compress(img, store_size=False) for img in images]
     sizes = [len(img) for img in images]
     decompress, ns = lz4.block.decompress, time.perf_counter_ns
