@@ -170,6 +170,22 @@ class TestRepair:
         rc, res = cli_json("verify", "--config", str(pair.primary.app.config))
         assert rc == 0 and res["identical"], res
 
+    def test_device_list_shows_each_segments_blocks_and_checksum_health(self, pair):
+        sec = pair.secondaries[0]
+        num, dev, slot = leaves(sec.name)[7]
+        rc, devs = cli_json("device", "list", "--config", str(sec.app.config))
+        assert rc == 0 and [d["index"] for d in devs] == [0, 1] and all(d["state"] == "in service" for d in devs)
+        assert sum(d["blocks"] for d in devs) >= len(leaves(sec.name)) and all(d["damaged"] == 0 for d in devs)
+        damage(sec.name, dev, slot)
+        rc, devs = cli_json("device", "list", "--config", str(sec.app.config))
+        assert rc == 1 and [d["damaged"] for d in devs] == [int(i == dev) for i in range(2)]
+        r = cli("device", "list", "--config", str(sec.app.config))
+        assert "DAMAGED" in r.stdout and f"repair --device {dev}" in r.stdout
+        rc, rep = cli_json("repair", "--yes", "--device", str(dev), "--config", str(sec.app.config))
+        assert rc == 0 and num in rep["repaired"]
+        rc, devs = cli_json("device", "list", "--config", str(sec.app.config))
+        assert rc == 0 and all(d["damaged"] == 0 for d in devs)
+
     @pytest.mark.parametrize("args, code, says", [
         (("--blocks", "4,x"), 2, "expected block numbers"),
         (("--blocks", "99999999"), 1, "block numbers below"),

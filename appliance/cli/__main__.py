@@ -128,6 +128,35 @@ def verify(config_path: str, timeout: float, local: bool, as_json: bool) -> None
     raise click.exceptions.Exit(0 if ok else EXIT_REFUSED)
 
 
+@main.group()
+def device() -> None:
+    """The storage devices (segments) the data is spread over."""
+
+
+@device.command("list")
+@CONFIG
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def device_list(config_path: str, as_json: bool) -> None:
+    """Every device segment: state, blocks, bytes, checksum health."""
+    from ..client.session import Session
+    from ..wire import messages as m
+    from . import render
+    cfg = _load(config_path)
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-device", timeout=600)
+    try:
+        s.connect()
+        devs = s.call([m.OP_DEVICES], "device list")
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    finally:
+        s.close()
+    if as_json:
+        click.echo(json.dumps(devs))
+    else:
+        render.devices(devs)
+    raise click.exceptions.Exit(EXIT_REFUSED if any(d["damaged"] for d in devs) else 0)
+
+
 def _devices(mask: int) -> str:
     return ",".join(str(i) for i in range(64) if mask >> i & 1) or "-"
 

@@ -94,6 +94,20 @@ def status(st: dict) -> None:
                           + (f"; {hist['warning']}" if hist.get("warning") else ""))
 
 
+def devices(devs: list[dict]) -> None:
+    t = Table(title="storage devices")
+    for c in ("device", "segment", "state", "size", "slots used", "blocks", "bytes", "checksums"):
+        t.add_column(c, justify="left" if c in ("segment", "state", "checksums") else "right")
+    for d in devs:
+        t.add_row(str(d["index"]), d["name"], d["state"], _size(d["size"]), f"{d['used']} of {d['slots']}",
+                  str(d["blocks"]), _size(d["bytes"]), f"{d['damaged']} DAMAGED" if d["damaged"] else "ok")
+    console.print(t)
+    for d in devs:
+        if d["damaged"]:
+            console.print(f"device {d['index']}: {d['damaged']} damaged block(s); `appliance repair --device "
+                          f"{d['index']}` copies its blocks again from a peer", soft_wrap=True)
+
+
 def _failover(fo: dict) -> None:
     f = fo.get("fenced")
     if f:

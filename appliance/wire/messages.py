@@ -88,6 +88,7 @@ OP_FENCE = 25
 OP_REJOIN = 26
 OP_CHECK = 27
 OP_REPAIR = 28
+OP_DEVICES = 29
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -167,6 +168,8 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "its checksum), version, seconds"),
     _R(OP_REPAIR, ("options",), "map: blocks, repaired, failed, source, seconds (options: {blocks | table | "
        "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
+    _R(OP_DEVICES, (), "list: per device segment index, name, state, size, slots, used, free, blocks, damaged, "
+       "bytes"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
