@@ -48,7 +48,6 @@ __all__ = [
     "ReadOnlyError",
     "NotPrimaryError",
     "RoleError",
-    "DeviceUnavailableError",
     "NotServingReadsError",
     "LimitError",
     "InternalError",
@@ -276,15 +275,6 @@ class RoleError(ApplianceError):
     an appliance that is already a secondary ...); nothing was changed."""
 
     codes = ("APL_EROLE",)
-
-
-class DeviceUnavailableError(ApplianceError):
-    """The data a read or write needs lives on a storage device (a segment)
-    that is detached; ``details``: ``device`` (its index). Everything on the
-    other devices keeps working; the device comes back with ``appliance
-    device replace``."""
-
-    codes = ("APL_EDEVICE",)
 
 
 class NotServingReadsError(ApplianceError):

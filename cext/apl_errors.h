@@ -52,8 +52,7 @@
     _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time") \
     _(APL_ENOTPRIMARY,     -31121, "this appliance is no longer the primary: a newer epoch took over") \
     _(APL_EROLE,           -31122, "the operation does not fit the appliance's role or state") \
-    _(APL_EDEVICE,         -31123, "a storage device that holds the data is detached") \
-    _(APL_EDAMAGED,        -31124, "a block's content does not match its checksum (damaged memory)")
+    _(APL_EDAMAGED,        -31123, "a block's content does not match its checksum (damaged memory)")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

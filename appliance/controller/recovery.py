@@ -15,6 +15,9 @@ primary's instance, F) is kept in the superblock, so a secondary of the old
 lineage that is at F resumes from the log instead of being copied, and one
 that is past F is rewound. The role becomes primary at epoch max(own, seen) + 1;
 the agent's sessions are dropped so it comes back as the primary's agent.
+An lz4 secondary first has its backup blocks decompressed into primary
+blocks in new segments, which take the appliance's segment names ([0128]:
+see :meth:`Failover._expand`); one that serves reads keeps its memory as is.
 
 **Fence** (OP_FENCE, a primary): it learnt of a newer epoch — a secondary
 refused its stream with it (its agent says so) or an operator said so. From
