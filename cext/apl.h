@@ -2,7 +2,8 @@
  * apl.h — the C helpers' API, as Python sees it through cffi (cext/build.py).
  *
  * Reader side (any process that maps the segments): apl_view_*, apl_get*,
- * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image.
+ * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image; the same reads
+ * as CPython types (RecordCodec, TableReader: apl_py_install).
  * Writer side (the controller only): apl_store_*, apl_batch_*, apl_put,
  * apl_delete, apl_log_*, apl_reclaim, apl_sweep_readers.
  * Every function returns APL_OK (0) or a negative APL_* code (apl_errors.h),
@@ -103,7 +104,7 @@ int64_t apl_get_i64(apl_view *v, uint32_t file, int64_t key,
                     uint64_t version, uint8_t *out, uint64_t cap);
 
 /* What apl_scan writes for each record. */
-#define APL_SCAN_VALUES 1u   /* values back to back (each one msgpack object) */
+#define APL_SCAN_VALUES 1u   /* [u32 length][value bytes] per record */
 #define APL_SCAN_KEYS   2u   /* [u16 length][encoded key] per record */
 /* A scan reads [lo, hi) (lo exclusive when lo_incl is 0; hilen = APL_NO_BOUND
  * means no upper bound; lolen = 0 with lo_incl starts at the first record).
@@ -118,7 +119,8 @@ int64_t apl_scan(apl_view *v, uint32_t file,
                  uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
 /* Every record of primary file `table` whose alternate key in index file
  * `index` equals the encoded value `prefix` (the index keys are prefix+pk).
- * Values back to back, in primary-key order; same continuation contract. */
+ * Values as APL_SCAN_VALUES writes them, in primary-key order; same
+ * continuation contract. */
 int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
                  const uint8_t *prefix, uint32_t plen,
                  const uint8_t *after, uint32_t afterlen,
@@ -151,6 +153,12 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
 /* Highest block number in use + 1 (for iterating block numbers). */
 uint64_t apl_block_limit(apl_view *v);
+/* Primary blocks by the length of their chain (the block and its overflow
+ * blocks, bh_chain) at the latest committed version, pinned for the walk:
+ * hist[i] counts the chains of i + 1 blocks, hist[nbuckets - 1] those of
+ * nbuckets blocks or more. An lz4 backup store (no chains) leaves every bucket
+ * 0. Costs one location-table walk: for metrics, not for a hot path. */
+int apl_chain_lengths(apl_view *v, uint64_t *hist, uint32_t nbuckets);
 
 /* ---- the writer (controller only) ---- */
 typedef struct apl_store apl_store;
@@ -264,6 +272,10 @@ int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start);
 int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
+/* A store rebuilt from durability files (a cold start): inside the open batch,
+ * its change-log serial continues after `serial` and transaction numbers from
+ * at least `txn_next`. APL_EINVAL if `serial` is below the store's own. */
+int apl_store_resume(apl_store *s, uint64_t serial, uint64_t txn_next);
 uint64_t apl_next_txn(apl_store *s);
 
 /* ---- change-log reading (agent, recovery tools) ---- */
@@ -327,6 +339,20 @@ int apl_undo_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *co
  * with the same files, inside its open batch) as primary blocks. APL_EFULL:
  * dst cannot hold them. *blocks, *bytes: numbers laid in, image bytes. */
 int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes);
+
+/* ---- a primary's controller and its agent (apl_acks.c; apl_layout.h, struct apl_acks) ---- */
+void apl_acks_init(struct apl_acks *a, uint64_t instance, uint32_t count);
+/* The agent: secondary i confirmed `serial`. Returns 1 when the controller
+ * should be signalled (a commit waits for a serial it reaches), else 0. */
+int apl_acks_post(struct apl_acks *a, uint32_t i, uint64_t serial);
+/* The controller: the lowest serial a commit waits for (0: none), then every
+ * acknowledged serial into out[0 .. ak_count). */
+void apl_acks_want(struct apl_acks *a, uint64_t serial, uint64_t *out);
+
+/* ---- the read path as CPython types (apl_py.c) ---- */
+/* Set RecordCodec and TableReader as attributes of the (imported) Python
+ * module named `module`; APL_EINVAL when that fails. */
+int apl_py_install(const char *module);
 
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);

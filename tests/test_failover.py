@@ -23,8 +23,9 @@ import pytest
 
 import appliance
 from appliance import errors
+from appliance.store.segment import unlink_all
 
-from conftest import Node, appliance_factory, free_port
+from conftest import Node, free_port
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 from repl_proxy import ReplProxy
@@ -70,6 +71,7 @@ transfer = _defined(TRANSFER, "transfer")
 TRANSFERS = TRANSFER + r"""
 import random, sys, appliance
 from appliance import errors
+from appliance.store.segment import unlink_all
 db = appliance.connect(sys.argv[1], timeout=5); out = open(sys.argv[2], "a", buffering=1)
 seed = int(sys.argv[3]); n = int(sys.argv[4]); accounts = int(sys.argv[5])
 rng = random.Random(seed)
@@ -96,7 +98,8 @@ class Pair:
     primary, each with a log history or without (True / False)."""
 
     def __init__(self, make_appliance, tmp_path, mode: str = "sync", lz4: bool = False, proxy: bool = False,
-                 others: tuple[bool, ...] = (), segment_size: str = "16MiB", log_size: str = "8MiB") -> None:
+                 others: tuple[bool, ...] = (), segment_size: str = "16MiB", log_size: str = "8MiB",
+                 durable: bool = False) -> None:
         secret = tmp_path / "secret"
         secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         secret.chmod(0o600)
@@ -126,6 +129,9 @@ class Pair:
                 for k in range(2, count):
                     extra += (f'[[replication.secondaries]]\nname = "{self.names[k]}"\naddress = "{addresses[k]}"\n'
                               'mode = "async"\n')
+            if durable:    # log files and checkpoints on disk (see "Durability on disk")
+                extra += (f'[durability]\ndir = "{tmp_path / ("dur-" + self.names[me])}"\ncheckpoint_every = "off"\n'
+                          'log_file_size = "2MiB"\n')
             nodes.append(Node(make_appliance(name=self.names[me], extra=extra, tables=TABLES,
                                              segment_size=segment_size, log_size=log_size)))
         self.a, self.b = nodes[:2]
@@ -348,6 +354,68 @@ class TestAsynchronousFailover:
         assert copies and all(e["partial"] for e in copies)     # its history reached the fork: no whole copy
 
 
+class TestDurableFailover:
+    def test_promote_and_rewind_reach_the_files_and_cold_starts_load_the_new_history(self, make_pair):
+        """With [durability] on both: an asynchronous failover (the old primary had transfers the new one never
+        received), then power cuts. The promoted primary's cold start holds what it took after the promote; the
+        rejoined, rewound old primary's cold start holds the new primary's history, not its own lost one."""
+        pair = make_pair(mode="async", proxy=True, durable=True).start()
+        load_bank(pair.a)
+        with appliance.connect(pair.a.app.config) as db:
+            for i in range(20):
+                transfer(db, i, i + 1, 3, f"before-{i}")
+        wait_for(lambda: pair.caught_up(pair.a, pair.b.name), 30, what="the secondary to catch up")
+        pair.proxy.pause()
+        with appliance.connect(pair.a.app.config) as db:
+            for i in range(10):
+                transfer(db, i, i + 7, 5, f"lost-{i}")
+        pair.kill(pair.a)
+        pair.proxy.drop()
+        pair.proxy.resume()
+        cli_json("promote", pair.b, "--yes")
+        with appliance.connect(pair.b.app.config, timeout=5) as db:
+            transfer(db, 3, 4, 9, "after-0")
+            wait_checkpoint(db)                                  # the promote asked for one at once
+            transfer(db, 5, 6, 2, "after-1")
+        expect = bank_state(pair.b)
+        assert {"after-0", "after-1"} <= expect[1] and not any(i.startswith("lost-") for i in expect[1])
+        power_cut(pair.b)
+        pair.b.app.controller.start()
+        pair.b.agent.start()
+        st = pair.status(pair.b)
+        assert st["recovery"]["cold_start"]["checkpoint"] and st["role"] == "primary" and st["epoch"] == 2
+        assert bank_state(pair.b) == expect
+
+        pair.a.app.controller.start()
+        pair.a.agent.start()
+        rj = cli_json("rejoin", pair.a, "--yes")
+        assert rj["rewound"]["transactions"] == 10
+        wait_for(lambda: pair.caught_up(pair.b, pair.a.name), 60, what="the rejoined secondary to catch up")
+        with appliance.connect(pair.a.app.config) as db:
+            wait_checkpoint(db)                                  # the rewind asked for one
+        assert bank_state(pair.a) == expect
+        power_cut(pair.a)
+        pair.a.app.controller.start()
+        st = pair.status(pair.a)
+        assert st["recovery"]["cold_start"]["checkpoint"] and st["role"] == "secondary"
+        assert bank_state(pair.a) == expect
+
+
+def wait_checkpoint(db, timeout: float = 30.0) -> None:
+    """Until status says a checkpoint was written and none is needed."""
+    deadline = time.monotonic() + timeout
+    while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+
+
+def power_cut(node) -> None:
+    """Every process of the appliance killed, every segment gone: only the files remain."""
+    node.agent.kill()
+    node.app.controller.kill()
+    unlink_all(node.app.name, node.app.cfg.storage.segments)
+
+
 class TestLz4Secondary:
     def test_promote_decompresses_backup_blocks_into_primary_blocks(self, make_pair):
         """An lz4 secondary that serves no reads is promoted: its backup blocks become primary blocks ([0128]),
@@ -420,10 +488,10 @@ class TestOtherSecondaries:
 
 
 @pytest.fixture(scope="module")
-def idle_pair(tmp_path_factory):
+def idle_pair(make_module_appliance, tmp_path_factory):
     """One running pair for the refusals below (they change nothing), shared by the module."""
     base = tmp_path_factory.mktemp("pair")
-    p = Pair(appliance_factory(base), base, mode="sync")
+    p = Pair(make_module_appliance, base, mode="sync")
     try:
         yield p.start()
     finally:

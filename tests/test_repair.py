@@ -23,7 +23,7 @@ from appliance._native import ffi, lib
 from appliance.store.reader import Reader
 from appliance.store.segment import SHM_DIR, Attachment
 
-from conftest import Cluster, appliance_factory
+from conftest import Cluster
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 
@@ -39,9 +39,9 @@ def cli_json(*args: str) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(make_module_appliance, tmp_path_factory):
     base = tmp_path_factory.mktemp("repair")
-    c = Cluster(appliance_factory(base), base, secondaries=(("sync", ""),), segment_size="16MiB")
+    c = Cluster(make_module_appliance, base, secondaries=(("sync", ""),), segment_size="16MiB")
     try:
         c.start()
         with appliance.connect(c.primary.app.config) as db:
@@ -203,7 +203,7 @@ def _reads_differ(cfg, before: list[dict]) -> bool:
     """Reading the damaged table gives other records, or fails to decode one."""
     try:
         return records(cfg) != before
-    except ValueError:      # the damaged bytes are no msgpack record any more
+    except errors.CorruptionError:   # the damaged bytes are no valid record image any more
         return True
 
 

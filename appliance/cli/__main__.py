@@ -2,8 +2,10 @@
 
 Exit status (appliance.errors.EXIT_*): 0 success; 1 a refused operation
 (typed error, message on stderr); 2 usage; 3 the appliance is not running;
-69 the appliance is busy (another controller serves it); 78 bad
-configuration (EX_CONFIG).
+69 the appliance is busy (another controller serves it, an address in use);
+78 bad configuration (EX_CONFIG), 66 a file it names is missing (EX_NOINPUT),
+77 one this user may not read (EX_NOPERM); the processes add 64 (a bad
+environment variable) and 67 (a user logind would remove the segments of).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import click
 
 from .. import errors
 
-from ..errors import EXIT_BUSY, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_REFUSED
+from ..errors import EXIT_BUSY, EXIT_NOT_RUNNING, EXIT_REFUSED
 
 CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
                       type=click.Path(dir_okay=False), help="the appliance's TOML configuration")
@@ -23,10 +25,8 @@ CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="F
 
 def _fail(e: errors.ApplianceError) -> "click.exceptions.Exit":
     click.echo(f"appliance: {e}", err=True)
-    if isinstance(e, errors.ConfigError):
-        return click.exceptions.Exit(EXIT_CONFIG)
-    if isinstance(e, errors.BusyError):
-        return click.exceptions.Exit(EXIT_BUSY)
+    if isinstance(e, (errors.ConfigError, errors.BusyError)):
+        return click.exceptions.Exit(errors.exit_status(e))   # 78, or a missing file's 66 ...
     if isinstance(e, errors.UnavailableError):
         return click.exceptions.Exit(EXIT_NOT_RUNNING)
     return click.exceptions.Exit(EXIT_REFUSED)
@@ -226,6 +226,25 @@ def copy(config_path: str, secondary: str, timeout: float) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait for it to be written")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def checkpoint(config_path: str, timeout: float, as_json: bool) -> None:
+    """Write a checkpoint of every block now (progress bar); older files it makes unnecessary go."""
+    from . import durability
+    cfg = _load(config_path)
+    try:
+        cp = durability.run(cfg, timeout, as_json)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(cp))
+    else:
+        click.echo(f"checkpoint {cp['file']}: version {cp['version']}, serial {cp['serial']}, {cp['blocks']} "
+                   f"blocks, {cp['bytes'] / 1e6:.1f} MB in {cp['seconds']:.2f} s ({cp['rate_mb_s']} MB/s)")
+
+
+@main.command()
+@CONFIG
 @click.option("--drain-timeout", default=5.0, show_default=True,
               help="seconds to let the link from the old primary bring what it still has")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
@@ -359,6 +378,18 @@ def status(config_path: str, as_json: bool) -> None:
 
 @main.command()
 @CONFIG
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="seconds between samples")
+@click.option("--once", is_flag=True, help="print one frame (rates over one interval) and exit")
+@click.option("--json", "as_json", is_flag=True, help="print one frame's figures as JSON and exit")
+def top(config_path: str, interval: float, once: bool, as_json: bool) -> None:
+    """A live view: throughput and lag sparklines, health, devices, snapshots (q quits)."""
+    from . import top as top_mod
+    sys.exit(top_mod.run(_load(config_path), interval=interval, once=once, as_json=as_json))
+
+
+@main.command()
+@CONFIG
 @click.argument("table")
 @click.argument("source", type=click.File("rb"))
 @click.option("--batch", default=5000, show_default=True,
@@ -394,7 +425,7 @@ def load(config_path: str, table: str, source, batch: int, skip_existing: bool) 
 @CONFIG
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def destroy(config_path: str, yes: bool) -> None:
-    """Delete the appliance's shared-memory segments (all its data)."""
+    """Delete the appliance's shared-memory segments (all its data in memory; durability files stay)."""
     from ..controller import ControllerLock
     from ..store.segment import unlink_all
     cfg = _load(config_path)
@@ -410,6 +441,9 @@ def destroy(config_path: str, yes: bool) -> None:
     finally:
         lock.release()
     click.echo(f"removed {len(removed)} segment(s) of {cfg.name}")
+    if cfg.durability_dir is not None and cfg.durability_dir.is_dir() and any(cfg.durability_dir.iterdir()):
+        click.echo(f"note: {cfg.durability_dir} (durability.dir) still holds its log files and checkpoints: the "
+                   "next start loads them (cold start); move or delete that directory to start empty")
 
 
 @main.command()

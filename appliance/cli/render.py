@@ -57,6 +57,15 @@ def status(st: dict) -> None:
     if mem:
         kind = "lz4 backup blocks" if mem.get("compressed") else "blocks"
         console.print(f"memory: {_size(mem['bytes_used'])} of {kind} in use ({_size(mem['bytes_live'])} live)")
+    dur = st.get("durability")
+    if dur:
+        _durability(dur)
+    cold = (st.get("recovery") or {}).get("cold_start")
+    if cold:
+        console.print(f"cold start: {'checkpoint ' + cold['checkpoint'] + ' (serial ' + str(cold['checkpoint_serial']) + ')' if cold['checkpoint'] else 'no checkpoint'}"
+                      f", {cold['records_replayed']} log records replayed ({cold['entries_replayed']} entries) "
+                      f"to serial {cold['serial']}, in {cold['seconds']:.2f} s"
+                      + (f"; log cut: {cold['log_cut']['reason']}" if cold.get("log_cut") else ""))
     rep = st.get("replication")
     if rep and rep.get("role") == "primary":
         t = Table(title=f"secondaries (quorum {rep['quorum']}, {rep['waiting_commits']} commits awaiting backup)")
@@ -92,6 +101,29 @@ def status(st: dict) -> None:
             console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "
                           f"{hist['first_serial']}..{hist['last_serial']} ({hist['dir']})"
                           + (f"; {hist['warning']}" if hist.get("warning") else ""))
+
+
+def _durability(d: dict) -> None:
+    """The [durability] lines of `appliance status`."""
+    console.print(f"durability: {d['dir']}, log_sync {d['log_sync']}; durable serial {d['durable_serial']} "
+                  f"(written {d['written_serial']}), {_size(d['log_bytes_since_checkpoint'])} of log since the last "
+                  f"checkpoint in {d['log_files']} file(s), {d['fsyncs']} fsyncs")
+    last = d.get("last_checkpoint")
+    if last:
+        console.print(f"last checkpoint: {last['file']} (serial {last['serial']}, version {last['version']}"
+                      + (f", {_size(last['bytes'])} in {last['seconds']:.2f} s" if last.get("bytes") else "") + ")")
+    else:
+        console.print("last checkpoint: none")
+    cp = d.get("checkpoint")
+    if cp:
+        console.print(f"checkpoint {cp['number']} running: {cp['blocks']}/{cp['total']} blocks, "
+                      f"{_size(cp['bytes'])}, {cp['rate_mb_s']} MB/s")
+    if d.get("error"):
+        console.print(f"WARNING: the log cannot be written: {d['error']}; commits are refused until it can")
+    if d.get("needs_checkpoint"):
+        console.print(f"WARNING: a checkpoint is needed: {d['needs_checkpoint']}")
+    if (d.get("checkpoints") or {}).get("last_error"):
+        console.print(f"WARNING: the last checkpoint failed: {d['checkpoints']['last_error']}")
 
 
 def devices(devs: list[dict]) -> None:

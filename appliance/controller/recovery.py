@@ -170,6 +170,9 @@ class Failover:
         epoch = max(ctl.role.epoch, seen if type(seen) is int else 0) + 1
         previous = drained.get("primary") if isinstance(drained, dict) else None
         ctl.role.change("primary", epoch)
+        if ctl.durable is not None:
+            ctl.durable.history_changed(f"promoted at serial {applied}: the change log continues the old "
+                                        "primary's serials")
         degraded = self._degrade_absent()
         heard = drained.get("heard", 0) if isinstance(drained, dict) else 0
         report = {
@@ -417,6 +420,8 @@ class Failover:
         wr.publish(time.time_ns(), 0)
         ctl.published()
         wr.reclaim()
+        if ctl.durable is not None:
+            ctl.durable.history_changed(f"rewound to serial {serial}: {txns} transaction(s) undone")
         self.repair = blocks
         self.rewound = {"transactions": txns, "from_serial": serial + 1, "to_serial": applied,
                         "blocks_to_copy": len(blocks), "seconds": round(time.monotonic() - t0, 3),

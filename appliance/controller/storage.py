@@ -4,6 +4,9 @@ Shared memory outlives the controller: a restarted controller re-attaches to
 the segments its predecessor left and recovers (rolls back the batch a crash
 interrupted, rebuilds free lists), so it serves again within a second. It
 refuses segments made for another layout rather than reinterpret them.
+Without segments but with a durability directory that holds data (a reboot,
+a power cut), it makes them anew from the files: the cold start
+(appliance/durability/coldstart.py).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ..config import Config, layout_differences
 from ..store.segment import SHM_DIR, Attachment, Geometry, SegmentNames, exists, unlink_all
 from ..store.writer import FileSpec, Writer
 
-__all__ = ["open_or_create", "geometry", "file_specs"]
+__all__ = ["open_or_create", "create", "geometry", "file_specs"]
 
 
 def geometry(cfg: Config, layout_len: int = 0, compressed: bool | None = None) -> Geometry:
@@ -39,8 +42,9 @@ def file_specs(cfg: Config) -> list[FileSpec]:
     return out
 
 
-def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
-    """(writer, recovery facts, created)."""
+def open_or_create(cfg: Config, log, files=None) -> tuple[Writer, dict, bool]:
+    """(writer, recovery facts, created). `files`: the durability directory
+    (durability.LogDir), when the appliance has one."""
     s = cfg.storage
     names = SegmentNames(cfg.name, s.segments)
     reserve = cfg.controller.reserve_blocks
@@ -71,11 +75,21 @@ def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
                 _check_leftover(n)
             unlink_all(cfg.name, s.segments)
             log.warning("orphan_segments_removed", segments=leftovers)
+    if files is not None and files.has_data():
+        from ..durability.coldstart import cold_start
+        w, facts = cold_start(cfg, log, files)
+        return w, facts, False
+    return create(cfg), {}, True
+
+
+def create(cfg: Config, instance: int | None = None) -> Writer:
+    """New segments for `cfg`, formatted, its files made (version 1).
+    `instance`: the identity to give them (a cold start keeps the files')."""
+    s = cfg.storage
     layout = json.dumps(cfg.layout(), sort_keys=True).encode()
-    w = Writer.create(cfg.name, geometry(cfg, len(layout)), mode=s.mode_bits, gid=cfg.gid(),
-                      schema_hash=cfg.schema_hash(), files=file_specs(cfg), reserve_slots=reserve,
-                      layout=layout)
-    return w, {}, True
+    return Writer.create(cfg.name, geometry(cfg, len(layout)), mode=s.mode_bits, gid=cfg.gid(),
+                         schema_hash=cfg.schema_hash(), files=file_specs(cfg),
+                         reserve_slots=cfg.controller.reserve_blocks, layout=layout, instance=instance)
 
 
 def _differences(att: Attachment, cfg: Config) -> str:

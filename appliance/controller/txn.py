@@ -64,9 +64,10 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns",
+                 "pipelined", "failure", "tlog")
 
-    def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
+    def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False) -> None:
         self.number = number
         self.program = program
         self.input = input
@@ -81,6 +82,10 @@ class Txn:
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
+        self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
+        self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
+        self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
+        self.tlog = None             # msgpack [program, input], packed once at BEGIN
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
@@ -122,7 +127,8 @@ class Committer:
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
                                 _step(ops, TXN_INSERT, fid, ak, b"")
-        return self.w.commit_txn(txn.number, now, _packb([txn.program, txn.input]), ops)
+        tlog = txn.tlog if txn.tlog is not None else _packb([txn.program, txn.input])
+        return self.w.commit_txn(txn.number, now, tlog, ops)
 
 
 _OP = struct.Struct("<B3xIII")

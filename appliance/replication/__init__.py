@@ -34,6 +34,7 @@ from .._os import logs, sdnotify
 from .._os.lifecycle import cancel_and_wait
 from .._os.logs import LogEvery, LogOnce
 from ..config import Config
+from ..store import changelog
 from ..store.reader import Reader
 from ..store.segment import Attachment
 from ..wire import messages as m
@@ -64,18 +65,19 @@ class RoleChanged(Exception):
     asks the controller again and runs the other side (see run())."""
 
 
-async def _connect_controller(cfg: Config, role: str | None, log) -> link.ControlLink:
+async def _connect_controller(cfg: Config, role: str | None, log, wakeups: bool = False) -> link.ControlLink:
     """Attach to the controller as its agent, waiting for it to be up
     (logged once, naming the socket; again when the reason changes).
     `role`: the role the agent runs, refused by a controller whose appliance
     has another one now; None to be told (the first link: the controller
-    owns the role, appliance/controller/role.py)."""
+    owns the role, appliance/controller/role.py). `wakeups`: the link also
+    gets a primary's wake-ups (link.Wakeups)."""
     path = str(cfg.socket_path)
     logged = None
     while True:
         ctl = link.ControlLink(path, f"agent:{role or 'starting'}")
         try:
-            await ctl.connect(role)
+            await ctl.connect(role, wakeups)
             return ctl
         except (OSError, errors.UnavailableError) as exc:
             ctl.close()
@@ -106,6 +108,8 @@ class PrimaryAgent:
         self.fork = ctl.info.get("fork")    # the primary this one was promoted from (recovery.py)
         self.fencer: Fencer | None = None
         self._fencing: set = set()          # epochs an OP_FENCE was sent for
+        self.ready = False   # its relays run (READY=1 sent)
+        self.wakeups: link.Wakeups | None = None   # the watch link's, while it is up
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -117,13 +121,50 @@ class PrimaryAgent:
         for r in self.relays:
             r.reconfigure(by_name[r.name])
 
+    def status_line(self) -> str:
+        """STATUS= of the unit: each secondary's link state and serials behind."""
+        parts = [f"{r.name} {r.state.value}, {max(0, self.serial - r.acked)} serials behind" for r in self.relays]
+        return f"streaming to {'; '.join(parts)}"
+
     # -- shared facts for relays ----------------------------------------------------------
 
     def bounds(self) -> dict:
-        from ..store import changelog
         b = changelog.bounds(self.reader)
         self.head, self.serial = max(self.head, b["head"]), max(self.serial, b["serial"])
         return b
+
+    def refresh(self) -> None:
+        """head and serial as published now (after every publish: no allocation)."""
+        head, serial = self._bounds.head_serial()
+        if head > self.head:
+            self.head = head
+        if serial > self.serial:
+            self.serial = serial
+    def ring_start(self) -> tuple[int, int]:
+        """(position, serial) of the oldest entry the change-log ring holds
+        (the next one to be written when it is empty)."""
+        from ..store import changelog
+        for _ in range(100):      # the writer may move the tail past it meanwhile: read it again
+            b = self.bounds()
+            try:
+                for e in changelog.read_entries(self.reader, b["tail"], limit=1):
+                    return e.pos, e.serial
+            except errors.InternalError:
+                continue
+            return b["head"], b["serial"] + 1
+        raise errors.BusyError("could not read the change log's oldest entry")
+
+    def log_files_after(self, after: int, upto: int) -> list[bytes] | None:
+        """Entries after..upto read back from the controller's durability
+        files (None without [durability], or when they do not hold them all)."""
+        if self.cfg.durability is None or upto <= after:
+            return None
+        from ..durability.logfiles import LogDir, entries_after
+        try:
+            return entries_after(LogDir(self.cfg.durability_dir, self.log, readonly=True), after, upto)
+        except OSError as exc:
+            self.log.warning("log_files_unreadable", error=str(exc), dir=str(self.cfg.durability_dir))
+            return None
 
     def pin_with_serial(self):
         """Pin the latest version; (pin, version, the log serial it ends at)."""
@@ -163,29 +204,60 @@ class PrimaryAgent:
 
     def acked(self, name: str, serial: int) -> None:
         """Pass a secondary's "backup complete" to the controller at once: it
-        releases the synchronous commits waiting for it. One-way and sent from
-        the relay's reader itself, so an ACK costs no task switch and no reply;
-        the periodic report carries the rest of the relay's state."""
+        releases the synchronous commits waiting for it. Stored in the shared
+        acknowledgements from the relay's reader itself (link.Wakeups.post),
+        so an ACK costs no task switch and no message; the periodic report
+        carries the rest of the relay's state."""
+        w = self.wakeups
         try:
-            self.ctl.notify([m.OP_ACKED, name, serial])
-        except errors.UnavailableError:
-            self.report_soon()   # the watch task reconnects; the report after it carries the serial
+            if w is not None:
+                w.post(name, serial)
+                return
+        except OSError:
+            pass
+        self.report_soon()   # the watch task reconnects; the report after it carries the serial
+
+    def _use_wakeups(self, w: link.Wakeups | None) -> None:
+        """Wake the relays whenever the controller signals a publish (None:
+        the link is down)."""
+        loop = asyncio.get_running_loop()
+        if self.wakeups is not None:
+            loop.remove_reader(self.wakeups.published)
+        self.wakeups = w
+        if w is not None:
+            loop.add_reader(w.published, self._published)
+            self._published(force=True)   # what was published before the reader was added
+
+    def _published(self, force: bool = False) -> None:
+        """The controller published a version: the relays send what is new,
+        but for one that holds it for its next message (Relay.holding: it
+        sends when its ACK comes), which is not woken at all."""
+        w = self.wakeups
+        if w is None or not (w.take_published() or force):
+            return
+        self.refresh()
+        for r in self.relays:
+            if not r.holding():
+                r.wake.set()
 
     # -- tasks --------------------------------------------------------------------------------
 
     async def run(self, ready) -> None:
-        # two links: WATCH parks on its own, so reports (ACKs) never queue behind it
-        self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+        # two links: WATCH parks on its own, so reports never queue behind it; it
+        # holds the wake-ups (publishes, acknowledgements: link.Wakeups)
+        self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log, wakeups=True)
         info = self.ctl.info
         self.att = Attachment(self.cfg.name, writable=False)
         if self.att.instance != info["instance"]:
             raise errors.UnavailableError("the appliance was re-created while the agent attached; restart")
         self.instance, self.epoch = info["instance"], info["epoch"]
         self.reader = Reader(self.att)
+        self._bounds = changelog.Bounds(self.reader)
         self.log_size = self.att.sb.sb_log_size
         self.files = link.files_of(self.att)
         self.bounds()
         self.relays = [Relay(self, s) for s in self.cfg.replication.secondaries]
+        self._use_wakeups(self.watch_ctl.wakeups)
         tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
@@ -193,6 +265,7 @@ class PrimaryAgent:
             # promoted: where its old primary streams to, it says who is primary now
             self.fencer = Fencer(self)
         ready(f"streaming to {', '.join(r.name for r in self.relays) or 'no secondary'}")
+        self.ready = True
         self.log.info("agent_started", role="primary", secondaries=[r.name for r in self.relays],
                       serial=self.serial, epoch=self.epoch)
         try:
@@ -203,32 +276,34 @@ class PrimaryAgent:
         finally:
             if self.fencer is not None:
                 self.fencer.close()
+            self._use_wakeups(None)
             await cancel_and_wait([*tasks, *self.verify_tasks])
             self.ctl.close()
             self.watch_ctl.close()
             self.att.close()
 
     async def _watch(self) -> None:
-        """Long-poll the controller for newly published log entries."""
+        """Long-poll the controller for what operators ask of the agent
+        (verify, resync), and keep the links up: new log entries are
+        signalled by the wake-ups (_published)."""
         while True:
             try:
-                b = await self.watch_ctl.call([m.OP_WATCH, self.serial, self.cfg.replication.heartbeat])
+                b = await self.watch_ctl.call([m.OP_WATCH, None, self.cfg.replication.heartbeat])
             except errors.UnavailableError:
                 self.log.warning("controller_link_lost")
+                self._use_wakeups(None)
                 self.ctl.close()
                 self.watch_ctl.close()
                 self.ctl = await _connect_controller(self.cfg, "primary", self.log)
-                self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log)
+                self.watch_ctl = await _connect_controller(self.cfg, "primary", self.log, wakeups=True)
                 if self.ctl.info["instance"] != self.instance:
                     raise errors.UnavailableError("the appliance was re-created; the agent restarts")
+                self._use_wakeups(self.watch_ctl.wakeups)
                 self.report_soon()
                 continue
-            self.head, self.serial = b["head"], b["serial"]
+            self.head, self.serial = max(self.head, b["head"]), max(self.serial, b["serial"])
             for r in self.relays:
                 r.wake.set()
-            # let the relays send the new entries before this task re-arms the
-            # watch: the entries are on the synchronous commits' path, the watch is not
-            await asyncio.sleep(0)
             for name in b.get("resync", ()) or ():
                 for r in self.relays:
                     if r.name == name:
@@ -247,12 +322,19 @@ class PrimaryAgent:
         """Send the secondaries' whole state to the controller (shown by
         status): soon after a change of state (coalesced: one report in
         flight), and every heartbeat. ACKs go ahead on their own (acked())."""
+        loop = asyncio.get_running_loop()
         while True:
+            # the heartbeat sets the event itself: asyncio.wait_for (Python 3.11)
+            # drops a cancellation that arrives as the event is set, and at stop
+            # the relays' last state changes set it just as the agent cancels
+            # this task, which then never ended
+            tick = loop.call_later(self.cfg.replication.heartbeat, self._report_event.set)
             try:
-                await asyncio.wait_for(self._report_event.wait(), self.cfg.replication.heartbeat)
-            except asyncio.TimeoutError:
-                pass
+                await self._report_event.wait()
+            finally:
+                tick.cancel()
             self._report_event.clear()
+            self.refresh()   # the lag it reports (publishes are not signalled while every relay holds)
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
                      "reported_at": time.time()}
             try:
@@ -368,6 +450,14 @@ class SecondaryAgent:
         self.ctl = ctl       # the link the agent learnt its role on
         self.applier: Applier | None = None
         self.history: History | None = None
+        self.ready = False   # its listener runs (READY=1 sent)
+
+    def status_line(self) -> str:
+        """STATUS= of the unit: the link from the primary and how far behind it this side is."""
+        a = self.applier
+        behind = f", {max(0, a.primary_serial - a.applied)} serials behind" if a.primary_serial else ""
+        return (f"listening at {self.cfg.replication.listen} for {' or '.join(self.cfg.replication.primaries)}: "
+                f"{a.state.value}, applied {a.applied}{behind}")
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ)."""
@@ -393,6 +483,7 @@ class SecondaryAgent:
         ready(f"listening at {rc.listen} for {' or '.join(rc.primaries)}")
         self.log.info("agent_started", role="secondary", primary=" or ".join(rc.primaries), applied=applier.applied,
                       epoch=applier.epoch_seen)
+        self.ready = True
         asks = asyncio.create_task(self._asks(), name="asks")
         try:
             while True:
@@ -450,23 +541,37 @@ async def _wait_or_fail(task: asyncio.Task, seconds: float) -> None:
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
-    """Entry point of ``appliance agent``; returns the exit status."""
+    """Entry point of ``appliance agent``; returns the exit status
+    (errors.exit_status of what refused the start; 75, restarted by systemd,
+    while its controller is not there to attach to)."""
     from .. import config as config_mod
+    from .._os import environment
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until the loop handles it: a reload must not kill
-    logs.configure(json=log_json, level=log_level)
-    log = logs.get_logger(process="agent")
-    cfg = config_mod.load_logged(config_path, log)
+    try:
+        log = environment.configure_logs("agent", json=log_json, level=log_level)
+    except errors.ConfigError as e:
+        logs.get_logger(process="agent").error("agent_refused_to_start", error=str(e), key=e.details.get("key"),
+                                               cause=e.details.get("cause"))
+        return errors.exit_status(e)
+    cfg, refused = config_mod.load_logged(config_path, log)
     if cfg is None:
-        return errors.EXIT_CONFIG
+        return refused
     if cfg.replication is None:
         log.error("config_invalid", error=f"{cfg.path}: no [replication] section: nothing for an agent to do",
                   key="replication")
         return errors.EXIT_CONFIG
     log = log.bind(appliance=cfg.name)
+    try:
+        cfg.check_tls_files()   # before waiting for the controller: a missing certificate is said at once
+    except errors.ConfigError as e:
+        log.error("agent_refused_to_start", error=str(e), file=e.details.get("file"), key=e.details.get("key"),
+                  cause=e.details.get("cause"))
+        return errors.exit_status(e)
     agents: dict = {}   # "agent": the running agent, once the controller said which role it serves
+    notifier = sdnotify.Notifier()
 
-    async def start(ready) -> None:
+    async def start() -> None:
         """Ask the controller which role the appliance has (it owns the role:
         a failover changes it there), then run that side of replication;
         when the role changes (promote, rejoin), ask again and run the other."""
@@ -480,7 +585,7 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
             kind = PrimaryAgent if role == "primary" else SecondaryAgent
             agent = agents["agent"] = kind(agents.get("cfg", cfg), log.bind(role=role), first)
             try:
-                await agent.run(ready)
+                await agent.run(lambda status: notifier.ready(status))
                 return
             except RoleChanged as exc:
                 agents["cfg"] = agent.cfg
@@ -497,33 +602,46 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
                                      lambda new: agents.__setitem__("cfg", new))
         sdnotify.ready()
 
+    async def keepalive() -> None:
+        """WATCHDOG=1 while the loop turns (this task runs only when it does),
+        and the STATUS= line once a second when it changed."""
+        while True:
+            now = time.monotonic()
+            notifier.ping(now)
+            agent = agents.get("agent")
+            if agent is not None and agent.ready:
+                notifier.status(agent.status_line())
+            await asyncio.sleep(min(1.0, notifier.wait_s(now)))
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload)
-        task = asyncio.create_task(start(lambda status: sdnotify.ready(status=status)))
+        task = asyncio.create_task(start())
+        pings = asyncio.create_task(keepalive())
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if stopper in done:
-            sdnotify.stopping()
-            log.info("agent_stopping")
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        else:
-            stopper.cancel()
-            task.result()
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                sdnotify.stopping()
+                log.info("agent_stopping")
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+            else:
+                task.result()
+        finally:
+            await cancel_and_wait([pings, stopper])
 
     try:
         _run_loop(main())
         return 0
-    except (errors.UnavailableError, errors.BusyError) as e:
-        log.error("agent_failed", error=str(e))
-        return errors.EXIT_TEMPFAIL   # systemd restarts it
     except errors.ApplianceError as e:
-        log.error("agent_failed", error=str(e))
-        return errors.EXIT_CONFIG if isinstance(e, (errors.ConfigError, errors.FormatError)) else 1
+        log.error("agent_failed", error=str(e), key=e.details.get("key"), cause=e.details.get("cause"))
+        if isinstance(e, errors.BusyError) and not e.details.get("cause"):
+            return errors.EXIT_TEMPFAIL   # another agent still attached: systemd restarts this one
+        return errors.exit_status(e)

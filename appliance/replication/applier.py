@@ -22,6 +22,7 @@ import time
 
 from .. import errors
 from .._os.logs import LogOnce
+from .._os.net import bind_error
 from ..wire import messages as m
 from ..wire import replication as rp
 from . import link
@@ -56,10 +57,10 @@ class Applier:
         self.connected_since: float | None = None
         self.last_message = 0.0
         self.primary_time_lag = None
+        self.primary_serial = 0   # the primary's latest serial this side heard of (heartbeats, entries: its lag)
         self.suspended = False
         self.server: Listener | None = None
         self.primary_name: str | None = None   # the primary it follows now (named when refusing a deposed one)
-        self.primary_heard = 0       # the last serial the primary said it had (heartbeats, entries)
         self.heard_at = 0.0
         self.repair = list(ctl.info.get("repair") or ())   # block numbers waiting for a copy (a rewind's)
         self.draining = False        # promote: no new link; the current one until it is quiet
@@ -76,7 +77,10 @@ class Applier:
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
         # TLS is started per connection (_upgrade), so a refused certificate is logged here too
-        self.server = Listener(host, port, self._upgrade)
+        try:
+            self.server = Listener(host, port, self._upgrade)
+        except OSError as exc:
+            raise bind_error(self.cfg.path, "replication.listen", self.cfg.replication.listen, exc) from None
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
@@ -89,12 +93,12 @@ class Applier:
                 "primary_time_lag_s": self.primary_time_lag,
                 "connected_since": self.connected_since, "primary": self.primary_name,
                 # serials the primary said it had that are not applied here (what a promote may lose)
-                "primary_serial": self.primary_heard, "behind_serials": max(0, self.primary_heard - self.applied),
+                "primary_serial": self.primary_serial, "behind_serials": max(0, self.primary_serial - self.applied),
                 "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
 
     def _heard(self, serial) -> None:
-        if type(serial) is int and serial > self.primary_heard:
-            self.primary_heard = serial
+        if type(serial) is int and serial > self.primary_serial:
+            self.primary_serial = serial
         self.heard_at = time.monotonic()
 
     async def answer(self, ask: dict) -> dict:
@@ -139,10 +143,10 @@ class Applier:
                 cut = True      # the old primary is still streaming: cut it here
                 self.current.close()
                 await self.link_done.wait()
-        self.log.warning("drained_for_promote", applied=self.applied, heard=self.primary_heard, cut=cut,
+        self.log.warning("drained_for_promote", applied=self.applied, heard=self.primary_serial, cut=cut,
                          partial=self.partial, seconds=round(time.monotonic() - t0, 3))
         return {"applied": self.applied, "epoch_seen": self.epoch_seen, "primary": self.primary_name,
-                "heard": self.primary_heard, "partial": self.partial, "cut": cut,
+                "heard": self.primary_serial, "partial": self.partial, "cut": cut,
                 "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
 
     def close(self) -> None:
@@ -257,10 +261,9 @@ class Applier:
         pending = b""
         acked = -1   # last ACK on this link: the first applied serial is always acknowledged
         copy_calls: list = []
-        timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
         while self.current is fs:
             self.pending = pending
-            kind, epoch, serial, ts, body = rp.parse(await fs.recv(DRAIN_IDLE if self.draining else timeout))
+            kind, epoch, serial, ts, body = rp.parse(await fs.recv(DRAIN_IDLE if self.draining else None))   # (silence: _heartbeats)
             if epoch < self.epoch_seen:
                 fs.send(rp.message(rp.ERROR, self.epoch_seen, 0,
                                    {"code": "APL_ESTALE", "message": f"epoch {epoch} < {self.epoch_seen}",
@@ -408,9 +411,11 @@ class Applier:
 
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
-        (the primary drops a link it has not heard from)."""
+        (the primary drops a link it has not heard from), and drop a primary
+        silent while _serve waits for it (a timer here, not one per message)."""
         while True:
             await asyncio.sleep(self.cfg.replication.heartbeat)
+            fs.expire_if_silent(max(3.0, 6 * self.cfg.replication.heartbeat))
             applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))

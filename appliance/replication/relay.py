@@ -5,14 +5,22 @@ both ways, learns where the secondary stands (START: last serial applied and
 the primary instance it followed) and streams the change log from there. If
 the log no longer holds what the secondary needs — it is new, followed
 another primary, or was disconnected longer than the log ring retains — the
-relay copies the blocks instead ([0079], [0127]): it pins a version, sends
+relay copies the blocks instead ([0079], [0127]) — unless the primary is
+durable and its log files still hold what the ring lost (after a cold
+start the ring begins empty): then it sends those entries from the files
+first (durability.logfiles.entries_after) and goes on from the ring. A copy
+pins a version, sends
 the log entries up to that version, then block images read at that version,
 and repeats, so the stream stays consistent while the primary keeps
 processing; the secondary drops changes to blocks not yet copied, since the
 copy will carry them ([0130]).
 
 Reading ACKs and writing the stream are separate tasks (the writer never
-waits on the reader). Each ACK moves the secondary's acknowledged serial,
+waits on the reader). While an ENTRIES message that ended at a transaction
+boundary waits for its ACK, the writer holds what commits meanwhile (up to
+HOLD_BYTES of log) and sends it in one message when the ACK comes: under
+load, commits share messages, applies and ACKs instead of each paying for
+its own, and an idle link sends a commit at once. Each ACK moves the secondary's acknowledged serial,
 which the agent reports to the controller, which releases synchronous
 commits waiting for it. An acknowledgement never counts beyond the last
 serial sent on that link (`sent`: both tasks run on the agent's one loop),
@@ -37,6 +45,7 @@ __all__ = ["Relay"]
 
 CHUNK = 1 << 20            # bytes of entries per ENTRIES message
 COPY_BATCH = 1 << 20       # bytes of block images per COPY_BLOCKS message
+HOLD_BYTES = 64 << 10      # log bytes the writer holds while a message waits for its ACK
 _ELOGFULL = lib.APL_ELOGFULL
 _EBUFSIZE = lib.APL_EBUFSIZE
 
@@ -59,6 +68,9 @@ class Relay:
         self.sent = 0                 # last serial sent
         self.pos = 0                  # next log position to send
         self.sent_pos: deque = deque()  # (last serial, end position) of messages not yet acked
+        self.awaiting = False         # a message that ended at a transaction boundary waits for its ACK
+        self.quiet = True             # nothing sent since the last tick (a heartbeat is due)
+        self.ticked = False           # the heartbeat timer fired (_tick)
         self.acked_pos = 0
         self.copy: dict | None = None  # progress while copying
         self.last_error: str | None = None
@@ -79,6 +91,7 @@ class Relay:
         self.fetches: dict[int, asyncio.Future] = {}   # FETCH id -> its BLOCKS
         self._fetch_seq = 0
         self.rewinds = 0              # rewinds after a failover (status)
+        self.backlog: list[bytes] = []   # entries from the log files, sent before the ring's (see _seek)
 
     def reconfigure(self, sec) -> None:
         """This secondary's settings (a reload: the address serves the next
@@ -225,6 +238,7 @@ class Relay:
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
         self.sent_pos.clear()
+        self.awaiting = False
         b = self.agent.bounds()
         if applied > b["serial"]:
             raise NeedCopy(f"the secondary says it applied serial {applied}, past this primary's "
@@ -234,7 +248,14 @@ class Relay:
             return
         rc = lib.apl_log_seek(self.agent.reader.view, applied + 1, self._pos)
         if rc == _ELOGFULL:
-            raise NeedCopy(f"the log no longer holds serial {applied + 1}")
+            tail, first = self.agent.ring_start()
+            self.backlog = self.agent.log_files_after(applied, first - 1) or []
+            if not self.backlog:
+                raise NeedCopy(f"the log no longer holds serial {applied + 1}")
+            self.log.info("stream_from_log_files", after=applied, upto=first - 1,
+                          bytes=sum(map(len, self.backlog)))
+            self.pos, self.sent, self.acked_pos = tail, applied, tail
+            return
         if rc < 0:
             raise errors.error_for("APL_ECORRUPT", f"log seek: {rc}")
         self.pos, self.sent, self.acked_pos = self._pos[0], applied, self._pos[0]
@@ -258,19 +279,60 @@ class Relay:
             return None
         return bytes(ffi.buffer(self._buf, n))
 
+    def _export_now(self) -> bytes | None:
+        """_export() right after reading the bounds, so that a message that
+        reaches the published serial is known to (_send_entries)."""
+        self.agent.refresh()
+        return self._export()
+
     def _send_entries(self, fs, blob: bytes) -> None:
         first, last = self._first[0], self._last[0]
         fs.send(rp.message(rp.ENTRIES, self.agent.epoch, first, [first, last, blob]))
         self.sent = last
         self.sent_pos.append((last, self.pos))
+        self.quiet = False
+        # up to a published serial: a transaction boundary (a batch publishes
+        # whole transactions), so the secondary applies all of it and ACKs it
+        self.awaiting = last == self.agent.serial
+
+    def holding(self) -> bool:
+        """Hold new entries for the next message: one that ended at a
+        transaction boundary waits for its ACK, and little is new."""
+        return self.awaiting and self.agent.head - self.pos < HOLD_BYTES
+
+    def _tick(self) -> None:
+        """Every heartbeat: the writer sends a HEARTBEAT if it sent nothing
+        since the last tick, and drops a secondary silent too long (one timer
+        per relay, not one per message)."""
+        self.ticked = True
+        self.wake.set()
+        self._ticker = asyncio.get_running_loop().call_later(self.agent.cfg.replication.heartbeat, self._tick)
 
     async def _write(self, fs, need_copy: bool) -> None:
         if need_copy:
             self.repair.clear()    # a whole copy carries every block
             await self._copy(fs)
         self.set_state(RelayState.STREAMING)
+        self.quiet, self.ticked = True, False
+        self._ticker = asyncio.get_running_loop().call_later(self.agent.cfg.replication.heartbeat, self._tick)
+        try:
+            await self._stream(fs)
+        finally:
+            self._ticker.cancel()
+
+    async def _stream(self, fs) -> None:
+        await self._send_backlog(fs)
         while True:
             self.wake.clear()
+            if self.ticked:
+                self.ticked = False
+                fs.expire_if_silent(max(3.0, 6 * self.agent.cfg.replication.heartbeat))   # ends _read
+                if self.quiet:
+                    self.agent.refresh()   # (the lag and HOLD_BYTES, when no publish woke this relay)
+                    fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
+                                       {"head": self.agent.serial, "sent": self.sent}))
+                    await fs.drain()
+                self.quiet = True
             if self.verify_queue:
                 await self._send_verify(fs)
             if self.force_copy:
@@ -283,7 +345,7 @@ class Relay:
                 await self._copy(fs, blocks)
                 self.set_state(RelayState.STREAMING)
             try:
-                blob = self._export()
+                blob = None if self.holding() else self._export_now()
             except NeedCopy as exc:
                 self.log.warning("secondary_fell_behind_log", reason=str(exc))
                 await self._copy(fs)
@@ -294,12 +356,30 @@ class Relay:
                 await fs.drain()
                 continue
             self._check_retention()
-            try:
-                await asyncio.wait_for(self.wake.wait(), self.agent.cfg.replication.heartbeat)
-            except asyncio.TimeoutError:
-                fs.send(rp.message(rp.HEARTBEAT, self.agent.epoch, self.sent,
-                                   {"head": self.agent.serial, "sent": self.sent}))
+            await self.wake.wait()   # a publish (PrimaryAgent._published), an ACK, a tick, an operator
+
+    async def _send_backlog(self, fs) -> None:
+        """The entries _seek found in the log files, in ENTRIES of about CHUNK bytes."""
+        from ..store.changelog import E_LEN, E_SERIAL, walk
+        backlog, self.backlog = self.backlog, []
+        for blob in backlog:
+            start = 0
+            first = last = None
+            for pos, f in walk(blob):
+                if pos + f[E_LEN] - start > CHUNK and first is not None:
+                    self._send_file_entries(fs, first, last, blob[start:pos])
+                    await fs.drain()
+                    start, first = pos, None
+                first = f[E_SERIAL] if first is None else first
+                last = f[E_SERIAL]
+            if first is not None:
+                self._send_file_entries(fs, first, last, blob[start:])
                 await fs.drain()
+
+    def _send_file_entries(self, fs, first: int, last: int, blob: bytes) -> None:
+        fs.send(rp.message(rp.ENTRIES, self.agent.epoch, first, [first, last, blob]))
+        self.sent = last
+        self.sent_pos.append((last, self.pos))
 
     def _check_retention(self) -> None:
         """Warn well before the log ring overwrites what this secondary still needs."""
@@ -389,6 +469,7 @@ class Relay:
                          "eta_s": round((limit - n) * (sent_bytes / max(n, 1)) / rate, 1) if n else None}
             a.report_soon()
         fs.send(rp.message(rp.COPY_END, a.epoch, self.sent, {"serial": self.sent}))
+        self.awaiting = False   # (its ACK is the copy's: the stream goes on unheld)
         await fs.drain()
         el = time.monotonic() - t0
         self.log.info("copy_finished", blocks=n, bytes=sent_bytes, seconds=round(el, 3),
@@ -409,11 +490,13 @@ class Relay:
         while self.sent_pos and self.sent_pos[0][0] <= applied:
             self.acked_pos = self.sent_pos.popleft()[1]
         self.agent.acked(self.name, applied)
+        if self.awaiting:
+            self.awaiting = False
+            self.wake.set()   # what was held goes now
 
     async def _read(self, fs) -> None:
-        timeout = max(3.0, 6 * self.agent.cfg.replication.heartbeat)
         while True:
-            msg = await fs.recv(timeout)
+            msg = await fs.recv()   # (a silent secondary: _stream's tick ends the stream)
             kind, epoch, serial, ts, body = rp.parse(msg)
             self.last_heard = time.monotonic()
             if kind == rp.ACK:

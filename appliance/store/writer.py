@@ -72,9 +72,11 @@ class Writer:
 
     @classmethod
     def create(cls, name: str, geo: Geometry, *, mode: int, gid: int | None, schema_hash: int,
-               files: list[FileSpec], reserve_slots: int, layout: bytes = b"") -> "Writer":
+               files: list[FileSpec], reserve_slots: int, layout: bytes = b"",
+               instance: int | None = None) -> "Writer":
         """Create and format every segment, then the files (published as version 1).
-        `layout` (geo.layout_len bytes) is recorded in meta (Attachment.layout)."""
+        `layout` (geo.layout_len bytes) is recorded in meta (Attachment.layout).
+        `instance`: the appliance's identity, kept by a cold start (default: a new one)."""
         names = SegmentNames(name, geo.nsegments)
         made: list[Segment] = []
         try:
@@ -87,7 +89,7 @@ class Writer:
                 d = Segment.create(names.device(i), geo.segment_size, mode, gid)
                 made.append(d)
                 devs.append(d)
-            instance = secrets.randbits(63) | 1
+            instance = instance or secrets.randbits(63) | 1
             check(lib.apl_format_readers(readers.ptr, geo.c, instance), "format readers")
             for i, d in enumerate(devs):
                 check(lib.apl_format_device(d.ptr, geo.c, instance, i), f"format device {i}")
@@ -211,6 +213,11 @@ class Writer:
     def drop_uncopied(self, copied: bytearray) -> int:
         return check(lib.apl_drop_uncopied(self._s, ffi.from_buffer(copied), len(copied) * 8),
                      "drop blocks the copy did not bring")
+
+    def resume(self, serial: int, txn_next: int) -> None:
+        """A cold start: the open batch publishes `serial` as the change log's
+        last; transaction numbers go on from at least `txn_next`."""
+        check(lib.apl_store_resume(self._s, serial, txn_next), "resume the serial and transaction numbers")
 
     def set_source(self, serial: int, instance: int) -> None:
         lib.apl_set_source(self._s, serial, instance)
