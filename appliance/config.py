@@ -249,12 +249,15 @@ class ReplicationConfig(_Strict):
     tls_key: str | None = None
     tls_ca: str | None = None
     heartbeat: float = Field(0.5, gt=0, le=60)
-    # primary
+    # primary: the secondaries it streams to (on a secondary: those it serves
+    # once it is promoted, `appliance promote`)
     secondaries: tuple[SecondaryConfig, ...] = ()
     sync_quorum: int | Literal["all"] = "all"
-    # secondary
+    # secondary: where it listens for its primary and which primary it accepts
+    # (a name, or several: after a failover any of them at a newer epoch); on
+    # a primary: what it is once it rejoins as a secondary (`appliance rejoin`)
     listen: str | None = None
-    primary: str | None = None            # the primary's name this secondary accepts
+    primary: str | tuple[str, ...] | None = None
     serve_reads: bool = True              # uncompressed blocks that clients read; False: lz4 backup blocks
     history_dir: str | None = None
     history_period: float = Field(86400.0, gt=0)
@@ -278,24 +281,31 @@ class ReplicationConfig(_Strict):
         if self.role == "primary":
             if not self.secondaries:
                 raise ValueError("a primary needs at least one [[replication.secondaries]]")
-            names = [x.name for x in self.secondaries]
-            if len(set(names)) != len(names):
-                raise ValueError("secondary names must be unique")
-            nsync = sum(1 for x in self.secondaries if x.mode == "sync")
-            if isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
-                raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
-                                 f"synchronous secondaries ({nsync})")
-            if self.listen is not None:
-                raise ValueError("listen is for a secondary")
         else:
             if self.listen is None:
                 raise ValueError("a secondary needs listen = \"host:port\"")
-            parse_address(self.listen)
             if self.primary is None:
                 raise ValueError("a secondary needs primary = \"<the primary appliance's name>\"")
-            if self.secondaries:
-                raise ValueError("secondaries are for a primary")
+        names = [x.name for x in self.secondaries]
+        if len(set(names)) != len(names):
+            raise ValueError("secondary names must be unique")
+        nsync = sum(1 for x in self.secondaries if x.mode == "sync")
+        if self.secondaries and isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
+            raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
+                             f"synchronous secondaries ({nsync})")
+        if self.listen is not None:
+            parse_address(self.listen)
+        if self.primary is not None and (not self.primaries or not all(isinstance(p, str) and p
+                                                                       for p in self.primaries)):
+            raise ValueError("primary must be a name or a list of names")
         return self
+
+    @property
+    def primaries(self) -> tuple[str, ...]:
+        """The primaries this appliance accepts a stream from as a secondary."""
+        if self.primary is None:
+            return ()
+        return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
 
 
 def parse_address(v: str) -> tuple[str, int]:
@@ -550,18 +560,21 @@ class Config(_Strict):
                 out.append((f"{tname}.{ak}", tname, ak))
         return out
 
-    def schema_hash(self) -> int:
-        """Fingerprint of everything that fixes the on-memory format."""
+    def schema_hash(self, compressed: bool | None = None) -> int:
+        """Fingerprint of everything that fixes the on-memory format
+        (`compressed`: of the store in that form, e.g. an lz4 secondary's
+        once a promote has decompressed it; by default as configured)."""
         s = self.storage
         doc = {
             "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
             "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
-            "compressed": self.compressed, "max_blocks": s.max_blocks, **self._tables_doc(),
+            "compressed": self.compressed if compressed is None else compressed, "max_blocks": s.max_blocks,
+            **self._tables_doc(),
         }
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
-    def layout(self) -> dict:
+    def layout(self, compressed: bool | None = None) -> dict:
         """What fixes the on-memory format, by configuration key (what
         schema_hash() fingerprints). It is recorded in the meta segment, so a
         configuration refused for a different layout is told which setting
@@ -571,7 +584,7 @@ class Config(_Strict):
             "storage": {"block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
                         "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
                         "max_blocks": s.max_blocks},
-            "replication": {"serve_reads": not self.compressed},
+            "replication": {"serve_reads": not (self.compressed if compressed is None else compressed)},
             "record_format": lib.APL_REC_FORMAT,
             "tables": {n: {"primary_key": t.primary_key, "alternate_keys": list(t.alternate_keys),
                            "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()},

@@ -44,9 +44,12 @@ __all__ = [
     "SnapshotTooOldError",
     "FormatError",
     "CorruptionError",
+    "DamagedBlockError",
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
+    "NotPrimaryError",
+    "RoleError",
     "NotServingReadsError",
     "LimitError",
     "InternalError",
@@ -271,6 +274,15 @@ class CorruptionError(ApplianceError):
     codes = ("APL_ECORRUPT",)
 
 
+class DamagedBlockError(CorruptionError):
+    """A change needs a block whose content no longer matches its checksum
+    (its memory was damaged): it is refused and nothing changes. ``appliance
+    verify`` names the damaged blocks, ``appliance repair`` copies them again
+    from a peer."""
+
+    codes = ("APL_EDAMAGED",)
+
+
 class StaleEpochError(ApplianceError):
     """A message from an epoch older than one already seen (a deposed primary)."""
 
@@ -281,6 +293,26 @@ class ReadOnlyError(ApplianceError):
     """A write sent to a secondary appliance (it only takes its primary's changes)."""
 
     codes = ("APL_EREADONLY",)
+
+
+class NotPrimaryError(ApplianceError):
+    """A write sent to a primary that was deposed: it learnt that another
+    appliance became primary at a newer epoch (a failover), so it takes no
+    writes any more ("fenced"); reads still work. ``details``: ``epoch`` (the
+    newer one), ``primary`` (its name, when known). Write to the new primary;
+    do not retry here. A commit answered with it while waiting for its
+    synchronous backup was never confirmed by a secondary: the new primary
+    does not have it, and it is undone here when this appliance rejoins."""
+
+    codes = ("APL_ENOTPRIMARY",)
+
+
+class RoleError(ApplianceError):
+    """An operator's operation that does not fit the appliance's role or
+    state now (promote a secondary whose block copy is not complete, rejoin
+    an appliance that is already a secondary ...); nothing was changed."""
+
+    codes = ("APL_EROLE",)
 
 
 class NotServingReadsError(ApplianceError):

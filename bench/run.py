@@ -7,7 +7,8 @@ NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
 snapshot-get, find, range, write, tx-write, transfer, order, growth,
 sync-write, sync-cpu, sync-2, async-write, copy, catch-up, durable-write,
 interval-write, checkpoint, cold-start; "replication" = sync-write..catch-up,
-"durability" = the last four); see README.md.
+"durability" = the last four; promote: promote-to-first-write on --promote-mib of
+blocks, both kinds of secondary); see README.md.
 "growth" (10x the records in a fresh appliance) runs in the full benchmark,
 or with --quick only when named.
 """
@@ -83,8 +84,9 @@ SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
+FAILOVER_IDS = ["promote"]
 DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
-BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS]
+BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS, *FAILOVER_IDS]
 GROWTH = 10               # the growth rows: get at GROWTH x the records against the records
 
 
@@ -106,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
     p.add_argument("--catch-up", type=float, dest="catch_up", metavar="SECONDS",
                    help="seconds of load while the secondary is stopped (default 30; --quick 5)")
+    p.add_argument("--promote-mib", type=int, dest="promote_mib", metavar="MIB",
+                   help="database size (MiB of blocks) of the promote rows (default 1024; --quick 256)")
     p.add_argument("--cold-start-mib", type=int, dest="cold_start_mib", metavar="MIB",
                    help="MiB of records the cold-start row loads (default 1024; --quick 128)")
     args = p.parse_args(argv)
@@ -113,6 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
+    args.promote_mib = args.promote_mib or (256 if args.quick else 1024)
     args.cold_start_mib = args.cold_start_mib or (128 if args.quick else 1024)
     if args.records < 1000:
         p.error("--records must be at least 1000")
@@ -441,6 +446,37 @@ class Run:
                   f"restart to link up; primary wrote {c['write_rate']:,.0f} txn/s{copy}", **c)
 
 
+    # ---------------------------------------------------------- failover ----
+
+    def failover(self) -> None:
+        """promote-to-first-write on a database of --promote-mib, both kinds of secondary (failover.py)."""
+        from failover import promote_to_first_write
+        size = self.args.promote_mib << 20
+        for serve_reads, kind in ((True, "uncompressed"), (False, "lz4")):
+            self.out.say(f"[appliance: promote an {kind} secondary, {self.args.promote_mib} MiB]", style="bold")
+            self.guard(f"promote ({kind})", self.promote_rows, promote_to_first_write, serve_reads, kind, size)
+
+    def promote_rows(self, fn, serve_reads: bool, kind: str, size: int) -> None:
+        r = fn(serve_reads, size, self.out.say)
+        gib = r["bytes"] / 2**30
+        lz = r.pop("lz4")
+        ex = r.pop("expanded") or {}
+        figures = {**r, **{f"expanded_{k}": v for k, v in ex.items()}}
+        self.rate("promote", f"promote to first write, {gib:.2f} GiB", f"appliance ({kind} secondary)",
+                  r["first_write_s"], "s", f"promote answered in {r['promote_s']:.3f} s (controller "
+                  f"{r['controller_s']:.3f} s), first write at {r['first_write_s']:.3f} s; {r['records']:,} "
+                  "records of ~1 KB" + ("; goal <= 1 s" if serve_reads else ""), **figures)
+        if lz is not None:
+            self.rate("promote-lz4", "lz4 decompression of the same blocks", "lz4.block.decompress, 1 core",
+                      lz["mb_s"], "MB/s", f"{lz['blocks']:,} block images, {lz['bytes'] / 1e6:,.1f} MB x "
+                      f"{lz['passes']} passes", **lz)
+            rate = ex.get("bytes", 0) / r["promote_s"] / 1e6
+            self.rate("promote-lz4-ratio", "promote rate / one core's lz4 decompression",
+                      "appliance (lz4 secondary)", rate / lz["mb_s"], "x",
+                      f"{rate:,.0f} MB/s of primary blocks over the whole promote (decompressing alone: "
+                      f"{ex.get('rate_mb_s', 0):,.0f} MB/s) vs {lz['mb_s']:,.0f} MB/s; goal >= 0.5",
+                      promote_mb_s=rate, lz4_mb_s=lz["mb_s"])
+
     # ---------------------------------------------------------- durability ----
 
     def durability(self) -> None:
@@ -537,6 +573,8 @@ def main(argv=None) -> int:
         run.growth(classes["appliance"])
     if args.benches & set(REPLICATION_IDS):
         run.replication()
+    if "promote" in args.benches and "appliance" in args.systems:
+        run.failover()
     if args.benches & set(DURABILITY_IDS):
         run.durability()
 

@@ -37,6 +37,7 @@ struct apl_geometry {
     uint64_t layout_off;
     uint64_t rown_off;
     uint64_t loc_off;
+    uint64_t sums_off;
     uint64_t log_off;
     uint64_t meta_size;
     uint64_t readers_size;
@@ -307,6 +308,37 @@ int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *co
 int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
+
+/* ---- block checksums (apl_sums.c) ---- */
+/* A block number as apl_check_blocks reports it. */
+struct apl_blockinfo {
+    uint32_t number;
+    uint32_t file;            /* the file it belongs to (UINT32_MAX: unknown) */
+    uint64_t devices;         /* bit i: a block of its chain lies on device segment i */
+    uint32_t damaged;         /* 1: its content does not match its checksum */
+    uint32_t removed;         /* 1: removed, waiting for readers to pass */
+};
+/* The numbers in use in [start, limit) (only the damaged ones with
+ * damaged_only), at most cap of them; *next: where to go on. Between batches. */
+int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct apl_blockinfo *out, uint32_t cap,
+                         uint32_t damaged_only, uint32_t *next);
+
+/* ---- failover (apl_rewind.c) ---- */
+/* In the open batch: the change log continues at `serial` (a promoted
+ * secondary continues its primary's serials); entries it held are dropped. */
+int apl_log_restart(apl_store *s, uint64_t serial);
+/* In the open batch: undo entries (a history past a fork, oldest first, as the
+ * change log stores them) newest first from their B logs. Block numbers whose
+ * structure changed (BLOCK entries, APL_CEF_STRUCT) or whose B log is missing
+ * are not undone but set in `copy` (a bitmap of nbits): copy them from the new
+ * primary. *txns: the COMMITs undone. */
+int apl_undo_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copy, uint64_t nbits,
+                     uint64_t *txns);
+/* Promote an lz4 secondary (apl_bstore.c): lay every live backup block of
+ * `src` (a compressed store, no batch open) into `dst` (an uncompressed store
+ * with the same files, inside its open batch) as primary blocks. APL_EFULL:
+ * dst cannot hold them. *blocks, *bytes: numbers laid in, image bytes. */
+int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes);
 
 /* ---- a primary's controller and its agent (apl_acks.c; apl_layout.h, struct apl_acks) ---- */
 void apl_acks_init(struct apl_acks *a, uint64_t instance, uint32_t count);

@@ -8,7 +8,7 @@
  *   /apl.<name>.meta    superblock, file directory, layout description (the
  *                       configuration's tables and storage settings as JSON, read
  *                       only to say what differs when a configuration is refused),
- *                       location table, change log. Written by the controller
+ *                       location table, block checksums (apl_sums.c), change log. Written by the controller
  *                       only; mapped read-only by clients and by the replication agent.
  *   /apl.<name>.readers reader slots: the only region clients write (their pins).
  *   /apl.<name>.dev<i>  "storage devices": an arena of fixed-length block slots.
@@ -138,7 +138,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   2u
+#define APL_FORMAT_VERSION   3u
 /* The record format (the value bytes of a leaf slot: cext/apl_rec.h). It is
  * not part of APL_FORMAT, which fixes the blocks around records: the
  * configuration's schema hash and layout include it with the fields in schema
@@ -171,7 +171,9 @@ typedef uint64_t apl_addr;
 #define APL_PIN_PENDING      UINT64_MAX
 
 /* An appliance's role (sb_role): the config gives the first one; a failover
- * changes it and the epoch together (appliance/controller/role.py). */
+ * changes it and the epoch together (appliance/controller/role.py). A primary
+ * that learnt of a newer epoch stays a primary that takes no writes
+ * (sb_fenced_epoch) until it rejoins as a secondary. */
 enum apl_role { APL_ROLE_NONE = 0, APL_ROLE_STANDALONE = 1, APL_ROLE_PRIMARY = 2, APL_ROLE_SECONDARY = 3 };
 
 /* File kinds. */
@@ -239,7 +241,20 @@ struct apl_super {
     uint64_t sb_layout_len;     /** its bytes: the configuration's tables and storage settings as
                                     JSON, so a refused configuration can be told what differs */
     uint64_t sb_rown_off;       /** offset of struct apl_rown[sb_nreaders] */
-    uint8_t  sb_pad1[256 - 144];
+
+    /* --- failover: written by the controller, rarely (promote, fence, rejoin,
+     *     rewind; appliance/controller/recovery.py), read by status and the agent --- */
+    uint64_t sb_fork_instance;  /** the primary this appliance followed before it was promoted
+                                    (0: never promoted): its serials continue that primary's */
+    uint64_t sb_fork_serial;    /** the last serial of sb_fork_instance's history held here */
+    uint64_t sb_fenced_epoch;   /** a primary that learnt of this higher epoch takes no writes (0: none) */
+    uint32_t sb_repair_pending; /** 1 while blocks wait for a copy from the primary (a rewind or a
+                                    repair): a controller that restarts then asks for a whole copy */
+    uint32_t sb_pad1a;
+    char     sb_fenced_by[48];  /** the primary at sb_fenced_epoch, when it is known ("" otherwise) */
+    uint64_t sb_sums_off;       /** offset of uint64_t[sb_max_blocks]: each block number's checksum
+                                    (apl_sums.c; immutable after format, like the offsets above) */
+    uint8_t  sb_pad1[256 - 144 - 88];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */

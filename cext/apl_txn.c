@@ -52,6 +52,7 @@ int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn)
     struct apl_super *sb = s->v->v_sb;
     uint64_t v = s->pending;
     struct apl_pub *pb = &sb->sb_pub[v & 1];
+    sums_publish(s);   /* the checksums of what the batch changed (apl_sums.c) */
     STORE_RLX(&pb->pb_version, 0);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     pb->pb_log_head = s->log_head;

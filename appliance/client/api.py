@@ -85,7 +85,8 @@ class Client:
         self.durability = durability
         #: how long a commit waits for that (seconds; None: the connection's timeout)
         self.commit_timeout = m.check_commit_timeout(commit_timeout)
-        self._primary = cfg.role == "primary"   # only a primary's commits wait for a backup
+        # only a primary's commits wait for a backup (a secondary's config may become one: a promote)
+        self._primary = cfg.replication is not None
         self.schema = Schema(cfg)
         self._name = name
         self._timeout = timeout
@@ -102,7 +103,7 @@ class Client:
                 f"appliance {cfg.name!r} is a secondary that keeps lz4 backup blocks and serves no reads "
                 f"(replication.serve_reads = false in {cfg.path}); read from its primary or a secondary "
                 "that serves reads", appliance=cfg.name)
-        if self._att.sb.sb_schema_hash != cfg.schema_hash():
+        if self._att.sb.sb_schema_hash != cfg.schema_hash(compressed=self._att.compressed):
             recorded = self._att.layout()
             differ = "; ".join(layout_differences(recorded, cfg.layout())) if recorded else ""
             self._att.close()

@@ -93,6 +93,7 @@ class AgentLink:
         self.watchers: set = set()            # sessions parked in WATCH / WAIT_APPLIED
         self.verify_new: list[int] = []       # verify ids the agent has not been told of
         self.resync_new: list[str] = []       # secondaries to copy again, likewise
+        self.asks: list[dict] = []            # operator requests for the agent (recovery.py), likewise
         self.verify_waiting: dict[int, object] = {}
         self._verify_seq = 0
         self.wakeups: list[Wakeups] = []      # of the attached agent's sessions (OP_WAKEUPS)
@@ -140,7 +141,7 @@ class AgentLink:
             return
         kind, value, _ = sess.watch
         if kind == "serial":
-            if (timed_out or self.verify_new or self.resync_new
+            if (timed_out or self.verify_new or self.resync_new or self.asks
                     or (value is not None and self.published_serial() > value)):
                 self.watchers.discard(sess)
                 self.ctl.resume(sess, self.watch_reply())
@@ -198,6 +199,8 @@ class AgentLink:
             b["verify"], self.verify_new = self.verify_new, []
         if self.resync_new:
             b["resync"], self.resync_new = self.resync_new, []
+        if self.asks:
+            b["asks"], self.asks = self.asks, []
         return b
 
     def dropped(self, sess) -> None:
@@ -228,7 +231,8 @@ def agent(ctl, sess, role, agent_pid):
         raise errors.AccessDeniedError("agent: only the controller's own user or root may attach an agent",
                                        uid=sess.uid)
     if role is not None and role != ctl.role.name:
-        raise errors.ProtocolError(f"agent: appliance {ctl.cfg.name!r} is {ctl.role.name}, not {role!r}")
+        raise errors.ProtocolError(f"agent: appliance {ctl.cfg.name!r} is {ctl.role.name}, not {role!r}",
+                                   role=ctl.role.name)
     if type(agent_pid) is not int:
         raise errors.WrongTypeError("agent: expects (role, agent pid)")
     other = {x.agent_pid for x in ctl.sessions.values() if x.agent and not x.closed and x is not sess}
@@ -242,7 +246,7 @@ def agent(ctl, sess, role, agent_pid):
     return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
             "role": ctl.role.name, "serial": ctl.agents.published_serial(), "applied": applied,
             "source": source, "copying": ctl.applier.copied is not None,
-            "needs_copy": ctl.applier.needs_copy is not None}
+            "needs_copy": ctl.applier.needs_copy is not None, **ctl.failover.agent_info()}
 
 
 @handler(m.OP_WATCH)
@@ -250,7 +254,7 @@ def watch(ctl, sess, serial, timeout):
     link = ctl.agents
     if serial is not None and type(serial) is not int:
         raise errors.WrongTypeError("watch: the serial must be an int or nil")
-    if (serial is not None and link.published_serial() > serial) or link.verify_new or link.resync_new:
+    if (serial is not None and link.published_serial() > serial) or link.verify_new or link.resync_new or link.asks:
         return link.watch_reply()
     return (yield from link.park(sess, "serial", serial, timeout))
 
@@ -260,6 +264,9 @@ def repl_state(ctl, sess, state):
     if not isinstance(state, dict):
         raise errors.WrongTypeError("repl_state: expects a map")
     link = ctl.agents
+    if "answer" in state:
+        ctl.failover.answered(state["answer"])
+        return None
     if "verify" in state:
         for vid, res in state["verify"].items():
             waiter = link.verify_waiting.pop(int(vid), None)

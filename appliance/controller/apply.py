@@ -37,6 +37,7 @@ class SecondaryApply:
         self.log = ctl.log
         self.copied: bytearray | None = None   # blocks copied so far while a copy runs
         self.needs_copy: str | None = None     # why the primary's stream was refused
+        self.partial = False                   # the copy running brings some blocks only (recovery.py)
         self.last_consumed = 0
         self.seq = 0                           # the log record of the last batch (with [durability])
 
@@ -112,7 +113,19 @@ class SecondaryApply:
             serial = payload.get("serial")
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
+            blocks = payload.get("blocks")
+            if blocks is not None:    # a copy of these numbers only (a rewind, a repair: recovery.py)
+                self.copied = partial_copy(blocks, sb.sb_max_blocks)
+                self.partial = True
+                applied, _ = self.ctl.agents.applied_serial()
+                # (with [durability] a log record of its own, so a cold start replays the copy as it ran)
+                self.batch(lambda wr: (0, 0, 0), source, lambda c, last: (
+                    rec.KIND_COPY_BEGIN, rec.pack({"limit": limit, "serial": serial, "blocks": blocks}),
+                    applied, applied))
+                self.log.info("copy_started", source=source, blocks=len(blocks), serial=serial, partial=True)
+                return {"copied": 0}
             self.copied = bytearray((sb.sb_max_blocks + 7) // 8)
+            self.partial = False
             self.needs_copy = None
             # the stream continues after `serial`: record it, so entries that follow are not a gap
             self.batch(lambda wr: (1, serial, serial), source,
@@ -137,22 +150,40 @@ class SecondaryApply:
             serial = payload.get("serial") if isinstance(payload, dict) else None
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy end: needs the stream serial")
-            copied = self.copied
+            copied, partial = self.copied, self.partial
+            applied, _ = self.ctl.agents.applied_serial()
 
             def finish(wr):
                 wr.drop_uncopied(copied)   # numbers in use here that the primary does not have
-                return 1, serial, serial
+                # a whole copy ends at `serial`; a copy of some blocks leaves the stream where it is
+                return (0, 0, 0) if partial else (1, serial, serial)
             self.copied = None
-            self.batch(finish, source, lambda c, last: (rec.KIND_COPY_END, rec.pack({"serial": serial}),
-                                                         serial, serial))
-            self.log.info("copy_finished", source=source, serial=serial)
-            return {"applied": serial}
+            self.partial = False
+            self.batch(finish, source, lambda c, last: (
+                rec.KIND_COPY_END, rec.pack({"serial": serial, "partial": partial}),
+                *((applied, applied) if partial else (serial, serial))))
+            self.ctl.failover.repair_done()
+            self.log.info("copy_finished", source=source, serial=serial, partial=partial)
+            return {"applied": self.ctl.agents.applied_serial()[0]}
         raise errors.ProtocolError(f"copy: unknown phase {phase!r}")
 
     def status(self) -> dict:
         applied, source = self.ctl.agents.applied_serial()
         return {"applied_serial": applied, "source_instance": source, "copying": self.copied is not None,
                 "needs_copy": self.needs_copy}
+
+
+def partial_copy(blocks, max_blocks: int) -> bytearray:
+    """The `copied` bitmap of a copy of `blocks` only: every other number is
+    "copied" already (its changes apply as they come), these are not until
+    their images arrive (their changes until then are dropped: the images
+    carry them). It starts where the stream is; the applied serial stays."""
+    if type(blocks) is not list or not all(type(n) is int and 0 <= n < max_blocks for n in blocks):
+        raise errors.WrongTypeError("copy begin: blocks must be a list of block numbers")
+    copied = bytearray(b"\xff" * ((max_blocks + 7) // 8))
+    for n in blocks:
+        copied[n >> 3] &= ~(1 << (n & 7)) & 0xFF
+    return copied
 
 
 @handler(m.OP_APPLY, roles=("secondary",))

@@ -40,6 +40,7 @@ class GroupCommit:
         self.committer = Committer(ctl.writer)
         self.queue: list = []          # (session, txn) waiting for the next batch
         self.batches = 0
+        self.paused = False            # commits wait (a primary repairing blocks from a secondary: repair.py)
         self.latency = CommitLatency()  # queued -> published, per transaction (status, metrics)
 
     def enqueue(self, sess, txn: Txn) -> None:
@@ -72,9 +73,12 @@ class GroupCommit:
 
     def run_batch(self) -> bool:
         """Apply and publish every queued transaction as one batch; False when none waited."""
-        if not self.queue:
+        if not self.queue or self.paused:
             return False
         ctl = self.ctl
+        if not ctl.role.writable:    # fenced while these waited: nothing more is applied (recovery.py)
+            ctl.failover.refuse_writes()
+            return True
         txns, sync = ctl.txns, ctl.sync
         queue, self.queue = self.queue, []
         wr = ctl.writer
@@ -93,7 +97,8 @@ class GroupCommit:
                     serial = self.committer.apply(txn, now)
                     outcomes.append((sess, txn, serial, None))
                     last = max(last, txn.number)
-                except (errors.MemoryFullError, errors.RecordTooLargeError, errors.KeyTooLongError) as e:
+                except (errors.MemoryFullError, errors.RecordTooLargeError, errors.KeyTooLongError,
+                        errors.DamagedBlockError) as e:
                     outcomes.append((sess, txn, None, e))
                 except errors.InternalError as e:
                     if e.code != "APL_ELOGFULL":

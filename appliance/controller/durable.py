@@ -182,6 +182,22 @@ class Durable:
         self.needs_checkpoint = f"log gap after serial {after}: {why}"
         self.log.error("log_gap", after=after, next=nxt, reason=why)
 
+    def history_changed(self, why: str) -> None:
+        """A failover changed the memory in a way no log record replays (a
+        promote restarting the change log, a rewind from B logs, lz4 backup
+        blocks laid out as primary blocks in new segments): the log says so
+        (GAP: a cold start replays no further than the state before it) and a
+        checkpoint of the state now is taken at once."""
+        ctl = self.ctl
+        self.att = ctl.att                  # (a promote of an lz4 secondary made new segments)
+        sb = self.att.sb
+        pb = sb.sb_pub[sb.sb_version & 1]
+        serial = pb.pb_source_serial if ctl.role.is_secondary else pb.pb_serial
+        self._gap(serial, serial + 1, why)
+        if not ctl.role.is_secondary:
+            self.pos = changelog.bounds(ctl.reader)["head"]
+        self._try_checkpoint(self.needs_checkpoint)
+
     # ------------------------------------------------------------------ records
 
     def published(self, commits: int = 0) -> None:
@@ -232,9 +248,12 @@ class Durable:
         return self.writer.submit(kind, payload, first=first, last=last, aux1=source)
 
     def _role_changed(self, old: str, new: str) -> None:
-        epoch = self.att.sb.sb_epoch
-        self.writer.header.update(role=new, epoch=epoch)
-        self.writer.submit(rec.KIND_ROLE, rec.pack({"role": new, "epoch": epoch}))
+        sb = self.att.sb
+        epoch = sb.sb_epoch
+        # with the primary a promoted one continues (recovery.py: what a rejoin of that primary rewinds to)
+        fork = {"fork_instance": sb.sb_fork_instance, "fork_serial": sb.sb_fork_serial}
+        self.writer.header.update(role=new, epoch=epoch, **fork)
+        self.writer.submit(rec.KIND_ROLE, rec.pack({"role": new, "epoch": epoch, **fork}))
         self._unsynced.clear()
         self.pos = changelog.bounds(self.ctl.reader)["head"]
 
@@ -338,7 +357,8 @@ class Durable:
                   "files": file_directory(self.att), "log_seq": self.writer.next_seq - 1, "version": v,
                   "serial": pb.pb_serial, "txn_last": pb.pb_txn, "txn_next": sb.sb_txn_next, "epoch": sb.sb_epoch,
                   "role": ctl.role.name, "source_serial": pb.pb_source_serial,
-                  "source_instance": pb.pb_source_instance, "block_limit": ctl.reader.block_limit(),
+                  "source_instance": pb.pb_source_instance, "fork_instance": sb.sb_fork_instance,
+                  "fork_serial": sb.sb_fork_serial, "block_limit": ctl.reader.block_limit(),
                   "block_size": sb.sb_block_size, "created_ns": time.time_ns(), "reason": reason,
                   "log_bytes": self.writer.bytes_written}
         number = self.checkpoints["taken"] + self.checkpoints["failed"] + 1

@@ -43,7 +43,7 @@ def status_line(ctl) -> str:
         return f"{head}; lag: {', '.join(parts)}"
     if role.is_secondary:
         lag = secondary_lag(ctl)
-        primary = ctl.cfg.replication.primary if ctl.cfg.replication else "its primary"
+        primary = " or ".join(ctl.cfg.replication.primaries) if ctl.cfg.replication else "its primary"
         if not ctl.agents.attached():
             return f"{head}; agent not attached"
         if lag["serials"] is None:

@@ -10,7 +10,8 @@ clients comes from interleaving their requests: each request runs as a
 generator (a coroutine) that yields when it must wait — for a record lock
 (``WAIT_LOCK``), for the group commit (``WAIT_COMMIT``), for a serial to be
 published or applied (``WAIT_WATCH``), for the agent's verify result
-(``WAIT_VERIFY``) — and is resumed by the loop when the lock is granted, its
+(``WAIT_VERIFY``) or its answer to an operator's request (``WAIT_AGENT``)
+— and is resumed by the loop when the lock is granted, its
 wait times out, or the batch is published. One session runs one request at
 a time, in order.
 
@@ -56,7 +57,7 @@ from ..config import Config
 from ..wire import framing
 from ..wire import messages as m
 
-__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "YIELD", "FAST",
+__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "WAIT_AGENT", "YIELD", "FAST",
            "check_socket_free", "plain"]
 
 #: what a request coroutine yields while it waits (see the module docstring)
@@ -64,6 +65,7 @@ WAIT_LOCK = object()
 WAIT_COMMIT = object()
 WAIT_WATCH = object()      # a WATCH / WAIT_APPLIED long poll
 WAIT_VERIFY = object()     # an operator's verify, resumed by the agent's result
+WAIT_AGENT = object()      # an operator's request the agent answers (promote's drain: recovery.py)
 YIELD = object()           # a long request lets the other sessions run; it goes on next turn
 FAST = object()            # sess.gen while a fast-path autocommit waits for its batch
 

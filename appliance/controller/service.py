@@ -10,6 +10,8 @@ carry out requests, each owning its own state:
 - ``sync``     what the secondaries acknowledged, on a primary (:mod:`.sync`);
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
+- ``failover`` promote, fence, rejoin and rewind (:mod:`.recovery`);
+- ``repairs``  the local block check and repairs from a peer (:mod:`.repair`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
 - ``durable``  log files and checkpoints on disk, when [durability] is set (:mod:`.durable`);
 
@@ -36,6 +38,8 @@ from .locks import LockManager
 from .loop import WAIT_COMMIT, WAIT_WATCH, Loop, plain
 from .ops import HANDLERS, check, dispatch
 from .readers import ReaderSlots
+from .recovery import Failover
+from .repair import Repairs
 from .role import Role
 from .statements import LATER, Transactions
 from .sync import SyncTracker
@@ -65,6 +69,8 @@ class Controller(Loop):
         self.sync = SyncTracker(cfg.replication if self.role.is_primary else None, log)
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
+        self.failover = Failover(self)
+        self.repairs = Repairs(self)
         self.role.on_change(self._role_changed)
         self.durable = durable.Durable(self, files) if files is not None else None
 
@@ -98,7 +104,7 @@ class Controller(Loop):
         path (dispatch) takes the request."""
         op = req[0]
         if op == m.OP_ATOMIC:
-            if self.role.is_secondary:
+            if not self.role.writable:     # a secondary, a fenced primary: refused by the general path
                 return False
             try:
                 return self.txns.fast_atomic(sess, req)
@@ -153,7 +159,7 @@ class Controller(Loop):
             self.txns.cancel(txn, "client_gone")
 
     def batch_pending(self) -> bool:
-        return bool(self.commits.queue)
+        return bool(self.commits.queue) and not self.commits.paused
 
     def batch_work(self) -> bool:
         return self.commits.run_batch()

@@ -52,6 +52,8 @@ def status(ctl) -> dict:
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
                     "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak},
         "recovery": ctl.recovery,
+        "failover": ctl.failover.status(),
+        "repair": ctl.repairs.status(),
         "replication": _replication(ctl),
         "durability": ctl.durable.status() if ctl.durable is not None else None,
     }
@@ -68,7 +70,7 @@ def _replication(ctl) -> dict | None:
             x["lag"]["serials"] = behind[name]
         return st
     if role.is_secondary:
-        return {"role": "secondary", "primary": ctl.cfg.replication.primary if ctl.cfg.replication else None,
+        return {"role": "secondary", "primary": " or ".join(ctl.cfg.replication.primaries) if ctl.cfg.replication else None,
                 **ctl.applier.status(), "agent": ctl.agents.status(), "lag": secondary_lag(ctl)}
     return None
 
@@ -109,7 +111,7 @@ def hello(ctl, sess, version, name, pid=None):
     sess.name = str(name)[:64]
     sess.start = lib.apl_pid_start(sess.pid)
     sb = ctl.att.sb
-    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch, "role": ctl.role.name,
             "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
 
 

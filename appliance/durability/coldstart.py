@@ -15,8 +15,9 @@ holds data (every machine lost power, or was rebooted), it:
    BLOCK images, so the blocks come out as they were); a secondary's own
    records (the entries it applied, its block copies) are replayed the way
    it first applied them;
-4. sets the serial, transaction numbers, epoch and role where the files
-   end, publishes, and rebuilds the free lists as a restart does.
+4. sets the serial, transaction numbers, epoch and role (with the primary
+   a promoted appliance continues, the fork) where the files end,
+   publishes, and rebuilds the free lists as a restart does.
 
 A checkpoint found corrupt or incomplete part-way (a checksum, a missing
 end) is given up — the segments it was being laid into are removed — and
@@ -81,6 +82,7 @@ class _Replay:
         self.role = start.get("role")
         self.source_serial = start.get("source_serial", 0)
         self.source = start.get("source_instance", 0)
+        self.fork = (start.get("fork_instance", 0), start.get("fork_serial", 0))
         self.copied: bytearray | None = None
         self.records = 0
         self.entries = 0
@@ -123,8 +125,13 @@ class _Replay:
             self.source_serial, self.source = r.last, r.aux1
             self.entries += r.last - r.first + 1
         elif k == rec.KIND_COPY_BEGIN:
-            self.copied = bytearray((self.nbits + 7) // 8)
-            self.source_serial, self.source = r.first, r.aux1
+            blocks = r.doc().get("blocks")
+            if blocks is not None:    # a copy of some blocks (a rewind's, a repair's): the stream stays
+                from ..controller.apply import partial_copy
+                self.copied = partial_copy(blocks, self.nbits)
+            else:
+                self.copied = bytearray((self.nbits + 7) // 8)
+                self.source_serial, self.source = r.first, r.aux1
         elif k == rec.KIND_COPY_BLOCKS:
             if self.copied is None:
                 raise StopLog(f"record seq {r.seq}: copied blocks outside a copy")
@@ -134,10 +141,13 @@ class _Replay:
                 raise StopLog(f"record seq {r.seq}: the end of a copy that did not begin")
             wr.drop_uncopied(self.copied)
             self.copied = None
-            self.source_serial, self.source = r.last, r.aux1
+            if not r.doc().get("partial"):
+                self.source_serial, self.source = r.last, r.aux1
         elif k == rec.KIND_ROLE:
             doc = r.doc()
             self.role, self.epoch = doc.get("role", self.role), max(self.epoch, int(doc.get("epoch", 0)))
+            if "fork_instance" in doc:
+                self.fork = (doc["fork_instance"], doc.get("fork_serial", 0))
         elif k == rec.KIND_GAP:
             self.gap = {"after": r.first, "next": r.last, "seq": r.seq}
             raise StopLog(f"record seq {r.seq}: serials {r.first + 1}..{r.last - 1} never reached the files "
@@ -205,6 +215,7 @@ def cold_start(cfg: Config, log, d: LogDir):
                 wr.set_epoch(replay.epoch)
             if role in ROLES:
                 wr.att.sb.sb_role = ROLES[role]
+            wr.att.sb.sb_fork_instance, wr.att.sb.sb_fork_serial = replay.fork
             if replay.source or replay.source_serial:
                 wr.set_source(replay.source_serial, replay.source)
             wr.resume(replay.serial, replay.txn_next)

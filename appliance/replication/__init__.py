@@ -32,11 +32,13 @@ import time
 from .. import errors
 from .._os import logs, sdnotify
 from .._os.lifecycle import cancel_and_wait
+from .._os.logs import LogEvery, LogOnce
 from ..config import Config
 from ..store import changelog
 from ..store.reader import Reader
 from ..store.segment import Attachment
 from ..wire import messages as m
+from ..wire import replication as rp
 from . import link
 from .applier import Applier
 from .history import History
@@ -56,6 +58,11 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
     else:
         uvloop.run(coro)
+
+
+class RoleChanged(Exception):
+    """The appliance's role changed under the agent (a promote, a rejoin): it
+    asks the controller again and runs the other side (see run())."""
 
 
 async def _connect_controller(cfg: Config, role: str | None, log, wakeups: bool = False) -> link.ControlLink:
@@ -79,8 +86,10 @@ async def _connect_controller(cfg: Config, role: str | None, log, wakeups: bool 
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or logged.__name__)
                 log.warning("controller_unavailable_waiting", socket=path, error=f"controller socket {path}: {why}")
             await asyncio.sleep(0.2)
-        except errors.ApplianceError:
+        except errors.ApplianceError as exc:
             ctl.close()
+            if role is not None and exc.details.get("role") not in (None, role):
+                raise RoleChanged(exc.details["role"]) from None
             raise
 
 
@@ -96,6 +105,9 @@ class PrimaryAgent:
         self.serial = 0
         self._report_event = asyncio.Event()
         self.verify_tasks: set = set()
+        self.fork = ctl.info.get("fork")    # the primary this one was promoted from (recovery.py)
+        self.fencer: Fencer | None = None
+        self._fencing: set = set()          # epochs an OP_FENCE was sent for
         self.ready = False   # its relays run (READY=1 sent)
         self.wakeups: link.Wakeups | None = None   # the watch link's, while it is up
 
@@ -171,6 +183,25 @@ class PrimaryAgent:
     def report_soon(self) -> None:
         self._report_event.set()
 
+    def learnt_epoch(self, epoch, primary, peer: str) -> None:
+        """A peer refused this primary: another appliance is primary at
+        `epoch`. When that is newer than this one's, the controller fences
+        itself (OP_FENCE; once per epoch)."""
+        if type(epoch) is not int or epoch <= self.epoch or epoch in self._fencing:
+            return
+        self._fencing.add(epoch)
+        self.log.critical("deposed_primary_fencing", epoch=epoch, primary=primary, peer=peer, own_epoch=self.epoch)
+
+        async def fence() -> None:
+            try:
+                await self.ctl.call([m.OP_FENCE, epoch, primary if isinstance(primary, str) else None])
+            except errors.ApplianceError as exc:
+                self._fencing.discard(epoch)
+                self.log.error("fence_failed", epoch=epoch, error=str(exc))
+        t = asyncio.get_running_loop().create_task(fence())
+        self.verify_tasks.add(t)
+        t.add_done_callback(self.verify_tasks.discard)
+
     def acked(self, name: str, serial: int) -> None:
         """Pass a secondary's "backup complete" to the controller at once: it
         releases the synchronous commits waiting for it. Stored in the shared
@@ -230,18 +261,26 @@ class PrimaryAgent:
         tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
-        ready(f"streaming to {', '.join(r.name for r in self.relays)}")
+        if self.cfg.replication.listen and self.fork:
+            # promoted: where its old primary streams to, it says who is primary now
+            self.fencer = Fencer(self)
+        ready(f"streaming to {', '.join(r.name for r in self.relays) or 'no secondary'}")
         self.ready = True
         self.log.info("agent_started", role="primary", secondaries=[r.name for r in self.relays],
-                      serial=self.serial)
+                      serial=self.serial, epoch=self.epoch)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 if t.exception():
                     raise t.exception()
         finally:
+            if self.fencer is not None:
+                self.fencer.close()
             self._use_wakeups(None)
             await cancel_and_wait([*tasks, *self.verify_tasks])
+            self.ctl.close()
+            self.watch_ctl.close()
+            self.att.close()
 
     async def _watch(self) -> None:
         """Long-poll the controller for what operators ask of the agent
@@ -274,6 +313,10 @@ class PrimaryAgent:
                 t = asyncio.create_task(self._verify(vid))
                 self.verify_tasks.add(t)
                 t.add_done_callback(self.verify_tasks.discard)
+            for ask in b.get("asks", ()) or ():
+                t = asyncio.create_task(self._answer(ask))
+                self.verify_tasks.add(t)
+                t.add_done_callback(self.verify_tasks.discard)
 
     async def _report(self) -> None:
         """Send the secondaries' whole state to the controller (shown by
@@ -299,6 +342,25 @@ class PrimaryAgent:
             except errors.UnavailableError:
                 await asyncio.sleep(0.05)
 
+    async def _answer(self, ask) -> None:
+        """An operator's request the controller passes on (repair.py: the
+        images of some blocks from a secondary)."""
+        answer: dict = {"error": f"unknown request {ask!r:.100}"}
+        if isinstance(ask, dict) and ask.get("kind") == "fetch":
+            relay = next((r for r in self.relays if r.name == ask.get("secondary")), None)
+            try:
+                if relay is None:
+                    raise errors.UnavailableError(f"no secondary {ask.get('secondary')!r}")
+                body = await relay.fetch(ask.get("blocks") or [])
+                answer = {"serial": body.get("serial"), "images": body.get("images")}
+            except (errors.ApplianceError, asyncio.TimeoutError, OSError) as exc:
+                answer = {"error": str(exc) or type(exc).__name__}
+        try:
+            await self.ctl.call([m.OP_REPL_STATE, {"answer": {"id": ask.get("id") if isinstance(ask, dict) else None,
+                                                              **answer}}])
+        except errors.UnavailableError:
+            pass
+
     async def _verify(self, vid: int) -> None:
         results = {}
 
@@ -323,6 +385,64 @@ class PrimaryAgent:
             pass
 
 
+class Fencer:
+    """A promoted primary's listener at the address it listened at as a
+    secondary (``replication.listen``): a deposed primary that still streams
+    there is authenticated as a secondary would, then refused with this
+    appliance's newer epoch and name (APL_ESTALE), so it fences itself
+    ([0126]: no two primaries). A primary at a newer epoch than this one
+    deposes this one instead."""
+
+    def __init__(self, agent: PrimaryAgent) -> None:
+        from .applier import Listener, _addr
+        self.agent = agent
+        self.errs = LogOnce(agent.log)
+        self.refused = LogEvery(agent.log, 10.0)
+        self.tls = link.tls_context(agent.cfg, server=True)
+        host, port = _addr(agent.cfg.replication.listen)
+        try:
+            self.server = Listener(host, port, self._accept)
+        except OSError as exc:
+            self.server = None
+            agent.log.warning("fencing_listener_failed", address=agent.cfg.replication.listen, error=str(exc))
+            return
+        agent.log.info("fencing_listener", address=agent.cfg.replication.listen, epoch=agent.epoch)
+
+    async def _accept(self, sock, peer) -> None:
+        a = self.agent
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls)
+        except (OSError, asyncio.TimeoutError):
+            sock.close()
+            return
+        fs = link.FrameStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop),
+                              max_frame=link.HANDSHAKE_MAX_FRAME)
+        try:
+            epoch, hello = await link.secondary_handshake(fs, a.cfg, files=a.files, secret=a.secret,
+                                                          epoch_seen=a.epoch, current=a.cfg.name)
+            if epoch > a.epoch:
+                a.learnt_epoch(epoch, hello.get("name"), fs.peer)
+            fs.send(rp.message(rp.ERROR, a.epoch, 0, {
+                "code": "APL_ESTALE", "epoch": a.epoch, "primary": a.cfg.name,
+                "message": f"{a.cfg.name!r} is the primary at epoch {a.epoch} (a failover); "
+                           f"{hello.get('name')!r} at epoch {epoch} is not"}))
+            await fs.drain()
+            self.refused.warning("deposed_primary_refused", hello.get("name"), peer=fs.peer, its_epoch=epoch)
+        except errors.StaleEpochError as exc:
+            self.refused.warning("deposed_primary_refused", "stale", peer=fs.peer, error=str(exc))
+        except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
+            self.errs.error("fencing_link_refused", type(exc).__name__, peer=fs.peer, error=str(exc))
+        finally:
+            fs.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
 class SecondaryAgent:
     def __init__(self, cfg: Config, log, ctl: link.ControlLink) -> None:
         self.cfg = cfg
@@ -336,7 +456,7 @@ class SecondaryAgent:
         """STATUS= of the unit: the link from the primary and how far behind it this side is."""
         a = self.applier
         behind = f", {max(0, a.primary_serial - a.applied)} serials behind" if a.primary_serial else ""
-        return (f"listening at {self.cfg.replication.listen} for {self.cfg.replication.primary}: "
+        return (f"listening at {self.cfg.replication.listen} for {' or '.join(self.cfg.replication.primaries)}: "
                 f"{a.state.value}, applied {a.applied}{behind}")
 
     def reconfigure(self, cfg: Config) -> None:
@@ -360,12 +480,14 @@ class SecondaryAgent:
                                          log=self.log)
         applier = self.applier = Applier(self.cfg, ctl, self.log, history, files)
         await applier.start()
-        ready(f"listening at {rc.listen} for {rc.primary}")
+        ready(f"listening at {rc.listen} for {' or '.join(rc.primaries)}")
+        self.log.info("agent_started", role="secondary", primary=" or ".join(rc.primaries), applied=applier.applied,
+                      epoch=applier.epoch_seen)
         self.ready = True
-        self.log.info("agent_started", role="secondary", primary=rc.primary, applied=applier.applied)
+        asks = asyncio.create_task(self._asks(), name="asks")
         try:
             while True:
-                await asyncio.sleep(self.cfg.replication.heartbeat)
+                await _wait_or_fail(asks, self.cfg.replication.heartbeat)
                 try:
                     await ctl.call([m.OP_REPL_STATE, applier.report()])
                 except errors.UnavailableError:
@@ -373,7 +495,7 @@ class SecondaryAgent:
                     if applier.current is not None:
                         applier.current.close()
                     ctl.close()
-                    ctl = await _connect_controller(self.cfg, "secondary", self.log)
+                    ctl = self.ctl = await _connect_controller(self.cfg, "secondary", self.log)
                     applier.ctl = ctl
                     applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
                     applier.copying = bool(ctl.info.get("copying"))
@@ -381,8 +503,41 @@ class SecondaryAgent:
                 if time.monotonic() - history.last_spill > 5:
                     history.spill()
         finally:
+            await cancel_and_wait([asks])
             history.spill()
-            applier.server.close()
+            applier.close()
+            ctl.close()
+
+    async def _asks(self) -> None:
+        """Operator requests the controller passes on (recovery.py): they
+        come in a WATCH long poll of their own; each is answered with
+        OP_REPL_STATE {"answer": ...}."""
+        watch = await _connect_controller(self.cfg, "secondary", self.log)
+        try:
+            while True:
+                try:
+                    b = await watch.call([m.OP_WATCH, 1 << 62, 30.0])
+                except errors.UnavailableError:
+                    watch.close()
+                    watch = await _connect_controller(self.cfg, "secondary", self.log)
+                    continue
+                for ask in b.get("asks", ()) or ():
+                    answer = await self.applier.answer(ask)
+                    try:
+                        await self.ctl.call([m.OP_REPL_STATE, {"answer": {"id": ask.get("id"), **answer}}])
+                    except errors.UnavailableError:
+                        pass
+        finally:
+            watch.close()
+
+
+async def _wait_or_fail(task: asyncio.Task, seconds: float) -> None:
+    """Sleep `seconds`, or less if `task` ends: its exception (RoleChanged
+    ...) is raised here; a task that ends without one is a bug."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        exc = task.exception()
+        raise exc if exc is not None else RuntimeError(f"agent task {task.get_name()} ended")
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
@@ -418,16 +573,24 @@ def run(config_path: str, *, log_json: bool | None = None, log_level: str | None
 
     async def start() -> None:
         """Ask the controller which role the appliance has (it owns the role:
-        a failover changes it there), then run that side of replication."""
-        first = await _connect_controller(cfg, None, log)
-        role = first.info["role"]
-        if role not in ("primary", "secondary"):
-            first.close()
-            raise errors.ConfigError(f"{cfg.path}: appliance {cfg.name!r} is {role}: nothing for an agent to do",
-                                     file=str(cfg.path), key="replication.role", problem=role)
-        kind = PrimaryAgent if role == "primary" else SecondaryAgent
-        agent = agents["agent"] = kind(agents.get("cfg", cfg), log.bind(role=role), first)
-        await agent.run(lambda status: notifier.ready(status))
+        a failover changes it there), then run that side of replication;
+        when the role changes (promote, rejoin), ask again and run the other."""
+        while True:
+            first = await _connect_controller(cfg, None, log)
+            role = first.info["role"]
+            if role not in ("primary", "secondary"):
+                first.close()
+                raise errors.ConfigError(f"{cfg.path}: appliance {cfg.name!r} is {role}: nothing for an agent to do",
+                                         file=str(cfg.path), key="replication.role", problem=role)
+            kind = PrimaryAgent if role == "primary" else SecondaryAgent
+            agent = agents["agent"] = kind(agents.get("cfg", cfg), log.bind(role=role), first)
+            try:
+                await agent.run(lambda status: notifier.ready(status))
+                return
+            except RoleChanged as exc:
+                agents["cfg"] = agent.cfg
+                agents.pop("agent", None)
+                log.warning("agent_role_changed", **{"from": role, "to": str(exc)})
 
     def reload() -> None:
         sdnotify.reloading()

@@ -7,7 +7,9 @@ The newest part is in memory; when that exceeds ``history_memory`` (or every
 few seconds) it is spilled to an lz4-compressed file in ``history_dir``:
 ``history-<first serial>-<last serial>.lz4``, each holding change-log entries
 back to back (format of cext/apl_layout.h, A images left out unless
-``history_a_logs``, BLOCK images left out: they are structure, not data).
+``history_a_logs``; a BLOCK entry is kept without its image — structure,
+not data — so the serials have no gap and a rewind after a failover knows
+which block numbers changed structure: see controller/recovery.py).
 Files older than ``history_period`` are deleted; past ``history_disk`` the
 oldest are deleted too, with a warning from 80% on.
 
@@ -31,7 +33,7 @@ __all__ = ["History"]
 
 _FILE = re.compile(r"^history-(\d{20})-(\d{20})\.lz4$")
 _KEEP = {lib.APL_CE_BEGIN, lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_DELETE,
-         lib.APL_CE_COMMIT, lib.APL_CE_CANCEL}
+         lib.APL_CE_COMMIT, lib.APL_CE_CANCEL, lib.APL_CE_BLOCK}
 
 
 def _strip(blob: bytes, keep_a: bool, after: int = 0) -> tuple[bytes, int, int]:

@@ -27,7 +27,7 @@ from ..wire import messages as m
 from ..wire import replication as rp
 
 __all__ = ["FrameStream", "tls_context", "connect_peer", "primary_handshake", "secondary_handshake",
-           "ControlLink", "Wakeups", "AuthError"]
+           "rewind", "refusal", "ControlLink", "Wakeups", "AuthError"]
 
 HANDSHAKE_TIMEOUT = 10.0
 HANDSHAKE_MAX_FRAME = 64 << 10   # 256 files of the longest names in a HELLO take about 25 KiB
@@ -166,33 +166,47 @@ async def connect_peer(address: str, ctx: ssl.SSLContext | None, timeout: float 
     return FrameStream(reader, writer, max_frame=HANDSHAKE_MAX_FRAME)
 
 
-def _refuse(fs: FrameStream, epoch: int, code: str, message: str) -> None:
+def _refuse(fs: FrameStream, sender_epoch: int, code: str, message: str, **extra) -> None:
     try:
-        fs.send(rp.message(rp.ERROR, epoch, 0, {"code": code, "message": message}))
+        fs.send(rp.message(rp.ERROR, sender_epoch, 0, {"code": code, "message": message, **extra}))
     except Exception:
         pass
 
 
-def _check_peer(fs: FrameStream, epoch: int, name, expected: str, role: str, ours: str) -> None:
-    """The peer is the configured one: by the name it gives and, over TLS, by
-    its certificate's common name. Else refuse (ERROR to it) and raise."""
-    if name != expected:
-        _refuse(fs, epoch, "APL_EACCESS", f"{ours} {expected!r}")
-        raise AuthError(f"{fs.peer} is {name!r}, not the configured {role} {expected!r}")
+def _check_peer(fs: FrameStream, epoch: int, name, expected, role: str, ours: str) -> str:
+    """The peer is a configured one (`expected`: a name, or a tuple of the
+    names accepted): by the name it gives and, over TLS, by its
+    certificate's common name. Else refuse (ERROR to it) and raise."""
+    names = (expected,) if isinstance(expected, str) else tuple(expected)
+    shown = " or ".join(repr(n) for n in names)
+    if name not in names:
+        _refuse(fs, epoch, "APL_EACCESS", f"{ours} {shown}")
+        raise AuthError(f"{fs.peer} is {name!r}, not the configured {role} {shown}")
     cert = fs.peer_cert_name
-    if cert is not None and cert != expected:
+    if cert is not None and cert != name:
         _refuse(fs, epoch, "APL_EACCESS", "certificate name does not match")
-        raise AuthError(f"{fs.peer}: its certificate is for {cert!r}, not {expected!r}")
+        raise AuthError(f"{fs.peer}: its certificate is for {cert!r}, not {name!r}")
+    return name
 
 
-async def _expect(fs: FrameStream, kind: int, what: str):
-    k, epoch, serial, ts, body = rp.parse(await fs.recv(HANDSHAKE_TIMEOUT))
-    if k == rp.ERROR and isinstance(body, dict):
-        raise errors.error_for(str(body.get("code", "APL_EPROTO")),
-                               f"{fs.peer} refused the link: {body.get('message', '?')}")
-    if k != kind or not isinstance(body, dict):
-        raise errors.ProtocolError(f"{fs.peer}: expected {what}, got message type {k}")
-    return epoch, serial, body
+def refusal(body: dict, peer: str, what: str = "refused the link") -> errors.ApplianceError:
+    """The error an ERROR message stands for; a stale-epoch refusal carries
+    the epoch the peer follows and its primary, when it says them."""
+    extra = {k: body[k] for k in ("epoch", "primary") if type(body.get(k)) in (int, str)}
+    return errors.error_for(str(body.get("code", "APL_EPROTO")), f"{peer} {what}: {body.get('message', '?')}",
+                            **extra)
+
+
+async def _expect(fs: FrameStream, kind: int, what: str, timeout: float = HANDSHAKE_TIMEOUT):
+    while True:
+        k, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
+        if k == rp.ERROR and isinstance(body, dict):
+            raise refusal(body, fs.peer)
+        if k == rp.HEARTBEAT and kind != rp.HEARTBEAT:
+            continue     # a peer's heartbeats go on while it works on what was asked
+        if k != kind or not isinstance(body, dict):
+            raise errors.ProtocolError(f"{fs.peer}: expected {what}, got message type {k}")
+        return epoch, serial, body
 
 
 def files_of(att) -> list:
@@ -201,6 +215,15 @@ def files_of(att) -> list:
     files = ffi.cast("struct apl_file *", att.meta.ptr + sb.sb_files_off)
     return [[ffi.string(files[i].fl_name).decode(), files[i].fl_root, files[i].fl_meta]
             for i in range(sb.sb_nfiles)]
+
+
+async def rewind(fs: FrameStream, epoch: int, serial: int, timeout: float = 600.0) -> dict:
+    """The primary's side of a rewind after a failover: REWIND to the fork
+    serial, then the secondary's REWOUND (ok, applied, transactions, blocks)."""
+    fs.send(rp.message(rp.REWIND, epoch, serial, {"serial": serial}))
+    await fs.drain()
+    _, _, body = await _expect(fs, rp.REWOUND, "REWOUND", timeout)
+    return body
 
 
 async def primary_handshake(fs: FrameStream, cfg: Config, secondary, *, instance: int, epoch: int,
@@ -229,33 +252,38 @@ async def primary_handshake(fs: FrameStream, cfg: Config, secondary, *, instance
 
 
 async def secondary_handshake(fs: FrameStream, cfg: Config, *, files: list, secret: bytes | None,
-                              epoch_seen: int) -> tuple[int, dict]:
+                              epoch_seen: int, current: str | None = None) -> tuple[int, dict]:
     """The secondary's side; returns (the primary's epoch, its HELLO body).
-    Refuses (ERROR, then AuthError/StaleEpochError/FormatError) anything else."""
+    Refuses (ERROR, then AuthError/StaleEpochError/FormatError) anything else.
+    `current`: the primary it follows at `epoch_seen`, named in a stale
+    primary's refusal (the deposed primary fences itself on it)."""
     rc = cfg.replication
     epoch, serial, hello = await _expect(fs, rp.HELLO, "HELLO")
     if hello.get("version") != rp.PROTOCOL_VERSION:
         _refuse(fs, epoch_seen, "APL_EPROTO", f"protocol version {hello.get('version')!r} is not supported")
         raise errors.ProtocolError(f"{fs.peer}: protocol version {hello.get('version')!r}")
-    _check_peer(fs, epoch_seen, hello.get("name"), rc.primary, "primary", "this secondary follows")
+    primary = _check_peer(fs, epoch_seen, hello.get("name"), rc.primaries, "primary", "this secondary follows")
     n_p = hello.get("nonce")
     if not isinstance(n_p, bytes) or len(n_p) != 32:
         _refuse(fs, epoch_seen, "APL_EPROTO", "bad nonce")
         raise errors.ProtocolError(f"{fs.peer}: bad nonce")
     n_s = rp.nonce()
-    mac = rp.mac(secret, "secondary", n_p, n_s, rc.primary, cfg.name) if secret is not None else b""
+    mac = rp.mac(secret, "secondary", n_p, n_s, primary, cfg.name) if secret is not None else b""
     fs.send(rp.message(rp.CHALLENGE, epoch_seen, 0, {"name": cfg.name, "nonce": n_s, "mac": mac}))
     await fs.drain()
     _, _, auth = await _expect(fs, rp.AUTH, "AUTH")
-    if secret is not None and not rp.mac_ok(rp.mac(secret, "primary", n_s, n_p, rc.primary, cfg.name),
+    if secret is not None and not rp.mac_ok(rp.mac(secret, "primary", n_s, n_p, primary, cfg.name),
                                             auth.get("mac")):
         _refuse(fs, epoch_seen, "APL_EACCESS", "authentication failed")
-        raise AuthError(f"{fs.peer}: primary {rc.primary!r} failed authentication (shared secret)")
+        raise AuthError(f"{fs.peer}: primary {primary!r} failed authentication (shared secret)")
     fs.allow_frames(MAX_FRAME)
     # only now, authenticated, do the peer's claims count
     if epoch < epoch_seen:
-        _refuse(fs, epoch_seen, "APL_ESTALE", f"epoch {epoch} is older than {epoch_seen}, already seen")
-        raise errors.StaleEpochError(f"{fs.peer}: primary epoch {epoch} < {epoch_seen}: a deposed primary")
+        who = f" (primary {current!r})" if current and current != primary else ""
+        _refuse(fs, epoch_seen, "APL_ESTALE", f"epoch {epoch} is older than {epoch_seen}{who}, already seen",
+                epoch=epoch_seen, **({"primary": current} if current else {}))
+        raise errors.StaleEpochError(f"{fs.peer}: primary {primary!r} at epoch {epoch} < {epoch_seen}: a deposed "
+                                     "primary")
     if hello.get("fingerprint") != cfg.replication_fingerprint() or hello.get("files") != files:
         _refuse(fs, epoch_seen, "APL_EGEOMETRY",
                 "block size, tables or record format differ from this secondary's")

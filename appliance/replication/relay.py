@@ -86,6 +86,11 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+        self.repair: set[int] = set()  # block numbers to copy to it (a rewind's, a repair's)
+        self.fs = None                # the link while it is up
+        self.fetches: dict[int, asyncio.Future] = {}   # FETCH id -> its BLOCKS
+        self._fetch_seq = 0
+        self.rewinds = 0              # rewinds after a failover (status)
         self.backlog: list[bytes] = []   # entries from the log files, sent before the ring's (see _seek)
 
     def reconfigure(self, sec) -> None:
@@ -105,7 +110,8 @@ class Relay:
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state.value,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
-                "warning": self.warning, "attempts": self.attempts}
+                "warning": self.warning, "attempts": self.attempts, "rewinds": self.rewinds,
+                "repair_pending": len(self.repair)}
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -122,6 +128,8 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError, NeedCopy) as exc:
+                if isinstance(exc, errors.StaleEpochError):
+                    self.agent.learnt_epoch(exc.details.get("epoch"), exc.details.get("primary"), self.name)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if not self.connected:
                     self.attempts += 1
@@ -147,13 +155,18 @@ class Relay:
             if type(applied) is not int or type(source) is not int:
                 raise errors.ProtocolError(f"{fs.peer}: malformed START")
             self.connected = True
+            self.fs = fs
             self.last_error = None
             self.attempts = 0
             self.errs.clear()
             self.ack_errs.clear()
             self.last_heard = time.monotonic()
             self.log.info("secondary_connected", peer=fs.peer, applied=applied, follows=source)
-            need_copy = bool(start.get("copy")) or source != a.instance
+            repair = start.get("repair")
+            self.repair = {n for n in repair if type(n) is int} if type(repair) is list else set()
+            need_copy = bool(start.get("copy"))
+            if not need_copy and source != a.instance:
+                applied, need_copy = await self._lineage(fs, applied, source)
             if not need_copy:
                 try:
                     self._seek(applied)
@@ -173,9 +186,54 @@ class Relay:
                     raise exc
         finally:
             fs.close()
+            self.fs = None
+            for fut in self.fetches.values():
+                if not fut.done():
+                    fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
             for fut in self.verify_waiters.values():
                 if not fut.done():
                     fut.set_exception(errors.UnavailableError(f"secondary {self.name!r} disconnected"))
+
+    async def _lineage(self, fs, applied: int, source: int) -> tuple[int, bool]:
+        """A secondary that follows another primary than this one: if that is
+        the primary this one was promoted from (the fork: its instance and
+        the last serial of it held here) and the secondary is at or past
+        the fork serial, it rewinds to the fork and follows this primary from
+        there (what it holds past the fork is undone, the blocks that cannot
+        be undone are copied: self.repair). Else it needs a copy.
+        Returns (the serial to stream from, need_copy)."""
+        fork = self.agent.fork
+        if not fork or source != fork["instance"] or applied < fork["serial"]:
+            return applied, True
+        serial = fork["serial"]
+        if applied > serial:
+            self.log.warning("secondary_past_fork_rewinding", applied=applied, fork_serial=serial)
+        body = await link.rewind(fs, self.agent.epoch, serial)
+        blocks = body.get("blocks")
+        if not body.get("ok") or type(blocks) is not list:
+            self.log.warning("secondary_rewind_refused", reason=str(body.get("reason")), fork_serial=serial)
+            return applied, True
+        self.repair |= {n for n in blocks if type(n) is int}
+        self.rewinds += 1
+        self.log.info("secondary_rewound", fork_serial=serial, transactions=body.get("transactions"),
+                      blocks=len(blocks))
+        return serial, False
+
+    async def fetch(self, blocks: list[int], timeout: float = 30.0) -> dict:
+        """The images of `blocks` from this secondary (FETCH, then its BLOCKS:
+        serial, images), to repair the primary's own blocks."""
+        if self.fs is None or self.state is not RelayState.STREAMING:
+            raise errors.UnavailableError(f"secondary {self.name!r} is not streaming")
+        self._fetch_seq += 1
+        fid = self._fetch_seq
+        fut = asyncio.get_running_loop().create_future()
+        self.fetches[fid] = fut
+        try:
+            self.fs.send(rp.message(rp.FETCH, self.agent.epoch, self.sent, {"id": fid, "blocks": blocks}))
+            await self.fs.drain()
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.fetches.pop(fid, None)
 
     def _seek(self, applied: int) -> None:
         """Position the stream right after serial `applied`."""
@@ -252,6 +310,7 @@ class Relay:
 
     async def _write(self, fs, need_copy: bool) -> None:
         if need_copy:
+            self.repair.clear()    # a whole copy carries every block
             await self._copy(fs)
         self.set_state(RelayState.STREAMING)
         self.quiet, self.ticked = True, False
@@ -278,7 +337,12 @@ class Relay:
                 await self._send_verify(fs)
             if self.force_copy:
                 self.force_copy = False
+                self.repair.clear()
                 await self._copy(fs)
+                self.set_state(RelayState.STREAMING)
+            if self.repair:
+                blocks, self.repair = sorted(self.repair), set()
+                await self._copy(fs, blocks)
                 self.set_state(RelayState.STREAMING)
             try:
                 blob = None if self.holding() else self._export_now()
@@ -347,20 +411,32 @@ class Relay:
         fs.send(rp.message(rp.VERIFY, a.epoch, self.sent, {"id": vid, "sums": sums, "serial": self.sent}))
         await fs.drain()
 
-    async def _copy(self, fs) -> None:
-        """Copy every block while the primary keeps processing."""
+    async def _copy(self, fs, blocks: list[int] | None = None) -> None:
+        """Copy every block while the primary keeps processing; with `blocks`,
+        those numbers only (a rewind's or a repair's), from where the stream
+        is (the secondary's other blocks are right and take the stream)."""
         a = self.agent
         self.set_state(RelayState.COPYING)
         t0 = time.monotonic()
         pin, version, serial = a.pin_with_serial()
         try:
             limit = a.reader.block_limit()
-            self._seek(serial)  # the copy starts at this stream position
+            if blocks is None:
+                self._seek(serial)  # the copy starts at this stream position
+            else:
+                # a copy of some blocks starts where the stream is: after a rewind, before any
+                # entry (the blocks it names are not consistent until their images come)
+                serial = self.sent
         finally:
             pin.close()
-        fs.send(rp.message(rp.COPY_BEGIN, a.epoch, serial, {"limit": limit, "serial": serial}))
-        self.copy = {"blocks": 0, "total": limit, "bytes": 0, "rate_mb_s": 0.0, "eta_s": None}
-        self.log.info("copy_started", blocks=limit, serial=serial)
+        begin = {"limit": limit, "serial": serial}
+        if blocks is not None:
+            begin["blocks"] = blocks
+        total = limit if blocks is None else len(blocks)
+        fs.send(rp.message(rp.COPY_BEGIN, a.epoch, serial, begin))
+        self.copy = {"blocks": 0, "total": total, "bytes": 0, "rate_mb_s": 0.0, "eta_s": None,
+                     "partial": blocks is not None}
+        self.log.info("copy_started", blocks=total, serial=serial, partial=blocks is not None)
         n = 0
         sent_bytes = 0
         while True:
@@ -371,10 +447,16 @@ class Relay:
                     if blob is None:
                         break
                     self._send_entries(fs, blob)
-                limit = max(limit, a.reader.block_limit())
-                if n >= limit:
-                    break
-                batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
+                if blocks is None:
+                    limit = max(limit, a.reader.block_limit())
+                    if n >= limit:
+                        break
+                    batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
+                else:
+                    if n >= total:
+                        break
+                    batch, n = a.reader.images_of(blocks, n, version, COPY_BATCH)
+                    limit = total
                 size = len(batch)
             finally:
                 pin.close()
@@ -431,12 +513,23 @@ class Relay:
                 applied = body.get("applied") if isinstance(body, dict) else None
                 if type(applied) is int and applied > self.acked and self.state is RelayState.STREAMING:
                     self._acked(applied)   # a heartbeat carries the applied serial too
+            elif kind == rp.BLOCKS:
+                fut = self.fetches.get(body.get("id")) if isinstance(body, dict) else None
+                if fut is not None and not fut.done():
+                    fut.set_result(body)
+            elif kind == rp.REPAIR:
+                blocks = body.get("blocks") if isinstance(body, dict) else None
+                if type(blocks) is not list:
+                    raise errors.ProtocolError(f"{fs.peer}: malformed REPAIR")
+                self.repair |= {n for n in blocks if type(n) is int and n >= 0}
+                self.log.warning("secondary_asked_repair", blocks=len(blocks))
+                self.wake.set()
             elif kind == rp.VERIFY_RESULT:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():
                     fut.set_result(body)
             elif kind == rp.ERROR:
-                raise errors.error_for(str(body.get("code", "APL_EPROTO")),
-                                       f"{fs.peer}: {body.get('message', 'error')}")
+                raise link.refusal(body if isinstance(body, dict) else {}, fs.peer, "ended the link")
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
+

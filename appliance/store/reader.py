@@ -29,6 +29,7 @@ _KEYS = lib.APL_SCAN_KEYS
 _MAXKEY = lib.APL_MAX_KEY
 _SCAN_CHUNK = 256 << 10
 _SUM = struct.Struct("<IQ")
+_IMAGE_HDR = struct.Struct("<II")
 _LEN = struct.Struct("<I")
 
 
@@ -262,6 +263,18 @@ class Reader:
         n = lib.apl_block_images(self.view, start, limit, version, buf, cap, nxt)
         check(n, "block images")
         return bytes(ffi.buffer(buf, n)), nxt[0]
+
+    def images_of(self, numbers: list[int], start: int, version: int, cap: int) -> tuple[bytes, int]:
+        """Images of numbers[start:] at a pinned version, as block_images
+        writes them (a number not in use: length 0), up to about `cap` bytes
+        (at least one); returns (them, the index to go on from)."""
+        out = bytearray()
+        i = start
+        while i < len(numbers) and (len(out) < cap or i == start):
+            img = self.block_image(numbers[i], version) or b""
+            out += _IMAGE_HDR.pack(numbers[i], len(img)) + img
+            i += 1
+        return bytes(out), i
 
     def block_limit(self) -> int:
         return lib.apl_block_limit(self.view)

@@ -103,6 +103,11 @@ OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
 OP_RESYNC = 23
 OP_CHECKPOINT = 24
+OP_PROMOTE = 25
+OP_FENCE = 26
+OP_REJOIN = 27
+OP_CHECK = 28
+OP_REPAIR = 29
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -110,6 +115,10 @@ OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
 OP_WAKEUPS = 37
+OP_REWIND = 38
+OP_EPOCH = 39
+OP_IMAGES = 40
+OP_DEVICES = 41
 
 #: the most replies a client leaves unread on one connection (flow control of pipelined
 #: statements); the controller stops reading only a session with more requests queued
@@ -151,7 +160,7 @@ _R = Request
 #: every request: what it takes, what it answers
 REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_HELLO, ("version", "name", "pid?"),
-       "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
+       "map: name, instance, epoch, role, schema_hash, pid, version. `pid`: the client's own; a pid other than "
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
     _R(OP_BEGIN, ("program", "input", "options?"),
@@ -175,8 +184,20 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
     _R(OP_CHECKPOINT, (), "map: number, dir (a checkpoint begins, or the one running goes on; status "
        "durability.checkpoint shows its progress, durability.last_checkpoint the last one written)"),
+    _R(OP_PROMOTE, ("options",), "map: epoch, serial, previous primary, what was drained and dropped (a "
+       "secondary becomes the primary; options: {drain_timeout}; see controller/recovery.py)"),
+    _R(OP_FENCE, ("epoch", "primary"), "map: fenced, epoch, by (a primary learns that `primary` (or nil) is "
+       "primary at a newer `epoch`: it takes no writes from then on)"),
+    _R(OP_REJOIN, ("options",), "map: role, serial, follows, history_from (a fenced or deposed primary becomes "
+       "a secondary of the new primary; options: {} for now)"),
+    _R(OP_CHECK, (), "map: checked, damaged ([{block, file, devices}]: blocks whose content no longer matches "
+       "its checksum), version, seconds"),
+    _R(OP_REPAIR, ("options",), "map: blocks, repaired, failed, source, seconds (options: {blocks | table | "
+       "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
+    _R(OP_DEVICES, (), "list: per device segment index, name, state, size, slots, used, free, blocks, damaged, "
+       "bytes"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
-       "needs_copy (role: the one the agent expects, or nil to be told)"),
+       "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
        'an operator asked something of the agent, or at the timeout: head, tail, serial, version, "verify": '
        'ids operators asked for, "resync": secondaries to copy again', agent=True),
@@ -189,6 +210,14 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        '"blocks" or "end")', agent=True),
     _R(OP_BLOCK_SUMS, (), "map: version, serial, limit, sums (bytes: u32 number + u64 checksum each)",
        agent=True),
+    _R(OP_REWIND, ("serial", "entries", "source"), "map: applied, transactions, blocks (a secondary undoes "
+       "what it holds past `serial` from its B logs: `entries` from its log history, or nil: its own change "
+       "log; then follows primary instance `source` from `serial`; `blocks`: numbers to copy from it)",
+       agent=True),
+    _R(OP_IMAGES, ("blocks",), "map: serial, images (a secondary: the images of those blocks at its applied "
+       "serial, apl_block_images format; its primary repairs from them)", agent=True),
+    _R(OP_EPOCH, ("epoch",), "nil (a secondary accepted a stream at this newer epoch: it keeps it and "
+       "refuses older ones from then on)", agent=True),
 )}
 del _R
 
@@ -208,8 +237,8 @@ def _table(requests) -> str:
     return "\n".join(lines)
 
 
-__doc__ = __doc__.replace("{client_requests}", _table(r for r in REQUESTS.values() if r.op < OP_AGENT)) \
-                 .replace("{agent_requests}", _table(r for r in REQUESTS.values() if r.op >= OP_AGENT))
+__doc__ = __doc__.replace("{client_requests}", _table(r for r in REQUESTS.values() if not r.agent and r.op != OP_AGENT)) \
+                 .replace("{agent_requests}", _table(r for r in REQUESTS.values() if r.agent or r.op == OP_AGENT))
 
 
 #: the longest commit_timeout accepted (seconds)

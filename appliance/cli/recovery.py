@@ -1,0 +1,125 @@
+"""Failover for operators and automation: promote, rejoin, fence.
+
+Each function talks to the appliance's running controller (the work is
+done there: appliance/controller/recovery.py) and returns what it reports,
+so tests and scripts call them as the ``appliance`` subcommands do; they
+raise the typed errors of :mod:`appliance.errors`. The subcommands
+(appliance/cli/__main__.py) add the confirmation, the progress bar and the
+human or ``--json`` output.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .. import errors
+from ..client.session import Session
+from ..config import Config, load
+from ..wire import messages as m
+
+__all__ = ["promote", "rejoin", "fence", "rejoin_progress", "check", "repair"]
+
+
+def _config(config) -> Config:
+    return config if isinstance(config, Config) else load(config)
+
+
+def _call(cfg: Config, req: list, what: str, timeout: float):
+    s = Session(str(cfg.socket_path), cfg.name, name=f"appliance-{what}", timeout=timeout)
+    try:
+        s.connect()
+        return s.call(req, what)
+    finally:
+        s.close()
+
+
+def promote(config, *, drain_timeout: float = 5.0) -> dict:
+    """Make the secondary of `config` the primary (see OP_PROMOTE): it applies
+    every whole transaction it received, drops one received in part, and
+    takes writes at a new epoch as soon as this returns."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_PROMOTE, {"drain_timeout": drain_timeout}], "promote", drain_timeout + 30)
+
+
+def fence(config, epoch: int, primary: str | None = None) -> dict:
+    """Tell the primary of `config` that `primary` is primary at `epoch`
+    (newer than its own): it takes no writes from then on."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_FENCE, epoch, primary], "fence", 30)
+
+
+def check(config) -> dict:
+    """Every block of `config`'s appliance against its checksum (no peer):
+    checked, damaged ([{block, file, devices}]), version."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_CHECK], "check", 600)
+
+
+def repair(config, *, blocks: list[int] | None = None, table: str | None = None, device: int | None = None,
+           dry_run: bool = False, timeout: float = 30.0) -> dict:
+    """Copy blocks again from a peer (see OP_REPAIR): the damaged ones, or
+    those numbers, that table's, or that device's; blocks, repaired, failed."""
+    cfg = _config(config)
+    opts: dict = {"dry_run": dry_run, "timeout": timeout}
+    for k, v in (("blocks", blocks), ("table", table), ("device", device)):
+        if v is not None:
+            opts[k] = v
+    return _call(cfg, [m.OP_REPAIR, opts], "repair", timeout + 600)
+
+
+def rejoin(config, *, wait: bool = True, timeout: float = 600.0,
+           progress: Callable[[dict], None] | None = None) -> dict:
+    """Make the (former) primary of `config` a secondary of the new primary
+    (see OP_REJOIN). With `wait`, return once it follows the new primary:
+    rewound, the blocks that needed it copied, streaming; `progress` is
+    called with each status seen meanwhile. The result: OP_REJOIN's report,
+    and with `wait` the rewind's (``rewound``) and the replication state."""
+    cfg = _config(config)
+    rep = _call(cfg, [m.OP_REJOIN, {}], "rejoin", 60)
+    if not wait:
+        return rep
+    st = _wait_following(cfg, timeout, progress)
+    rep["rewound"] = st["failover"]["rewound"]
+    rep["replication"] = st["replication"]
+    return rep
+
+
+def rejoin_progress(st: dict) -> tuple[str, int | None, int | None]:
+    """(phase, done, total) of a rejoin, from the rejoining appliance's status."""
+    rep = st.get("replication") or {}
+    ag = rep.get("agent") or {}
+    if not ag.get("attached") or not ag.get("connected"):
+        return "waiting for the new primary", None, None
+    cp = (ag.get("copy_progress") or {})
+    if rep.get("copying") or ag.get("copying"):
+        return "copying blocks from the new primary", cp.get("blocks"), cp.get("total")
+    return "streaming", None, None
+
+
+def _following(st: dict) -> bool:
+    rep = st.get("replication") or {}
+    ag = rep.get("agent") or {}
+    return (st.get("role") == "secondary" and rep.get("source_instance") not in (None, 0, st.get("instance"))
+            and ag.get("attached") and ag.get("connected") and ag.get("state") == "streaming"
+            and not rep.get("copying") and not ag.get("copying") and not st["failover"]["repair_pending"])
+
+
+def _wait_following(cfg: Config, timeout: float, progress) -> dict:
+    deadline = time.monotonic() + timeout
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-rejoin", timeout=30)
+    try:
+        s.connect()
+        while True:
+            st = s.call([m.OP_STATUS], "status")
+            if progress is not None:
+                progress(st)
+            if _following(st):
+                return st
+            if time.monotonic() > deadline:
+                raise errors.UnavailableError(
+                    f"rejoin: {cfg.name!r} became a secondary but does not follow the new primary within "
+                    f"{timeout:g} s ({rejoin_progress(st)[0]}); check that its agent runs and that the new "
+                    "primary's config lists it as a secondary", phase=rejoin_progress(st)[0])
+            time.sleep(0.1)
+    finally:
+        s.close()
