@@ -47,14 +47,28 @@ def reason(rc: int) -> str:
     return text.split(": ", 1)[1] if ": " in text else text
 
 
-def raise_for(rc: int, what: str, **details: Any) -> None:
-    raise errors.error_for(code_name(rc), f"{what}: {reason(rc)}", **details)
+def detached(sb) -> list[int]:
+    """The device segments out of service (sb_detached of a superblock)."""
+    mask = sb.sb_detached
+    return [i for i in range(64) if mask >> i & 1]
 
 
-def check(rc: int, what: str, **details: Any) -> int:
+def raise_for(rc: int, what: str, *, sb=None, **details: Any) -> None:
+    """Raise the exception of `rc`; `sb` (the appliance's superblock) names
+    the detached devices of an APL_EDEVICE."""
+    if rc == lib.APL_ECORRUPT and sb is not None and sb.sb_detached:
+        rc = lib.APL_EDEVICE    # a marked location entry points nowhere (cext/apl_devices.c)
+    text = reason(rc)
+    if rc == lib.APL_EDEVICE and sb is not None:
+        devs = details.setdefault("devices", ",".join(map(str, detached(sb))))
+        text += f" (device {devs or '?'})"
+    raise errors.error_for(code_name(rc), f"{what}: {text}", **details)
+
+
+def check(rc: int, what: str, *, sb=None, **details: Any) -> int:
     """Return rc when it is >= 0, else raise the matching exception."""
     if rc < 0:
-        raise_for(rc, what, **details)
+        raise_for(rc, what, sb=sb, **details)
     return rc
 
 

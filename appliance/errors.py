@@ -45,6 +45,7 @@ __all__ = [
     "FormatError",
     "CorruptionError",
     "DamagedBlockError",
+    "DeviceUnavailableError",
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
@@ -281,6 +282,16 @@ class DamagedBlockError(CorruptionError):
     from a peer."""
 
     codes = ("APL_EDAMAGED",)
+
+
+class DeviceUnavailableError(ApplianceError):
+    """A read or a change needs a block that lies on a storage device (a
+    device segment) taken out of service (``appliance device detach``) and
+    not refilled yet; everything else keeps working. ``details["devices"]``:
+    the detached devices ("1", or "1,3"). ``appliance device replace`` refills them from a
+    peer; a change refused with it changed nothing."""
+
+    codes = ("APL_EDEVICE",)
 
 
 class StaleEpochError(ApplianceError):

@@ -323,6 +323,21 @@ struct apl_blockinfo {
 int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct apl_blockinfo *out, uint32_t cap,
                          uint32_t damaged_only, uint32_t *next);
 
+/* ---- storage devices out of service and back (apl_devices.c) ---- */
+/* Take device segment `seg` out of service: nothing is allocated there, and
+ * every number whose chain has a block on it fails its reads and changes
+ * with APL_EDEVICE until a peer's image refills it. Returns how many numbers
+ * that marked. Between batches; the plain store only (APL_EINVAL). */
+int64_t apl_device_detach(apl_store *s, uint32_t seg);
+/* The numbers still marked with a block on `seg` (not yet refilled). */
+int64_t apl_device_marked(apl_store *s, uint32_t seg);
+/* Give a detached device's memory back and put it in service, empty:
+ * APL_EBUSY while a slot of it is in use (a pin still sees a version there). */
+int apl_device_renew(apl_store *s, uint32_t seg);
+/* In the open batch: copy each number's chain onto `seg` (its slots taken
+ * first). Returns how many moved. */
+int64_t apl_device_fill(apl_store *s, uint32_t seg, const uint32_t *numbers, uint64_t n);
+
 /* ---- failover (apl_rewind.c) ---- */
 /* In the open batch: the change log continues at `serial` (a promoted
  * secondary continues its primary's serials); entries it held are dropped. */

@@ -50,9 +50,16 @@ apl_addr alloc_slot(apl_store *s)
     if (!avail_slots(s))
         return APL_ADDR_NONE;
     uint32_t n = s->v->v_nseg;
+    if (s->prefer_seg) {
+        uint32_t seg = s->prefer_seg - 1;
+        if (s->nfree[seg] && !seg_detached(s, seg)) {
+            s->free_total--;
+            return APL_ADDR(seg, s->free_slots[seg][--s->nfree[seg]]);
+        }
+    }
     for (uint32_t k = 0; k < n; k++) {
         uint32_t seg = (s->next_seg + k) % n;
-        if (s->nfree[seg] && s->v->v_seg[seg]) {
+        if (s->nfree[seg] && s->v->v_seg[seg] && !seg_detached(s, seg)) {
             s->next_seg = seg + 1;
             s->free_total--;
             return APL_ADDR(seg, s->free_slots[seg][--s->nfree[seg]]);
@@ -65,7 +72,8 @@ void free_slot(apl_store *s, apl_addr a)
 {
     uint32_t seg = APL_ADDR_SEG(a);
     s->free_slots[seg][s->nfree[seg]++] = (uint32_t)APL_ADDR_SLOT(a);
-    s->free_total++;
+    if (!seg_detached(s, seg))    /* a detached device's slots count again once it is renewed */
+        s->free_total++;
 }
 
 static void free_chain(apl_store *s, apl_addr a)
@@ -241,7 +249,7 @@ int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen)
  * a backup object's bo_retired); 0 when it is live, UINT64_MAX when not in use. */
 static uint64_t removed_at(apl_store *s, uint32_t number)
 {
-    apl_addr a = s->v->v_loc[number];
+    apl_addr a = apl_loc_raw(s->v->v_loc[number]);
     if (a == APL_ADDR_NONE)
         return UINT64_MAX;
     if (s->bs)
@@ -287,7 +295,7 @@ int64_t apl_reclaim(apl_store *s)
              * removal and the reuse arrived in one apply). Then its head is a
              * live block (bh_retired 0, or a later removal's version) and this
              * entry is stale: dropping the number would lose that block. */
-            apl_addr a = s->v->v_loc[r->number];
+            apl_addr a = apl_loc_raw(s->v->v_loc[r->number]);
             STORE_REL(&s->v->v_loc[r->number], APL_ADDR_NONE);
             if (s->bs)
                 bs_release(s, a);
@@ -434,11 +442,12 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
     uint64_t max_used = 0;
     s->nfree_nums = 0;
     for (uint64_t num = 0; rc == APL_OK && num < v->v_max_blocks; num++) {
-        apl_addr a = v->v_loc[num];
+        apl_addr a = apl_loc_raw(v->v_loc[num]);
         if (a == APL_ADDR_NONE)
             continue;
-        /* roll back versions the crash left unpublished */
-        apl_addr a0 = a;
+        /* roll back versions the crash left unpublished (a detached
+         * device's marks are set again below, devices_retag) */
+        apl_addr a0 = v->v_loc[num];
         while (a != APL_ADDR_NONE) {
             struct apl_bhdr *h = apl_ptr(v, a);
             if (!h) {
@@ -499,7 +508,8 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
             for (uint64_t sl = v->v_seg_slots; sl-- > 0;)
                 if (!(used[i][sl >> 3] & (1u << (sl & 7))))
                     s->free_slots[i][s->nfree[i]++] = (uint32_t)sl;
-            s->free_total += s->nfree[i];
+            if (!seg_detached(s, i))
+                s->free_total += s->nfree[i];
         }
         /* the retire queue must be ordered by `at` */
         if (s->rq_len) {
@@ -519,6 +529,8 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
     for (uint32_t i = 0; i < v->v_nseg; i++)
         free(used[i]);
     r->log_head = s->log_head;
+    if (rc == APL_OK)
+        devices_retag(s);
     if (rc == APL_OK)
         sums_flush(s);   /* the numbers rolled back, and those an aborted batch had marked */
     return rc;

@@ -65,6 +65,33 @@ static int fill_chain(apl_store *s, struct apl_bhdr *head, uint64_t n)
     return APL_OK;
 }
 
+/* A new one-block head for a number whose chain has a block on a detached
+ * device (its location entry has APL_ADDR_OFF): the image fills it, nothing
+ * is copied from the old chain. The old chain stays reachable through
+ * bh_prev for the pins that still see it and goes to the retire queue, so
+ * the detached device's slots come back as those pins pass. */
+static struct apl_bhdr *refill_head(apl_store *s, uint32_t number, uint32_t magic, uint32_t file,
+                                    uint16_t level, int *err)
+{
+    apl_addr old = apl_loc_raw(s->v->v_loc[number]);
+    apl_addr a = alloc_slot(s);
+    if (a == APL_ADDR_NONE) {
+        *err = APL_EFULL;
+        return 0;
+    }
+    int rc = retire_push(s, RT_CHAIN, old, number, s->pending);
+    if (rc) {
+        free_slot(s, a);
+        *err = rc;
+        return 0;
+    }
+    struct apl_bhdr *h = apl_ptr(s->v, a);
+    blk_init(s, h, magic, number, file, level);
+    h->bh_prev = old;
+    loc_publish(s, number, a);
+    return h;
+}
+
 /* The head of `number` made writable, or a new chain when it does not exist. */
 static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t magic, uint32_t file,
                                       uint16_t level, int *err)
@@ -73,6 +100,8 @@ static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t ma
         *err = APL_EINVAL;
         return 0;
     }
+    if (apl_loc_off(s->v->v_loc[number]))
+        return refill_head(s, number, magic, file, level, err);
     if (s->v->v_loc[number] != APL_ADDR_NONE) {
         s->replacing = 1;     /* the image replaces the content: a damaged one too ([0123] repair) */
         struct apl_bhdr *h = cow(s, number, err);
@@ -108,7 +137,10 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
     int err = 0;
     if (!img || len == 0) {
         /* the number is not in use on the primary */
-        struct apl_bhdr *h = head_of(s, number);
+        apl_addr a = s->v->v_loc[number];
+        if (apl_loc_off(a))                /* its chain is intact under the mark: retire that */
+            loc_publish(s, number, a = apl_loc_raw(a));
+        struct apl_bhdr *h = a == APL_ADDR_NONE ? 0 : apl_ptr(s->v, a);
         if (!h || h->bh_retired)
             return APL_OK;
         h->bh_retired = s->pending;

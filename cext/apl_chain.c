@@ -167,7 +167,7 @@ struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err)
     apl_addr old = s->v->v_loc[number];
     struct apl_bhdr *h = old == APL_ADDR_NONE ? 0 : apl_ptr(s->v, old);
     if (!h) {
-        *err = APL_ECORRUPT;
+        *err = apl_loc_off(old) ? APL_EDEVICE : APL_ECORRUPT;
         return 0;
     }
     if (h->bh_version == s->pending)

@@ -29,6 +29,7 @@
     _(APL_EGEOMETRY,       -31016, "segment geometry differs from the configuration") \
     _(APL_EUNDO,           -31017, "undoing a failed transaction failed; the batch must not be published") \
     _(APL_ESNAPSHOT,       -31018, "snapshot too old: versions it reads were freed (its reader slot was cleared or overwritten)") \
+    _(APL_EDEVICE,         -31019, "a block it needs lies on a detached storage device") \
     /* raised by the controller and the libraries (and APL_ECLOSED by a read of a closed view) */ \
     _(APL_ELOCKTIMEOUT,    -31101, "lock wait timed out; the transaction was cancelled") \
     _(APL_EDEADLOCK,       -31102, "deadlock; this transaction was chosen as the victim and cancelled") \

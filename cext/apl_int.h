@@ -312,6 +312,10 @@ static inline int read_begin(apl_view *v, uint64_t version, uint64_t *ver, struc
 static inline int64_t read_end(apl_view *v, uint64_t ver, struct apl_reader *r, int64_t rc)
 {
     rc = horizon_checked(v, ver, rc);
+    /* a location entry marked by a detach points past every segment: the
+     * read found nothing there (apl_devices.c) */
+    if (rc == APL_ECORRUPT && LOAD_RLX(&v->v_sb->sb_detached))
+        rc = APL_EDEVICE;
     if (r)
         apl_op_unpin(r);
     view_exit();

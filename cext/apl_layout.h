@@ -163,6 +163,12 @@ typedef uint64_t apl_addr;
 #define APL_ADDR_SEG(a)      ((uint32_t)((a) >> 48))
 #define APL_ADDR_SLOT(a)     ((a) & 0x0000FFFFFFFFFFFFull)
 #define APL_ADDR(seg, slot)  (((uint64_t)(seg) << 48) | (uint64_t)(slot))
+/* A location entry with this bit set: the number's chain has a block on a
+ * detached storage device (sb_detached; apl_devices.c). Its segment field is
+ * then past every segment, so a reader's apl_ptr finds nothing there and the
+ * read fails (APL_EDEVICE) without a test on its path; the writer strips
+ * the bit (apl_loc_raw) for its own bookkeeping. */
+#define APL_ADDR_OFF         (1ull << 62)
 
 #define APL_NO_BLOCK         UINT32_MAX
 
@@ -265,7 +271,8 @@ struct apl_super {
     volatile uint64_t sb_opened_ns;   /** when the current controller opened it */
     volatile uint64_t sb_horizon;     /** a pin below it may have lost versions (reads fail) */
     volatile uint32_t sb_role;        /** enum apl_role: the role now (APL_ROLE_NONE: the config's) */
-    uint8_t  sb_pad2[64 - 52];
+    uint32_t sb_pad2;
+    volatile uint64_t sb_detached;    /** bit i: device segment i is out of service (apl_devices.c) */
     struct apl_pub sb_pub[2];         /** sb_pub[G & 1] describes version G */
 };
 
@@ -476,6 +483,7 @@ struct apl_acks {
 
 _Static_assert(sizeof(struct apl_pub) == 64, "apl_pub is one cache line");
 _Static_assert(offsetof(struct apl_super, sb_version) == 256, "hot superblock fields start a cache line");
+_Static_assert(offsetof(struct apl_super, sb_detached) == 312, "sb_detached ends the hot line");
 _Static_assert(sizeof(struct apl_super) == 256 + 64 + 128, "superblock size");
 _Static_assert(sizeof(struct apl_file) == 128, "file entry size");
 _Static_assert(sizeof(struct apl_rhdr) == 64, "readers header is one cache line");

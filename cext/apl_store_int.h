@@ -92,9 +92,27 @@ struct apl_store {
     uint8_t *dirty_bits;
     int sums_lost;                  /* the list could not grow: the next publish recomputes all */
     int replacing;                  /* apl_apply_image: a whole new content, the old one may be damaged */
+    uint32_t prefer_seg;            /* 1 + the segment alloc_slot takes from first (0: round-robin) */
 };
 
 /* ---- small helpers of every writer file ---- */
+
+/* A location entry without APL_ADDR_OFF (the writer's bookkeeping reads
+ * a detached device's blocks: their memory is intact until it is renewed). */
+static inline apl_addr apl_loc_raw(apl_addr a)
+{
+    return a == APL_ADDR_NONE ? a : a & ~APL_ADDR_OFF;
+}
+
+static inline int apl_loc_off(apl_addr a)
+{
+    return a != APL_ADDR_NONE && (a & APL_ADDR_OFF);
+}
+
+static inline int seg_detached(const apl_store *s, uint32_t seg)
+{
+    return (int)((s->v->v_sb->sb_detached >> seg) & 1);
+}
 
 static inline struct apl_bhdr *head_of(apl_store *s, uint32_t number)
 {
@@ -150,6 +168,9 @@ static inline void loc_publish(apl_store *s, uint32_t number, apl_addr a)
     STORE_REL(&s->v->v_loc[number], a);
     sums_dirty(s, number);
 }
+/* Mark again the numbers with a block on a detached device (recovery rebuilt
+ * the location table from the chains: apl_devices.c). */
+APL_INTERNAL void devices_retag(apl_store *s);
 /* The checksum of a number's current version (0: not in use). */
 APL_INTERNAL uint64_t sum_of(const apl_store *s, uint32_t number);
 /* Compute the checksums of the marked numbers (sums_publish: at every

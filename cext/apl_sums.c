@@ -86,7 +86,7 @@ static uint64_t block_sum(const apl_store *s, const struct apl_bhdr *b, uint64_t
 
 uint64_t sum_of(const apl_store *s, uint32_t number)
 {
-    apl_addr a = s->v->v_loc[number];
+    apl_addr a = apl_loc_raw(s->v->v_loc[number]);
     if (a == APL_ADDR_NONE)
         return 0;
     if (s->bs)
@@ -155,7 +155,7 @@ int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct ap
         limit = (uint32_t)max;
     uint32_t n = 0, num = start;
     for (; num < limit && n < cap; num++) {
-        apl_addr a = s->v->v_loc[num];
+        apl_addr a = apl_loc_raw(s->v->v_loc[num]);
         if (a == APL_ADDR_NONE)
             continue;
         uint64_t now = sum_of(s, num);

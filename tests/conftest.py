@@ -348,7 +348,8 @@ class Cluster:
 
     def __init__(self, make_appliance, tmp_path: Path, secondaries=(("sync", ""), ("async", "")),
                  quorum: str | int | None = None, secondary_replication: str = "", primary_replication: str = "",
-                 tables: str = BANK_TABLES, segment_size: str = "16MiB", log_size: str = "4MiB") -> None:
+                 tables: str = BANK_TABLES, segment_size: str = "16MiB", log_size: str = "4MiB",
+                 segments: int = 2) -> None:
         self.secret = tmp_path / "secret"
         self.secret.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.secret.chmod(0o600)
@@ -362,13 +363,13 @@ class Cluster:
         prim_extra = (f'[replication]\nrole = "primary"\nsecret_file = "{self.secret}"\nheartbeat = 0.2\n{q}\n'
                       f'{primary_replication}\n{entries}')
         self.primary = Node(make_appliance(name=pname, extra=prim_extra, tables=tables, segment_size=segment_size,
-                                           log_size=log_size))
+                                           log_size=log_size, segments=segments))
         self.secondaries = []
         for n, p in zip(snames, self.ports):
             extra = (f'[replication]\nrole = "secondary"\nsecret_file = "{self.secret}"\nheartbeat = 0.2\n'
                      f'listen = "127.0.0.1:{p}"\nprimary = "{pname}"\n{secondary_replication}\n')
-            self.secondaries.append(Node(make_appliance(name=n, extra=extra, tables=tables,
-                                                        segment_size=segment_size, log_size=log_size)))
+            self.secondaries.append(Node(make_appliance(name=n, extra=extra, tables=tables, segment_size=segment_size,
+                                                        log_size=log_size, segments=segments)))
         self.nodes = [self.primary, *self.secondaries]
 
     def start(self, wait_streaming: bool = True) -> "Cluster":

@@ -35,3 +35,19 @@ def die_with_parent() -> None:
     import signal as _signal
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def cli(*args: str, timeout: float = 300):
+    """Run the ``appliance`` command (without a progress bar) from RUN_DIR."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_PROGRESS"}
+    return subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, cwd=RUN_DIR, env=env,
+                          timeout=timeout)
+
+
+def cli_json(*args: str) -> tuple[int, dict]:
+    """(exit status, the parsed --json output, or {"stderr": ...} when there is none)."""
+    import json
+    r = cli(*args, "--json")
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr})

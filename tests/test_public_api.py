@@ -20,7 +20,7 @@ ERRORS = {
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
     "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "DiskError", "DiskFullError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
     "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
-    "DamagedBlockError", "NotPrimaryError", "RoleError",
+    "DamagedBlockError", "NotPrimaryError", "RoleError", "DeviceUnavailableError",
 }
 
 

@@ -10,9 +10,7 @@ nothing else touched.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import threading
 
 import pytest
@@ -25,17 +23,7 @@ from appliance.store.segment import SHM_DIR, Attachment
 
 from conftest import Cluster
 from fault_helpers import wait_for
-from procs import APPLIANCE, RUN_DIR
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_PROGRESS"}
-    return subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, cwd=RUN_DIR, env=env, timeout=300)
-
-
-def cli_json(*args: str) -> tuple[int, dict]:
-    r = cli(*args, "--json")
-    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr})
+from procs import cli, cli_json
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,61 @@ def device_list(config_path: str, as_json: bool) -> None:
     raise click.exceptions.Exit(EXIT_REFUSED if any(d["damaged"] for d in devs) else 0)
 
 
+@device.command("detach")
+@CONFIG
+@click.argument("device", type=int)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def device_detach(config_path: str, device: int, yes: bool, as_json: bool) -> None:
+    """Take device segment DEVICE out of service (a failed device): its blocks are unavailable until replaced."""
+    from . import recovery
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Take device {device} of {cfg.name!r} out of service? Reads and changes of the blocks on "
+                      "it fail until `appliance device replace` refills them", abort=True)
+    try:
+        rep = recovery.detach(cfg, device)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+    else:
+        click.echo(f"{cfg.name}: device {device} detached; {rep['blocks']} block(s) unavailable until "
+                   f"`appliance device replace --config {config_path} {device}`")
+
+
+@device.command("replace")
+@CONFIG
+@click.argument("device", type=int)
+@click.option("--online", is_flag=True, help="keep processing while it refills (default: commits wait)")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="seconds to wait for the peer, and for old snapshots to let go of the old device")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def device_replace(config_path: str, device: int, online: bool, timeout: float, yes: bool, as_json: bool) -> None:
+    """A new segment for DEVICE, refilled with exactly its blocks from a peer (progress bar)."""
+    from . import recovery, render
+    cfg = _load(config_path)
+    if not yes and sys.stdin.isatty():
+        how = "while processing goes on" if online else "with commits waiting until it is refilled"
+        click.confirm(f"Replace device {device} of {cfg.name!r} with a new segment refilled from a peer, {how}? "
+                      "Its present content is discarded", abort=True)
+    try:
+        rep = render.replace_progress(lambda tick: recovery.replace(cfg, device, online=online, timeout=timeout,
+                                                                    progress=tick), show=not as_json)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+    else:
+        rate = f", {rep['rate_bytes_s'] / 1e6:.1f} MB/s" if rep.get("rate_bytes_s") else ""
+        click.echo(f"{cfg.name}: device {device} replaced ({rep['mode']}): {rep['refilled']} of {rep['blocks']} "
+                   f"block(s) refilled from {rep.get('source')} in {rep['refill_seconds']:.2f} s{rate}, "
+                   f"{rep['moved']} moved onto the new segment; {rep['seconds']:.2f} s in all"
+                   + (f"; NOT refilled: {rep['failed']}" if rep["failed"] else ""))
+    raise click.exceptions.Exit(0 if not rep["failed"] and not rep.get("unrefilled") else EXIT_REFUSED)
+
+
 def _devices(mask: int) -> str:
     return ",".join(str(i) for i in range(64) if mask >> i & 1) or "-"
 

@@ -17,7 +17,7 @@ from ..client.session import Session
 from ..config import Config, load
 from ..wire import messages as m
 
-__all__ = ["promote", "rejoin", "fence", "rejoin_progress", "check", "repair"]
+__all__ = ["promote", "rejoin", "fence", "rejoin_progress", "check", "repair", "devices", "detach", "replace"]
 
 
 def _config(config) -> Config:
@@ -65,6 +65,60 @@ def repair(config, *, blocks: list[int] | None = None, table: str | None = None,
         if v is not None:
             opts[k] = v
     return _call(cfg, [m.OP_REPAIR, opts], "repair", timeout + 600)
+
+
+def devices(config) -> list[dict]:
+    """Every device segment of `config`'s appliance (see OP_DEVICES): index,
+    name, state, slots, used, free, blocks, damaged, unavailable, bytes."""
+    return _call(_config(config), [m.OP_DEVICES], "device list", 600)
+
+
+def detach(config, device: int) -> dict:
+    """Take device segment `device` out of service (see OP_DEVICE_DETACH):
+    the blocks on it are unavailable (DeviceUnavailableError) until
+    :func:`replace` refills them; device, blocks, state."""
+    return _call(_config(config), [m.OP_DEVICE_DETACH, device], "device detach", 60)
+
+
+def replace(config, device: int, *, online: bool = False, timeout: float = 120.0,
+            progress: Callable[[dict], None] | None = None) -> dict:
+    """Replace device segment `device` with a new one refilled with exactly
+    its blocks from a peer (see OP_DEVICE_REPLACE): with processing
+    suspended, or `online`. `progress` is called with status
+    ``devices.replace`` (phase, blocks, done, bytes, rate_blocks_s, eta_s)
+    as it goes, and last with phase "done". Returns device, mode, blocks, refilled, failed, moved,
+    bytes, seconds, rate_bytes_s, source."""
+    cfg = _config(config)
+    req = [m.OP_DEVICE_REPLACE, device, {"online": online, "timeout": timeout}]
+    if progress is None:
+        return _call(cfg, req, "device replace", 3 * timeout + 600)
+    import threading
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["rep"] = _call(cfg, req, "device replace", 3 * timeout + 600)
+        except BaseException as e:     # re-raised in the caller's thread
+            out["err"] = e
+    t = threading.Thread(target=run, name="appliance-device-replace", daemon=True)
+    t.start()
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-device-progress", timeout=30)
+    try:
+        s.connect()
+        while t.is_alive():
+            job = s.call([m.OP_STATUS], "status")["devices"]["replace"]
+            if job is not None:
+                progress(job)
+            t.join(0.1)
+    finally:
+        s.close()
+    t.join()
+    if "err" in out:
+        raise out["err"]
+    rep = out["rep"]
+    progress({"device": rep["device"], "mode": rep["mode"], "phase": "done", "blocks": rep["blocks"],
+              "done": rep["blocks"], "bytes": rep["bytes"], "bytes_s": rep.get("rate_bytes_s") or 0.0})
+    return rep
 
 
 def rejoin(config, *, wait: bool = True, timeout: float = 600.0,

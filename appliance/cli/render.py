@@ -274,3 +274,13 @@ def copy_progress(poll, copies_before: int, timeout: float) -> dict:
             if time.monotonic() > deadline:
                 raise errors.UnavailableError(f"copy did not finish within {timeout} s: {st}")
             time.sleep(0.1)
+
+
+def replace_progress(run, show: bool = True) -> dict:
+    """`run(tick)` with a progress bar of a device replacement: tick gets
+    status ``devices.replace`` (phase, blocks, done, bytes, rate)."""
+    with phase_progress("replacing device", enabled=show) as bar:
+        def tick(job: dict) -> None:
+            rate = f" {job['bytes_s'] / 1e6:.1f} MB/s" if job.get("bytes_s") else ""
+            bar(f"{job['phase']}{rate}", job["done"], job["blocks"])
+        return run(tick)

@@ -484,7 +484,7 @@ def _read_errors(name: str, client: Client, snap: "Snapshot | None"):
             raise errors.ClosedError(f"table {name!r}: its client is closed")
         if snap is not None and snap._pin is None:
             snap._check()
-        raise_for(rc, f"{name}.{op}({'' if arg is None else _short(arg)})")
+        raise_for(rc, f"{name}.{op}({'' if arg is None else _short(arg)})", sb=client._att.sb)
     return on_error
 
 

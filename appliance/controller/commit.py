@@ -98,7 +98,7 @@ class GroupCommit:
                     outcomes.append((sess, txn, serial, None))
                     last = max(last, txn.number)
                 except (errors.MemoryFullError, errors.RecordTooLargeError, errors.KeyTooLongError,
-                        errors.DamagedBlockError) as e:
+                        errors.DamagedBlockError, errors.DeviceUnavailableError) as e:
                     outcomes.append((sess, txn, None, e))
                 except errors.InternalError as e:
                     if e.code != "APL_ELOGFULL":

@@ -35,7 +35,7 @@ from ..wire import messages as m
 from .loop import WAIT_AGENT, YIELD
 from .ops import handler
 
-__all__ = ["Repairs"]
+__all__ = ["Repairs", "sleep"]
 
 #: numbers checked per loop turn
 CHECK_SLICE = 8192
@@ -166,7 +166,7 @@ class Repairs:
                 raise errors.UnavailableError(
                     f"repair: the primary did not copy {len(fo.repair)} block(s) within {timeout:g} s (is the link "
                     "up?); they stay asked for and are copied when it is", pending=len(fo.repair))
-            yield from _sleep(ctl, sess, 0.02)
+            yield from sleep(ctl, sess, 0.02)
 
     def _from_secondary(self, sess, nums: list[int], timeout: float):
         ctl = self.ctl
@@ -177,8 +177,7 @@ class Repairs:
             raise errors.UnavailableError(f"repair: no secondary of {ctl.cfg.name!r} is streaming: there is no "
                                           "copy to repair from", secondaries=", ".join(st) or "none")
         ready.sort(key=lambda n: (st[n]["mode"] != "sync", -st[n]["acked_serial"]))
-        self.paused += 1
-        ctl.commits.paused = True
+        self.hold_commits()
         try:
             serial = ctl.agents.published_serial()
             deadline = time.monotonic() + timeout
@@ -189,7 +188,7 @@ class Repairs:
                 if time.monotonic() > deadline:
                     raise errors.UnavailableError(f"repair: no secondary caught up with serial {serial} within "
                                                   f"{timeout:g} s; nothing was changed", serial=serial)
-                yield from _sleep(ctl, sess, 0.005)
+                yield from sleep(ctl, sess, 0.005)
             answer = yield from ctl.failover.ask_agent(
                 sess, {"kind": "fetch", "secondary": name, "blocks": nums}, timeout)
             if not answer or not isinstance(answer.get("images"), bytes):
@@ -201,9 +200,18 @@ class Repairs:
                                               f"not {serial}; nothing was changed", secondary=name)
             failed = self._lay(answer["images"], nums)
         finally:
-            self.paused -= 1
-            ctl.commits.paused = self.paused > 0
-        return {"source": name, "serial": serial, "failed": failed}
+            self.release_commits()
+        return {"source": name, "serial": serial, "failed": failed, "bytes": len(answer["images"])}
+
+    def hold_commits(self) -> None:
+        """Commits wait from now on (integrity first, [0125]) until
+        release_commits; holds nest."""
+        self.paused += 1
+        self.ctl.commits.paused = True
+
+    def release_commits(self) -> None:
+        self.paused -= 1
+        self.ctl.commits.paused = self.paused > 0
 
     def _lay(self, blob: bytes, nums: list[int]) -> list[int]:
         """Lay a peer's images (apl_block_images format) into the store as
@@ -229,7 +237,7 @@ class Repairs:
         return [n for n in nums if not images.get(n)]
 
 
-def _sleep(ctl, sess, seconds: float):
+def sleep(ctl, sess, seconds: float):
     """Let the loop run for `seconds` (a request's generator waits)."""
     timer = ctl.add_timer(seconds, lambda: ctl.resume(sess))
     try:

@@ -12,6 +12,7 @@ carry out requests, each owning its own state:
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
 - ``failover`` promote, fence, rejoin and rewind (:mod:`.recovery`);
 - ``repairs``  the local block check and repairs from a peer (:mod:`.repair`);
+- ``devices``  storage devices taken out of service and replaced (:mod:`.devices`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
 - ``durable``  log files and checkpoints on disk, when [durability] is set (:mod:`.durable`);
 
@@ -34,6 +35,7 @@ from . import agent_ops, apply, durable, statements, status as status_mod  # noq
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
 from .commit import GroupCommit
+from .devices import Devices
 from .locks import LockManager
 from .loop import WAIT_COMMIT, WAIT_WATCH, Loop, plain
 from .ops import HANDLERS, check, dispatch
@@ -71,6 +73,7 @@ class Controller(Loop):
         self.applier = SecondaryApply(self)
         self.failover = Failover(self)
         self.repairs = Repairs(self)
+        self.devices = Devices(self)
         self.role.on_change(self._role_changed)
         self.durable = durable.Durable(self, files) if files is not None else None
 

@@ -54,6 +54,7 @@ def status(ctl) -> dict:
         "recovery": ctl.recovery,
         "failover": ctl.failover.status(),
         "repair": ctl.repairs.status(),
+        "devices": ctl.devices.status(),
         "replication": _replication(ctl),
         "durability": ctl.durable.status() if ctl.durable is not None else None,
     }

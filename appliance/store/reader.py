@@ -116,7 +116,7 @@ class Reader:
             if n == _EBUFSIZE:
                 b.resize(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
                 continue
-            raise_for(n, "get")
+            raise_for(n, "get", sb=self.att.sb)
 
     def count(self, file: int, version: int = 0) -> int:
         return check(lib.apl_count(self.view, file, version), "count")
@@ -177,7 +177,7 @@ class Reader:
                     cbuf = ffi.from_buffer("uint8_t[]", buf)
                     continue
                 if n < 0:
-                    raise_for(n, "scan")
+                    raise_for(n, "scan", sb=self.att.sb)
                 yield from _values(buf, n)
                 if not more[0]:
                     return
@@ -200,7 +200,7 @@ class Reader:
                 n = lib.apl_scan(self.view, file, start, len(start), incl, hib, hil, ver, _KEYS,
                                  cbuf, len(buf), count, resume, rlen, more)
                 if n < 0:
-                    raise_for(n, "scan keys")
+                    raise_for(n, "scan keys", sb=self.att.sb)
                 mv = memoryview(buf)
                 off = 0
                 while off < n:
@@ -231,7 +231,7 @@ class Reader:
                     cbuf = ffi.from_buffer("uint8_t[]", buf)
                     continue
                 if n < 0:
-                    raise_for(n, "find")
+                    raise_for(n, "find", sb=self.att.sb)
                 yield from _values(buf, n)
                 if not more[0]:
                     return

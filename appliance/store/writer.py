@@ -152,14 +152,14 @@ class Writer:
         rc = lib.apl_put(self._s, file, key, len(key), value, len(value), mode,
                          self._old, self._oldcap, self._oldlen)
         if rc < 0:
-            check(rc, "put")
+            check(rc, "put", sb=self.att.sb)
         n = self._oldlen[0]
         return rc, (bytes(ffi.buffer(self._old, n)) if n >= 0 else None)
 
     def delete(self, file: int, key: bytes) -> bytes:
         rc = lib.apl_delete(self._s, file, key, len(key), self._old, self._oldcap, self._oldlen)
         if rc < 0:
-            check(rc, "delete")
+            check(rc, "delete", sb=self.att.sb)
         return bytes(ffi.buffer(self._old, self._oldlen[0]))
 
     def op_info(self) -> OpInfo:
@@ -186,7 +186,7 @@ class Writer:
         rc = lib.apl_commit_txn(self._s, txn, time_ns, tlog, len(tlog), ffi.from_buffer(ops), len(ops),
                                 self._serial, failed)
         if rc < 0:
-            check(rc, f"commit of transaction {txn} (step {failed[0]})", step=failed[0])
+            check(rc, f"commit of transaction {txn} (step {failed[0]})", sb=self.att.sb, step=failed[0])
         return self._serial[0]
 
     # -- a secondary applying its primary's stream --------------------------------
@@ -251,6 +251,32 @@ class Writer:
                   "check block checksums")
         return [{"number": b.number, "file": b.file, "devices": b.devices, "damaged": bool(b.damaged),
                  "removed": bool(b.removed)} for b in (out[i] for i in range(n))], nxt[0]
+
+    # -- storage devices out of service and back (cext/apl_devices.c) ----------------
+
+    def detach_device(self, seg: int) -> int:
+        """Take device segment `seg` out of service; how many block numbers
+        that leaves unavailable until they are refilled."""
+        return check(lib.apl_device_detach(self._s, seg), f"detach device {seg}")
+
+    def device_marked(self, seg: int) -> int:
+        """Block numbers of device `seg` not refilled yet."""
+        return check(lib.apl_device_marked(self._s, seg), f"device {seg}")
+
+    def renew_device(self, seg: int) -> bool:
+        """Give detached device `seg`'s memory back and put it in service,
+        empty; False while a version some pin may read still lives there."""
+        rc = lib.apl_device_renew(self._s, seg)
+        if rc == lib.APL_EBUSY:
+            return False
+        check(rc, f"renew device {seg}")
+        return True
+
+    def fill_device(self, seg: int, numbers: list[int]) -> int:
+        """In the open batch: copy these numbers' blocks onto device `seg`."""
+        arr = ffi.new("uint32_t[]", numbers) if numbers else ffi.NULL
+        return check(lib.apl_device_fill(self._s, seg, arr, len(numbers)), f"fill device {seg}",
+                     sb=self.att.sb)
 
     def expand_into(self, dst: "Writer") -> tuple[int, int]:
         """Lay every live lz4 backup block of this (compressed) store into

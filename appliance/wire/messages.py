@@ -119,6 +119,8 @@ OP_REWIND = 38
 OP_EPOCH = 39
 OP_IMAGES = 40
 OP_DEVICES = 41
+OP_DEVICE_DETACH = 48
+OP_DEVICE_REPLACE = 49
 
 #: the most replies a client leaves unread on one connection (flow control of pipelined
 #: statements); the controller stops reading only a session with more requests queued
@@ -196,6 +198,11 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
     _R(OP_DEVICES, (), "list: per device segment index, name, state, size, slots, used, free, blocks, damaged, "
        "bytes"),
+    _R(OP_DEVICE_DETACH, ("device",), "map: device, blocks, state (device segment `device` is taken out of "
+       "service: reads and changes of the blocks on it fail with APL_EDEVICE until it is replaced)"),
+    _R(OP_DEVICE_REPLACE, ("device", "options"), "map: device, mode, blocks, refilled, failed, moved, bytes, "
+       "seconds, source (a new segment refilled with exactly its blocks from a peer; options: {online, "
+       "timeout}; status devices.replace shows its progress)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
