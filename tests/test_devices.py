@@ -250,3 +250,69 @@ class TestSecondaryDevice:
         pair.wait_caught_up()
         assert pair.verify()[0] == 0
         assert not read_all(sec)[1] and total(sec) == want == total(cfg)
+
+
+class TestStore:
+    """The C helpers in-process (cext/apl_devices.c): what a detach marks,
+    that nothing is placed on a detached device, that it is renewed only
+    once no pin can read a version there, and the slot accounting after."""
+
+    def test_detach_refill_renew_fill_keeps_every_record_and_every_slot(self, stores):
+        from store_helpers import audit_slots, check_state
+        s = stores(nsegments=8, block_size=4096, segment_size=1 << 20)
+        wr, r = s.writer, s.reader
+        model = {}
+        s.begin()
+        for i in range(3000):
+            k, v = i.to_bytes(4, "big"), bytes([i % 251]) * (20 + i % 40)
+            wr.put(0, k, v, lib.APL_PUT_INSERT)
+            model[k] = v
+        s.publish()
+        limit = r.block_limit()
+        images = {n: r.block_image(n) for n in range(limit)}
+        images = {n: im for n, im in images.items() if im}
+        def on(dev: int) -> list[int]:          # numbers with a block of their chain on `dev`
+            infos, _ = wr.check_blocks(0, r.block_limit(), False, 1 << 16)
+            return [b["number"] for b in infos if b["devices"] >> dev & 1]
+        inner = {n for n, im in images.items() if int.from_bytes(im[4:8], "little") != lib.APL_BLK_LEAF}
+        dev = next(d for d in range(8) if on(d) and not set(on(d)) & inner)
+        numbers = on(dev)
+        old = s.pin()                                          # a reader that still sees the old version
+        assert wr.detach_device(dev) == len(numbers) == wr.device_marked(dev)
+        missing = [k for k in model if _fails(r, k)]
+        assert missing and len(missing) < len(model)
+        # changes go on elsewhere; nothing new is placed on the device
+        s.begin()
+        for i in range(3000, 3400):
+            k = i.to_bytes(4, "big")
+            wr.put(0, k, b"x" * 30, lib.APL_PUT_INSERT)
+            model[k] = b"x" * 30
+        s.publish()
+        assert set(on(dev)) == set(numbers)
+        # refill from the images taken before (a peer's, at the same version)
+        s.begin()
+        for n in numbers:
+            wr.apply_image(n, images[n])
+        s.publish()
+        assert wr.device_marked(dev) == 0
+        check_state(s, model)
+        assert not wr.renew_device(dev)                          # the old pin may read versions there
+        old.close()
+        s.pins.remove(old)
+        wr.reclaim()
+        assert wr.renew_device(dev)
+        assert wr.stats()["segment_free"][dev] == wr.att.sb.sb_segment_slots
+        s.begin()
+        assert wr.fill_device(dev, numbers) == len(numbers)
+        s.publish()
+        assert sorted(on(dev)) == sorted(numbers)                 # exactly its blocks are back on it
+        check_state(s, model)
+        audit_slots(s)
+
+
+def _fails(reader, key: bytes) -> bool:
+    try:
+        reader.get_raw(0, key)
+        return False
+    except errors.DeviceUnavailableError:
+        return True
