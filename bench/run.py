@@ -8,7 +8,8 @@ snapshot-get, find, range, write, tx-write, transfer, order, growth,
 sync-write, sync-cpu, sync-2, async-write, copy, catch-up, durable-write,
 interval-write, checkpoint, cold-start; "replication" = sync-write..catch-up,
 "durability" = the last four; promote: promote-to-first-write on --promote-mib of
-blocks, both kinds of secondary); see README.md.
+blocks, both kinds of secondary; device: a device's rebuild rate and commits during
+an online replace, on --device-mib of blocks); see README.md.
 "growth" (10x the records in a fresh appliance) runs in the full benchmark,
 or with --quick only when named.
 """
@@ -35,6 +36,7 @@ from report import Printer, measurement_row, meta_row, rate_row, ratio_rows, wri
 from systems import Unavailable                                   # noqa: E402
 
 TCP_SYSTEM = "python sockets, 2 processes"
+WRITERS_NOTE = "4 processes"
 LZ4_SYSTEM = "lz4.block.compress, 1 core"
 READ_LATENCY = "1 in 10 ops timed individually"
 EVERY_LATENCY = "every op timed"
@@ -84,7 +86,7 @@ SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
-FAILOVER_IDS = ["promote"]
+FAILOVER_IDS = ["promote", "device"]
 DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
 BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS, *FAILOVER_IDS]
 GROWTH = 10               # the growth rows: get at GROWTH x the records against the records
@@ -110,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds of load while the secondary is stopped (default 30; --quick 5)")
     p.add_argument("--promote-mib", type=int, dest="promote_mib", metavar="MIB",
                    help="database size (MiB of blocks) of the promote rows (default 1024; --quick 256)")
+    p.add_argument("--device-mib", type=int, dest="device_mib", metavar="MIB",
+                   help="database size (MiB of blocks) of the device rows (default 1024; --quick 256)")
     p.add_argument("--cold-start-mib", type=int, dest="cold_start_mib", metavar="MIB",
                    help="MiB of records the cold-start row loads (default 1024; --quick 128)")
     args = p.parse_args(argv)
@@ -119,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
     args.promote_mib = args.promote_mib or (256 if args.quick else 1024)
     args.cold_start_mib = args.cold_start_mib or (128 if args.quick else 1024)
+    args.device_mib = args.device_mib or (256 if args.quick else 1024)
     if args.records < 1000:
         p.error("--records must be at least 1000")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -477,6 +482,33 @@ class Run:
                       f"{ex.get('rate_mb_s', 0):,.0f} MB/s) vs {lz['mb_s']:,.0f} MB/s; goal >= 0.5",
                       promote_mb_s=rate, lz4_mb_s=lz["mb_s"])
 
+    def devices(self) -> None:
+        """A device's rebuild rate against loopback TCP, and the primary's
+        commits during an online replace against without (devices.py)."""
+        from devices import device_rows
+        self.out.say(f"[appliance: replace a device, {self.args.device_mib} MiB]", style="bold")
+        self.guard("device replace", self.device_rows, device_rows, self.args.device_mib << 20)
+
+    def device_rows(self, fn, size: int) -> None:
+        r = fn(size, self.out.say)
+        tcp, rb, base, on = r["tcp"], r["rebuild"], r["baseline"], r["online"]
+        self.rate("device-rebuild", "device rebuild (refill) rate", "appliance (sync secondary)", rb["rate_mb_s"],
+                  "MB/s", f"{rb['blocks']:,} blocks, {rb['bytes'] / 1e6:,.1f} MB refilled in "
+                  f"{rb['refill_seconds']:.2f} s, {rb['moved']:,} moved back; {rb['seconds']:.2f} s in all",
+                  **{k: v for k, v in rb.items() if not isinstance(v, (list, dict))})
+        self.rate("device-tcp", "loopback TCP", TCP_SYSTEM, tcp["mb_s"], "MB/s", "1 MiB sends", **tcp)
+        self.rate("device-rebuild-ratio", "device rebuild rate / loopback TCP", "appliance (sync secondary)",
+                  rb["rate_mb_s"] / tcp["mb_s"], "x", "goal >= 0.5")
+        for name, w in (("without", base), ("online replace", on)):
+            self.rate(f"device-commits-{'base' if w is base else 'online'}",
+                      f"1-record commits, {name}", f"appliance (sync), {WRITERS_NOTE}", w["commits_s"], "txn/s",
+                      f"p50 {w['p50_ms'] or 0:.2f} ms, p99 {w['p99_ms'] or 0:.2f} ms over {w['seconds']:.2f} s; "
+                      f"{w['unavailable']:,} refused (block not refilled yet), {w['other_errors']} other errors",
+                      **{k: v for k, v in w.items() if k != "result"})
+        self.rate("device-commits-ratio", "commits during an online replace / without", "appliance (sync)",
+                  on["commits_s"] / base["commits_s"] if base["commits_s"] else 0.0, "x",
+                  f"p99 {on['p99_ms'] or 0:.2f} vs {base['p99_ms'] or 0:.2f} ms; goal >= 0.7")
+
     # ---------------------------------------------------------- durability ----
 
     def durability(self) -> None:
@@ -575,6 +607,8 @@ def main(argv=None) -> int:
         run.replication()
     if "promote" in args.benches and "appliance" in args.systems:
         run.failover()
+    if "device" in args.benches and "appliance" in args.systems:
+        run.devices()
     if args.benches & set(DURABILITY_IDS):
         run.durability()
 

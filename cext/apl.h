@@ -304,6 +304,10 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
 /* A copy: block images in batches (apl_read.c), applied in batches. */
 int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
                          uint8_t *out, uint64_t cap, uint32_t *next);
+/* The same records for the block numbers numbers[0, count); *next: the index
+ * to continue from. */
+int64_t apl_block_images_of(apl_view *v, const uint32_t *numbers, uint32_t count, uint64_t version,
+                            uint8_t *out, uint64_t cap, uint32_t *next);
 int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copied, uint64_t nbits);
 int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
@@ -329,6 +333,10 @@ int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct ap
  * with APL_EDEVICE until a peer's image refills it. Returns how many numbers
  * that marked. Between batches; the plain store only (APL_EINVAL). */
 int64_t apl_device_detach(apl_store *s, uint32_t seg);
+/* The block numbers from `start` on whose current chain has a block on
+ * `seg` (marked or not), at most cap of them; *next: where to go on. */
+int64_t apl_device_numbers(apl_store *s, uint32_t seg, uint32_t start, uint32_t *out, uint32_t cap,
+                           uint32_t *next);
 /* The numbers still marked with a block on `seg` (not yet refilled). */
 int64_t apl_device_marked(apl_store *s, uint32_t seg);
 /* Give a detached device's memory back and put it in service, empty:

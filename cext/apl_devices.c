@@ -109,6 +109,22 @@ int64_t apl_device_marked(apl_store *s, uint32_t seg)
     return n;
 }
 
+int64_t apl_device_numbers(apl_store *s, uint32_t seg, uint32_t start, uint32_t *out, uint32_t cap,
+                           uint32_t *next)
+{
+    if (s->bs || seg >= s->v->v_nseg)
+        return APL_EINVAL;
+    uint64_t num = start, max = s->v->v_max_blocks;
+    uint32_t n = 0;
+    for (; num < max && n < cap; num++) {
+        apl_addr a = apl_loc_raw(s->v->v_loc[num]);
+        if (a != APL_ADDR_NONE && chain_on(s, a, 1ull << seg))
+            out[n++] = (uint32_t)num;
+    }
+    *next = (uint32_t)num;
+    return n;
+}
+
 int apl_device_renew(apl_store *s, uint32_t seg)
 {
     apl_view *v = s->v;

@@ -521,6 +521,29 @@ int apl_chain_lengths(apl_view *v, uint64_t *hist, uint32_t nbuckets)
  * has passed it). Stops before `cap` would overflow or at `limit`; *next is
  * the number to continue from. Returns bytes written.
  */
+/* One record of block_images: (u32 number, u32 length, image) at out, or
+ * APL_EBUFSIZE when it does not fit in cap. */
+static int64_t image_record(apl_view *v, uint32_t n, uint64_t version, uint8_t *out, uint64_t cap)
+{
+    if (cap < 8)
+        return APL_EBUFSIZE;
+    int64_t len;
+    if (v->v_flags & APL_SB_COMPRESSED) {
+        len = apl_bobj_image(v, n, version, out + 8, cap - 8);
+    } else {
+        struct apl_bhdr *b = apl_resolve_in_use(v, n, version);
+        len = b ? apl_image(v, b, out + 8, cap - 8) : APL_NOTFOUND;
+    }
+    if (len == APL_NOTFOUND)
+        len = 0;
+    if (len < 0)
+        return len;
+    uint32_t l32 = (uint32_t)len;
+    memcpy(out, &n, 4);
+    memcpy(out + 4, &l32, 4);
+    return 8 + len;
+}
+
 static int64_t block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t version,
                             uint8_t *out, uint64_t cap, uint32_t *next)
 {
@@ -529,28 +552,15 @@ static int64_t block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_
     if (limit > v->v_max_blocks)
         limit = (uint32_t)v->v_max_blocks;
     for (; n < limit; n++) {
-        if (used + 8 > cap)
-            break;
-        int64_t len;
-        if (v->v_flags & APL_SB_COMPRESSED) {
-            len = apl_bobj_image(v, n, version, out + used + 8, cap - used - 8);
-        } else {
-            struct apl_bhdr *b = apl_resolve_in_use(v, n, version);
-            len = b ? apl_image(v, b, out + used + 8, cap - used - 8) : APL_NOTFOUND;
-        }
-        if (len == APL_NOTFOUND)
-            len = 0;
-        if (len == APL_EBUFSIZE) {
+        int64_t got = image_record(v, n, version, out + used, cap - used);
+        if (got == APL_EBUFSIZE) {
             if (used == 0)
                 return APL_EBUFSIZE;
             break;
         }
-        if (len < 0)
-            return len;
-        uint32_t num = n, l32 = (uint32_t)len;
-        memcpy(out + used, &num, 4);
-        memcpy(out + used + 4, &l32, 4);
-        used += 8 + (uint64_t)len;
+        if (got < 0)
+            return got;
+        used += (uint64_t)got;
     }
     *next = n;
     return (int64_t)used;
@@ -565,4 +575,28 @@ int64_t apl_block_images(apl_view *v, uint32_t start, uint32_t limit, uint64_t v
     if (rc)
         return rc;
     return read_end(v, ver, r, block_images(v, start, limit, ver, out, cap, next));
+}
+
+/* The same records for numbers[0, count) (a repair, a device refill): *next
+ * is the index to continue from. */
+int64_t apl_block_images_of(apl_view *v, const uint32_t *numbers, uint32_t count, uint64_t version,
+                            uint8_t *out, uint64_t cap, uint32_t *next)
+{
+    uint64_t ver;
+    struct apl_reader *r;
+    int64_t rc = read_begin(v, version, &ver, &r);
+    if (rc)
+        return rc;
+    uint64_t used = 0;
+    uint32_t i = 0;
+    for (; i < count; i++) {
+        int64_t got = image_record(v, numbers[i], ver, out + used, cap - used);
+        if (got == APL_EBUFSIZE && used)
+            break;
+        if (got < 0)
+            return read_end(v, ver, r, got);
+        used += (uint64_t)got;
+    }
+    *next = i;
+    return read_end(v, ver, r, (int64_t)used);
 }

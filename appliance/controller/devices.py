@@ -47,6 +47,10 @@ __all__ = ["Devices", "device_status", "device_list"]
 
 #: block numbers fetched and laid in per slice of a refill (one message from the peer)
 REFILL_SLICE = 2048
+#: the same, online: commits wait while one slice is fetched and laid in
+ONLINE_SLICE = 256
+#: online: after a slice, commits run undisturbed for this many times the slice's duration
+ONLINE_GAP = 2.0
 #: block numbers moved back onto the renewed device per batch
 FILL_SLICE = 1024
 #: seconds a replace waits, by default, for the peer and for old pins to pass
@@ -115,12 +119,7 @@ class Devices:
 
     def _numbers(self, dev: int) -> list[int]:
         """The numbers with a block on `dev` (between batches, one pass)."""
-        wr, out, start = self.ctl.writer, [], 0
-        limit = self.ctl.reader.block_limit()
-        while start < limit:
-            infos, start = wr.check_blocks(start, limit, False, 1 << 16)
-            out.extend(b["number"] for b in infos if b["devices"] >> dev & 1)
-        return out
+        return self.ctl.writer.device_numbers(dev)
 
     # ------------------------------------------------------------------ replace
 
@@ -172,6 +171,7 @@ class Devices:
     def _refill(self, sess, dev: int, nums: list[int], online: bool, timeout: float):
         ctl, job = self.ctl, self.replace_job
         failed: list[int] = []
+        spent = {"wait_s": 0.0, "fetch_s": 0.0, "lay_s": 0.0}
         if ctl.role.is_secondary:
             yield from ctl.repairs._from_primary(sess, nums, timeout)
             job["done"] = len(nums)
@@ -181,21 +181,28 @@ class Devices:
             source = None
             if not online:
                 ctl.repairs.hold_commits()     # processing suspended for the whole refill
+            step = ONLINE_SLICE if online else REFILL_SLICE
             try:
-                for i in range(0, len(nums), REFILL_SLICE):
-                    part = nums[i:i + REFILL_SLICE]
+                for i in range(0, len(nums), step):
+                    part = nums[i:i + step]
+                    t0 = time.monotonic()
                     got = yield from ctl.repairs._from_secondary(sess, part, timeout)
                     failed += got["failed"]
                     source = got["source"]
                     job["done"] += len(part)
                     job["bytes"] += got["bytes"]
-                    yield YIELD
+                    for k in ("wait_s", "fetch_s", "lay_s"):
+                        spent[k] += got[k]
+                    if online:     # commits run between slices: at most a third of the time is held
+                        yield from sleep(ctl, sess, max(0.002, ONLINE_GAP * (time.monotonic() - t0)))
+                    else:
+                        yield YIELD
             finally:
                 if not online:
                     ctl.repairs.release_commits()
         left = ctl.writer.device_marked(dev)
         return {"refilled": len(nums) - len(failed) - left, "failed": sorted(failed), "unrefilled": left,
-                "source": source}
+                "source": source, **{k: round(v, 4) for k, v in spent.items()}}
 
     def _renew(self, sess, dev: int, timeout: float):
         """Wait until no pin reads a version on the old device, then renew it."""

@@ -180,7 +180,8 @@ class Repairs:
         self.hold_commits()
         try:
             serial = ctl.agents.published_serial()
-            deadline = time.monotonic() + timeout
+            t0 = time.monotonic()
+            deadline = t0 + timeout
             while True:          # commits wait: a secondary at our published serial holds our blocks
                 name = next((n for n in ready if sync.acked[n] >= serial), None)
                 if name is not None:
@@ -189,8 +190,10 @@ class Repairs:
                     raise errors.UnavailableError(f"repair: no secondary caught up with serial {serial} within "
                                                   f"{timeout:g} s; nothing was changed", serial=serial)
                 yield from sleep(ctl, sess, 0.005)
+            t1 = time.monotonic()
             answer = yield from ctl.failover.ask_agent(
                 sess, {"kind": "fetch", "secondary": name, "blocks": nums}, timeout)
+            t2 = time.monotonic()
             if not answer or not isinstance(answer.get("images"), bytes):
                 why = (answer or {}).get("error", "no answer")
                 raise errors.UnavailableError(f"repair: {name!r} did not send the blocks ({why}); nothing was "
@@ -201,7 +204,9 @@ class Repairs:
             failed = self._lay(answer["images"], nums)
         finally:
             self.release_commits()
-        return {"source": name, "serial": serial, "failed": failed, "bytes": len(answer["images"])}
+        # where the time went: waiting for the secondary's acknowledgement, the fetch, laying the images in
+        return {"source": name, "serial": serial, "failed": failed, "bytes": len(answer["images"]),
+                "wait_s": t1 - t0, "fetch_s": t2 - t1, "lay_s": time.monotonic() - t2}
 
     def hold_commits(self) -> None:
         """Commits wait from now on (integrity first, [0125]) until

@@ -19,6 +19,9 @@ from typing import Callable, Iterator
 
 from .._native import TableReader, check, ffi, lib, raise_for, view_address
 
+#: buffers C fills before they are read: not zeroed first
+_raw_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+
 __all__ = ["Reader", "Pin"]
 
 _EBUFSIZE = lib.APL_EBUFSIZE
@@ -268,13 +271,16 @@ class Reader:
         """Images of numbers[start:] at a pinned version, as block_images
         writes them (a number not in use: length 0), up to about `cap` bytes
         (at least one); returns (them, the index to go on from)."""
-        out = bytearray()
-        i = start
-        while i < len(numbers) and (len(out) < cap or i == start):
-            img = self.block_image(numbers[i], version) or b""
-            out += _IMAGE_HDR.pack(numbers[i], len(img)) + img
-            i += 1
-        return bytes(out), i
+        if start >= len(numbers):
+            return b"", start
+        nums = ffi.new("uint32_t[]", numbers[start:])
+        one = self.att.sb.sb_block_size * (self.att.sb.sb_max_overflow + 1) * 2 + 64
+        size = min(cap, len(nums) * one) + one        # the first record always fits
+        buf = _raw_alloc("uint8_t[]", size)
+        nxt = ffi.new("uint32_t *")
+        n = lib.apl_block_images_of(self.view, nums, len(nums), version, buf, size, nxt)
+        check(n, "block images", sb=self.att.sb)
+        return bytes(ffi.buffer(buf, n)), start + nxt[0]
 
     def block_limit(self) -> int:
         return lib.apl_block_limit(self.view)

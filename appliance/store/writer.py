@@ -259,6 +259,16 @@ class Writer:
         that leaves unavailable until they are refilled."""
         return check(lib.apl_device_detach(self._s, seg), f"detach device {seg}")
 
+    def device_numbers(self, seg: int) -> list[int]:
+        """The block numbers with a block of their chain on device `seg`."""
+        out, start, cap = [], 0, 1 << 16
+        buf, nxt = ffi.new("uint32_t[]", cap), ffi.new("uint32_t *")
+        while start < self.att.sb.sb_max_blocks:
+            n = check(lib.apl_device_numbers(self._s, seg, start, buf, cap, nxt), f"device {seg}")
+            out.extend(buf[0:n])
+            start = nxt[0]
+        return out
+
     def device_marked(self, seg: int) -> int:
         """Block numbers of device `seg` not refilled yet."""
         return check(lib.apl_device_marked(self._s, seg), f"device {seg}")
