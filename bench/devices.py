@@ -24,7 +24,7 @@ import multiprocessing as mp
 import time
 
 from appliance_system import AppliancePair
-from failover import BATCH, _records, _Size
+from failover import _Size, fill
 from harness import percentile
 from replication import MB, tcp_rate
 
@@ -86,15 +86,7 @@ def device_rows(target_bytes: int, say) -> dict:
     pair = AppliancePair(_Size(max(1 << 17, target_bytes // 1024)), mode="sync", serve_reads=True)
     pair.start()
     try:
-        pair.start_agents()
-        pair.wait_caught_up()
-        t0, loaded = time.monotonic(), 0
-        while pair.node.status()["memory"]["bytes_used"] < target_bytes:
-            pair.db.load("accounts", _records(loaded, BATCH * 10), batch=BATCH)
-            loaded += BATCH * 10
-        size = pair.node.status()["memory"]["bytes_used"]
-        say(f"  ({loaded:,} records, {size / 2**20:,.0f} MiB of blocks loaded in {time.monotonic() - t0:.1f} s)")
-        pair.wait_caught_up(600.0)
+        loaded, size = fill(pair, target_bytes, say)
         cfg = pair.node.config
         tcp = tcp_rate()
         recovery.detach(cfg, 1)

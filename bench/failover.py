@@ -67,6 +67,21 @@ def lz4_decompress_rate(appliance_name: str, min_seconds: float = LZ4_MIN_SECOND
             "mb_s": total * passes / elapsed / MB}
 
 
+def fill(pair, target_bytes: int, say) -> tuple[int, int]:
+    """Start the pair's replication, load ~1 KB records until the primary's
+    blocks take `target_bytes`, wait for the secondary: (records, bytes)."""
+    pair.start_agents()
+    pair.wait_caught_up()
+    t0, loaded = time.monotonic(), 0
+    while pair.node.status()["memory"]["bytes_used"] < target_bytes:
+        pair.db.load("accounts", _records(loaded, BATCH * 10), batch=BATCH)
+        loaded += BATCH * 10
+    size = pair.node.status()["memory"]["bytes_used"]
+    say(f"  ({loaded:,} records, {size / 2**30:.2f} GiB of blocks loaded in {time.monotonic() - t0:.1f} s)")
+    pair.wait_caught_up(600.0)
+    return loaded, size
+
+
 def promote_to_first_write(serve_reads: bool, target_bytes: int, say) -> dict:
     """One pair, filled to `target_bytes` of blocks, failed over (see the module docstring)."""
     from appliance.cli import recovery
@@ -74,16 +89,7 @@ def promote_to_first_write(serve_reads: bool, target_bytes: int, say) -> dict:
     pair = AppliancePair(_Size(max(1 << 17, target_bytes // 1024)), mode="async", serve_reads=serve_reads)
     pair.start()
     try:
-        pair.start_agents()
-        pair.wait_caught_up()
-        t0, loaded = time.monotonic(), 0
-        while pair.node.status()["memory"]["bytes_used"] < target_bytes:
-            pair.db.load("accounts", _records(loaded, BATCH * 10), batch=BATCH)
-            loaded += BATCH * 10
-        say(f"  ({loaded:,} records, {pair.node.status()['memory']['bytes_used'] / 2**30:.2f} GiB of blocks "
-            f"loaded in {time.monotonic() - t0:.1f} s)")
-        pair.wait_caught_up(600.0)
-        size = pair.node.status()["memory"]["bytes_used"]
+        loaded, size = fill(pair, target_bytes, say)
         sdb = pair.secondary.connect() if serve_reads else None
         for proc in (pair.primary_agent.proc, pair.node.proc):   # the primary's machine dies
             proc.kill()
