@@ -156,6 +156,8 @@ class TestDetach:
         assert devs[dev]["state"] == "detached" and devs[dev]["unavailable"] == rep["blocks"]
         assert all(d["state"] == "in service" for i, d in devs.items() if i != dev)
         assert pair.status()["devices"]["detached"] == [dev]
+        shown = cli("status", "--config", str(cfg)).stdout
+        assert f"DETACHED device(s) {dev}" in shown and "detached" in shown
         # nothing new lands on it meanwhile
         with appliance.connect(cfg) as db:
             for i in range(200):

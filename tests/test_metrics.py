@@ -179,3 +179,22 @@ class TestDashboard:
             served |= set(wait_for(pair.metrics[node.name], lambda m: "appliance_agent_attached" in m and
                                    (node is pair.primary or "appliance_history_disk_bytes" in m), "its figures"))
         assert charted - served == set()
+
+
+class TestDevices:
+    def test_a_detached_device_shows_out_of_service_until_it_is_replaced(self, pair):
+        from appliance.cli import recovery
+        port = pair.metrics[pair.primary.name]
+        cfg = pair.primary.app.config
+        dev = f"/apl.{pair.primary.name}.dev1"
+        assert value(scrape(port), "appliance_device_in_service", device=dev) == 1
+        recovery.detach(cfg, 1)
+        try:
+            m = wait_for(port, lambda m: value(m, "appliance_device_in_service", device=dev) == 0, "detached")
+            assert value(m, "appliance_device_in_service", device=f"/apl.{pair.primary.name}.dev0") == 1
+        finally:
+            pair.wait_caught_up()
+            rep = recovery.replace(cfg, 1)
+        assert rep["refilled"] == rep["blocks"]
+        m = wait_for(port, lambda m: value(m, "appliance_device_in_service", device=dev) == 1, "in service")
+        assert "appliance_device_rebuild_progress_ratio" not in m

@@ -29,11 +29,21 @@ def status(st: dict) -> None:
     console.print(f"blocks: {b['used']} numbers in use of {b['max']}; slots {b['slots_total'] - b['slots_free']} "
                   f"used, {b['slots_free']} free; {b['old_versions_pending']} old versions held for readers")
     t = Table(title="segments (storage devices)")
-    for c in ("segment", "size", "slots", "used", "free"):
-        t.add_column(c, justify="right" if c != "segment" else "left")
+    for c in ("segment", "state", "size", "slots", "used", "free"):
+        t.add_column(c, justify="right" if c not in ("segment", "state") else "left")
     for s in st["segments"]:
-        t.add_row(s["name"], _size(s["size"]), str(s["slots"]), str(s["used"]), str(s["free"]))
+        t.add_row(s["name"], s.get("state", "in service"), _size(s["size"]), str(s["slots"]), str(s["used"]),
+                  str(s["free"]))
     console.print(t)
+    devs = st.get("devices") or {}
+    job = devs.get("replace")
+    if job:
+        eta = f", {job['eta_s']:.0f} s left" if job.get("eta_s") is not None else ""
+        console.print(f"replacing device {job['device']} ({job['mode']}): {job['phase']}, {job['done']} of "
+                      f"{job['blocks']} blocks, {_size(job['bytes'])} at {_size(job['bytes_s'])}/s{eta}")
+    elif devs.get("detached"):
+        console.print(f"[bold red]DETACHED[/bold red] device(s) {', '.join(map(str, devs['detached']))}: their "
+                      "blocks are unavailable; `appliance device replace` refills them from a peer")
     t = Table(title="tables")
     for c in ("table", "records", "primary key", "alternate keys"):
         t.add_column(c)

@@ -50,10 +50,8 @@ __all__ = ["MetricsServer"]
 #: into _Collector.collect() next to its neighbours when its feature lands
 _NOT_YET = {
     "appliance_recovery_progress_ratio": "restore/recovery from a secondary or from disk",
-    "appliance_device_rebuild_progress_ratio": "replacing a storage device (rebuild)",
     "appliance_rewind_window_seconds": "going back in time (rewind) on a secondary",
     "appliance_batch_mode": "referential batch mode (SUSPEND/RESUME of a secondary's apply)",
-    "appliance_durability_lag_bytes": "durability to disk",
 }
 
 
@@ -173,6 +171,24 @@ class _Collector:
                     samples=[((s["name"],), s["used"]) for s in segs])
         yield gauge("appliance_device_free_blocks", "Free block slots per storage device", labels=("device",),
                     samples=[((s["name"],), s["free"]) for s in segs])
+        yield gauge("appliance_device_in_service", "1: the storage device is in service; 0: detached or "
+                    "being replaced", labels=("device",),
+                    samples=[((s["name"],), int(s.get("state", "in service") == "in service")) for s in segs])
+        job = (st.get("devices") or {}).get("replace")
+        if job is not None:
+            yield gauge("appliance_device_rebuild_progress_ratio", "A device replacement's refill: blocks "
+                        "refilled / blocks to refill", labels=("device", "phase"),
+                        samples=[((segs[job["device"]]["name"], job["phase"]),
+                                  job["done"] / job["blocks"] if job["blocks"] else 1.0)])
+        d = st.get("durability")
+        if d is not None:
+            yield gauge("appliance_durability_lag_bytes", "Change log queued for the log files and not written",
+                        d["queued_bytes"])
+            yield gauge("appliance_durability_lag_serials", "Serials published and not yet on disk",
+                        max(0, lg["serial"] - d["durable_serial"]))
+            yield gauge("appliance_durability_log_bytes_since_checkpoint", "Log bytes written since the last "
+                        "checkpoint", d["log_bytes_since_checkpoint"])
+            yield counter("appliance_durability_fsyncs", "fdatasync calls of the log files", d["fsyncs"])
         b = st["blocks"]
         yield gauge("appliance_block_numbers_used", "Block numbers in use (location table)", b["used"])
         yield gauge("appliance_block_numbers_max", "Block numbers the location table holds", b["max"])
