@@ -46,7 +46,7 @@ from .repair import sleep
 __all__ = ["Devices", "device_status", "device_list"]
 
 #: block numbers fetched and laid in per slice of a refill (one message from the peer)
-REFILL_SLICE = 2048
+REFILL_SLICE = 512
 #: the same, online: commits wait while one slice is fetched and laid in
 ONLINE_SLICE = 256
 #: online: after a slice, commits run undisturbed for this many times the slice's duration
