@@ -150,6 +150,9 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
 /* Highest block number in use + 1 (for iterating block numbers). */
 uint64_t apl_block_limit(apl_view *v);
+/* The block number of the leaf chain that holds `key` in `file` at
+ * `version` (where it is, or would go); apl_locate.c. */
+int64_t apl_leaf_of(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen, uint64_t version);
 
 /* ---- the writer (controller only) ---- */
 typedef struct apl_store apl_store;

@@ -49,7 +49,10 @@
     _(APL_ENOREAD,         -31117, "this secondary keeps lz4 backup blocks and serves no reads") \
     _(APL_ELIMIT,          -31118, "the request exceeds a configured limit") \
     _(APL_EINTERNAL,       -31119, "internal error: an error code this build does not know") \
-    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time")
+    _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time") \
+    _(APL_ENOHISTORY,      -31121, "the log history does not reach back that far") \
+    _(APL_ECONFLICT,       -31122, "later transactions changed the same records") \
+    _(APL_EPROGRAM,        -31123, "a program cannot be imported or is not the version recorded")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

@@ -19,7 +19,8 @@ ERRORS = {
     "NoSuchTableError", "NoSuchFieldError", "WrongTypeError", "KeyTooLongError", "NoSuchRecordError",
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
     "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
-    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
+    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "HistoryError",
+    "ConflictError", "ProgramError", "InternalError", "error_for",
 }
 
 

@@ -277,5 +277,10 @@ def demo(accounts: int, keep: bool) -> None:
     sys.exit(run_demo(accounts=accounts, keep=keep))
 
 
+from .recovery import COMMANDS as _RECOVERY   # noqa: E402  (history, restore, cancel, rerun, batch)
+
+for _cmd in _RECOVERY:
+    main.add_command(_cmd)
+
 if __name__ == "__main__":
     main()

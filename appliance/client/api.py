@@ -250,6 +250,70 @@ class Client:
         return Transaction(self, program, input, durability if durability is not None else self.durability,
                            m.check_commit_timeout(commit_timeout))
 
+    def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None):
+        """Run a transaction by a program: import `program` ("module:function"),
+        open a transaction whose T log records the program's name, its version
+        (the function's ``__version__``, else a hash of its code) and `input`,
+        call ``function(tx, input)`` and commit; an exception cancels (and is
+        raised). Returns what the function returned.
+
+        Such a transaction can be run again (``appliance rerun``) when the
+        function reads and writes only through `tx` and takes the clock,
+        random choices and everything else from `input`. :attr:`last_run`
+        (per thread) is then the transaction's ``result`` plus "program" and
+        "program_version"."""
+        from ..recovery.programs import resolve, version_of
+        fn = resolve(program)
+        version = version_of(fn)
+        tx = self.transaction(program, input, durability=durability, commit_timeout=commit_timeout)
+        tx._version = version
+        with tx:
+            value = fn(tx, input)
+        self._local.last_run = dict(tx.result or {}, program=program, program_version=version)
+        return value
+
+    # -- going back in time (appliance.client.recovery, appliance.recovery) ---------------
+
+    def history(self, **query) -> dict:
+        """Which committed transactions changed what: see appliance.client.recovery.history."""
+        self._check()
+        from . import recovery
+        return recovery.history(self, **query)
+
+    def restore(self, to, **options) -> dict:
+        """Point-in-time restore: see appliance.client.recovery.restore."""
+        self._check()
+        from . import recovery
+        return recovery.restore(self, to, **options)
+
+    def cancel_txn(self, txn: int, **options) -> dict:
+        """Undo one committed transaction everywhere: see appliance.client.recovery.cancel_txn."""
+        self._check()
+        from . import recovery
+        return recovery.cancel_txn(self, txn, **options)
+
+    def rerun(self, program: str, fixed: str, **options):
+        """Re-run a faulty program's transactions with a corrected one, and
+        every later transaction (appliance.recovery.rerun.rerun); returns its
+        RerunReport. `dry_run` is True unless given."""
+        self._check()
+        from ..recovery.rerun import rerun
+        from .recovery import target_of
+        since = options.pop("since", None)
+        return rerun(self, program, fixed, since=target_of(since) if since is not None else None, **options)
+
+    def batch(self, action: str, at=None) -> dict:
+        """Batch mode on a secondary ("begin", "end", "status"): see appliance.client.recovery.batch."""
+        self._check()
+        from . import recovery
+        return recovery.batch(self, action, at)
+
+    @property
+    def last_run(self) -> dict | None:
+        """What this thread's last :meth:`run` committed: txn, serial, version,
+        program, program_version."""
+        return getattr(self._local, "last_run", None)
+
     def wait_applied(self, serial: int, timeout: float = 10.0) -> int:
         """Read-your-writes on a secondary: wait until the primary's change
         `serial` (a commit's ``result["serial"]``) is applied here; returns
@@ -603,6 +667,7 @@ class Transaction:
         self.commit_timeout = commit_timeout
         self._program = program
         self._input = input
+        self._version: str | None = None     # the program callable's version (Client.run)
         self.number: int | None = None
         self.state = "new"       # new, open, committed, cancelled
         self.result: dict | None = None
@@ -619,7 +684,10 @@ class Transaction:
         if self.state == "new":
             s = c._session()
             self._began_ns = time.time_ns()
-            replies = s.call_many([[m.OP_BEGIN, self._program, self._input], req])
+            begin = [m.OP_BEGIN, self._program, self._input]
+            if self._version is not None:
+                begin.append(self._version)
+            replies = s.call_many([begin, req])
             self.number = result(replies[0], "begin")
             self._session = s
             self._generation = s.generation

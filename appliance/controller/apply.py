@@ -11,7 +11,9 @@ readers read; see apl_batch_abort), reads go on at the last published
 version, and the secondary refuses the stream until a block copy begins
 (``needs_copy``): the agent asks its primary for one. While a copy runs,
 ``copied`` marks the block numbers it has brought, so the entries that follow
-skip blocks the copy will carry. Everything runs on the loop thread.
+skip blocks the copy will carry. In batch mode (:mod:`.batch`) OP_APPLY is
+refused with ``{"batch": true}``: the agent keeps the stream and catches up
+once the batch ends. Everything runs on the loop thread.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ class SecondaryApply:
         if have and source != have and self.copied is None:
             raise errors.ProtocolError(f"apply: these changes come from primary instance {source}, "
                                        f"this secondary follows {have}: copy first", need_copy=True)
+        if self.ctl.batch.refuses_apply():
+            # batch mode: reads see one frozen state; the agent keeps what arrives and catches up later
+            return {"applied": applied, "consumed": 0, "batch": True}
         first = changelog.first_serial(blob)
         if first is not None and first > applied + 1:
             raise errors.ProtocolError(f"apply: gap: serial {first} follows {applied}",
@@ -135,7 +140,7 @@ class SecondaryApply:
     def status(self) -> dict:
         applied, source = self.ctl.agents.applied_serial()
         return {"applied_serial": applied, "source_instance": source, "copying": self.copied is not None,
-                "needs_copy": self.needs_copy}
+                "needs_copy": self.needs_copy, "batch": self.ctl.batch.status()}
 
 
 @handler(m.OP_APPLY, roles=("secondary",))

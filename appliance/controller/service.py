@@ -11,6 +11,9 @@ carry out requests, each owning its own state:
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
+- ``hold``     new writes held while a recovery operation runs (:mod:`.hold`);
+- ``history``  history, restore and cancel from the log history (:mod:`.history`);
+- ``batch``    a secondary's referential batch mode (:mod:`.batch`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
 request goes through the op table (:mod:`.ops`), which the part that
@@ -27,14 +30,17 @@ from ..config import Config
 from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
-from . import agent_ops, apply, statements, status as status_mod  # noqa: F401  (they fill the op table)
+from . import agent_ops, apply, batch, history, statements, status as status_mod  # noqa: F401  (they fill the op table)
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
+from .batch import BatchMode
 from .commit import GroupCommit
+from .hold import WriteHold
 from .locks import LockManager
 from .loop import WAIT_COMMIT, WAIT_WATCH, Loop
 from .ops import dispatch
 from .readers import ReaderSlots
+from .history import HistoryOps
 from .role import Role
 from .statements import Transactions
 from .sync import SyncTracker
@@ -60,6 +66,9 @@ class Controller(Loop):
         self.sync = SyncTracker(cfg.replication if self.role.is_primary else None, log)
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
+        self.hold = WriteHold(self)
+        self.history = HistoryOps(self)
+        self.batch = BatchMode(self)
         self.role.on_change(self._role_changed)
 
     def _role_changed(self, old: str, new: str) -> None:
@@ -85,7 +94,7 @@ class Controller(Loop):
         return dispatch(self, sess, req)
 
     def fast_request(self, sess, req: list) -> bool:
-        if req[0] != m.OP_ATOMIC or self.role.is_secondary:
+        if req[0] != m.OP_ATOMIC or self.role.is_secondary or self.hold.holder is not None:
             return False
         try:
             return self.txns.fast_atomic(sess, req)
@@ -121,6 +130,7 @@ class Controller(Loop):
 
     def session_dropped(self, sess) -> None:
         self.agents.dropped(sess)
+        self.hold.dropped(sess)
         txn = sess.txn
         if txn is not None and txn.state == "open":
             self.txns.cancel(txn, "client_gone")

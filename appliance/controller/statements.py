@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import time
 
-import msgpack
-
 from .. import errors
-from ..store import changelog
+from ..store import changelog, tlog
 from ..wire import messages as m
 from .locks import DEADLOCK, GRANTED
 from .loop import FAST, WAIT_LOCK, YIELD, plain
@@ -28,8 +26,6 @@ from .txn import Change, Txn
 
 __all__ = ["Transactions"]
 
-_unpackb = msgpack.unpackb
-_packb = msgpack.Packer(use_bin_type=True).pack
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 
 
@@ -53,16 +49,19 @@ class Transactions:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def begin(self, sess, program, input_) -> Txn:
+    def begin(self, sess, program, input_, version=None) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
-        if input_ is not None and not isinstance(input_, (int, float, bool, str)):
-            size = len(_packb([program, input_]))
+        if version is not None and (not isinstance(version, str) or program is None or len(version) > 200):
+            raise errors.WrongTypeError("begin: version must be a string of at most 200 characters, "
+                                        "with a program")
+        if (input_ is not None and not isinstance(input_, (int, float, bool, str))) or version is not None:
+            size = len(tlog.encode(program, input_, version))
             if size > self.max_tlog:
                 raise errors.RecordTooLargeError(
                     f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
                     "fit the change log", size=size, limit=self.max_tlog)
-        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess)
+        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, version)
         sess.txn = txn
         self.active[txn.number] = txn
         return txn
@@ -168,7 +167,7 @@ class Transactions:
         ch = txn.changes.get((t.file, pk))
         if ch is None:
             before = self._committed(t.file, pk)
-            rec = _unpackb(before) if before is not None else None
+            rec = t.decode(before) if before is not None else None
             ch = Change(t, key, pk, before, rec)
             txn.changes[(t.file, pk)] = ch
         return ch
@@ -378,11 +377,11 @@ def put(ctl, sess, table, key, record):
     return (yield from _statement(ctl, sess, m.OP_PUT, (table, key, record)))
 
 
-@handler(m.OP_BEGIN, writes=True)
-def begin(ctl, sess, program, input):
+@handler(m.OP_BEGIN, writes=True, new_txn=True)
+def begin(ctl, sess, program, input, version=None):
     if sess.txn is not None and sess.txn.state == "open":
         raise errors.TransactionStateError(f"begin: transaction {sess.txn.number} is still open on this connection")
-    return ctl.txns.begin(sess, program, input).number
+    return ctl.txns.begin(sess, program, input, version).number
 
 
 @handler(m.OP_COMMIT, writes=True)
@@ -401,7 +400,7 @@ def cancel(ctl, sess):
     return None
 
 
-@handler(m.OP_ATOMIC, writes=True)
+@handler(m.OP_ATOMIC, writes=True, new_txn=True)
 def atomic(ctl, sess, program, input, steps, options=None):
     opts = {} if options is None else options
     if not isinstance(opts, dict):
@@ -415,7 +414,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
     if not isinstance(steps, list):
         raise errors.ProtocolError("atomic: steps must be a list")
     txns = ctl.txns
-    txn = txns.begin(sess, program, input)
+    txn = txns.begin(sess, program, input, opts.get("version"))
     results = []
     try:
         for st in steps:
@@ -430,7 +429,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
     return out
 
 
-@handler(m.OP_LOAD, writes=True)
+@handler(m.OP_LOAD, writes=True, new_txn=True)
 def load(ctl, sess, table, records, durability=None, commit_timeout=None):
     d = ctl.sync.check_durability(durability)
     bound = m.check_commit_timeout(commit_timeout)

@@ -51,6 +51,7 @@ def status(ctl) -> dict:
                     "dropped": ctl.counters["clients_dropped"]},
         "recovery": ctl.recovery,
         "replication": _replication(ctl),
+        "history": ctl.history.status(),
     }
 
 

@@ -23,9 +23,8 @@ import struct
 import time
 from typing import Any
 
-import msgpack
-
 from .._native import lib
+from ..store import tlog
 from ..store.records import TableSchema
 from ..store.writer import Writer
 
@@ -34,9 +33,6 @@ __all__ = ["Txn", "Change", "Committer"]
 TXN_INSERT = lib.APL_TXN_INSERT
 TXN_UPDATE = lib.APL_TXN_UPDATE
 TXN_DELETE = lib.APL_TXN_DELETE
-
-_packb = msgpack.Packer(use_bin_type=True).pack
-
 
 class Change:
     """The net effect of a transaction on one record."""
@@ -63,13 +59,15 @@ class Change:
 class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
-    __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
+    __slots__ = ("number", "program", "input", "version", "session", "started_ns", "locks", "waiting_for",
                  "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
 
-    def __init__(self, number: int, program: str | None, input: Any, session=None) -> None:
+    def __init__(self, number: int, program: str | None, input: Any, session=None,
+                 version: str | None = None) -> None:
         self.number = number
         self.program = program
         self.input = input
+        self.version = version       # the program callable's version (db.run), or None
         self.session = session
         self.started_ns = time.monotonic_ns()
         self.locks: set = set()
@@ -122,7 +120,7 @@ class Committer:
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
                                 _step(ops, TXN_INSERT, fid, ak, b"")
-        return self.w.commit_txn(txn.number, now, _packb([txn.program, txn.input]), ops)
+        return self.w.commit_txn(txn.number, now, tlog.encode(txn.program, txn.input, txn.version), ops)
 
 
 _OP = struct.Struct("<B3xIII")

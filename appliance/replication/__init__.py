@@ -38,6 +38,8 @@ from ..store.segment import Attachment
 from ..wire import messages as m
 from . import link
 from .applier import Applier
+from ..recovery.history import GAP, RingCursor
+from ..store.changelog import E_KIND, ENTRY
 from .history import History
 from .relay import Relay
 from .states import RelayState
@@ -93,7 +95,11 @@ class PrimaryAgent:
         self.head = 0
         self.serial = 0
         self._report_event = asyncio.Event()
+        self._history_wake = asyncio.Event()
         self.verify_tasks: set = set()
+        rc = cfg.replication
+        self.history = History(cfg.resolve(rc.history_dir), period=rc.history_period, memory=rc.history_memory,
+                               disk=rc.history_disk, keep_a=rc.history_a_logs, log=log) if rc.history_dir else None
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config (only config.RELOADABLE's agent keys differ):
@@ -101,6 +107,7 @@ class PrimaryAgent:
         on; each relay takes its secondary's settings."""
         secret, tls = cfg.secret(), link.tls_context(cfg, server=False)
         self.cfg, self.secret, self.tls = cfg, secret, tls
+        _reconfigure_history(self.history, cfg)
         by_name = {s.name: s for s in cfg.replication.secondaries}
         for r in self.relays:
             r.reconfigure(by_name[r.name])
@@ -158,6 +165,8 @@ class PrimaryAgent:
         tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
+        if self.history is not None:
+            tasks.append(asyncio.create_task(self._keep_history(), name="history"))
         ready(f"streaming to {', '.join(r.name for r in self.relays)}")
         self.log.info("agent_started", role="primary", secondaries=[r.name for r in self.relays],
                       serial=self.serial)
@@ -168,6 +177,30 @@ class PrimaryAgent:
                     raise t.exception()
         finally:
             await cancel_and_wait([*tasks, *self.verify_tasks])
+            if self.history is not None:
+                self.history.spill()
+                self.history.close()
+
+    async def _keep_history(self) -> None:
+        """Keep this primary's own log history (history_dir on a primary): its
+        change log as it is published, from where the history ends. Between
+        chunks the loop serves the relays (they are on the synchronous
+        commits' path); closing a part (compressing it) runs in a thread."""
+        h = self.history
+        cursor = RingCursor(self.reader, h.last_serial + 1, chunk=256 << 10)
+        while True:
+            self._history_wake.clear()
+            for blob in cursor.blobs():
+                if _is_gap_marker(blob):
+                    continue          # the history notices the gap itself (and logs history_gap)
+                h.append(blob, spill=False)
+                await asyncio.sleep(0)
+            if h.should_spill():
+                await asyncio.to_thread(h.spill)
+            try:
+                await asyncio.wait_for(self._history_wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
 
     async def _watch(self) -> None:
         """Long-poll the controller for newly published log entries."""
@@ -187,6 +220,7 @@ class PrimaryAgent:
             self.head, self.serial = b["head"], b["serial"]
             for r in self.relays:
                 r.wake.set()
+            self._history_wake.set()
             # let the relays send the new entries before this task re-arms the
             # watch: the entries are on the synchronous commits' path, the watch is not
             await asyncio.sleep(0)
@@ -211,7 +245,8 @@ class PrimaryAgent:
                 pass
             self._report_event.clear()
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
-                     "reported_at": time.time()}
+                     "reported_at": time.time(),
+                     "history": self.history.status() if self.history is not None else {"enabled": False}}
             try:
                 await self.ctl.call([m.OP_REPL_STATE, state])
             except errors.UnavailableError:
@@ -253,10 +288,7 @@ class SecondaryAgent:
         """A reloaded config (only config.RELOADABLE's agent keys differ)."""
         if self.applier is not None:
             self.applier.reconfigure(cfg)
-        if self.history is not None:
-            rc, h = cfg.replication, self.history
-            h.period, h.memory, h.disk, h.keep_a = (rc.history_period, rc.history_memory, rc.history_disk,
-                                                    rc.history_a_logs)
+        _reconfigure_history(self.history, cfg)
         self.cfg = cfg
 
     async def run(self, ready) -> None:
@@ -276,7 +308,9 @@ class SecondaryAgent:
             while True:
                 await asyncio.sleep(self.cfg.replication.heartbeat)
                 try:
-                    await ctl.call([m.OP_REPL_STATE, applier.report()])
+                    r = await ctl.call([m.OP_REPL_STATE, applier.report()])
+                    if isinstance(r, dict) and "batch" in r:
+                        applier.on_batch(bool(r["batch"]))
                 except errors.UnavailableError:
                     self.log.warning("controller_link_lost")
                     if applier.current is not None:
@@ -287,11 +321,24 @@ class SecondaryAgent:
                     applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
                     applier.copying = bool(ctl.info.get("copying"))
                     applier.need_copy = applier.need_copy or bool(ctl.info.get("needs_copy"))
-                if time.monotonic() - history.last_spill > 5:
+                if history.should_spill():
                     history.spill()
         finally:
             history.spill()
+            history.close()
             applier.server.close()
+
+
+def _reconfigure_history(h: History | None, cfg: Config) -> None:
+    """A reload's history settings (config.RELOADABLE: period, memory, disk, A logs)."""
+    if h is not None:
+        rc = cfg.replication
+        h.period, h.memory, h.disk, h.keep_a = rc.history_period, rc.history_memory, rc.history_disk, \
+            rc.history_a_logs
+
+
+def _is_gap_marker(blob: bytes) -> bool:
+    return len(blob) >= ENTRY.size and ENTRY.unpack_from(blob)[E_KIND] == GAP
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:

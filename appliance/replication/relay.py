@@ -74,6 +74,7 @@ class Relay:
         self.verify_queue: deque = deque()
         self.force_copy = False       # an operator asked for a full copy (appliance copy)
         self.copies = 0               # copies completed
+        self.batch = False            # the secondary is in batch mode: it acknowledges on receipt
 
     def reconfigure(self, sec) -> None:
         """This secondary's settings (a reload: the address serves the next
@@ -92,7 +93,7 @@ class Relay:
         lag_bytes = max(0, head - self.acked_pos) if self.connected or self.acked_pos else max(0, head - self.pos)
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state.value,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
-                "warning": self.warning, "attempts": self.attempts}
+                "warning": self.warning, "attempts": self.attempts, "batch": self.batch}
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -352,6 +353,20 @@ class Relay:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():
                     fut.set_result(body)
+            elif kind == rp.SUSPEND:
+                if not self.batch:
+                    self.batch = True
+                    self.log.warning("secondary_batch_mode", applied=body.get("applied") if isinstance(body, dict)
+                                     else None, acknowledges="on receipt",
+                                     note="its acknowledgements mean received and kept in its log, not applied, "
+                                          "until it reports it is back (RESUME)")
+                    self.agent.report_soon()
+            elif kind == rp.RESUME:
+                if self.batch:
+                    self.batch = False
+                    self.log.warning("secondary_batch_mode_ended", applied=body.get("applied")
+                                     if isinstance(body, dict) else None)
+                    self.agent.report_soon()
             elif kind == rp.ERROR:
                 raise errors.error_for(str(body.get("code", "APL_EPROTO")),
                                        f"{fs.peer}: {body.get('message', 'error')}")

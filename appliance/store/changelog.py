@@ -41,8 +41,9 @@ def _entry_struct() -> tuple[tuple[str, ...], struct.Struct]:
 #: the entry header's fields (struct apl_centry, in order) and their struct.Struct
 FIELDS, ENTRY = _entry_struct()
 #: index of a field in what ENTRY unpacks
-E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN, E_KLEN, E_ALEN, E_BLEN = (
-    FIELDS.index(f"ce_{n}") for n in ("len", "kind", "flags", "file", "block", "serial", "txn", "klen", "alen", "blen"))
+E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN, E_TIME, E_KLEN, E_ALEN, E_BLEN = (
+    FIELDS.index(f"ce_{n}") for n in ("len", "kind", "flags", "file", "block", "serial", "txn", "time_ns", "klen",
+                                       "alen", "blen"))
 _SERIAL_AT = ffi.offsetof("struct apl_centry", "ce_serial")
 _SERIAL = struct.Struct("=Q")
 

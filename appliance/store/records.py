@@ -20,6 +20,7 @@ __all__ = ["Schema", "TableSchema"]
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _MISSING = object()
 _packb = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
 
 
 def _check_int(v):
@@ -195,6 +196,10 @@ class TableSchema:
                 f"{self.max_record - 16 - len(pk)} for this block size", table=self.name, size=len(b),
                 limit=self.max_record - 16 - len(pk))
         return b
+
+    def decode(self, image: bytes) -> dict:
+        """The record a stored image (an A or B image) holds."""
+        return _unpackb(image)
 
     def check_keys(self, pk: bytes, entries: list[tuple[int, bytes]], max_key: int) -> None:
         if len(pk) > max_key:

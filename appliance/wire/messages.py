@@ -35,7 +35,7 @@ reply is APL_EBACKUP (BackupTimeoutError, details txn, serial, version,
 waiting_for, after_s): committed here, the backup pending, the records
 still locked until it is confirmed.
 OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...,
-"commit_timeout": ...}.
+"commit_timeout": ..., "version": ...} (version: as OP_BEGIN's).
 
 The replication agent of the same appliance uses these, on the same socket
 (only after OP_AGENT, and only from the controller's own user or root):
@@ -83,6 +83,11 @@ OP_TXN_STATUS = 20
 OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
 OP_RESYNC = 23
+OP_HISTORY = 24
+OP_RESTORE = 25
+OP_CANCEL_TXN = 26
+OP_HOLD = 27
+OP_BATCH = 28
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
@@ -132,7 +137,9 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
-    _R(OP_BEGIN, ("program", "input"), "transaction number (program: a name or nil; input: any)"),
+    _R(OP_BEGIN, ("program", "input", "version?"),
+       "transaction number (program: a name or nil; input: any; version: the program callable's version, "
+       "db.run: see appliance/store/tlog.py)"),
     _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
     _R(OP_INSERT, ("table", "record"), "nil"),
     _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
@@ -149,13 +156,30 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_VERIFY, ("timeout",), "{secondary: {ok, differ, checked, serial}} (a primary: its agent compares "
        "every block)"),
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
+    _R(OP_HISTORY, ("query",),
+       "map: transactions (each: txn, serial, time_ns, program, version, input, changes: [{table, kind, key, "
+       "b, a}]), next (serial to ask from for more, or nil), window; query: {since, until, program, table, "
+       "key, limit, images}"),
+    _R(OP_RESTORE, ("target", "options"),
+       "map: to_serial, records, entries, transactions, parts, txn, serial (or, dry_run: changes); target: "
+       "{serial} or {time_ns}; options: {table, blocks, dry_run, timeout}"),
+    _R(OP_CANCEL_TXN, ("txn", "options"),
+       "map: txn, serial, records (or, dry_run: changes); refused with APL_ECONFLICT when later "
+       "transactions changed its records; options: {dry_run, timeout}"),
+    _R(OP_HOLD, ("action", "timeout?"),
+       'nil ("begin": new writes of other sessions wait until "end" or this session closes; waits up to '
+       "timeout s for open transactions to end)"),
+    _R(OP_BATCH, ("action", "at?"),
+       'map: batch state (a secondary: "begin" stops applying, reads see one frozen state, `at` rewinds '
+       'it to a serial or {time_ns} first; "end" resumes; "status")'),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
        'timeout): head, tail, serial, version, "verify": ids operators asked for, "resync": secondaries to '
        "copy again", agent=True),
-    _R(OP_REPL_STATE, ("state",), "nil ({secondary: {connected, acked, state, ...}}: drives synchronous "
-       'commits on a primary, shown by status; or {"verify": {id: result}})', agent=True),
+    _R(OP_REPL_STATE, ("state",), "nil; a secondary: {batch: whether batch mode is on} ({secondary: "
+       "{connected, acked, state, ...}}: drives synchronous commits on a primary, shown by status; or "
+       '{"verify": {id: result}})', agent=True),
     _R(OP_ACKED, ("secondary", "serial"), "none: one-way (a primary: releases the synchronous commits the "
        "serial satisfies)", agent=True),
     _R(OP_APPLY, ("source", "after", "entries"), "map: applied, consumed (a secondary)", agent=True),

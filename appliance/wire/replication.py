@@ -38,7 +38,6 @@ Stream (primary -> secondary), in serial order:
                                         length 0: the number is not in use there
     COPY_END    {serial}
     VERIFY      {id, sums}              checksums of every block at this stream position
-    SUSPEND / RESUME                    stop / restart applying (referential batch mode)
     HEARTBEAT   {head, committed}       keeps an idle link measurable
 
 Replies (secondary -> primary):
@@ -49,6 +48,11 @@ Replies (secondary -> primary):
                                         counts no acknowledgement past what it sent)
     NAK         {expected}              a gap: resend from serial `expected`
     VERIFY_RESULT {id, differ, checked}
+    SUSPEND     {applied}               referential batch mode ([0156]): this secondary stopped
+                                        applying; it keeps what arrives and, until RESUME, its
+                                        ACKs mean received and kept ({applied, received: true}),
+                                        so a synchronous primary does not stall on it
+    RESUME      {applied}               it caught up after the batch: ACKs mean applied again
     HEARTBEAT   {applied}
     ERROR       {code, message}         then the connection is closed (a secondary whose
                                         controller refused a batch says why, and its next
