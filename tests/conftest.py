@@ -207,21 +207,32 @@ def built_dist(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel}
 
 
+class Appliances:
+    """Factory of Appliances, each in a folder of its own under `base`:
+    make(**config_kw) -> Appliance (not started); cleanup() tears them all down."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.made: list[Appliance] = []
+
+    def __call__(self, **kw) -> Appliance:
+        sub = self.base / f"a{len(self.made)}"
+        sub.mkdir()
+        a = Appliance(sub, **kw)
+        self.made.append(a)
+        return a
+
+    def cleanup(self) -> None:
+        for a in self.made:
+            a.cleanup()
+
+
 @pytest.fixture
 def make_appliance(tmp_path):
     """Factory: make_appliance(**config_kw) -> Appliance (not started)."""
-    made: list[Appliance] = []
-
-    def make(**kw) -> Appliance:
-        sub = tmp_path / f"a{len(made)}"
-        sub.mkdir()
-        a = Appliance(sub, **kw)
-        made.append(a)
-        return a
-
+    make = Appliances(tmp_path)
     yield make
-    for a in made:
-        a.cleanup()
+    make.cleanup()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from appliance import errors
 from appliance.client.session import Session
 from appliance.wire import messages as m
 
-from conftest import BANK_TABLES, Appliance, Cluster
+from conftest import BANK_TABLES, Appliances, Cluster
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 
@@ -41,14 +41,7 @@ HIST = 'history_dir = "hist"\nhistory_memory = "64KiB"'
 def cluster(tmp_path_factory):
     """The module's primary and synchronous secondary (both with a log history)."""
     base = tmp_path_factory.mktemp("recovery")
-    made: list[Appliance] = []
-
-    def make_app(**kw) -> Appliance:
-        sub = base / f"a{len(made)}"
-        sub.mkdir()
-        a = Appliance(sub, **kw)
-        made.append(a)
-        return a
+    make_app = Appliances(base)
     c = Cluster(make_app, base, secondaries=(("sync", ""),), primary_replication=HIST,
                 secondary_replication=HIST, tables=TABLES, log_size="16MiB", segment_size="32MiB")
     try:
@@ -56,6 +49,7 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.cleanup()
+        make_app.cleanup()
 
 
 @pytest.fixture(scope="module")
