@@ -103,6 +103,7 @@ class SecondaryApply:
             serial = payload.get("serial")
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
+            self.ctl.batch.interrupted("a block copy from the primary began")
             self.copied = bytearray((sb.sb_max_blocks + 7) // 8)
             self.needs_copy = None
             # the stream continues after `serial`: record it, so entries that follow are not a gap

@@ -11,7 +11,11 @@ changed since is put back as it was, in the chain its key belongs to
 (apl_leaf_of), one published version, so reads see the past on a live
 in-memory copy. ``end`` takes the rewind back (the records as they were at
 ``begin``), and lets OP_APPLY through again: the agent catches up from its
-backlog, then tells the primary it is back (RESUME).
+backlog, then tells the primary it is back (RESUME). Batch mode lives in
+the controller's memory: a controller restart ends it (the agent then
+catches up); one during a rewind leaves a marker file (``batch-rewound`` in
+the history directory) so the restarted controller asks for a block copy
+instead of applying the stream onto an earlier state.
 
 The rewind and its undo are changes of this secondary alone: they are
 applied like its primary's entries (apl_apply_entries, kinds INSERT /
@@ -50,6 +54,20 @@ class BatchMode:
         self.saved: dict = {}          # (file, key) -> image at begin, for records the rewind changed
         self.ended: float | None = None
         self.catch_up_from = 0         # applied serial when the batch ended
+        marker = self._marker()
+        if marker is not None and marker.exists():
+            # a rewind was never taken back (the controller stopped during a batch --at): these
+            # blocks hold an earlier state than the applied serial says; only a block copy mends that
+            ctl.applier.needs_copy = "batch mode's rewind was not taken back before the controller stopped"
+            self.log.error("batch_rewind_left_behind", marker=str(marker), action="asking the primary for a block copy")
+            marker.unlink()
+
+    def _marker(self):
+        """A file that exists while the blocks are rewound (batch begin --at until end)."""
+        rc = self.ctl.cfg.replication
+        if rc is None or rc.history_dir is None or rc.role != "secondary":
+            return None
+        return self.ctl.cfg.resolve(rc.history_dir) / "batch-rewound"
 
     # ------------------------------------------------------------------ begin / end
 
@@ -95,6 +113,7 @@ class BatchMode:
             self._apply(self.saved)          # the records as they were at begin
             undone = len(self.saved)
             self.saved = {}
+            self._marker().unlink(missing_ok=True)
         else:
             undone = 0
         self.active = False
@@ -103,6 +122,17 @@ class BatchMode:
         self.log.warning("batch_mode_ended", frozen_serial=self.frozen_serial, rewind_undone=undone,
                          held_s=round(self.ended - self.since, 3))
         return self.status()
+
+    def interrupted(self, why: str) -> None:
+        """A block copy from the primary began: it replaces the blocks, so
+        the batch's frozen state (and any rewind) is gone."""
+        if not self.active:
+            return
+        self.active, self.saved, self.ended = False, {}, time.time()
+        marker = self._marker()
+        if marker is not None:
+            marker.unlink(missing_ok=True)   # the copy brings the primary's blocks
+        self.log.warning("batch_mode_ended", frozen_serial=self.frozen_serial, reason=why)
 
     # ------------------------------------------------------------------ rewind
 
@@ -128,6 +158,10 @@ class BatchMode:
         p, now = yield from hist._work(sess, plan)
         target_images = {k: img for k, img in p.records.items() if now[k] != img}
         saved = {k: now[k] for k in target_images}
+        marker = self._marker()
+        if target_images:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"rewound to serial {p.to_serial} from {applied}\n")
         self._apply(target_images)
         self.saved = saved
         self.at = {"target": target.wire(), "to_serial": p.to_serial, "records": len(target_images),

@@ -306,7 +306,9 @@ class SecondaryAgent:
         self.log.info("agent_started", role="secondary", primary=rc.primary, applied=applier.applied)
         try:
             while True:
-                await asyncio.sleep(self.cfg.replication.heartbeat)
+                # in batch mode the controller's "end" is heard within 50 ms (OP_REPL_STATE's reply)
+                await asyncio.sleep(0.05 if applier.backlog is not None and not applier.catching_up
+                                    else self.cfg.replication.heartbeat)
                 try:
                     r = await ctl.call([m.OP_REPL_STATE, applier.report()])
                     if isinstance(r, dict) and "batch" in r:
