@@ -10,6 +10,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# test files run in this many processes at once (pytest-xdist; a file stays in
+# one process, so its module-scoped clusters and containers are shared); most
+# of a test's time is its controllers, agents and clients waiting on each other
+TEST_WORKERS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard cext/*.c cext/*.h cext/*.py)
 
 .PHONY: demo test bench clean
@@ -33,7 +37,7 @@ test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    ! { command -v systemd-nspawn && command -v debootstrap; } >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq systemd-container debootstrap; fi
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Benchmarks against py-lmdb and Redis (Debian's redis-server, installed here if missing).
 bench: $(STAMP)

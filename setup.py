@@ -55,9 +55,12 @@ setup(
         "click>=8.1",
         "rich>=13.0",
         "uvloop>=0.19",   # the agent's event loop (plain asyncio where it is missing)
+        "prometheus_client>=0.17",   # the [metrics] endpoint (start_http_server returning its server)
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41", "build>=1.0"],
+        # pexpect and pyte drive `appliance top` in a pseudo-terminal and read its screen
+        "test": ["pytest>=8", "hypothesis>=6.100", "cryptography>=41", "build>=1.0", "pexpect>=4.8", "pyte>=0.8",
+                 "pytest-xdist>=3.5"],
         "bench": ["lmdb>=1.4", "redis>=5.0"],
     },
     entry_points={"console_scripts": ["appliance=appliance.cli.__main__:main"]},

@@ -1,8 +1,10 @@
 """The one importer of the compiled C helpers (``appliance._cext``).
 
-``check(rc, what)`` turns a negative APL_* return code into the exception of
-``appliance.errors`` and records the failing operation in the message, as
-``"<what>: <reason>"``.
+``ffi`` and ``lib`` are the cffi module; ``RecordCodec`` and ``TableReader``
+are the read path's CPython types (cext/apl_py.c), which the module installs
+into itself on first import. ``check(rc, what)`` turns a negative APL_*
+return code into the exception of ``appliance.errors`` and records the
+failing operation in the message, as ``"<what>: <reason>"``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ except ImportError as exc:  # pragma: no cover - a broken install
         "`pip install .` (or run the README's set-up command)"
     ) from exc
 
-__all__ = ["ffi", "lib", "check", "code_name", "raise_for", "CODES"]
+if lib.apl_py_install(b"appliance._cext") != 0:   # pragma: no cover - a broken build
+    raise ImportError("appliance's C helpers could not install their read types (RecordCodec, TableReader)")
+from ._cext import RecordCodec, TableReader  # noqa: E402
+
+__all__ = ["ffi", "lib", "RecordCodec", "TableReader", "check", "code_name", "raise_for", "CODES", "view_address"]
 
 #: APL_* name -> number, read from the one table in cext/apl_errors.h
 CODES: dict[str, int] = {
@@ -50,3 +56,8 @@ def check(rc: int, what: str, **details: Any) -> int:
     if rc < 0:
         raise_for(rc, what, **details)
     return rc
+
+
+def view_address(view) -> int:
+    """The address of a C view (``apl_view *``), as TableReader takes it."""
+    return int(ffi.cast("uintptr_t", view))

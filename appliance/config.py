@@ -26,17 +26,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._native import lib
 from ._os import files as layout
-from .errors import ConfigError
+from .errors import ConfigError, exit_status
 
-__all__ = ["Config", "TableConfig", "FieldConfig", "load", "FIELD_TYPES", "parse_size", "layout_differences",
-           "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
+__all__ = ["Config", "TableConfig", "FieldConfig", "DurabilityConfig", "load", "FIELD_TYPES", "parse_size",
+           "parse_duration", "layout_differences", "RELOADABLE", "changed_keys", "reload_plan", "reload_logged"]
 
 FIELD_TYPES = ("int", "str", "bytes", "float", "bool")
 KEY_TYPES = ("int", "str", "bytes")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.I)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h)?\s*$", re.I)
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _UNITS = {"b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 1000 ** 2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000 ** 3, "t": 1 << 40,
           "tib": 1 << 40, "tb": 1000 ** 4}
@@ -52,6 +55,20 @@ def parse_size(v: Any) -> int:
         if m:
             return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
     raise ValueError(f"{v!r} is not a size (use bytes, or a string like '64MiB')")
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds from a number (seconds) or a string with a unit: "250us",
+    "10ms", "2s", "5min", "1h"."""
+    if isinstance(v, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '10ms' or '5min'")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        m = _DURATION.match(v)
+        if m:
+            return float(m.group(1)) * _SECONDS[(m.group(2) or "s").lower()]
+    raise ValueError(f"{v!r} is not a duration (use seconds, or a string like '10ms', '2s', '5min', '1h')")
 
 
 class _Strict(BaseModel):
@@ -232,12 +249,15 @@ class ReplicationConfig(_Strict):
     tls_key: str | None = None
     tls_ca: str | None = None
     heartbeat: float = Field(0.5, gt=0, le=60)
-    # primary
+    # primary: the secondaries it streams to (on a secondary: those it serves
+    # once it is promoted, `appliance promote`)
     secondaries: tuple[SecondaryConfig, ...] = ()
     sync_quorum: int | Literal["all"] = "all"
-    # secondary
+    # secondary: where it listens for its primary and which primary it accepts
+    # (a name, or several: after a failover any of them at a newer epoch); on
+    # a primary: what it is once it rejoins as a secondary (`appliance rejoin`)
     listen: str | None = None
-    primary: str | None = None            # the primary's name this secondary accepts
+    primary: str | tuple[str, ...] | None = None
     serve_reads: bool = True              # uncompressed blocks that clients read; False: lz4 backup blocks
     history_dir: str | None = None
     history_period: float = Field(86400.0, gt=0)
@@ -261,24 +281,31 @@ class ReplicationConfig(_Strict):
         if self.role == "primary":
             if not self.secondaries:
                 raise ValueError("a primary needs at least one [[replication.secondaries]]")
-            names = [x.name for x in self.secondaries]
-            if len(set(names)) != len(names):
-                raise ValueError("secondary names must be unique")
-            nsync = sum(1 for x in self.secondaries if x.mode == "sync")
-            if isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
-                raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
-                                 f"synchronous secondaries ({nsync})")
-            if self.listen is not None:
-                raise ValueError("listen is for a secondary")
         else:
             if self.listen is None:
                 raise ValueError("a secondary needs listen = \"host:port\"")
-            parse_address(self.listen)
             if self.primary is None:
                 raise ValueError("a secondary needs primary = \"<the primary appliance's name>\"")
-            if self.secondaries:
-                raise ValueError("secondaries are for a primary")
+        names = [x.name for x in self.secondaries]
+        if len(set(names)) != len(names):
+            raise ValueError("secondary names must be unique")
+        nsync = sum(1 for x in self.secondaries if x.mode == "sync")
+        if self.secondaries and isinstance(self.sync_quorum, int) and not 1 <= self.sync_quorum <= max(nsync, 1):
+            raise ValueError(f"sync_quorum {self.sync_quorum} must be between 1 and the number of "
+                             f"synchronous secondaries ({nsync})")
+        if self.listen is not None:
+            parse_address(self.listen)
+        if self.primary is not None and (not self.primaries or not all(isinstance(p, str) and p
+                                                                       for p in self.primaries)):
+            raise ValueError("primary must be a name or a list of names")
         return self
+
+    @property
+    def primaries(self) -> tuple[str, ...]:
+        """The primaries this appliance accepts a stream from as a secondary."""
+        if self.primary is None:
+            return ()
+        return (self.primary,) if isinstance(self.primary, str) else tuple(self.primary)
 
 
 def parse_address(v: str) -> tuple[str, int]:
@@ -286,6 +313,101 @@ def parse_address(v: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"address {v!r} must be host:port")
     return host.strip("[]"), int(port)
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (controller/metrics.py); absent: no endpoint."""
+
+    # host:port the controller serves /metrics on (HTTP); its agent's figures
+    # are among them, so one endpoint per appliance
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _addr(cls, v):
+        parse_address(v)
+        return v
+
+
+class DurabilityConfig(_Strict):
+    """[durability]: the change log in checksummed files and checkpoints of
+    every block in `dir` (appliance/durability/). Absent: memory only."""
+
+    dir: str
+    # "commit": a commit is answered once its log is on disk (fdatasync; one
+    # for every commit of a group); "interval": written at once, forced at
+    # most every sync_interval; "off": written, never forced
+    log_sync: Literal["commit", "interval", "off"] = "commit"
+    sync_interval: float = 0.01
+    # a checkpoint when this much time passed ("5min") or this much log was
+    # written ("1GiB") since the last one; "off": only `appliance checkpoint`
+    checkpoint_every: str | int | float = "5min"
+    keep_checkpoints: int = Field(2, ge=1, le=100)
+    # a new log file once the current one holds this much
+    log_file_size: int = 64 << 20
+
+    @field_validator("sync_interval", mode="before")
+    @classmethod
+    def _interval(cls, v):
+        s = parse_duration(v)
+        if not 0 < s <= 60:
+            raise ValueError(f"sync_interval {v!r} must be more than 0 and at most 60 s")
+        return s
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _every(cls, v):
+        _checkpoint_every(v)
+        return v
+
+    @field_validator("log_file_size", mode="before")
+    @classmethod
+    def _file_size(cls, v):
+        n = parse_size(v)
+        if not 1 << 20 <= n <= 1 << 32:
+            raise ValueError(f"log_file_size {v!r} must be between 1MiB and 4GiB")
+        return n
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v):
+        if not v.strip():
+            raise ValueError("dir must name a directory")
+        return v
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        """checkpoint_every as a time (None: not a time)."""
+        kind, n = _checkpoint_every(self.checkpoint_every)
+        return n if kind == "time" else None
+
+    @property
+    def checkpoint_bytes(self) -> int | None:
+        """checkpoint_every as a volume of log (None: not a volume)."""
+        kind, n = _checkpoint_every(self.checkpoint_every)
+        return int(n) if kind == "bytes" else None
+
+
+def _checkpoint_every(v) -> tuple[str, float]:
+    """("time", seconds), ("bytes", n) or ("off", 0) for durability.checkpoint_every."""
+    if isinstance(v, str) and v.strip().lower() in ("off", "never", "0"):
+        return "off", 0
+    m = _SIZE.match(v) if isinstance(v, str) else None
+    if m and m.group(2) and m.group(2).lower().endswith("b"):   # "1GiB", "500MB"; "5m" is five minutes
+        n = parse_size(v)
+        if n < 1 << 20:
+            raise ValueError(f"checkpoint_every {v!r}: a volume of log must be at least 1MiB")
+        return "bytes", n
+    try:
+        s = parse_duration(v)
+    except ValueError:
+        raise ValueError(f"checkpoint_every {v!r} must be a time ('5min', '30s'), a volume of log "
+                         "('1GiB', '256MiB') or 'off'") from None
+    if s == 0:
+        return "off", 0
+    if s < 1:
+        raise ValueError(f"checkpoint_every {v!r}: at least 1 s between checkpoints")
+    return "time", s
 
 
 class AccessConfig(_Strict):
@@ -299,6 +421,8 @@ class Config(_Strict):
     controller: ControllerConfig = ControllerConfig()
     access: AccessConfig = AccessConfig()
     replication: ReplicationConfig | None = None
+    metrics: MetricsConfig | None = None
+    durability: DurabilityConfig | None = None
     tables: dict[str, TableConfig]
     path: Path = Path("<memory>")
 
@@ -343,6 +467,11 @@ class Config(_Strict):
         return q if q.is_absolute() else (self.path.parent / q)
 
     @property
+    def durability_dir(self) -> Path | None:
+        """[durability] dir, resolved; None when the appliance is memory only."""
+        return self.resolve(self.durability.dir) if self.durability else None
+
+    @property
     def role(self) -> str:
         return self.replication.role if self.replication else "standalone"
 
@@ -360,24 +489,64 @@ class Config(_Strict):
             st = path.stat()
             data = path.read_bytes().strip()
         except OSError as exc:
-            raise ConfigError(f"{self.path}: replication.secret_file: cannot read {path}: {exc.strerror}",
-                              file=str(self.path), key="replication.secret_file", problem=str(exc.strerror)) from None
+            raise self._file_error("replication.secret_file", path, exc,
+                                   "the same secret on every peer, at least 16 bytes (`appliance install` "
+                                   "makes one), mode 0640, group appliance") from None
         if st.st_mode & 0o007:
             raise ConfigError(f"{self.path}: replication.secret_file: {path} is readable by others; "
                               "chmod o-rwx it", file=str(self.path), key="replication.secret_file",
-                              problem="world-readable secret")
+                              problem="world-readable secret", cause="permission")
         if len(data) < 16:
             raise ConfigError(f"{self.path}: replication.secret_file: the secret in {path} is shorter "
                               "than 16 bytes", file=str(self.path), key="replication.secret_file",
                               problem="secret too short")
         return data
 
+    def _file_error(self, key: str, path: Path, exc: OSError, what: str) -> ConfigError:
+        """A file the config names cannot be read: which key, which file, and the fix."""
+        if isinstance(exc, FileNotFoundError):
+            return ConfigError(f"{self.path}: {key}: {path} does not exist; put it there ({what}) or "
+                               f"point {key} at it", file=str(self.path), key=key, problem="no such file",
+                               path=str(path), cause="missing_file")
+        if isinstance(exc, PermissionError):
+            return ConfigError(f"{self.path}: {key}: {path} cannot be read by this user (uid {os.geteuid()}): "
+                               f"{exc.strerror}; give its group (appliance) read access", file=str(self.path),
+                               key=key, problem=str(exc.strerror), path=str(path), cause="permission")
+        return ConfigError(f"{self.path}: {key}: cannot read {path}: {exc.strerror}", file=str(self.path),
+                           key=key, problem=str(exc.strerror), path=str(path))
+
+    def check_tls_files(self) -> None:
+        """The TLS files of [replication] exist and can be read (the agent,
+        at start): ConfigError naming the key, the file and the fix."""
+        r = self.replication
+        if r is None:
+            return
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            p = getattr(r, key)
+            if p is None:
+                continue
+            path = self.resolve(p)
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise self._file_error(f"replication.{key}", path, exc,
+                                       "PEM files: this appliance's certificate, its key, and the CA "
+                                       "that signed its peers' certificates") from None
+    def _tables_doc(self) -> dict:
+        """What fixes the records of every table: keys, field types, and the
+        record format with its field order (cext/apl_rec.h lays fields out in
+        schema order, so reordering them changes every stored image)."""
+        return {"record_format": lib.APL_REC_FORMAT,
+                "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
+                               "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()},
+                               "order": list(t.fields)}
+                           for n, t in self.tables.items()}}
+
     def replication_fingerprint(self) -> int:
-        """What primary and secondary must agree on: block size and tables."""
-        doc = {"block_size": self.storage.block_size,
-               "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
-                              "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
-                          for n, t in self.tables.items()}}
+        """What primary and secondary must agree on: block size, tables and
+        the record format."""
+        doc = {"block_size": self.storage.block_size, **self._tables_doc()}
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
@@ -391,21 +560,21 @@ class Config(_Strict):
                 out.append((f"{tname}.{ak}", tname, ak))
         return out
 
-    def schema_hash(self) -> int:
-        """Fingerprint of everything that fixes the on-memory format."""
+    def schema_hash(self, compressed: bool | None = None) -> int:
+        """Fingerprint of everything that fixes the on-memory format
+        (`compressed`: of the store in that form, e.g. an lz4 secondary's
+        once a promote has decompressed it; by default as configured)."""
         s = self.storage
         doc = {
             "block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
             "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
-            "compressed": self.compressed, "max_blocks": s.max_blocks,
-            "tables": {n: {"pk": t.primary_key, "alt": list(t.alternate_keys),
-                           "fields": {f: [c.type, c.nullable] for f, c in t.fields.items()}}
-                       for n, t in self.tables.items()},
+            "compressed": self.compressed if compressed is None else compressed, "max_blocks": s.max_blocks,
+            **self._tables_doc(),
         }
         h = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") >> 1
 
-    def layout(self) -> dict:
+    def layout(self, compressed: bool | None = None) -> dict:
         """What fixes the on-memory format, by configuration key (what
         schema_hash() fingerprints). It is recorded in the meta segment, so a
         configuration refused for a different layout is told which setting
@@ -415,9 +584,11 @@ class Config(_Strict):
             "storage": {"block_size": s.block_size, "segments": s.segments, "segment_size": s.segment_size,
                         "max_overflow": s.max_overflow, "log_size": s.log_size, "max_readers": s.max_readers,
                         "max_blocks": s.max_blocks},
-            "replication": {"serve_reads": not self.compressed},
+            "replication": {"serve_reads": not (self.compressed if compressed is None else compressed)},
+            "record_format": lib.APL_REC_FORMAT,
             "tables": {n: {"primary_key": t.primary_key, "alternate_keys": list(t.alternate_keys),
-                           "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()}}
+                           "fields": {f: c.type + (", nullable" if c.nullable else "") for f, c in t.fields.items()},
+                           "field_order": list(t.fields)}
                        for n, t in self.tables.items()},
         }
 
@@ -494,7 +665,9 @@ def _loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
 
 
-def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
+def from_dict(doc: dict, path: Path | str = "<memory>", *, check_files: bool = True) -> Config:
+    """Validate a parsed config. `check_files`: read the secret file too (off
+    for `appliance install`, which may be about to make it)."""
     path = Path(path)
     try:
         cfg = Config.model_validate({**doc, "path": path})
@@ -524,18 +697,33 @@ def from_dict(doc: dict, path: Path | str = "<memory>") -> Config:
     cfg.allowed_uids()
     cfg.allowed_gids()
     cfg.gid()
-    cfg.secret()
+    if check_files:
+        cfg.secret()
+    _check_durability_dir(cfg)
     return cfg
 
 
-def load_logged(path: str | os.PathLike, log) -> Config | None:
-    """load() for a process's start: a bad config is logged (config_invalid,
-    with file and key) and gives None; the caller exits with errors.EXIT_CONFIG."""
+def _check_durability_dir(cfg: Config) -> None:
+    """durability.dir is a directory, or does not exist yet (the controller makes it)."""
+    d = cfg.durability_dir
+    if d is None:
+        return
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{cfg.path}: durability.dir: {d} exists and is not a directory",
+                          file=str(cfg.path), key="durability.dir", problem="not a directory")
+
+
+def load_logged(path: str | os.PathLike, log) -> tuple[Config | None, int]:
+    """load() for a process's start: (the config, 0), or for a refused one
+    (None, the exit status the process ends with: errors.exit_status, e.g. 78
+    for a bad key, 66 for a missing secret file), logged as config_invalid
+    with file, key and cause."""
     try:
-        return load(path)
+        return load(path), 0
     except ConfigError as e:
-        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
-        return None
+        log.error("config_invalid", error=str(e), file=e.details.get("file"), key=e.details.get("key"),
+                  cause=e.details.get("cause"))
+        return None, exit_status(e)
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -569,6 +757,8 @@ RELOADABLE = {
         "replication.secondaries.*.mode",
         "replication.secondaries.*.on_unreachable",
         "replication.secondaries.*.degrade_after",
+        "durability.checkpoint_every",         # read at each housekeeping round
+        "durability.keep_checkpoints",         # applied at the next checkpoint
     ),
     "agent": (
         "replication.heartbeat",

@@ -37,14 +37,19 @@ __all__ = [
     "TransactionStateError",
     "CommitUnknownError",
     "BackupTimeoutError",
+    "DiskError",
+    "DiskFullError",
     "MemoryFullError",
     "ReadersFullError",
     "SnapshotTooOldError",
     "FormatError",
     "CorruptionError",
+    "DamagedBlockError",
     "StaleEpochError",
     "BusyError",
     "ReadOnlyError",
+    "NotPrimaryError",
+    "RoleError",
     "NotServingReadsError",
     "LimitError",
     "HistoryError",
@@ -55,16 +60,34 @@ __all__ = [
 ]
 
 # Exit statuses of the processes and the CLI (sysexits.h where one fits), in one place.
+# systemd shows them by these names (`systemctl status`: "status=66/NOINPUT").
 EXIT_OK = 0
 EXIT_REFUSED = 1     # the CLI: a refused operation (a typed error, its message on stderr)
 EXIT_USAGE = 2       # the CLI: bad arguments (click's own)
 EXIT_NOT_RUNNING = 3 # the CLI: the appliance is not running
-EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket)
+EXIT_ENVIRONMENT = 64  # EX_USAGE: the process's environment is refused (APPLIANCE_LOG_LEVEL ..., a unit's Environment=)
+EXIT_NOINPUT = 66    # EX_NOINPUT: a file the configuration names is missing (secret_file, tls_cert, tls_key, tls_ca)
+EXIT_NOUSER = 67     # EX_NOUSER: run by a user whose segments logind's RemoveIPC= would delete (not a system user)
+EXIT_BUSY = 69       # EX_UNAVAILABLE: another controller serves this appliance (or its socket); an address in use
 EXIT_NOSPACE = 73    # EX_CANTCREAT: shared memory cannot hold the segments (/dev/shm too small)
+EXIT_IOERR = 74      # EX_IOERR: the durability files cannot be used (a cold start refused, the directory unusable)
 EXIT_TEMPFAIL = 75   # EX_TEMPFAIL: try again later (systemd restarts an agent on it)
+EXIT_NOPERM = 77     # EX_NOPERM: a file or directory the process needs is not its to read or write
+                     # (the socket's directory, a secret readable by others)
 EXIT_CONFIG = 78     # EX_CONFIG: the configuration is refused
 EXIT_SOFTWARE = 70   # EX_SOFTWARE: the controller stopped itself rather than publish a batch it could not
                      # finish; the restarted controller rolls that batch back
+
+#: Why a process was refused at start, as an error's ``details["cause"]``, and
+#: the exit status that says so. An error without a cause exits by its class
+#: (:func:`exit_status`).
+START_CAUSES = {
+    "environment": EXIT_ENVIRONMENT,
+    "missing_file": EXIT_NOINPUT,
+    "user": EXIT_NOUSER,
+    "address_in_use": EXIT_BUSY,
+    "permission": EXIT_NOPERM,
+}
 
 
 class ApplianceError(Exception):
@@ -205,6 +228,24 @@ class BackupTimeoutError(ApplianceError):
     codes = ("APL_EBACKUP",)
 
 
+class DiskError(ApplianceError):
+    """The durability files (``[durability] dir``: log files, checkpoints)
+    could not be written or read: an I/O error, a file that is not the
+    appliance's, a directory it may not use. ``details``: ``path``, and for a
+    commit ``txn`` and ``committed`` (True: applied in memory, its log not yet
+    on disk; False: refused, nothing changed)."""
+
+    codes = ("APL_EDISK",)
+
+
+class DiskFullError(DiskError):
+    """No space left on the disk of ``[durability] dir``. While it lasts,
+    commits are refused (nothing changed; retry once space returns) and the
+    appliance writes the log it holds as soon as space returns."""
+
+    codes = ("APL_ENOSPC",)
+
+
 class MemoryFullError(ApplianceError, MemoryError):
     """No free block slot is left in the appliance's segments."""
 
@@ -236,6 +277,15 @@ class CorruptionError(ApplianceError):
     codes = ("APL_ECORRUPT",)
 
 
+class DamagedBlockError(CorruptionError):
+    """A change needs a block whose content no longer matches its checksum
+    (its memory was damaged): it is refused and nothing changes. ``appliance
+    verify`` names the damaged blocks, ``appliance repair`` copies them again
+    from a peer."""
+
+    codes = ("APL_EDAMAGED",)
+
+
 class StaleEpochError(ApplianceError):
     """A message from an epoch older than one already seen (a deposed primary)."""
 
@@ -246,6 +296,26 @@ class ReadOnlyError(ApplianceError):
     """A write sent to a secondary appliance (it only takes its primary's changes)."""
 
     codes = ("APL_EREADONLY",)
+
+
+class NotPrimaryError(ApplianceError):
+    """A write sent to a primary that was deposed: it learnt that another
+    appliance became primary at a newer epoch (a failover), so it takes no
+    writes any more ("fenced"); reads still work. ``details``: ``epoch`` (the
+    newer one), ``primary`` (its name, when known). Write to the new primary;
+    do not retry here. A commit answered with it while waiting for its
+    synchronous backup was never confirmed by a secondary: the new primary
+    does not have it, and it is undone here when this appliance rejoins."""
+
+    codes = ("APL_ENOTPRIMARY",)
+
+
+class RoleError(ApplianceError):
+    """An operator's operation that does not fit the appliance's role or
+    state now (promote a secondary whose block copy is not complete, rejoin
+    an appliance that is already a secondary ...); nothing was changed."""
+
+    codes = ("APL_EROLE",)
 
 
 class NotServingReadsError(ApplianceError):
@@ -300,6 +370,25 @@ class InternalError(ApplianceError):
 
     codes = ("APL_EINTERNAL", "APL_EINVAL", "APL_ENOMEM", "APL_EBATCH", "APL_EBUFSIZE", "APL_ELOGFULL",
              "APL_EFILE", "APL_EUNDO")
+
+
+def exit_status(e: BaseException) -> int:
+    """The exit status of a process (controller, agent, CLI command) that
+    stops on `e` at start: by its ``cause`` (START_CAUSES), else by its class."""
+    cause = getattr(e, "details", {}).get("cause")
+    if cause in START_CAUSES:
+        return START_CAUSES[cause]
+    if isinstance(e, BusyError):
+        return EXIT_BUSY
+    if isinstance(e, MemoryFullError):
+        return EXIT_NOSPACE
+    if isinstance(e, DiskError):
+        return EXIT_IOERR
+    if isinstance(e, UnavailableError):
+        return EXIT_TEMPFAIL
+    if isinstance(e, (ConfigError, FormatError, AccessDeniedError)):
+        return EXIT_CONFIG
+    return EXIT_REFUSED
 
 
 def _all_classes(cls=ApplianceError):

@@ -128,14 +128,16 @@ def _retry(attempt, proc, log: Path, what: str, errors: tuple):
 class Node:
     """One appliance: its config file, its controller process, its segments."""
 
-    def __init__(self, directory: Path, name: str, n: int, log_size: str = "64MiB", replication: str = "") -> None:
+    def __init__(self, directory: Path, name: str, n: int, log_size: str = "64MiB", replication: str = "",
+                 mib: int | None = None) -> None:
         self.dir, self.name = directory, name
         self.config = directory / f"{name}.toml"
         self.log = directory / f"{name}.controller.log"
         self.proc = None
         self._session = None
+        self.segment_mib = mib or segment_mib(n)     # MiB a device segment
         self.config.write_text(CONFIG.format(
-            name=name, segment_mib=segment_mib(n), log_size=log_size, socket=directory / f"{name}.sock",
+            name=name, segment_mib=self.segment_mib, log_size=log_size, socket=directory / f"{name}.sock",
             user=pwd.getpwuid(os.getuid()).pw_name, replication=replication))
 
     def cli(self, command: str, *args: str) -> list[str]:
@@ -246,6 +248,7 @@ class ApplianceClient(Client):
         self.t = self.db.table(TABLE)
         self.get = self.t.get          # the bound method itself: no wrapper is timed
         self.range_len = range_len
+        self.cancelled = appliance.errors.TransactionCancelledError
 
     @contextmanager
     def _snapshot(self):
@@ -272,25 +275,55 @@ class ApplianceClient(Client):
         with self.db.transaction(program="bench", input={"id": k}) as tx:
             tx.update(TABLE, k, {"balance": rec["balance"]})
 
+    def _transfer(self, arg, pipeline: bool):
+        """Two reads for update, two updates, commit; a deadlock victim (two
+        transfers locking the same accounts in opposite orders) is retried, so
+        each call is one transfer done."""
+        src, dst, amount = arg
+        while True:
+            try:
+                with self.db.transaction(program="transfer", input={"src": src, "dst": dst, "amount": amount},
+                                         pipeline=pipeline) as tx:
+                    a = tx.get(TABLE, src, for_update=True)
+                    b = tx.get(TABLE, dst, for_update=True)
+                    tx.update(TABLE, src, {"balance": a["balance"] - amount})
+                    tx.update(TABLE, dst, {"balance": b["balance"] + amount})
+                return
+            except self.cancelled:
+                continue
+
+    def transfer(self, arg):
+        """Pipelined: BEGIN + first get, second get, then the updates and the commit in one send."""
+        self._transfer(arg, True)
+
+    def transfer_waiting(self, arg):
+        """Every statement waits for its reply: five round trips."""
+        self._transfer(arg, False)
+
     def close(self) -> None:
         self.db.close()
 
 
 class ApplianceSystem(System):
     name = "appliance"
-    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write")}
+    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write"),
+               "transfer": [("appliance", "transfer"), ("appliance (not pipelined)", "transfer_waiting")]}
+
+    def __init__(self, data, segment_mib: int | None = None) -> None:
+        super().__init__(data)
+        self.segment_mib = segment_mib       # MiB a device segment (None: segment_mib(N))
 
     def start(self) -> None:
         appliance, _ = _api()
         self.dir = ram_tempdir("bench-appliance-")
         self.nodes: list[Node] = []
         self.agents: list[Agent] = []
-        self.node = self._node("")
+        self.node = self._node("", mib=self.segment_mib)
         self.node.start()
         self.db = self.node.connect()
         self.info = {"appliance": getattr(appliance, "__version__", "?")}
         self.notes = [
-            f"appliance: {segment_mib(self.data.n)} MiB x 4 segments of POSIX shared memory, "
+            f"appliance: {self.node.segment_mib} MiB x 4 segments of POSIX shared memory, "
             "block_size 4096; reads map shared memory in the client process, writes are a round "
             "trip to the controller over its Unix socket",
         ]
@@ -299,6 +332,23 @@ class ApplianceSystem(System):
         node = Node(self.dir, f"bench{os.getpid()}x{next(_instances)}{suffix}", self.data.n, **kw)
         self.nodes.append(node)
         return node
+
+    def record_bytes(self) -> dict:
+        """Shared memory in use (block slots x block size, status ``memory``)
+        against the raw bytes of what it holds: each record's encoded key and
+        stored image, and each alternate-key index entry (encoded alternate
+        key + primary key), computed with the table's own codec."""
+        t = self.db.schema.table(TABLE)
+        table = index = 0
+        for chunk in self.data.chunks("key"):
+            for rec in chunk:
+                pk = t.key(rec["id"])
+                table += len(pk) + len(t.encode(rec, pk))
+                index += sum(len(k) for _, k in t.alt_entries(rec, pk))
+        n = self.data.n
+        used = self.node.status()["memory"]["bytes_used"]
+        return {"bytes_used": used, "records": n, "raw_bytes_per_record": (table + index) / n,
+                "table_bytes_per_record": table / n, "index_bytes_per_record": index / n}
 
     @property
     def config(self) -> Path:

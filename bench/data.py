@@ -126,4 +126,11 @@ def make_args(kind: str, params: dict, seed: int) -> list:
                    "balance": rng.randrange(BALANCE_MAX), "note": notes[k % NOTE_POOL]}
             args.append((k, rec))
         return args
+    if kind == "transfer":
+        # (source, destination, amount): two distinct accounts, an amount that changes both
+        args = []
+        for _ in range(min(n, WRITE_ARGS)):
+            src, dst = rng.sample(range(n), 2)
+            args.append((src, dst, rng.randrange(1, 100)))
+        return args
     raise ValueError(f"unknown argument kind {kind!r}")

@@ -1,7 +1,8 @@
 """The peers: py-lmdb and Redis, set up as in-memory like-for-like systems.
 
 Both store each record as msgpack and every read decodes it with
-``msgpack.unpackb``, so they hand back the same dicts the appliance does.
+``msgpack.unpackb``, so they hand back the same dicts the appliance does
+(which stores its own record format and decodes it in C).
 """
 from __future__ import annotations
 
@@ -73,6 +74,17 @@ class LmdbClient(Client):
         k, rec = next_write(arg)
         with self.env.begin(write=True, db=self.main) as txn:
             txn.put(PK(k), packb(rec))
+
+    def transfer(self, arg):
+        """One write transaction: two gets, two puts (lmdb serializes writers: no conflict to retry)."""
+        src, dst, amount = arg
+        ks, kd = PK(src), PK(dst)
+        with self.env.begin(write=True, db=self.main) as txn:
+            a, b = unpackb(txn.get(ks)), unpackb(txn.get(kd))
+            a["balance"] -= amount
+            b["balance"] += amount
+            txn.put(ks, packb(a))
+            txn.put(kd, packb(b))
 
     def close(self) -> None:
         self.env.close()
@@ -146,6 +158,23 @@ class RedisClient(Client):
     def write(self, arg):
         k, rec = next_write(arg)
         self.r.set(b"r:%d" % k, packb(rec))
+
+    def transfer(self, arg):
+        """WATCH both, GET, GET, then MULTI/SET/SET/EXEC in one send (four round trips);
+        redis-py's transaction() runs it again when EXEC aborts (a watched key changed),
+        so each call is one transfer done."""
+        src, dst, amount = arg
+        ks, kd = b"r:%d" % src, b"r:%d" % dst
+
+        def move(pipe) -> None:
+            a, b = unpackb(pipe.get(ks)), unpackb(pipe.get(kd))
+            a["balance"] -= amount
+            b["balance"] += amount
+            pipe.multi()
+            pipe.set(ks, packb(a))
+            pipe.set(kd, packb(b))
+
+        self.r.transaction(move, ks, kd)
 
     def close(self) -> None:
         self.r.close()

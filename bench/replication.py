@@ -84,13 +84,8 @@ def tcp_rate(seconds: float = TCP_SECONDS) -> dict:
 
 # ------------------------------------------------------------------ lz4 ----
 
-def lz4_rate(appliance_name: str, min_seconds: float = LZ4_MIN_SECONDS) -> dict:
-    """One core's ``lz4.block.compress`` rate over every block image of an
-    appliance (read at one pinned version first, untimed), in this process."""
-    try:
-        import lz4.block
-    except ImportError as e:
-        raise Unavailable(f"python lz4 is not installed ({e})") from None
+def block_images(appliance_name: str) -> list[bytes]:
+    """Every block image of an appliance, read at one pinned version."""
     from appliance.store.reader import Reader
     from appliance.store.segment import Attachment
     att = Attachment(appliance_name, writable=False)
@@ -103,6 +98,17 @@ def lz4_rate(appliance_name: str, min_seconds: float = LZ4_MIN_SECONDS) -> dict:
             pin.close()
     finally:
         att.close()
+    return images
+
+
+def lz4_rate(appliance_name: str, min_seconds: float = LZ4_MIN_SECONDS) -> dict:
+    """One core's ``lz4.block.compress`` rate over every block image of an
+    appliance (read at one pinned version first, untimed), in this process."""
+    try:
+        import lz4.block
+    except ImportError as e:
+        raise Unavailable(f"python lz4 is not installed ({e})") from None
+    images = block_images(appliance_name)
     compress, ns = lz4.block.compress, time.perf_counter_ns
     size, out, passes, t0 = sum(map(len, images)), 0, 0, ns()
     while True:

@@ -18,26 +18,35 @@ COMPARE_WITH = {
 
 # Goals and floors of the issue: (benchmark, appliance label, peer label, processes or None, goal, floor).
 GOALS = [
-    ("get", "appliance", "lmdb (txn per get)", None, 1.5, 1.0),
-    ("get", "appliance", "lmdb (one long txn)", None, 1.5, 1.0),
+    ("get", "appliance", "lmdb (txn per get)", 1, 2.0, 1.0),
+    ("get", "appliance", "lmdb (one long txn)", 1, 2.0, 1.0),
+    ("snapshot-get", "appliance (snapshot)", "lmdb (one long txn)", 1, 2.0, 1.0),
+    ("find", "appliance", "lmdb", 1, 1.5, 1.0),
     ("write", "appliance", "redis", 8, 1.5, 1.0),
     ("sync-write", "appliance (sync)", "redis (SET, WAIT 1 0)", 8, 2.0, 1.0),
+    ("transfer", "appliance", "redis", 8, 1.5, None),
+    ("durable-write", "appliance (log_sync commit)", "redis (appendfsync always)", 8, 1.5, None),
 ]
 ORDER_GOAL = 1.5   # mean get latency after a random-order load ÷ after a key-order load
+RECORD_BYTES_GOAL = 1.3    # shared memory in use ÷ the raw bytes of the records (and their index entries)
+GROWTH_GOAL = 1.3          # mean get latency at growth x the records ÷ at the records
 SYNC_P99_GOAL_MS = 2.0     # p99 of a synchronous commit on loopback
 COPY_GOAL = 0.5            # first copy ÷ its bottleneck (loopback TCP, and lz4 for an lz4 secondary)
 CATCH_UP_GOAL = 3.0        # catch-up rate ÷ the primary's sustained write rate
 MEMORY_GOAL = 0.5          # lz4 secondary's memory ÷ the primary's
 SYNC_CPU_GOAL_US = 140.0   # CPU of the four processes per synchronous commit, 8 clients
 SYNC_2_GOAL = 0.8          # synchronous commit rate with 2 synchronous secondaries ÷ with 1
+CHECKPOINT_GOAL = 0.5      # checkpoint write rate ÷ the disk's sequential write rate
+COLD_START_GOAL = 2.0      # cold start time ÷ the time to read its files
+CHECKPOINT_P99_GOAL = 1.2  # p99 of a durable commit during checkpoints ÷ without
 
 
-def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str) -> dict:
+def measurement_row(bench_id: str, name: str, system: str, processes: int, m, latency: str, **extra) -> dict:
     return {
         "kind": "measurement", "bench": bench_id, "name": name, "system": system,
         "processes": processes, "ops_per_s": round(m.ops_per_s, 1),
         "p50_us": round(m.p50_us, 3), "p99_us": round(m.p99_us, 3),
-        "ops": m.ops, "seconds": round(m.seconds, 3), "samples": m.samples, "latency": latency,
+        "ops": m.ops, "seconds": round(m.seconds, 3), "samples": m.samples, "latency": latency, **extra,
     }
 
 
@@ -87,7 +96,44 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
             "appliance (random order)/appliance (key order)", 1,
             key["ops_per_s"] / rnd["ops_per_s"], ORDER_GOAL, None, higher_is_better=False,
             p50_ratio=round(rnd["p50_us"] / key["p50_us"], 3) if key["p50_us"] else None))
-    return out + replication_ratio_rows(rows)
+    small, large = by_bench.get("growth-small"), by_bench.get("growth-large")
+    if small and large and large["ops_per_s"]:
+        out.append(_ratio_row(
+            "growth", f"get latency at {large['records']:,} ÷ at {small['records']:,} records",
+            "appliance (large)/appliance (small)", 1, small["ops_per_s"] / large["ops_per_s"], GROWTH_GOAL,
+            None, higher_is_better=False,
+            p50_ratio=round(large["p50_us"] / small["p50_us"], 3) if small["p50_us"] else None))
+    for r in rows:
+        if r["kind"] == "rate" and r["bench"] == "record-bytes":
+            out.append(_ratio_row("record-bytes", f"shared memory ÷ raw record bytes ({r['order']} order)",
+                                  f"{r['system']} in use/raw", 1, r["value"] / r["raw_bytes_per_record"],
+                                  RECORD_BYTES_GOAL, None, higher_is_better=False))
+    return out + replication_ratio_rows(rows) + durability_ratio_rows(rows)
+
+
+def durability_ratio_rows(rows: list[dict]) -> list[dict]:
+    """Checkpoint rate ÷ the disk's write rate; cold start ÷ reading its files."""
+    rates = {r["bench"]: r for r in rows if r["kind"] == "rate"}
+    out = []
+    cp, disk = rates.get("checkpoint"), rates.get("disk-write")
+    if cp and disk and disk["value"]:
+        out.append(_ratio_row("checkpoint", "checkpoint write rate ÷ disk sequential write rate",
+                              f"{cp['system']}/{disk['system']}", 1, cp["value"] / disk["value"],
+                              CHECKPOINT_GOAL, None))
+    meas = {(r["bench"], r["processes"]): r for r in rows if r["kind"] == "measurement"
+            and r["system"].startswith(APPLIANCE)}
+    during, plain = meas.get(("durable-write-ckpt", 8)), meas.get(("durable-write", 8))
+    if during and plain and plain["p99_us"]:
+        out.append(_ratio_row("durable-write-ckpt", "p99 of a durable commit during checkpoints ÷ without",
+                              f"{during['system']}, 8 processes", 8, during["p99_us"] / plain["p99_us"],
+                              CHECKPOINT_P99_GOAL, None, higher_is_better=False,
+                              ops_ratio=round(during["ops_per_s"] / plain["ops_per_s"], 3)))
+    cold, read = rates.get("cold-start"), rates.get("file-read")
+    if cold and read and read["value"]:
+        out.append(_ratio_row("cold-start", "cold start time ÷ time to read its files", "appliance/read", 1,
+                              cold["value"] / read["value"], COLD_START_GOAL, None, higher_is_better=False,
+                              loading_only=round(cold["loaded_s"] / read["value"], 3)))
+    return out
 
 
 def replication_ratio_rows(rows: list[dict]) -> list[dict]:
@@ -212,7 +258,7 @@ class Printer:
              f"{r['p50_us']:,.2f}", f"{r['p99_us']:,.2f}"] for r in meas])
         rates = [r for r in rows if r["kind"] == "rate"]
         if rates:
-            self._table("Replication: rates and memory", ["benchmark", "system", "value", "unit", "details"], [
+            self._table("Rates, times and memory", ["benchmark", "system", "value", "unit", "details"], [
                 [r["name"], r["system"], f"{r['value']:,.1f}", r["unit"], r["detail"]] for r in rates],
                 left=(0, 1, 3, 4))
         ratios = [r for r in rows if r["kind"] == "ratio"]

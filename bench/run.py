@@ -4,8 +4,13 @@
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
-snapshot-get, find, range, write, tx-write, order, sync-write, async-write,
-sync-cpu, sync-2, copy, catch-up; "replication" = the last six); see README.md.
+snapshot-get, find, range, write, tx-write, transfer, order, growth,
+sync-write, sync-cpu, sync-2, async-write, copy, catch-up, durable-write,
+interval-write, checkpoint, cold-start; "replication" = sync-write..catch-up,
+"durability" = the last four; promote: promote-to-first-write on --promote-mib of
+blocks, both kinds of secondary); see README.md.
+"growth" (10x the records in a fresh appliance) runs in the full benchmark,
+or with --quick only when named.
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ def benches(range_len: int) -> list[Bench]:
         Bench("range", f"range of {range_len:,} records", "range", (1,), 1),
         Bench("write", "one-record write transaction", "record", (1, 8), 1),
         Bench("tx-write", "explicit transaction (1 update)", "record", (1, 8), 1),
+        Bench("transfer", "bank transfer (2 reads for update, 2 updates)", "transfer", (1, 8), 1),
     ]
 
 
@@ -71,12 +77,18 @@ SYNC = [Bench("sync-write", "synchronous one-record write", "record", (1, 8), 1)
         Bench("sync-tx-write", "synchronous explicit transaction (1 update)", "record", (8,), 1)]
 ASYNC = [Bench("async-write", "asynchronous one-record write", "record", (1, 8), 1)]
 CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "record", (4,), 1)
-SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write"]
+DURABLE = [Bench("durable-write", "durable one-record write (on disk at commit)", "record", (1, 8), 1)]
+DURING_CHECKPOINT = Bench("durable-write-ckpt", "durable one-record write, checkpoints running", "record", (8,), 1)
+INTERVAL = [Bench("interval-write", "one-record write, disk forced every second", "record", (1, 8), 1)]
+SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer"]
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
+FAILOVER_IDS = ["promote"]
+DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
 RECOVERY_IDS = ["restore", "rerun", "batch"]
-BENCH_IDS = [*SINGLE_IDS, "order", *REPLICATION_IDS, *RECOVERY_IDS]
+BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS, *FAILOVER_IDS, *RECOVERY_IDS]
+GROWTH = 10               # the growth rows: get at GROWTH x the records against the records
 
 
 def system_classes() -> dict:
@@ -91,22 +103,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the rows (meta, measurements, ratios) as JSON")
     p.add_argument("--only", metavar="NAME,...", default="",
                    help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS,
-                                                                             "replication", "recovery"]))
+                                                                             "replication", "durability",
+                                                                             "recovery"]))
     p.add_argument("--records", type=int, help="number of records (default 1,000,000; --quick 200,000)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
     p.add_argument("--catch-up", type=float, dest="catch_up", metavar="SECONDS",
                    help="seconds of load while the secondary is stopped (default 30; --quick 5)")
+    p.add_argument("--promote-mib", type=int, dest="promote_mib", metavar="MIB",
+                   help="database size (MiB of blocks) of the promote rows (default 1024; --quick 256)")
+    p.add_argument("--cold-start-mib", type=int, dest="cold_start_mib", metavar="MIB",
+                   help="MiB of records the cold-start row loads (default 1024; --quick 128)")
     args = p.parse_args(argv)
     args.records = args.records or (200_000 if args.quick else 1_000_000)
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
     args.catch_up = args.catch_up or (5.0 if args.quick else 30.0)
+    args.promote_mib = args.promote_mib or (256 if args.quick else 1024)
+    args.cold_start_mib = args.cold_start_mib or (128 if args.quick else 1024)
     if args.records < 1000:
         p.error("--records must be at least 1000")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if "replication" in names:
         names = [n for n in names if n != "replication"] + REPLICATION_IDS
+    if "durability" in names:
+        names = [n for n in names if n != "durability"] + DURABILITY_IDS
     if "recovery" in names:
         names = [n for n in names if n != "recovery"] + RECOVERY_IDS
     unknown = [n for n in names if n not in {"lmdb", "redis", "appliance", *BENCH_IDS}]
@@ -118,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.benches = set(chosen or BENCH_IDS)
     if "sync-2" in args.benches:     # compared with the one-secondary sync-write row of the same run
         args.benches.add("sync-write")
+    if args.quick and "growth" not in chosen:
+        args.benches.discard("growth")     # more memory and time than --quick allows
     return args
 
 
@@ -143,7 +166,8 @@ class Run:
             f"warms up {args.warmup:g} s, then all run concurrently for {args.duration:g} s between barriers",
             "latency: get/find time 1 op in 10 individually (the other 9 run untimed); ranges and "
             "writes time every op; bulk load = each 10,000-record batch timed ÷ 10,000",
-            "every system stores msgpack-encoded records and every read returns decoded dicts; the "
+            "the peers store msgpack-encoded records, the appliance its fixed-layout record format; "
+            "every read returns decoded dicts; the "
             "answers of each read op are checked against the generated data before it is timed",
         ]
         self.info: dict = {}
@@ -155,8 +179,8 @@ class Run:
         printer.say(f"{args.records:,} records generated in {time.monotonic() - t0:.1f} s "
                     f"({self.data.nbranches:,} branches)")
 
-    def add(self, bench_id, title, system, procs, m, latency) -> None:
-        self.rows.append(measurement_row(bench_id, title, system, procs, m, latency))
+    def add(self, bench_id, title, system, procs, m, latency, **extra) -> None:
+        self.rows.append(measurement_row(bench_id, title, system, procs, m, latency, **extra))
         self.out.say(f"  {title:<40} {system:<22} x{procs}  {m.ops_per_s:>12,.0f} ops/s"
                      f"  p50 {m.p50_us:>9,.2f} µs  p99 {m.p99_us:>9,.2f} µs")
 
@@ -169,9 +193,9 @@ class Run:
         self.failures.append(text)
         self.out.say(text, style="red")
 
-    def start(self, cls, **kw):
+    def start(self, cls, data=None, **kw):
         """A started system, or None (reported) when it cannot run here."""
-        system = cls(self.data, **kw)
+        system = cls(data or self.data, **kw)
         try:
             system.start()
             return system
@@ -192,21 +216,22 @@ class Run:
 
     def load(self, system, order: str, bench_id: str, title: str) -> bool:
         try:
-            m = measure_load(system, self.data, order)
+            m = measure_load(system, system.data, order)
         except Exception as e:  # noqa: BLE001
             self.fail(f"{system.name}: bulk load failed", f"{type(e).__name__}: {e}")
             return False
         self.add(bench_id, title, system.name, 1, m, LOAD_LATENCY)
         return True
 
-    def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None):
+    def measure(self, system, bench: Bench, label: str, op: str, procs: int, bench_id=None, title=None,
+                params=None, **extra):
         try:
-            m = run_workers(system.client_spec(), op, bench.kind, self.params, procs, bench.step,
+            m = run_workers(system.client_spec(), op, bench.kind, params or self.params, procs, bench.step,
                             self.timing, bench.seed(procs))
         except Exception as e:  # noqa: BLE001 - one failed row does not stop the run
             self.fail(f"{label}: {bench.title} x{procs} failed", e)
             return
-        self.add(bench_id or bench.id, title or bench.title, label, procs, m, bench.latency)
+        self.add(bench_id or bench.id, title or bench.title, label, procs, m, bench.latency, **extra)
 
     def system(self, cls) -> None:
         self.out.say(f"[{cls.name}]", style="bold")
@@ -237,7 +262,8 @@ class Run:
         return [(b, label, op) for b in benches for label, op in system.variants(b.id)]
 
     def order_test(self, cls) -> None:
-        """Random get on two fresh systems, loaded in random and in key order."""
+        """Random get on two fresh systems, loaded in random and in key order,
+        and the shared memory each load takes per record."""
         self.out.say(f"[{cls.name}: random-order vs key-order load]", style="bold")
         for order, bench_id in (("random", "order-random"), ("key", "order-key")):
             system = self.start(cls)
@@ -246,13 +272,44 @@ class Run:
             try:
                 if self.load(system, order, f"load-{order}", f"bulk load {self.data.n:,} ({order} order, fresh)"):
                     self.measure(system, GET, cls.name, "get", 1, bench_id, f"get after {order}-order load")
+                    self.guard(f"{cls.name}: record bytes", self.record_bytes, system, order)
+            finally:
+                self.stop(system)
+
+    def record_bytes(self, system, order: str) -> None:
+        b = system.record_bytes()
+        per = b["bytes_used"] / b["records"]
+        self.rate("record-bytes", f"shared memory per record ({order}-order load)", system.name, per, "B",
+                  f"{b['bytes_used'] / 2**20:,.1f} MiB in use for {b['records']:,} records; raw "
+                  f"{b['raw_bytes_per_record']:.1f} B a record (key + image {b['table_bytes_per_record']:.1f}, "
+                  f"index entries {b['index_bytes_per_record']:.1f})", order=order, **b)
+
+    def growth(self, cls) -> None:
+        """Random get on a fresh system with the records, then on one with
+        GROWTH times as many (both loaded in random order, one at a time)."""
+        self.out.say(f"[{cls.name}: get at {GROWTH}x the records]", style="bold")
+        for data, bench_id in ((self.data, "growth-small"), (None, "growth-large")):
+            if data is None:
+                t0 = time.monotonic()
+                data = Dataset(self.data.n * GROWTH)
+                self.out.say(f"  {data.n:,} records generated in {time.monotonic() - t0:.1f} s")
+            # the large one gets 320 B a record over its 4 segments and 64 MiB each for the old
+            # versions a load batch retires (the others are sized generously)
+            system = self.start(cls, data=data, **({} if data is self.data else
+                                                   {"segment_mib": 64 - (-data.n * 80 // 2**20)}))
+            if system is None:
+                return
+            try:
+                if self.load(system, "random", f"load-{bench_id}", f"bulk load {data.n:,} (random order, fresh)"):
+                    self.measure(system, GET, cls.name, "get", 1, bench_id, f"get with {data.n:,} records",
+                                 params=data.params(), records=data.n)
             finally:
                 self.stop(system)
 
     # ---------------------------------------------------------- replication ----
 
     def replication(self) -> None:
-        """Pairs on loopback: Redis + replica, then three appliance pairs (see replication.py)."""
+        """Pairs on loopback: Redis + replica, then the appliance pairs (see replication.py)."""
         a = self.args
         if "copy" in a.benches:
             self.out.say("[loopback TCP bandwidth]", style="bold")
@@ -393,6 +450,111 @@ class Run:
                   f"restart to link up; primary wrote {c['write_rate']:,.0f} txn/s{copy}", **c)
 
 
+    # ---------------------------------------------------------- failover ----
+
+    def failover(self) -> None:
+        """promote-to-first-write on a database of --promote-mib, both kinds of secondary (failover.py)."""
+        from failover import promote_to_first_write
+        size = self.args.promote_mib << 20
+        for serve_reads, kind in ((True, "uncompressed"), (False, "lz4")):
+            self.out.say(f"[appliance: promote an {kind} secondary, {self.args.promote_mib} MiB]", style="bold")
+            self.guard(f"promote ({kind})", self.promote_rows, promote_to_first_write, serve_reads, kind, size)
+
+    def promote_rows(self, fn, serve_reads: bool, kind: str, size: int) -> None:
+        r = fn(serve_reads, size, self.out.say)
+        gib = r["bytes"] / 2**30
+        lz = r.pop("lz4")
+        ex = r.pop("expanded") or {}
+        figures = {**r, **{f"expanded_{k}": v for k, v in ex.items()}}
+        self.rate("promote", f"promote to first write, {gib:.2f} GiB", f"appliance ({kind} secondary)",
+                  r["first_write_s"], "s", f"promote answered in {r['promote_s']:.3f} s (controller "
+                  f"{r['controller_s']:.3f} s), first write at {r['first_write_s']:.3f} s; {r['records']:,} "
+                  "records of ~1 KB" + ("; goal <= 1 s" if serve_reads else ""), **figures)
+        if lz is not None:
+            self.rate("promote-lz4", "lz4 decompression of the same blocks", "lz4.block.decompress, 1 core",
+                      lz["mb_s"], "MB/s", f"{lz['blocks']:,} block images, {lz['bytes'] / 1e6:,.1f} MB x "
+                      f"{lz['passes']} passes", **lz)
+            rate = ex.get("bytes", 0) / r["promote_s"] / 1e6
+            self.rate("promote-lz4-ratio", "promote rate / one core's lz4 decompression",
+                      "appliance (lz4 secondary)", rate / lz["mb_s"], "x",
+                      f"{rate:,.0f} MB/s of primary blocks over the whole promote (decompressing alone: "
+                      f"{ex.get('rate_mb_s', 0):,.0f} MB/s) vs {lz['mb_s']:,.0f} MB/s; goal >= 0.5",
+                      promote_mb_s=rate, lz4_mb_s=lz["mb_s"])
+
+    # ---------------------------------------------------------- durability ----
+
+    def durability(self) -> None:
+        """The appliance with [durability] on disk against Redis's AOF and
+        lmdb's sync=True, the checkpoint write rate and the cold start (durability.py)."""
+        from durability import DurableAppliance, DurableLmdb, DurableRedis
+        a = self.args
+        want = lambda *ids: a.benches & set(ids)        # noqa: E731
+        if want("durable-write", "checkpoint") and "appliance" in a.systems:
+            self.pair("appliance, log_sync = \"commit\"", DurableAppliance, self.durable_rows, log_sync="commit")
+        if want("durable-write") and "redis" in a.systems:
+            self.pair("redis, appendfsync always", DurableRedis, self.durable_rows, fsync="always")
+        if want("durable-write") and "lmdb" in a.systems:
+            self.pair("lmdb, sync=True", DurableLmdb, self.durable_rows)
+        if want("interval-write") and "appliance" in a.systems:
+            self.pair("appliance, log_sync = \"interval\" (1 s)", DurableAppliance, self.interval_rows,
+                      log_sync="interval", interval="1s")
+        if want("interval-write") and "redis" in a.systems:
+            self.pair("redis, appendfsync everysec", DurableRedis, self.interval_rows, fsync="everysec")
+        if want("cold-start") and "appliance" in a.systems:
+            self.out.say(f"[appliance: cold start of {a.cold_start_mib} MiB]", style="bold")
+            self.guard("cold start", self.cold_start_rows)
+
+    def durable_rows(self, system) -> None:
+        self.fill(system)
+        if "durable-write" in self.args.benches:
+            self.benches(system, self.variants(system, DURABLE))
+        if "checkpoint" in self.args.benches and hasattr(system, "checkpoint"):
+            self.checkpoint_rows(system)
+            if "durable-write" in self.args.benches:
+                self.during_checkpoints(system)
+
+    def during_checkpoints(self, system) -> None:
+        """The 8-process durable write again while checkpoints follow one another."""
+        import threading
+        stop, taken = threading.Event(), []
+
+        def checkpoints():
+            while not stop.is_set():
+                taken.append(system.checkpoint())
+        t = threading.Thread(target=checkpoints, daemon=True)
+        t.start()
+        try:
+            self.measure(system, DURING_CHECKPOINT, system.name, "write", 8)
+        finally:
+            stop.set()
+            t.join(120)
+        self.out.say(f"  ({len(taken)} checkpoints written during the row and its warm-up)")
+
+    def interval_rows(self, system) -> None:
+        self.fill(system)
+        self.benches(system, self.variants(system, INTERVAL))
+
+    def checkpoint_rows(self, system) -> None:
+        from durability import disk_write_rate
+        cp = system.checkpoint()
+        self.rate("checkpoint", f"checkpoint of {self.data.n:,} records", system.name, cp["rate_mb_s"], "MB/s",
+                  f"{cp['bytes'] / 1e6:,.1f} MB ({cp['blocks']:,} blocks) in {cp['seconds']:.2f} s, "
+                  "written and fdatasync'ed", **{k: cp[k] for k in ("bytes", "blocks", "seconds")})
+        d = disk_write_rate(system.disk, max(cp["bytes"], 64 << 20))
+        self.rate("disk-write", "disk sequential write, same disk", "4 MiB writes + fdatasync", d["mb_s"], "MB/s",
+                  f"{d['bytes'] / 1e6:,.0f} MB in {d['seconds']:.2f} s", **d)
+
+    def cold_start_rows(self) -> None:
+        from durability import cold_start
+        c = cold_start(self.data, self.args.cold_start_mib << 20)
+        self.notes.append(f"cold start: {c['disk']}")
+        self.rate("file-read", f"read the files of {c['file_bytes'] / 2**30:.2f} GiB", "sequential read, cold cache",
+                  c["read_s"], "s", f"{c['read_mb_s']:,.0f} MB/s", **{k: c[k] for k in ("file_bytes", "read_s")})
+        self.rate("cold-start", f"cold start of {c['file_bytes'] / 2**30:.2f} GiB", "appliance", c["cold_start_s"], "s",
+                  f"{c['records']:,} records, {c['block_bytes'] / 2**30:.2f} GiB of blocks; checkpoint "
+                  f"{c['checkpoint_bytes'] / 2**30:.2f} GiB + {c['records_replayed']} log records; loading "
+                  f"{c['loaded_s']:.2f} s of it, the rest is process start", **c)
+
     # ------------------------------------------------------------- recovery ----
 
     def recovery(self) -> None:
@@ -474,8 +636,14 @@ def main(argv=None) -> int:
             run.system(classes[name])
     if "order" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
         run.order_test(classes["appliance"])
+    if "growth" in args.benches and "appliance" in args.systems and "appliance" not in run.unavailable:
+        run.growth(classes["appliance"])
     if args.benches & set(REPLICATION_IDS):
         run.replication()
+    if "promote" in args.benches and "appliance" in args.systems:
+        run.failover()
+    if args.benches & set(DURABILITY_IDS):
+        run.durability()
     if args.benches & set(RECOVERY_IDS) and "appliance" in args.systems:
         run.recovery()
 

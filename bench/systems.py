@@ -7,7 +7,8 @@ by calling the system's picklable ``client_spec()`` after it has started, so eac
 process has its own connection or environment.
 
 Operations are client methods taking one argument: ``get(key)``,
-``find(branch)``, ``range(lo)``, ``write((key, record))`` ... Each returns
+``find(branch)``, ``range(lo)``, ``write((key, record))``, ``transfer((src,
+dst, amount))`` ... Each returns
 what an application would get back (decoded dicts), so every system does the
 same work per call. ``session(op)`` is a context manager yielding the callable
 to time; most ops need no session, the "many reads in one read transaction"
@@ -44,7 +45,7 @@ class System:
     name = "?"
     # Benchmarks run with the client method of the same name, labelled with the
     # system's name; SPECIAL gives (label, method), or a list of them, where that is not so.
-    BENCHES: tuple[str, ...] = ("get", "find", "range", "write")
+    BENCHES: tuple[str, ...] = ("get", "find", "range", "write", "transfer")
     SPECIAL: dict[str, tuple[str, str]] = {}
 
     def __init__(self, data) -> None:

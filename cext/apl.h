@@ -2,7 +2,8 @@
  * apl.h — the C helpers' API, as Python sees it through cffi (cext/build.py).
  *
  * Reader side (any process that maps the segments): apl_view_*, apl_get*,
- * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image.
+ * apl_scan, apl_find, apl_count, apl_snap_*, apl_block_image; the same reads
+ * as CPython types (RecordCodec, TableReader: apl_py_install).
  * Writer side (the controller only): apl_store_*, apl_batch_*, apl_put,
  * apl_delete, apl_log_*, apl_reclaim, apl_sweep_readers.
  * Every function returns APL_OK (0) or a negative APL_* code (apl_errors.h),
@@ -36,6 +37,7 @@ struct apl_geometry {
     uint64_t layout_off;
     uint64_t rown_off;
     uint64_t loc_off;
+    uint64_t sums_off;
     uint64_t log_off;
     uint64_t meta_size;
     uint64_t readers_size;
@@ -102,7 +104,7 @@ int64_t apl_get_i64(apl_view *v, uint32_t file, int64_t key,
                     uint64_t version, uint8_t *out, uint64_t cap);
 
 /* What apl_scan writes for each record. */
-#define APL_SCAN_VALUES 1u   /* values back to back (each one msgpack object) */
+#define APL_SCAN_VALUES 1u   /* [u32 length][value bytes] per record */
 #define APL_SCAN_KEYS   2u   /* [u16 length][encoded key] per record */
 /* A scan reads [lo, hi) (lo exclusive when lo_incl is 0; hilen = APL_NO_BOUND
  * means no upper bound; lolen = 0 with lo_incl starts at the first record).
@@ -117,7 +119,8 @@ int64_t apl_scan(apl_view *v, uint32_t file,
                  uint64_t *count, uint8_t *resume, uint32_t *resume_len, int *more);
 /* Every record of primary file `table` whose alternate key in index file
  * `index` equals the encoded value `prefix` (the index keys are prefix+pk).
- * Values back to back, in primary-key order; same continuation contract. */
+ * Values as APL_SCAN_VALUES writes them, in primary-key order; same
+ * continuation contract. */
 int64_t apl_find(apl_view *v, uint32_t index, uint32_t table,
                  const uint8_t *prefix, uint32_t plen,
                  const uint8_t *after, uint32_t afterlen,
@@ -153,6 +156,13 @@ uint64_t apl_block_limit(apl_view *v);
 /* The block number of the leaf chain that holds `key` in `file` at
  * `version` (where it is, or would go); apl_locate.c. */
 int64_t apl_leaf_of(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen, uint64_t version);
+
+/* Primary blocks by the length of their chain (the block and its overflow
+ * blocks, bh_chain) at the latest committed version, pinned for the walk:
+ * hist[i] counts the chains of i + 1 blocks, hist[nbuckets - 1] those of
+ * nbuckets blocks or more. An lz4 backup store (no chains) leaves every bucket
+ * 0. Costs one location-table walk: for metrics, not for a hot path. */
+int apl_chain_lengths(apl_view *v, uint64_t *hist, uint32_t nbuckets);
 
 /* ---- the writer (controller only) ---- */
 typedef struct apl_store apl_store;
@@ -266,6 +276,10 @@ int apl_reader_own(apl_store *s, uint32_t slot, uint32_t pid, uint64_t start);
 int apl_reader_clear(apl_store *s, uint32_t slot, uint32_t pid, uint64_t gen);
 int apl_store_stats(apl_store *s, struct apl_stats *st);
 void apl_store_set_epoch(apl_store *s, uint64_t epoch);
+/* A store rebuilt from durability files (a cold start): inside the open batch,
+ * its change-log serial continues after `serial` and transaction numbers from
+ * at least `txn_next`. APL_EINVAL if `serial` is below the store's own. */
+int apl_store_resume(apl_store *s, uint64_t serial, uint64_t txn_next);
 uint64_t apl_next_txn(apl_store *s);
 
 /* ---- change-log reading (agent, recovery tools) ---- */
@@ -298,6 +312,51 @@ int apl_apply_images(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *co
 int64_t apl_drop_uncopied(apl_store *s, const uint8_t *copied, uint64_t nbits);
 /* Record in the batch being built which primary serial it brings us to. */
 void apl_set_source(apl_store *s, uint64_t serial, uint64_t instance);
+
+/* ---- block checksums (apl_sums.c) ---- */
+/* A block number as apl_check_blocks reports it. */
+struct apl_blockinfo {
+    uint32_t number;
+    uint32_t file;            /* the file it belongs to (UINT32_MAX: unknown) */
+    uint64_t devices;         /* bit i: a block of its chain lies on device segment i */
+    uint32_t damaged;         /* 1: its content does not match its checksum */
+    uint32_t removed;         /* 1: removed, waiting for readers to pass */
+};
+/* The numbers in use in [start, limit) (only the damaged ones with
+ * damaged_only), at most cap of them; *next: where to go on. Between batches. */
+int64_t apl_check_blocks(apl_store *s, uint32_t start, uint32_t limit, struct apl_blockinfo *out, uint32_t cap,
+                         uint32_t damaged_only, uint32_t *next);
+
+/* ---- failover (apl_rewind.c) ---- */
+/* In the open batch: the change log continues at `serial` (a promoted
+ * secondary continues its primary's serials); entries it held are dropped. */
+int apl_log_restart(apl_store *s, uint64_t serial);
+/* In the open batch: undo entries (a history past a fork, oldest first, as the
+ * change log stores them) newest first from their B logs. Block numbers whose
+ * structure changed (BLOCK entries, APL_CEF_STRUCT) or whose B log is missing
+ * are not undone but set in `copy` (a bitmap of nbits): copy them from the new
+ * primary. *txns: the COMMITs undone. */
+int apl_undo_entries(apl_store *s, const uint8_t *buf, uint64_t len, uint8_t *copy, uint64_t nbits,
+                     uint64_t *txns);
+/* Promote an lz4 secondary (apl_bstore.c): lay every live backup block of
+ * `src` (a compressed store, no batch open) into `dst` (an uncompressed store
+ * with the same files, inside its open batch) as primary blocks. APL_EFULL:
+ * dst cannot hold them. *blocks, *bytes: numbers laid in, image bytes. */
+int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes);
+
+/* ---- a primary's controller and its agent (apl_acks.c; apl_layout.h, struct apl_acks) ---- */
+void apl_acks_init(struct apl_acks *a, uint64_t instance, uint32_t count);
+/* The agent: secondary i confirmed `serial`. Returns 1 when the controller
+ * should be signalled (a commit waits for a serial it reaches), else 0. */
+int apl_acks_post(struct apl_acks *a, uint32_t i, uint64_t serial);
+/* The controller: the lowest serial a commit waits for (0: none), then every
+ * acknowledged serial into out[0 .. ak_count). */
+void apl_acks_want(struct apl_acks *a, uint64_t serial, uint64_t *out);
+
+/* ---- the read path as CPython types (apl_py.c) ---- */
+/* Set RecordCodec and TableReader as attributes of the (imported) Python
+ * module named `module`; APL_EINVAL when that fails. */
+int apl_py_install(const char *module);
 
 /* Published log head/tail/version, read consistently. */
 int apl_log_bounds(apl_view *v, uint64_t *head, uint64_t *tail, uint64_t *version, uint64_t *serial);

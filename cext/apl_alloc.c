@@ -325,7 +325,9 @@ apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots)
     s->recs_cap = s->scratch_cap / SLOT_SIZE + 16;
     s->recs = malloc(s->recs_cap * sizeof(struct rec));
     s->free_nums = malloc(v->v_max_blocks * sizeof(uint32_t));
-    int ok = s->scratch && s->recs && s->free_nums;
+    s->sums = (uint64_t *)(v->v_meta + v->v_sb->sb_sums_off);
+    s->dirty_bits = calloc((v->v_max_blocks + 7) / 8, 1);
+    int ok = s->scratch && s->recs && s->free_nums && s->dirty_bits && sums_dirty_grow(s) == APL_OK;
     if (ok && (v->v_flags & APL_SB_COMPRESSED))
         ok = bs_open(s) == APL_OK;
     for (uint32_t i = 0; ok && !s->bs && i < v->v_nseg; i++)
@@ -345,6 +347,8 @@ void apl_store_free(apl_store *s)
         free(s->free_slots[i]);
     bs_free(s);
     free(s->free_nums);
+    free(s->dirty);
+    free(s->dirty_bits);
     free(s->scratch);
     free(s->recs);
     free(s->rq);
@@ -410,6 +414,8 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
         FENCE();
         int brc = bs_recover(s, r);
         r->log_head = s->log_head;
+        if (brc == APL_OK)
+            sums_flush(s);
         return brc;
     }
     /* a reader between PENDING and its pin will pin the current version; a
@@ -450,7 +456,7 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
         if (rc)
             break;
         if (a != a0)
-            STORE_REL(&v->v_loc[num], a);
+            loc_publish(s, (uint32_t)num, a);   /* (its checksum too: sums_flush below) */
         if (a == APL_ADDR_NONE)
             continue;
         struct apl_bhdr *h = apl_ptr(v, a);
@@ -513,6 +519,8 @@ int apl_store_recover(apl_store *s, struct apl_recovery *r)
     for (uint32_t i = 0; i < v->v_nseg; i++)
         free(used[i]);
     r->log_head = s->log_head;
+    if (rc == APL_OK)
+        sums_flush(s);   /* the numbers rolled back, and those an aborted batch had marked */
     return rc;
 }
 

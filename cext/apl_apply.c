@@ -74,7 +74,9 @@ static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t ma
         return 0;
     }
     if (s->v->v_loc[number] != APL_ADDR_NONE) {
+        s->replacing = 1;     /* the image replaces the content: a damaged one too ([0123] repair) */
         struct apl_bhdr *h = cow(s, number, err);
+        s->replacing = 0;
         if (h && h->bh_retired) {
             h->bh_retired = 0; /* a removed number that comes back */
         }
@@ -87,7 +89,7 @@ static struct apl_bhdr *cow_or_create(apl_store *s, uint32_t number, uint32_t ma
     }
     struct apl_bhdr *h = apl_ptr(s->v, a);
     blk_init(s, h, magic, number, file, level);
-    STORE_REL(&s->v->v_loc[number], a);
+    loc_publish(s, number, a);
     note_number(s, number);
     return h;
 }
@@ -131,6 +133,9 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
         struct apl_bhdr *h = cow_or_create(s, number, magic, file, 0, &err);
         if (!h)
             return err;
+        h->bh_magic = magic;
+        h->bh_file = file;
+        h->bh_level = 0;
         h->bh_count = count;
         return APL_OK;
     }
@@ -181,8 +186,8 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
 
 /* Upsert or delete one record in the chain of block `number`. */
 
-static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
-                        const uint8_t *val, uint32_t vlen, int delta)
+int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                 const uint8_t *val, uint32_t vlen, int delta)
 {
     if (s->bs)
         return bs_apply_record(s, number, kind, key, klen, val, vlen, delta);
@@ -286,7 +291,7 @@ static int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *
     return rc;
 }
 
-static int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits)
+int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits)
 {
     if (file >= s->v->v_nfiles)
         return APL_ECORRUPT;

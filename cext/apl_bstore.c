@@ -224,7 +224,7 @@ int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t len
     }
     b->bytes_live += b->cls[ci].size;
     STORE_REL(&o->bo_magic, APL_MAGIC_BOBJ);
-    STORE_REL(&s->v->v_loc[number], a);
+    loc_publish(s, number, a);
     if (number >= s->next_num)
         s->next_num = number + 1;
     return APL_OK;
@@ -302,13 +302,13 @@ int bs_recover(apl_store *s, struct apl_recovery *r)
         if (rc)
             break;
         if (a != a0)
-            STORE_REL(&v->v_loc[num], a);
+            loc_publish(s, (uint32_t)num, a);
         if (a == APL_ADDR_NONE)
             continue;
         if (o->bo_retired > g)
             o->bo_retired = 0;
         if (o->bo_retired) {  /* removed in a published batch: free it now */
-            STORE_REL(&v->v_loc[num], APL_ADDR_NONE);
+            loc_publish(s, (uint32_t)num, APL_ADDR_NONE);
             continue;
         }
         uint32_t seg = APL_ADDR_SEG(a);
@@ -464,4 +464,78 @@ int bs_count_add(apl_store *s, uint32_t meta, int64_t delta)
     uint64_t c = RD(uint64_t, b->raw + 20) + (uint64_t)delta;
     memcpy(b->raw + 20, &c, 8);
     return bs_put_image(s, meta, b->raw, (uint64_t)n);
+}
+
+/*
+ * Promoting an lz4 secondary ([0128]): every live backup object of `src`
+ * (this store, between batches) is decompressed and laid into `dst`, an
+ * uncompressed store of primary blocks with the same files, inside dst's open
+ * batch (apl_apply_image: the same edit a copy's images get), so dst holds
+ * the same image block for block. Nothing of src changes. *blocks and *bytes:
+ * numbers laid in and image bytes decompressed.
+ */
+int apl_expand(apl_store *src, apl_store *dst, uint64_t *blocks, uint64_t *bytes)
+{
+    *blocks = *bytes = 0;
+    if (!src->bs || dst->bs)
+        return APL_EINVAL;
+    if (!dst->pending || src->pending)
+        return APL_EBATCH;
+    const apl_view *v = src->v;
+    uint64_t cap = (uint64_t)LZ4_compressBound((int)src->bs->page) + 64;
+    uint8_t *buf = malloc(cap);
+    if (!buf)
+        return APL_ENOMEM;
+    int rc = APL_OK;
+    for (uint64_t num = 0; rc == APL_OK && num < v->v_max_blocks; num++) {
+        apl_addr a = v->v_loc[num];
+        if (a == APL_ADDR_NONE)
+            continue;
+        struct apl_bobj *o = obj_at(v, a);
+        if (!o) {
+            rc = APL_ECORRUPT;
+            break;
+        }
+        if (o->bo_retired)
+            continue;
+        if (num >= dst->v->v_max_blocks) {
+            rc = APL_EFULL;
+            break;
+        }
+        if (o->bo_rawlen > cap) {
+            uint8_t *nb = realloc(buf, o->bo_rawlen);
+            if (!nb) {
+                rc = APL_ENOMEM;
+                break;
+            }
+            buf = nb;
+            cap = o->bo_rawlen;
+        }
+        int n = LZ4_decompress_safe((const char *)(o + 1), (char *)buf, (int)o->bo_clen, (int)cap);
+        if (n != (int)o->bo_rawlen) {
+            rc = APL_ECORRUPT;
+            break;
+        }
+        rc = apl_apply_image(dst, (uint32_t)num, buf, (uint64_t)n);
+        (*blocks)++;
+        *bytes += (uint64_t)n;
+    }
+    free(buf);
+    return rc;
+}
+
+uint64_t bs_sum(const apl_store *s, apl_addr a)
+{
+    const struct apl_bobj *o = obj_at(s->v, a);
+    return o ? obj_sum(o, o->bo_number) : 1;   /* an address that points nowhere: never a match */
+}
+
+uint32_t bs_file_of(const apl_store *s, apl_addr a)
+{
+    const struct apl_bobj *o = obj_at(s->v, a);
+    char head[16];
+    uint32_t file = UINT32_MAX;
+    if (o && LZ4_decompress_safe_partial((const char *)(o + 1), head, (int)o->bo_clen, 12, sizeof head) >= 12)
+        memcpy(&file, head + 8, 4);   /* the image opens with u32 number, u32 kind, u32 file */
+    return file;
 }

@@ -157,7 +157,8 @@ void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src)
 
 /*
  * Make the chain of block `number` writable in the pending version and return
- * its head. The first time in a batch, every block of the chain is copied to
+ * its head (APL_EDAMAGED when its content no longer matches its checksum).
+ * The first time in a batch, every block of the chain is copied to
  * fresh slots; the old head goes to the retire queue (at = pending), and the
  * new head is published in the location table only after it is complete.
  */
@@ -171,6 +172,12 @@ struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err)
     }
     if (h->bh_version == s->pending)
         return h;
+    /* a version whose bytes no longer match its checksum is not carried on:
+     * the change fails (its block needs `appliance repair`, apl_sums.c) */
+    if (!s->replacing && s->sums[number] && sum_of(s, number) != s->sums[number]) {
+        *err = APL_EDAMAGED;
+        return 0;
+    }
     uint32_t n = chain_len(s, h);
     if (avail_slots(s) < n) {
         *err = APL_EFULL;
@@ -198,7 +205,7 @@ struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err)
         *err = rc;
         return 0;
     }
-    STORE_REL(&s->v->v_loc[number], na[0]);
+    loc_publish(s, number, na[0]);
     return nh;
 }
 

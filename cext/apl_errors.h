@@ -50,9 +50,14 @@
     _(APL_ELIMIT,          -31118, "the request exceeds a configured limit") \
     _(APL_EINTERNAL,       -31119, "internal error: an error code this build does not know") \
     _(APL_EBACKUP,         -31120, "committed locally; its synchronous backup was not confirmed in time") \
-    _(APL_ENOHISTORY,      -31121, "the log history does not reach back that far") \
-    _(APL_ECONFLICT,       -31122, "later transactions changed the same records") \
-    _(APL_EPROGRAM,        -31123, "a program cannot be imported or is not the version recorded")
+    _(APL_EDISK,           -31121, "the durability files could not be written or read") \
+    _(APL_ENOSPC,          -31122, "no space left for the durability files") \
+    _(APL_ENOTPRIMARY,     -31123, "this appliance is no longer the primary: a newer epoch took over") \
+    _(APL_EROLE,           -31124, "the operation does not fit the appliance's role or state") \
+    _(APL_EDAMAGED,        -31125, "a block's content does not match its checksum (damaged memory)") \
+    _(APL_ENOHISTORY,      -31126, "the log history does not reach back that far") \
+    _(APL_ECONFLICT,       -31127, "later transactions changed the same records") \
+    _(APL_EPROGRAM,        -31128, "a program cannot be imported or is not the version recorded")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

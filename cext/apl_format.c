@@ -52,7 +52,8 @@ int apl_geometry(struct apl_geometry *g)
     g->layout_off = g->files_off + (uint64_t)g->nfiles * sizeof(struct apl_file);
     g->rown_off = APL_ALIGN(g->layout_off + g->layout_len, APL_PAGE);
     g->loc_off = APL_ALIGN(g->rown_off + (uint64_t)g->nreaders * sizeof(struct apl_rown), APL_PAGE);
-    g->log_off = APL_ALIGN(g->loc_off + g->max_blocks * sizeof(apl_addr), APL_PAGE);
+    g->sums_off = APL_ALIGN(g->loc_off + g->max_blocks * sizeof(apl_addr), APL_PAGE);
+    g->log_off = APL_ALIGN(g->sums_off + g->max_blocks * sizeof(uint64_t), APL_PAGE);
     g->meta_size = APL_ALIGN(g->log_off + g->log_size, APL_PAGE);
     g->readers_size = APL_ALIGN(sizeof(struct apl_rhdr) + (uint64_t)g->nreaders * sizeof(struct apl_reader), APL_PAGE);
     return APL_OK;
@@ -64,6 +65,7 @@ int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instan
     struct apl_super *sb = (struct apl_super *)meta;
     memset(meta, 0, g->loc_off);
     memset(meta + g->loc_off, 0xFF, g->max_blocks * sizeof(apl_addr));
+    memset(meta + g->sums_off, 0, g->max_blocks * sizeof(uint64_t));
     sb->sb_format = APL_FORMAT;
     sb->sb_instance = instance;
     sb->sb_created_ns = created_ns;
@@ -80,6 +82,7 @@ int apl_format_meta(uint8_t *meta, const struct apl_geometry *g, uint64_t instan
     sb->sb_layout_len = g->layout_len;
     sb->sb_rown_off = g->rown_off;
     sb->sb_loc_off = g->loc_off;
+    sb->sb_sums_off = g->sums_off;
     sb->sb_log_off = g->log_off;
     sb->sb_log_size = g->log_size;
     sb->sb_meta_size = g->meta_size;
@@ -126,7 +129,8 @@ int apl_check_meta(const uint8_t *meta, uint64_t size)
     if (sb->sb_format != APL_FORMAT)
         return APL_EVERSION;
     if (sb->sb_meta_size > size || sb->sb_log_off + sb->sb_log_size > size ||
-        sb->sb_loc_off + sb->sb_max_blocks * sizeof(apl_addr) > sb->sb_log_off ||
+        sb->sb_loc_off + sb->sb_max_blocks * sizeof(apl_addr) > sb->sb_sums_off ||
+        sb->sb_sums_off + sb->sb_max_blocks * sizeof(uint64_t) > sb->sb_log_off ||
         sb->sb_files_off + (uint64_t)sb->sb_nfiles * sizeof(struct apl_file) > sb->sb_rown_off ||
         (sb->sb_layout_len && (sb->sb_layout_off < sb->sb_files_off ||
                                sb->sb_layout_off + sb->sb_layout_len > sb->sb_rown_off)) ||

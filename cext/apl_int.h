@@ -1,10 +1,10 @@
 /*
  * apl_int.h — what the C files share that Python does not see: inline helpers
- * of readers (apl_readers.c, apl_read.c, apl_log.c) and the writer (its files
- * are listed in apl_store_int.h): address resolution, version chains, key
- * comparison, the binary search inside one block, entering a view; and the
- * internal functions one file defines for others (APL_INTERNAL: not exported
- * from the compiled module).
+ * of readers (apl_readers.c, apl_read.c, apl_log.c, apl_py.c) and the writer
+ * (its files are listed in apl_store_int.h): address resolution, version
+ * chains, key comparison, the binary search inside one block, entering a
+ * view, beginning and ending one read; and the internal functions one file
+ * defines for others (APL_INTERNAL: not exported from the compiled module).
  */
 #ifndef APL_INT_H
 #define APL_INT_H
@@ -47,6 +47,25 @@ static inline const uint8_t *apl_slot_key(const struct apl_bhdr *b, const struct
     return (const uint8_t *)b + s->sl_off;
 }
 
+/* The rest of a leaf's slot array, past the lines apl_resolve asked for: a
+ * binary search probes lines all over it (and apl_chain_block its last
+ * slot), so every miss is started at once; reading bh_nslots waits only for
+ * the header, already on its way. */
+static inline void apl_prefetch_slots(const struct apl_bhdr *b)
+{
+    uint32_t end = HDR_SIZE + SLOT_SIZE * (uint32_t)b->bh_nslots;
+    if (end > APL_MAX_BLOCK)   /* damaged memory: prefetches never fault, but stay near */
+        end = APL_MAX_BLOCK;
+    for (uint32_t off = APL_PREFETCH_LINES * APL_CACHELINE; off < end; off += APL_CACHELINE)
+        __builtin_prefetch((const char *)b + off, 0, 3);
+}
+
+static inline void apl_prefetch_head(const struct apl_bhdr *b)
+{
+    for (int l = 0; l < APL_PREFETCH_LINES; l++)
+        __builtin_prefetch((const char *)b + l * APL_CACHELINE, 0, 3);
+}
+
 /*
  * The version of block `number` visible at `version`: the newest one whose
  * bh_version <= version. Versions strictly decrease along bh_prev; a chain that
@@ -67,8 +86,7 @@ static inline struct apl_bhdr *apl_resolve(const apl_view *v, uint32_t number, u
          * probe after another: ask for their cache lines all at once so the
          * misses overlap instead of queueing (the dominant cost of a random
          * lookup on a large file). */
-        for (int l = 0; l < APL_PREFETCH_LINES; l++)
-            __builtin_prefetch((const char *)b + l * APL_CACHELINE, 0, 3);
+        apl_prefetch_head(b);
         uint64_t bv = b->bh_version;
         if (bv >= last)
             return 0;
@@ -260,9 +278,71 @@ static inline void view_exit(void)
     STORE_REL(&tls_rd.in_view, 0);
 }
 
-/* Descend a file's tree to the leaf chain that holds the key (reader or writer; apl_read.c). */
+/* ---- one read: begin, end (every read entry point: apl_read.c, apl_py.c) ---- */
+
+/* A read's result, unless its version was freed meanwhile: reused memory is
+ * written only after sb_horizon passed the versions it held (apl_reclaim), so
+ * a read that saw any of it sees the horizon past its version here. */
+static inline int64_t horizon_checked(const apl_view *v, uint64_t ver, int64_t rc)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LOAD_ACQ(&v->v_sb->sb_horizon) > ver)
+        return APL_ESNAPSHOT;
+    return rc;
+}
+
+/* Begin a read at `version`, or (0) at the latest under this thread's
+ * per-call pin (*r, else NULL): view_enter first, so nothing mapped is touched
+ * on a closed view. */
+static inline int read_begin(apl_view *v, uint64_t version, uint64_t *ver, struct apl_reader **r)
+{
+    int rc = view_enter(v);
+    if (rc)
+        return rc;
+    *r = 0;
+    *ver = version;
+    if (!version && !(*r = apl_op_pin(v, ver))) {
+        view_exit();
+        return APL_EREADERS;
+    }
+    return APL_OK;
+}
+
+/* End it: the result, checked against the horizon while still pinned. */
+static inline int64_t read_end(apl_view *v, uint64_t ver, struct apl_reader *r, int64_t rc)
+{
+    rc = horizon_checked(v, ver, rc);
+    if (r)
+        apl_op_unpin(r);
+    view_exit();
+    return rc;
+}
+
+/* A slot's record, bounds-checked against the block. */
+static inline int apl_slot_ok(const apl_view *v, const struct apl_slot *s)
+{
+    return (uint32_t)s->sl_off + s->sl_klen + s->sl_aux <= v->v_bsize && s->sl_off >= HDR_SIZE;
+}
+
+/* ---- lookups at one version (apl_read.c) ---- */
+
+/* Descend a file's tree to the leaf chain that holds the key (reader or writer). */
 APL_INTERNAL struct apl_bhdr *apl_descend(const apl_view *v, uint32_t file, uint64_t version,
                                           uint64_t p, const uint8_t *k, uint32_t n);
+/* The value of `key` in `file` at `ver` inside a read: *val points into the
+ * mapped block (copy it before read_end), *vlen its length. APL_NOTFOUND or
+ * APL_ECORRUPT otherwise. */
+APL_INTERNAL int apl_lookup(const apl_view *v, uint32_t file, uint64_t ver, const uint8_t *key,
+                            uint32_t klen, const uint8_t **val, uint32_t *vlen);
+
+/* Records of `table` whose alternate key in index file `index` is `prefix`,
+ * inside a read at `ver` (apl_find's work, without its read_begin/read_end,
+ * so a caller may continue it under the same pin). */
+APL_INTERNAL int64_t apl_find_at(apl_view *v, uint32_t index, uint32_t table, uint64_t ver,
+                                 const uint8_t *prefix, uint32_t plen,
+                                 const uint8_t *after, uint32_t afterlen,
+                                 uint8_t *out, uint64_t cap, uint64_t *count,
+                                 uint8_t *resume, uint32_t *resume_len, int *more);
 
 /* The image of block version b (apl_block_image format; apl_read.c). */
 APL_INTERNAL int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t cap);

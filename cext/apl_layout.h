@@ -8,7 +8,7 @@
  *   /apl.<name>.meta    superblock, file directory, layout description (the
  *                       configuration's tables and storage settings as JSON, read
  *                       only to say what differs when a configuration is refused),
- *                       location table, change log. Written by the controller
+ *                       location table, block checksums (apl_sums.c), change log. Written by the controller
  *                       only; mapped read-only by clients and by the replication agent.
  *   /apl.<name>.readers reader slots: the only region clients write (their pins).
  *   /apl.<name>.dev<i>  "storage devices": an arena of fixed-length block slots.
@@ -138,7 +138,13 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   2u
+#define APL_FORMAT_VERSION   3u
+/* The record format (the value bytes of a leaf slot: cext/apl_rec.h). It is
+ * not part of APL_FORMAT, which fixes the blocks around records: the
+ * configuration's schema hash and layout include it with the fields in schema
+ * order (appliance/config.py), so segments or a peer with records of another
+ * format are refused naming it. 1 was one msgpack map per record. */
+#define APL_REC_FORMAT       2u
 #define APL_MAGIC_META       0x4D4C5041u /* "APLM" */
 #define APL_MAGIC_READERS    0x524C5041u /* "APLR" */
 #define APL_MAGIC_DEVICE     0x444C5041u /* "APLD" */
@@ -165,7 +171,9 @@ typedef uint64_t apl_addr;
 #define APL_PIN_PENDING      UINT64_MAX
 
 /* An appliance's role (sb_role): the config gives the first one; a failover
- * changes it and the epoch together (appliance/controller/role.py). */
+ * changes it and the epoch together (appliance/controller/role.py). A primary
+ * that learnt of a newer epoch stays a primary that takes no writes
+ * (sb_fenced_epoch) until it rejoins as a secondary. */
 enum apl_role { APL_ROLE_NONE = 0, APL_ROLE_STANDALONE = 1, APL_ROLE_PRIMARY = 2, APL_ROLE_SECONDARY = 3 };
 
 /* File kinds. */
@@ -233,7 +241,20 @@ struct apl_super {
     uint64_t sb_layout_len;     /** its bytes: the configuration's tables and storage settings as
                                     JSON, so a refused configuration can be told what differs */
     uint64_t sb_rown_off;       /** offset of struct apl_rown[sb_nreaders] */
-    uint8_t  sb_pad1[256 - 144];
+
+    /* --- failover: written by the controller, rarely (promote, fence, rejoin,
+     *     rewind; appliance/controller/recovery.py), read by status and the agent --- */
+    uint64_t sb_fork_instance;  /** the primary this appliance followed before it was promoted
+                                    (0: never promoted): its serials continue that primary's */
+    uint64_t sb_fork_serial;    /** the last serial of sb_fork_instance's history held here */
+    uint64_t sb_fenced_epoch;   /** a primary that learnt of this higher epoch takes no writes (0: none) */
+    uint32_t sb_repair_pending; /** 1 while blocks wait for a copy from the primary (a rewind or a
+                                    repair): a controller that restarts then asks for a whole copy */
+    uint32_t sb_pad1a;
+    char     sb_fenced_by[48];  /** the primary at sb_fenced_epoch, when it is known ("" otherwise) */
+    uint64_t sb_sums_off;       /** offset of uint64_t[sb_max_blocks]: each block number's checksum
+                                    (apl_sums.c; immutable after format, like the offsets above) */
+    uint8_t  sb_pad1[256 - 144 - 88];
 
     /* --- written by the controller, read by everyone (own cache lines) --- */
     volatile uint64_t sb_version;     /** G: last published commit version */
@@ -397,6 +418,58 @@ struct apl_centry {
     uint32_t ce_blen;        /** B image (pre-update) bytes */
 };
 
+/* ------------------------------------------------------------------ */
+/* A primary's controller and its agent: acknowledgements (apl_acks.c)  */
+/* ------------------------------------------------------------------ */
+/*
+ * The primary's agent learns of new log entries and reports what each
+ * secondary confirmed without a message on the controller's socket (a
+ * synchronous commit crosses this link twice):
+ *   - the controller creates, per agent, an anonymous memfd holding one
+ *     struct apl_acks and two eventfds, "published" and "acked", and hands
+ *     all three to the agent in its OP_WAKEUPS reply (SCM_RIGHTS): nothing
+ *     has a name, so nothing is left to unlink, and only the holders of the
+ *     descriptors (the controller and that agent) can map or signal them;
+ *   - after every publish the controller adds 1 to "published"; the agent
+ *     reads the log bounds from the meta segment then, as it would after a
+ *     WATCH reply;
+ *   - the agent stores each secondary's acknowledged serial in ak_acked and
+ *     adds 1 to "acked" when a waiting commit may be released by it.
+ *
+ * Shared:  ak_acked[i]: the serial secondary i (its place in the primary's
+ *          [[replication.secondaries]]) confirmed applied. Written by the
+ *          agent only, only ever raised (atomic release store); read by the
+ *          controller (acquire).
+ *          ak_want: the lowest serial a commit on the controller waits for, 0
+ *          when none waits. Written by the controller only; read by the agent.
+ * Why no wake-up is lost: the agent stores ak_acked[i], then a full fence,
+ * then loads ak_want, and signals "acked" when the serial reaches it; the
+ * controller stores ak_want, then a full fence, then loads every ak_acked
+ * (apl_acks_want). Both sides fence between their store and their load
+ * (Dekker), so either the agent sees the new want and signals, or the
+ * controller sees the new acknowledgement itself: a commit never waits for a
+ * signal that nobody sends. Signals for acknowledgements nobody waits for are
+ * not sent at all; extra signals are harmless (the eventfd counts them as one
+ * wake-up, and the controller reads every ak_acked when it wakes).
+ * A region comes from the agent's own controller: the agent is trusted as
+ * the controller's own user or root (OP_AGENT), and the controller still
+ * counts only serials that grow and that it has logged.
+ */
+#define APL_MAGIC_ACKS       0x4B414C41u /* "ALAK" */
+#define APL_MAX_SECONDARIES  64u
+
+struct apl_acks {
+    uint32_t ak_magic;        /** APL_MAGIC_ACKS */
+    uint32_t ak_format;       /** APL_FORMAT */
+    uint64_t ak_instance;     /** the primary's sb_instance */
+    uint32_t ak_count;        /** secondaries in use: ak_acked[0 .. ak_count) */
+    uint32_t ak_pad0;
+    uint8_t  ak_pad1[64 - 24];
+    volatile uint64_t ak_want;                       /** controller: lowest waiting serial, 0 = none */
+    uint8_t  ak_pad2[64 - 8];
+    volatile uint64_t ak_acked[APL_MAX_SECONDARIES]; /** agent: serial each secondary confirmed */
+};
+
 /* Meta segment offsets are page-aligned. */
 #define APL_PAGE 4096u
 #define APL_ALIGN(x, a) (((x) + ((a) - 1)) & ~((uint64_t)(a) - 1))
@@ -413,6 +486,8 @@ _Static_assert(sizeof(struct apl_slot) == 16, "slot size");
 _Static_assert(sizeof(struct apl_centry) == 72, "change-log entry header size");
 _Static_assert(sizeof(struct apl_bobj) == 48, "backup object header size");
 _Static_assert(sizeof(struct apl_seghdr) <= APL_MIN_BLOCK, "segment header fits a block");
+_Static_assert(offsetof(struct apl_acks, ak_want) == 64, "the controller's field has a cache line of its own");
+_Static_assert(offsetof(struct apl_acks, ak_acked) == 128, "the agent's fields start a cache line");
 
 /* The format number folds in the sizes of everything above (LMDB MDB_LOCK_FORMAT). */
 #define APL_FORMAT ((uint32_t)(APL_FORMAT_VERSION * 1000003u \

@@ -3,7 +3,9 @@
  * share: apl_txn.c (batches and transactions), apl_tree.c (the primary's
  * trees), apl_chain.c (one block chain), apl_alloc.c (allocation,
  * reclamation, recovery), apl_log.c (the change log), apl_apply.c (a
- * secondary's apply) and apl_bstore.c (a secondary's lz4 backup blocks).
+ * secondary's apply), apl_rewind.c (failover: the log a promoted secondary
+ * continues, undoing a history past a fork), apl_sums.c (block checksums)
+ * and apl_bstore.c (a secondary's lz4 backup blocks).
  *
  * Only the controller process calls anything in these files, from one
  * thread, so the allocator, the retire queue and the batch state are plain
@@ -82,6 +84,14 @@ struct apl_store {
     int source_set;                 /* apl_set_source called for the open batch */
     struct bstore *bs;              /* lz4 backup blocks (a secondary that serves no reads), or NULL */
     uint64_t max_key;
+    /* block checksums (apl_sums.c): the table in meta, and the numbers the
+     * open batch gave a new version (each once: dirty_bits) */
+    uint64_t *sums;
+    uint32_t *dirty;
+    uint64_t ndirty, dirty_cap;
+    uint8_t *dirty_bits;
+    int sums_lost;                  /* the list could not grow: the next publish recomputes all */
+    int replacing;                  /* apl_apply_image: a whole new content, the old one may be damaged */
 };
 
 /* ---- small helpers of every writer file ---- */
@@ -118,6 +128,37 @@ static inline uint32_t blk_room(const struct apl_bhdr *b)
     return (uint32_t)b->bh_upper - b->bh_lower;
 }
 
+/* ---- block checksums (apl_sums.c) ---- */
+APL_INTERNAL int sums_dirty_grow(apl_store *s);
+/* The number's current version changed in the open batch (or was rolled back):
+ * its checksum is computed again when the batch is published. */
+static inline void sums_dirty(apl_store *s, uint32_t n)
+{
+    if (s->dirty_bits[n >> 3] & (1u << (n & 7)))
+        return;
+    if (s->ndirty == s->dirty_cap && sums_dirty_grow(s)) {
+        s->sums_lost = 1;
+        return;
+    }
+    s->dirty_bits[n >> 3] |= (uint8_t)(1u << (n & 7));
+    s->dirty[s->ndirty++] = n;
+}
+/* Store a number's new current version into the location table (release:
+ * readers find it complete) and mark its checksum for the publish. */
+static inline void loc_publish(apl_store *s, uint32_t number, apl_addr a)
+{
+    STORE_REL(&s->v->v_loc[number], a);
+    sums_dirty(s, number);
+}
+/* The checksum of a number's current version (0: not in use). */
+APL_INTERNAL uint64_t sum_of(const apl_store *s, uint32_t number);
+/* Compute the checksums of the marked numbers (sums_publish: at every
+ * publish; sums_flush: after recovery rolled numbers back). */
+APL_INTERNAL void sums_publish(apl_store *s);
+APL_INTERNAL void sums_flush(apl_store *s);
+/* An lz4 backup object's checksum (header but bo_retired, compressed bytes). */
+APL_INTERNAL uint64_t obj_sum(const struct apl_bobj *o, uint64_t h);
+
 /* ---- allocation and the retire queue (apl_alloc.c) ---- */
 /* Free slots allocation may take (the reserve only while it is switched on). */
 APL_INTERNAL uint64_t avail_slots(apl_store *s);
@@ -144,6 +185,14 @@ APL_INTERNAL uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur
 APL_INTERNAL void write_chain(apl_store *s, struct apl_bhdr *head, uint64_t a, const uint64_t *bounds,
                               uint32_t nb, const apl_addr *ovfl);
 
+/* apl_apply.c: one record change in the chain of a block number (never a split;
+ * kind APL_CE_DELETE removes, any other upserts), and a file's record count
+ * (skipped while `copied` says its meta block is not copied yet); apl_rewind.c
+ * uses both to undo */
+APL_INTERNAL int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,
+                              const uint8_t *val, uint32_t vlen, int delta);
+APL_INTERNAL int count_add(apl_store *s, uint32_t file, int64_t delta, const uint8_t *copied, uint64_t nbits);
+
 /* apl_bstore.c: a store whose blocks are lz4 images (sb_flags & APL_SB_COMPRESSED) */
 APL_INTERNAL int bs_open(apl_store *s);
 APL_INTERNAL void bs_free(apl_store *s);
@@ -152,6 +201,9 @@ APL_INTERNAL int bs_put_image(apl_store *s, uint32_t number, const uint8_t *img,
 APL_INTERNAL int64_t bs_get_image(apl_store *s, uint32_t number, uint8_t *out, uint64_t cap);
 APL_INTERNAL void bs_release(apl_store *s, apl_addr a);
 APL_INTERNAL uint64_t bs_removed_at(apl_store *s, apl_addr a);
+/* the checksum of the object at `a`, and the file its image belongs to */
+APL_INTERNAL uint64_t bs_sum(const apl_store *s, apl_addr a);
+APL_INTERNAL uint32_t bs_file_of(const apl_store *s, apl_addr a);
 APL_INTERNAL int bs_stats(apl_store *s, struct apl_stats *st);
 /* apply_record / count_add for a compressed store (apl_apply.c dispatches) */
 APL_INTERNAL int bs_apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, uint32_t klen,

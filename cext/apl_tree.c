@@ -156,7 +156,7 @@ static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_
     blk_init(s, r, APL_BLK_INNR, rnum, file, b->bh_level);
     for (uint64_t i = bounds[0]; i < n; i++)
         blk_append(r, &s->recs[i]);
-    STORE_REL(&s->v->v_loc[rnum], raddr);
+    loc_publish(s, rnum, raddr);
     op_struct(s, rnum, 0);
     op_struct(s, number, 0);
     /* separator: the right block's first key (kept in its slot 0, which routes
@@ -180,7 +180,7 @@ static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_
     blk_init(s, l, APL_BLK_INNR, lnum, file, b->bh_level);
     for (uint64_t i = 0; i < bounds[0]; i++)
         blk_append(l, &s->recs[i]);
-    STORE_REL(&s->v->v_loc[lnum], laddr);
+    loc_publish(s, lnum, laddr);
     op_struct(s, lnum, 0);
     uint16_t level = (uint16_t)(b->bh_level + 1);
     blk_reset(s, b);
@@ -373,7 +373,7 @@ static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl
         struct apl_bhdr *h = apl_ptr(s->v, ha);
         blk_init(s, h, APL_BLK_LEAF, num, file, 0);
         write_chain(s, h, a, bounds[c], nbs[c], ov);
-        STORE_REL(&s->v->v_loc[num], ha);
+        loc_publish(s, num, ha);
         op_struct(s, num, 0);
         nums[c] = num;
     }
@@ -518,7 +518,7 @@ int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
             struct apl_bhdr *nh = apl_ptr(s->v, ha);
             blk_init(s, nh, APL_BLK_LEAF, num, file, 0);
             blk_append(nh, &r);
-            STORE_REL(&s->v->v_loc[num], ha);
+            loc_publish(s, num, ha);
             op_struct(s, num, 0);
             if ((rc = insert_sep(s, file, &r, num)))
                 return rc;
@@ -707,8 +707,8 @@ int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t 
             return APL_EFULL;
         blk_init(s, apl_ptr(s->v, ra), APL_BLK_LEAF, root, id, 0);
         blk_init(s, apl_ptr(s->v, ma), APL_BLK_META, meta, id, 0);
-        STORE_REL(&s->v->v_loc[root], ra);
-        STORE_REL(&s->v->v_loc[meta], ma);
+        loc_publish(s, root, ra);
+        loc_publish(s, meta, ma);
     }
     memset(f, 0, sizeof(*f));
     strcpy(f->fl_name, name);

@@ -4,7 +4,8 @@
  * (apl_commit_txn: BEGIN with the T log, each step with its change entry and
  * the BLOCK images of structural changes, then COMMIT; or, when a step
  * fails, the undo from B images and CANCEL), publishing the batch, and the
- * appliance's epoch and transaction numbers.
+ * appliance's epoch, serial and transaction numbers (apl_store_resume: where a
+ * store rebuilt from durability files continues).
  *
  * A batch, and where each of its steps is done:
  *
@@ -51,6 +52,7 @@ int apl_batch_publish(apl_store *s, uint64_t time_ns, uint64_t last_txn)
     struct apl_super *sb = s->v->v_sb;
     uint64_t v = s->pending;
     struct apl_pub *pb = &sb->sb_pub[v & 1];
+    sums_publish(s);   /* the checksums of what the batch changed (apl_sums.c) */
     STORE_RLX(&pb->pb_version, 0);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     pb->pb_log_head = s->log_head;
@@ -77,6 +79,18 @@ void apl_store_set_epoch(apl_store *s, uint64_t epoch)
 {
     s->epoch = epoch;
     STORE_REL(&s->v->v_sb->sb_epoch, epoch);
+}
+
+int apl_store_resume(apl_store *s, uint64_t serial, uint64_t txn_next)
+{
+    if (!s->pending)
+        return APL_EBATCH;
+    if (serial < s->serial)
+        return APL_EINVAL;
+    s->serial = serial;   /* published with the open batch (pb_serial); the next entry is serial + 1 */
+    if (txn_next > s->v->v_sb->sb_txn_next)
+        STORE_REL(&s->v->v_sb->sb_txn_next, txn_next);
+    return APL_OK;
 }
 
 uint64_t apl_next_txn(apl_store *s)

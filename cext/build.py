@@ -239,6 +239,10 @@ ffibuilder.set_source(
     # liblz4, built against its own header (Debian: liblz4-dev) and linked
     # the ordinary way; the set-up commands install it
     libraries=["lz4", "pthread"],
+    # apl_py.c defines CPython types with the full C API (METH_FASTCALL
+    # methods that build dicts directly), so the module is built for this
+    # Python version rather than the stable ABI
+    py_limited_api=False,
 )
 
 if __name__ == "__main__":

@@ -22,10 +22,27 @@ from appliance.client.session import Session
 from appliance.store.segment import unlink_all
 
 from procs import APPLIANCE, ROOT, RUN_DIR, die_with_parent as _die_with_parent
-from store_helpers import CREATED_NAMES, linked_segments, unique_name
+from store_helpers import CREATED_NAMES, Store, linked_segments, unique_name, unlink_leftovers
 
 # tests/installed runs only against a package installed from the wheel (tests/test_install.py)
 collect_ignore_glob = [] if os.environ.get("APPLIANCE_TEST_INSTALLED") else ["installed/*"]
+
+
+@pytest.fixture
+def stores():
+    """Factory of in-process stores (tests/store_helpers.Store), closed and unlinked at the end
+    (the store tests of several modules)."""
+    made: list[Store] = []
+
+    def make(**kw) -> Store:
+        made.append(Store(**kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+    assert not unlink_leftovers()
+
 
 BANK_TABLES = """
 [tables.accounts]
@@ -207,32 +224,38 @@ def built_dist(tmp_path_factory) -> dict[str, Path]:
     return {"sdist": sdist, "wheel": wheel}
 
 
-class Appliances:
-    """Factory of Appliances, each in a folder of its own under `base`:
-    make(**config_kw) -> Appliance (not started); cleanup() tears them all down."""
+def _appliances(base: Path):
+    """make(**config_kw) -> an Appliance in its own folder under `base`, and the list of those made."""
+    made: list[Appliance] = []
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.made: list[Appliance] = []
-
-    def __call__(self, **kw) -> Appliance:
-        sub = self.base / f"a{len(self.made)}"
+    def make(**kw) -> Appliance:
+        sub = base / f"a{len(made)}"
         sub.mkdir()
         a = Appliance(sub, **kw)
-        self.made.append(a)
+        made.append(a)
         return a
 
-    def cleanup(self) -> None:
-        for a in self.made:
-            a.cleanup()
+    return make, made
 
 
 @pytest.fixture
 def make_appliance(tmp_path):
     """Factory: make_appliance(**config_kw) -> Appliance (not started)."""
-    make = Appliances(tmp_path)
+    make, made = _appliances(tmp_path)
     yield make
-    make.cleanup()
+    for a in made:
+        a.cleanup()
+
+
+@pytest.fixture(scope="module")
+def make_module_appliance(tmp_path_factory):
+    """Factory like make_appliance, for appliances every test of a module
+    shares (a booted cluster per module keeps the suite fast); torn down, and
+    their segments unlinked, after the module's last test."""
+    make, made = _appliances(tmp_path_factory.mktemp("shared"))
+    yield make
+    for a in made:
+        a.cleanup()
 
 
 @pytest.fixture

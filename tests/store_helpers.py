@@ -5,7 +5,8 @@
   fixture finalizer can remove whatever a failing test left behind.
 - A plain Python model check (:func:`check_state`) that reads the store through
   every read path (get, count, scans with tiny continuation buffers, block
-  images) and compares with a dict.
+  images) and compares with a dict; a table's schema over a store's files
+  and its native reader (:func:`table_schema`, :func:`native_reader`).
 - Readers of the shared memory that bypass the C read path: the tree walk over
   block images (:func:`walk_tree`), the slot audit over the location table and
   the overflow chains (:func:`audit_slots`), and the change log
@@ -24,8 +25,10 @@ from types import SimpleNamespace
 
 import msgpack
 
-from appliance._native import check, ffi, lib
+from appliance._native import check, ffi, lib, raise_for
+from appliance.config import TableConfig
 from appliance.store.reader import Reader
+from appliance.store.records import TableSchema
 from appliance.store.segment import Attachment, Geometry, SegmentNames, exists, unlink_all
 from appliance.store.writer import FileSpec, Writer
 
@@ -73,7 +76,8 @@ def max_value(block_size: int, klen: int) -> int:
 
 
 def mp_value(size: int, seed: int) -> bytes:
-    """A msgpack object encoded in exactly `size` bytes (b"" for 0), varying with seed."""
+    """A value of exactly `size` bytes (b"" for 0), varying with seed (a msgpack
+    object, so tests may decode it; the store itself never looks inside)."""
     if size == 0:
         return b""
     if size == 1:
@@ -89,9 +93,19 @@ def mp_value(size: int, seed: int) -> bytes:
     return out
 
 
-def decoded(values) -> list:
-    """What scan_values yields for these stored values (an empty value yields nothing)."""
-    return [msgpack.unpackb(v, raw=False) for v in values if v]
+def table_schema(fields: dict, *, pk: str = "id", alt: tuple = (), block_size: int = 1024,
+                 name: str = "t") -> TableSchema:
+    """The schema of a table over a :class:`Store`'s files: the table is file
+    0, its alternate keys files 1, 2, ... in order (as Store makes them)."""
+    cfg = TableConfig.model_validate({"primary_key": pk, "alternate_keys": list(alt), "fields": fields})
+    return TableSchema(name, cfg, 0, {f: i for i, f in enumerate(alt, 1)}, max_record(block_size))
+
+
+def native_reader(reader: Reader, schema: TableSchema):
+    """The table's native reader (cext/apl_py.c), its failed reads raised as the client's are."""
+    def on_error(rc, op, arg):
+        raise_for(rc, f"{schema.name}.{op}({'' if arg is None else repr(arg)})")
+    return reader.table_reader(schema, on_error)
 
 
 # ----------------------------------------------------------------------------
@@ -422,8 +436,8 @@ def check_range(reader: Reader, file: int, model: dict, lo, hi, lo_incl: bool, v
     """Bounded scans (values, keys) equal the model's records in [lo, hi)."""
     keys = sorted(k for k in model if in_range(k, lo, hi, lo_incl))
     assert raw_scan_keys(reader, file, lo, hi, lo_incl=lo_incl, version=version or 0) == keys
-    got = list(reader.scan_values(file, lo, hi, lo_incl=lo_incl, version=version))
-    assert got == decoded(model[k] for k in keys)
+    got = list(reader.scan_raw(file, lo, hi, lo_incl=lo_incl, version=version))
+    assert got == [model[k] for k in keys]
     if lo_incl:
         assert list(reader.scan_keys(file, lo, hi, version=version)) == keys
 
@@ -441,7 +455,7 @@ def check_state(store: Store, model: dict, *, file: int = 0, version: int | None
         if k not in model:
             assert r.get_raw(file, k, ver) is None, k
     assert list(r.scan_keys(file, None, None, version=version)) == keys
-    assert list(r.scan_values(file, None, None, version=version)) == decoded(model[k] for k in keys)
+    assert list(r.scan_raw(file, None, None, version=version)) == [model[k] for k in keys]
     assert raw_scan_keys(r, file, None, None, version=ver) == keys
     if not tree:
         return None

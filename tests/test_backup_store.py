@@ -150,7 +150,7 @@ class TestIdentity:
         with pytest.raises(errors.NotServingReadsError):
             r.get_raw(0, encode_int(1))
         with pytest.raises(errors.NotServingReadsError):
-            list(r.scan_values(0, None, None))
+            list(r.scan_raw(0, None, None))
         assert r.block_image(0) is not None
 
     def test_compressed_memory_is_under_half_of_the_primary(self, stores):

@@ -91,7 +91,8 @@ class TestFirstSerial:
 class TestHistory:
     def test_a_images_are_stripped_field_by_field(self):
         """Without history_a_logs an UPDATE loses its A image and nothing else; BEGIN keeps its
-        T log; BLOCK entries are left out; entries already held are skipped."""
+        T log; BLOCK entries keep their header only (the serials have no gap); entries already held
+        are skipped."""
         fields = distinct_fields()
         blob = (entry(10, lib.APL_CE_BEGIN, a=b"tlog") +
                 entry(11, lib.APL_CE_UPDATE, b"key", b"new-image", b"old", **fields) +
@@ -100,8 +101,9 @@ class TestHistory:
         kept, first, last = _strip(blob, keep_a=False, after=9)
         assert (first, last) == (10, 13)
         entries = [LogEntry.parse(pos, kept[pos:pos + f[changelog.E_LEN]]) for pos, f in changelog.walk(kept)]
-        assert [e.serial for e in entries] == [10, 11, 13]
-        begin, update, _ = entries
+        assert [e.serial for e in entries] == [10, 11, 12, 13]
+        begin, update, block, _ = entries
+        assert (block.kind, block.block, block.a) == (lib.APL_CE_BLOCK, 0, b"")
         assert begin.a == b"tlog"
         assert (update.key, update.a, update.b) == (b"key", b"", b"old")
         assert {name: getattr(update, name.removeprefix("ce_")) for name in fields if name != "ce_flags"} \

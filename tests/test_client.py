@@ -526,6 +526,31 @@ class TestSnapshot:
         snap.close()  # idempotent
         assert accounts[1]["id"] == 1  # the client itself is unaffected
 
+    def test_a_dropped_snapshot_releases_its_slot_at_once(self, db, accounts):
+        """A snapshot dropped without close(), with a table read through it, frees its reader
+        slot as soon as the last reference goes (no cycle waits for the garbage collector);
+        while held, snapshot.table() gives the same table."""
+        import gc
+        from appliance._native import ffi
+
+        def snapshot_slots() -> int:
+            att = db._att
+            slots = ffi.cast("struct apl_reader *", att.readers.ptr + ffi.sizeof("struct apl_rhdr"))
+            return sum(1 for i in range(att.sb.sb_nreaders)
+                       if slots[i].rs_pid == os.getpid() and slots[i].rs_kind == 2)
+
+        before = snapshot_slots()
+        gc.disable()
+        try:
+            snap = db.snapshot()
+            t = snap.table("accounts")
+            assert t is snap.table("accounts") and t.get(2) == acct(2, "south", 20)
+            assert snapshot_slots() == before + 1
+            del snap, t
+            assert snapshot_slots() == before
+        finally:
+            gc.enable()
+
 
 class TestClosedClient:
     def test_reads_and_writes_raise_closed_error(self, bank, accounts):

@@ -110,6 +110,29 @@ BAD = [
      "no such group 'no_such_group_zz9'"),
     ("unknown-storage-group", toml(storage='group = "no_such_group_zz9"'), "storage.group",
      "no such group 'no_such_group_zz9'"),
+    ("metrics-listen-not-an-address", toml(access='[metrics]\nlisten = "9464"'), "metrics.listen",
+     "must be host:port"),
+    ("metrics-listen-port-zero", toml(access='[metrics]\nlisten = "127.0.0.1:0"'), "metrics.listen",
+     "must be host:port"),
+    ("metrics-without-listen", toml(access='[metrics]\nport = 9464'), "metrics.listen", "required key is missing"),
+    ("durability-without-dir", toml(access="[durability]\nlog_sync = \"commit\""), "durability.dir",
+     "required key is missing"),
+    ("durability-unknown-key", toml(access='[durability]\ndir = "d"\nlog_synk = "commit"'), "durability.log_synk",
+     "unknown key"),
+    ("durability-bad-log-sync", toml(access='[durability]\ndir = "d"\nlog_sync = "always"'), "durability.log_sync",
+     "'commit', 'interval' or 'off'"),
+    ("durability-bad-interval", toml(access='[durability]\ndir = "d"\nsync_interval = "soon"'),
+     "durability.sync_interval", "not a duration"),
+    ("durability-zero-interval", toml(access='[durability]\ndir = "d"\nsync_interval = "0ms"'),
+     "durability.sync_interval", "more than 0"),
+    ("durability-bad-every", toml(access='[durability]\ndir = "d"\ncheckpoint_every = "often"'),
+     "durability.checkpoint_every", "a time ('5min', '30s'), a volume of log"),
+    ("durability-tiny-volume", toml(access='[durability]\ndir = "d"\ncheckpoint_every = "10KiB"'),
+     "durability.checkpoint_every", "at least 1MiB"),
+    ("durability-keep-zero", toml(access='[durability]\ndir = "d"\nkeep_checkpoints = 0'),
+     "durability.keep_checkpoints", "greater than or equal to 1"),
+    ("durability-file-size", toml(access='[durability]\ndir = "d"\nlog_file_size = "1KiB"'),
+     "durability.log_file_size", "between 1MiB and 4GiB"),
 ]
 
 
@@ -170,6 +193,26 @@ class TestBadConfigs:
 
 
 class TestGoodConfigs:
+    def test_durability_dir_that_is_a_file(self, tmp_path):
+        """durability.dir naming an existing file is refused with that key."""
+        (tmp_path / "d").write_text("not a directory")
+        path = write(tmp_path, toml(access='[durability]\ndir = "d"'))
+        with pytest.raises(errors.ConfigError) as ei:
+            load(path)
+        assert ei.value.details["key"] == "durability.dir" and "not a directory" in str(ei.value)
+
+    def test_durability_settings(self, tmp_path):
+        """[durability] with its units: a relative dir is the config folder's; times and volumes."""
+        cfg = load(write(tmp_path, toml(access='[durability]\ndir = "files"\nlog_sync = "interval"\n'
+                                                'sync_interval = "20ms"\ncheckpoint_every = "256MiB"')))
+        assert cfg.durability_dir == tmp_path.resolve() / "files"
+        d = cfg.durability
+        assert d.log_sync == "interval" and d.sync_interval == 0.02 and d.keep_checkpoints == 2
+        assert d.checkpoint_bytes == 256 << 20 and d.checkpoint_seconds is None
+        cfg = load(write(tmp_path, toml(access='[durability]\ndir = "/x"\ncheckpoint_every = "5min"')))
+        assert cfg.durability.checkpoint_seconds == 300 and cfg.durability.log_sync == "commit"
+        assert load(write(tmp_path, toml())).durability is None
+
     def test_socket_defaults_to_the_runtime_directory(self, tmp_path):
         """Without controller.socket (or without [controller]) the socket is /run/appliance/<name>.sock."""
         for text in (toml(socket="lock_timeout = 1.0"), toml(socket="").replace("[controller]", "")):

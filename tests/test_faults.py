@@ -514,25 +514,28 @@ class TestBadInput:
             assert conn.request(put("accounts", 1, good))[0] == m.OK  # no transaction was left open
         assert db.table("accounts")[1] == {"id": 1, **good}
 
-    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
-                             ids=["unknown_secondary", "no_args", "bad_args"])
-    def test_one_way_request_from_a_client_is_refused(self, bank, req):
-        """OP_ACKED from a session that is not an agent's is an ordinary request: refused with AccessDeniedError, and the connection serves on."""
+    @pytest.mark.parametrize("req", [[m.OP_WAKEUPS], [m.OP_WAKEUPS, "extra"]], ids=["plain", "bad_args"])
+    def test_wakeups_from_a_client_are_refused(self, bank, req):
+        """OP_WAKEUPS (an agent's eventfds and acknowledgement memory) from a session that is not an agent's is refused with AccessDeniedError, with no descriptor, and the connection serves on."""
         with RawConn(bank.cfg.socket_path) as conn:
-            assert reply_error(conn.request(req)) is errors.AccessDeniedError
+            conn.send(framing.encode(req))
+            data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 16, 3)
+            assert fds == []
+            reply = framing.Decoder().feed(data)[0]
+            assert reply_error(reply) is errors.AccessDeniedError
             assert conn.hello()[0] == m.OK
 
-    @pytest.mark.parametrize("req", [[m.OP_ACKED, "nosuch", 5], [m.OP_ACKED], [m.OP_ACKED, "x", "5", 1]],
-                             ids=["unknown_secondary", "no_args", "bad_args"])
-    def test_one_way_request_from_an_agent_refused_without_a_reply(self, bank, req):
-        """A one-way request (OP_ACKED) the controller refuses from an agent's session is logged and gets no reply: the next reply on the connection is the next request's."""
+    def test_wakeups_exist_on_a_primary_only(self, bank):
+        """An agent of an appliance that is no primary asking for wake-ups gets a ProtocolError naming the role, and no descriptor."""
         with RawConn(bank.cfg.socket_path) as conn:
             attached = conn.request([m.OP_AGENT, bank.cfg.role, os.getpid()])
             assert attached[0] == m.OK, attached
-            conn.send(framing.encode(req))
-            reply = conn.hello()
-            assert reply[0] == m.OK and reply[1]["name"] == bank.name
-            wait_event(bank, "one_way_request_refused", op=m.OP_ACKED)
+            conn.send(framing.encode([m.OP_WAKEUPS]))
+            data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 16, 3)
+            assert fds == []
+            reply = framing.Decoder().feed(data)[0]
+            assert reply_error(reply) is errors.ProtocolError and "primary" in reply[2], reply
+            assert conn.hello()[0] == m.OK
 
     @pytest.mark.parametrize("op", [99, 1 << 40])
     def test_unknown_high_op_is_a_protocol_error(self, bank, op):
@@ -764,10 +767,12 @@ class TestAccess:
          ["tables.accounts.alternate_keys: [branch] in shared memory, [] in the config"]),
         ({"tables": BANK_TABLES.replace('balance = "int" }', 'balance = "int", note = "str" }')},
          ["tables.accounts.fields.note: not in shared memory, str in the config"]),
+        ({"tables": BANK_TABLES.replace('branch = "str", balance = "int"', 'balance = "int", branch = "str"')},
+         ["tables.accounts.field_order: [id, branch, balance] in shared memory, [id, balance, branch] in the config"]),
         ({"segments": 3, "segment_size": "8MiB"},
          ["storage.segments: 2 in shared memory, 3 in the config",
           "storage.segment_size: 16777216 in shared memory, 8388608 in the config"]),
-    ], ids=["field-type", "alternate-key", "new-field", "storage"])
+    ], ids=["field-type", "alternate-key", "new-field", "field-order", "storage"])
     def test_layout_mismatch_names_the_setting(self, bank, db, make_appliance, change, says):
         """A refused layout says which setting differs, with the value in shared memory and in the config; a client with that config is told the same."""
         import appliance

@@ -245,12 +245,12 @@ class TestCdefFollowsHeaders:
             (tmp_path / h.name).write_text(h.read_text())
         apl_h = tmp_path / "apl.h"
         apl_h.write_text(apl_h.read_text().replace(
-            "#endif", "#define APL_PY_FLAG 4u\nint apl_py_install(const char *module);\n"
-            "struct apl_py_info {\n    uint32_t pi_types;   /* types installed */\n    uint64_t pi_seen[APL_MAX_FILES];\n};\n#endif"))
+            "#endif", "#define APL_EXAMPLE_FLAG 4u\nint apl_example_install(const char *module);\n"
+            "struct apl_example_info {\n    uint32_t pi_types;   /* types installed */\n    uint64_t pi_seen[APL_MAX_FILES];\n};\n#endif"))
         cdef = build.cdef_from_headers(apl_h)
-        assert "int apl_py_install(const char *module);" in cdef
-        assert "#define APL_PY_FLAG ..." in cdef
-        assert re.search(r"struct apl_py_info \{\s*uint32_t pi_types;\s*uint64_t pi_seen\[\.\.\.\];\s*\.\.\.;\s*\};", cdef)
+        assert "int apl_example_install(const char *module);" in cdef
+        assert "#define APL_EXAMPLE_FLAG ..." in cdef
+        assert re.search(r"struct apl_example_info \{\s*uint32_t pi_types;\s*uint64_t pi_seen\[\.\.\.\];\s*\.\.\.;\s*\};", cdef)
         from cffi import FFI
         FFI().cdef(cdef)  # cffi accepts it as it is
 

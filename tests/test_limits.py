@@ -46,31 +46,54 @@ class TestPipelining:
         assert all(reply_error(r) is None for r in replies), [r for r in replies if r[0] != m.OK][:3]
         assert len(db.table("accounts")) == n
 
-    def test_a_malformed_one_way_request_is_refused_and_the_session_goes_on(self, make_appliance, tmp_path):
-        """A primary's agent sending a one-way OP_ACKED that names an unhashable secondary (it once
-        raised TypeError inside the controller's loop) is refused with a log line, no reply, and
-        changes nothing: that session and the other clients go on."""
+    def test_an_acknowledgement_past_the_log_releases_nothing_early(self, make_appliance, tmp_path):
+        """A primary's agent storing, in the acknowledgement memory OP_WAKEUPS handed it, a serial
+        past anything this primary logged (and signalling it) is not counted, and logged: a
+        synchronous commit made after it stays waiting, its record locked; the controller and
+        its other clients go on."""
+        import mmap
+
+        from appliance._native import ffi, lib
         secret = tmp_path / "secret"
         secret.write_text("s" * 32)
         secret.chmod(0o600)
         bank = make_appliance(extra=f'[replication]\nrole = "primary"\nsecret_file = "{secret}"\n'
                                     '[[replication.secondaries]]\nname = "nowhere"\naddress = "127.0.0.1:9"\n'
-                                    'mode = "async"\n').start()
+                                    'mode = "sync"\n').start()
         db = bank.connect()
-        preload(db, [1])
         with RawConn(bank.cfg.socket_path) as conn:
             attached = conn.request([m.OP_AGENT, bank.cfg.role, os.getpid()])
             assert attached[0] == m.OK, attached
-            for _ in range(3):
-                conn.send(framing.encode([m.OP_ACKED, ["not", "hashable"], 5]))
-            st = conn.request([m.OP_STATUS])   # the next reply is this one's: the ACKs got none
-            assert st[0] == m.OK and st[1]["replication"]["secondaries"]["nowhere"]["acked_serial"] == 0
+            conn.send(framing.encode([m.OP_WAKEUPS]))
+            data, fds, _, _ = socket.recv_fds(conn.sock, 1 << 16, 3)
+            published, acked, memfd = fds
+            reply = framing.Decoder().feed(data)[0]
+            assert reply[0] == m.OK and reply[1]["secondaries"] == ["nowhere"], reply
+            region = mmap.mmap(memfd, ffi.sizeof("struct apl_acks"))
+            acks = ffi.cast("struct apl_acks *", ffi.from_buffer(region))
+            assert acks.ak_magic == lib.APL_MAGIC_ACKS and acks.ak_count == 1
+            acks.ak_acked[0] = 1 << 62
+            os.eventfd_write(acked, 1)
+            st = conn.request([m.OP_STATUS])[1]
+            assert st["replication"]["secondaries"]["nowhere"]["acked_serial"] == 0
+            tx = db.transaction()
+            tx.put("accounts", 1, rec(1))
+            r = tx.commit(wait=False)                 # answered at once: its backup still to come
+            assert r["backup"] == "pending"
+            acks.ak_acked[0] = (1 << 62) + 1          # raised again, and signalled
+            os.eventfd_write(acked, 1)
+            st = conn.request([m.OP_STATUS])[1]
+            [w] = st["replication"]["waiting"]
+            assert (w["serial"], w["waiting_for"]) == (r["serial"], ["nowhere"]), w
+            assert st["replication"]["secondaries"]["nowhere"]["acked_serial"] < r["serial"]
+            assert st["transactions"]["locks_held"] == 1
+            assert os.eventfd_read(published) >= 1    # the agent was told of the commit
+            for fd in fds:
+                os.close(fd)
         assert bank.controller.proc.poll() is None
-        refused = wait_event(bank, "one_way_request_refused")
-        assert refused and "not" in refused[0]["request"], refused
-        assert not [e for e in bank.controller.events() if e.get("event") == "session_failed"]
-        db.table("accounts")[2] = rec(2)
-        assert records(db.table("accounts")) == {1: rec(1), 2: rec(2)}
+        assert wait_event(bank, "agent_ack_beyond_log", secondary="nowhere")[0]["serial"] >= 1 << 62
+        assert not [e for e in bank.controller.events() if e.get("event") in ("session_failed", "fd_handler_failed")]
+        assert db.table("accounts")[1] == rec(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,6 +216,50 @@ class TestSdNotify:
         assert sdnotify.watchdog_interval() is None
 
 
+class TestNotifier:
+    def test_status_only_when_it_changes_and_pings_when_due(self, notify_socket, monkeypatch):
+        """Notifier: STATUS= once per new text; WATCHDOG=1 when a third of the interval passed, not before."""
+        monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        n = sdnotify.Notifier()
+        assert n.period == 1.0 and n.wait_s(100.0) == 0.0
+        n.ready("a")
+        n.status("a")
+        n.status("b")
+        n.ping(100.0)
+        n.ping(100.5)     # not due yet
+        assert n.wait_s(100.5) == 0.5
+        n.ping(101.0)
+        got = [received(notify_socket) for _ in range(4)]
+        assert got == ["READY=1\nSTATUS=a", "STATUS=b", "WATCHDOG=1", "WATCHDOG=1"]
+        notify_socket.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            received(notify_socket)
+
+    def test_without_a_watchdog_nothing_is_pinged(self, notify_socket, monkeypatch):
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+        n = sdnotify.Notifier()
+        assert n.period is None and n.wait_s(0.0) == float("inf")
+        n.ping(0.0)
+        n.status("x")
+        assert received(notify_socket) == "STATUS=x"
+
+    def test_a_controller_pings_from_its_loop(self, notify_socket, make_appliance):
+        """A real controller under $NOTIFY_SOCKET and WATCHDOG_USEC: READY=1 with its STATUS line, then
+        WATCHDOG=1 again and again while its loop turns."""
+        app = make_appliance()
+        os.environ["WATCHDOG_USEC"] = "300000"
+        try:
+            app.start()
+        finally:
+            del os.environ["WATCHDOG_USEC"]
+        notify_socket.settimeout(10)
+        first = received(notify_socket)
+        assert first.startswith(f"READY=1\nSTATUS=serving {app.name} as standalone at version ")
+        pings = [received(notify_socket) for _ in range(5)]
+        assert set(pings) == {"WATCHDOG=1"}
+
+
 def run_shutdown(body: str) -> dict:
     """Install a Shutdown registered in epoll in a subprocess, run *body*, return its printed JSON."""
     prelude = """

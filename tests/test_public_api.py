@@ -18,9 +18,9 @@ ERRORS = {
     "ApplianceError", "ConfigError", "UnavailableError", "AccessDeniedError", "ProtocolError", "ClosedError",
     "NoSuchTableError", "NoSuchFieldError", "WrongTypeError", "KeyTooLongError", "NoSuchRecordError",
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
-    "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
-    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "HistoryError",
-    "ConflictError", "ProgramError", "InternalError", "error_for",
+    "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "DiskError", "DiskFullError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
+    "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
+    "DamagedBlockError", "NotPrimaryError", "RoleError", "HistoryError", "ConflictError", "ProgramError",
 }
 
 

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from appliance import errors
 from appliance.client.session import Session
 from appliance.wire import messages as m
 
-from conftest import BANK_TABLES, Appliances, Cluster
+from conftest import BANK_TABLES, Cluster
 from fault_helpers import wait_for
 from procs import APPLIANCE, RUN_DIR
 
@@ -38,18 +37,16 @@ HIST = 'history_dir = "hist"\nhistory_memory = "64KiB"'
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(make_module_appliance, tmp_path_factory):
     """The module's primary and synchronous secondary (both with a log history)."""
     base = tmp_path_factory.mktemp("recovery")
-    make_app = Appliances(base)
-    c = Cluster(make_app, base, secondaries=(("sync", ""),), primary_replication=HIST,
+    c = Cluster(make_module_appliance, base, secondaries=(("sync", ""),), primary_replication=HIST,
                 secondary_replication=HIST, tables=TABLES, log_size="16MiB", segment_size="32MiB")
     try:
         c.start()
         yield c
     finally:
         c.cleanup()
-        make_app.cleanup()
 
 
 @pytest.fixture(scope="module")

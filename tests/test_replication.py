@@ -156,6 +156,49 @@ class TestSynchronous:
             db.close()
             sdb.close()
 
+    def test_commit_waits_for_the_secondary_controller_to_apply(self, make_cluster):
+        """With the sync secondary's controller stopped (its agent receives the entries, nothing applies
+        them), two commits from two clients stay pending by state; after SIGCONT each returns only once
+        the secondary has applied it."""
+        c = make_cluster(secondaries=(("sync", ""),)).start()
+        sec = c.secondaries[0]
+        dbs = [appliance.connect(c.primary.app.config) for _ in range(2)]
+        sdb = appliance.connect(sec.app.config)
+        try:
+            dbs[0].table("accounts")[1] = {"branch": "a", "balance": 1}
+            sec.app.controller.signal(signal.SIGSTOP)
+            out: dict = {}
+
+            def commit(i):
+                with dbs[i].transaction() as tx:
+                    tx.put("accounts", 10 + i, {"branch": "b", "balance": i})
+                out[i] = (tx.result["serial"], sdb.applied_serial())   # applied there, read at return
+
+            threads = [threading.Thread(target=commit, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            waiting = c.wait_waiting(count=2)["waiting"]
+            assert all(not w["answered"] and w["waiting_for"] == [sec.name] for w in waiting), waiting
+            serials = sorted(w["serial"] for w in waiting)
+            rep = c.status()["replication"]
+            assert rep["secondaries"][sec.name]["acked_serial"] < serials[0]
+            assert out == {}, "a synchronous commit returned while its secondary's controller was stopped"
+            assert sdb.applied_serial() < serials[0]
+            sec.app.controller.signal(signal.SIGCONT)
+            for t in threads:
+                t.join(30)
+                assert not t.is_alive()
+            assert sorted(serial for serial, _ in out.values()) == serials
+            assert all(applied >= serial for serial, applied in out.values()), out
+            assert sdb.table("accounts")[10] == {"id": 10, "branch": "b", "balance": 0}
+            assert sdb.table("accounts")[11] == {"id": 11, "branch": "b", "balance": 1}
+            c.wait_waiting(count=0)
+        finally:
+            sec.app.controller.signal(signal.SIGCONT)
+            for db in dbs:
+                db.close()
+            sdb.close()
+
     def test_wait_false_returns_but_keeps_the_locks(self, make_cluster):
         """commit(wait=False) returns after the local commit; the records stay locked until the ack (Figure 6)."""
         c = make_cluster(secondaries=(("sync", ""),)).start()

@@ -195,9 +195,10 @@ def assert_identical(c, min_records: int = 1) -> dict:
     return primary
 
 
-#: the entry kinds a log history keeps (BLOCK images are structure, not data)
+#: the entry kinds a log history keeps (every kind but PAD; BLOCK entries without their
+#: images, which are structure, not data)
 HISTORY_KINDS = {lib.APL_CE_BEGIN, lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_DELETE,
-                 lib.APL_CE_COMMIT, lib.APL_CE_CANCEL}
+                 lib.APL_CE_COMMIT, lib.APL_CE_CANCEL, lib.APL_CE_BLOCK}
 
 
 def primary_log(c) -> list[tuple[int, int]]:

@@ -43,21 +43,6 @@ def _unlink_everything():
     assert not left, f"tests left these stores linked: {left}"
 
 
-@pytest.fixture
-def stores():
-    """Factory of stores; its finalizer closes and unlinks each one (unlink_all)."""
-    made: list[Store] = []
-
-    def make(**kw) -> Store:
-        s = Store(**kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-
-
 # ----------------------------------------------------------------------------
 # Strategies
 # ----------------------------------------------------------------------------
@@ -491,14 +476,14 @@ class TestSnapshots:
                 while not done.is_set():
                     pin = r.pin()
                     try:
-                        vals = list(r.scan_values(0, None, None, version=pin.version))
+                        vals = [msgpack.unpackb(v) for v in r.scan_raw(0, None, None, version=pin.version)]
                         v = vals[0]["v"]
                         assert [x["id"] for x in vals] == members(v)
                         assert all(x["v"] == v for x in vals)
                         assert r.count(0, pin.version) == len(vals)
                     finally:
                         pin.close()
-                    vals = list(r.scan_values(0, encode_int(100), None))
+                    vals = [msgpack.unpackb(v) for v in r.scan_raw(0, encode_int(100), None)]
                     v = vals[0]["v"]
                     assert [x["id"] for x in vals] == [k for k in members(v) if k >= 100]
                     got = r.get_raw(0, encode_int(42))
@@ -629,7 +614,7 @@ class TestAltKeys:
                         min_size=1, max_size=120),
            batch=st.integers(1, 30))
     def test_find_returns_records_by_alternate_key(self, ops, batch):
-        """find_values(index, table, encode(alt)) returns exactly the alt's records in pk order."""
+        """find_raw(index, table, encode(alt)) returns exactly the alt's records in pk order."""
         with Store(block_size=1024, max_overflow=1, nfiles=2) as s:
             w, model = s.writer, {}
             for i in range(0, len(ops), batch):
@@ -657,7 +642,7 @@ class TestAltKeys:
     def _check(self, s, model, version=None):
         for alt in self.ALTS + ["zz"]:
             want = [model[pk] for pk in sorted(model) if model[pk]["alt"] == alt]
-            assert list(s.reader.find_values(1, 0, encode_str(alt), version=version)) == want, alt
+            assert [msgpack.unpackb(v) for v in s.reader.find_raw(1, 0, encode_str(alt), version=version)] == want, alt
         assert s.reader.count(1, version or 0) == len(model) == s.reader.count(0, version or 0)
 
     def test_find_continues_past_one_buffer(self, stores):
@@ -676,7 +661,7 @@ class TestAltKeys:
         s.publish()
         self._check(s, model)
         self._check(s, snap, version=pin.version)
-        vals = list(s.reader.scan_values(0, None, None, version=pin.version))
+        vals = [msgpack.unpackb(v) for v in s.reader.scan_raw(0, None, None, version=pin.version)]
         assert vals == [snap[pk] for pk in sorted(snap)]
 
 

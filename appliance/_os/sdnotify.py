@@ -13,8 +13,9 @@ Who calls what (units are ``Type=notify``, see systemd/):
 - long phases (seeding, restore) report progress with :func:`status`;
 - on SIGHUP: :func:`reloading`, reload, then :func:`ready` again;
 - on SIGTERM: :func:`stopping`, then shut down;
-- with ``WatchdogSec=`` set: :func:`watchdog` from the process's one periodic
-  timer, at least every ``watchdog_interval() / 2`` seconds.
+- with ``WatchdogSec=`` set: :func:`watchdog` from the process's own loop
+  turn (:class:`Notifier`, every third of ``watchdog_interval()``), so a loop
+  that stops turning stops the pings.
 
 Outside systemd ``$NOTIFY_SOCKET`` is unset and every call is a cheap no-op
 returning False. Sending never raises and never logs: a lost notification
@@ -26,7 +27,7 @@ import os
 import socket
 import time
 
-__all__ = ["notify", "ready", "status", "stopping", "reloading", "watchdog", "watchdog_interval"]
+__all__ = ["notify", "ready", "status", "stopping", "reloading", "watchdog", "watchdog_interval", "Notifier"]
 
 
 def notify(state: str) -> bool:
@@ -97,3 +98,44 @@ def watchdog_interval() -> float | None:
     except (KeyError, ValueError):
         return None
     return usec / 1_000_000 if usec > 0 else None
+
+
+class Notifier:
+    """What a serving process keeps telling systemd: ``STATUS=`` when its text
+    changes, ``WATCHDOG=1`` when due.
+
+    The pings are sent from the caller's own loop turn (:meth:`ping`, every
+    turn; it sends at most every third of ``WatchdogSec=``), never from a
+    thread or timer of their own: a loop that stops turning stops the pings,
+    and systemd restarts the process. :meth:`wait_s` bounds the loop's poll
+    so an idle loop still pings in time.
+    """
+
+    __slots__ = ("period", "_next", "_status")
+
+    def __init__(self) -> None:
+        interval = watchdog_interval()
+        #: seconds between pings; None when the watchdog is off
+        self.period = interval / 3 if interval else None
+        self._next = 0.0
+        self._status: str | None = None
+
+    def ready(self, text: str) -> None:
+        self._status = text
+        ready(status=text)
+
+    def status(self, text: str) -> None:
+        """``STATUS=<text>`` unless that is what systemd shows already."""
+        if text != self._status:
+            self._status = text
+            status(text)
+
+    def ping(self, now: float) -> None:
+        """``WATCHDOG=1`` if a third of the watchdog interval passed since the last one."""
+        if self.period is not None and now >= self._next:
+            self._next = now + self.period
+            watchdog()
+
+    def wait_s(self, now: float) -> float:
+        """Seconds the loop may sleep before the next ping is due (inf: no watchdog)."""
+        return float("inf") if self.period is None else max(0.0, self._next - now)

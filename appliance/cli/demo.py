@@ -255,9 +255,10 @@ def _show_logs(db) -> None:
         return
     e, tlog = last_begin
     console.print(f"last transfer: transaction {e.txn}, T log {json.dumps(tlog)}")
+    decode = db.schema.by_file[0].decode
     for c in entries:
         if c.kind_name in ("update", "insert", "delete"):
-            a = msgpack.unpackb(c.a) if c.a else None
-            bimg = msgpack.unpackb(c.b) if c.b else None
+            a = decode(c.a) if c.a else None
+            bimg = decode(c.b) if c.b else None
             console.print(f"  serial {c.serial} {c.kind_name} block {c.block} offset {c.offset}: "
                           f"B {bimg} -> A {a}")

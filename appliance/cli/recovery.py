@@ -1,218 +1,125 @@
-"""The ``appliance`` commands that go back in time: history, restore,
-cancel, rerun, batch. Each calls the client library (Client.history,
-.restore, .cancel_txn, .rerun, .batch: the same from Python), prints for a
-human or ``--json``, shows a progress bar on long work and asks before it
-changes data unless ``--yes``.
+"""Failover for operators and automation: promote, rejoin, fence.
+
+Each function talks to the appliance's running controller (the work is
+done there: appliance/controller/recovery.py) and returns what it reports,
+so tests and scripts call them as the ``appliance`` subcommands do; they
+raise the typed errors of :mod:`appliance.errors`. The subcommands
+(appliance/cli/__main__.py) add the confirmation, the progress bar and the
+human or ``--json`` output.
 """
 from __future__ import annotations
 
-import json
-import sys
-
-import click
+import time
+from typing import Callable
 
 from .. import errors
-from . import render
+from ..client.session import Session
+from ..config import Config, load
+from ..wire import messages as m
 
-__all__ = ["COMMANDS"]
-
-
-def _main():
-    from . import __main__ as cli
-    return cli
+__all__ = ["promote", "rejoin", "fence", "rejoin_progress", "check", "repair"]
 
 
-CONFIG = click.option("--config", "-c", "config_path", required=True, metavar="FILE",
-                      type=click.Path(dir_okay=False), help="the appliance's TOML configuration")
-JSON = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-YES = click.option("--yes", is_flag=True, help="do not ask for confirmation")
-DRY = click.option("--dry-run", is_flag=True, help="change nothing: list what would change")
-TIMEOUT = click.option("--timeout", default=60.0, show_default=True,
-                       help="seconds to wait for open transactions to end (new writes wait meanwhile)")
+def _config(config) -> Config:
+    return config if isinstance(config, Config) else load(config)
 
 
-def _connect(config_path: str):
-    cli = _main()
-    cfg = cli._load(config_path)
+def _call(cfg: Config, req: list, what: str, timeout: float):
+    s = Session(str(cfg.socket_path), cfg.name, name=f"appliance-{what}", timeout=timeout)
     try:
-        import appliance
-        return appliance.connect(cfg, wait=0)
-    except errors.ApplianceError as e:
-        raise cli._fail(e) from None
-
-
-def _confirm(yes: bool, question: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"{question} Refused without --yes (there is no terminal to ask on).")
-    click.confirm(question, abort=True)
-
-
-def _run(fn, *args, **kw):
-    try:
-        return fn(*args, **kw)
-    except errors.ApplianceError as e:
-        raise _main()._fail(e) from None
-
-
-def _json(obj) -> None:
-    click.echo(json.dumps(obj, default=render.jsonable))
-
-
-@click.command()
-@CONFIG
-@click.option("--program", help="only transactions run by this program (a T log's program name)")
-@click.option("--table", help="only transactions that changed this table")
-@click.option("--key", help="only those that changed this record of --table (its primary key)")
-@click.option("--since", help="from this serial or time (ISO 8601, or -5m, -2h ...)")
-@click.option("--until", help="up to this serial or time")
-@click.option("--limit", default=1000, show_default=True, help="at most this many transactions")
-@JSON
-def history(config_path, program, table, key, since, until, limit, as_json):
-    """Which transactions changed a table or a record, in order, with B and A images."""
-    if key is not None and table is None:
-        raise click.UsageError("--key needs --table")
-    db = _connect(config_path)
-    try:
-        from ..client.recovery import key_of
-        k = _run(key_of, db, table, key) if key is not None else None
-        res = _run(db.history, program=program, table=table, key=k, since=since, until=until, limit=limit)
+        s.connect()
+        return s.call(req, what)
     finally:
-        db.close()
-    if as_json:
-        _json(res)
-    else:
-        render.history(res)
+        s.close()
 
 
-@click.command()
-@CONFIG
-@click.option("--to", "to", required=True, help="a serial, or a time (ISO 8601, or -5m, -2h ...)")
-@click.option("--table", help="restore only this table")
-@click.option("--blocks", help="restore only the records changed in these block numbers (1,2,7-9)")
-@DRY
-@YES
-@TIMEOUT
-@JSON
-def restore(config_path, to, table, blocks, dry_run, yes, timeout, as_json):
-    """Point-in-time restore: B logs applied in reverse back to --to."""
-    from ..client.recovery import target_of
-    tgt = _run(target_of, to)
-    nums = _blocks(blocks) if blocks else None
-    db = _connect(config_path)
+def promote(config, *, drain_timeout: float = 5.0) -> dict:
+    """Make the secondary of `config` the primary (see OP_PROMOTE): it applies
+    every whole transaction it received, drops one received in part, and
+    takes writes at a new epoch as soon as this returns."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_PROMOTE, {"drain_timeout": drain_timeout}], "promote", drain_timeout + 30)
+
+
+def fence(config, epoch: int, primary: str | None = None) -> dict:
+    """Tell the primary of `config` that `primary` is primary at `epoch`
+    (newer than its own): it takes no writes from then on."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_FENCE, epoch, primary], "fence", 30)
+
+
+def check(config) -> dict:
+    """Every block of `config`'s appliance against its checksum (no peer):
+    checked, damaged ([{block, file, devices}]), version."""
+    cfg = _config(config)
+    return _call(cfg, [m.OP_CHECK], "check", 600)
+
+
+def repair(config, *, blocks: list[int] | None = None, table: str | None = None, device: int | None = None,
+           dry_run: bool = False, timeout: float = 30.0) -> dict:
+    """Copy blocks again from a peer (see OP_REPAIR): the damaged ones, or
+    those numbers, that table's, or that device's; blocks, repaired, failed."""
+    cfg = _config(config)
+    opts: dict = {"dry_run": dry_run, "timeout": timeout}
+    for k, v in (("blocks", blocks), ("table", table), ("device", device)):
+        if v is not None:
+            opts[k] = v
+    return _call(cfg, [m.OP_REPAIR, opts], "repair", timeout + 600)
+
+
+def rejoin(config, *, wait: bool = True, timeout: float = 600.0,
+           progress: Callable[[dict], None] | None = None) -> dict:
+    """Make the (former) primary of `config` a secondary of the new primary
+    (see OP_REJOIN). With `wait`, return once it follows the new primary:
+    rewound, the blocks that needed it copied, streaming; `progress` is
+    called with each status seen meanwhile. The result: OP_REJOIN's report,
+    and with `wait` the rewind's (``rewound``) and the replication state."""
+    cfg = _config(config)
+    rep = _call(cfg, [m.OP_REJOIN, {}], "rejoin", 60)
+    if not wait:
+        return rep
+    st = _wait_following(cfg, timeout, progress)
+    rep["rewound"] = st["failover"]["rewound"]
+    rep["replication"] = st["replication"]
+    return rep
+
+
+def rejoin_progress(st: dict) -> tuple[str, int | None, int | None]:
+    """(phase, done, total) of a rejoin, from the rejoining appliance's status."""
+    rep = st.get("replication") or {}
+    ag = rep.get("agent") or {}
+    if not ag.get("attached") or not ag.get("connected"):
+        return "waiting for the new primary", None, None
+    cp = (ag.get("copy_progress") or {})
+    if rep.get("copying") or ag.get("copying"):
+        return "copying blocks from the new primary", cp.get("blocks"), cp.get("total")
+    return "streaming", None, None
+
+
+def _following(st: dict) -> bool:
+    rep = st.get("replication") or {}
+    ag = rep.get("agent") or {}
+    return (st.get("role") == "secondary" and rep.get("source_instance") not in (None, 0, st.get("instance"))
+            and ag.get("attached") and ag.get("connected") and ag.get("state") == "streaming"
+            and not rep.get("copying") and not ag.get("copying") and not st["failover"]["repair_pending"])
+
+
+def _wait_following(cfg: Config, timeout: float, progress) -> dict:
+    deadline = time.monotonic() + timeout
+    s = Session(str(cfg.socket_path), cfg.name, name="appliance-rejoin", timeout=30)
     try:
-        what = f"table {table}" if table else (f"blocks {blocks}" if nums else "the whole database")
-        if not dry_run:
-            _confirm(yes, f"Restore {what} of {db.name!r} to {tgt.describe()} (every later change to it is "
-                          "undone, as a logged transaction)?")
-        res = render.with_progress(f"restore to {tgt.describe()}", lambda: db.restore(
-            tgt, table=table, blocks=nums, dry_run=dry_run, timeout=timeout), lambda: _progress(db), _run)
+        s.connect()
+        while True:
+            st = s.call([m.OP_STATUS], "status")
+            if progress is not None:
+                progress(st)
+            if _following(st):
+                return st
+            if time.monotonic() > deadline:
+                raise errors.UnavailableError(
+                    f"rejoin: {cfg.name!r} became a secondary but does not follow the new primary within "
+                    f"{timeout:g} s ({rejoin_progress(st)[0]}); check that its agent runs and that the new "
+                    "primary's config lists it as a secondary", phase=rejoin_progress(st)[0])
+            time.sleep(0.1)
     finally:
-        db.close()
-    if as_json:
-        _json(res)
-    else:
-        render.restored(res)
-
-
-@click.command(name="cancel")
-@CONFIG
-@click.argument("txn", type=int)
-@DRY
-@YES
-@TIMEOUT
-@JSON
-def cancel(config_path, txn, dry_run, yes, timeout, as_json):
-    """Undo committed transaction TXN everywhere from its B logs."""
-    db = _connect(config_path)
-    try:
-        if not dry_run:
-            _confirm(yes, f"Undo transaction {txn} on {db.name!r} and its secondaries?")
-        res = render.with_progress(f"cancel transaction {txn}", lambda: db.cancel_txn(
-            txn, dry_run=dry_run, timeout=timeout), lambda: _progress(db), _run)
-    finally:
-        db.close()
-    if as_json:
-        _json(res)
-    else:
-        render.cancelled(res)
-
-
-@click.command()
-@CONFIG
-@click.option("--program", required=True, help="the faulty program, as its T logs name it (module:function)")
-@click.option("--fixed", required=True, help="the corrected program (module:function)")
-@click.option("--since", help="re-run from its first transaction after this serial or time")
-@click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False),
-              help="a folder to import programs from (repeatable; also $PYTHONPATH)")
-@DRY
-@YES
-@TIMEOUT
-@JSON
-def rerun(config_path, program, fixed, since, paths, dry_run, yes, timeout, as_json):
-    """Restore to before --program's first transaction, then re-run every later one (it with --fixed)."""
-    db = _connect(config_path)
-    try:
-        if not dry_run:
-            _confirm(yes, f"Restore {db.name!r} to before {program}'s first transaction and re-run every "
-                          f"later one ({program} with {fixed})?")
-        with render.steps("rerun") as step:
-            rep = _run(db.rerun, program, fixed, since=since, dry_run=dry_run, path=tuple(paths),
-                       timeout=timeout, progress=step)
-    finally:
-        db.close()
-    out = rep.as_dict()
-    if as_json:
-        _json(out)
-    else:
-        render.rerun(out)
-
-
-@click.command()
-@click.argument("action", type=click.Choice(["begin", "end", "status"]))
-@CONFIG
-@click.option("--at", help="begin: first rewind to this serial or time (a read-only view of the past)")
-@click.option("--wait/--no-wait", default=True, show_default=True,
-              help="end: wait until the secondary has caught up (progress bar)")
-@JSON
-def batch(action, config_path, at, wait, as_json):
-    """Referential batch mode on a secondary: begin (frozen reads), end (catch up), status."""
-    db = _connect(config_path)
-    try:
-        res = _run(db.batch, action, at)
-        if action == "end" and wait:
-            res = render.catch_up(lambda: _run(db.batch, "status"))
-    finally:
-        db.close()
-    if as_json:
-        _json(res)
-    else:
-        render.batch(action, res)
-
-
-def _progress(db) -> dict | None:
-    try:
-        return db.status()["history"]["progress"]
-    except errors.ApplianceError:
-        return None
-
-
-def _blocks(text: str) -> list[int]:
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: block numbers like 1,2,7-9", param_hint="--blocks") from None
-    if not out:
-        raise click.BadParameter("no block numbers", param_hint="--blocks")
-    return out
-
-
-COMMANDS = [history, restore, cancel, rerun, batch]
+        s.close()

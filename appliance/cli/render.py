@@ -23,7 +23,8 @@ def _size(n: int) -> str:
 
 def status(st: dict) -> None:
     console.print(f"[bold]appliance {st['name']}[/bold]  running (controller pid {st['pid']}), "
-                  f"epoch {st['epoch']}, version {st['version']}, up {st['uptime_s']:.0f} s")
+                  f"{st['role']}, epoch {st['epoch']}, version {st['version']}, up {st['uptime_s']:.0f} s")
+    _failover(st.get("failover") or {})
     b = st["blocks"]
     console.print(f"blocks: {b['used']} numbers in use of {b['max']}; slots {b['slots_total'] - b['slots_free']} "
                   f"used, {b['slots_free']} free; {b['old_versions_pending']} old versions held for readers")
@@ -56,6 +57,15 @@ def status(st: dict) -> None:
     if mem:
         kind = "lz4 backup blocks" if mem.get("compressed") else "blocks"
         console.print(f"memory: {_size(mem['bytes_used'])} of {kind} in use ({_size(mem['bytes_live'])} live)")
+    dur = st.get("durability")
+    if dur:
+        _durability(dur)
+    cold = (st.get("recovery") or {}).get("cold_start")
+    if cold:
+        console.print(f"cold start: {'checkpoint ' + cold['checkpoint'] + ' (serial ' + str(cold['checkpoint_serial']) + ')' if cold['checkpoint'] else 'no checkpoint'}"
+                      f", {cold['records_replayed']} log records replayed ({cold['entries_replayed']} entries) "
+                      f"to serial {cold['serial']}, in {cold['seconds']:.2f} s"
+                      + (f"; log cut: {cold['log_cut']['reason']}" if cold.get("log_cut") else ""))
     rep = st.get("replication")
     if rep and rep.get("role") == "primary":
         t = Table(title=f"secondaries (quorum {rep['quorum']}, {rep['waiting_commits']} commits awaiting backup)")
@@ -83,7 +93,9 @@ def status(st: dict) -> None:
         ag = rep.get("agent") or {}
         console.print(f"secondary of {rep['primary']}: applied serial {rep['applied_serial']}, "
                       f"{'copying, ' if rep['copying'] else ''}agent {'attached' if ag.get('attached') else 'absent'}"
-                      f", link {ag.get('state', '?')}")
+                      f", link {ag.get('state', '?')}"
+                      + (f"; its primary reported serial {ag['primary_serial']}: {ag['behind_serials']} serials "
+                         "behind (what a promote now would miss)" if ag.get("behind_serials") else ""))
         if rep.get("needs_copy"):
             console.print(f"needs a block copy from its primary: it refused the stream ({rep['needs_copy']})")
         b = rep.get("batch") or {}
@@ -112,6 +124,83 @@ def status(st: dict) -> None:
                       f"{wh['writes_waiting']} waiting", highlight=False)
     if h.get("progress"):
         console.print(f"in progress: {h['progress']}", highlight=False)
+
+
+def _durability(d: dict) -> None:
+    """The [durability] lines of `appliance status`."""
+    console.print(f"durability: {d['dir']}, log_sync {d['log_sync']}; durable serial {d['durable_serial']} "
+                  f"(written {d['written_serial']}), {_size(d['log_bytes_since_checkpoint'])} of log since the last "
+                  f"checkpoint in {d['log_files']} file(s), {d['fsyncs']} fsyncs")
+    last = d.get("last_checkpoint")
+    if last:
+        console.print(f"last checkpoint: {last['file']} (serial {last['serial']}, version {last['version']}"
+                      + (f", {_size(last['bytes'])} in {last['seconds']:.2f} s" if last.get("bytes") else "") + ")")
+    else:
+        console.print("last checkpoint: none")
+    cp = d.get("checkpoint")
+    if cp:
+        console.print(f"checkpoint {cp['number']} running: {cp['blocks']}/{cp['total']} blocks, "
+                      f"{_size(cp['bytes'])}, {cp['rate_mb_s']} MB/s")
+    if d.get("error"):
+        console.print(f"WARNING: the log cannot be written: {d['error']}; commits are refused until it can")
+    if d.get("needs_checkpoint"):
+        console.print(f"WARNING: a checkpoint is needed: {d['needs_checkpoint']}")
+    if (d.get("checkpoints") or {}).get("last_error"):
+        console.print(f"WARNING: the last checkpoint failed: {d['checkpoints']['last_error']}")
+
+
+def devices(devs: list[dict]) -> None:
+    t = Table(title="storage devices")
+    for c in ("device", "segment", "state", "size", "slots used", "blocks", "bytes", "checksums"):
+        t.add_column(c, justify="left" if c in ("segment", "state", "checksums") else "right")
+    for d in devs:
+        t.add_row(str(d["index"]), d["name"], d["state"], _size(d["size"]), f"{d['used']} of {d['slots']}",
+                  str(d["blocks"]), _size(d["bytes"]), f"{d['damaged']} DAMAGED" if d["damaged"] else "ok")
+    console.print(t)
+    for d in devs:
+        if d["damaged"]:
+            console.print(f"device {d['index']}: {d['damaged']} damaged block(s); `appliance repair --device "
+                          f"{d['index']}` copies its blocks again from a peer", soft_wrap=True)
+
+
+def _failover(fo: dict) -> None:
+    f = fo.get("fenced")
+    if f:
+        by = f"{f['by']!r} is primary" if f.get("by") else "another appliance is primary"
+        console.print(f"[bold red]FENCED[/bold red]: {by} at epoch {f['epoch']}; this primary takes no writes "
+                      "(appliance rejoin makes it a secondary)")
+    p = fo.get("promoted")
+    if p:
+        console.print(f"promoted to primary at epoch {p['epoch']} from serial {p['serial']} in {p['seconds']:.2f} s"
+                      + (f"; up to {p['behind_serials']} serials of the old primary may be missing"
+                         if p.get("behind_serials") else ""))
+    r = fo.get("rewound")
+    if r:
+        console.print(f"rewound: {r['transactions']} transaction(s) undone (serials {r['from_serial']}.."
+                      f"{r['to_serial']}), {r['blocks_to_copy']} block(s) copied from the new primary")
+    if fo.get("repair_pending"):
+        console.print(f"blocks waiting for a copy from the primary: {fo['repair_pending']}")
+
+
+class phase_progress:
+    """A progress display for work in phases (rejoin): ``show(phase, done,
+    total)`` updates it; shown on a terminal (or with APPLIANCE_PROGRESS=1)."""
+
+    def __init__(self, title: str, enabled: bool = True) -> None:
+        show = enabled and (console.is_terminal or os.environ.get("APPLIANCE_PROGRESS") == "1")
+        self.progress = Progress(TextColumn(title), TextColumn("{task.fields[phase]}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not show)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        task = self.progress.add_task("work", total=None, phase="")
+
+        def show(phase: str, done: int | None, total: int | None) -> None:
+            self.progress.update(task, phase=phase, completed=done or 0, total=total)
+        return show
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
 
 
 def _records(source, lines: list):
@@ -210,7 +299,7 @@ def copy_progress(poll, copies_before: int, timeout: float) -> dict:
             time.sleep(0.1)
 
 
-# -- going back in time (cli/recovery.py) ------------------------------------------------------
+# -- going back in time (cli/history.py) -----------------------------------------------------------
 
 def jsonable(v):
     """json.dumps default: bytes as text where they are, else their hex."""
@@ -268,7 +357,6 @@ def with_progress(label: str, work, poll, run):
     thread while a progress line follows `poll()` (the controller's
     history.progress in status)."""
     import threading
-    import time
     out: dict = {}
 
     def target():

@@ -20,32 +20,25 @@ from collections.abc import MutableMapping
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-import msgpack
-
 from .. import errors
-from .._native import ffi, lib, raise_for
+from .._native import raise_for
 from ..config import Config, layout_differences, load as load_config
 from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
 from ..wire import messages as m
-from .session import Session, result
+from .session import PIPELINE_DEPTH, Session, check_depth, result
 from .session import _pid as _session_pid
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
 
-_unpackb = msgpack.unpackb
-_get_i64 = lib.apl_get_i64
-_get = lib.apl_get
-_NOTFOUND = lib.APL_NOTFOUND
-_EBUFSIZE = lib.APL_EBUFSIZE
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 #: how much longer than a commit's wait bound the client waits for its answer
 _COMMIT_REPLY_GRACE = 5.0
 
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
-            durability=None, wait: float | None = None, commit_timeout: float | None = None) -> "Client":
+            durability=None, wait: float | None = None, commit_timeout: float | None = None,
+            pipeline: bool = False, pipeline_depth: int = PIPELINE_DEPTH) -> "Client":
     """Attach to the running appliance described by a config file.
 
     `timeout`: seconds one request may take (None: no limit). `wait`:
@@ -55,7 +48,11 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     synchronous backup (default: `timeout`; None with timeout None: no
     bound); past it the commit raises
     :class:`~appliance.errors.BackupTimeoutError` — committed, its backup
-    pending — never UnavailableError.
+    pending — never UnavailableError. `pipeline`: whether this client's
+    transactions pipeline their writes by default (see
+    :meth:`Client.transaction`); `pipeline_depth`: how many replies of
+    pipelined statements a connection leaves unread at most (1 to
+    MAX_PIPELINED, 4096) before it reads half of them.
 
     Raises :class:`~appliance.errors.UnavailableError` when it is not running
     by then, :class:`~appliance.errors.AccessDeniedError` when this user may
@@ -64,23 +61,13 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait,
-                  commit_timeout=commit_timeout)
+                  commit_timeout=commit_timeout, pipeline=pipeline, pipeline_depth=pipeline_depth)
 
 
-class _Buffers(threading.local):
-    """Per-thread output buffer for the C read calls (the GIL is released
-    during them, so threads must not share one). ``t`` is (C pointer, size,
-    memoryview), one attribute lookup on the hot path."""
-
-    def __init__(self) -> None:
-        self.grow(1 << 16)
-
-    def grow(self, size: int) -> None:
-        self.raw = bytearray(size)
-        self.c = ffi.from_buffer("uint8_t[]", self.raw)
-        self.mv = memoryview(self.raw)
-        self.size = size
-        self.t = (self.c, size, self.mv)
+def _check_pipeline(pipeline) -> bool:
+    if type(pipeline) is not bool:
+        raise errors.WrongTypeError(f"pipeline must be True or False, not {pipeline!r}")
+    return pipeline
 
 
 class Client:
@@ -88,13 +75,18 @@ class Client:
     per thread. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
-                 wait: float | None = None, commit_timeout: float | None = None) -> None:
+                 wait: float | None = None, commit_timeout: float | None = None, pipeline: bool = False,
+                 pipeline_depth: int = PIPELINE_DEPTH) -> None:
         self.config = cfg
+        #: whether transactions pipeline their writes unless transaction(pipeline=...) says otherwise
+        self.pipeline = _check_pipeline(pipeline)
+        self._depth = check_depth(pipeline_depth)
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
         #: how long a commit waits for that (seconds; None: the connection's timeout)
         self.commit_timeout = m.check_commit_timeout(commit_timeout)
-        self._primary = cfg.role == "primary"   # only a primary's commits wait for a backup
+        # only a primary's commits wait for a backup (a secondary's config may become one: a promote)
+        self._primary = cfg.replication is not None
         self.schema = Schema(cfg)
         self._name = name
         self._timeout = timeout
@@ -111,7 +103,7 @@ class Client:
                 f"appliance {cfg.name!r} is a secondary that keeps lz4 backup blocks and serves no reads "
                 f"(replication.serve_reads = false in {cfg.path}); read from its primary or a secondary "
                 "that serves reads", appliance=cfg.name)
-        if self._att.sb.sb_schema_hash != cfg.schema_hash():
+        if self._att.sb.sb_schema_hash != cfg.schema_hash(compressed=self._att.compressed):
             recorded = self._att.layout()
             differ = "; ".join(layout_differences(recorded, cfg.layout())) if recorded else ""
             self._att.close()
@@ -122,7 +114,6 @@ class Client:
             self._att.close()
             raise errors.UnavailableError(f"appliance {cfg.name!r} was re-created while attaching; retry")
         self._reader = Reader(self._att)
-        self._bufs = _Buffers()
         self._pid = os.getpid()
         self._snapshots: "weakref.WeakSet[Snapshot]" = weakref.WeakSet()
         self._opened_ns = self._att.sb.sb_opened_ns   # which controller our sessions know
@@ -139,7 +130,7 @@ class Client:
         if s is None or s.pid != _session_pid[0]:
             s = Session(str(self.config.socket_path), self.config.name, name=self._name,
                         timeout=self._reply_timeout(self._commit_bound()),
-                        max_frame=self.config.controller.max_frame)
+                        max_frame=self.config.controller.max_frame, depth=self._depth)
             s.connect()
             self._local.session = s
             with self._lock:
@@ -190,7 +181,6 @@ class Client:
         self._local = threading.local()
         self._sessions = []
         self._lock = threading.Lock()
-        self._bufs = _Buffers()
         parent, self._pid = self._pid, os.getpid()
         for snap in list(self._snapshots):
             snap._orphan(parent)   # the pin is the parent's: this process has none
@@ -234,7 +224,7 @@ class Client:
             pass   # no controller now: reads go on, the next snapshot asks again
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
-                    commit_timeout: float | None = None) -> "Transaction":
+                    commit_timeout: float | None = None, pipeline: bool | None = None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
         `input` form its T log: which program ran, with what input.
@@ -245,10 +235,18 @@ class Client:
         records stay locked until it is reached, whatever commit(wait=...).
         `commit_timeout`: how long commit waits for it (default: the
         client's); past it commit raises BackupTimeoutError (committed, the
-        backup pending: do not retry)."""
+        backup pending: do not retry).
+
+        `pipeline` (default: the client's, see connect()): send insert,
+        update, delete and put without waiting for their replies, and the
+        commit right behind them; their errors are raised later, naming the
+        statement, and a failed one rolls the transaction back (README,
+        "Pipelined statements"). False: every statement waits for its reply,
+        raises its own error there and leaves the transaction open."""
         self._check()
         return Transaction(self, program, input, durability if durability is not None else self.durability,
-                           m.check_commit_timeout(commit_timeout))
+                           m.check_commit_timeout(commit_timeout),
+                           self.pipeline if pipeline is None else _check_pipeline(pipeline))
 
     def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None):
         """Run a transaction by a program: import `program` ("module:function"),
@@ -425,12 +423,17 @@ class Table(MutableMapping):
 
     def __init__(self, client: Client, schema: TableSchema, snapshot: "Snapshot | None" = None) -> None:
         self._client = client
-        self._view = client._reader.view
         self._schema = schema
         self._snap = snapshot
         self._file = schema.file
-        self._int_key = schema.pk_codec.type_name == "int"
         self.name = schema.name
+        native = client._reader.table_reader(schema, _read_errors(schema.name, client, snapshot))
+        #: the native reader (cext/apl_py.c): a snapshot's reads at its pinned version
+        self._native = native if snapshot is None else native.at(snapshot.version)
+        # the hot path: the native method itself is the instance's get, so a
+        # get is one C call (encode the key, pin, look up, copy, unpin, build
+        # the dict) with no Python frame around it
+        self.get = self._native.get
 
     # -- reads -------------------------------------------------------------------
 
@@ -441,36 +444,9 @@ class Table(MutableMapping):
         return 0
 
     def get(self, key, default=None):
-        """The record with this primary key, or `default`."""
-        # the hot path: one C call (pin, lookup, copy, unpin) and one decode;
-        # a closed client's view fails every lookup with APL_ECLOSED
-        c = self._client
-        cbuf, size, mv = c._bufs.t
-        if self._int_key and type(key) is int:
-            try:
-                n = _get_i64(self._view, self._file, key, 0, cbuf, size)
-            except OverflowError:
-                n = self._get_slow(key, 0)
-        else:
-            n = self._get_slow(key, 0)
-        if n >= 0:
-            return _unpackb(mv[:n])
-        return self._miss(n, key, default, 0)
-
-    def _get_slow(self, key, ver: int) -> int:
-        k = self._schema.key(key)
-        b = self._client._bufs
-        return _get(self._view, self._file, k, len(k), ver, b.c, b.size)
-
-    def _miss(self, n: int, key, default, ver: int):
-        if n == _NOTFOUND:
-            return default
-        if n == _EBUFSIZE:
-            b = self._client._bufs
-            b.grow(max(b.size * 2, int.from_bytes(b.raw[:8], "little")))
-            return self._get_version(key, default, ver) if ver else self.get(key, default)
-        self._version()
-        raise_for(n, f"{self.name}.get({_short(key)})")
+        """The record with this primary key, or `default` (each instance's get
+        is its native reader's method itself: see __init__)."""
+        return self._native.get(key, default)
 
     def __getitem__(self, key):
         rec = self.get(key, _MISSING)
@@ -512,16 +488,14 @@ class Table(MutableMapping):
         s = self._schema
         lob = s.key(lo) if lo is not None else None
         hib = s.key(hi) if hi is not None else None
-        return self._client._reader.scan_values(self._file, lob, hib, version=ver)
+        return self._client._reader.scan_values(self._native, lob, hib, version=ver)
 
     def find(self, field: str, value) -> list[dict]:
         """Every record whose alternate key `field` equals `value`, in
-        primary-key order."""
-        ver = self._version() or None
+        primary-key order (one native call: one committed state)."""
         s = self._schema
         prefix = s.alt_key(field, value)
-        index = s.alt[field][0]
-        return list(self._client._reader.find_values(index, self._file, prefix, version=ver))
+        return self._native.find(s.alt[field][0], prefix, 0, value)
 
     # -- autocommitted writes -------------------------------------------------------
 
@@ -554,7 +528,8 @@ _MISSING = object()
 
 
 class _SnapshotTable(Table):
-    """A table read at a snapshot's pinned version (read-only)."""
+    """A table read at a snapshot's pinned version (read-only): its native
+    reader reads that version and is closed with the snapshot."""
 
     def _version(self) -> int:
         super()._version()
@@ -563,23 +538,18 @@ class _SnapshotTable(Table):
             snap._check()
         return snap.version
 
-    def get(self, key, default=None):
-        # the hot path of snapshot reads: the pin check inline, then one C call
-        snap = self._snap
-        if snap._pin is None:
-            self._version()         # raises ClosedError
-        return self._get_version(key, default, snap.version)
 
-    def _get_version(self, key, default, ver: int):
-        c = self._client
-        cbuf, size, mv = c._bufs.t
-        if self._int_key and type(key) is int and _I64_MIN <= key <= _I64_MAX:
-            n = _get_i64(self._view, self._file, key, ver, cbuf, size)
-        else:
-            n = self._get_slow(key, ver)
-        if n >= 0:
-            return _unpackb(mv[:n])
-        return self._miss(n, key, default, ver)
+def _read_errors(name: str, client: Client, snap: "Snapshot | None"):
+    """on_error of a table's native reader: the error of a failed read, a
+    closed client or snapshot first (it refers to neither table nor reader,
+    so a dropped snapshot's tables are freed, and its pin released, at once)."""
+    def on_error(rc: int, op: str, arg) -> None:
+        if client._closed:
+            raise errors.ClosedError(f"table {name!r}: its client is closed")
+        if snap is not None and snap._pin is None:
+            snap._check()
+        raise_for(rc, f"{name}.{op}({'' if arg is None else _short(arg)})")
+    return on_error
 
 
 @contextmanager
@@ -599,6 +569,15 @@ def _reply_timeout(s: Session, timeout: float | None):
             s.sock.settimeout(old)
 
 
+def _what(op: str, table=None, key=None) -> str:
+    """A statement as messages name it: "accounts.update(7)", "accounts.insert", "commit"."""
+    if table is None:
+        return op
+    if op == "insert":
+        return f"{table}.insert"
+    return f"{table}.{op}({_short(key)})"
+
+
 def _short(v, limit: int = 60) -> str:
     """repr() for messages, cut short: a 5 MB key must not make a 5 MB message."""
     r = repr(v)
@@ -614,6 +593,8 @@ class Snapshot:
         self._pin = client._reader.pin()
         self._parent = 0           # after fork: the pid that holds the pin
         self.version = self._pin.version
+        #: its tables while anyone holds them (their native readers are closed with the pin)
+        self._tables: "weakref.WeakValueDictionary[str, _SnapshotTable]" = weakref.WeakValueDictionary()
         client._snapshots.add(self)
 
     def _check(self) -> None:
@@ -625,16 +606,25 @@ class Snapshot:
 
     def _orphan(self, parent: int) -> None:
         if self._pin is not None:
+            self._close_readers()  # this process pins nothing: no read at that version here
             self._pin = None       # never released here: the slot is the parent's
             self._parent = parent
 
     def table(self, name: str) -> Table:
         if self._pin is None:
             self._check()
-        return _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
+        t = self._tables.get(name)
+        if t is None:
+            t = self._tables[name] = _SnapshotTable(self._client, self._client.schema.table(name), snapshot=self)
+        return t
+
+    def _close_readers(self) -> None:
+        for t in list(self._tables.values()):
+            t._native.close()
 
     def close(self) -> None:
         if self._pin is not None:
+            self._close_readers()  # before the pin goes: no read starts at an unpinned version
             self._pin.close()
             self._pin = None
 
@@ -651,6 +641,75 @@ class Snapshot:
             pass
 
 
+_PIPELINE = {"pipeline": True}        # OP_BEGIN's options of a pipelined transaction
+_OK = m.OK
+
+
+def _pipelined_failure(reply, tag, txn) -> errors.ApplianceError:
+    """The error to raise for a pipelined statement's error reply: its own
+    class, naming the statement (position, op, table, key) and what became of
+    the transaction. `tag`: (position, op, table, key), None for BEGIN."""
+    position, op, table, key = tag if tag is not None else (0, "begin", None, None)
+    what = _what(op, table, key)
+    try:
+        result(reply, what)
+    except errors.ApplianceError as e:
+        err = e
+    else:   # not reached: only error replies come here
+        err = errors.ProtocolError(f"{what}: an error reply was expected")
+    text = err.message
+    if text.startswith(what + ": "):
+        text = text[len(what) + 2:]
+    if tag is None:
+        head, tail = "begin of a pipelined transaction", "; none of its statements was carried out"
+    else:
+        head = f"{what} (statement {position} of transaction {txn}, pipelined)"
+        tail = ("" if isinstance(err, errors.TransactionCancelledError) else
+                "; the transaction was rolled back: nothing it did remains, the statements sent after "
+                "this one were not carried out, and it cannot commit (cancel it)")
+    details = {**err.details, "txn": txn, "statement": position, "op": op, "table": table, "key": key}
+    return type(err)(f"{head}: {text}{tail}", code=err.code, **details)
+
+
+class _Link:
+    """A transaction as its connection knows it: the replies of its pipelined
+    statements land here (Session.outstanding holds this, never the
+    Transaction, so a transaction dropped with replies unread is still
+    collected, and cancelled). Its owner thread alone uses it, except for
+    Session.close() of a client closed from another thread (then every reply
+    is lost anyway)."""
+
+    __slots__ = ("number", "begin_pending", "failure", "open", "generation")
+
+    def __init__(self) -> None:
+        self.number: int | None = None
+        self.begin_pending = False   # its BEGIN was sent pipelined, the reply not read yet
+        self.failure: errors.ApplianceError | None = None   # the first pipelined failure read
+        self.open = False            # begun on its connection and not ended (Session.txn)
+        self.generation = 0          # of the connection it was begun on
+
+    def reply(self, tag, reply) -> None:
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK:
+            if tag is None:
+                self.begin_pending = False
+                self.number = reply[1]
+            return
+        if tag is None:
+            self.begin_pending = False
+        if self.failure is None:     # later error replies are the statements not carried out
+            self.failure = _pipelined_failure(reply, tag, self.number)
+
+    def lost(self, tag) -> None:
+        if tag is None:
+            self.begin_pending = False
+        if self.failure is None:
+            what = "begin" if tag is None else f"{_what(*tag[1:])} (statement {tag[0]})"
+            self.failure = errors.UnavailableError(
+                f"{what}: the connection to the controller was lost before its reply; transaction "
+                f"{self.number if self.number is not None else '(not numbered yet)'} was cancelled",
+                txn=self.number, sent=True)
+
+
 class Transaction:
     """A transaction on the controller; see :meth:`Client.transaction`.
 
@@ -658,84 +717,200 @@ class Transaction:
     this transaction sees it. ``insert``, ``update``, ``delete`` and ``put``
     lock their record. Locks are held until the transaction ends. Leaving the
     ``with`` block normally commits; an exception cancels.
+
+    Pipelined (``pipeline=True``): ``insert``, ``update``, ``delete`` and
+    ``put`` are sent without waiting for their reply (``put`` returns None);
+    a failure among them is raised, naming the statement, by the next
+    statement that waits (a get that asks the controller), by a later
+    statement once its reply is in, or by commit, which is sent right behind
+    them. The failed statement rolled the transaction back: state
+    ``"failed"``, statements and commit raise TransactionStateError, cancel()
+    ends it. See the README, "Pipelined statements".
     """
 
     def __init__(self, client: Client, program: str | None, input: Any, durability=None,
-                 commit_timeout: float | None = None) -> None:
+                 commit_timeout: float | None = None, pipeline: bool = False) -> None:
         self._client = client
         self.durability = durability
         self.commit_timeout = commit_timeout
+        #: whether writes are sent without waiting for their replies
+        self.pipeline = pipeline
         self._program = program
         self._input = input
         self._version: str | None = None     # the program callable's version (Client.run)
-        self.number: int | None = None
-        self.state = "new"       # new, open, committed, cancelled
+        self.state = "new"       # new, open, failed, committed, cancelled, unknown
         self.result: dict | None = None
         self._written: set = set()
         self._session: Session | None = None
         self._generation = 0
         self._began_ns = 0
+        self._link = _Link()
+        self._position = 0       # statements called so far (gets, inserts, updates, deletes, puts)
 
-    def _statement(self, req: list, what: str):
-        if self.state not in ("new", "open"):
-            raise errors.TransactionStateError(f"{what}: transaction is {self.state}")
+    @property
+    def number(self) -> int | None:
+        """The transaction's number (None before its first statement). A
+        pipelined transaction learns it from its BEGIN's reply: asking for it
+        reads the replies up to that one (it raises nothing)."""
+        link = self._link
+        if link.begin_pending:
+            try:
+                self._session.drain(link)
+            except errors.UnavailableError:
+                pass             # recorded by the link (lost): raised at the next statement
+        return link.number
+
+    # -- states -------------------------------------------------------------------
+
+    def _check_usable(self, op: str, table=None, key=None) -> None:
+        """Raise unless statements may still be sent (state new or open)."""
+        state = self.state
+        if state == "new" or state == "open":
+            return
+        what = _what(op, table, key)
+        if state == "failed":
+            f = self._link.failure
+            raise errors.TransactionStateError(
+                f"{what}: transaction {self._link.number} failed: {f.message.split('; ')[0]}; it was rolled "
+                "back and takes no more statements: cancel it", txn=self._link.number,
+                statement=f.details.get("statement"), op=f.details.get("op"), table=f.details.get("table"),
+                key=f.details.get("key"))
+        raise errors.TransactionStateError(f"{what}: transaction is {state}")
+
+    def _opened(self, s: Session) -> None:
+        self._session = s
+        self._generation = s.generation
+        self.state = "open"
+        link = self._link
+        link.open = True
+        link.generation = s.generation
+        s.txn = link
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        self._link.open = False
+
+    def _raise_failure(self):
+        """Raise the failure a pipelined statement's reply brought (once; after
+        it the transaction is "failed", or "cancelled" when the controller
+        cancelled it: a lock timeout, a deadlock, a lost connection)."""
+        f = self._link.failure
+        cancelled = isinstance(f, (errors.TransactionCancelledError, errors.UnavailableError))
+        self._end("cancelled" if cancelled else "failed")
+        raise f
+
+    # -- statements -----------------------------------------------------------------
+
+    def _statement(self, req: list, op: str, table: str, key, pipelined: bool):
+        """Send a statement (`op` with `table` and `key` name it in errors):
+        pipelined, return None at once; else wait for its reply and return
+        its result."""
+        if self.state != "open":
+            self._check_usable(op, table, key)
+            return self._first(req, op, table, key, pipelined)
+        c = self._client
+        if c._closed:
+            c._check()
+        link = self._link
+        s = self._session
+        if s is not c._session() or s.generation != self._generation or not s.connected:
+            self._end("cancelled")
+            raise errors.UnavailableError(
+                f"{_what(op, table, key)}: the connection to the controller was lost; transaction "
+                f"{link.number} was cancelled")
+        if link.failure is not None:
+            self._raise_failure()
+        try:
+            if pipelined:
+                s.send_pipelined([req], link, [(self._position, op, table, key)])
+                return None
+            reply = s.request(req)
+        except errors.UnavailableError:
+            self._end("cancelled")
+            raise
+        if link.failure is not None:     # a pipelined statement before this one failed
+            self._raise_failure()
+        return self._result(reply, op, table, key)
+
+    def _first(self, req: list, op: str, table: str, key, pipelined: bool):
+        """The first statement: BEGIN goes with it."""
         c = self._client
         c._check()
-        if self.state == "new":
-            s = c._session()
-            self._began_ns = time.time_ns()
-            begin = [m.OP_BEGIN, self._program, self._input]
-            if self._version is not None:
-                begin.append(self._version)
-            replies = s.call_many([begin, req])
-            self.number = result(replies[0], "begin")
-            self._session = s
-            self._generation = s.generation
-            self.state = "open"
-            reply = replies[1]
+        link = self._link
+        s = c._session()
+        other = s.txn
+        if other is not None and other is not link and other.open and other.generation == s.generation:
+            raise errors.TransactionStateError(
+                f"{_what(op, table, key)}: transaction {other.number} is still open on this thread's "
+                "connection; commit or cancel it first", txn=other.number)
+        if self._version is not None:
+            begin = [m.OP_BEGIN, self._program, self._input, {"pipeline": self.pipeline, "version": self._version}]
+        elif self.pipeline:
+            begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE]
         else:
-            s = self._session
-            if s is not c._session() or s.generation != self._generation or not s.connected:
-                self.state = "cancelled"
-                raise errors.UnavailableError(
-                    f"{what}: the connection to the controller was lost; transaction {self.number} "
-                    "was cancelled")
-            try:
-                reply = s.call_many([req], retry=False)[0]
-            except errors.UnavailableError:
-                self.state = "cancelled"
-                raise
+            begin = [m.OP_BEGIN, self._program, self._input]
+        self._began_ns = time.time_ns()
+        if pipelined:
+            s.send_pipelined([begin, req], link, [None, (self._position, op, table, key)], now=True)
+            link.begin_pending = True
+            self._opened(s)
+            return None
+        replies = s.call_many([begin, req])
+        link.number = result(replies[0], "begin")
+        self._opened(s)
+        return self._result(replies[1], op, table, key)
+
+    def _result(self, reply, op: str, table: str, key):
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK:
+            return reply[1]
         try:
-            return result(reply, what)
+            return result(reply, _what(op, table, key))
         except errors.TransactionCancelledError:
-            self.state = "cancelled"
+            self._end("cancelled")
             raise
 
     def get(self, table: str, key, *, for_update: bool = False):
         """The record as this transaction sees it (or None). With
-        `for_update`, lock it until the transaction ends."""
-        if self.state not in ("new", "open"):
-            raise errors.TransactionStateError(f"{table}.get({_short(key)}): transaction is {self.state}")
+        `for_update`, lock it until the transaction ends. A get that asks the
+        controller (for_update, or a record this transaction wrote) waits for
+        the pipelined statements before it; a plain get of another record
+        reads the committed state where it is, asking nobody."""
+        if self.state != "open":
+            self._check_usable("get", table, key)
+        self._position += 1
         if for_update or (table, key) in self._written:
-            return self._statement([m.OP_GET_FOR_UPDATE, table, key], f"{table}.get({_short(key)})")
+            return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
+        if self._link.failure is not None and self.state == "open":
+            self._raise_failure()
         return self._client.table(table).get(key)
 
     def insert(self, table: str, record: dict) -> None:
-        self._statement([m.OP_INSERT, table, record], f"{table}.insert")
-        pk = self._client.schema.table(table).pk
+        pk = self._client.schema.table(table).pk      # an unknown table: raised here, nothing sent
+        key = record.get(pk) if isinstance(record, dict) else None
+        if self.state != "open":
+            self._check_usable("insert", table, key)
+        self._position += 1
+        self._statement([m.OP_INSERT, table, record], "insert", table, key, self.pipeline)
         if isinstance(record, dict):
-            self._written.add((table, record.get(pk)))
+            self._written.add((table, key))
 
     def update(self, table: str, key, changes: dict) -> None:
-        self._statement([m.OP_UPDATE, table, key, changes], f"{table}.update({key!r})")
-        self._written.add((table, key))
+        self._write([m.OP_UPDATE, table, key, changes], "update", table, key)
 
     def delete(self, table: str, key) -> None:
-        self._statement([m.OP_DELETE, table, key], f"{table}.delete({key!r})")
-        self._written.add((table, key))
+        self._write([m.OP_DELETE, table, key], "delete", table, key)
 
-    def put(self, table: str, key, record: dict) -> str:
-        r = self._statement([m.OP_PUT, table, key, record], f"{table}.put({key!r})")
+    def put(self, table: str, key, record: dict) -> str | None:
+        """Insert or replace; returns "insert" or "update" — or None in a
+        pipelined transaction, which does not wait to know."""
+        return self._write([m.OP_PUT, table, key, record], "put", table, key)
+
+    def _write(self, req: list, op: str, table: str, key):
+        self._client.schema.table(table)              # an unknown table: raised here, nothing sent
+        if self.state != "open":
+            self._check_usable(op, table, key)
+        self._position += 1
+        r = self._statement(req, op, table, key, self.pipeline)
         self._written.add((table, key))
         return r
 
@@ -746,42 +921,56 @@ class Transaction:
         confirm (Figure 6). A commit that waits longer than its
         commit_timeout raises BackupTimeoutError: it is committed (state
         "committed", result with "backup": "pending"), the records stay
-        locked until the confirmation; do not retry it."""
+        locked until the confirmation; do not retry it. In a pipelined
+        transaction the commit goes right behind the statements, and a
+        failure among them is raised here instead: nothing is committed."""
         if self.state == "new":
             self.state = "committed"
             self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
             return self.result
-        if self.state != "open":
-            raise errors.TransactionStateError(f"commit: transaction {self.number} is {self.state}")
+        self._check_usable("commit")
+        link = self._link
         s = self._session
         if s.generation != self._generation or not s.connected:
-            self.state = "cancelled"
-            raise errors.UnavailableError(f"commit: connection lost; transaction {self.number} was cancelled")
-        bound = self._client._commit_bound(self.commit_timeout)
+            self._end("cancelled")
+            raise errors.UnavailableError(f"commit: connection lost; transaction {link.number} was cancelled")
+        if link.failure is not None:
+            self._raise_failure()
+        c = self._client
+        bound = c._commit_bound(self.commit_timeout)
         req = [m.OP_COMMIT, wait, self.durability] if bound is None else [m.OP_COMMIT, wait, self.durability, bound]
         try:
-            with _reply_timeout(s, self._client._reply_timeout(bound)):
-                reply = s.call_many([req], retry=False)[0]
+            if bound is None:
+                reply = s.request(req)
+            else:
+                with _reply_timeout(s, c._reply_timeout(bound)):
+                    reply = s.request(req)
         except errors.UnavailableError as e:
             if not e.details.get("sent", True):
-                self.state = "cancelled"  # the commit never left: the controller cancelled it
+                self._end("cancelled")  # the commit never left: the controller cancelled it
                 raise errors.UnavailableError(
-                    f"commit of transaction {self.number}: the connection to the controller was lost; "
-                    "the transaction was cancelled", txn=self.number, sent=False) from None
-            self.state = "unknown"
+                    f"commit of transaction {link.number}: the connection to the controller was lost; "
+                    "the transaction was cancelled", txn=link.number, sent=False) from None
+            self._end("unknown")
+            if link.number is None:     # a pipelined BEGIN whose reply never came: nothing to ask about
+                raise errors.CommitUnknownError(
+                    "commit of a pipelined transaction: the controller stopped before answering even its "
+                    "begin, so its number is unknown and its outcome cannot be asked; check the data") from None
             self.result = self._resolve()
             return self.result
+        if link.failure is not None:    # a pipelined statement failed: the controller refused the commit
+            self._raise_failure()
         try:
-            self.result = result(reply, f"commit of transaction {self.number}")
+            self.result = result(reply, f"commit of transaction {link.number}")
         except errors.BackupTimeoutError as e:
-            self.state = "committed"
-            self.result = {"txn": self.number, "serial": e.details.get("serial"),
+            self._end("committed")
+            self.result = {"txn": link.number, "serial": e.details.get("serial"),
                            "version": e.details.get("version"), "backup": "pending"}
             raise
         except errors.ApplianceError:
-            self.state = "cancelled"
+            self._end("cancelled")
             raise
-        self.state = "committed"
+        self._end("committed")
         return self.result
 
     def _resolve(self) -> dict:
@@ -800,10 +989,10 @@ class Transaction:
                         txn=self.number) from None
                 time.sleep(0.05)
         if st == "committed":
-            self.state = "committed"
+            self._end("committed")
             return {"txn": self.number, "serial": None, "version": None, "recovered": True}
         if st == "not_committed":
-            self.state = "cancelled"
+            self._end("cancelled")
             raise errors.TransactionCancelledError(
                 f"commit of transaction {self.number}: the controller stopped before publishing it; "
                 "it did not commit (retry it)", txn=self.number)
@@ -816,33 +1005,39 @@ class Transaction:
         # dropped while open: cancel it, or its connection (and its locks) stay taken
         try:
             if self.state == "open" and self._session is not None:
-                self.state = "cancelled"
+                self._end("cancelled")
                 self._session.cancel_dropped(self._generation)
         except Exception:
             pass
 
     def cancel(self) -> None:
-        """Cancel: nothing the transaction did remains. Idempotent."""
+        """Cancel: nothing the transaction did remains, its locks are released
+        when this returns. Idempotent. A pipelined transaction's failure not
+        raised yet is not raised: cancelling discards it with the rest."""
         if self.state == "open":
-            self.state = "cancelled"
+            self._end("cancelled")
             s = self._session
             if s.generation == self._generation and s.connected:
                 try:
-                    s.call_many([[m.OP_CANCEL]], retry=False)
+                    s.call_many([[m.OP_CANCEL]], retry=False)   # after the replies still outstanding
                 except errors.UnavailableError:
                     pass  # the controller cancels it when the connection goes
-        elif self.state == "new":
-            self.state = "cancelled"
+        elif self.state in ("new", "failed"):
+            self._end("cancelled")   # failed: the controller rolled it back already
 
     def __enter__(self) -> "Transaction":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            if self.state in ("new", "open"):
-                self.commit()   # after cancel() leaving the block does nothing
+            if self.state in ("new", "open", "failed"):   # after cancel() leaving the block does nothing
+                try:
+                    self.commit()
+                finally:
+                    if self.state == "failed":   # a pipelined statement failed: raised, and it ends here
+                        self._end("cancelled")
         else:
             self.cancel()
 
     def __repr__(self) -> str:
-        return f"<appliance.Transaction {self.number} {self.state}>"
+        return f"<appliance.Transaction {self._link.number} {self.state}>"

@@ -1,8 +1,14 @@
 """A client's connection to the controller (one per thread).
 
 Blocking Unix-socket requests with pipelining (several requests in one send,
-replies read in order). A broken connection is not fatal: the next request
-reconnects by itself. While the controller is down, requests raise
+replies read in order). A request may also go without waiting for its reply
+(:meth:`Session.send_pipelined`, a pipelined transaction's statements): it
+is queued and sent with the next request of the session (which then reads
+its reply first and hands it to whoever queued it), or as soon as ``depth``
+replies are outstanding (flow control: at most that many unread replies, so
+neither side's buffers grow with the number of statements sent; then half
+of them are read). A broken connection is not fatal: the
+next request reconnects by itself. While the controller is down, requests raise
 :class:`~appliance.errors.UnavailableError`; a request whose reply was lost
 because the controller stopped mid-way raises it too (or
 :class:`~appliance.errors.CommitUnknownError` for a commit whose outcome the
@@ -13,6 +19,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections import deque
+from itertools import repeat
 
 from .. import errors
 from ..wire import framing
@@ -25,11 +33,20 @@ _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 _encode = framing.encode
 _CANCEL = framing.encode([m.OP_CANCEL])
+#: replies a session leaves unread by default (Session.depth; at most messages.MAX_PIPELINED)
+PIPELINE_DEPTH = 1000
+
+
+def check_depth(depth) -> int:
+    """A pipeline depth (how many replies may stay unread): an int in 1..MAX_PIPELINED."""
+    if type(depth) is int and 1 <= depth <= m.MAX_PIPELINED:
+        return depth
+    raise errors.WrongTypeError(f"pipeline_depth must be an int from 1 to {m.MAX_PIPELINED}, not {depth!r}")
 
 
 class Session:
     def __init__(self, path: str, appliance: str, *, name: str = "", timeout: float | None = None,
-                 max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
+                 max_frame: int = framing.MAX_FRAME_DEFAULT, depth: int = PIPELINE_DEPTH) -> None:
         self.path = path
         self.appliance = appliance
         self.name = name or f"pid{os.getpid()}"
@@ -47,6 +64,21 @@ class Session:
         # (a generation) for the next request to send first.
         self._io = threading.Lock()
         self.cancel_pending = 0
+        # Replies of requests sent without waiting (send_pipelined), in the order
+        # they will come: (sink, tag) each; the reply goes to sink.reply(tag, reply),
+        # or sink.lost(tag) if the connection goes first. `queued`: the frames of
+        # the last of them, not sent yet (every send puts them first).
+        # Shared between the session's thread and Transaction.__del__ (any thread,
+        # a garbage collection): both touch them only holding _io (__del__ takes
+        # it without blocking or defers to cancel_pending), so sends and reads
+        # never interleave and replies are matched to requests in order. Only
+        # close() (Client.close from any thread) clears them without _io: the
+        # connection is gone then, and every reply with it.
+        self.outstanding: deque = deque()
+        self.queued: list = []
+        self.depth = depth
+        self.peak = 0          # the most replies that were outstanding at once
+        self.txn = None        # the link of the transaction open on this connection (client.api)
 
     # -- connection ------------------------------------------------------------
 
@@ -98,6 +130,11 @@ class Session:
                 pass
         self.sock = None
         self.reader = None
+        self.queued = []       # never sent: they belonged to this connection
+        if self.outstanding:   # their replies will never come: tell whoever waits for them
+            lost, self.outstanding = self.outstanding, deque()
+            for sink, tag in lost:
+                sink.lost(tag)
 
     @property
     def connected(self) -> bool:
@@ -114,14 +151,78 @@ class Session:
             return self._exchange(data, len(reqs), retry)
 
     def _exchange(self, data: bytes, n: int, retry: bool) -> list:
-        """Send `data` and read `n` replies (the caller holds self._io)."""
+        """Send `data` and read `n` replies (the caller holds self._io): first
+        those still outstanding, which come before them."""
         self._send(data, retry)
+        if self.outstanding:
+            self._read_outstanding(0)
         try:
             return [self.reader.read() for _ in range(n)]
         except (EOFError, OSError, errors.ProtocolError) as exc:
             self.close()
             raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
                                     sent=True) from None
+
+    def _read_outstanding(self, keep: int) -> None:
+        """Read outstanding replies until `keep` are left, handing each to its
+        sink (the caller holds self._io)."""
+        if self.queued:
+            self._send(b"", retry=False)     # their requests first
+        out = self.outstanding
+        try:
+            while len(out) > keep:
+                reply = self.reader.read()
+                sink, tag = out.popleft()
+                sink.reply(tag, reply)
+        except (EOFError, OSError, errors.ProtocolError) as exc:
+            self.close()     # the sinks of the replies still to come hear of it
+            raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
+                                    sent=True) from None
+
+    def send_pipelined(self, reqs: list, sink, tags: list, now: bool = False) -> None:
+        """Requests whose replies are not waited for: queued, and sent with the
+        next request of this session (`now`: at once, reconnecting first if the
+        connection went stale: the first statement of a transaction, with its
+        BEGIN). The reply of ``reqs[i]`` goes to ``sink.reply(tags[i], reply)``
+        when it is read (by the next request that waits, by :meth:`drain`, or
+        here once ``depth`` replies are outstanding: then half of them are read
+        first), or to ``sink.lost(tags[i])`` if the connection goes before.
+        Nothing is queued when a value cannot be encoded (WrongTypeError) or
+        the connection is gone (UnavailableError, sent=False)."""
+        self._ready(now)
+        try:
+            data = framing.encode_many(reqs)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise _unsendable(reqs, "", exc) from None
+        with self._io:
+            out = self.outstanding
+            if len(out) + len(reqs) > self.depth:
+                self._read_outstanding(self.depth // 2)
+            if now:
+                self._send(data, True)
+            else:
+                self.queued.append(data)
+            out.extend(zip(repeat(sink), tags))
+            if len(out) > self.peak:
+                self.peak = len(out)
+
+    def drain(self, sink=None) -> None:
+        """Send what is queued, then read the outstanding replies: all of them,
+        or up to the first one that goes to `sink` (UnavailableError if the
+        connection goes)."""
+        if not self.outstanding:
+            return
+        with self._io:
+            if self.sock is None:
+                return
+            out = self.outstanding
+            if sink is None:
+                self._read_outstanding(0)
+                return
+            for i, (s, _) in enumerate(out):
+                if s is sink:
+                    self._read_outstanding(len(out) - i - 1)
+                    return
 
     def cancel_dropped(self, generation: int) -> None:
         """A transaction of this connection was dropped while open (Transaction.__del__):
@@ -152,22 +253,45 @@ class Session:
         """Send requests pipelined; return their raw replies ([OK, x] / [ERR, ...]).
         retry=False: the requests belong to this connection (an open
         transaction's); never resend them on a new one."""
+        self._ready(retry)
+        return self._roundtrip(reqs, retry)
+
+    def request(self, req: list, retry: bool = False) -> list:
+        """One request of an open transaction (never resent on a new
+        connection unless `retry`); its raw reply, read after the replies
+        still outstanding."""
+        self._ready(retry)
+        try:
+            data = _encode(req)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise _unsendable(req, "", exc) from None
+        with self._io:
+            return self._exchange(data, 1, retry)[0]
+
+    def _ready(self, retry: bool) -> None:
+        """Before a request: connected (reconnecting only if `retry`), and a
+        dropped transaction's cancel sent first."""
         if not self.connected:
             if not retry:
                 raise self._unavailable("connection lost", sent=False)
             self.connect()
         if self.cancel_pending:
             self._cancel_pending()
-        return self._roundtrip(reqs, retry)
 
     def _send(self, data: bytes, retry: bool = True) -> None:
         """Send on the current connection; if it went stale (the controller
         restarted since), the bytes never reached anyone: reconnect once and
         send again — unless `retry` is false (a request that belongs to the
         old connection, like a statement of its open transaction). Raises
-        UnavailableError(sent=False) when the request could not be sent."""
+        UnavailableError(sent=False) when the request could not be sent.
+        The queued pipelined requests go first (never on a new connection)."""
         try:
-            self.sock.sendall(data)
+            if self.queued:
+                self.queued.append(data)
+                first, self.queued = b"".join(self.queued), []
+                self.sock.sendall(first)
+            else:
+                self.sock.sendall(data)
             return
         except OSError as exc:
             self.close()
@@ -192,6 +316,8 @@ class Session:
             raise _unsendable(req, what, exc) from None
         with self._io:
             self._send(data)
+            if self.outstanding:
+                self._read_outstanding(0)
             try:
                 reply = self.reader.read()
             except (EOFError, OSError, errors.ProtocolError) as exc:

@@ -1,8 +1,9 @@
 """The controller process: owns the segments, sole writer, serves clients.
 
 ``run(config_path)`` is what ``appliance controller --config FILE`` calls:
-config -> logging -> exclusive lock -> segments (create, or re-attach and
-recover) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
+config -> logging -> exclusive lock -> segments (create, re-attach and
+recover, or — none there but [durability] files — the cold start from the
+files) -> listen -> READY=1 -> event loop until SIGTERM/SIGINT. Stopping
 never unlinks the segments: the data lives in them, and the next controller
 re-attaches. SIGHUP (``systemctl reload``) reads the config again between
 two loop iterations: what config.RELOADABLE lets the controller take is
@@ -55,44 +56,64 @@ class ControllerLock:
 
 
 def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
+    from .health import Health
     from .loop import check_socket_free
+    from .metrics import MetricsServer
     from .service import Controller
     from .storage import open_or_create
 
     t0 = time.monotonic()
     lock = ControllerLock(cfg)
-    ctl = None
+    ctl = metrics = None
     try:
         check_socket_free(cfg)   # before any segment is made for a start that cannot serve
-        writer, facts, created = open_or_create(cfg, log)
+        if cfg.metrics is not None:   # likewise: a port in use refuses the start
+            metrics = MetricsServer(cfg, log)
+            metrics.start()
+        files = None
+        if cfg.durability is not None:
+            from ..durability.logfiles import LogDir
+            files = LogDir(cfg.durability_dir, log, cfg.storage.mode_bits)
+        writer, facts, created = open_or_create(cfg, log, files)
         sb = writer.att.sb
         sb.sb_controller_pid = os.getpid()
         sb.sb_state = 1
         sb.sb_opened_ns = time.time_ns()
-        ctl = Controller(cfg, writer, log, recovery=facts, created=created)
+        ctl = Controller(cfg, writer, log, recovery=facts, created=created, files=files)
         ctl.listen()
+        if metrics is not None:
+            metrics.attach(ctl)
         if shutdown is not None:
             ctl.ep.register(shutdown.fileno(), select.EPOLLIN)
         log.info("controller_started", appliance=cfg.name, created=created, version=sb.sb_version,
                  role=ctl.role.name, epoch=ctl.role.epoch,
                  socket=str(cfg.socket_path), startup_ms=round((time.monotonic() - t0) * 1000, 1),
                  **{f"recovery_{k}": v for k, v in facts.items()})
-        sdnotify.ready(status=f"serving {cfg.name} as {ctl.role.name} at version {sb.sb_version}, epoch {ctl.role.epoch}")
+        health = Health(ctl)
+        health.ready()
         next_hk = time.monotonic() + HOUSEKEEPING_S
         while not (shutdown and shutdown.requested):
-            ctl.run_once(max_wait=max(0.0, next_hk - time.monotonic()))
+            now = time.monotonic()
+            ctl.run_once(max_wait=max(0.0, min(next_hk - now, health.wait_s(now))))
             if shutdown is not None:
                 shutdown.drain()
                 if shutdown.take_reload():
-                    reload(ctl, log)
-            if time.monotonic() >= next_hk:
+                    reload(ctl, log, health)
+            now = time.monotonic()
+            health.turn(now)   # WATCHDOG=1 from the loop's own turn: a stuck loop stops it
+            if now >= next_hk:
                 ctl.housekeeping()
+                health.housekeeping()
+                if metrics is not None:
+                    metrics.publish()
                 next_hk = time.monotonic() + HOUSEKEEPING_S
         sdnotify.stopping()
         log.info("controller_stopping", appliance=cfg.name,
                  signal=shutdown.signal.name if shutdown and shutdown.signal else None)
         return 0
     finally:
+        if metrics is not None:
+            metrics.close()
         if ctl is not None:
             ctl.close()
             ctl.att.sb.sb_state = 0
@@ -100,30 +121,36 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         lock.release()
 
 
-def reload(ctl, log) -> None:
+def reload(ctl, log, health) -> None:
     """SIGHUP: reload the config file (RELOADING=1 ... READY=1 for systemd)."""
     sdnotify.reloading()
     config_mod.reload_logged(ctl.cfg, "controller", log, ctl.reconfigure)
-    sdnotify.ready(status=f"serving {ctl.cfg.name} as {ctl.role.name} at version {ctl.att.sb.sb_version}, "
-                          f"epoch {ctl.role.epoch}")
+    health.ready()
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
-    """Entry point of ``appliance controller``; returns the exit status."""
-    logs.configure(json=log_json, level=log_level)
-    log = logs.get_logger(process="controller")
+    """Entry point of ``appliance controller``; returns the exit status
+    (errors.exit_status of what refused the start: each cause its own EX_* code)."""
+    from .._os import environment
+    try:
+        log = environment.configure_logs("controller", json=log_json, level=log_level)
+        environment.check_user()
+    except errors.ApplianceError as e:
+        logs.get_logger(process="controller").error("controller_refused_to_start", error=str(e), code=e.code,
+                                                    key=e.details.get("key"), cause=e.details.get("cause"))
+        return errors.exit_status(e)
     shutdown = lifecycle.Shutdown()
     shutdown.install()   # first: a SIGHUP or SIGTERM while starting is taken once the loop runs
     try:
-        cfg = config_mod.load_logged(config_path, log)
+        cfg, refused = config_mod.load_logged(config_path, log)
         if cfg is None:
-            return errors.EXIT_CONFIG
+            return refused
         log = log.bind(appliance=cfg.name)
         return serve(cfg, log, shutdown)
-    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError) as e:
-        log.error("controller_refused_to_start", error=str(e), code=e.code)
-        if isinstance(e, errors.BusyError):
-            return errors.EXIT_BUSY
-        return errors.EXIT_NOSPACE if isinstance(e, errors.MemoryFullError) else errors.EXIT_CONFIG
+    except (errors.BusyError, errors.FormatError, errors.AccessDeniedError, errors.MemoryFullError,
+            errors.ConfigError, errors.DiskError) as e:
+        log.error("controller_refused_to_start", error=str(e), code=e.code, key=e.details.get("key"),
+                  cause=e.details.get("cause"))
+        return errors.exit_status(e)
     finally:
         shutdown.uninstall()

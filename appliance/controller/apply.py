@@ -11,9 +11,13 @@ readers read; see apl_batch_abort), reads go on at the last published
 version, and the secondary refuses the stream until a block copy begins
 (``needs_copy``): the agent asks its primary for one. While a copy runs,
 ``copied`` marks the block numbers it has brought, so the entries that follow
-skip blocks the copy will carry. In batch mode (:mod:`.batch`) OP_APPLY is
-refused with ``{"batch": true}``: the agent keeps the stream and catches up
-once the batch ends. Everything runs on the loop thread.
+skip blocks the copy will carry. With [durability] each published batch
+is also one log record (what it applied, or the copy's step:
+:mod:`.durable`), and the agent gets its answer — and acknowledges — once
+that record is on disk (``log_sync = "commit"``). In batch mode
+(:mod:`.batch`) OP_APPLY is refused with ``{"batch": true}``: the agent
+keeps the stream and catches up once the batch ends. Everything runs on the
+loop thread.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import os
 import time
 
 from .. import errors
+from ..durability import records as rec
 from ..store import changelog
 from ..wire import messages as m
 from .ops import handler
@@ -34,7 +39,9 @@ class SecondaryApply:
         self.log = ctl.log
         self.copied: bytearray | None = None   # blocks copied so far while a copy runs
         self.needs_copy: str | None = None     # why the primary's stream was refused
+        self.partial = False                   # the copy running brings some blocks only (recovery.py)
         self.last_consumed = 0
+        self.seq = 0                           # the log record of the last batch (with [durability])
 
     def apply(self, source, after, blob) -> dict:
         """Apply whole transactions of the primary's entries."""
@@ -54,12 +61,14 @@ class SecondaryApply:
         if first is not None and first > applied + 1:
             raise errors.ProtocolError(f"apply: gap: serial {first} follows {applied}",
                                        gap=True, expected=applied + 1)
-        self.batch(lambda wr: wr.apply_entries(blob, applied, self.copied), source)
+        self.batch(lambda wr: wr.apply_entries(blob, applied, self.copied), source,
+                   lambda consumed, last: (rec.KIND_APPLIED, blob[:consumed], first or 0, last) if consumed else None)
         return {"applied": self.ctl.agents.applied_serial()[0], "consumed": self.last_consumed}
 
-    def batch(self, fn, source: int) -> None:
+    def batch(self, fn, source: int, record=None) -> None:
         """Run `fn(writer)` in one batch and publish it; fn returns (bytes
-        consumed, last serial, last COMMIT serial)."""
+        consumed, last serial, last COMMIT serial). `record(consumed, last)`:
+        the log record of the batch, (kind, payload, first, last) or None."""
         wr = self.ctl.writer
         wr.begin()
         try:
@@ -70,6 +79,12 @@ class SecondaryApply:
         except errors.ApplianceError as e:
             self._refuse(e)
         wr.publish(time.time_ns(), 0)
+        durable = self.ctl.durable
+        if durable is not None and record is not None:
+            r = record(consumed, last)
+            if r is not None:
+                kind, payload, first, last = r
+                self.seq = durable.applied(kind, payload, first=first, last=last, source=source)
         self.ctl.published()
         wr.reclaim()
 
@@ -104,10 +119,24 @@ class SecondaryApply:
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
             self.ctl.batch.interrupted("a block copy from the primary began")
+            blocks = payload.get("blocks")
+            if blocks is not None:    # a copy of these numbers only (a rewind, a repair: recovery.py)
+                self.copied = partial_copy(blocks, sb.sb_max_blocks)
+                self.partial = True
+                applied, _ = self.ctl.agents.applied_serial()
+                # (with [durability] a log record of its own, so a cold start replays the copy as it ran)
+                self.batch(lambda wr: (0, 0, 0), source, lambda c, last: (
+                    rec.KIND_COPY_BEGIN, rec.pack({"limit": limit, "serial": serial, "blocks": blocks}),
+                    applied, applied))
+                self.log.info("copy_started", source=source, blocks=len(blocks), serial=serial, partial=True)
+                return {"copied": 0}
             self.copied = bytearray((sb.sb_max_blocks + 7) // 8)
+            self.partial = False
             self.needs_copy = None
             # the stream continues after `serial`: record it, so entries that follow are not a gap
-            self.batch(lambda wr: (1, serial, serial), source)
+            self.batch(lambda wr: (1, serial, serial), source,
+                       lambda c, last: (rec.KIND_COPY_BEGIN, rec.pack({"limit": limit, "serial": serial}),
+                                        serial, serial))
             self.log.info("copy_started", source=source, blocks=limit, serial=serial)
             return {"copied": 0}
         if self.copied is None:
@@ -121,21 +150,27 @@ class SecondaryApply:
                 wr.apply_images(payload, copied)
                 return 0, 0, 0
             applied, _ = self.ctl.agents.applied_serial()
-            self.batch(run, source)
+            self.batch(run, source, lambda c, last: (rec.KIND_COPY_BLOCKS, payload, 0, 0))
             return {"applied": applied}
         if phase == "end":
             serial = payload.get("serial") if isinstance(payload, dict) else None
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy end: needs the stream serial")
-            copied = self.copied
+            copied, partial = self.copied, self.partial
+            applied, _ = self.ctl.agents.applied_serial()
 
             def finish(wr):
                 wr.drop_uncopied(copied)   # numbers in use here that the primary does not have
-                return 1, serial, serial
+                # a whole copy ends at `serial`; a copy of some blocks leaves the stream where it is
+                return (0, 0, 0) if partial else (1, serial, serial)
             self.copied = None
-            self.batch(finish, source)
-            self.log.info("copy_finished", source=source, serial=serial)
-            return {"applied": serial}
+            self.partial = False
+            self.batch(finish, source, lambda c, last: (
+                rec.KIND_COPY_END, rec.pack({"serial": serial, "partial": partial}),
+                *((applied, applied) if partial else (serial, serial))))
+            self.ctl.failover.repair_done()
+            self.log.info("copy_finished", source=source, serial=serial, partial=partial)
+            return {"applied": self.ctl.agents.applied_serial()[0]}
         raise errors.ProtocolError(f"copy: unknown phase {phase!r}")
 
     def status(self) -> dict:
@@ -144,11 +179,30 @@ class SecondaryApply:
                 "needs_copy": self.needs_copy, "batch": self.ctl.batch.status()}
 
 
+def partial_copy(blocks, max_blocks: int) -> bytearray:
+    """The `copied` bitmap of a copy of `blocks` only: every other number is
+    "copied" already (its changes apply as they come), these are not until
+    their images arrive (their changes until then are dropped: the images
+    carry them). It starts where the stream is; the applied serial stays."""
+    if type(blocks) is not list or not all(type(n) is int and 0 <= n < max_blocks for n in blocks):
+        raise errors.WrongTypeError("copy begin: blocks must be a list of block numbers")
+    copied = bytearray(b"\xff" * ((max_blocks + 7) // 8))
+    for n in blocks:
+        copied[n >> 3] &= ~(1 << (n & 7)) & 0xFF
+    return copied
+
+
 @handler(m.OP_APPLY, roles=("secondary",))
 def apply(ctl, sess, source, after, entries):
-    return ctl.applier.apply(source, after, entries)
+    result = ctl.applier.apply(source, after, entries)
+    if ctl.durable is not None:
+        yield from ctl.durable.wait_seq(sess, ctl.applier.seq)   # "backup complete" once it is on disk
+    return result
 
 
 @handler(m.OP_COPY, roles=("secondary",))
 def copy(ctl, sess, phase, source, payload):
-    return ctl.applier.copy(phase, source, payload)
+    result = ctl.applier.copy(phase, source, payload)
+    if ctl.durable is not None:
+        yield from ctl.durable.wait_seq(sess, ctl.applier.seq)
+    return result

@@ -46,7 +46,6 @@ from ..store import changelog
 from ..wire import messages as m
 from .loop import WAIT_WORK
 from .ops import handler
-from .txn import Change
 
 __all__ = ["HistoryOps"]
 

@@ -10,9 +10,10 @@ clients comes from interleaving their requests: each request runs as a
 generator (a coroutine) that yields when it must wait — for a record lock
 (``WAIT_LOCK``), for the group commit (``WAIT_COMMIT``), for a serial to be
 published or applied (``WAIT_WATCH``), for the agent's verify result
-(``WAIT_VERIFY``), for a recovery operation that holds new writes
-(``WAIT_HOLD``), for reading work done in a worker thread (``WAIT_WORK``:
-the log history, see :mod:`.history`) — and is resumed by the loop when the lock is granted, its
+(``WAIT_VERIFY``), its answer to an operator's request (``WAIT_AGENT``),
+for a recovery operation that holds new writes (``WAIT_HOLD``), for reading
+work done in a worker thread (``WAIT_WORK``: the log history, see
+:mod:`.history`) — and is resumed by the loop when the lock is granted, its
 wait times out, or the batch is published. One session runs one request at
 a time, in order.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+from array import array
 import os
 import pwd
 import select
@@ -57,14 +59,15 @@ from ..config import Config
 from ..wire import framing
 from ..wire import messages as m
 
-__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "WAIT_HOLD", "WAIT_WORK",
-           "YIELD", "FAST", "check_socket_free", "plain"]
+__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "WAIT_AGENT", "WAIT_HOLD",
+           "WAIT_WORK", "YIELD", "FAST", "check_socket_free", "plain"]
 
 #: what a request coroutine yields while it waits (see the module docstring)
 WAIT_LOCK = object()
 WAIT_COMMIT = object()
 WAIT_WATCH = object()      # a WATCH / WAIT_APPLIED long poll
 WAIT_VERIFY = object()     # an operator's verify, resumed by the agent's result
+WAIT_AGENT = object()      # an operator's request the agent answers (promote's drain: recovery.py)
 WAIT_HOLD = object()       # a new write while a recovery operation holds writes (controller.hold)
 WAIT_WORK = object()       # a request whose reading work runs in a worker thread (controller.history)
 YIELD = object()           # a long request lets the other sessions run; it goes on next turn
@@ -73,7 +76,7 @@ FAST = object()            # sess.gen while a fast-path autocommit waits for its
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 256 << 10
 PUMP_BATCH = 256           # requests of one session per loop turn
-INBOX_PAUSE = 4096         # queued requests at which a session is not read from
+INBOX_PAUSE = m.MAX_PIPELINED + 1   # queued requests at which a session is not read from
 _ACCEPT_BACKOFF = (0.05, 1.0)   # seconds without accepting after EMFILE & co: first, longest
 REPEAT_LOG_S = 10.0        # client_refused (per user), txn_idle_cancelled: one line per this many seconds
 
@@ -83,7 +86,7 @@ class Session:
 
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
                  "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid",
-                 "waits", "paused", "mask", "idle_ns", "start")
+                 "waits", "paused", "mask", "idle_ns", "start", "fds", "wakeups")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
         self.sock = sock
@@ -107,13 +110,16 @@ class Session:
         self.mask = select.EPOLLIN      # what epoll watches for this socket
         self.idle_ns = self.opened_ns   # when its last request finished (controller.idle_timeout)
         self.start = None               # the peer's start time, from HELLO on (owns its reader slots)
+        self.fds: list[int] = []        # descriptors to pass with the next bytes sent (SCM_RIGHTS)
+        self.wakeups = None             # the agent's wake-ups (agent_ops.Wakeups), after OP_WAKEUPS
 
 
 class Loop:
     """Sockets, timers and request scheduling. The subclass supplies what a
     request does: :meth:`handle` (a coroutine per request), and the hooks
-    :meth:`fast_request`, :meth:`one_way`, :meth:`session_dropped` and
-    :meth:`batch_work` (the group commit, run once per turn)."""
+    :meth:`fast_request`, :meth:`session_dropped` and :meth:`batch_work`
+    (the group commit, run once per turn). Descriptors other than sockets
+    (an agent's eventfd) are watched with :meth:`watch_fd`."""
 
     def __init__(self, cfg: Config, log) -> None:
         self.cfg = cfg
@@ -123,6 +129,7 @@ class Loop:
         self.timers: list = []
         self._timer_seq = 0
         self.counters = {"clients_refused": 0, "clients_dropped": 0}
+        self.queued_peak = 0             # the most requests one session had waiting to start (status)
         self.max_frame = cfg.controller.max_frame
         self._set_access(cfg)
         self.listener: socket.socket | None = None
@@ -137,6 +144,7 @@ class Loop:
         self.ep = select.epoll()
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._fd_handlers: dict = {}     # fd -> what to call when it is readable (watch_fd)
 
     # ------------------------------------------------------------------ what the subclass supplies
 
@@ -147,9 +155,6 @@ class Loop:
     def fast_request(self, sess: Session, req: list) -> bool:
         """Carry out `req` without a coroutine if it can; True when it did."""
         return False
-
-    def one_way(self, sess: Session, req: list) -> None:
-        """A request that gets no reply (an agent's OP_ACKED)."""
 
     def session_dropped(self, sess: Session) -> None:
         """`sess` is gone: cancel what it had open."""
@@ -177,7 +182,8 @@ class Loop:
             raise errors.AccessDeniedError(
                 f"{self.cfg.path}: controller.socket: cannot create its directory {path.parent}: "
                 f"{exc.strerror}; run as root or as the appliance user (appliance install), or set "
-                "controller.socket to a path this user may write", socket=str(path)) from None
+                "controller.socket to a path this user may write", socket=str(path), key="controller.socket",
+                cause="permission") from None
         check_socket_free(self.cfg)   # again, just before taking the path over
         try:
             path.unlink()
@@ -189,7 +195,8 @@ class Loop:
         except OSError as exc:
             s.close()
             raise errors.AccessDeniedError(f"{self.cfg.path}: controller.socket: cannot bind {path}: "
-                                           f"{exc.strerror}", socket=str(path)) from None
+                                           f"{exc.strerror}", socket=str(path), key="controller.socket",
+                                           cause="permission") from None
         os.chmod(path, 0o666)  # the gate is the SO_PEERCRED check, with a clear refusal
         s.listen(512)
         s.setblocking(False)
@@ -224,6 +231,19 @@ class Loop:
     def cancel_timer(entry) -> None:
         entry[2] = None
 
+    def watch_fd(self, fd: int, fn) -> None:
+        """Call `fn()` from the loop whenever `fd` is readable (level-triggered:
+        fn reads what made it so)."""
+        self._fd_handlers[fd] = fn
+        self.ep.register(fd, select.EPOLLIN)
+
+    def unwatch_fd(self, fd: int) -> None:
+        if self._fd_handlers.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
     def run_once(self, max_wait: float = 1.0) -> None:
         wait = max_wait
         if self.timers:
@@ -244,6 +264,12 @@ class Loop:
                 continue
             sess = self.sessions.get(fd)
             if sess is None:
+                fn = self._fd_handlers.get(fd)
+                if fn is not None:
+                    try:
+                        fn()
+                    except Exception as e:
+                        self.bugs.error("fd_handler_failed", failure_kind(e), error=describe(e), exc_info=True)
                 continue
             try:
                 if ev & (select.EPOLLHUP | select.EPOLLERR) or (ev & select.EPOLLIN and not sess.paused):
@@ -413,6 +439,8 @@ class Loop:
             return
         if msgs:
             sess.inbox.extend(msgs)
+            if len(sess.inbox) > self.queued_peak:
+                self.queued_peak = len(sess.inbox)
             self.pump(sess)
             if len(sess.inbox) >= INBOX_PAUSE and not sess.paused and not sess.closed:
                 sess.paused = True
@@ -431,7 +459,11 @@ class Loop:
                 self._watch(sess)
             return
         try:
-            n = sess.sock.send(sess.out)
+            if sess.fds:
+                n = sess.sock.sendmsg([sess.out], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", sess.fds))])
+                sess.fds = []   # they went with the first byte sent
+            else:
+                n = sess.sock.send(sess.out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
@@ -490,9 +522,6 @@ class Loop:
             sess.requests += 1
             if type(req) is not list or not req or type(req[0]) is not int:
                 self.send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
-                continue
-            if req[0] in m.ONE_WAY and sess.agent:
-                self.one_way(sess, req)     # from anyone else: an ordinary request, refused
                 continue
             if self.fast_request(sess, req):
                 continue

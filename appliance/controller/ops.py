@@ -26,7 +26,7 @@ from typing import Callable
 from .. import errors
 from ..wire import messages as m
 
-__all__ = ["Op", "handler", "dispatch", "HANDLERS"]
+__all__ = ["Op", "handler", "dispatch", "check", "HANDLERS"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,18 @@ def handler(op: int, *, writes: bool = False, roles: tuple[str, ...] | None = No
 
 def dispatch(ctl, sess, req: list):
     """The coroutine of one request (see the module docstring)."""
+    h = check(ctl, sess, req)
+    if h.new_txn and ctl.hold.holder is not None and ctl.hold.holder is not sess:
+        yield from ctl.hold.admit(sess)      # a restore, cancel or rerun holds new writes
+    if h.generator:
+        return (yield from h.fn(ctl, sess, *req[1:]))
+    return h.fn(ctl, sess, *req[1:])
+
+
+def check(ctl, sess, req: list) -> Op:
+    """The checks of the module docstring, in that order; the request's Op.
+    The controller's fast path (service.Controller.fast_request) runs the
+    same checks through here before it carries out a request itself."""
     op = req[0]
     h = HANDLERS.get(op)
     if h is None:
@@ -65,19 +77,15 @@ def dispatch(ctl, sess, req: list):
     r = h.request
     if r.agent and sess.agent is None:
         raise errors.AccessDeniedError(f"op {op}: only the appliance's replication agent may use it")
-    args = req[1:]
+    n = len(req) - 1
     least, most = r.arity
-    if not least <= len(args) <= most:
+    if not least <= n <= most:
         want = str(least) if least == most else f"{least} to {most}"
         raise errors.ProtocolError(f"{r.name.lower()[3:]}: expected {want} arguments "
-                                   f"({', '.join(r.args) or 'none'}), got {len(args)}")
+                                   f"({', '.join(r.args) or 'none'}), got {n}")
     if h.writes:
         ctl.role.check_write(ctl.cfg)
     if h.roles is not None and ctl.role.name not in h.roles:
         raise errors.ProtocolError(f"{r.name.lower()[3:]}: appliance {ctl.cfg.name!r} is {ctl.role.name}; "
                                    f"this is for a {' or '.join(sorted(h.roles))}")
-    if h.new_txn and ctl.hold.holder is not None and ctl.hold.holder is not sess:
-        yield from ctl.hold.admit(sess)      # a restore, cancel or rerun holds new writes
-    if h.generator:
-        return (yield from h.fn(ctl, sess, *args))
-    return h.fn(ctl, sess, *args)
+    return h

@@ -10,10 +10,13 @@ carry out requests, each owning its own state:
 - ``sync``     what the secondaries acknowledged, on a primary (:mod:`.sync`);
 - ``agents``   the controller's side of its replication agent (:mod:`.agent_ops`);
 - ``applier``  a secondary applying its primary's stream (:mod:`.apply`);
+- ``failover`` promote, fence, rejoin and rewind (:mod:`.recovery`);
+- ``repairs``  the local block check and repairs from a peer (:mod:`.repair`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
 - ``hold``     new writes held while a recovery operation runs (:mod:`.hold`);
 - ``history``  history, restore and cancel from the log history (:mod:`.history`);
 - ``batch``    a secondary's referential batch mode (:mod:`.batch`);
+- ``durable``  log files and checkpoints on disk, when [durability] is set (:mod:`.durable`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
 request goes through the op table (:mod:`.ops`), which the part that
@@ -30,26 +33,33 @@ from ..config import Config
 from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
-from . import agent_ops, apply, batch, history, statements, status as status_mod  # noqa: F401  (they fill the op table)
+# (these modules fill the op table)
+from . import agent_ops, apply, batch, durable, history, statements, status as status_mod  # noqa: F401
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
 from .batch import BatchMode
 from .commit import GroupCommit
+from .history import HistoryOps
 from .hold import WriteHold
 from .locks import LockManager
-from .loop import WAIT_COMMIT, WAIT_WATCH, Loop
-from .ops import dispatch
+from .loop import WAIT_COMMIT, WAIT_WATCH, Loop, plain
+from .ops import HANDLERS, check, dispatch
 from .readers import ReaderSlots
-from .history import HistoryOps
+from .recovery import Failover
+from .repair import Repairs
 from .role import Role
-from .statements import Transactions
+from .statements import LATER, Transactions
 from .sync import SyncTracker
 
 __all__ = ["Controller"]
 
+#: coroutine ops the fast path carries out when they need not wait (see fast_request)
+_NOW = m.STEP_OPS | {m.OP_COMMIT}
+
 
 class Controller(Loop):
-    def __init__(self, cfg: Config, writer, log, *, recovery: dict | None = None, created: bool = False) -> None:
+    def __init__(self, cfg: Config, writer, log, *, recovery: dict | None = None, created: bool = False,
+                 files=None) -> None:
         super().__init__(cfg, log)
         self.schema = Schema(cfg)
         self.writer = writer
@@ -66,10 +76,13 @@ class Controller(Loop):
         self.sync = SyncTracker(cfg.replication if self.role.is_primary else None, log)
         self.agents = AgentLink(self)
         self.applier = SecondaryApply(self)
+        self.failover = Failover(self)
+        self.repairs = Repairs(self)
         self.hold = WriteHold(self)
         self.history = HistoryOps(self)
         self.batch = BatchMode(self)
         self.role.on_change(self._role_changed)
+        self.durable = durable.Durable(self, files) if files is not None else None
 
     def _role_changed(self, old: str, new: str) -> None:
         self.sync = SyncTracker(self.cfg.replication if new == "primary" else None, self.log)
@@ -94,29 +107,51 @@ class Controller(Loop):
         return dispatch(self, sess, req)
 
     def fast_request(self, sess, req: list) -> bool:
-        if req[0] != m.OP_ATOMIC or self.role.is_secondary or self.hold.holder is not None:
+        """Carry out without a coroutine what needs no wait, after the same
+        checks (ops.check): a handler that is a plain function, a statement
+        whose lock is free or its own, a commit (answered by the batch, as a
+        fast autocommit is), a one-statement autocommit. False: the general
+        path (dispatch) takes the request."""
+        op = req[0]
+        if op == m.OP_ATOMIC:
+            if not self.role.writable or self.hold.holder is not None:
+                # a secondary, a fenced primary: refused by the general path; held writes: it waits there
+                return False
+            try:
+                return self.txns.fast_atomic(sess, req)
+            except Exception as e:  # a bug: report it, undo, keep serving
+                sess.gen = None
+                txn = sess.txn
+                if txn is not None and txn.state in ("open", "committing"):
+                    txn.state = "open"
+                    self.txns.cancel(txn, "internal_error")
+                self.request_failed(sess, e)
+                return True
+        h = HANDLERS.get(op)
+        if h is None or (h.generator and op not in _NOW) or (h.new_txn and self.hold.holder is not None):
             return False
         try:
-            return self.txns.fast_atomic(sess, req)
-        except Exception as e:  # a bug: report it, undo, keep serving
+            h = check(self, sess, req)
+            if not h.generator:
+                r = h.fn(self, sess, *req[1:])
+            elif op == m.OP_COMMIT:
+                r = self.txns.commit_now(sess, *req[1:])
+            else:
+                r = self.txns.statement_now(sess, op, req[1:])
+            if r is LATER:
+                if op == m.OP_COMMIT:
+                    return True     # queued for the batch, which answers it (sess.gen is FAST)
+                return False        # another transaction's lock: the general path waits for it
+        except errors.ApplianceError as e:
+            self.send(sess, m.err(e.code, e.message, plain(e.details)))
+        except Exception as e:  # a bug: what Loop._step does with one
             sess.gen = None
-            txn = sess.txn
-            if txn is not None and txn.state in ("open", "committing"):
-                txn.state = "open"
-                self.txns.cancel(txn, "internal_error")
+            self.request_aborted(sess)
             self.request_failed(sess, e)
-            return True
-
-    def one_way(self, sess, req: list) -> None:
-        """A request with no reply (OP_ACKED) from an agent's session: refused
-        ones are logged, not answered (the agent reads no reply to it)."""
-        try:
-            if not self.role.is_primary or sess.agent != "primary" or len(req) != 3:
-                raise errors.ProtocolError("one-way request out of place")
-            agent_ops.acked(self, sess, req[1], req[2])
-        except errors.ApplianceError:
-            self.log.warning("one_way_request_refused", op=req[0], agent=sess.agent, pid=sess.pid,
-                             request=repr(req)[:200])
+        else:
+            self.send(sess, m.ok(r))
+        sess.idle_ns = time.monotonic_ns()
+        return True
 
     def request_waits(self, sess, cmd) -> None:
         if cmd is WAIT_COMMIT:
@@ -136,7 +171,7 @@ class Controller(Loop):
             self.txns.cancel(txn, "client_gone")
 
     def batch_pending(self) -> bool:
-        return bool(self.commits.queue)
+        return bool(self.commits.queue) and not self.commits.paused
 
     def batch_work(self) -> bool:
         return self.commits.run_batch()
@@ -145,11 +180,19 @@ class Controller(Loop):
 
     def housekeeping(self) -> None:
         self.txns.cancel_idle()
+        self.agents.pull_acks()   # acknowledgements nobody waited for: status, lag, a degraded one's return
         if self.sync.waiting:
             self.sync.tick()
             self.commits.release_backed_up()
         self.readers.sweep({x.pid: x.start for x in self.sessions.values() if x.start is not None})
         self.writer.reclaim()
+        if self.durable is not None:
+            self.durable.housekeeping()
+
+    def close(self) -> None:
+        super().close()
+        if self.durable is not None:
+            self.durable.close()   # before the segments go: a checkpoint reads them
 
     def status(self) -> dict:
         return status_mod.status(self)

@@ -24,9 +24,13 @@ from .loop import FAST, WAIT_LOCK, YIELD, plain
 from .ops import handler
 from .txn import Change, Txn
 
-__all__ = ["Transactions"]
+__all__ = ["Transactions", "LATER"]
 
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
+LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
+#: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
+CANCEL_REASONS = ("cancelled", "client_gone", "deadlock", "idle_timeout", "lock_timeout", "statement_failed",
+                  "pipelined_failed", "load_failed", "commit_failed", "internal_error")
 
 
 class Transactions:
@@ -36,7 +40,9 @@ class Transactions:
         self.ctl = ctl
         self.log = ctl.log
         self.active: dict[int, Txn] = {}
-        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0, "idle_cancelled": 0}
+        self.counters = {"committed": 0, "cancelled": 0, "deadlocks": 0, "lock_timeouts": 0, "idle_cancelled": 0,
+                         "lock_waits": 0}
+        self.cancelled_by = dict.fromkeys(CANCEL_REASONS, 0)   # reason -> transactions cancelled for it
         self.configure(ctl.cfg)
         self.max_key = ctl.schema.max_key
         # a change-log entry may take at most a quarter of the ring (apl_log_append)
@@ -49,25 +55,32 @@ class Transactions:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def begin(self, sess, program, input_, version=None) -> Txn:
+    def begin(self, sess, program, input_, pipelined: bool = False, version: str | None = None) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
         if version is not None and (not isinstance(version, str) or program is None or len(version) > 200):
             raise errors.WrongTypeError("begin: version must be a string of at most 200 characters, "
                                         "with a program")
-        if (input_ is not None and not isinstance(input_, (int, float, bool, str))) or version is not None:
-            size = len(tlog.encode(program, input_, version))
-            if size > self.max_tlog:
-                raise errors.RecordTooLargeError(
-                    f"begin: the transaction's input (T log) takes {size} bytes; at most {self.max_tlog} "
-                    "fit the change log", size=size, limit=self.max_tlog)
-        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, version)
+        packed = tlog.encode(program, input_, version)     # the T log, as its BEGIN entry will carry it
+        if len(packed) > self.max_tlog:
+            raise errors.RecordTooLargeError(
+                f"begin: the transaction's input (T log) takes {len(packed)} bytes; at most {self.max_tlog} "
+                "fit the change log", size=len(packed), limit=self.max_tlog)
+        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, pipelined, version)
+        txn.tlog = packed
         sess.txn = txn
         self.active[txn.number] = txn
         return txn
 
-    def open_txn(self, sess) -> Txn:
+    def open_txn(self, sess, ending: bool = False) -> Txn:
+        """The session's open transaction, for a statement or (`ending`) its commit."""
         txn = sess.txn
+        if txn is not None and txn.reason == "pipelined_failed":
+            if ending:
+                sess.txn = None   # its commit is refused: the transaction is over
+            raise errors.TransactionStateError(
+                f"transaction {txn.number} was rolled back when a pipelined statement failed ({txn.failure}); "
+                "this request was not carried out: cancel the transaction", txn=txn.number)
         if txn is not None and txn.state == "cancelled" and txn.reason == "idle_timeout":
             sess.txn = None   # said once; the next statement needs a new transaction
             raise errors.TransactionCancelledError(
@@ -86,8 +99,17 @@ class Transactions:
         txn.changes.clear()
         self.active.pop(txn.number, None)
         self.counters["cancelled"] += 1
+        self.cancelled_by[reason] = self.cancelled_by.get(reason, 0) + 1
         self.log.debug("txn_cancelled", txn=txn.number, reason=reason)
         self.release(txn)
+
+    def fail(self, txn: Txn, e: errors.ApplianceError) -> None:
+        """A write statement of a pipelined transaction failed: roll the transaction
+        back now (its changes dropped, its locks released). The statements its client
+        sent behind this one assumed it succeeded, so none of them may run: they, and
+        the commit, are answered with the failure (open_txn) until the client ends it."""
+        self.cancel(txn, "pipelined_failed")
+        txn.failure = e.message
 
     def release(self, txn: Txn) -> None:
         for grant in self.ctl.locks.release_all(txn):
@@ -98,6 +120,8 @@ class Transactions:
         txn.state = state
         self.active.pop(txn.number, None)
         self.counters["committed" if state == "committed" else "cancelled"] += 1
+        if state != "committed":
+            self.cancelled_by["commit_failed"] = self.cancelled_by.get("commit_failed", 0) + 1
 
     # ------------------------------------------------------------------ locks
 
@@ -116,6 +140,7 @@ class Transactions:
                 f"transaction {txn.number}: deadlock waiting for a record lock held by transaction "
                 f"{locks.holder(key).number if locks.holder(key) else '?'}; "
                 "this transaction was cancelled (retry it)", txn=txn.number)
+        self.counters["lock_waits"] += 1
         timer = self.ctl.add_timer(self.lock_timeout_ns / 1e9, lambda: self._lock_timed_out(txn))
         try:
             yield WAIT_LOCK
@@ -244,6 +269,49 @@ class Transactions:
         yield from self.lock(txn, p[1].file, p[3])
         return self.apply(txn, p)
 
+    def failed(self, txn: Txn, op: int, e: errors.ApplianceError) -> None:
+        """Statement `op` of `txn` raised `e`. In a pipelined transaction a failed
+        write rolls it back (see fail); a get for update's client waits for its
+        answer, so nothing was sent behind it on trust: it fails as in any
+        transaction, and so do the errors that cancelled it already (a lock
+        timeout, a deadlock)."""
+        if txn.pipelined and op != m.OP_GET_FOR_UPDATE and txn.state == "open":
+            self.fail(txn, e)
+
+    def statement_now(self, sess, op: int, args: list):
+        """A statement whose record lock is free or its transaction's already,
+        carried out at once (no coroutine: the common case); LATER when the
+        lock is another's (the general path takes the request and validates it
+        again: prepare changes nothing)."""
+        txn = self.open_txn(sess)
+        try:
+            p = self.prepare(op, args)
+            key = (p[1].file, p[3])
+            locks = self.ctl.locks
+            holder = locks.holder(key)
+            if holder is None:
+                locks.acquire(txn, key, None)
+            elif holder is not txn:
+                return LATER
+            return self.apply(txn, p)
+        except errors.ApplianceError as e:
+            self.failed(txn, op, e)
+            raise
+
+    def commit_now(self, sess, wait=True, durability=None, commit_timeout=None):
+        """COMMIT without a coroutine: its result when it is answered at once
+        (nothing to write), else LATER: it waits for the batch like a fast-path
+        autocommit (sess.gen is FAST; the batch answers it)."""
+        ctl = self.ctl
+        txn = self.open_txn(sess, ending=True)
+        done = ctl.commits.start(txn, bool(wait), ctl.sync.check_durability(durability),
+                                 m.check_commit_timeout(commit_timeout))
+        if done is not None:
+            return done
+        sess.gen = FAST
+        ctl.commits.enqueue(sess, txn)
+        return LATER
+
     def fast_atomic(self, sess, req: list) -> bool:
         """A one-statement autocommit (``table[k] = v``) whose record is not
         locked runs straight through, without the coroutine machinery.
@@ -287,17 +355,11 @@ class Transactions:
             ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
             return True
         txn.results = [res]
-        if not any(c.after != c.before for c in txn.changes.values()):
-            txn.state = "committed"
-            self.active.pop(txn.number, None)
-            self.release(txn)
-            ctl.send(sess, m.ok({"txn": txn.number, "serial": None, "version": ctl.att.sb.sb_version,
-                                 "results": txn.results}))
+        done = ctl.commits.start(txn, True, durability, bound)
+        if done is not None:
+            done["results"] = txn.results
+            ctl.send(sess, m.ok(done))
             return True
-        txn.state = "committing"
-        txn.durability = durability
-        txn.commit_timeout = bound
-        txn.wait = True
         sess.gen = FAST
         ctl.commits.enqueue(sess, txn)
         return True
@@ -349,7 +411,11 @@ class Transactions:
 
 def _statement(ctl, sess, op: int, args: tuple):
     txn = ctl.txns.open_txn(sess)
-    return (yield from ctl.txns.statement(txn, op, list(args)))
+    try:
+        return (yield from ctl.txns.statement(txn, op, list(args)))
+    except errors.ApplianceError as e:
+        ctl.txns.failed(txn, op, e)
+        raise
 
 
 @handler(m.OP_GET_FOR_UPDATE, writes=True)
@@ -378,15 +444,23 @@ def put(ctl, sess, table, key, record):
 
 
 @handler(m.OP_BEGIN, writes=True, new_txn=True)
-def begin(ctl, sess, program, input, version=None):
+def begin(ctl, sess, program, input, options=None):
     if sess.txn is not None and sess.txn.state == "open":
         raise errors.TransactionStateError(f"begin: transaction {sess.txn.number} is still open on this connection")
-    return ctl.txns.begin(sess, program, input, version).number
+    pipelined, version = False, None
+    if options is not None:
+        if type(options) is not dict or not options.keys() <= {"pipeline", "version"} \
+                or type(options.get("pipeline", False)) is not bool:
+            raise errors.ProtocolError(f'begin: options must be nil or {{"pipeline": true|false, "version": str}}, '
+                                       f'not {options!r:.80}')
+        pipelined = options.get("pipeline", False)
+        version = options.get("version")
+    return ctl.txns.begin(sess, program, input, pipelined, version).number
 
 
 @handler(m.OP_COMMIT, writes=True)
 def commit(ctl, sess, wait=True, durability=None, commit_timeout=None):
-    txn = ctl.txns.open_txn(sess)
+    txn = ctl.txns.open_txn(sess, ending=True)
     d = ctl.sync.check_durability(durability)
     bound = m.check_commit_timeout(commit_timeout)
     return (yield from ctl.commits.commit(txn, bool(wait), d, bound))
@@ -397,6 +471,8 @@ def cancel(ctl, sess):
     txn = sess.txn
     if txn is not None and txn.state == "open":
         ctl.txns.cancel(txn, "cancelled")
+    elif txn is not None and txn.reason == "pipelined_failed":
+        sess.txn = None   # rolled back already; its client has ended it
     return None
 
 
@@ -414,7 +490,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
     if not isinstance(steps, list):
         raise errors.ProtocolError("atomic: steps must be a list")
     txns = ctl.txns
-    txn = txns.begin(sess, program, input, opts.get("version"))
+    txn = txns.begin(sess, program, input, version=opts.get("version"))
     results = []
     try:
         for st in steps:

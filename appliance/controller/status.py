@@ -13,7 +13,7 @@ from ..wire import messages as m
 from .devices import device_status
 from .ops import handler
 
-__all__ = ["status"]
+__all__ = ["status", "serials_behind", "secondary_lag"]
 
 
 def status(ctl) -> dict:
@@ -44,13 +44,18 @@ def status(ctl) -> dict:
                          "cancelled": txc["cancelled"], "deadlocks": txc["deadlocks"],
                          "lock_timeouts": txc["lock_timeouts"], "last_txn": pub.pb_txn,
                          "next_txn": sb.sb_txn_next, "locks_held": len(ctl.locks),
-                         "idle_cancelled": txc["idle_cancelled"], "batches": ctl.commits.batches},
+                         "idle_cancelled": txc["idle_cancelled"], "batches": ctl.commits.batches,
+                         "lock_waits": txc["lock_waits"], "cancelled_by_reason": dict(ctl.txns.cancelled_by),
+                         "commit_latency": ctl.commits.latency.snapshot()},
         "readers": ctl.readers.status(st, sb.sb_nreaders),
         "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"], "serial": st["serial"]},
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
-                    "dropped": ctl.counters["clients_dropped"]},
+                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak},
         "recovery": ctl.recovery,
+        "failover": ctl.failover.status(),
+        "repair": ctl.repairs.status(),
         "replication": _replication(ctl),
+        "durability": ctl.durable.status() if ctl.durable is not None else None,
         "history": ctl.history.status(),
     }
 
@@ -58,13 +63,38 @@ def status(ctl) -> dict:
 def _replication(ctl) -> dict | None:
     role = ctl.role
     if role.is_primary:
+        ctl.agents.pull_acks()
         st = ctl.sync.status()
         st["agent"] = {k: v for k, v in ctl.agents.status().items() if k != "secondaries"}
+        behind = serials_behind(ctl)
+        for name, x in st["secondaries"].items():
+            x["lag"]["serials"] = behind[name]
         return st
     if role.is_secondary:
-        return {"role": "secondary", "primary": ctl.cfg.replication.primary if ctl.cfg.replication else None,
-                **ctl.applier.status(), "agent": ctl.agents.status()}
+        return {"role": "secondary", "primary": " or ".join(ctl.cfg.replication.primaries) if ctl.cfg.replication else None,
+                **ctl.applier.status(), "agent": ctl.agents.status(), "lag": secondary_lag(ctl)}
     return None
+
+
+def serials_behind(ctl) -> dict[str, int]:
+    """On a primary: per secondary, the log serials published here that it has
+    not acknowledged."""
+    published = ctl.agents.published_serial()
+    return {name: max(0, published - acked) for name, acked in ctl.sync.acked.items()}
+
+
+def secondary_lag(ctl) -> dict:
+    """On a secondary: how far behind its primary it is, as its agent last
+    reported — serials (the primary's latest serial its agent heard of, less
+    the serial applied here; None before the agent heard from the primary),
+    seconds (the age of the newest message's primary timestamp when it came)
+    and whether the primary is connected."""
+    st = ctl.agents.state
+    applied = ctl.agents.applied_serial()[0]
+    head = st.get("primary_serial")
+    return {"serials": max(0, head - applied) if type(head) is int and head else None,
+            "seconds": st.get("primary_time_lag_s"), "connected": bool(st.get("connected")),
+            "primary_serial": head}
 
 
 @handler(m.OP_HELLO)
@@ -82,7 +112,7 @@ def hello(ctl, sess, version, name, pid=None):
     sess.name = str(name)[:64]
     sess.start = lib.apl_pid_start(sess.pid)
     sb = ctl.att.sb
-    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
+    return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch, "role": ctl.role.name,
             "schema_hash": sb.sb_schema_hash, "pid": os.getpid(), "version": sb.sb_version}
 
 

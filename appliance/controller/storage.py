@@ -4,6 +4,9 @@ Shared memory outlives the controller: a restarted controller re-attaches to
 the segments its predecessor left and recovers (rolls back the batch a crash
 interrupted, rebuilds free lists), so it serves again within a second. It
 refuses segments made for another layout rather than reinterpret them.
+Without segments but with a durability directory that holds data (a reboot,
+a power cut), it makes them anew from the files: the cold start
+(appliance/durability/coldstart.py).
 """
 from __future__ import annotations
 
@@ -16,19 +19,19 @@ from ..config import Config, layout_differences
 from ..store.segment import SHM_DIR, Attachment, Geometry, SegmentNames, exists, unlink_all
 from ..store.writer import FileSpec, Writer
 
-__all__ = ["open_or_create", "geometry"]
+__all__ = ["open_or_create", "create", "geometry", "file_specs"]
 
 
-def geometry(cfg: Config, layout_len: int = 0) -> Geometry:
+def geometry(cfg: Config, layout_len: int = 0, compressed: bool | None = None) -> Geometry:
     s = cfg.storage
-    compressed = cfg.compressed
+    compressed = cfg.compressed if compressed is None else compressed
     max_blocks = s.max_blocks or (s.segments * s.segment_size // s.block_size * 4 if compressed else 0)
     return Geometry(block_size=s.block_size, nsegments=s.segments, segment_size=s.segment_size,
                     nfiles=len(cfg.files()), max_overflow=s.max_overflow, nreaders=s.max_readers,
                     log_size=s.log_size, compressed=compressed, max_blocks=max_blocks, layout_len=layout_len)
 
 
-def _file_specs(cfg: Config) -> list[FileSpec]:
+def file_specs(cfg: Config) -> list[FileSpec]:
     ids = {name: i for i, (name, _t, _f) in enumerate(cfg.files())}
     out = []
     for name, table, field in cfg.files():
@@ -39,8 +42,9 @@ def _file_specs(cfg: Config) -> list[FileSpec]:
     return out
 
 
-def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
-    """(writer, recovery facts, created)."""
+def open_or_create(cfg: Config, log, files=None) -> tuple[Writer, dict, bool]:
+    """(writer, recovery facts, created). `files`: the durability directory
+    (durability.LogDir), when the appliance has one."""
     s = cfg.storage
     names = SegmentNames(cfg.name, s.segments)
     reserve = cfg.controller.reserve_blocks
@@ -52,7 +56,8 @@ def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
             att.close()
             unlink_all(cfg.name, s.segments)
             log.warning("segments_incomplete_recreated", appliance=cfg.name)
-        elif sb.sb_schema_hash != cfg.schema_hash() or sb.sb_nsegments != s.segments:
+        # (an lz4 secondary that was promoted holds primary blocks: its segments say so)
+        elif sb.sb_schema_hash != cfg.schema_hash(compressed=att.compressed) or sb.sb_nsegments != s.segments:
             differ = _differences(att, cfg)
             att.close()
             raise errors.FormatError(
@@ -70,11 +75,21 @@ def open_or_create(cfg: Config, log) -> tuple[Writer, dict, bool]:
                 _check_leftover(n)
             unlink_all(cfg.name, s.segments)
             log.warning("orphan_segments_removed", segments=leftovers)
+    if files is not None and files.has_data():
+        from ..durability.coldstart import cold_start
+        w, facts = cold_start(cfg, log, files)
+        return w, facts, False
+    return create(cfg), {}, True
+
+
+def create(cfg: Config, instance: int | None = None) -> Writer:
+    """New segments for `cfg`, formatted, its files made (version 1).
+    `instance`: the identity to give them (a cold start keeps the files')."""
+    s = cfg.storage
     layout = json.dumps(cfg.layout(), sort_keys=True).encode()
-    w = Writer.create(cfg.name, geometry(cfg, len(layout)), mode=s.mode_bits, gid=cfg.gid(),
-                      schema_hash=cfg.schema_hash(), files=_file_specs(cfg), reserve_slots=reserve,
-                      layout=layout)
-    return w, {}, True
+    return Writer.create(cfg.name, geometry(cfg, len(layout)), mode=s.mode_bits, gid=cfg.gid(),
+                         schema_hash=cfg.schema_hash(), files=file_specs(cfg),
+                         reserve_slots=cfg.controller.reserve_blocks, layout=layout, instance=instance)
 
 
 def _differences(att: Attachment, cfg: Config) -> str:

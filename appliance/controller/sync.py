@@ -21,12 +21,14 @@ WAIT TIME; the client sends it): past it the client gets BackupTimeoutError
 the confirmation comes, as with wait=False. Status lists the waiting commits.
 
 Shared state: none outside the controller's event-loop thread. The agent
-reports each secondary's acknowledged serial (OP_ACKED at once, OP_REPL_STATE
-with the rest of its state); this module
-decides which waiting transactions are satisfied.
+reports each secondary's acknowledged serial (at once in shared memory, read
+by AgentLink.pull_acks; with the rest of its state in OP_REPL_STATE); this
+module decides which waiting transactions are satisfied.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -113,7 +115,7 @@ class SyncTracker:
             self.ack(name, a if type(a) is int else 0)
 
     def ack(self, name: str, serial: int) -> None:
-        """A secondary confirmed everything up to `serial` applied (OP_ACKED)."""
+        """A secondary confirmed everything up to `serial` applied."""
         if serial > self.acked[name]:
             self.acked[name] = serial
         if name in self.degraded and self.acked[name] >= self.last_serial and self.state[name].get("connected"):
@@ -190,10 +192,13 @@ class SyncTracker:
     # -- status --------------------------------------------------------------------------------
 
     def lag(self, name: str) -> dict:
+        """Commits not acknowledged by `name`, and how long the oldest of them
+        has waited (self.commits is in serial order: a binary search, not a walk)."""
         acked = self.acked[name]
-        behind = [(s, t) for s, t in self.commits if s > acked]
-        return {"transactions": len(behind),
-                "seconds": round(time.time() - behind[0][1], 3) if behind else 0.0}
+        first = bisect.bisect_right(self.commits, (acked, math.inf))
+        behind = len(self.commits) - first
+        return {"transactions": behind,
+                "seconds": round(time.time() - self.commits[first][1], 3) if behind else 0.0}
 
     def status(self) -> dict:
         out = {}

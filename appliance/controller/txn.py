@@ -34,6 +34,7 @@ TXN_INSERT = lib.APL_TXN_INSERT
 TXN_UPDATE = lib.APL_TXN_UPDATE
 TXN_DELETE = lib.APL_TXN_DELETE
 
+
 class Change:
     """The net effect of a transaction on one record."""
 
@@ -60,9 +61,10 @@ class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
     __slots__ = ("number", "program", "input", "version", "session", "started_ns", "locks", "waiting_for",
-                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout")
+                 "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns",
+                 "pipelined", "failure", "tlog")
 
-    def __init__(self, number: int, program: str | None, input: Any, session=None,
+    def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False,
                  version: str | None = None) -> None:
         self.number = number
         self.program = program
@@ -79,6 +81,10 @@ class Txn:
         self.wait = True             # reply only once that durability is reached
         self.reason = None           # why it was cancelled (Controller._cancel)
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
+        self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
+        self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
+        self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
+        self.tlog = None             # the T log (store.tlog), packed once at BEGIN
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
@@ -120,7 +126,8 @@ class Committer:
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
                                 _step(ops, TXN_INSERT, fid, ak, b"")
-        return self.w.commit_txn(txn.number, now, tlog.encode(txn.program, txn.input, txn.version), ops)
+        packed = txn.tlog if txn.tlog is not None else tlog.encode(txn.program, txn.input, txn.version)
+        return self.w.commit_txn(txn.number, now, packed, ops)
 
 
 _OP = struct.Struct("<B3xIII")

@@ -20,10 +20,11 @@ says that entries were lost there (the agent was down longer than its
 primary's log retained, or a block copy replaced the stream): nothing
 before a marker can be restored across it.
 
-Serials of kept entries are increasing but not contiguous (BLOCK entries
-are structure, not data, and are left out). A reader that combines the
-history with the primary's own change-log ring (:func:`ring_blobs`) drops
-entries it has seen already by serial.
+Serials of kept entries are increasing and contiguous but for gaps (BLOCK
+entries are kept without their image: structure, not data, but a rewind
+after a failover needs to know which block numbers changed structure). A
+reader that combines the history with the primary's own change-log ring
+(:func:`ring_blobs`) drops entries it has seen already by serial.
 """
 from __future__ import annotations
 

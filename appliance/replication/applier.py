@@ -22,15 +22,19 @@ import time
 
 from .. import errors
 from .._os.logs import LogOnce
+from .._os.net import bind_error
 from ..wire import messages as m
 from ..wire import replication as rp
+from ..store.changelog import E_SERIAL, walk
 from . import link
-from .states import ApplierState, set_state
-from ..store.changelog import walk
 from .backlog import Backlog
 from .history import History
+from .states import ApplierState, set_state
 
 __all__ = ["Applier"]
+
+#: promote's drain: the link is quiet (drained) after this many seconds without a message
+DRAIN_IDLE = 0.25
 
 
 class Applier:
@@ -59,7 +63,16 @@ class Applier:
         self.suspend_told = False    # the primary was sent SUSPEND for this batch
         self.catching_up = False
         self.catch_up: dict = {}     # progress of the catch-up after a batch
+        self._catch_up_task: asyncio.Task | None = None
+        self.primary_serial = 0   # the primary's latest serial this side heard of (heartbeats, entries: its lag)
         self.server: Listener | None = None
+        self.primary_name: str | None = None   # the primary it follows now (named when refusing a deposed one)
+        self.heard_at = 0.0
+        self.repair = list(ctl.info.get("repair") or ())   # block numbers waiting for a copy (a rewind's)
+        self.draining = False        # promote: no new link; the current one until it is quiet
+        self.partial: dict | None = None   # a transaction received in part when the link ended
+        self.link_done = asyncio.Event()
+        self.link_done.set()
 
     def reconfigure(self, cfg) -> None:
         """A reloaded config: the secret and TLS files are read again (for
@@ -70,7 +83,10 @@ class Applier:
     async def start(self) -> None:
         host, port = _addr(self.cfg.replication.listen)
         # TLS is started per connection (_upgrade), so a refused certificate is logged here too
-        self.server = Listener(host, port, self._upgrade)
+        try:
+            self.server = Listener(host, port, self._upgrade)
+        except OSError as exc:
+            raise bind_error(self.cfg.path, "replication.listen", self.cfg.replication.listen, exc) from None
         self.log.info("listening_for_primary", address=self.cfg.replication.listen,
                       tls=self.tls is not None, applied=self.applied)
 
@@ -81,7 +97,10 @@ class Applier:
         out = {"state": self.state.value, "connected": self.current is not None, "applied": self.applied,
                "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
                "primary_time_lag_s": self.primary_time_lag,
-               "connected_since": self.connected_since}
+               "connected_since": self.connected_since, "primary": self.primary_name,
+               # serials the primary said it had that are not applied here (what a promote may lose)
+               "primary_serial": self.primary_serial, "behind_serials": max(0, self.primary_serial - self.applied),
+               "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
         if self.backlog is not None:
             b = self.backlog
             rate = self.catch_up.get("rate_bytes_s")
@@ -101,8 +120,7 @@ class Applier:
             self._suspend()
         elif not active and self.backlog is not None and not self.catching_up:
             self.catching_up = True
-            t = asyncio.get_running_loop().create_task(self._catch_up())
-            self._catch_up_task = t
+            self._catch_up_task = asyncio.get_running_loop().create_task(self._catch_up())
 
     def _suspend(self) -> None:
         """Batch mode began: keep what arrives in the backlog (the held-back
@@ -118,6 +136,16 @@ class Applier:
         self.log.warning("batch_mode_suspended", applied=self.applied,
                          note="acknowledging on receipt until the batch ends and this secondary catches up")
         self._tell(rp.SUSPEND)
+
+    def _drop_backlog(self, reason: str) -> None:
+        """A copy or a rewind replaces the stream: the batch's backlog is moot
+        (the controller ends the batch too); what it lacks comes again."""
+        if self.backlog is not None:
+            self.log.warning("batch_backlog_dropped", reason=reason)
+            if self._catch_up_task is not None:
+                self._catch_up_task.cancel()
+            self.backlog.close()
+            self.backlog, self.catching_up = None, False
 
     def _tell(self, kind: int) -> None:
         fs = self.current
@@ -182,6 +210,68 @@ class Applier:
                          bytes=b.size - start_pos, serials_s=self.catch_up.get("serials_s"))
         self._tell(rp.RESUME)
 
+    def _heard(self, serial) -> None:
+        if type(serial) is int and serial > self.primary_serial:
+            self.primary_serial = serial
+        self.heard_at = time.monotonic()
+
+    async def answer(self, ask: dict) -> dict:
+        """An operator's request from the controller (recovery.py)."""
+        kind = ask.get("kind") if isinstance(ask, dict) else None
+        if kind == "drain":
+            t = ask.get("timeout")
+            return await self.drain(float(t) if type(t) in (int, float) else 5.0)
+        if kind == "repair" and type(ask.get("blocks")) is list:
+            return self.ask_repair(ask["blocks"])
+        return {"error": f"unknown request {ask!r:.100}"}
+
+    def ask_repair(self, blocks: list[int]) -> dict:
+        """`appliance repair` on this secondary: the primary copies these
+        blocks again (REPAIR now if the link is up; the next START says so too)."""
+        self.repair = sorted(set(self.repair) | set(blocks))
+        fs = self.current
+        if fs is None:
+            return {"sent": False}
+        try:
+            fs.send(rp.message(rp.REPAIR, self.epoch_seen, self.applied, {"blocks": self.repair}))
+        except ConnectionError:
+            return {"sent": False}
+        self.log.warning("repair_asked", blocks=len(self.repair))
+        return {"sent": True}
+
+    async def drain(self, timeout: float) -> dict:
+        """Promote: take no new link from a primary; let the current one bring
+        what it still has (every whole transaction is applied as it comes)
+        until it is quiet for DRAIN_IDLE s or ends, at most `timeout` s;
+        then report where this secondary stands."""
+        t0 = time.monotonic()
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        cut = False
+        if self.current is not None:
+            try:
+                await asyncio.wait_for(self.link_done.wait(), timeout)
+            except asyncio.TimeoutError:
+                cut = True      # the old primary is still streaming: cut it here
+                self.current.close()
+                await self.link_done.wait()
+        self.log.warning("drained_for_promote", applied=self.applied, heard=self.primary_serial, cut=cut,
+                         partial=self.partial, seconds=round(time.monotonic() - t0, 3))
+        return {"applied": self.applied, "epoch_seen": self.epoch_seen, "primary": self.primary_name,
+                "heard": self.primary_serial, "partial": self.partial, "cut": cut,
+                "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
+
+    def close(self) -> None:
+        if self._catch_up_task is not None:
+            self._catch_up_task.cancel()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.current is not None:
+            self.current.close()
+
     async def _upgrade(self, sock: socket.socket, peer) -> None:
         """A new connection: streams on it, after the TLS handshake when
         configured. The transport is made on the accepted socket itself, so
@@ -204,7 +294,9 @@ class Applier:
         fs = link.FrameStream(reader, writer, max_frame=link.HANDSHAKE_MAX_FRAME)
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
-                                                          epoch_seen=self.epoch_seen)
+                                                          epoch_seen=self.epoch_seen, current=self.primary_name)
+            if self.draining:
+                raise errors.UnavailableError(f"{fs.peer}: this secondary is being promoted")
         except (OSError, EOFError, asyncio.TimeoutError, errors.ApplianceError) as exc:
             self.errs.error("primary_refused", type(exc).__name__, peer=fs.peer, error=str(exc))
             fs.close()
@@ -213,13 +305,22 @@ class Applier:
             self.log.warning("primary_link_replaced", old=self.current.peer, new=fs.peer)
             self.current.close()
         self.current = fs
+        self.link_done.clear()
+        if epoch > self.epoch_seen:
+            self.log.warning("newer_primary_epoch", epoch=epoch, previous=self.epoch_seen, primary=hello.get("name"))
+            try:   # kept in shared memory: a restarted agent refuses the older epoch too
+                await self.ctl.call([m.OP_EPOCH, epoch])
+            except errors.ApplianceError as exc:
+                self.log.warning("epoch_not_kept", epoch=epoch, error=str(exc))
         self.epoch_seen = epoch
+        self.primary_name = hello.get("name")
         instance = hello["instance"]
         resume = self.applied
         if self.history.enabled and self.history.last_serial < resume and instance == self.source:
             resume = self.history.last_serial  # fill the history's gap: applying skips duplicates
         fs.send(rp.message(rp.START, self.epoch_seen, resume,
-                           {"applied": resume, "source": self.source, "copy": self.copying or self.need_copy}))
+                           {"applied": resume, "source": self.source, "copy": self.copying or self.need_copy,
+                            "repair": self.repair}))
         await fs.drain()
         self.errs.clear()
         self.carried = resume
@@ -238,7 +339,10 @@ class Applier:
             else:
                 self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
         except (OSError, EOFError, asyncio.TimeoutError) as exc:
-            self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
+            if self.draining:
+                self.log.info("primary_link_drained", peer=fs.peer, how=type(exc).__name__)
+            else:
+                self.errs.error("primary_link_failed", type(exc).__name__, peer=fs.peer, error=str(exc))
         finally:
             beat.cancel()
             fs.close()
@@ -246,6 +350,7 @@ class Applier:
                 self.current = None
                 self.connected_since = None
                 self._set_state(ApplierState.WAITING)
+                self.link_done.set()
             self.history.spill()
 
     def _ask_for_copy(self, fs: link.FrameStream, exc: errors.ApplianceError) -> None:
@@ -261,19 +366,32 @@ class Applier:
             pass   # the primary is gone already: it asks START again, which asks for the copy
 
     async def _serve(self, fs: link.FrameStream, instance: int) -> None:
+        self.partial = None
+        self.pending = b""
+        try:
+            await self._stream(fs, instance)
+        finally:
+            if self.pending:   # a transaction received in part: never applied, dropped
+                serials = [f[E_SERIAL] for _, f in walk(self.pending)]
+                self.partial = {"bytes": len(self.pending), "first_serial": serials[0] if serials else None,
+                                "last_serial": serials[-1] if serials else None}
+
+    async def _stream(self, fs: link.FrameStream, instance: int) -> None:
         acked = -1   # last ACK on this link: the first applied serial is always acknowledged
         copy_calls: list = []
-        timeout = max(3.0, 6 * self.cfg.replication.heartbeat)
         while self.current is fs:
-            kind, epoch, serial, ts, body = rp.parse(await fs.recv(timeout))
+            kind, epoch, serial, ts, body = rp.parse(await fs.recv(DRAIN_IDLE if self.draining else None))   # (silence: _heartbeats)
             if epoch < self.epoch_seen:
                 fs.send(rp.message(rp.ERROR, self.epoch_seen, 0,
-                                   {"code": "APL_ESTALE", "message": f"epoch {epoch} < {self.epoch_seen}"}))
+                                   {"code": "APL_ESTALE", "message": f"epoch {epoch} < {self.epoch_seen}",
+                                    "epoch": self.epoch_seen,
+                                    **({"primary": self.primary_name} if self.primary_name else {})}))
                 raise errors.StaleEpochError(f"{fs.peer}: message from epoch {epoch} < {self.epoch_seen}")
             self.last_message = time.monotonic()
             self.primary_time_lag = round(max(0.0, time.time() - ts / 1e9), 3)
             if kind == rp.ENTRIES:
                 _check_entries(fs, body)
+                self._heard(body[1])
                 for fut in copy_calls:   # entries apply after the blocks sent before them
                     await fut
                 copy_calls.clear()
@@ -345,13 +463,16 @@ class Applier:
                     fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked}))
                     await fs.drain()
             elif kind == rp.COPY_BEGIN:
-                if self.backlog is not None:     # a copy replaces the stream: the batch's backlog is moot
-                    self.log.warning("batch_backlog_dropped", reason="a block copy from the primary began")
-                    self.backlog.close()
-                    self.backlog, self.catching_up = None, False
+                self._drop_backlog("a block copy from the primary began")
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
-                self.copying, self.need_copy = True, False
+                self.copying = True
                 self._set_state(ApplierState.COPYING)
+                if isinstance(body, dict) and body.get("blocks") is not None:
+                    # some blocks only: the stream goes on where it is (a transaction kept back included)
+                    self.log.info("copy_receiving", blocks=len(body["blocks"]), serial=body.get("serial"),
+                                  partial=True)
+                    continue
+                self.need_copy = False
                 self.applied = self.carried = body["serial"]
                 self.pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
@@ -367,6 +488,7 @@ class Applier:
                 copy_calls.clear()
                 r = await self.ctl.call([m.OP_COPY, "end", instance, body])
                 self.copying = False
+                self.repair = []
                 self._set_state(ApplierState.STREAMING)
                 self.applied, self.source = r["applied"], instance
                 self.carried = max(self.carried, self.applied)
@@ -374,7 +496,21 @@ class Applier:
                 await fs.drain()
                 acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
+            elif kind == rp.REWIND:
+                self._drop_backlog("a new primary rewinds this secondary")
+                await self._rewind(fs, body, instance)
+                acked = -1
+            elif kind == rp.FETCH:
+                blocks = body.get("blocks") if isinstance(body, dict) else None
+                if type(blocks) is not list:
+                    raise errors.ProtocolError(f"{fs.peer}: malformed FETCH")
+                r = await self.ctl.call([m.OP_IMAGES, blocks])
+                fs.send(rp.message(rp.BLOCKS, self.epoch_seen, r["serial"],
+                                   {"id": body.get("id"), "serial": r["serial"], "images": r["images"]}))
+                await fs.drain()
             elif kind == rp.HEARTBEAT:
+                if isinstance(body, dict):
+                    self._heard(body.get("head"))
                 applied = self._ack_serial() if not self.copying else 0   # no "backup complete" mid-copy
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))
                 await fs.drain()
@@ -382,6 +518,37 @@ class Applier:
                 await self._verify(fs, body)
             else:
                 raise errors.ProtocolError(f"{fs.peer}: unexpected message type {kind}")
+
+    async def _rewind(self, fs, body, instance: int) -> None:
+        """The new primary after a failover: undo what this secondary holds
+        past the fork serial, and follow the new primary from there
+        (recovery.py). From its own change log when it was a primary itself,
+        else from the log history; REWOUND says which blocks to copy next."""
+        serial = body.get("serial") if isinstance(body, dict) else None
+        if type(serial) is not int:
+            raise errors.ProtocolError(f"{fs.peer}: malformed REWIND")
+        entries = None
+        if self.source != self.ctl.info["instance"] and serial < self.applied:
+            entries = b"".join(self.history.read(serial + 1)) if self.history.enabled else b""
+        try:
+            r = await self.ctl.call([m.OP_REWIND, serial, entries, instance])
+        except errors.ApplianceError as exc:
+            if not exc.details.get("need_copy"):
+                raise
+            self.log.warning("rewind_not_possible", serial=serial, applied=self.applied, reason=str(exc))
+            self.need_copy = True
+            fs.send(rp.message(rp.REWOUND, self.epoch_seen, self.applied, {"ok": False, "reason": str(exc)}))
+            await fs.drain()
+            return
+        self.log.warning("rewound_to_fork", serial=serial, undone=r["transactions"], blocks=len(r["blocks"]),
+                         was=self.applied)
+        self.applied = self.carried = r["applied"]
+        self.source = instance
+        self.repair = r["blocks"]
+        fs.send(rp.message(rp.REWOUND, self.epoch_seen, self.applied,
+                           {"ok": True, "applied": self.applied, "transactions": r["transactions"],
+                            "blocks": r["blocks"]}))
+        await fs.drain()
 
     def _ack_serial(self) -> int:
         """What an acknowledgement on the current link says is applied: the
@@ -396,9 +563,11 @@ class Applier:
 
     async def _heartbeats(self, fs) -> None:
         """Keep the link measurable even while a long apply or copy step runs
-        (the primary drops a link it has not heard from)."""
+        (the primary drops a link it has not heard from), and drop a primary
+        silent while _serve waits for it (a timer here, not one per message)."""
         while True:
             await asyncio.sleep(self.cfg.replication.heartbeat)
+            fs.expire_if_silent(max(3.0, 6 * self.cfg.replication.heartbeat))
             applied = self._ack_serial() if not self.copying else 0
             try:
                 fs.send(rp.message(rp.HEARTBEAT, self.epoch_seen, applied, {"applied": applied}))

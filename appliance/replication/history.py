@@ -6,14 +6,16 @@ it receives, a primary from its own change log (history_dir on either).
 
 The format and how other processes read it: appliance/recovery/history.py.
 Entries are appended to the current part as they come (A images left out
-unless ``history_a_logs``, BLOCK images left out: they are structure, not
-data); past ``history_memory`` (or a minute) the current part is compressed
-into a closed lz4 part. Parts older than ``history_period`` are deleted;
-past ``history_disk`` the oldest are deleted too, with a warning from 80% on.
-Entries that never reached the history (a gap: the agent was down longer
-than its primary's log retained, or a block copy replaced the stream) are
-marked with a GAP entry at the start of a new part, so the rewind window
-starts after it.
+unless ``history_a_logs``; a BLOCK entry is kept without its image —
+structure, not data — so the serials have no gap and a rewind after a
+failover knows which block numbers changed structure: see
+controller/recovery.py); past ``history_memory`` (or a minute) the current
+part is compressed into a closed lz4 part. Parts older than
+``history_period`` are deleted; past ``history_disk`` the oldest are deleted
+too, with a warning from 80% on. Entries that never reached the history (a
+gap: the agent was down longer than its primary's log retained, or a block
+copy replaced the stream) are marked with a GAP entry at the start of a new
+part, so the rewind window starts after it.
 
 A restarted agent knows the last serial its history holds and asks its
 primary (or its own change log) to resume from there, so the history has no
@@ -27,6 +29,7 @@ always reads whole entries (a torn last entry is not walked).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from ..store.changelog import E_ALEN, E_BLEN, E_KIND, E_KLEN, E_LEN, E_SERIAL, E
 __all__ = ["History"]
 
 _KEEP = {lib.APL_CE_BEGIN, lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_DELETE,
-         lib.APL_CE_COMMIT, lib.APL_CE_CANCEL}
+         lib.APL_CE_COMMIT, lib.APL_CE_CANCEL, lib.APL_CE_BLOCK}
 CLOSE_AFTER_S = 60.0      # the current part is closed at least this often
 
 
@@ -86,6 +89,7 @@ class History:
         self.last_spill = time.monotonic()
         self.warning: str | None = None
         self.window: dict | None = None   # the earliest point B logs reach back to
+        self._spill_lock = threading.Lock()
         if self.dir is not None:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +156,12 @@ class History:
 
     def spill(self) -> None:
         """Close the current part: compress it into a closed part, then put
-        an empty current part in its place."""
+        an empty current part in its place. A primary's agent runs it in a
+        thread: one spill at a time (a stop's waits for the thread's)."""
+        with self._spill_lock:
+            self._spill()
+
+    def _spill(self) -> None:
         self.last_spill = time.monotonic()
         if not self.enabled or not self.cur_bytes:
             return

@@ -15,7 +15,7 @@ from typing import Iterator
 from .. import errors
 from .._native import check, ffi, lib
 
-__all__ = ["LogEntry", "read_entries", "bounds", "txn_outcome", "KIND_NAMES", "FIELDS", "ENTRY",
+__all__ = ["LogEntry", "read_entries", "bounds", "Bounds", "txn_outcome", "KIND_NAMES", "FIELDS", "ENTRY",
            "walk", "first_serial"]
 
 _HDR = ffi.sizeof("struct apl_centry")
@@ -113,6 +113,22 @@ def bounds(reader) -> dict:
     h, t, v, s = (ffi.new("uint64_t *") for _ in range(4))
     check(lib.apl_log_bounds(reader.view, h, t, v, s), "log bounds")
     return {"head": h[0], "tail": t[0], "version": v[0], "serial": s[0]}
+
+
+class Bounds:
+    """bounds() for a caller that reads them after every publish (the
+    primary's agent): the outputs are allocated once."""
+
+    __slots__ = ("view", "_h", "_t", "_v", "_s")
+
+    def __init__(self, reader) -> None:
+        self.view = reader.view
+        self._h, self._t, self._v, self._s = (ffi.new("uint64_t *") for _ in range(4))
+
+    def head_serial(self) -> tuple[int, int]:
+        """The published head and serial."""
+        check(lib.apl_log_bounds(self.view, self._h, self._t, self._v, self._s), "log bounds")
+        return self._h[0], self._s[0]
 
 
 def read_entries(reader, pos: int, limit: int | None = None) -> Iterator[LogEntry]:

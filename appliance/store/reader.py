@@ -5,16 +5,19 @@ latest inside the C call (per-thread reader slot); with one, the caller holds
 that version pinned by a :class:`Pin` (a snapshot slot of its own).
 Multi-call reads (a scan that does not fit one buffer) always hold a Pin, so
 "one call sees one committed state" holds however long the result is.
+
+Records come back decoded through a table's native reader
+(:meth:`Reader.table_reader`: a ``TableReader`` of cext/apl_py.c, which pins,
+looks up, copies and decodes in one call); the ``*_raw`` reads return the
+stored value bytes, for tools and the store's own tests.
 """
 from __future__ import annotations
 
 import struct
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
-import msgpack
-
-from .._native import check, ffi, lib, raise_for
+from .._native import TableReader, check, ffi, lib, raise_for, view_address
 
 __all__ = ["Reader", "Pin"]
 
@@ -26,6 +29,18 @@ _KEYS = lib.APL_SCAN_KEYS
 _MAXKEY = lib.APL_MAX_KEY
 _SCAN_CHUNK = 256 << 10
 _SUM = struct.Struct("<IQ")
+_IMAGE_HDR = struct.Struct("<II")
+_LEN = struct.Struct("<I")
+
+
+def _values(buf: bytearray, n: int) -> Iterator[bytes]:
+    """The values of an APL_SCAN_VALUES buffer: [u32 length][bytes] each."""
+    mv = memoryview(buf)
+    off = 0
+    while off < n:
+        (vl,) = _LEN.unpack_from(buf, off)
+        yield bytes(mv[off + 4:off + 4 + vl])
+        off += 4 + vl
 
 
 class Pin:
@@ -120,9 +135,31 @@ class Reader:
             if pin is not None:
                 pin.close()
 
-    def scan_values(self, file: int, lo: bytes | None, hi: bytes | None, *, lo_incl: bool = True,
+    def table_reader(self, table, on_error: Callable) -> TableReader:
+        """The native reader of a table (a :class:`~appliance.store.records.TableSchema`):
+        get / scan / find in one C call each, records decoded by its codec.
+        ``on_error(code, op, argument)`` raises the error of a failed read."""
+        return TableReader(view_address(self.view), self.att, table.file, table.codec,
+                           table.pk_codec.type_name, table.key, on_error)
+
+    def scan_values(self, tr: TableReader, lo: bytes | None, hi: bytes | None, *, lo_incl: bool = True,
                     version: int | None = None) -> Iterator[dict]:
-        """Decoded values of [lo, hi) in key order (lo/hi None = unbounded)."""
+        """Records of [lo, hi) in key order (lo/hi None = unbounded), through
+        the table reader `tr`: one native call per chunk, every chunk at one
+        pinned version (a snapshot's reader reads its own)."""
+        def run(ver):
+            start, incl = lo, lo_incl
+            while True:
+                recs, resume = tr.scan(start, incl, hi, ver, _SCAN_CHUNK)
+                yield from recs
+                if resume is None:
+                    return
+                start, incl = resume, False
+        return self._chunks(run, version if version is not None else (tr.version or None))
+
+    def scan_raw(self, file: int, lo: bytes | None, hi: bytes | None, *, lo_incl: bool = True,
+                 version: int | None = None) -> Iterator[bytes]:
+        """The stored value bytes of [lo, hi) in key order."""
         def run(ver):
             count = ffi.new("uint64_t *")
             more = ffi.new("int *")
@@ -141,10 +178,7 @@ class Reader:
                     continue
                 if n < 0:
                     raise_for(n, "scan")
-                if n:
-                    up = msgpack.Unpacker(raw=False)
-                    up.feed(memoryview(buf)[:n])
-                    yield from up
+                yield from _values(buf, n)
                 if not more[0]:
                     return
                 start, incl = bytes(ffi.buffer(resume, rlen[0])), False
@@ -178,9 +212,9 @@ class Reader:
                 start, incl = bytes(ffi.buffer(resume, rlen[0])), False
         return self._chunks(run, version)
 
-    def find_values(self, index: int, table: int, prefix: bytes, *,
-                    version: int | None = None) -> Iterator[dict]:
-        """Decoded records whose alternate key (index file) encodes to `prefix`."""
+    def find_raw(self, index: int, table: int, prefix: bytes, *,
+                 version: int | None = None) -> Iterator[bytes]:
+        """The stored value bytes of the records whose alternate key (index file) encodes to `prefix`."""
         def run(ver):
             count = ffi.new("uint64_t *")
             more = ffi.new("int *")
@@ -198,10 +232,7 @@ class Reader:
                     continue
                 if n < 0:
                     raise_for(n, "find")
-                if n:
-                    up = msgpack.Unpacker(raw=False)
-                    up.feed(memoryview(buf)[:n])
-                    yield from up
+                yield from _values(buf, n)
                 if not more[0]:
                     return
                 after = bytes(ffi.buffer(resume, rlen[0]))
@@ -233,8 +264,28 @@ class Reader:
         check(n, "block images")
         return bytes(ffi.buffer(buf, n)), nxt[0]
 
+    def images_of(self, numbers: list[int], start: int, version: int, cap: int) -> tuple[bytes, int]:
+        """Images of numbers[start:] at a pinned version, as block_images
+        writes them (a number not in use: length 0), up to about `cap` bytes
+        (at least one); returns (them, the index to go on from)."""
+        out = bytearray()
+        i = start
+        while i < len(numbers) and (len(out) < cap or i == start):
+            img = self.block_image(numbers[i], version) or b""
+            out += _IMAGE_HDR.pack(numbers[i], len(img)) + img
+            i += 1
+        return bytes(out), i
+
     def block_limit(self) -> int:
         return lib.apl_block_limit(self.view)
+
+    def chain_lengths(self, nbuckets: int) -> list[int]:
+        """Primary blocks by the length of their chain at the latest version
+        (apl_chain_lengths): [chains of 1 block, of 2, ..., of nbuckets or more].
+        One walk of the location table under its own pin."""
+        hist = ffi.new("uint64_t[]", nbuckets)
+        check(lib.apl_chain_lengths(self.view, hist, nbuckets), "chain lengths")
+        return list(hist)
 
     def block_sums(self, version: int) -> bytes:
         """(u32 number, u64 checksum) of every block in use at a pinned version."""

@@ -1,17 +1,20 @@
 """Records against a table's schema: validation, canonical encoding, keys.
 
-A record is stored as one msgpack map, fields in schema order, so a read is a
-single ``msgpack.unpackb`` and every process hands back the same dict.
-Validation says what and where: ``accounts[7].balance: expected int, got str``.
+A record is stored in the table's fixed layout (cext/apl_rec.h: a null
+bitmap, fixed-width int/float/bool slots, then the str/bytes values, fields in
+schema order), written and read by the table's :class:`RecordCodec` (C), so a
+read builds its dict in one native call and every process hands back the same
+dict. Validation says what and where: ``accounts[7].balance: expected int,
+got str``; the codec's encoder sends any record that is not canonical through
+:meth:`TableSchema.full`, so its errors are these.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import msgpack
-
 from .. import errors
+from .._native import RecordCodec
 from ..config import Config, TableConfig
 from .keys import KeyCodec
 
@@ -19,8 +22,6 @@ __all__ = ["Schema", "TableSchema"]
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _MISSING = object()
-_packb = msgpack.Packer(use_bin_type=True).pack
-_unpackb = msgpack.unpackb
 
 
 def _check_int(v):
@@ -54,7 +55,7 @@ class TableSchema:
     """One table: its fields, keys and file ids."""
 
     __slots__ = ("name", "cfg", "file", "fields", "types", "required", "defaults", "pk", "pk_codec",
-                 "alt", "max_record", "_order", "_spec", "_alt_list")
+                 "alt", "max_record", "codec", "decode", "_order", "_spec", "_alt_list")
 
     def __init__(self, name: str, cfg: TableConfig, file: int, alt_files: dict[str, int],
                  max_record: int) -> None:
@@ -75,6 +76,11 @@ class TableSchema:
         self._spec = tuple((f, _CHECKS[c.type], _CONVERT.get(c.type), c.required, _stored_default(c), c.nullable)
                            for f, c in cfg.fields.items())
         self._alt_list = tuple((f, fid, codec.encode_raw) for f, (fid, codec) in self.alt.items())
+        #: the table's records as images and back (cext/apl_rec.h)
+        self.codec = RecordCodec([(f, c.type, c.nullable) for f, c in cfg.fields.items()], self.full,
+                                 self._codec_error)
+        #: decode(image) -> the record (a dict); CorruptionError for a damaged image
+        self.decode = self.codec.decode
 
     # -- keys --------------------------------------------------------------------
 
@@ -188,18 +194,24 @@ class TableSchema:
         return new
 
     def encode(self, rec: dict, pk: bytes) -> bytes:
-        """msgpack bytes of a canonical record; checks that key + record fit a block."""
-        b = _packb(rec)
-        if 16 + len(pk) + len(b) > self.max_record:
-            raise errors.RecordTooLargeError(
-                f"{self._where(rec.get(self.pk))}: record of {len(b)} bytes exceeds the maximum of "
-                f"{self.max_record - 16 - len(pk)} for this block size", table=self.name, size=len(b),
-                limit=self.max_record - 16 - len(pk))
-        return b
+        """The stored image of a record (validated and made canonical first
+        if it is not); checks that slot + key + record fit a block."""
+        return self.codec.encode(rec, max(0, self.max_record - 16 - len(pk)))
 
-    def decode(self, image: bytes) -> dict:
-        """The record a stored image (an A or B image) holds."""
-        return _unpackb(image)
+    def _codec_error(self, kind: str, *args) -> errors.ApplianceError:
+        """The error the codec raises: a record too large for a block, a value
+        the format cannot hold, a damaged image."""
+        if kind == "too_large":
+            rec, size, limit = args
+            return errors.RecordTooLargeError(
+                f"{self._where(rec.get(self.pk))}: record of {size} bytes exceeds the maximum of "
+                f"{limit} for this block size", table=self.name, size=size, limit=limit)
+        if kind == "invalid":
+            field, reason = args
+            return errors.WrongTypeError(f"{self.name}.{field}: {reason}", table=self.name, field=field)
+        detail, size = args
+        return errors.CorruptionError(f"{self.name}: a record image of {size} bytes is damaged: {detail}",
+                                      table=self.name, size=size)
 
     def check_keys(self, pk: bytes, entries: list[tuple[int, bytes]], max_key: int) -> None:
         if len(pk) > max_key:
@@ -227,6 +239,8 @@ class Schema:
             alt_files = {f: ids[f"{tname}.{f}"] for f in t.alternate_keys}
             self.tables[tname] = TableSchema(tname, t, ids[tname], alt_files, max_rec_total)
         self.files = files
+        #: primary file id -> its table (change-log entries name files)
+        self.by_file: dict[int, TableSchema] = {t.file: t for t in self.tables.values()}
         self.max_key = min(1024, (bsize - 64) // 4 - 16)
 
     def table(self, name: str) -> TableSchema:

@@ -14,7 +14,7 @@ from .. import errors
 from .._native import check, ffi, lib
 from .segment import Attachment, Geometry, Segment, SegmentNames, readers_mode, unlink_all
 
-__all__ = ["Writer", "FileSpec", "OpInfo", "SlotInfo"]
+__all__ = ["Writer", "FileSpec", "OpInfo", "SlotInfo", "bits_set"]
 
 KIND_INSERT = lib.APL_CE_INSERT
 KIND_UPDATE = lib.APL_CE_UPDATE
@@ -72,9 +72,11 @@ class Writer:
 
     @classmethod
     def create(cls, name: str, geo: Geometry, *, mode: int, gid: int | None, schema_hash: int,
-               files: list[FileSpec], reserve_slots: int, layout: bytes = b"") -> "Writer":
+               files: list[FileSpec], reserve_slots: int, layout: bytes = b"",
+               instance: int | None = None) -> "Writer":
         """Create and format every segment, then the files (published as version 1).
-        `layout` (geo.layout_len bytes) is recorded in meta (Attachment.layout)."""
+        `layout` (geo.layout_len bytes) is recorded in meta (Attachment.layout).
+        `instance`: the appliance's identity, kept by a cold start (default: a new one)."""
         names = SegmentNames(name, geo.nsegments)
         made: list[Segment] = []
         try:
@@ -87,7 +89,7 @@ class Writer:
                 d = Segment.create(names.device(i), geo.segment_size, mode, gid)
                 made.append(d)
                 devs.append(d)
-            instance = secrets.randbits(63) | 1
+            instance = instance or secrets.randbits(63) | 1
             check(lib.apl_format_readers(readers.ptr, geo.c, instance), "format readers")
             for i, d in enumerate(devs):
                 check(lib.apl_format_device(d.ptr, geo.c, instance, i), f"format device {i}")
@@ -212,8 +214,50 @@ class Writer:
         return check(lib.apl_drop_uncopied(self._s, ffi.from_buffer(copied), len(copied) * 8),
                      "drop blocks the copy did not bring")
 
+    def resume(self, serial: int, txn_next: int) -> None:
+        """A cold start: the open batch publishes `serial` as the change log's
+        last; transaction numbers go on from at least `txn_next`."""
+        check(lib.apl_store_resume(self._s, serial, txn_next), "resume the serial and transaction numbers")
+
     def set_source(self, serial: int, instance: int) -> None:
         lib.apl_set_source(self._s, serial, instance)
+
+    # -- failover (apl_rewind.c) ----------------------------------------------------
+
+    def log_restart(self, serial: int) -> None:
+        """In the open batch: the change log continues at `serial`; the
+        entries it held (another history) are dropped."""
+        check(lib.apl_log_restart(self._s, serial), "restart the change log")
+
+    def undo_entries(self, blob: bytes) -> tuple[int, list[int]]:
+        """In the open batch: undo `blob` (entries, oldest first) newest first
+        from its B logs; returns (transactions undone, the block numbers to
+        copy from the new primary instead)."""
+        nbits = self.att.sb.sb_max_blocks
+        copy = bytearray((nbits + 7) // 8)
+        txns = ffi.new("uint64_t *")
+        check(lib.apl_undo_entries(self._s, blob, len(blob), ffi.from_buffer(copy), nbits, txns),
+              "undo the history past the fork")
+        return txns[0], bits_set(copy)
+
+    def check_blocks(self, start: int, limit: int, damaged_only: bool, cap: int) -> tuple[list[dict], int]:
+        """Block numbers in use in [start, limit) with their file, devices
+        (bit i: segment i) and whether their content still matches their
+        checksum (apl_check_blocks); only the damaged ones with
+        `damaged_only`. Returns (them, the number to go on from)."""
+        out = ffi.new("struct apl_blockinfo[]", max(1, min(cap, max(0, limit - start))))
+        nxt = ffi.new("uint32_t *")
+        n = check(lib.apl_check_blocks(self._s, start, limit, out, len(out), 1 if damaged_only else 0, nxt),
+                  "check block checksums")
+        return [{"number": b.number, "file": b.file, "devices": b.devices, "damaged": bool(b.damaged),
+                 "removed": bool(b.removed)} for b in (out[i] for i in range(n))], nxt[0]
+
+    def expand_into(self, dst: "Writer") -> tuple[int, int]:
+        """Lay every live lz4 backup block of this (compressed) store into
+        `dst`'s open batch as primary blocks (apl_expand); (blocks, bytes)."""
+        blocks, nbytes = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.apl_expand(self._s, dst._s, blocks, nbytes), "decompress the backup blocks into primary blocks")
+        return blocks[0], nbytes[0]
 
     def use_reserve(self, on: bool) -> None:
         lib.apl_store_use_reserve(self._s, 1 if on else 0)
@@ -272,6 +316,16 @@ class Writer:
             out["bytes_used"] = (out["slots_total"] - out["slots_free"]) * self.att.sb.sb_block_size
         out["segment_free"] = [st.seg_free[i] for i in range(nseg)]
         return out
+
+
+def bits_set(bits: bytes) -> list[int]:
+    """The numbers whose bit is set in a bitmap (bit n: byte n // 8, bit n % 8)."""
+    out = []
+    for i, byte in enumerate(bits):
+        if byte:
+            base = i * 8
+            out.extend(base + k for k in range(8) if byte >> k & 1)
+    return out
 
 
 def _facts(r) -> dict:

@@ -42,12 +42,15 @@ The replication agent of the same appliance uses these, on the same socket
 
 {agent_requests}
 
-OP_ACKED is the one request without a reply: it is on the path of every
-synchronous commit, and a reply would cost the controller a send and the
-agent a wake-up per acknowledgement for nothing. A malformed one from an
-agent is logged and ignored (the agent's full OP_REPL_STATE carries the same
-serial). From any session that is not an agent's it is an ordinary request:
-refused with AccessDeniedError, like every agent op.
+A synchronous commit crosses the primary's agent link twice, so neither
+crossing is a message: OP_WAKEUPS hands the agent, with its reply, three
+descriptors (SCM_RIGHTS ancillary data, in this order): an eventfd the
+controller signals after every publish (the agent then reads the log bounds
+from shared memory: no OP_WATCH round trip per commit), an eventfd the agent
+signals when an acknowledgement may release a commit, and a memfd holding
+the acknowledged serials (cext/apl_layout.h, struct apl_acks, which also says
+why no wake-up is lost). OP_WATCH with serial nil then waits only for what an
+operator asked of the agent (verify, resync) or its timeout.
 
 OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
 OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
@@ -55,10 +58,26 @@ transaction in a single round trip: an autocommitted write such as
 ``table[key] = record`` is one OP_ATOMIC. If a step fails the transaction is
 cancelled and the reply is that step's error.
 OP_LOAD inserts the records as one transaction (program ``"load"``).
+
+Pipelined transactions. A client may send a transaction's statements
+without waiting for their replies (the replies still come one per request,
+in order). It says so at OP_BEGIN with ``{"pipeline": true}``: then a write
+statement (OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT) that fails rolls the
+whole transaction back at once — its changes dropped, its locks released —
+because the statements behind it were sent on the assumption that it
+succeeded. Its reply is its own error; every later statement and the
+OP_COMMIT are not carried out and get APL_ETXN ("... was rolled back when a
+pipelined statement failed (<that statement's error>) ..."); OP_COMMIT and
+OP_CANCEL end it, a new OP_BEGIN replaces it. An OP_GET_FOR_UPDATE that
+fails leaves the transaction open as in any transaction (its client waits
+for that reply, so nothing was sent behind it on trust), and errors that
+cancel a transaction anyway (APL_ELOCKTIMEOUT, APL_EDEADLOCK) do so as
+always. A client keeps at most :data:`MAX_PIPELINED` replies outstanding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .. import errors
 
@@ -83,21 +102,33 @@ OP_TXN_STATUS = 20
 OP_WAIT_APPLIED = 21
 OP_VERIFY = 22
 OP_RESYNC = 23
-OP_HISTORY = 24
-OP_RESTORE = 25
-OP_CANCEL_TXN = 26
-OP_HOLD = 27
-OP_BATCH = 28
+OP_CHECKPOINT = 24
+OP_PROMOTE = 25
+OP_FENCE = 26
+OP_REJOIN = 27
+OP_CHECK = 28
+OP_REPAIR = 29
 OP_AGENT = 30
 OP_WATCH = 31
 OP_REPL_STATE = 32
 OP_APPLY = 33
 OP_COPY = 34
 OP_BLOCK_SUMS = 35
-OP_ACKED = 36
+OP_WAKEUPS = 37
+OP_REWIND = 38
+OP_EPOCH = 39
+OP_IMAGES = 40
+OP_DEVICES = 41
+OP_HISTORY = 42
+OP_RESTORE = 43
+OP_CANCEL_TXN = 44
+OP_HOLD = 45
+OP_BATCH = 46
 
-#: requests the controller answers with no reply
-ONE_WAY = frozenset({OP_ACKED})
+#: the most replies a client leaves unread on one connection (flow control of pipelined
+#: statements); the controller stops reading only a session with more requests queued
+#: (controller.loop.INBOX_PAUSE), so a client within it never waits for the controller to read
+MAX_PIPELINED = 4096
 
 #: ops allowed as steps of a transaction (and of OP_ATOMIC)
 STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
@@ -119,9 +150,9 @@ class Request:
     def name(self) -> str:
         return NAMES[self.op]
 
-    @property
+    @cached_property
     def arity(self) -> tuple[int, int]:
-        """(required, at most) arguments."""
+        """(required, at most) arguments (every request checks it: computed once)."""
         return sum(1 for a in self.args if not a.endswith("?")), len(self.args)
 
     @property
@@ -134,12 +165,13 @@ _R = Request
 #: every request: what it takes, what it answers
 REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_HELLO, ("version", "name", "pid?"),
-       "map: name, instance, epoch, schema_hash, pid, version. `pid`: the client's own; a pid other than "
+       "map: name, instance, epoch, role, schema_hash, pid, version. `pid`: the client's own; a pid other than "
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
-    _R(OP_BEGIN, ("program", "input", "version?"),
-       "transaction number (program: a name or nil; input: any; version: the program callable's version, "
-       "db.run: see appliance/store/tlog.py)"),
+    _R(OP_BEGIN, ("program", "input", "options?"),
+       'transaction number (program: a name or nil; input: any; options: nil or {"pipeline": bool, "version": '
+       'str}: "pipeline", see "Pipelined transactions"; "version", the program callable\'s version, db.run: '
+       'see appliance/store/tlog.py)'),
     _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
     _R(OP_INSERT, ("table", "record"), "nil"),
     _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
@@ -156,6 +188,20 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_VERIFY, ("timeout",), "{secondary: {ok, differ, checked, serial}} (a primary: its agent compares "
        "every block)"),
     _R(OP_RESYNC, ("secondary",), "nil (a primary: its agent copies every block to that secondary again)"),
+    _R(OP_CHECKPOINT, (), "map: number, dir (a checkpoint begins, or the one running goes on; status "
+       "durability.checkpoint shows its progress, durability.last_checkpoint the last one written)"),
+    _R(OP_PROMOTE, ("options",), "map: epoch, serial, previous primary, what was drained and dropped (a "
+       "secondary becomes the primary; options: {drain_timeout}; see controller/recovery.py)"),
+    _R(OP_FENCE, ("epoch", "primary"), "map: fenced, epoch, by (a primary learns that `primary` (or nil) is "
+       "primary at a newer `epoch`: it takes no writes from then on)"),
+    _R(OP_REJOIN, ("options",), "map: role, serial, follows, history_from (a fenced or deposed primary becomes "
+       "a secondary of the new primary; options: {} for now)"),
+    _R(OP_CHECK, (), "map: checked, damaged ([{block, file, devices}]: blocks whose content no longer matches "
+       "its checksum), version, seconds"),
+    _R(OP_REPAIR, ("options",), "map: blocks, repaired, failed, source, seconds (options: {blocks | table | "
+       "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
+    _R(OP_DEVICES, (), "list: per device segment index, name, state, size, slots, used, free, blocks, damaged, "
+       "bytes"),
     _R(OP_HISTORY, ("query",),
        "map: transactions (each: txn, serial, time_ns, program, version, input, changes: [{table, kind, key, "
        "b, a}]), next (serial to ask from for more, or nil), window; query: {since, until, program, table, "
@@ -173,20 +219,28 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        'map: batch state (a secondary: "begin" stops applying, reads see one frozen state, `at` rewinds '
        'it to a serial or {time_ns} first; "end" resumes; "status")'),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
-       "needs_copy (role: the one the agent expects, or nil to be told)"),
-    _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (or at the "
-       'timeout): head, tail, serial, version, "verify": ids operators asked for, "resync": secondaries to '
-       "copy again", agent=True),
+       "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
+    _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
+       'an operator asked something of the agent, or at the timeout: head, tail, serial, version, "verify": '
+       'ids operators asked for, "resync": secondaries to copy again', agent=True),
     _R(OP_REPL_STATE, ("state",), "nil; a secondary: {batch: whether batch mode is on} ({secondary: "
        "{connected, acked, state, ...}}: drives synchronous commits on a primary, shown by status; or "
        '{"verify": {id: result}})', agent=True),
-    _R(OP_ACKED, ("secondary", "serial"), "none: one-way (a primary: releases the synchronous commits the "
-       "serial satisfies)", agent=True),
+    _R(OP_WAKEUPS, (), "map: instance, secondaries (names, in the order of the acknowledgement slots); with "
+       "it, the published and acked eventfds and the acknowledgements memfd (a primary)", agent=True),
     _R(OP_APPLY, ("source", "after", "entries"), "map: applied, consumed (a secondary)", agent=True),
     _R(OP_COPY, ("phase", "source", "payload"), 'map: copied or applied (a secondary; phase: "begin", '
        '"blocks" or "end")', agent=True),
     _R(OP_BLOCK_SUMS, (), "map: version, serial, limit, sums (bytes: u32 number + u64 checksum each)",
        agent=True),
+    _R(OP_REWIND, ("serial", "entries", "source"), "map: applied, transactions, blocks (a secondary undoes "
+       "what it holds past `serial` from its B logs: `entries` from its log history, or nil: its own change "
+       "log; then follows primary instance `source` from `serial`; `blocks`: numbers to copy from it)",
+       agent=True),
+    _R(OP_IMAGES, ("blocks",), "map: serial, images (a secondary: the images of those blocks at its applied "
+       "serial, apl_block_images format; its primary repairs from them)", agent=True),
+    _R(OP_EPOCH, ("epoch",), "nil (a secondary accepted a stream at this newer epoch: it keeps it and "
+       "refuses older ones from then on)", agent=True),
 )}
 del _R
 
@@ -206,8 +260,8 @@ def _table(requests) -> str:
     return "\n".join(lines)
 
 
-__doc__ = __doc__.replace("{client_requests}", _table(r for r in REQUESTS.values() if r.op < OP_AGENT)) \
-                 .replace("{agent_requests}", _table(r for r in REQUESTS.values() if r.op >= OP_AGENT))
+__doc__ = __doc__.replace("{client_requests}", _table(r for r in REQUESTS.values() if not r.agent and r.op != OP_AGENT)) \
+                 .replace("{agent_requests}", _table(r for r in REQUESTS.values() if r.agent or r.op == OP_AGENT))
 
 
 #: the longest commit_timeout accepted (seconds)

@@ -1,0 +1,253 @@
+"""The format of the durability files: checksummed records.
+
+A durability file — a log file or a checkpoint — is an 8-byte magic
+(:data:`LOG_MAGIC`, :data:`CHECKPOINT_MAGIC`) followed by records back to
+back. A record is a 56-byte header and its payload, padded to 8 bytes::
+
+    u32 crc     zlib.crc32 of the header after this field, then the payload
+    u32 length  payload bytes
+    u64 seq     the record's number: +1 per record over the appliance's
+                durable life, continued across files, restarts and cold starts
+    u64 first   first serial the record carries (kind-specific, below)
+    u64 last    last serial
+    u64 aux1    kind-specific
+    u64 aux2    kind-specific
+    u16 kind    KIND_*
+    u16 flags
+    u32 pad
+
+Kinds (payloads are bytes as the C helpers produce and consume them, so this
+format knows nothing of records or blocks):
+
+- HEADER: the first record of every file; msgpack map (format, what file it
+  is, the appliance, its instance, schema hash, layout; a checkpoint adds
+  where it stands: seq, serial, version, transaction numbers, epoch, role).
+- ENTRIES: one commit batch of this appliance's change log (entries back to
+  back, cext/apl_layout.h); first/last: their serials; aux1: the last
+  transaction committed, aux2: the next transaction number.
+- APPLIED: a secondary applied its primary's entries (whole transactions);
+  first/last: the primary's serials; aux1: the primary's instance.
+- COPY_BEGIN, COPY_BLOCKS, COPY_END: a secondary's block copy from its
+  primary (msgpack map / block images as apl_block_images writes them /
+  msgpack map); aux1: the primary's instance.
+- ROLE: msgpack map {role, epoch}: the role or epoch changed.
+- GAP: msgpack map {after, next}: serials the files never got (the log
+  before it cannot be continued past `after`; see appliance/durability/logfiles.py).
+- BLOCKS: a checkpoint's block images (apl_block_images format).
+- END: the last record of a checkpoint; msgpack map {blocks, bytes, records}.
+
+Reading stops at the first record that is not whole and valid; what it found
+there is the scan's ``stop``: "end" (the end of the file, or a header of
+zeros: space never written), "torn" (a record cut short by the end of the
+file: a write a crash interrupted) or "corrupt" (a checksum or a header that
+does not hold). Nothing after such a record is used.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+
+__all__ = ["LOG_MAGIC", "CHECKPOINT_MAGIC", "FORMAT", "HDR", "Record", "Scan", "ReadAhead", "frame", "read", "scan",
+           "pack", "unpack",
+           "KIND_HEADER", "KIND_ENTRIES", "KIND_APPLIED", "KIND_COPY_BEGIN", "KIND_COPY_BLOCKS", "KIND_COPY_END",
+           "KIND_ROLE", "KIND_GAP", "KIND_BLOCKS", "KIND_END", "KIND_NAMES"]
+
+LOG_MAGIC = b"APLDLOG\x01"
+CHECKPOINT_MAGIC = b"APLDCKP\x01"
+FORMAT = 1
+MAGIC_LEN = 8
+
+HDR = struct.Struct("<IIQQQQQHHI")
+_AFTER_CRC = struct.Struct("<IQQQQQHHI")   # the header without its crc field
+_ZERO = bytes(HDR.size)
+MAX_PAYLOAD = 1 << 30
+
+(KIND_HEADER, KIND_ENTRIES, KIND_APPLIED, KIND_COPY_BEGIN, KIND_COPY_BLOCKS, KIND_COPY_END, KIND_ROLE,
+ KIND_GAP, KIND_BLOCKS, KIND_END) = range(1, 11)
+KIND_NAMES = {KIND_HEADER: "header", KIND_ENTRIES: "entries", KIND_APPLIED: "applied",
+              KIND_COPY_BEGIN: "copy_begin", KIND_COPY_BLOCKS: "copy_blocks", KIND_COPY_END: "copy_end",
+              KIND_ROLE: "role", KIND_GAP: "gap", KIND_BLOCKS: "blocks", KIND_END: "end"}
+_PAD = bytes(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    offset: int       # where its header starts in the file
+    size: int         # header + payload + padding
+    seq: int
+    kind: int
+    first: int
+    last: int
+    aux1: int
+    aux2: int
+    flags: int
+    payload: bytes
+
+    def doc(self) -> dict:
+        """The payload of a msgpack record (HEADER, COPY_BEGIN, ...)."""
+        return unpack(self.payload)
+
+
+def pack(doc: dict) -> bytes:
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def unpack(payload: bytes) -> dict:
+    doc = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    if not isinstance(doc, dict):
+        raise ValueError("not a map")
+    return doc
+
+
+def frame(seq: int, kind: int, payload: bytes | memoryview, *, first: int = 0, last: int = 0, aux1: int = 0,
+          aux2: int = 0, flags: int = 0) -> list:
+    """A record as the pieces to write, in order (header, payload, padding):
+    the payload is not copied."""
+    n = len(payload)
+    rest = _AFTER_CRC.pack(n, seq, first, last, aux1, aux2, kind, flags, 0)
+    crc = zlib.crc32(payload, zlib.crc32(rest))
+    pad = -n & 7
+    out = [struct.pack("<I", crc) + rest, payload]
+    if pad:
+        out.append(_PAD[:pad])
+    return out
+
+
+@dataclass
+class Scan:
+    """What reading a file found: its records and why reading stopped."""
+
+    path: Path
+    magic_ok: bool = False
+    records: list | None = None
+    stop: str = "end"          # "end", "torn" or "corrupt"
+    stop_offset: int = 0       # where the first unusable byte is (the end of the last good record)
+    size: int = 0              # the file's size
+    problem: str | None = None
+
+
+def _parse(buf, start: int, size: int, with_payload) -> Iterator[Record | tuple]:
+    """Records of buf[start:size]; the last item yielded is ("stop", reason,
+    offset, problem) when it ends before `size` or on a bad record."""
+    pos = start
+    unpack_hdr = HDR.unpack_from
+    while True:
+        if pos == size:
+            return
+        if pos + HDR.size > size:
+            tail = buf[pos:size]
+            if tail.strip(b"\0"):
+                yield ("stop", "torn", pos, f"a record header cut short at offset {pos}")
+            return
+        crc, n, seq, first, last, aux1, aux2, kind, flags, _ = unpack_hdr(buf, pos)
+        if not crc and not n and not seq and not kind and buf[pos:pos + HDR.size] == _ZERO:
+            return   # space never written (the end)
+        end = pos + HDR.size + n + (-n & 7)
+        if n > MAX_PAYLOAD or not KIND_HEADER <= kind <= KIND_END:
+            yield ("stop", "corrupt", pos, f"a record header that does not hold at offset {pos}")
+            return
+        if end > size:
+            yield ("stop", "torn", pos, f"a record of {n} bytes at offset {pos} cut short by the end "
+                                        f"of the file ({size - pos - HDR.size} bytes of it there)")
+            return
+        body = buf[pos + HDR.size: pos + HDR.size + n]     # (an mmap's slice is a copy)
+        if zlib.crc32(body, zlib.crc32(buf[pos + 4: pos + HDR.size])) != crc:
+            yield ("stop", "corrupt", pos, f"the record at offset {pos} (seq {seq}) fails its checksum")
+            return
+        yield Record(pos, end - pos, seq, kind, first, last, aux1, aux2, flags, body if with_payload(kind) else b"")
+        pos = end
+
+
+def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) -> Iterator[Record]:
+    """The whole, valid records of a file, one at a time (payloads only of
+    the kinds `payloads` accepts); `result` says where and why reading
+    stopped once the iterator is exhausted."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        result.size = size
+        if size < MAGIC_LEN:
+            result.stop, result.problem = "torn", ("shorter than its magic number" if size else "empty")
+            return
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            mm.madvise(mmap.MADV_SEQUENTIAL)     # read once, front to back: large readahead, pages dropped behind
+            if mm[:MAGIC_LEN] != magic:
+                result.stop, result.problem = "corrupt", "not a durability file of this kind (magic number)"
+                return
+            result.magic_ok = True
+            result.stop_offset = MAGIC_LEN
+            for item in _parse(mm, MAGIC_LEN, size, payloads):
+                if type(item) is tuple:
+                    _, result.stop, result.stop_offset, result.problem = item
+                    return
+                result.stop_offset = item.offset + item.size
+                yield item
+
+
+class ReadAhead:
+    """read() in a thread of its own, a few records ahead of the consumer
+    (iterate it once): reading and checking the next records (mmap copies,
+    zlib.crc32, which releases the GIL) overlaps with applying the previous
+    ones (C calls, which release it too). The thread starts at once, so the
+    caller may do other work before it iterates. Shared: a bounded queue;
+    `result` is complete once the iteration ends."""
+
+    _END = object()
+
+    def __init__(self, path: Path, magic: bytes, *, payloads=lambda kind: True, depth: int = 4) -> None:
+        import queue
+        import threading
+        self.result = Scan(path)
+        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, magic, payloads),
+                                        name="durability-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, path, magic, payloads) -> None:
+        try:
+            for r in read(path, magic, self.result, payloads=payloads):
+                if self._stop:
+                    return
+                self._q.put(r)
+        except BaseException as e:   # handed to the consumer
+            self._error = e
+        finally:
+            self._q.put(self._END)
+
+    def __iter__(self) -> Iterator[Record]:
+        try:
+            while (r := self._q.get()) is not self._END:
+                yield r
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading (the consumer gave up early) and wait for the thread."""
+        self._stop = True
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except Exception:
+                pass
+        self._thread.join()
+
+
+def scan(path: Path, magic: bytes, *, payloads=lambda kind: True, records: bool = True) -> Scan:
+    """Read a whole file: its valid records (payloads only of the kinds
+    `payloads` accepts; with records=False none are kept, only where reading
+    stops)."""
+    out = Scan(path, records=[] if records else None)
+    for r in read(path, magic, out, payloads=payloads):
+        if records:
+            out.records.append(r)
+    return out

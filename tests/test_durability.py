@@ -1,0 +1,643 @@
+"""Durability on disk ([durability]): log files, checkpoints, cold start.
+
+Real controllers with real files in the test's temporary directory; a
+"power cut" is every process SIGKILLed and every segment unlinked, which
+leaves exactly what a machine that lost power keeps: the files (fsynced or
+in the page cache, which these tests do not drop: the guarantee of each
+log_sync mode against the page cache is the README's, not a test's).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appliance import errors
+from appliance.durability import records as rec
+from appliance.store.reader import Reader
+from appliance.store.records import Schema
+from appliance.store.segment import Attachment, unlink_all
+
+from procs import APPLIANCE, RUN_DIR
+from store_helpers import native_reader
+
+TABLES = """
+[tables.accounts]
+primary_key = "id"
+alternate_keys = ["branch"]
+fields = { id = "int", branch = "str", balance = "int" }
+
+[tables.transfers]
+primary_key = "id"
+fields = { id = "int", src = "int", dst = "int", amount = "int" }
+"""
+
+
+def durability(d, **kw) -> str:
+    kw.setdefault("checkpoint_every", "off")
+    kw.setdefault("log_file_size", "2MiB")      # small files made in advance: little disk for each test
+    lines = [f'dir = "{d}"'] + [f"{k} = {json.dumps(v)}" for k, v in kw.items()]
+    return "[durability]\n" + "\n".join(lines) + "\n"
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([*APPLIANCE, *map(str, args)], capture_output=True, text=True, cwd=RUN_DIR,
+                          timeout=timeout)
+
+
+def block_sums(name: str) -> tuple[int, str]:
+    """(serial, digest of every block's checksum) of a running appliance, read from its segments."""
+    att = Attachment(name, writable=False)
+    try:
+        r = Reader(att)
+        pin = r.pin()
+        try:
+            pb = att.sb.sb_pub[pin.version & 1]
+            return pb.pb_serial, hashlib.sha1(r.block_sums(pin.version)).hexdigest()
+        finally:
+            pin.close()
+    finally:
+        att.close()
+
+
+def power_cut(app) -> None:
+    """Every process of the appliance killed, every segment gone: only the files remain."""
+    for p in app.children:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    app.controller.kill()
+    unlink_all(app.name, app.cfg.storage.segments)
+
+
+def fill(db, n: int, start: int = 0, batch: int | None = None) -> None:
+    """Accounts start..start+n: one commit each, or `batch` records a commit (db.load)."""
+    if batch:
+        db.load("accounts", [{"id": i, "branch": f"br{i % 7}", "balance": 1000 + i}
+                             for i in range(start, start + n)], batch=batch)
+        return
+    t = db.table("accounts")
+    for i in range(start, start + n):
+        t[i] = {"branch": f"br{i % 7}", "balance": 1000 + i}
+
+
+def wait_checkpoint(db, timeout: float = 20.0) -> dict:
+    """Until status says a checkpoint was written and none is needed; its durability part."""
+    deadline = time.monotonic() + timeout
+    while (st := db.status()["durability"])["needs_checkpoint"] or not st["last_checkpoint"]:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    return st
+
+
+def log_files(d) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("log-") and p.name.endswith(".apl"))
+
+
+class TestLogFilesAndColdStart:
+    def test_commits_reach_the_log_and_a_cold_start_rebuilds_every_block(self, make_appliance, tmp_path):
+        """With log_sync = "commit" every acknowledged commit is on disk when it
+        returns (status: durable serial = the serial); after a power cut the
+        controller rebuilds the segments from the log alone: the same blocks
+        (checksums), the same serial; status and the log line say what it
+        loaded; new commits continue the serials, after the file's last record."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 60)
+        with db.transaction(program="transfer", input={"src": 1, "dst": 2}) as tx:
+            tx.update("accounts", 1, {"balance": 0})
+            tx.insert("transfers", {"id": 1, "src": 1, "dst": 2, "amount": 1001})
+        del db.table("accounts")[5]
+        st = db.status()
+        dur = st["durability"]
+        assert dur["log_sync"] == "commit" and dur["durable_serial"] == st["log"]["serial"] > 0
+        assert dur["fsyncs"] > 0 and dur["error"] is None and dur["log_bytes_since_checkpoint"] > 0
+        assert log_files(d)[0] == "log-00000000000000000001.apl"   # (then the file made in advance, once ready)
+        human = cli("status", "--config", app.config)
+        assert "durability:" in human.stdout and f"durable serial {st['log']['serial']}" in human.stdout
+        before = block_sums(app.name)
+        db.close()
+
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        db = app.connect()
+        st = db.status()
+        cold = st["recovery"]["cold_start"]
+        assert cold["checkpoint"] is None and cold["serial"] == before[0]
+        assert cold["records_replayed"] == 62 and cold["entries_replayed"] > 62 and cold["log_cut"] is None
+        ev = [e for e in app.controller.events() if e.get("event") == "cold_start_loaded"]
+        assert len(ev) == 1 and ev[0]["serial"] == before[0] and "seconds" in ev[0]
+        t = db.table("accounts")
+        assert len(t) == 59 and t[1]["balance"] == 0 and db.table("transfers")[1]["amount"] == 1001
+        assert sorted(r["id"] for r in t.find("branch", "br3"))[:3] == [3, 10, 17]
+        t[7] = {"branch": "x", "balance": 7}
+        st = db.status()
+        assert st["log"]["serial"] > before[0] and st["durability"]["durable_serial"] == st["log"]["serial"]
+        assert st["durability"]["log_seq"] == 63 and st["durability"]["log_cut"] is None
+        db.close()
+
+    def test_a_plain_restart_keeps_its_segments_and_continues_the_file(self, make_appliance, tmp_path):
+        """A controller killed with its segments left recovers from them as
+        before (no cold start) and appends to the same log file, after the
+        record where it stopped; `appliance destroy` removes the segments and
+        says the files stay, which the next start loads."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 50)
+        seq = db.status()["durability"]["log_seq"]
+        db.close()
+        app.controller.kill()
+        app.controller.start()
+        db = app.connect()
+        st = db.status()
+        assert "cold_start" not in st["recovery"] and st["durability"]["log_seq"] == seq
+        fill(db, 10, 50)
+        st = db.status()
+        assert st["durability"]["log_seq"] == seq + 10 and st["durability"]["current_file"] in log_files(d)
+        before = block_sums(app.name)
+        db.close()
+        assert app.controller.stop() == 0
+        r = cli("destroy", "--yes", "--config", app.config)
+        assert r.returncode == 0 and "still holds its log files and checkpoints" in r.stdout, r.stdout
+        app.controller.start()
+        assert block_sums(app.name) == before
+
+    def test_interval_and_off_answer_at_once_and_a_clean_stop_loses_nothing(self, make_appliance, tmp_path):
+        """log_sync = "interval" answers before the log is on disk and forces
+        the file every sync_interval (fsyncs far fewer than commits; the
+        durable serial catches up by itself); "off" never forces it while
+        running; a SIGTERM stop writes and forces everything either way."""
+        for mode, extra in (("interval", {"sync_interval": "50ms"}), ("off", {})):
+            d = tmp_path / mode
+            app = make_appliance(tables=TABLES, extra=durability(d, log_sync=mode, **extra)).start()
+            db = app.connect()
+            fill(db, 200)
+            serial = db.status()["log"]["serial"]
+            deadline = time.monotonic() + 10
+            while (st := db.status()["durability"])["written_serial" if mode == "off" else "durable_serial"] < serial:
+                assert time.monotonic() < deadline, st
+                time.sleep(0.02)
+            assert st["log_sync"] == mode
+            if mode == "off":
+                assert st["fsyncs"] == 0
+            else:
+                assert 0 < st["fsyncs"] < 200
+            db.close()
+            before = block_sums(app.name)
+            assert app.controller.stop() == 0
+            unlink_all(app.name, app.cfg.storage.segments)
+            app.controller.start()
+            assert block_sums(app.name) == before
+
+
+class TestCheckpoints:
+    def test_checkpoint_command_retires_files_and_a_cold_start_uses_it(self, make_appliance, tmp_path):
+        """`appliance checkpoint` writes one (human and --json output, status
+        last_checkpoint); with keep_checkpoints = 2 the third removes the
+        first and the log files only it needed; a cold start loads the newest
+        checkpoint and replays only the log after it."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, keep_checkpoints=2, log_file_size="1MiB")).start()
+        db = app.connect()
+        fill(db, 400, batch=50)
+        r = cli("checkpoint", "--config", app.config)
+        assert r.returncode == 0 and r.stdout.startswith("checkpoint checkpoint-"), r.stderr
+        fill(db, 400, 400, batch=50)
+        r = cli("checkpoint", "--config", app.config, "--json")
+        assert r.returncode == 0, r.stderr
+        second = json.loads(r.stdout)
+        st = db.status()["durability"]
+        assert st["last_checkpoint"]["file"] == second["file"] and second["serial"] <= st["durable_serial"]
+        assert st["checkpoints"]["taken"] == 2 and second["blocks"] > 0 and second["bytes"] > 0
+        fill(db, 400, 800, batch=50)
+        cps = sorted(p.name for p in d.glob("checkpoint-*.apl"))
+        assert len(cps) == 2
+        from appliance.cli.durability import checkpoint     # the command's Python face
+        third = checkpoint(app.cfg)
+        t = db.table("accounts")
+        t[5] = {"branch": "after", "balance": 5}
+        deadline = time.monotonic() + 10
+        while len(list(d.glob("checkpoint-*.apl"))) != 2 or cps[0] in {p.name for p in d.glob("*.apl")}:
+            assert time.monotonic() < deadline, sorted(p.name for p in d.iterdir())
+            time.sleep(0.05)
+        first_seq = int(cps[0][len("checkpoint-"):-4])
+        assert all(int(n[4:-4]) > first_seq for n in log_files(d)[1:])   # files only the first needed are gone
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        cold = app.connect().status()["recovery"]["cold_start"]
+        assert cold["checkpoint"] == third["file"] and cold["checkpoint_serial"] == third["serial"]
+        assert cold["records_replayed"] == 1
+
+    def test_checkpoint_every_volume_of_log(self, make_appliance, tmp_path):
+        """checkpoint_every = "1MiB": a checkpoint is taken by itself once that much log was written."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, checkpoint_every="1MiB", log_sync="off")).start()
+        db = app.connect()
+        db.load("accounts", [{"id": i, "branch": "b" * 60, "balance": i} for i in range(12000)], batch=2000)
+        wait_checkpoint(db)
+        ev = [e for e in app.controller.events() if e.get("event") == "checkpoint_started"]
+        assert ev and ev[0]["reason"] == "checkpoint_every"
+
+    def test_checkpoint_without_durability_is_refused(self, bank):
+        """`appliance checkpoint` on a memory-only appliance: a ConfigError
+        naming [durability], exit 78, nothing written."""
+        r = cli("checkpoint", "--config", bank.config)
+        assert r.returncode == errors.EXIT_CONFIG and "durability" in r.stderr
+
+
+class TestDamagedFiles:
+    """A torn or corrupt tail is cut at the last whole record; a corrupt
+    checkpoint is passed over for the previous one with its logs."""
+
+    def test_a_log_cut_at_any_offset_loads_whole_transactions_only(self, make_appliance, tmp_path):
+        """The log cut at random byte offsets (a torn write): each cold start
+        loads the transactions whose records are whole — every transfer in
+        them moved its money exactly once, none in part — and says what it cut."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, log_sync="off")).start()
+        db = app.connect()
+        acc = db.table("accounts")
+        for i in range(20):
+            acc[i] = {"branch": "b", "balance": 1000}
+        for k in range(1, 120):
+            with db.transaction(program="transfer") as tx:
+                a, b = k % 20, (k * 7 + 3) % 20
+                if a == b:
+                    b = (b + 1) % 20
+                ra = tx.get("accounts", a, for_update=True)
+                rb = tx.get("accounts", b, for_update=True)
+                tx.update("accounts", a, {"balance": ra["balance"] - k})
+                tx.update("accounts", b, {"balance": rb["balance"] + k})
+                tx.insert("transfers", {"id": k, "src": a, "dst": b, "amount": k})
+        db.close()
+        app.controller.stop()
+        unlink_all(app.name, app.cfg.storage.segments)
+        logf = d / log_files(d)[-1]         # log_sync "off": one file, no file made in advance
+        whole = logf.read_bytes()
+        import random
+        rng = random.Random(13)
+        offsets = sorted(rng.sample(range(200, len(whole) - 1), 7)) + [len(whole) - 3]
+        for k, off in enumerate(offsets):
+            logf.write_bytes(whole[:off] + (os.urandom(20) if off % 2 else b""))
+            if k == 0:    # the controller's own cold start; the other offsets load in-process (the same code)
+                app.controller.start()
+                c = app.connect()
+                cut = c.status()["recovery"]["cold_start"]["log_cut"]
+                tr = {r["id"]: r for r in c.table("transfers").range()}
+                bal = {r["id"]: r["balance"] for r in c.table("accounts").range()}
+                c.close()
+                app.controller.kill()
+            else:
+                cut, tr, bal = self._cold_start_in_process(app)
+            unlink_all(app.name, app.cfg.storage.segments)
+            assert cut is not None and cut["file"] == logf.name
+            assert sorted(tr) == list(range(1, len(tr) + 1))        # a prefix of the transfers
+            expect = {i: 1000 for i in range(20)}
+            for r in tr.values():
+                expect[r["src"]] -= r["amount"]
+                expect[r["dst"]] += r["amount"]
+            assert bal == expect and sum(bal.values()) == 20000
+        assert logf.stat().st_size <= offsets[-1]                  # the last cut was truncated off
+
+    @staticmethod
+    def _cold_start_in_process(app):
+        """durability.coldstart as the controller runs it, in this process:
+        (what was cut, transfers, balances) read back from the segments it made."""
+        import structlog
+        from appliance.durability.coldstart import cold_start
+        from appliance.durability.logfiles import LogDir
+        files = LogDir(app.cfg.durability_dir, structlog.get_logger())
+        wr, facts = cold_start(app.cfg, structlog.get_logger(), files)
+        try:
+            r = Reader(wr.att)      # read as Table.range reads
+            schema = Schema(app.cfg)
+            tr = {x["id"]: x for x in r.scan_values(native_reader(r, schema.table("transfers")), None, None)}
+            bal = {x["id"]: x["balance"]
+                   for x in r.scan_values(native_reader(r, schema.table("accounts")), None, None)}
+        finally:
+            wr.close()
+        return facts["cold_start"]["log_cut"], tr, bal
+
+    def test_a_corrupt_checkpoint_is_passed_over_for_the_previous_one(self, make_appliance, tmp_path):
+        """Bytes flipped in the newest checkpoint: the cold start detects it by
+        checksum (log checkpoint_unusable), loads the previous checkpoint and
+        the log after it, and ends in the same state."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, keep_checkpoints=2)).start()
+        db = app.connect()
+        from appliance.cli.durability import checkpoint
+        fill(db, 300, batch=50)
+        checkpoint(app.cfg)
+        fill(db, 300, 300, batch=50)
+        checkpoint(app.cfg)
+        fill(db, 20, 600)
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        old, new = sorted(d.glob("checkpoint-*.apl"))
+        data = bytearray(new.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 8):
+            data[i] ^= 0xFF
+        new.write_bytes(bytes(data))
+        app.controller.start()
+        assert block_sums(app.name) == before
+        cold = app.connect().status()["recovery"]["cold_start"]
+        assert cold["checkpoint"] == old.name
+        assert [s["file"] for s in cold["checkpoints_skipped"]] == [new.name]
+        assert "checksum" in cold["checkpoints_skipped"][0]["reason"]
+        assert any(e.get("event") == "checkpoint_unusable" for e in app.controller.events())
+
+    def test_a_batch_larger_than_the_ring_is_a_logged_gap_closed_by_a_checkpoint(self, make_appliance, tmp_path):
+        """A batch whose entries overwrite the change-log ring before they are
+        copied out (storage.log_size of 1 MiB, a 10,000-record load): the
+        files get a GAP (log_gap), a checkpoint is taken at once, and a cold
+        start after it has every record."""
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, log_size="1MiB", extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 10_000, batch=10_000)
+        wait_checkpoint(db)
+        assert any(e.get("event") == "log_gap" for e in app.controller.events())
+        fill(db, 5, 10_000)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        c = app.connect()
+        assert len(c.table("accounts")) == 10_005 and c.table("accounts")[10_004]["balance"] == 11_004
+        c.close()
+
+    def test_durability_added_to_an_appliance_with_data(self, make_appliance, tmp_path):
+        """[durability] added to an appliance that holds data: a checkpoint is
+        taken at its start (checkpoint_needed), after which a cold start has
+        everything. Without that checkpoint the log alone cannot rebuild the
+        data from before it: the cold start refuses (exit 74) and loads nothing."""
+        app = make_appliance(tables=TABLES).start()
+        db = app.connect()
+        fill(db, 100, batch=50)
+        db.close()
+        assert app.controller.stop() == 0
+        d = tmp_path / "files"
+        app.config.write_text(app.config.read_text().replace("[tables.accounts]",
+                                                              durability(d) + "\n[tables.accounts]", 1))
+        app.controller.start()
+        db = app.connect()
+        wait_checkpoint(db)
+        assert any(e.get("event") == "checkpoint_needed" for e in app.controller.events())
+        fill(db, 5, 100)
+        before = block_sums(app.name)
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        assert block_sums(app.name) == before
+        power_cut(app)
+        for p in d.glob("checkpoint-*.apl"):
+            p.unlink()
+        app.controller.start(wait=False)
+        assert app.controller.proc.wait(30) == errors.EXIT_IOERR
+        assert "no checkpoint holds the serials before it" in app.controller.log()
+
+    def test_files_of_another_appliance_are_refused(self, make_appliance, tmp_path):
+        """A durability dir made by another appliance: the controller refuses
+        to start (exit 74) naming both, and loads nothing."""
+        d = tmp_path / "files"
+        a = make_appliance(tables=TABLES, extra=durability(d)).start()
+        fill(a.connect(), 5)
+        power_cut(a)
+        b = make_appliance(tables=TABLES, extra=durability(d))
+        b.controller.start(wait=False)
+        assert b.controller.proc.wait(30) == errors.EXIT_IOERR
+        assert "belongs to appliance" in b.controller.log()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 512 KiB mounted for the test (unmounted after it): a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+class TestFullDisk:
+    def test_commits_fail_typed_while_the_disk_is_full_and_go_on_when_space_returns(self, make_appliance,
+                                                                                     small_disk):
+        """The log's disk fills up: commits fail with DiskFullError (the one in
+        flight says it is applied in memory but not durable; later ones that
+        they changed nothing), status says why; once space returns the log is
+        written and commits go on; after a power cut every acknowledged commit
+        is there."""
+        app = make_appliance(tables=TABLES, extra=durability(small_disk / "files")).start()
+        db = app.connect()
+        t = db.table("accounts")
+        acked, failures = [], []
+        i = 0
+        while len(failures) < 3:
+            try:
+                t[i] = {"branch": "x" * 200, "balance": i}
+                acked.append(i)
+            except errors.DiskFullError as e:
+                failures.append((i, e))
+            i += 1
+            assert i < 20000, "the disk never filled up"
+        first, refused = failures[0], failures[1:]
+        assert first[1].details["committed"] is True and "applied in memory" in str(first[1])
+        assert "No space left on device" in str(first[1]) and "do not retry it" in str(first[1])
+        for k, e in refused:
+            assert e.details["committed"] is False and "nothing was changed" in str(e)
+            assert k not in t                                       # refused: nothing changed
+        st = db.status()["durability"]
+        assert st["error"] and "No space" in st["error"]
+        assert any(e.get("event") == "durability_write_failed" for e in app.controller.events())
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                t[i] = {"branch": "y", "balance": i}
+                acked.append(i)
+                break
+            except errors.DiskFullError:
+                assert time.monotonic() < deadline, "commits did not resume once space returned"
+                time.sleep(0.1)
+        assert db.status()["durability"]["error"] is None
+        db.close()
+        power_cut(app)
+        app.controller.start()
+        c = app.connect()
+        t = c.table("accounts")
+        assert all(t.get(k) is not None and t[k]["balance"] == k for k in acked)
+        assert t[first[0]]["balance"] == first[0]       # the one in flight was written once space returned
+        c.close()
+
+
+TRANSFERS = r"""
+import random, sys
+import appliance
+from appliance import errors
+cfg, first_id, acks, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+db = appliance.connect(cfg)
+rng = random.Random(first_id)
+out = open(acks, "a", buffering=1)
+k = first_id
+while True:
+    a, b = sorted(rng.sample(range(n), 2))
+    amount = rng.randint(1, 50)
+    try:
+        with db.transaction(program="transfer", input={"src": a, "dst": b, "amount": amount}) as tx:
+            ra = tx.get("accounts", a, for_update=True)
+            rb = tx.get("accounts", b, for_update=True)
+            tx.update("accounts", a, {"balance": ra["balance"] - amount})
+            tx.update("accounts", b, {"balance": rb["balance"] + amount})
+            tx.insert("transfers", {"id": k, "src": a, "dst": b, "amount": amount})
+    except errors.TransactionCancelledError:
+        continue
+    out.write(f"{k}\n")     # acknowledged: the commit returned
+    k += 1
+"""
+
+
+class TestPowerCut:
+    def test_every_acknowledged_transfer_survives_power_cuts_at_random_moments(self, make_appliance, tmp_path):
+        """Bank transfers from three processes with log_sync = "commit"; every
+        process SIGKILLed and every segment removed at a random moment (also
+        during a checkpoint), several rounds: after each cold start every
+        acknowledged transfer is there, each transfer present moved its money
+        exactly once (the one in flight wholly or not at all) and the total is
+        conserved."""
+        import random
+        rng = random.Random(int(os.environ.get("APPLIANCE_TEST_SEED", "20261202")))
+        n = 40
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, keep_checkpoints=2, log_file_size="1MiB")).start()
+        db = app.connect()
+        db.load("accounts", [{"id": i, "branch": "b", "balance": 1000} for i in range(n)])
+        db.close()
+        acked: set[int] = set()
+        ack_files = []
+        for rnd in range(3):
+            procs = []
+            for c in range(3):
+                path = tmp_path / f"acks-{rnd}-{c}"
+                ack_files.append(path)
+                procs.append(app.spawn(TRANSFERS, str(rnd * 1_000_000 + c * 100_000 + 1), str(path), str(n)))
+            deadline = time.monotonic() + 30
+            while not all(p.exists() and len(p.read_bytes().split()) >= 5 for p in ack_files[-3:]):
+                assert all(p.poll() is None for p in procs), "a transfer process died"
+                assert time.monotonic() < deadline, "the transfer processes made no progress"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.05, 0.5))    # the moment of the cut
+            if rnd in (1, 2):             # a checkpoint, and the cut may land inside it
+                from appliance.client.session import Session
+                from appliance.wire import messages as m
+                s = Session(str(app.cfg.socket_path), app.name, timeout=5)
+                s.connect()
+                s.call([m.OP_CHECKPOINT], "checkpoint")
+                s.close()
+                time.sleep(rng.uniform(0.0, 0.3))
+            power_cut(app)
+            for path in ack_files:
+                if path.exists():
+                    acked |= {int(x) for x in path.read_text().split()}
+            app.controller.start()
+            c = app.connect()
+            tr = {r["id"]: r for r in c.table("transfers").range()}
+            bal = {r["id"]: r["balance"] for r in c.table("accounts").range()}
+            cold = c.status()["recovery"]["cold_start"]
+            c.close()
+            assert acked <= set(tr), f"round {rnd}: acknowledged transfers lost: {sorted(acked - set(tr))[:10]}"
+            expect = {i: 1000 for i in range(n)}
+            for r in tr.values():
+                expect[r["src"]] -= r["amount"]
+                expect[r["dst"]] += r["amount"]
+            assert bal == expect, f"round {rnd}: balances do not match the transfers present"
+            assert sum(bal.values()) == 1000 * n
+            assert cold["log_cut"] is None or cold["log_cut"]["set_aside"] == []
+        assert len(acked) > 100
+
+
+class TestDurableSecondary:
+    def test_a_secondary_cold_starts_from_its_files_and_catches_up_without_a_copy(self, make_cluster):
+        """A synchronous secondary with its own [durability] loses power alone:
+        it cold-starts from its files (its first block copy and the stream it
+        applied since), its agent asks the primary to resume after that
+        durable serial, and the primary streams what it missed from its change
+        log — no second block copy — until the two are identical."""
+        files = '[durability]\ndir = "files"\ncheckpoint_every = "off"\n'
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES, secondary_replication=files,
+                         primary_replication=files)
+        c.start()
+        (sec,) = c.secondaries
+        db = c.primary.app.connect()
+        fill(db, 200, batch=20)
+        c.wait_caught_up()
+        acked = c.status()["replication"]["secondaries"][sec.name]["acked_serial"]
+        before = c.status()["replication"]["secondaries"][sec.name]["copies"]
+        sec.agent.kill()
+        power_cut(sec.app)
+        local = c.primary.app.connect(durability="local")      # the synchronous secondary is down
+        fill(local, 50, 200, batch=10)
+        sec.app.controller.start()
+        st = sec.app.connect().status()
+        cold = st["recovery"]["cold_start"]
+        assert cold["source_serial"] >= acked and cold["records_replayed"] > 0
+        assert st["replication"]["applied_serial"] == cold["source_serial"]
+        sec.agent.start()
+        c.wait_state(sec.name, "streaming")
+        c.wait_caught_up()
+        assert c.status()["replication"]["secondaries"][sec.name]["copies"] == before
+        rc, res = c.verify()
+        assert rc == 0, res
+        fill(db, 10, 250)                                      # synchronous again
+        assert c.verify()[0] == 0
+
+    def test_after_power_cuts_everywhere_the_primary_streams_what_its_ring_lost_from_its_files(
+            self, make_cluster):
+        """Both durable; the secondary loses power, the primary goes on alone,
+        then the primary loses power too. After both cold start the primary's
+        change-log ring begins empty, but its log files still hold what the
+        secondary misses: the relay streams it from them (log
+        stream_from_log_files) instead of copying the blocks."""
+        files = '[durability]\ndir = "files"\ncheckpoint_every = "off"\n'
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES, secondary_replication=files,
+                         primary_replication=files)
+        c.start()
+        (sec,) = c.secondaries
+        prim = c.primary
+        fill(prim.app.connect(), 100, batch=20)
+        c.wait_caught_up()
+        copies = c.status()["replication"]["secondaries"][sec.name]["copies"]
+        sec.agent.kill()
+        power_cut(sec.app)
+        fill(prim.app.connect(durability="local"), 60, 100, batch=5)
+        before = block_sums(prim.name)
+        prim.agent.kill()
+        power_cut(prim.app)
+        prim.app.controller.start()
+        assert block_sums(prim.name) == before
+        sec.app.controller.start()
+        sec.agent.start()
+        prim.agent.start()
+        c.wait_state(sec.name, "streaming")
+        c.wait_caught_up()
+        st = c.status()["replication"]["secondaries"][sec.name]
+        assert copies == 1 and st["copies"] == 0     # the first copy; none by the restarted agent
+        assert any(e.get("event") == "stream_from_log_files" for e in prim.agent.events())
+        rc, res = c.verify()
+        assert rc == 0, res
