@@ -542,6 +542,8 @@ class Applier:
             return
         self.log.warning("rewound_to_fork", serial=serial, undone=r["transactions"], blocks=len(r["blocks"]),
                          was=self.applied)
+        # what the history holds past the fork was undone: the new primary's entries take those serials
+        self.history.truncate_after(serial)
         self.applied = self.carried = r["applied"]
         self.source = instance
         self.repair = r["blocks"]

@@ -205,6 +205,42 @@ class History:
         if dropped:
             self._find_window()
 
+    def truncate_after(self, serial: int) -> int:
+        """A rewind after a failover undid what this appliance held past
+        `serial` (the fork): those entries are no longer its history (the new
+        primary's stream brings other ones under the same serials), so they
+        go — whole parts past it, the tail of the part that spans it, the
+        current part's; returns the entries dropped."""
+        if not self.enabled or self.last_serial <= serial:
+            return 0
+        with self._spill_lock:
+            self._spill()
+            dropped = 0
+            for first, last, p in self.files():
+                if last <= serial:
+                    continue
+                data = lz4.frame.decompress(p.read_bytes())
+                keep = bytearray()
+                for pos, f in walk(data):
+                    if f[E_SERIAL] <= serial:
+                        keep += data[pos:pos + f[E_LEN]]
+                    else:
+                        dropped += 1
+                if keep and first <= serial:
+                    name = part_name(first, serial)
+                    tmp = self.dir / (name + ".tmp")
+                    with lz4.frame.open(tmp, "wb") as f:
+                        f.write(bytes(keep))
+                    os.replace(tmp, self.dir / name)
+                if p.name != part_name(first, serial):
+                    p.unlink(missing_ok=True)
+            self.last_serial = serial
+            self.cur_first = 0
+        self.log.warning("history_truncated", after_serial=serial, entries_dropped=dropped,
+                         reason="rewound to the fork after a failover")
+        self._find_window()
+        return dropped
+
     def _find_window(self) -> None:
         """The earliest point the history can restore to: just before the
         first whole transaction after the last gap (a part that starts with a
