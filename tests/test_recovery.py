@@ -526,7 +526,8 @@ class TestBatchMode:
         assert rc == 0 and out["identical"], out
 
     def test_batch_refusals(self, cluster, db, sdb):
-        """batch on a primary, end without begin, begin twice: refused with a clear message and exit code."""
+        """batch on a primary, end without begin, begin twice, a promote during a batch (what the secondary
+        acknowledged on receipt is not applied yet): refused with a clear message and exit code."""
         r = cli(cluster.primary.app.config, "batch", "begin", check=False)
         assert r.returncode == 1 and "secondary" in r.stderr
         sec = cluster.secondaries[0]
@@ -536,6 +537,34 @@ class TestBatchMode:
         try:
             r = cli(sec.app.config, "batch", "begin", check=False)
             assert r.returncode == 69 and "batch mode since" in r.stderr
+            r = cli(sec.app.config, "promote", "--yes", check=False)
+            assert r.returncode == 1 and "batch mode" in r.stderr and "batch end" in r.stderr
+            assert sdb.status()["role"] == "secondary"
         finally:
             cli(sec.app.config, "batch", "end")
         caught_up(cluster, sdb)
+
+    def test_batch_begin_at_is_refused_on_a_durable_secondary(self, make_appliance, tmp_path):
+        """A secondary that keeps [durability] files takes batch mode, but not --at (its rewind would be in
+        no log record): refused with the reason, nothing rewound, applying goes on after end."""
+        dur = f'\n[durability]\ndir = "{tmp_path / "dur"}"\ncheckpoint_every = "off"\nlog_file_size = "2MiB"\n'
+        c = Cluster(make_appliance, tmp_path, secondaries=(("async", ""),), secondary_replication=HIST + dur)
+        try:
+            c.start()
+            sec = c.secondaries[0]
+            with c.primary.app.connect() as pdb, sec.app.connect() as s:
+                accounts(pdb, 1, 5)
+                at = serial(pdb)
+                pdb.table("accounts")[1] = {"branch": "x", "balance": 1}
+                caught_up(c, s)
+                r = cli(sec.app.config, "batch", "begin", "--at", str(at), check=False)
+                assert r.returncode == 1 and "[durability]" in r.stderr
+                assert s.batch("status")["state"] is None and s.table("accounts")[1]["balance"] == 1
+                cli(sec.app.config, "batch", "begin")
+                pdb.table("accounts")[2] = {"branch": "y", "balance": 2}
+                assert s.table("accounts")[2]["balance"] == 100_000
+                cli(sec.app.config, "batch", "end")
+                caught_up(c, s)
+                assert s.table("accounts")[2]["balance"] == 2
+        finally:
+            c.cleanup()

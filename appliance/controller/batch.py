@@ -91,6 +91,11 @@ class BatchMode:
         target = None
         if at is not None:
             target = Target(serial=at) if type(at) is int else Target.from_wire(at)
+            if ctl.durable is not None:
+                raise errors.RoleError(
+                    f"batch begin --at: {ctl.cfg.name!r} keeps its data on disk too ([durability]): the rewind "
+                    "changes its blocks without a log record, so a checkpoint meanwhile would hold the past; "
+                    "use batch begin without --at here, or --at on a secondary without [durability]")
         self.active, self.since, self.ended = True, time.time(), None
         self.frozen_serial = ctl.agents.applied_serial()[0]
         self.at, self.saved = None, {}

@@ -257,9 +257,14 @@ class Applier:
                 cut = True      # the old primary is still streaming: cut it here
                 self.current.close()
                 await self.link_done.wait()
+        task = self._catch_up_task
+        if task is not None and not task.done():   # after a batch: what it received is applied first
+            await asyncio.wait({task}, timeout=max(0.0, timeout - (time.monotonic() - t0)))
+        backlog = self.backlog.pending_bytes if self.backlog is not None else 0
         self.log.warning("drained_for_promote", applied=self.applied, heard=self.primary_serial, cut=cut,
-                         partial=self.partial, seconds=round(time.monotonic() - t0, 3))
+                         partial=self.partial, backlog_bytes=backlog, seconds=round(time.monotonic() - t0, 3))
         return {"applied": self.applied, "epoch_seen": self.epoch_seen, "primary": self.primary_name,
+                "backlog_bytes": backlog,
                 "heard": self.primary_serial, "partial": self.partial, "cut": cut,
                 "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
 
