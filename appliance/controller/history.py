@@ -46,6 +46,7 @@ from ..store import changelog
 from ..wire import messages as m
 from .loop import WAIT_WORK
 from .ops import handler
+from .txn import Change
 
 __all__ = ["HistoryOps"]
 
@@ -74,6 +75,7 @@ class HistoryOps:
         self.table_files = set(self.by_file)
         self.progress: dict | None = None
         self.last: dict | None = None      # the last operation's outcome (status)
+        self.apply_times: dict = {}        # the last _apply's seconds: staging the changes, committing them
 
     # ------------------------------------------------------------------ where the log is
 
@@ -209,14 +211,22 @@ class HistoryOps:
             parts.append(part)
         res = None
         txn_numbers = []
+        stage = commit = 0.0
+        held = ctl.hold.holder is sess
         for i, part in enumerate(parts):
             inp = dict(tinput, part=i + 1, parts=len(parts)) if len(parts) > 1 else tinput
+            t0 = time.monotonic()
             txn = txns.begin(sess, program, inp)
             try:
-                for file, key, _now, img in part:
-                    yield from txns.lock(txn, file, key)
+                for file, key, now, img in part:
                     t = self.by_file[file]
-                    ch = txns._change(txn, t, t.pk_codec.decode(key), key)
+                    if held:
+                        # nobody else writes: no lock to take, and `now` (read while held) is the committed image
+                        ch = txn.changes[(file, key)] = Change(t, t.pk_codec.decode(key), key, now,
+                                                               t.decode(now) if now is not None else None)
+                    else:
+                        yield from txns.lock(txn, file, key)
+                        ch = txns._change(txn, t, t.pk_codec.decode(key), key)
                     ch.after = img
                     ch.after_rec = t.decode(img) if img is not None else None
                     ch.after_alt = None
@@ -225,8 +235,11 @@ class HistoryOps:
                 raise
             if self.progress is not None:
                 self.progress.update(phase="committing", part=i + 1, parts=len(parts))
+            t1 = time.monotonic()
             res = yield from ctl.commits.commit(txn, True, "quorum", bound)
+            stage, commit = stage + t1 - t0, commit + time.monotonic() - t1
             txn_numbers.append(res["txn"])
+        self.apply_times = {"stage_s": round(stage, 4), "commit_s": round(commit, 4)}
         return res, txn_numbers, len(parts)
 
     # ------------------------------------------------------------------ restore
@@ -255,7 +268,8 @@ class HistoryOps:
             read_s = time.monotonic() - t0
             out = {"to_serial": p.to_serial, "target": tgt.wire(), "entries": p.entries, "scanned": p.scanned,
                    "transactions": p.transactions, "records": len(diffs), "read_s": round(read_s, 4),
-                   "first_txn": list(p.first_txn) if p.first_txn else None, "window": p.window,
+                   "first_txn": list(p.first_txn) if p.first_txn else None,
+                   "window": p.window if p.window is not None else (self.window() or {}).get("serial"),
                    "table": opts.get("table"), "blocks": sorted(blocks) if blocks else None}
             if dry:
                 out.update(dry_run=True, changes=self._shown(diffs))
@@ -267,7 +281,7 @@ class HistoryOps:
                 tinput["blocks"] = sorted(blocks)
             if diffs:
                 res, numbers, parts = yield from self._apply(sess, "restore", tinput, diffs, bound)
-                out.update(txn=res["txn"], serial=res["serial"], txns=numbers, parts=parts)
+                out.update(txn=res["txn"], serial=res["serial"], txns=numbers, parts=parts, **self.apply_times)
             else:
                 out.update(txn=None, serial=None, txns=[], parts=0)
             out["seconds"] = round(time.monotonic() - t0, 4)
@@ -385,10 +399,12 @@ class HistoryOps:
             return bool(t.changes) or qy.get("table") is None
 
         start = since or 0
+        after = (since - 1, 0, 0) if since else None
         if since_ns is not None and not since:
             start = self.since_for(Target(time_ns=since_ns))
+            after = (0, max(0, since_ns - 1), 1)
         return q.transactions(self.blobs(start), files=files, keep=keep, limit=limit,
-                              current=self._current(version), upto=self.upto())
+                              current=self._current(version), upto=self.upto(), after=after)
 
     def _txn_out(self, t, images: bool, key: bytes | None = None) -> dict:
         out = {"txn": t.txn, "serial": t.serial, "begin_serial": t.begin_serial, "time_ns": t.time_ns,

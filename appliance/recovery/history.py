@@ -107,10 +107,10 @@ class HistoryDir:
                 start = max(0, len(parts) - 1)
             for _first, _last, p in parts[start:]:
                 try:
-                    with lz4.frame.open(p, "rb") as f:
-                        yield f.read()
+                    data = p.read_bytes()
                 except FileNotFoundError:
                     continue   # trimmed meanwhile: older than what is asked for
+                yield lz4.frame.decompress(data)   # (one call: a third of the streaming reader's time)
             if cur is not None:
                 yield cur.read()
         finally:
@@ -191,7 +191,7 @@ def log_blobs(history: HistoryDir | None, reader=None, since: int = 0) -> Iterat
 
 
 def last_serial(blob: bytes) -> int:
-    last = 0
-    for _pos, f in walk(blob):
-        last = f[E_SERIAL]
-    return last
+    """The serial of the last whole entry of `blob` (0: none), read in C."""
+    out = ffi.new("uint64_t *")
+    lib.apl_entries_start(ffi.from_buffer(blob), len(blob), (1 << 64) - 1, 0, 0, out)
+    return out[0]

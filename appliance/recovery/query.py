@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .. import errors
-from .._native import lib
+from .._native import ffi, lib
 from ..store import tlog
 from ..store.changelog import (E_ALEN, E_BLEN, E_BLOCK, E_FILE, E_FLAGS, E_KIND, E_KLEN, E_SERIAL, E_TIME, E_TXN,
                                ENTRY, walk)
@@ -84,14 +84,22 @@ def _images(blob: bytes, pos: int, f) -> tuple[bytes, object, object]:
     return key, b, a
 
 
-def _txns(blobs: Iterable[bytes], files: set | None, upto: int | None):
+def _txns(blobs: Iterable[bytes], files: set | None, upto: int | None, after: tuple | None = None):
     """Every whole transaction of the entries, oldest first, with its
     changes to records of `files` (None: every file); a gap marker is
-    yielded as None."""
+    yielded as None. `after` (serial, time_ns, by_time): only those that
+    commit after it are needed, so what comes before is passed over in C
+    (apl_entries_start) until the first of them."""
     seen = 0
     cur: TxnRecord | None = None
+    last = ffi.new("uint64_t *")
     for blob in blobs:
-        for pos, f in walk(blob):
+        start = 0
+        if after is not None:
+            start = lib.apl_entries_start(ffi.from_buffer(blob), len(blob), after[0], after[1], after[2], last)
+            if start:
+                cur = None
+        for pos, f in walk(blob, start):
             serial = f[E_SERIAL]
             if serial <= seen:
                 continue
@@ -107,6 +115,9 @@ def _txns(blobs: Iterable[bytes], files: set | None, upto: int | None):
                 t = tlog.decode(blob[pos + _H + f[E_KLEN]:pos + _H + f[E_KLEN] + f[E_ALEN]])
                 cur = TxnRecord(f[E_TXN], serial, program=t.program, version=t.version, input=t.input)
             elif kind == _COMMIT or kind == _CANCEL:
+                if after is not None and kind == _COMMIT and (f[E_TIME] > after[1] if after[2]
+                                                               else serial > after[0]):
+                    after = None        # the first one needed: from here on every entry is read
                 if cur is not None and cur.txn == f[E_TXN]:
                     cur.serial, cur.time_ns = serial, f[E_TIME]
                     cur.state = "committed" if kind == _COMMIT else "cancelled"
@@ -119,16 +130,18 @@ def _txns(blobs: Iterable[bytes], files: set | None, upto: int | None):
 
 def transactions(blobs: Iterable[bytes], *, files: set | None = None, keep: Callable[[TxnRecord], bool],
                  limit: int, current: Callable[[int, bytes], bytes | None] | None = None,
-                 upto: int | None = None) -> tuple[list[TxnRecord], TxnRecord | None]:
+                 upto: int | None = None, after: tuple | None = None) -> tuple[list[TxnRecord], TxnRecord | None]:
     """The committed transactions `keep` accepts, oldest first, at most
     `limit` (and the first one left out, for paging). Every A image is
     filled in: kept, rebuilt from a delta, the B image of the record's next
     change, or `current(file, key)` (its state now) for its last change —
-    UNKNOWN when none of those applies (a gap after it)."""
+    UNKNOWN when none of those applies (a gap after it). `after` (serial,
+    time_ns, by_time): `keep` takes none that commits at or before it, so
+    the entries before those are not read one by one."""
     out: list[TxnRecord] = []
     more = None
     pending: dict = {}          # (file, key) -> the change of a kept transaction whose A image is not known
-    for t in _txns(blobs, files, upto):
+    for t in _txns(blobs, files, upto, after):
         if t is None:
             pending.clear()     # what came after the gap is unknown: A images stay UNKNOWN
             continue

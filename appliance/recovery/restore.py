@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Iterable
 
 from .. import errors
-from .._native import lib
+from .._native import ffi, lib
 from ..store.changelog import (E_ALEN, E_BLEN, E_BLOCK, E_FILE, E_FLAGS, E_KIND, E_KLEN, E_SERIAL, E_TIME, E_TXN,
                                ENTRY, walk)
 from .history import GAP
@@ -41,6 +41,7 @@ _BEGIN, _COMMIT, _CANCEL = lib.APL_CE_BEGIN, lib.APL_CE_COMMIT, lib.APL_CE_CANCE
 _INSERT, _UPDATE, _DELETE = lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_DELETE
 _NO_B = lib.APL_CEF_NO_B
 _MISSING_B = object()       # a change whose B image was not kept (send_b_logs = false)
+_SKIPPED = 0                # Planner.coverage once older entries were passed over: whole from before any BEGIN
 _REL = re.compile(r"^-(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -147,9 +148,13 @@ class Planner:
         self.coverage = None            # first BEGIN after the last gap: entries are whole from there
         self.gap_at = None              # a gap not followed by a boundary yet
         self.done = False
+        self.skipped = False            # entries before the target were passed over (feed)
+        self._last = ffi.new("uint64_t *")
 
     def feed(self, blob: bytes) -> bool:
-        """Take the entries of one blob; False once `upto` is passed."""
+        """Take the entries of one blob; False once `upto` is passed. Until
+        the first transaction to undo is found, what comes before it is
+        passed over in C (apl_entries_start): only its last boundary is read."""
         if self.done:
             return False
         out, records, target, files, blocks = self.out, self.out.records, self.target, self.files, self.blocks
@@ -157,8 +162,17 @@ class Planner:
         seen, undoing, cur, cur_n = self.seen, self.undoing, self.cur, self.cur_n
         begin_serial, boundary, coverage, gap_at = self.begin_serial, self.boundary, self.coverage, self.gap_at
         scanned = 0
+        start = 0
+        if not undoing:
+            t = target
+            start = lib.apl_entries_start(ffi.from_buffer(blob), len(blob), t.serial or 0, t.time_ns or 0,
+                                          int(t.serial is None), self._last)
+            if start > 0:
+                # entries older than the target were passed over: whole from before the first to undo
+                cur, coverage = None, (coverage if coverage is not None else _SKIPPED)
+                self.skipped = True
         try:
-            for pos, f in walk(blob):
+            for pos, f in walk(blob, start):
                 serial = f[E_SERIAL]
                 if serial <= seen:
                     continue
@@ -238,7 +252,8 @@ class Planner:
 
     def finish(self) -> Plan:
         out = self.out
-        out.window = (self.coverage - 1) if self.coverage is not None else None
+        # (entries passed over: the window is not known here; the history's status has it)
+        out.window = (self.coverage - 1) if self.coverage not in (None, _SKIPPED) else None
         if not self.undoing:
             t = self.target
             out.to_serial = self.boundary if t.serial is None else max(self.boundary, t.serial)
@@ -249,7 +264,7 @@ class Planner:
 
 
 def _reach(coverage) -> dict:
-    return {"earliest_serial": coverage - 1} if coverage is not None else {}
+    return {"earliest_serial": coverage - 1} if coverage else {}   # (0: older entries passed over)
 
 
 def _check_reach(target, cur, coverage, begin_serial, gap_at, where) -> None:

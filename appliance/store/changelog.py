@@ -48,11 +48,12 @@ _SERIAL_AT = ffi.offsetof("struct apl_centry", "ce_serial")
 _SERIAL = struct.Struct("=Q")
 
 
-def walk(blob: bytes) -> Iterator[tuple[int, tuple[int, ...]]]:
+def walk(blob: bytes, pos: int = 0) -> Iterator[tuple[int, tuple[int, ...]]]:
     """(position, header fields as ENTRY unpacks them) of each entry of `blob`
-    (entries back to back, as apl_log_export writes them), up to the first
-    one that is cut short or shorter than a header."""
-    pos, n = 0, len(blob)
+    (entries back to back, as apl_log_export writes them) from byte `pos`
+    (an entry's start), up to the first one that is cut short or shorter
+    than a header."""
+    n = len(blob)
     while pos + _HDR <= n:
         f = ENTRY.unpack_from(blob, pos)
         ln = f[E_LEN]
