@@ -1,6 +1,6 @@
 """Going back in time: restore rate, rerun rate, the primary during a batch, catch-up after it.
 
-Run from :class:`run.Run` (``--only recovery`` = restore, rerun, batch; see README.md, "Recovery"):
+Run from :class:`run.Run` (``--only recovery`` = restore, rerun, batch; see bench/README.md, "Going back in time"):
 
 * **Restore** (``restore``): an asynchronous pair with a log history on both,
   filled with the data set; 4 clients write one-record transactions (random
@@ -55,6 +55,7 @@ def restore_rate(pair, params: dict, seconds: float, seed: int) -> tuple:
                "scanned": res["scanned"], "restore_s": res["seconds"], "read_s": res["read_s"], "wall_s": wall,
                "rate": res["entries"] / max(res["seconds"], 1e-9),
                "read_rate": res["entries"] / max(res["read_s"], 1e-9), "parts": res["parts"],
+               "stage_s": res.get("stage_s"), "commit_s": res.get("commit_s"),
                "write_transactions": txns}
     return m, res, figures
 

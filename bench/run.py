@@ -582,7 +582,8 @@ class Run:
                      CATCH_UP.latency)
             self.rate("restore", "restore (B-log records undone)", "appliance (primary)", f["rate"], "rec/s",
                       f"{f['b_logs']:,} B-log records of {f['transactions']:,} txns, {f['records']:,} records put "
-                      f"back in {f['restore_s']:.2f} s ({f['parts']} parts); reading alone "
+                      f"back in {f['restore_s']:.2f} s ({f['parts']} parts: read {f['read_s']:.2f} s, staged "
+                      f"{f['stage_s'] or 0:.2f} s, committed {f['commit_s'] or 0:.2f} s); reading alone "
                       f"{f['read_rate']:,.0f}/s", **f)
             self.rows.append(_ratio_row("restore", "restore rate ÷ 1,000,000 B-log records/s",
                                         "appliance (primary)", 1, f["rate"] / 1e6, 1.0, None))
