@@ -53,6 +53,9 @@ __all__ = [
     "RoleError",
     "NotServingReadsError",
     "LimitError",
+    "HistoryError",
+    "ConflictError",
+    "ProgramError",
     "InternalError",
     "error_for",
 ]
@@ -344,6 +347,32 @@ class LimitError(ApplianceError, ValueError):
     e.g. more records in one OP_LOAD than ``controller.max_load_records``."""
 
     codes = ("APL_ELIMIT",)
+
+
+class HistoryError(ApplianceError):
+    """The log history does not hold what an operation needs: it does not
+    reach back to the point asked for (trimmed by ``history_period`` or
+    ``history_disk``, a gap after a block copy), it was kept without B
+    images, or the appliance keeps none. ``details``: what it does cover
+    (``earliest_serial``, ``earliest_time_ns``) where known."""
+
+    codes = ("APL_ENOHISTORY",)
+
+
+class ConflictError(ApplianceError):
+    """A recovery operation was refused, nothing changed: later transactions
+    changed the records it would change (cancel), or the state a re-run
+    meets is not the one a transaction recorded (rerun). ``details``:
+    ``conflicts``, a text listing each transaction and record."""
+
+    codes = ("APL_ECONFLICT",)
+
+
+class ProgramError(ApplianceError):
+    """A program named ``module:function`` cannot be imported, or (rerun) is
+    not the version its transactions recorded. ``details``: ``program``."""
+
+    codes = ("APL_EPROGRAM",)
 
 
 class InternalError(ApplianceError):

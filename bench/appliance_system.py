@@ -387,9 +387,9 @@ class AppliancePair(ApplianceSystem):
     BENCHES = ()
 
     def __init__(self, data, mode: str = "sync", serve_reads: bool = True, log_size: str = "64MiB",
-                 secondaries: int = 1) -> None:
+                 secondaries: int = 1, history: bool = False) -> None:
         super().__init__(data)
-        self.mode, self.serve_reads, self.log_size = mode, serve_reads, log_size
+        self.mode, self.serve_reads, self.log_size, self.history = mode, serve_reads, log_size, history
         self.kind = "uncompressed" if serve_reads else "lz4"
         self.count = secondaries
         self.name = f"appliance ({mode})" if secondaries == 1 else f"appliance ({mode}, {secondaries} secondaries)"
@@ -405,11 +405,13 @@ class AppliancePair(ApplianceSystem):
         base = f"bench{os.getpid()}x{next(_instances)}"
         names = [base + "s" + ("" if i == 0 else str(i)) for i in range(self.count)]
         ports = [free_port() for _ in names]
-        self.node = Node(self.dir, base + "p", self.data.n, self.log_size, PRIMARY.format(
+        hist = (lambda who: f'history_dir = "{self.dir / (who + "-history")}"\n') if self.history else (lambda who: "")
+        primary = PRIMARY.replace("{secondaries}", hist("p") + "{secondaries}", 1)
+        self.node = Node(self.dir, base + "p", self.data.n, self.log_size, primary.format(
             secret=secret, secondaries="".join(PRIMARY_SECONDARY.format(secondary=n, port=p, mode=self.mode)
                                                for n, p in zip(names, ports))))
         self.secondaries = [Node(self.dir, n, self.data.n, self.log_size, SECONDARY.format(
-            secret=secret, port=p, primary=base + "p", serve_reads=str(self.serve_reads).lower()))
+            secret=secret, port=p, primary=base + "p", serve_reads=str(self.serve_reads).lower()) + hist(n))
             for n, p in zip(names, ports)]
         self.secondary = self.secondaries[0]
         self.nodes = [self.node, *self.secondaries]
@@ -422,7 +424,8 @@ class AppliancePair(ApplianceSystem):
         self.agents = [*self.secondary_agents, self.primary_agent]
         self.notes = [
             f"appliance pairs: a primary and one secondary (two for the row that says so) on 127.0.0.1, each "
-            f"a controller and a replication agent (HMAC secret, no TLS, no log history, heartbeat 0.5 s); "
+            f"a controller and a replication agent (HMAC secret, no TLS, "
+            f"{'a log history on both' if self.history else 'no log history'}, heartbeat 0.5 s); "
             f"same segments ({segment_mib(self.data.n)} MiB x 4) on both",
         ]
 

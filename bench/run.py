@@ -88,7 +88,8 @@ REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "c
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
 FAILOVER_IDS = ["promote", "device"]
 DURABILITY_IDS = ["durable-write", "interval-write", "checkpoint", "cold-start"]
-BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS, *FAILOVER_IDS]
+RECOVERY_IDS = ["restore", "rerun", "batch"]
+BENCH_IDS = [*SINGLE_IDS, "order", "growth", *REPLICATION_IDS, *DURABILITY_IDS, *FAILOVER_IDS, *RECOVERY_IDS]
 GROWTH = 10               # the growth rows: get at GROWTH x the records against the records
 
 
@@ -104,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the rows (meta, measurements, ratios) as JSON")
     p.add_argument("--only", metavar="NAME,...", default="",
                    help="systems and/or benchmarks to run: " + ", ".join(["lmdb", "redis", "appliance", *BENCH_IDS,
-                                                                             "replication", "durability"]))
+                                                                             "replication", "durability",
+                                                                             "recovery"]))
     p.add_argument("--records", type=int, help="number of records (default 1,000,000; --quick 200,000)")
     p.add_argument("--duration", type=float, help="seconds per measurement (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per measurement (default 1; --quick 0.3)")
@@ -131,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         names = [n for n in names if n != "replication"] + REPLICATION_IDS
     if "durability" in names:
         names = [n for n in names if n != "durability"] + DURABILITY_IDS
+    if "recovery" in names:
+        names = [n for n in names if n != "recovery"] + RECOVERY_IDS
     unknown = [n for n in names if n not in {"lmdb", "redis", "appliance", *BENCH_IDS}]
     if unknown:
         p.error(f"unknown --only name(s): {', '.join(unknown)}")
@@ -583,6 +587,70 @@ class Run:
                   f"{c['checkpoint_bytes'] / 2**30:.2f} GiB + {c['records_replayed']} log records; loading "
                   f"{c['loaded_s']:.2f} s of it, the rest is process start", **c)
 
+    # ------------------------------------------------------------- recovery ----
+
+    def recovery(self) -> None:
+        """Restore and rerun on an asynchronous pair, batch mode on a synchronous one (see recovery.py)."""
+        from appliance_system import AppliancePair
+        a = self.args
+        if a.benches & {"restore", "rerun"}:
+            log_mib = max(64, 32 * int(a.catch_up))
+            self.pair("appliance: asynchronous pair with log histories", AppliancePair, self.restore_rows,
+                      mode="async", log_size=f"{log_mib}MiB", history=True)
+        if "batch" in a.benches:
+            self.pair("appliance: synchronous pair with log histories, batch mode", AppliancePair,
+                      self.batch_rows, mode="sync", history=True)
+
+    def restore_rows(self, pair) -> None:
+        from recovery import RESTORE_CLIENTS, rerun_rate, restore_rate
+        from report import _ratio_row
+        self.fill(pair)
+        pair.start_agents()
+        pair.wait_caught_up(600)
+        if "restore" in self.args.benches:
+            secs = self.args.catch_up
+            m, res, f = restore_rate(pair, self.params, secs, CATCH_UP.seed(RESTORE_CLIENTS) + 7)
+            self.add("restore-write", f"writes to restore away ({secs:g} s)", pair.name, RESTORE_CLIENTS, m,
+                     CATCH_UP.latency)
+            self.rate("restore", "restore (B-log records undone)", "appliance (primary)", f["rate"], "rec/s",
+                      f"{f['b_logs']:,} B-log records of {f['transactions']:,} txns, {f['records']:,} records put "
+                      f"back in {f['restore_s']:.2f} s ({f['parts']} parts: read {f['read_s']:.2f} s, staged "
+                      f"{f['stage_s'] or 0:.2f} s, committed {f['commit_s'] or 0:.2f} s); reading alone "
+                      f"{f['read_rate']:,.0f}/s", **f)
+            self.rows.append(_ratio_row("restore", "restore rate ÷ 1,000,000 B-log records/s",
+                                        "appliance (primary)", 1, f["rate"] / 1e6, 1.0, None))
+        if "rerun" in self.args.benches:
+            r = rerun_rate(pair, self.args.duration * 2)
+            self.rate("rerun-original", "original run of a program (db.run)", "appliance", r["original_rate"],
+                      "txn/s", f"{r['transactions']:,} transactions, 1 client")
+            self.rate("rerun", "rerun with the corrected program", "appliance", r["rerun_rate"], "txn/s",
+                      f"{r['rerun_transactions']:,} transactions re-run in {r['rerun_s']:.2f} s "
+                      f"(restore + simulate + commit: {r['phases']})", **{k: v for k, v in r.items()
+                                                                           if k != "phases"})
+            self.rows.append(_ratio_row("rerun", "rerun rate ÷ original run's rate", "appliance", 1, r["ratio"],
+                                        None, None))
+
+    def batch_rows(self, pair) -> None:
+        from recovery import BATCH_CLIENTS, batch_rows
+        from report import _ratio_row
+        pair.start_agents()
+        pair.wait_caught_up()
+        self.fill(pair)
+        pair.wait_caught_up(600)
+        secs = max(self.args.duration * 3, 3.0)
+        b = batch_rows(pair, self.params, secs, CATCH_UP.seed(BATCH_CLIENTS) + 13)
+        self.add("batch-without", "sync write, no batch", pair.name, BATCH_CLIENTS, b["without"], CATCH_UP.latency)
+        self.add("batch-during", "sync write, secondary in batch mode", pair.name, BATCH_CLIENTS, b["during"],
+                 CATCH_UP.latency)
+        self.rows.append(_ratio_row("batch", "primary p99 during a batch ÷ without", "appliance (sync)",
+                                    BATCH_CLIENTS, b["p99_ratio"] or 0, 1.1, None, higher_is_better=False))
+        self.rate("batch-catch-up", "catch-up after the batch", "appliance secondary", b["catch_up_rate"], "txn/s",
+                  f"{b['transactions']:,} txns ({(b['backlog_bytes'] or 0) / 2**20:,.1f} MiB of backlog) in "
+                  f"{b['catch_up_s']:.2f} s from batch end; primary wrote {b['write_rate']:,.0f} txn/s during "
+                  f"the batch", **{k: v for k, v in b.items() if k not in ("without", "during")})
+        self.rows.append(_ratio_row("batch", "catch-up ÷ the primary's write rate", "appliance secondary", 1,
+                                    b["ratio"], 3.0, None))
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -611,6 +679,8 @@ def main(argv=None) -> int:
         run.devices()
     if args.benches & set(DURABILITY_IDS):
         run.durability()
+    if args.benches & set(RECOVERY_IDS) and "appliance" in args.systems:
+        run.recovery()
 
     meta = meta_row(args, run.info, run.notes, run.unavailable, timer_overhead_ns())
     meta["failures"] = run.failures

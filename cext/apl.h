@@ -153,6 +153,18 @@ int64_t apl_block_image(apl_view *v, uint32_t number, uint64_t version,
 int apl_block_checksum(apl_view *v, uint32_t number, uint64_t version, uint64_t *sum);
 /* Highest block number in use + 1 (for iterating block numbers). */
 uint64_t apl_block_limit(apl_view *v);
+/* The block number of the leaf chain that holds `key` in `file` at
+ * `version` (where it is, or would go); apl_locate.c. */
+int64_t apl_leaf_of(apl_view *v, uint32_t file, const uint8_t *key, uint32_t klen, uint64_t version);
+/* Entries back to back outside the ring (apl_scan.c): the byte offset where
+ * a restore plan may start reading them — the last COMMIT, CANCEL or PAD
+ * entry before the first COMMIT after the target (serial, or with `by_time`
+ * time_ns), or the last one in `buf` when none comes after it; 0 when there
+ * is none — and, in `last_serial`, the serial of the last whole entry (0:
+ * none). */
+int64_t apl_entries_start(const uint8_t *buf, uint64_t len, uint64_t serial, uint64_t time_ns, int by_time,
+                          uint64_t *last_serial);
+
 /* Primary blocks by the length of their chain (the block and its overflow
  * blocks, bh_chain) at the latest committed version, pinned for the walk:
  * hist[i] counts the chains of i + 1 blocks, hist[nbuckets - 1] those of

@@ -55,7 +55,10 @@
     _(APL_ENOSPC,          -31122, "no space left for the durability files") \
     _(APL_ENOTPRIMARY,     -31123, "this appliance is no longer the primary: a newer epoch took over") \
     _(APL_EROLE,           -31124, "the operation does not fit the appliance's role or state") \
-    _(APL_EDAMAGED,        -31125, "a block's content does not match its checksum (damaged memory)")
+    _(APL_EDAMAGED,        -31125, "a block's content does not match its checksum (damaged memory)") \
+    _(APL_ENOHISTORY,      -31126, "the log history does not reach back that far") \
+    _(APL_ECONFLICT,       -31127, "later transactions changed the same records") \
+    _(APL_EPROGRAM,        -31128, "a program cannot be imported or is not the version recorded")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

@@ -483,6 +483,10 @@ class TestOtherSecondaries:
             assert pair.status(n)["epoch"] == 2
         rw = pair.status(c_hist)["failover"]["rewound"]
         assert rw["transactions"] == 26 and rw["from_serial"] == rep["serial"] + 1
+        # its log history past the fork is the new primary's: the undone transactions are gone from it
+        with appliance.connect(c_hist.app.config) as db:
+            after = db.history(program="transfer", since=rep["serial"] + 1)["transactions"]
+        assert [t["input"] for t in after] == [{"src": 5, "dst": 6, "amount": 1}]
         copies = [e for e in pair.b.agent.events() if e.get("event") == "copy_started"]
         assert {e["secondary"] for e in copies if not e["partial"]} == {c_none.name}
 

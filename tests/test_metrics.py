@@ -167,6 +167,29 @@ class TestEndpoint:
         assert value(s, "appliance_secondary_primary_connected") == 1
 
 
+class TestGoingBack:
+    def test_history_rewind_window_and_batch_mode_of_a_secondary(self, pair):
+        """A secondary with a log history serves its size and how far back it reaches; batch mode shows as 1
+        while it lasts and 0 once it caught up."""
+        db = pair.primary.app.connect()
+        db.table("accounts")[int(time.time() * 1000) % 1_000_000 + 9_000_000] = {"branch": "m", "balance": 1}
+        db.close()
+        sec = pair.secondaries[1]
+        port = pair.metrics[sec.name]
+        m = wait_for(port, lambda m: "appliance_rewind_window_seconds" in m and "appliance_history_current_bytes" in m,
+                     "the history's figures")
+        assert value(m, "appliance_rewind_window_seconds") >= 0 and value(m, "appliance_history_last_serial") > 0
+        assert value(m, "appliance_batch_mode") == 0
+        sdb = sec.app.connect()
+        try:
+            sdb.batch("begin")
+            wait_for(port, lambda m: value(m, "appliance_batch_mode") == 1, "batch mode")
+        finally:
+            sdb.batch("end")
+            sdb.close()
+        wait_for(port, lambda m: value(m, "appliance_batch_mode") == 0, "batch mode over")
+
+
 class TestDashboard:
     def test_every_metric_it_charts_is_served(self, pair):
         """config/grafana-dashboard.json queries only metrics a primary or a secondary endpoint serves."""

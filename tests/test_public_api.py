@@ -21,6 +21,7 @@ ERRORS = {
     "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "DiskError", "DiskFullError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
     "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
     "DamagedBlockError", "NotPrimaryError", "RoleError", "DeviceUnavailableError",
+    "HistoryError", "ConflictError", "ProgramError",
 }
 
 

@@ -560,5 +560,10 @@ def demo(accounts: int, keep: bool) -> None:
     sys.exit(run_demo(accounts=accounts, keep=keep))
 
 
+from .history import COMMANDS as _HISTORY   # noqa: E402  (history, restore, cancel, rerun, batch)
+
+for _cmd in _HISTORY:
+    main.add_command(_cmd)
+
 if __name__ == "__main__":
     main()

@@ -86,6 +86,8 @@ def status(st: dict) -> None:
             note = x.get("error") or x.get("warning") or ""
             if x.get("degraded"):
                 note = "DEGRADED (out of the quorum) " + note
+            if x.get("batch"):
+                note = "BATCH MODE: acknowledges on receipt, applies nothing until it catches up " + note
             if x.get("copy"):
                 cp = x["copy"]
                 note = f"copy {cp['blocks']}/{cp['total']} blocks, {cp['rate_mb_s']} MB/s, eta {cp['eta_s']} s"
@@ -106,11 +108,32 @@ def status(st: dict) -> None:
                          "behind (what a promote now would miss)" if ag.get("behind_serials") else ""))
         if rep.get("needs_copy"):
             console.print(f"needs a block copy from its primary: it refused the stream ({rep['needs_copy']})")
-        hist = ag.get("history") or {}
-        if hist.get("enabled"):
-            console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "
-                          f"{hist['first_serial']}..{hist['last_serial']} ({hist['dir']})"
-                          + (f"; {hist['warning']}" if hist.get("warning") else ""))
+        b = rep.get("batch") or {}
+        if b.get("state") == "suspended":
+            at = b.get("at")
+            console.print(f"BATCH MODE since {_when(int(b['since'] * 1e9))}: reads see serial {b['frozen_serial']}"
+                          + (f" rewound to serial {at['to_serial']}" if at else "") +
+                          f"; received up to {b.get('received') or '-'}, backlog {_size(b.get('backlog_bytes') or 0)}",
+                          highlight=False)
+        elif b.get("state") == "catching_up":
+            console.print(f"catching up after a batch: {_size(b.get('backlog_bytes') or 0)} left, eta "
+                          f"{b.get('eta_s')} s", highlight=False)
+    hist = (rep or {}).get("agent", {}).get("history") or {}
+    if hist.get("enabled"):
+        console.print(f"log history: {hist['files']} files, {_size(hist['disk_bytes'])} on disk, serials "
+                      f"{hist['first_serial']}..{hist['last_serial']} ({hist['dir']})"
+                      + (f"; {hist['warning']}" if hist.get("warning") else ""))
+    h = st.get("history") or {}
+    w = h.get("rewind_window")
+    if w:
+        console.print(f"rewind window: back to serial {w['serial']} ({_when(w.get('time_ns'))}, from the "
+                      f"{w['source']})", highlight=False)
+    if h.get("writes_held"):
+        wh = h["writes_held"]
+        console.print(f"WRITES HELD for {wh['what']} (pid {wh['pid']}) for {wh['held_s']} s; "
+                      f"{wh['writes_waiting']} waiting", highlight=False)
+    if h.get("progress"):
+        console.print(f"in progress: {h['progress']}", highlight=False)
 
 
 def _durability(d: dict) -> None:
@@ -294,3 +317,210 @@ def replace_progress(run, show: bool = True) -> dict:
             rate = f" {job['bytes_s'] / 1e6:.1f} MB/s" if job.get("bytes_s") else ""
             bar(f"{job['phase']}{rate}", job["done"], job["blocks"])
         return run(tick)
+
+
+# -- going back in time (cli/history.py) -----------------------------------------------------------
+
+def jsonable(v):
+    """json.dumps default: bytes as text where they are, else their hex."""
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            return bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(v).hex()
+    return str(v)
+
+
+def _when(ns) -> str:
+    import datetime
+    if not ns:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def _fields(b, a) -> str:
+    """What changed between two images of a record, field by field."""
+    if b is None and a is None:
+        return ""
+    if b is None:
+        return "+ " + json.dumps(a, default=jsonable)
+    if a is None:
+        return "- " + json.dumps(b, default=jsonable)
+    diff = [f"{f}: {json.dumps(b.get(f), default=jsonable)} -> {json.dumps(a.get(f), default=jsonable)}"
+            for f in list(b) + [f for f in a if f not in b] if b.get(f) != a.get(f)]
+    return ", ".join(diff) or "(unchanged)"
+
+
+def history(res: dict) -> None:
+    txns = res["transactions"]
+    for t in txns:
+        prog = t["program"] or "-"
+        if t.get("version"):
+            prog += f" (version {t['version']})"
+        console.print(f"[bold]txn {t['txn']}[/bold]  serial {t['serial']}  {_when(t['time_ns'])}  program {prog}  "
+                      f"input {json.dumps(t['input'], default=jsonable)}", highlight=False)
+        for c in t["changes"]:
+            b = None if c.get("b_unknown") else c.get("b")
+            a = None if c.get("a_unknown") else c.get("a")
+            what = _fields(b, a) if not (c.get("b_unknown") or c.get("a_unknown")) else \
+                f"B {json.dumps(c.get('b'), default=jsonable) if not c.get('b_unknown') else 'unknown'}, " \
+                f"A {json.dumps(c.get('a'), default=jsonable) if not c.get('a_unknown') else 'unknown'}"
+            console.print(f"  {c['kind']:<6} {c['table']}[{c['key']!r}]  {what}", highlight=False)
+    w = res.get("window") or {}
+    more = f"; more from serial {res['next']} (--since {res['next']})" if res.get("next") is not None else ""
+    console.print(f"{len(txns)} transaction(s){more}; rewind window back to serial {w.get('serial', '-')} "
+                  f"({_when(w.get('time_ns'))}, {w.get('source', 'no history')})", highlight=False)
+
+
+def with_progress(label: str, work, poll, run):
+    """Run `work()` (through `run`, which turns errors into exits) in a
+    thread while a progress line follows `poll()` (the controller's
+    history.progress in status)."""
+    import threading
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = work()
+        except BaseException as e:   # re-raised below, in the caller's thread
+            out["error"] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    show = console.is_terminal or os.environ.get("APPLIANCE_PROGRESS") == "1"
+    with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[info]}"), console=console,
+                  disable=not show) as progress:
+        task = progress.add_task(label, total=None, info="")
+        while t.is_alive():
+            t.join(0.2)
+            if t.is_alive():
+                p = poll() or {}
+                if p:
+                    info = f"{p.get('phase', '')}: {p.get('entries', 0):,} log entries read"
+                    if p.get("parts"):
+                        info += f", part {p.get('part')}/{p['parts']} committing"
+                    progress.update(task, info=info)
+        progress.update(task, total=1, completed=1)
+    if "error" in out:
+        return run(_raise, out["error"])
+    return out["result"]
+
+
+def _raise(e):
+    raise e
+
+
+def restored(res: dict) -> None:
+    what = f" of table {res['table']}" if res.get("table") else (f" of blocks {res['blocks']}" if res.get("blocks")
+                                                                  else "")
+    if res.get("dry_run"):
+        console.print(f"dry run: restoring{what} to serial {res['to_serial']} would change {res['records']} "
+                      f"record(s) (undoing {res['transactions']} transaction(s), {res['entries']} B-log records)",
+                      highlight=False)
+        for c in res.get("changes", ()):
+            console.print(f"  {c['table']}[{c['key']!r}]  {_fields(c['now'], c['then'])}", highlight=False)
+        if res["records"] > len(res.get("changes", ())):
+            console.print(f"  ... and {res['records'] - len(res['changes'])} more", highlight=False)
+        return
+    if not res["records"]:
+        console.print(f"nothing to restore{what}: no record differs from serial {res['to_serial']}", highlight=False)
+        return
+    console.print(f"restored {res['records']} record(s){what} to serial {res['to_serial']}: undid "
+                  f"{res['transactions']} transaction(s), {res['entries']} B-log records, in {res['seconds']} s; "
+                  f"committed as transaction(s) {', '.join(map(str, res['txns']))} (program restore), "
+                  f"serial {res['serial']}", highlight=False)
+
+
+def cancelled(res: dict) -> None:
+    if res.get("dry_run"):
+        console.print(f"dry run: cancelling transaction {res['txn']} (serial {res['serial']}, program "
+                      f"{res['program'] or '-'}) would put back {res['records']} record(s):", highlight=False)
+        for c in res.get("changes", ()):
+            console.print(f"  {c['table']}[{c['key']!r}]  {_fields(c['now'], c['then'])}", highlight=False)
+        return
+    console.print(f"cancelled transaction {res['txn']}: {res['records']} record(s) put back by transaction "
+                  f"{res['cancel_txn']} (program cancel), serial {res['cancel_serial']}", highlight=False)
+
+
+class steps:
+    """A progress bar for a local operation's phases: the context gives a
+    callback progress(phase, done, total)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __enter__(self):
+        show = console.is_terminal or os.environ.get("APPLIANCE_PROGRESS") == "1"
+        self.p = Progress(TextColumn("{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=console, disable=not show)
+        self.p.__enter__()
+        self.task = self.p.add_task(self.label, total=None, phase=self.label)
+        return self.update
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        self.p.update(self.task, phase=f"{self.label}: {phase}", completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
+
+
+def rerun(rep: dict) -> None:
+    if rep["to_serial"] is None:
+        console.print(f"{rep['program']}: no transaction of it in the log history; nothing to re-run",
+                      highlight=False)
+        return
+    head = "dry run: " if rep["dry_run"] else ""
+    n = len(rep["transactions"])
+    how: dict = {}
+    for t in rep["transactions"]:
+        key = "cancelled" if t["cancelled"] else t["how"]
+        how[key] = how.get(key, 0) + 1
+    console.print(f"{head}restore to serial {rep['to_serial']} (before {rep['program']}'s first transaction), "
+                  f"then re-run {n} transaction(s): " + ", ".join(f"{v} {k}" for k, v in sorted(how.items())),
+                  highlight=False)
+    for t in rep["transactions"]:
+        if t["cancelled"]:
+            console.print(f"  txn {t['txn']} ({t['program']}) is cancelled now: {t['cancelled']}", highlight=False)
+    for d in rep["differences"]:
+        console.print(f"  {d['table']}[{d['key']!r}]  {_fields(d['now'], d['after'])}", highlight=False)
+    if not rep["dry_run"]:
+        console.print(f"committed {len(rep['committed'])} transaction(s) in {rep['seconds'].get('total')} s; "
+                      f"to undo the rerun: appliance restore --to {rep['before_serial']}", highlight=False)
+
+
+def catch_up(poll, timeout: float = 3600.0) -> dict:
+    """Follow a secondary catching up after a batch until it is done."""
+    import time
+    show = console.is_terminal or os.environ.get("APPLIANCE_PROGRESS") == "1"
+    deadline = time.monotonic() + timeout
+    st = poll()
+    with Progress(TextColumn("catching up"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console, disable=not show) as progress:
+        task = progress.add_task("catch up", total=None, info="")
+        first = None
+        while True:
+            st = poll()
+            left = st.get("backlog_bytes")
+            if st.get("state") is None and not left:
+                break
+            if left is not None:
+                first = first or max(left, 1)
+                progress.update(task, total=first, completed=max(0, first - left),
+                                info=f"{left / 1e6:.1f} MB left, eta {st.get('eta_s')} s")
+            if time.monotonic() > deadline:
+                raise errors.UnavailableError(f"catch-up did not finish within {timeout} s: {st}")
+            time.sleep(0.1)
+    return st
+
+
+def batch(action: str, st: dict) -> None:
+    if st.get("state") == "suspended":
+        at = st.get("at")
+        past = (f"; rewound to serial {at['to_serial']} ({at['records']} records put back)" if at else "")
+        console.print(f"batch mode: reads see one frozen state, serial {st['frozen_serial']}{past}; "
+                      f"received since: up to serial {st.get('received') or st['frozen_serial']}, backlog "
+                      f"{_size(st.get('backlog_bytes') or 0)}", highlight=False)
+    elif st.get("state") == "catching_up":
+        console.print(f"catching up: applied serial {st['applied_serial']}, {_size(st.get('backlog_bytes') or 0)} "
+                      f"left, eta {st.get('eta_s')} s", highlight=False)
+    else:
+        console.print(f"not in batch mode: applied serial {st['applied_serial']}", highlight=False)

@@ -248,6 +248,70 @@ class Client:
                            m.check_commit_timeout(commit_timeout),
                            self.pipeline if pipeline is None else _check_pipeline(pipeline))
 
+    def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None):
+        """Run a transaction by a program: import `program` ("module:function"),
+        open a transaction whose T log records the program's name, its version
+        (the function's ``__version__``, else a hash of its code) and `input`,
+        call ``function(tx, input)`` and commit; an exception cancels (and is
+        raised). Returns what the function returned.
+
+        Such a transaction can be run again (``appliance rerun``) when the
+        function reads and writes only through `tx` and takes the clock,
+        random choices and everything else from `input`. :attr:`last_run`
+        (per thread) is then the transaction's ``result`` plus "program" and
+        "program_version"."""
+        from ..recovery.programs import resolve, version_of
+        fn = resolve(program)
+        version = version_of(fn)
+        tx = self.transaction(program, input, durability=durability, commit_timeout=commit_timeout)
+        tx._version = version
+        with tx:
+            value = fn(tx, input)
+        self._local.last_run = dict(tx.result or {}, program=program, program_version=version)
+        return value
+
+    # -- going back in time (appliance.client.recovery, appliance.recovery) ---------------
+
+    def history(self, **query) -> dict:
+        """Which committed transactions changed what: see appliance.client.recovery.history."""
+        self._check()
+        from . import recovery
+        return recovery.history(self, **query)
+
+    def restore(self, to, **options) -> dict:
+        """Point-in-time restore: see appliance.client.recovery.restore."""
+        self._check()
+        from . import recovery
+        return recovery.restore(self, to, **options)
+
+    def cancel_txn(self, txn: int, **options) -> dict:
+        """Undo one committed transaction everywhere: see appliance.client.recovery.cancel_txn."""
+        self._check()
+        from . import recovery
+        return recovery.cancel_txn(self, txn, **options)
+
+    def rerun(self, program: str, fixed: str, **options):
+        """Re-run a faulty program's transactions with a corrected one, and
+        every later transaction (appliance.recovery.rerun.rerun); returns its
+        RerunReport. `dry_run` is True unless given."""
+        self._check()
+        from ..recovery.rerun import rerun
+        from .recovery import target_of
+        since = options.pop("since", None)
+        return rerun(self, program, fixed, since=target_of(since) if since is not None else None, **options)
+
+    def batch(self, action: str, at=None) -> dict:
+        """Batch mode on a secondary ("begin", "end", "status"): see appliance.client.recovery.batch."""
+        self._check()
+        from . import recovery
+        return recovery.batch(self, action, at)
+
+    @property
+    def last_run(self) -> dict | None:
+        """What this thread's last :meth:`run` committed: txn, serial, version,
+        program, program_version."""
+        return getattr(self._local, "last_run", None)
+
     def wait_applied(self, serial: int, timeout: float = 10.0) -> int:
         """Read-your-writes on a secondary: wait until the primary's change
         `serial` (a commit's ``result["serial"]``) is applied here; returns
@@ -673,6 +737,7 @@ class Transaction:
         self.pipeline = pipeline
         self._program = program
         self._input = input
+        self._version: str | None = None     # the program callable's version (Client.run)
         self.state = "new"       # new, open, failed, committed, cancelled, unknown
         self.result: dict | None = None
         self._written: set = set()
@@ -778,8 +843,12 @@ class Transaction:
             raise errors.TransactionStateError(
                 f"{_what(op, table, key)}: transaction {other.number} is still open on this thread's "
                 "connection; commit or cancel it first", txn=other.number)
-        begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE] if self.pipeline else \
-            [m.OP_BEGIN, self._program, self._input]
+        if self._version is not None:
+            begin = [m.OP_BEGIN, self._program, self._input, {"pipeline": self.pipeline, "version": self._version}]
+        elif self.pipeline:
+            begin = [m.OP_BEGIN, self._program, self._input, _PIPELINE]
+        else:
+            begin = [m.OP_BEGIN, self._program, self._input]
         self._began_ns = time.time_ns()
         if pipelined:
             s.send_pipelined([begin, req], link, [None, (self._position, op, table, key)], now=True)

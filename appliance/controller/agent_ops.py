@@ -272,12 +272,13 @@ def repl_state(ctl, sess, state):
             waiter = link.verify_waiting.pop(int(vid), None)
             if waiter is not None:
                 ctl.resume(waiter, res)
-        return None
+        return None if ctl.role.is_primary else {"batch": ctl.batch.active}
     link.state = state
     if ctl.role.is_primary:
         ctl.sync.update(state.get("secondaries", {}))
         ctl.commits.release_backed_up()
-    return None
+        return None
+    return {"batch": ctl.batch.active}   # a secondary's agent learns of batch mode here too
 
 
 @handler(m.OP_WAKEUPS, roles=("primary",))

@@ -14,7 +14,9 @@ version, and the secondary refuses the stream until a block copy begins
 skip blocks the copy will carry. With [durability] each published batch
 is also one log record (what it applied, or the copy's step:
 :mod:`.durable`), and the agent gets its answer — and acknowledges — once
-that record is on disk (``log_sync = "commit"``). Everything runs on the
+that record is on disk (``log_sync = "commit"``). In batch mode
+(:mod:`.batch`) OP_APPLY is refused with ``{"batch": true}``: the agent
+keeps the stream and catches up once the batch ends. Everything runs on the
 loop thread.
 """
 from __future__ import annotations
@@ -52,6 +54,9 @@ class SecondaryApply:
         if have and source != have and self.copied is None:
             raise errors.ProtocolError(f"apply: these changes come from primary instance {source}, "
                                        f"this secondary follows {have}: copy first", need_copy=True)
+        if self.ctl.batch.refuses_apply():
+            # batch mode: reads see one frozen state; the agent keeps what arrives and catches up later
+            return {"applied": applied, "consumed": 0, "batch": True}
         first = changelog.first_serial(blob)
         if first is not None and first > applied + 1:
             raise errors.ProtocolError(f"apply: gap: serial {first} follows {applied}",
@@ -113,6 +118,7 @@ class SecondaryApply:
             serial = payload.get("serial")
             if type(serial) is not int:
                 raise errors.WrongTypeError("copy begin: needs the stream serial it starts at")
+            self.ctl.batch.interrupted("a block copy from the primary began")
             blocks = payload.get("blocks")
             if blocks is not None:    # a copy of these numbers only (a rewind, a repair: recovery.py)
                 self.copied = partial_copy(blocks, sb.sb_max_blocks)
@@ -170,7 +176,7 @@ class SecondaryApply:
     def status(self) -> dict:
         applied, source = self.ctl.agents.applied_serial()
         return {"applied_serial": applied, "source_instance": source, "copying": self.copied is not None,
-                "needs_copy": self.needs_copy}
+                "needs_copy": self.needs_copy, "batch": self.ctl.batch.status()}
 
 
 def partial_copy(blocks, max_blocks: int) -> bytearray:

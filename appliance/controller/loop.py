@@ -10,8 +10,10 @@ clients comes from interleaving their requests: each request runs as a
 generator (a coroutine) that yields when it must wait — for a record lock
 (``WAIT_LOCK``), for the group commit (``WAIT_COMMIT``), for a serial to be
 published or applied (``WAIT_WATCH``), for the agent's verify result
-(``WAIT_VERIFY``) or its answer to an operator's request (``WAIT_AGENT``)
-— and is resumed by the loop when the lock is granted, its
+(``WAIT_VERIFY``), its answer to an operator's request (``WAIT_AGENT``),
+for a recovery operation that holds new writes (``WAIT_HOLD``), for reading
+work done in a worker thread (``WAIT_WORK``: the log history, see
+:mod:`.history`) — and is resumed by the loop when the lock is granted, its
 wait times out, or the batch is published. One session runs one request at
 a time, in order.
 
@@ -57,8 +59,8 @@ from ..config import Config
 from ..wire import framing
 from ..wire import messages as m
 
-__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "WAIT_AGENT", "YIELD", "FAST",
-           "check_socket_free", "plain"]
+__all__ = ["Loop", "Session", "WAIT_LOCK", "WAIT_COMMIT", "WAIT_WATCH", "WAIT_VERIFY", "WAIT_AGENT", "WAIT_HOLD",
+           "WAIT_WORK", "YIELD", "FAST", "check_socket_free", "plain"]
 
 #: what a request coroutine yields while it waits (see the module docstring)
 WAIT_LOCK = object()
@@ -66,6 +68,8 @@ WAIT_COMMIT = object()
 WAIT_WATCH = object()      # a WATCH / WAIT_APPLIED long poll
 WAIT_VERIFY = object()     # an operator's verify, resumed by the agent's result
 WAIT_AGENT = object()      # an operator's request the agent answers (promote's drain: recovery.py)
+WAIT_HOLD = object()       # a new write while a recovery operation holds writes (controller.hold)
+WAIT_WORK = object()       # a request whose reading work runs in a worker thread (controller.history)
 YIELD = object()           # a long request lets the other sessions run; it goes on next turn
 FAST = object()            # sess.gen while a fast-path autocommit waits for its batch
 

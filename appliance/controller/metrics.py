@@ -50,8 +50,6 @@ __all__ = ["MetricsServer"]
 #: into _Collector.collect() next to its neighbours when its feature lands
 _NOT_YET = {
     "appliance_recovery_progress_ratio": "restore/recovery from a secondary or from disk",
-    "appliance_rewind_window_seconds": "going back in time (rewind) on a secondary",
-    "appliance_batch_mode": "referential batch mode (SUSPEND/RESUME of a secondary's apply)",
 }
 
 
@@ -213,6 +211,23 @@ class _Collector:
             yield from self._primary(rep, lg["size"], gauge, counter)
         elif rep and rep.get("role") == "secondary":
             yield from self._secondary(rep, gauge)
+        yield from self._history(st, rep, gauge)
+
+    @staticmethod
+    def _history(st, rep, gauge):
+        """The log history either role keeps (its agent's report), and how far back it reaches."""
+        h = ((rep or {}).get("agent") or {}).get("history") or {}
+        if h.get("enabled"):
+            yield gauge("appliance_history_disk_bytes", "Log history on disk (closed parts, lz4)", h["disk_bytes"])
+            yield gauge("appliance_history_current_bytes", "Log history's current part (appended to as it comes)",
+                        h.get("current_bytes", 0))
+            yield gauge("appliance_history_first_serial", "Oldest serial the log history keeps",
+                        h["first_serial"] or 0)
+            yield gauge("appliance_history_last_serial", "Newest serial the log history keeps", h["last_serial"] or 0)
+        w = (st.get("history") or {}).get("rewind_window")
+        if w and w.get("time_ns"):
+            yield gauge("appliance_rewind_window_seconds", "How far back restore (or batch begin --at) can go",
+                        max(0.0, time.time() - w["time_ns"] / 1e9))
 
     @staticmethod
     def _primary(rep, log_size, gauge, counter):
@@ -271,10 +286,9 @@ class _Collector:
         yield gauge("appliance_secondary_copying", "A block copy from the primary runs", int(bool(rep.get("copying"))))
         yield gauge("appliance_secondary_needs_copy", "It refused the stream and waits for a block copy",
                     int(bool(rep.get("needs_copy"))))
-        h = agent.get("history") or {}
-        if h.get("enabled"):
-            yield gauge("appliance_history_disk_bytes", "Log history on disk", h["disk_bytes"])
-            yield gauge("appliance_history_memory_bytes", "Log history in memory", h["memory_bytes"])
-            yield gauge("appliance_history_first_serial", "Oldest serial the log history keeps",
-                        h["first_serial"] or 0)
-            yield gauge("appliance_history_last_serial", "Newest serial the log history keeps", h["last_serial"] or 0)
+        b = rep.get("batch") or {}
+        yield gauge("appliance_batch_mode", "Referential batch mode: 0 off, 1 suspended (reads see one frozen "
+                    "state), 2 catching up after it", {"suspended": 1, "catching_up": 2}.get(b.get("state"), 0))
+        if b.get("backlog_bytes") is not None:
+            yield gauge("appliance_batch_backlog_bytes", "Received in batch mode and not applied yet",
+                        b["backlog_bytes"])

@@ -13,7 +13,9 @@ that yields the loop's WAIT_* tokens and returns it. :func:`dispatch` checks,
 in this order: the op is known; an agent-only op comes from the agent's
 session; the argument count; the appliance's role allows it (``writes``:
 refused on a secondary, see :meth:`.role.Role.check_write`; ``roles``: the
-roles it exists for). Nothing else in the controller decides these.
+roles it exists for); a request that starts a transaction (``new_txn``) waits
+while another session holds new writes (:mod:`.hold`). Nothing else in the
+controller decides these.
 """
 from __future__ import annotations
 
@@ -34,20 +36,22 @@ class Op:
     writes: bool                     # changes data: refused where the role takes no writes
     roles: frozenset | None          # the roles it exists for (None: every role)
     generator: bool
+    new_txn: bool = False            # starts a transaction: waits while another session holds writes
 
 
 #: op code -> Op, filled by the modules that implement the requests
 HANDLERS: dict[int, Op] = {}
 
 
-def handler(op: int, *, writes: bool = False, roles: tuple[str, ...] | None = None):
+def handler(op: int, *, writes: bool = False, roles: tuple[str, ...] | None = None, new_txn: bool = False):
     """Register the decorated function as the handler of `op`."""
     req = m.REQUESTS[op]
 
     def register(fn):
         if op in HANDLERS:
             raise RuntimeError(f"{req.name} has two handlers: {HANDLERS[op].fn.__qualname__} and {fn.__qualname__}")
-        HANDLERS[op] = Op(req, fn, writes, frozenset(roles) if roles else None, inspect.isgeneratorfunction(fn))
+        HANDLERS[op] = Op(req, fn, writes, frozenset(roles) if roles else None, inspect.isgeneratorfunction(fn),
+                          new_txn)
         return fn
     return register
 
@@ -55,6 +59,8 @@ def handler(op: int, *, writes: bool = False, roles: tuple[str, ...] | None = No
 def dispatch(ctl, sess, req: list):
     """The coroutine of one request (see the module docstring)."""
     h = check(ctl, sess, req)
+    if h.new_txn and ctl.hold.holder is not None and ctl.hold.holder is not sess:
+        yield from ctl.hold.admit(sess)      # a restore, cancel or rerun holds new writes
     if h.generator:
         return (yield from h.fn(ctl, sess, *req[1:]))
     return h.fn(ctl, sess, *req[1:])

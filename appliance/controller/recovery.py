@@ -152,6 +152,10 @@ class Failover:
         if not ctl.role.is_secondary:     # another promote finished while this one waited
             raise errors.RoleError(f"promote: appliance {ctl.cfg.name!r} is {ctl.role.name} now", role=ctl.role.name)
         self._check_promotable()
+        if isinstance(drained, dict) and drained.get("backlog_bytes"):
+            raise errors.RoleError(f"promote: appliance {ctl.cfg.name!r} is still catching up after a batch "
+                                   f"({drained['backlog_bytes']:,} bytes received not applied yet; batch status "
+                                   "shows the time left); promote again once it is done", reason="batch")
         t_drained = time.monotonic()
         applied, source = ctl.agents.applied_serial()
         expanded = None
@@ -220,6 +224,10 @@ class Failover:
         if not ctl.agents.applied_serial()[1]:
             raise errors.RoleError(f"promote: appliance {name!r} never received anything from a primary: "
                                    "there is nothing to take over", reason="empty")
+        if ctl.batch.active:
+            raise errors.RoleError(f"promote: appliance {name!r} is in batch mode: it has not applied what it "
+                                   "received (and acknowledged) since the batch began; run `appliance batch end`, "
+                                   "which applies it, then promote", reason="batch")
 
     def _expand(self) -> dict:
         """An lz4 secondary's promote ([0128]): its backup blocks are

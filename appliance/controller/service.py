@@ -14,6 +14,9 @@ carry out requests, each owning its own state:
 - ``repairs``  the local block check and repairs from a peer (:mod:`.repair`);
 - ``devices``  storage devices taken out of service and replaced (:mod:`.devices`);
 - ``readers``  reader slots and the memory old pins hold (:mod:`.readers`);
+- ``hold``     new writes held while a recovery operation runs (:mod:`.hold`);
+- ``history``  history, restore and cancel from the log history (:mod:`.history`);
+- ``batch``    a secondary's referential batch mode (:mod:`.batch`);
 - ``durable``  log files and checkpoints on disk, when [durability] is set (:mod:`.durable`);
 
 and what the controller reports (:mod:`.status`, :mod:`.devices`). Each
@@ -31,11 +34,15 @@ from ..config import Config
 from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
-from . import agent_ops, apply, durable, statements, status as status_mod  # noqa: F401  (they fill the op table)
+# (these modules fill the op table)
+from . import agent_ops, apply, batch, durable, history, statements, status as status_mod  # noqa: F401
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
+from .batch import BatchMode
 from .commit import GroupCommit
 from .devices import Devices
+from .history import HistoryOps
+from .hold import WriteHold
 from .locks import LockManager
 from .loop import WAIT_COMMIT, WAIT_WATCH, Loop, plain
 from .ops import HANDLERS, check, dispatch
@@ -74,6 +81,9 @@ class Controller(Loop):
         self.failover = Failover(self)
         self.repairs = Repairs(self)
         self.devices = Devices(self)
+        self.hold = WriteHold(self)
+        self.history = HistoryOps(self)
+        self.batch = BatchMode(self)
         self.role.on_change(self._role_changed)
         self.durable = durable.Durable(self, files) if files is not None else None
 
@@ -107,7 +117,8 @@ class Controller(Loop):
         path (dispatch) takes the request."""
         op = req[0]
         if op == m.OP_ATOMIC:
-            if not self.role.writable:     # a secondary, a fenced primary: refused by the general path
+            if not self.role.writable or self.hold.holder is not None:
+                # a secondary, a fenced primary: refused by the general path; held writes: it waits there
                 return False
             try:
                 return self.txns.fast_atomic(sess, req)
@@ -120,7 +131,7 @@ class Controller(Loop):
                 self.request_failed(sess, e)
                 return True
         h = HANDLERS.get(op)
-        if h is None or (h.generator and op not in _NOW):
+        if h is None or (h.generator and op not in _NOW) or (h.new_txn and self.hold.holder is not None):
             return False
         try:
             h = check(self, sess, req)
@@ -157,6 +168,7 @@ class Controller(Loop):
 
     def session_dropped(self, sess) -> None:
         self.agents.dropped(sess)
+        self.hold.dropped(sess)
         txn = sess.txn
         if txn is not None and txn.state == "open":
             self.txns.cancel(txn, "client_gone")

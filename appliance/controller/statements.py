@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import time
 
-import msgpack
-
 from .. import errors
-from ..store import changelog
+from ..store import changelog, tlog
 from ..wire import messages as m
 from .locks import DEADLOCK, GRANTED
 from .loop import FAST, WAIT_LOCK, YIELD, plain
@@ -28,7 +26,6 @@ from .txn import Change, Txn
 
 __all__ = ["Transactions", "LATER"]
 
-_packb = msgpack.Packer(use_bin_type=True).pack   # T logs (program and input) stay msgpack
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
 #: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
@@ -58,16 +55,19 @@ class Transactions:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def begin(self, sess, program, input_, pipelined: bool = False) -> Txn:
+    def begin(self, sess, program, input_, pipelined: bool = False, version: str | None = None) -> Txn:
         if program is not None and not isinstance(program, str):
             raise errors.WrongTypeError("begin: program must be a string or None")
-        tlog = _packb([program, input_])     # the T log, as its BEGIN entry will carry it
-        if len(tlog) > self.max_tlog:
+        if version is not None and (not isinstance(version, str) or program is None or len(version) > 200):
+            raise errors.WrongTypeError("begin: version must be a string of at most 200 characters, "
+                                        "with a program")
+        packed = tlog.encode(program, input_, version)     # the T log, as its BEGIN entry will carry it
+        if len(packed) > self.max_tlog:
             raise errors.RecordTooLargeError(
-                f"begin: the transaction's input (T log) takes {len(tlog)} bytes; at most {self.max_tlog} "
-                "fit the change log", size=len(tlog), limit=self.max_tlog)
-        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, pipelined)
-        txn.tlog = tlog
+                f"begin: the transaction's input (T log) takes {len(packed)} bytes; at most {self.max_tlog} "
+                "fit the change log", size=len(packed), limit=self.max_tlog)
+        txn = Txn(self.ctl.writer.next_txn(), program, input_, sess, pipelined, version)
+        txn.tlog = packed
         sess.txn = txn
         self.active[txn.number] = txn
         return txn
@@ -443,17 +443,19 @@ def put(ctl, sess, table, key, record):
     return (yield from _statement(ctl, sess, m.OP_PUT, (table, key, record)))
 
 
-@handler(m.OP_BEGIN, writes=True)
+@handler(m.OP_BEGIN, writes=True, new_txn=True)
 def begin(ctl, sess, program, input, options=None):
     if sess.txn is not None and sess.txn.state == "open":
         raise errors.TransactionStateError(f"begin: transaction {sess.txn.number} is still open on this connection")
-    pipelined = False
+    pipelined, version = False, None
     if options is not None:
-        if type(options) is not dict or not options.keys() <= {"pipeline"} \
+        if type(options) is not dict or not options.keys() <= {"pipeline", "version"} \
                 or type(options.get("pipeline", False)) is not bool:
-            raise errors.ProtocolError(f'begin: options must be nil or {{"pipeline": true|false}}, not {options!r:.80}')
+            raise errors.ProtocolError(f'begin: options must be nil or {{"pipeline": true|false, "version": str}}, '
+                                       f'not {options!r:.80}')
         pipelined = options.get("pipeline", False)
-    return ctl.txns.begin(sess, program, input, pipelined).number
+        version = options.get("version")
+    return ctl.txns.begin(sess, program, input, pipelined, version).number
 
 
 @handler(m.OP_COMMIT, writes=True)
@@ -474,7 +476,7 @@ def cancel(ctl, sess):
     return None
 
 
-@handler(m.OP_ATOMIC, writes=True)
+@handler(m.OP_ATOMIC, writes=True, new_txn=True)
 def atomic(ctl, sess, program, input, steps, options=None):
     opts = {} if options is None else options
     if not isinstance(opts, dict):
@@ -488,7 +490,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
     if not isinstance(steps, list):
         raise errors.ProtocolError("atomic: steps must be a list")
     txns = ctl.txns
-    txn = txns.begin(sess, program, input)
+    txn = txns.begin(sess, program, input, version=opts.get("version"))
     results = []
     try:
         for st in steps:
@@ -503,7 +505,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
     return out
 
 
-@handler(m.OP_LOAD, writes=True)
+@handler(m.OP_LOAD, writes=True, new_txn=True)
 def load(ctl, sess, table, records, durability=None, commit_timeout=None):
     d = ctl.sync.check_durability(durability)
     bound = m.check_commit_timeout(commit_timeout)

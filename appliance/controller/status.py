@@ -57,6 +57,7 @@ def status(ctl) -> dict:
         "devices": ctl.devices.status(),
         "replication": _replication(ctl),
         "durability": ctl.durable.status() if ctl.durable is not None else None,
+        "history": ctl.history.status(),
     }
 
 

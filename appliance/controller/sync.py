@@ -220,6 +220,8 @@ class SyncTracker:
                 "attempts": st.get("attempts", 0),   # connection attempts failed since the link was up
                 "warning": st.get("warning"),
                 "error": st.get("error"),
+                # batch mode: its acknowledgements mean received and kept, not applied
+                "batch": bool(st.get("batch")),
             }
         now = time.monotonic()
         oldest = sorted(self.waiting, key=lambda w: w.serial)[:100]

@@ -23,9 +23,8 @@ import struct
 import time
 from typing import Any
 
-import msgpack
-
 from .._native import lib
+from ..store import tlog
 from ..store.records import TableSchema
 from ..store.writer import Writer
 
@@ -34,8 +33,6 @@ __all__ = ["Txn", "Change", "Committer"]
 TXN_INSERT = lib.APL_TXN_INSERT
 TXN_UPDATE = lib.APL_TXN_UPDATE
 TXN_DELETE = lib.APL_TXN_DELETE
-
-_packb = msgpack.Packer(use_bin_type=True).pack
 
 
 class Change:
@@ -63,14 +60,16 @@ class Change:
 class Txn:
     """A transaction of one session, from BEGIN to commit or cancel."""
 
-    __slots__ = ("number", "program", "input", "session", "started_ns", "locks", "waiting_for",
+    __slots__ = ("number", "program", "input", "version", "session", "started_ns", "locks", "waiting_for",
                  "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns",
                  "pipelined", "failure", "tlog")
 
-    def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False) -> None:
+    def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False,
+                 version: str | None = None) -> None:
         self.number = number
         self.program = program
         self.input = input
+        self.version = version       # the program callable's version (db.run), or None
         self.session = session
         self.started_ns = time.monotonic_ns()
         self.locks: set = set()
@@ -85,7 +84,7 @@ class Txn:
         self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
         self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
         self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
-        self.tlog = None             # msgpack [program, input], packed once at BEGIN
+        self.tlog = None             # the T log (store.tlog), packed once at BEGIN
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
@@ -127,8 +126,8 @@ class Committer:
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
                                 _step(ops, TXN_INSERT, fid, ak, b"")
-        tlog = txn.tlog if txn.tlog is not None else _packb([txn.program, txn.input])
-        return self.w.commit_txn(txn.number, now, tlog, ops)
+        packed = txn.tlog if txn.tlog is not None else tlog.encode(txn.program, txn.input, txn.version)
+        return self.w.commit_txn(txn.number, now, packed, ops)
 
 
 _OP = struct.Struct("<B3xIII")

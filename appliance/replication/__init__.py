@@ -34,7 +34,9 @@ from .._os import logs, sdnotify
 from .._os.lifecycle import cancel_and_wait
 from .._os.logs import LogEvery, LogOnce
 from ..config import Config
+from ..recovery.history import GAP, RingCursor
 from ..store import changelog
+from ..store.changelog import E_KIND, ENTRY
 from ..store.reader import Reader
 from ..store.segment import Attachment
 from ..wire import messages as m
@@ -104,7 +106,11 @@ class PrimaryAgent:
         self.head = 0
         self.serial = 0
         self._report_event = asyncio.Event()
+        self._history_wake = asyncio.Event()
         self.verify_tasks: set = set()
+        rc = cfg.replication
+        self.history = History(cfg.resolve(rc.history_dir), period=rc.history_period, memory=rc.history_memory,
+                               disk=rc.history_disk, keep_a=rc.history_a_logs, log=log) if rc.history_dir else None
         self.fork = ctl.info.get("fork")    # the primary this one was promoted from (recovery.py)
         self.fencer: Fencer | None = None
         self._fencing: set = set()          # epochs an OP_FENCE was sent for
@@ -117,6 +123,7 @@ class PrimaryAgent:
         on; each relay takes its secondary's settings."""
         secret, tls = cfg.secret(), link.tls_context(cfg, server=False)
         self.cfg, self.secret, self.tls = cfg, secret, tls
+        _reconfigure_history(self.history, cfg)
         by_name = {s.name: s for s in cfg.replication.secondaries}
         for r in self.relays:
             r.reconfigure(by_name[r.name])
@@ -236,6 +243,7 @@ class PrimaryAgent:
         if w is None or not (w.take_published() or force):
             return
         self.refresh()
+        self._history_wake.set()
         for r in self.relays:
             if not r.holding():
                 r.wake.set()
@@ -261,6 +269,9 @@ class PrimaryAgent:
         tasks = [asyncio.create_task(r.run(), name=f"relay:{r.name}") for r in self.relays]
         tasks.append(asyncio.create_task(self._watch(), name="watch"))
         tasks.append(asyncio.create_task(self._report(), name="report"))
+        if self.history is not None:
+            tasks.append(asyncio.create_task(self._keep_history(), name="history"))
+        ready(f"streaming to {', '.join(r.name for r in self.relays)}")
         if self.cfg.replication.listen and self.fork:
             # promoted: where its old primary streams to, it says who is primary now
             self.fencer = Fencer(self)
@@ -281,6 +292,33 @@ class PrimaryAgent:
             self.ctl.close()
             self.watch_ctl.close()
             self.att.close()
+            if self.history is not None:
+                self.history.spill()
+                self.history.close()
+
+    async def _keep_history(self) -> None:
+        """Keep this primary's own log history (history_dir on a primary): its
+        change log as it is published, from where the history ends. Between
+        chunks the loop serves the relays (they are on the synchronous
+        commits' path); closing a part (compressing it) runs in a thread."""
+        h = self.history
+        loop = asyncio.get_running_loop()
+        cursor = RingCursor(self.reader, h.last_serial + 1, chunk=256 << 10)
+        while True:
+            self._history_wake.clear()
+            for blob in cursor.blobs():
+                if _is_gap_marker(blob):
+                    continue          # the history notices the gap itself (and logs history_gap)
+                h.append(blob, spill=False)
+                await asyncio.sleep(0)
+            if h.should_spill():
+                await asyncio.to_thread(h.spill)   # (History.spill holds a lock: the stop's spill waits for it)
+            # the timer sets the event itself (not asyncio.wait_for: see _report)
+            tick = loop.call_later(1.0, self._history_wake.set)
+            try:
+                await self._history_wake.wait()
+            finally:
+                tick.cancel()
 
     async def _watch(self) -> None:
         """Long-poll the controller for what operators ask of the agent
@@ -336,7 +374,8 @@ class PrimaryAgent:
             self._report_event.clear()
             self.refresh()   # the lag it reports (publishes are not signalled while every relay holds)
             state = {"secondaries": {r.name: r.report() for r in self.relays}, "pid": os.getpid(),
-                     "reported_at": time.time()}
+                     "reported_at": time.time(),
+                     "history": self.history.status() if self.history is not None else {"enabled": False}}
             try:
                 await self.ctl.call([m.OP_REPL_STATE, state])
             except errors.UnavailableError:
@@ -463,10 +502,7 @@ class SecondaryAgent:
         """A reloaded config (only config.RELOADABLE's agent keys differ)."""
         if self.applier is not None:
             self.applier.reconfigure(cfg)
-        if self.history is not None:
-            rc, h = cfg.replication, self.history
-            h.period, h.memory, h.disk, h.keep_a = (rc.history_period, rc.history_memory, rc.history_disk,
-                                                    rc.history_a_logs)
+        _reconfigure_history(self.history, cfg)
         self.cfg = cfg
 
     async def run(self, ready) -> None:
@@ -487,9 +523,13 @@ class SecondaryAgent:
         asks = asyncio.create_task(self._asks(), name="asks")
         try:
             while True:
-                await _wait_or_fail(asks, self.cfg.replication.heartbeat)
+                # in batch mode the controller's "end" is heard within 50 ms (OP_REPL_STATE's reply)
+                await _wait_or_fail(asks, 0.05 if applier.backlog is not None and not applier.catching_up
+                                    else self.cfg.replication.heartbeat)
                 try:
-                    await ctl.call([m.OP_REPL_STATE, applier.report()])
+                    r = await ctl.call([m.OP_REPL_STATE, applier.report()])
+                    if isinstance(r, dict) and "batch" in r:
+                        applier.on_batch(bool(r["batch"]))
                 except errors.UnavailableError:
                     self.log.warning("controller_link_lost")
                     if applier.current is not None:
@@ -500,11 +540,12 @@ class SecondaryAgent:
                     applier.applied, applier.source = ctl.info["applied"], ctl.info["source"]
                     applier.copying = bool(ctl.info.get("copying"))
                     applier.need_copy = applier.need_copy or bool(ctl.info.get("needs_copy"))
-                if time.monotonic() - history.last_spill > 5:
+                if history.should_spill():
                     history.spill()
         finally:
             await cancel_and_wait([asks])
             history.spill()
+            history.close()
             applier.close()
             ctl.close()
 
@@ -538,6 +579,18 @@ async def _wait_or_fail(task: asyncio.Task, seconds: float) -> None:
     if done:
         exc = task.exception()
         raise exc if exc is not None else RuntimeError(f"agent task {task.get_name()} ended")
+
+
+def _reconfigure_history(h: History | None, cfg: Config) -> None:
+    """A reload's history settings (config.RELOADABLE: period, memory, disk, A logs)."""
+    if h is not None:
+        rc = cfg.replication
+        h.period, h.memory, h.disk, h.keep_a = rc.history_period, rc.history_memory, rc.history_disk, \
+            rc.history_a_logs
+
+
+def _is_gap_marker(blob: bytes) -> bool:
+    return len(blob) >= ENTRY.size and ENTRY.unpack_from(blob)[E_KIND] == GAP
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:

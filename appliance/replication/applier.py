@@ -25,10 +25,11 @@ from .._os.logs import LogOnce
 from .._os.net import bind_error
 from ..wire import messages as m
 from ..wire import replication as rp
-from . import link
 from ..store.changelog import E_SERIAL, walk
-from .states import ApplierState, set_state
+from . import link
+from .backlog import Backlog
 from .history import History
+from .states import ApplierState, set_state
 
 __all__ = ["Applier"]
 
@@ -57,8 +58,13 @@ class Applier:
         self.connected_since: float | None = None
         self.last_message = 0.0
         self.primary_time_lag = None
+        self.pending = b""           # entries after `applied` held back: a transaction cut at a message's end
+        self.backlog: Backlog | None = None   # batch mode: what arrives is kept here, not applied
+        self.suspend_told = False    # the primary was sent SUSPEND for this batch
+        self.catching_up = False
+        self.catch_up: dict = {}     # progress of the catch-up after a batch
+        self._catch_up_task: asyncio.Task | None = None
         self.primary_serial = 0   # the primary's latest serial this side heard of (heartbeats, entries: its lag)
-        self.suspended = False
         self.server: Listener | None = None
         self.primary_name: str | None = None   # the primary it follows now (named when refusing a deposed one)
         self.heard_at = 0.0
@@ -88,13 +94,121 @@ class Applier:
         set_state(self, state, self.log, "applier_state_changed")
 
     def report(self) -> dict:
-        return {"state": self.state.value, "connected": self.current is not None, "applied": self.applied,
-                "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
-                "primary_time_lag_s": self.primary_time_lag,
-                "connected_since": self.connected_since, "primary": self.primary_name,
-                # serials the primary said it had that are not applied here (what a promote may lose)
-                "primary_serial": self.primary_serial, "behind_serials": max(0, self.primary_serial - self.applied),
-                "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
+        out = {"state": self.state.value, "connected": self.current is not None, "applied": self.applied,
+               "copying": self.copying, "epoch_seen": self.epoch_seen, "history": self.history.status(),
+               "primary_time_lag_s": self.primary_time_lag,
+               "connected_since": self.connected_since, "primary": self.primary_name,
+               # serials the primary said it had that are not applied here (what a promote may lose)
+               "primary_serial": self.primary_serial, "behind_serials": max(0, self.primary_serial - self.applied),
+               "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
+        if self.backlog is not None:
+            b = self.backlog
+            rate = self.catch_up.get("rate_bytes_s")
+            out["batch"] = {"suspended": not self.catching_up, "catching_up": self.catching_up,
+                            "received": b.last, "backlog_bytes": b.pending_bytes,
+                            "backlog_serials": max(0, b.last - self.applied),
+                            "catch_up_rate_bytes_s": rate, "suspended_told": self.suspend_told,
+                            "eta_s": round(b.pending_bytes / rate, 1) if rate else None}
+        return out
+
+    # -- batch mode ([0156]; appliance/controller/batch.py) -----------------------------
+
+    def on_batch(self, active: bool) -> None:
+        """The controller says whether batch mode is on (its OP_APPLY or
+        OP_REPL_STATE reply): suspend applying, or catch up once it is off."""
+        if active and self.backlog is None:
+            self._suspend()
+        elif not active and self.backlog is not None and not self.catching_up:
+            self.catching_up = True
+            self._catch_up_task = asyncio.get_running_loop().create_task(self._catch_up())
+
+    def _suspend(self) -> None:
+        """Batch mode began: keep what arrives in the backlog (the held-back
+        part first), acknowledge on receipt, tell the primary."""
+        dirpath = self.history.dir
+        self.backlog = Backlog(dirpath)
+        if self.pending:
+            from ..store.changelog import first_serial
+            self.backlog.append(self.pending, first_serial(self.pending) or 0, _serial_after(self.pending))
+        self.pending = b""
+        self.suspend_told = False
+        self.catch_up = {}
+        self.log.warning("batch_mode_suspended", applied=self.applied,
+                         note="acknowledging on receipt until the batch ends and this secondary catches up")
+        self._tell(rp.SUSPEND)
+
+    def _drop_backlog(self, reason: str) -> None:
+        """A copy or a rewind replaces the stream: the batch's backlog is moot
+        (the controller ends the batch too); what it lacks comes again."""
+        if self.backlog is not None:
+            self.log.warning("batch_backlog_dropped", reason=reason)
+            if self._catch_up_task is not None:
+                self._catch_up_task.cancel()
+            self.backlog.close()
+            self.backlog, self.catching_up = None, False
+
+    def _tell(self, kind: int) -> None:
+        fs = self.current
+        if fs is None:
+            return          # said on the next link (_accept)
+        try:
+            fs.send(rp.message(kind, self.epoch_seen, self.applied, {"applied": self.applied, "batch": True}))
+            if kind == rp.SUSPEND:
+                self.suspend_told = True
+        except ConnectionError:
+            pass
+
+    async def _catch_up(self) -> None:
+        """Apply the backlog in chunks of whole transactions while new
+        entries keep arriving behind; when nothing whole is left, hand the
+        rest to the stream and tell the primary this secondary is back."""
+        b = self.backlog
+        chunk = 4 << 20
+        t0 = time.monotonic()
+        start_pos, start_serial = b.read_pos, self.applied
+        self.log.info("batch_catch_up_started", backlog_bytes=b.pending_bytes, applied=self.applied, received=b.last)
+        small_rounds = 0
+        try:
+            while True:
+                tail = b.pending_bytes
+                data = b.read(b.read_pos, min(tail, chunk))
+                if len(data) == tail and not _has_boundary(data):
+                    break                               # only an unfinished transaction is left
+                if tail < 64 << 10:
+                    small_rounds += 1
+                    if small_rounds > 1000:
+                        break       # chasing a steady trickle: the stream applies the rest with what comes next
+                r = await self.ctl.call([m.OP_APPLY, self.source, self.applied, data])
+                if r.get("batch"):
+                    self.catching_up = False
+                    self.log.warning("batch_catch_up_interrupted", reason="batch mode began again")
+                    return
+                if r["consumed"] == 0:
+                    chunk *= 2                          # a transaction bigger than the chunk
+                    continue
+                b.read_pos += r["consumed"]
+                if r["applied"] > self.applied:
+                    self.applied = r["applied"]
+                el = max(time.monotonic() - t0, 1e-6)
+                self.catch_up = {"rate_bytes_s": round((b.read_pos - start_pos) / el),
+                                 "serials_s": round((self.applied - start_serial) / el)}
+        except errors.ApplianceError as exc:
+            self.catching_up = False
+            self.log.error("batch_catch_up_failed", error=str(exc), applied=self.applied)
+            if exc.details.get("need_copy"):
+                self.need_copy = True
+                if self.current is not None:
+                    self.current.close()
+            return
+        # hand over: nothing awaited since the last read, so the backlog holds all that arrived
+        self.pending = b.read(b.read_pos, b.pending_bytes)
+        el = time.monotonic() - t0
+        b.close()
+        self.backlog = None
+        self.catching_up = False
+        self.log.warning("batch_mode_caught_up", applied=self.applied, seconds=round(el, 3),
+                         bytes=b.size - start_pos, serials_s=self.catch_up.get("serials_s"))
+        self._tell(rp.RESUME)
 
     def _heard(self, serial) -> None:
         if type(serial) is int and serial > self.primary_serial:
@@ -143,13 +257,20 @@ class Applier:
                 cut = True      # the old primary is still streaming: cut it here
                 self.current.close()
                 await self.link_done.wait()
+        task = self._catch_up_task
+        if task is not None and not task.done():   # after a batch: what it received is applied first
+            await asyncio.wait({task}, timeout=max(0.0, timeout - (time.monotonic() - t0)))
+        backlog = self.backlog.pending_bytes if self.backlog is not None else 0
         self.log.warning("drained_for_promote", applied=self.applied, heard=self.primary_serial, cut=cut,
-                         partial=self.partial, seconds=round(time.monotonic() - t0, 3))
+                         partial=self.partial, backlog_bytes=backlog, seconds=round(time.monotonic() - t0, 3))
         return {"applied": self.applied, "epoch_seen": self.epoch_seen, "primary": self.primary_name,
+                "backlog_bytes": backlog,
                 "heard": self.primary_serial, "partial": self.partial, "cut": cut,
                 "heard_s_ago": round(time.monotonic() - self.heard_at, 3) if self.heard_at else None}
 
     def close(self) -> None:
+        if self._catch_up_task is not None:
+            self._catch_up_task.cancel()
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -211,6 +332,9 @@ class Applier:
         self.connected_since = time.time()
         self._set_state(ApplierState.STREAMING)
         self.log.info("primary_connected", peer=fs.peer, primary_instance=instance, applied=self.applied)
+        self.pending = b""
+        if self.backlog is not None and not self.catching_up:
+            self._tell(rp.SUSPEND)
         beat = asyncio.get_running_loop().create_task(self._heartbeats(fs))
         try:
             await self._serve(fs, instance)
@@ -258,11 +382,9 @@ class Applier:
                                 "last_serial": serials[-1] if serials else None}
 
     async def _stream(self, fs: link.FrameStream, instance: int) -> None:
-        pending = b""
         acked = -1   # last ACK on this link: the first applied serial is always acknowledged
         copy_calls: list = []
         while self.current is fs:
-            self.pending = pending
             kind, epoch, serial, ts, body = rp.parse(await fs.recv(DRAIN_IDLE if self.draining else None))   # (silence: _heartbeats)
             if epoch < self.epoch_seen:
                 fs.send(rp.message(rp.ERROR, self.epoch_seen, 0,
@@ -280,15 +402,37 @@ class Applier:
                 copy_calls.clear()
                 first, last, blob = body
                 self.carried = max(self.carried, last)
-                expect = self.applied + 1 + (0 if not pending else _serial_after(pending) - self.applied)
+                if self.backlog is not None:
+                    expect = max(self.applied, self.backlog.last) + 1
+                else:
+                    expect = self.applied + 1 + (0 if not self.pending else _serial_after(self.pending) - self.applied)
                 if first > expect:
                     self.log.warning("gap_detected", expected=expect, got=first)
                     fs.send(rp.message(rp.NAK, self.epoch_seen, expect, {"expected": expect}))
                     await fs.drain()
-                    pending = b""
+                    self.pending = b""
                     continue
                 self.history.append(blob)
-                pending += blob
+                if self.backlog is not None:
+                    # batch mode: keep it, apply nothing; "backup complete" means received and kept
+                    self.backlog.append(blob, first, last)
+                    while (nxt := fs.peek()) is not None:
+                        k2, e2, _, _, b2 = rp.parse(nxt)
+                        if k2 != rp.ENTRIES or e2 != epoch:
+                            break
+                        _check_entries(fs, b2)
+                        if b2[0] > self.backlog.last + 1:
+                            break
+                        fs.pop()
+                        self.history.append(b2[2])
+                        self.backlog.append(b2[2], b2[0], b2[1])
+                        self.carried = max(self.carried, b2[1])
+                    if self._ack_serial() > acked:
+                        acked = self._ack_serial()
+                        fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked, "received": True}))
+                        await fs.drain()
+                    continue
+                self.pending += blob
                 # the ENTRIES that queued up while the last apply ran go in the
                 # same apply (one controller round trip and one ACK for all);
                 # a gap or any other message stops the batch and is handled
@@ -302,11 +446,18 @@ class Applier:
                         break
                     fs.pop()
                     self.history.append(b2[2])
-                    pending += b2[2]
+                    self.pending += b2[2]
                     last = max(last, b2[1])
                     self.carried = max(self.carried, last)
-                r = await self.ctl.call([m.OP_APPLY, instance, self.applied, pending])
-                pending = pending[r["consumed"]:]
+                r = await self.ctl.call([m.OP_APPLY, instance, self.applied, self.pending])
+                if r.get("batch"):          # batch mode began: what is held back goes to the backlog
+                    self.on_batch(True)
+                    if self._ack_serial() > acked:
+                        acked = self._ack_serial()
+                        fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked, "received": True}))
+                        await fs.drain()
+                    continue
+                self.pending = self.pending[r["consumed"]:]
                 if r["applied"] > self.applied:
                     self.applied = r["applied"]
                     self.source = instance
@@ -317,6 +468,7 @@ class Applier:
                     fs.send(rp.message(rp.ACK, self.epoch_seen, acked, {"applied": acked}))
                     await fs.drain()
             elif kind == rp.COPY_BEGIN:
+                self._drop_backlog("a block copy from the primary began")
                 await self.ctl.call([m.OP_COPY, "begin", instance, body])
                 self.copying = True
                 self._set_state(ApplierState.COPYING)
@@ -327,7 +479,7 @@ class Applier:
                     continue
                 self.need_copy = False
                 self.applied = self.carried = body["serial"]
-                pending = b""
+                self.pending = b""
                 self.log.info("copy_receiving", blocks=body.get("limit"), serial=body.get("serial"))
             elif kind == rp.COPY_BLOCKS:
                 # pipelined: the controller applies in order on one connection; the
@@ -350,6 +502,7 @@ class Applier:
                 acked = self.applied
                 self.log.info("copy_complete", applied=self.applied)
             elif kind == rp.REWIND:
+                self._drop_backlog("a new primary rewinds this secondary")
                 await self._rewind(fs, body, instance)
                 acked = -1
             elif kind == rp.FETCH:
@@ -394,6 +547,8 @@ class Applier:
             return
         self.log.warning("rewound_to_fork", serial=serial, undone=r["transactions"], blocks=len(r["blocks"]),
                          was=self.applied)
+        # what the history holds past the fork was undone: the new primary's entries take those serials
+        self.history.truncate_after(serial)
         self.applied = self.carried = r["applied"]
         self.source = instance
         self.repair = r["blocks"]
@@ -406,7 +561,11 @@ class Applier:
         """What an acknowledgement on the current link says is applied: the
         last serial applied, but never past what this link carried (after a
         resume from the log history's end the link resends serials applied
-        before: what was applied past them is acknowledged as they arrive)."""
+        before: what was applied past them is acknowledged as they arrive).
+        In batch mode: what is received and kept (the backlog), told to the
+        primary by SUSPEND first."""
+        if self.backlog is not None:
+            return min(max(self.applied, self.backlog.last), self.carried)
         return min(self.applied, self.carried)
 
     async def _heartbeats(self, fs) -> None:
@@ -450,9 +609,16 @@ def compare_sums(a: bytes, b: bytes) -> list[int]:
     return sorted(n for n in da.keys() | db.keys() if da.get(n) != db.get(n))
 
 
+def _has_boundary(data: bytes) -> bool:
+    """Does `data` hold the end (COMMIT or CANCEL) of a transaction?"""
+    from .._native import lib
+    from ..store.changelog import E_KIND
+    return any(f[E_KIND] in (lib.APL_CE_COMMIT, lib.APL_CE_CANCEL) for _, f in walk(data))
+
+
 def _serial_after(pending: bytes) -> int:
     """The last serial in a partial transaction kept back (its entries are contiguous)."""
-    from ..store.changelog import E_SERIAL, walk
+    from ..store.changelog import E_SERIAL
     last = 0
     for _, f in walk(pending):
         last = f[E_SERIAL]

@@ -92,6 +92,7 @@ class Relay:
         self._fetch_seq = 0
         self.rewinds = 0              # rewinds after a failover (status)
         self.backlog: list[bytes] = []   # entries from the log files, sent before the ring's (see _seek)
+        self.batch = False            # the secondary is in batch mode: it acknowledges on receipt
 
     def reconfigure(self, sec) -> None:
         """This secondary's settings (a reload: the address serves the next
@@ -111,7 +112,7 @@ class Relay:
         return {"connected": self.connected, "acked": self.acked, "sent": self.sent, "state": self.state.value,
                 "lag_bytes": lag_bytes, "copy": self.copy, "copies": self.copies, "error": self.last_error,
                 "warning": self.warning, "attempts": self.attempts, "rewinds": self.rewinds,
-                "repair_pending": len(self.repair)}
+                "repair_pending": len(self.repair), "batch": self.batch}
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -528,6 +529,20 @@ class Relay:
                 fut = self.verify_waiters.pop(body.get("id"), None) if isinstance(body, dict) else None
                 if fut is not None and not fut.done():
                     fut.set_result(body)
+            elif kind == rp.SUSPEND:
+                if not self.batch:
+                    self.batch = True
+                    self.log.warning("secondary_batch_mode", applied=body.get("applied") if isinstance(body, dict)
+                                     else None, acknowledges="on receipt",
+                                     note="its acknowledgements mean received and kept in its log, not applied, "
+                                          "until it reports it is back (RESUME)")
+                    self.agent.report_soon()
+            elif kind == rp.RESUME:
+                if self.batch:
+                    self.batch = False
+                    self.log.warning("secondary_batch_mode_ended", applied=body.get("applied")
+                                     if isinstance(body, dict) else None)
+                    self.agent.report_soon()
             elif kind == rp.ERROR:
                 raise link.refusal(body if isinstance(body, dict) else {}, fs.peer, "ended the link")
             else:

@@ -41,17 +41,19 @@ def _entry_struct() -> tuple[tuple[str, ...], struct.Struct]:
 #: the entry header's fields (struct apl_centry, in order) and their struct.Struct
 FIELDS, ENTRY = _entry_struct()
 #: index of a field in what ENTRY unpacks
-E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN, E_KLEN, E_ALEN, E_BLEN = (
-    FIELDS.index(f"ce_{n}") for n in ("len", "kind", "flags", "file", "block", "serial", "txn", "klen", "alen", "blen"))
+E_LEN, E_KIND, E_FLAGS, E_FILE, E_BLOCK, E_SERIAL, E_TXN, E_TIME, E_KLEN, E_ALEN, E_BLEN = (
+    FIELDS.index(f"ce_{n}") for n in ("len", "kind", "flags", "file", "block", "serial", "txn", "time_ns", "klen",
+                                       "alen", "blen"))
 _SERIAL_AT = ffi.offsetof("struct apl_centry", "ce_serial")
 _SERIAL = struct.Struct("=Q")
 
 
-def walk(blob: bytes) -> Iterator[tuple[int, tuple[int, ...]]]:
+def walk(blob: bytes, pos: int = 0) -> Iterator[tuple[int, tuple[int, ...]]]:
     """(position, header fields as ENTRY unpacks them) of each entry of `blob`
-    (entries back to back, as apl_log_export writes them), up to the first
-    one that is cut short or shorter than a header."""
-    pos, n = 0, len(blob)
+    (entries back to back, as apl_log_export writes them) from byte `pos`
+    (an entry's start), up to the first one that is cut short or shorter
+    than a header."""
+    n = len(blob)
     while pos + _HDR <= n:
         f = ENTRY.unpack_from(blob, pos)
         ln = f[E_LEN]

@@ -35,7 +35,7 @@ reply is APL_EBACKUP (BackupTimeoutError, details txn, serial, version,
 waiting_for, after_s): committed here, the backup pending, the records
 still locked until it is confirmed.
 OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...,
-"commit_timeout": ...}.
+"commit_timeout": ..., "version": ...} (version: as OP_BEGIN's).
 
 The replication agent of the same appliance uses these, on the same socket
 (only after OP_AGENT, and only from the controller's own user or root):
@@ -119,6 +119,11 @@ OP_REWIND = 38
 OP_EPOCH = 39
 OP_IMAGES = 40
 OP_DEVICES = 41
+OP_HISTORY = 42
+OP_RESTORE = 43
+OP_CANCEL_TXN = 44
+OP_HOLD = 45
+OP_BATCH = 46
 OP_DEVICE_DETACH = 48
 OP_DEVICE_REPLACE = 49
 
@@ -166,8 +171,9 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "the one SO_PEERCRED gives (another pid namespace) is refused with APL_EACCESS"),
     _R(OP_STATUS, (), "map (see controller.status)"),
     _R(OP_BEGIN, ("program", "input", "options?"),
-       'transaction number (program: a name or nil; input: any; options: nil or {"pipeline": bool}, see '
-       '"Pipelined transactions")'),
+       'transaction number (program: a name or nil; input: any; options: nil or {"pipeline": bool, "version": '
+       'str}: "pipeline", see "Pipelined transactions"; "version", the program callable\'s version, db.run: '
+       'see appliance/store/tlog.py)'),
     _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
     _R(OP_INSERT, ("table", "record"), "nil"),
     _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
@@ -198,6 +204,22 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        "device, dry_run, timeout}: copy those blocks, or the damaged ones, again from a peer)"),
     _R(OP_DEVICES, (), "list: per device segment index, name, state, size, slots, used, free, blocks, damaged, "
        "bytes"),
+    _R(OP_HISTORY, ("query",),
+       "map: transactions (each: txn, serial, time_ns, program, version, input, changes: [{table, kind, key, "
+       "b, a}]), next (serial to ask from for more, or nil), window; query: {since, until, program, table, "
+       "key, limit, images}"),
+    _R(OP_RESTORE, ("target", "options"),
+       "map: to_serial, records, entries, transactions, parts, txn, serial (or, dry_run: changes); target: "
+       "{serial} or {time_ns}; options: {table, blocks, dry_run, timeout}"),
+    _R(OP_CANCEL_TXN, ("txn", "options"),
+       "map: txn, serial, records (or, dry_run: changes); refused with APL_ECONFLICT when later "
+       "transactions changed its records; options: {dry_run, timeout}"),
+    _R(OP_HOLD, ("action", "timeout?"),
+       'nil ("begin": new writes of other sessions wait until "end" or this session closes; waits up to '
+       "timeout s for open transactions to end)"),
+    _R(OP_BATCH, ("action", "at?"),
+       'map: batch state (a secondary: "begin" stops applying, reads see one frozen state, `at` rewinds '
+       'it to a serial or {time_ns} first; "end" resumes; "status")'),
     _R(OP_DEVICE_DETACH, ("device",), "map: device, blocks, state (device segment `device` is taken out of "
        "service: reads and changes of the blocks on it fail with APL_EDEVICE until it is replaced)"),
     _R(OP_DEVICE_REPLACE, ("device", "options"), "map: device, mode, blocks, refilled, failed, moved, bytes, "
@@ -208,8 +230,9 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
        'an operator asked something of the agent, or at the timeout: head, tail, serial, version, "verify": '
        'ids operators asked for, "resync": secondaries to copy again', agent=True),
-    _R(OP_REPL_STATE, ("state",), "nil ({secondary: {connected, acked, state, ...}}: drives synchronous "
-       'commits on a primary, shown by status; or {"verify": {id: result}})', agent=True),
+    _R(OP_REPL_STATE, ("state",), "nil; a secondary: {batch: whether batch mode is on} ({secondary: "
+       "{connected, acked, state, ...}}: drives synchronous commits on a primary, shown by status; or "
+       '{"verify": {id: result}})', agent=True),
     _R(OP_WAKEUPS, (), "map: instance, secondaries (names, in the order of the acknowledgement slots); with "
        "it, the published and acked eventfds and the acknowledgements memfd (a primary)", agent=True),
     _R(OP_APPLY, ("source", "after", "entries"), "map: applied, consumed (a secondary)", agent=True),

@@ -47,7 +47,6 @@ Stream (primary -> secondary), in serial order:
                                         and follows this primary from there
     FETCH       {id, blocks}            send the images of these block numbers (a primary
                                         repairs damaged blocks of its own from them)
-    SUSPEND / RESUME                    stop / restart applying (referential batch mode)
     HEARTBEAT   {head, committed}       keeps an idle link measurable
 
 Replies (secondary -> primary):
@@ -63,6 +62,11 @@ Replies (secondary -> primary):
                                         (its history does not reach the fork): copy all
     REPAIR      {blocks}                copy these block numbers again (damaged here)
     BLOCKS      {id, serial, images}    FETCH's answer: the images at `serial`, its applied one
+    SUSPEND     {applied}               referential batch mode ([0156]): this secondary stopped
+                                        applying; it keeps what arrives and, until RESUME, its
+                                        ACKs mean received and kept ({applied, received: true}),
+                                        so a synchronous primary does not stall on it
+    RESUME      {applied}               it caught up after the batch: ACKs mean applied again
     HEARTBEAT   {applied}
     ERROR       {code, message[, epoch, primary]}  then the connection is closed (a secondary
                                         whose controller refused a batch says why, and its
