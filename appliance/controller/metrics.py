@@ -32,9 +32,6 @@ its own; the controller's loop never waits for it.
   data: counters, per-table counts from the meta blocks) once a second, and
   the GIL while a scrape renders its text (a few hundred microseconds per
   scrape).
-
-Figures whose source does not exist yet have a place here (see
-``_NOT_YET``): they are added where their feature lands.
 """
 from __future__ import annotations
 
@@ -45,12 +42,6 @@ from .._version import __version__
 from ..config import parse_address
 
 __all__ = ["MetricsServer"]
-
-#: figures the issue asks for whose source is not in this build yet; each goes
-#: into _Collector.collect() next to its neighbours when its feature lands
-_NOT_YET = {
-    "appliance_recovery_progress_ratio": "restore/recovery from a secondary or from disk",
-}
 
 
 class MetricsServer:
@@ -224,6 +215,12 @@ class _Collector:
             yield gauge("appliance_history_first_serial", "Oldest serial the log history keeps",
                         h["first_serial"] or 0)
             yield gauge("appliance_history_last_serial", "Newest serial the log history keeps", h["last_serial"] or 0)
+        job = (st.get("history") or {}).get("progress")
+        if job:
+            done = job["part"] / job["parts"] if job.get("parts") else 0.0
+            yield gauge("appliance_recovery_progress_ratio", "A restore, cancel or rerun running: parts committed / "
+                        "parts (0 while its history is read)", labels=("op", "phase"),
+                        samples=[((job.get("op", "?"), job.get("phase", "?")), done)])
         w = (st.get("history") or {}).get("rewind_window")
         if w and w.get("time_ns"):
             yield gauge("appliance_rewind_window_seconds", "How far back restore (or batch begin --at) can go",
