@@ -158,6 +158,9 @@ class TestDetach:
         assert pair.status()["devices"]["detached"] == [dev]
         shown = cli("status", "--config", str(cfg)).stdout
         assert f"DETACHED device(s) {dev}" in shown and "detached" in shown
+        rc, frame = cli_json("top", "--config", str(cfg), "--interval", "0.2")
+        assert rc == 0 and f"device {dev} detached" in frame["problems"]
+        assert frame["devices"][dev]["state"] == "detached"
         # nothing new lands on it meanwhile
         with appliance.connect(cfg) as db:
             for i in range(200):

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pair(make_module_appliance, tmp_path_factory):
-    c = Cluster(make_module_appliance, tmp_path_factory.mktemp("top"), secondaries=(("async", ""),))
+    c = Cluster(make_module_appliance, tmp_path_factory.mktemp("top"), secondaries=(("async", ""),),
+                secondary_replication='history_dir = "history"')
     try:
         c.start()
         yield c
@@ -144,6 +145,24 @@ class TestLiveView:
         screen = t.wait(lambda s: re.search(rf"primary {pair.primary.name}: connected, streaming, lag 0 serials", s),
                         "the primary connected, lag 0")
         assert "secondary" in screen.splitlines()[0]
+        t.child.send("q")
+        assert t.finish() == 0
+
+
+    def test_secondary_shows_batch_mode_while_it_lasts(self, pair, terminal):
+        """batch begin on the secondary: its view says applying is suspended; batch end: off again."""
+        import appliance
+        pair.wait_caught_up()
+        sec = pair.secondaries[0].app.config
+        t = terminal(sec, "--interval", "0.5")
+        t.wait(lambda s: "batch mode: off" in s, "batch mode off")
+        with appliance.connect(sec) as db:
+            db.batch("begin")
+            try:
+                t.wait(lambda s: "batch mode: applying suspended" in s, "batch mode shown")
+            finally:
+                db.batch("end")
+        t.wait(lambda s: "batch mode: off" in s or "catching up" in s, "batch mode ended")
         t.child.send("q")
         assert t.finish() == 0
 

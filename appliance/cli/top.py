@@ -133,6 +133,9 @@ class View:
                 out.append(f"primary {rep.get('primary')} not connected")
         if st["readers"].get("warning"):
             out.append("readers hold old versions")
+        for seg in st["segments"]:
+            if seg.get("state", "in service") != "in service":
+                out.append(f"device {seg['index']} {seg['state']}")
         return out
 
     def as_dict(self) -> dict:
@@ -145,7 +148,8 @@ class View:
             return out
         r = st["readers"]
         out.update(role=st["role"], epoch=st["epoch"], version=st["version"], uptime_s=round(st["uptime_s"], 1),
-                   devices=[{k: s[k] for k in ("name", "slots", "used", "free")} for s in st["segments"]],
+                   devices=[{k: s.get(k) for k in ("name", "slots", "used", "free", "state")}
+                            for s in st["segments"]],
                    oldest_snapshot={"pid": r.get("oldest_pin_pid"), "age_s": r.get("oldest_pin_age_s"),
                                     "pins": r["active"]},
                    replication=_replication_rows(st))
@@ -157,12 +161,13 @@ def _replication_rows(st: dict) -> list[dict]:
     if rep.get("role") == "primary":
         return [{"secondary": n, "mode": x["mode"], "state": x["state"], "healthy": x["healthy"],
                  "lag_serials": x["lag"].get("serials", 0), "lag_s": x["lag"]["seconds"],
-                 "copy": x.get("copy")} for n, x in sorted(rep["secondaries"].items())]
+                 "copy": x.get("copy"), "batch": bool(x.get("batch"))} for n, x in sorted(rep["secondaries"].items())]
     if rep.get("role") == "secondary":
         lag = rep.get("lag") or {}
         return [{"primary": rep.get("primary"), "connected": lag.get("connected"),
                  "state": (rep.get("agent") or {}).get("state"), "applied_serial": rep["applied_serial"],
-                 "lag_serials": lag.get("serials"), "lag_s": lag.get("seconds")}]
+                 "lag_serials": lag.get("serials"), "lag_s": lag.get("seconds"),
+                 "batch": (rep.get("batch") or {}).get("state")}]
     return []
 
 
@@ -203,6 +208,8 @@ def render(view: View, width: int = WIDTH, height: int = 24) -> Group:
             if r.get("copy"):
                 cp = r["copy"]
                 note = f"copy {cp['blocks']}/{cp['total']}"
+            elif r.get("batch"):
+                note = "batch mode"
             lines.append(Text(f"{r['secondary'][:18]:<18} {r['mode']:<5} {r['state'][:13]:<13} "
                               f"{r['lag_serials']:>11} {r['lag_s']:>8.3f}  {note}"))
         if len(rows) > 4:
@@ -212,7 +219,9 @@ def render(view: View, width: int = WIDTH, height: int = 24) -> Group:
         lines.append(Text(f"primary {r['primary']}: {'connected' if r['connected'] else 'not connected'}, "
                           f"{r['state'] or '?'}, lag {'-' if r['lag_serials'] is None else r['lag_serials']} "
                           "serials" + (f" ({r['lag_s']:g} s)" if r["lag_s"] is not None else "")))
-        lines.append(Text(f"  applied serial {r['applied_serial']:,}"))
+        batch = {"suspended": "batch mode: applying suspended, reads see one frozen state",
+                 "catching_up": "batch mode ended: catching up"}.get(r.get("batch") or "", "batch mode: off")
+        lines.append(Text(f"  applied serial {r['applied_serial']:,}; {batch}"))
     bar_w = 40
     segs = st["segments"]
     lines.append(Text("devices", style="bold"))
@@ -221,7 +230,9 @@ def render(view: View, width: int = WIDTH, height: int = 24) -> Group:
         fill = int(used * bar_w + 0.5)
         lines.append(Text(f"  dev{s['index']:<3} ") + Text("█" * fill, style="yellow") +
                      Text("░" * (bar_w - fill), style="dim") +
-                     Text(f" {used:>4.0%}  {s['used']}/{s['slots']} blocks"))
+                     Text(f" {used:>4.0%}  {s['used']}/{s['slots']} blocks") +
+                     (Text(f" {s['state'].upper()}", style="bold red")
+                      if s.get("state", "in service") != "in service" else Text("")))
     if len(segs) > 4:
         lines.append(Text(f"  ... and {len(segs) - 4} more devices", style="dim"))
     tx = st["transactions"]
