@@ -401,6 +401,27 @@ class TestDurableFailover:
         assert bank_state(pair.a) == expect
 
 
+    def test_a_fenced_primary_stays_fenced_across_power_cuts(self, make_pair):
+        """A durable primary fenced by an operator: the fence is in its files (a log record, then the
+        checkpoint's header), so after a power cut its cold start still refuses writes."""
+        pair = make_pair(mode="sync", durable=True).start()
+        load_bank(pair.a)
+        assert cli("fence", "--yes", "--epoch", "5", "--primary", pair.b.name,
+                   "--config", str(pair.a.app.config)).returncode == 0
+        for checkpoint_first in (False, True):
+            if checkpoint_first:
+                assert cli("checkpoint", "--config", str(pair.a.app.config)).returncode == 0
+            power_cut(pair.a)
+            pair.a.app.controller.start()
+            st = pair.status(pair.a)
+            assert st["recovery"]["cold_start"] and st["role"] == "primary"
+            assert st["failover"]["fenced"] == {"epoch": 5, "by": pair.b.name}
+            with appliance.connect(pair.a.app.config) as db:
+                with pytest.raises(errors.NotPrimaryError):
+                    db.table("accounts")[0] = {"branch": "x", "balance": 1}
+                assert db.table("accounts")[1]["balance"] >= 0        # reads go on
+
+
 def wait_checkpoint(db, timeout: float = 30.0) -> None:
     """Until status says a checkpoint was written and none is needed."""
     deadline = time.monotonic() + timeout

@@ -248,12 +248,21 @@ class Durable:
         return self.writer.submit(kind, payload, first=first, last=last, aux1=source)
 
     def _role_changed(self, old: str, new: str) -> None:
+        self._role_record(new)
+
+    def fenced(self) -> None:
+        """The primary was fenced (recovery.py): the files say so too, so a
+        cold start of it still takes no writes."""
+        self._role_record(self.ctl.role.name)
+
+    def _role_record(self, role: str) -> None:
         sb = self.att.sb
         epoch = sb.sb_epoch
-        # with the primary a promoted one continues (recovery.py: what a rejoin of that primary rewinds to)
-        fork = {"fork_instance": sb.sb_fork_instance, "fork_serial": sb.sb_fork_serial}
-        self.writer.header.update(role=new, epoch=epoch, **fork)
-        self.writer.submit(rec.KIND_ROLE, rec.pack({"role": new, "epoch": epoch, **fork}))
+        # with the primary a promoted one continues (recovery.py: what a rejoin of that primary rewinds to),
+        # and the newer epoch a fenced primary learnt of
+        fork = {"fork_instance": sb.sb_fork_instance, "fork_serial": sb.sb_fork_serial, **fence_of(sb)}
+        self.writer.header.update(role=role, epoch=epoch, **fork)
+        self.writer.submit(rec.KIND_ROLE, rec.pack({"role": role, "epoch": epoch, **fork}))
         self._unsynced.clear()
         self.pos = changelog.bounds(self.ctl.reader)["head"]
 
@@ -358,7 +367,7 @@ class Durable:
                   "serial": pb.pb_serial, "txn_last": pb.pb_txn, "txn_next": sb.sb_txn_next, "epoch": sb.sb_epoch,
                   "role": ctl.role.name, "source_serial": pb.pb_source_serial,
                   "source_instance": pb.pb_source_instance, "fork_instance": sb.sb_fork_instance,
-                  "fork_serial": sb.sb_fork_serial, "block_limit": ctl.reader.block_limit(),
+                  "fork_serial": sb.sb_fork_serial, **fence_of(sb), "block_limit": ctl.reader.block_limit(),
                   "block_size": sb.sb_block_size, "created_ns": time.time_ns(), "reason": reason,
                   "log_bytes": self.writer.bytes_written}
         number = self.checkpoints["taken"] + self.checkpoints["failed"] + 1
@@ -464,3 +473,9 @@ def checkpoint(ctl, sess):
                                  file=str(ctl.cfg.path), key="durability", problem="no [durability] section")
     n = d.start_checkpoint("operator")
     return {"number": n, "dir": str(d.dir.path)}
+
+
+def fence_of(sb) -> dict:
+    """A fenced primary's newer epoch and the primary at it (0, "": none)."""
+    return {"fenced_epoch": sb.sb_fenced_epoch,
+            "fenced_by": ffi.string(sb.sb_fenced_by).decode(errors="replace")}

@@ -316,6 +316,8 @@ class Failover:
         if primary is not None and not isinstance(primary, str):
             raise errors.WrongTypeError("fence: the primary must be a name or nil")
         if ctl.role.fence(epoch, primary):
+            if ctl.durable is not None:
+                ctl.durable.fenced()
             released = self.refuse_writes()
             self.log.critical("primary_fenced", epoch=epoch, primary=primary, own_epoch=ctl.role.epoch,
                               reason=reason, **released,

@@ -83,6 +83,7 @@ class _Replay:
         self.source_serial = start.get("source_serial", 0)
         self.source = start.get("source_instance", 0)
         self.fork = (start.get("fork_instance", 0), start.get("fork_serial", 0))
+        self.fenced = (start.get("fenced_epoch", 0), start.get("fenced_by", ""))
         self.copied: bytearray | None = None
         self.records = 0
         self.entries = 0
@@ -148,6 +149,8 @@ class _Replay:
             self.role, self.epoch = doc.get("role", self.role), max(self.epoch, int(doc.get("epoch", 0)))
             if "fork_instance" in doc:
                 self.fork = (doc["fork_instance"], doc.get("fork_serial", 0))
+            if "fenced_epoch" in doc:
+                self.fenced = (doc["fenced_epoch"], doc.get("fenced_by", ""))
         elif k == rec.KIND_GAP:
             self.gap = {"after": r.first, "next": r.last, "seq": r.seq}
             raise StopLog(f"record seq {r.seq}: serials {r.first + 1}..{r.last - 1} never reached the files "
@@ -216,6 +219,10 @@ def cold_start(cfg: Config, log, d: LogDir):
             if role in ROLES:
                 wr.att.sb.sb_role = ROLES[role]
             wr.att.sb.sb_fork_instance, wr.att.sb.sb_fork_serial = replay.fork
+            if replay.fenced[0] > replay.epoch and role == "primary":    # a fenced primary stays fenced
+                wr.att.sb.sb_fenced_epoch = replay.fenced[0]
+                by = str(replay.fenced[1] or "").encode()[:47]
+                ffi.memmove(wr.att.sb.sb_fenced_by, by + b"\0" * (48 - len(by)), 48)
             if replay.source or replay.source_serial:
                 wr.set_source(replay.source_serial, replay.source)
             wr.resume(replay.serial, replay.txn_next)
