@@ -56,8 +56,6 @@ def detached(sb) -> list[int]:
 def raise_for(rc: int, what: str, *, sb=None, **details: Any) -> None:
     """Raise the exception of `rc`; `sb` (the appliance's superblock) names
     the detached devices of an APL_EDEVICE."""
-    if rc == lib.APL_ECORRUPT and sb is not None and sb.sb_detached:
-        rc = lib.APL_EDEVICE    # a marked location entry points nowhere (cext/apl_devices.c)
     text = reason(rc)
     if rc == lib.APL_EDEVICE and sb is not None:
         devs = details.setdefault("devices", ",".join(map(str, detached(sb))))

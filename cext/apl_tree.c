@@ -433,9 +433,9 @@ static int copy_old(const struct apl_bhdr *b, const struct apl_slot *sl, uint8_t
     return APL_OK;
 }
 
-int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
-            const uint8_t *val, uint32_t vlen, uint32_t mode,
-            uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+static int put_in(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+                  const uint8_t *val, uint32_t vlen, uint32_t mode,
+                  uint8_t *old, uint64_t oldcap, int64_t *oldlen)
 {
     if (!s->pending)
         return APL_EBATCH;
@@ -568,8 +568,8 @@ static uint64_t delete_need(apl_store *s, uint32_t file, const struct wpath *wp)
     return need;
 }
 
-int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
-               uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+static int delete_in(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+                     uint8_t *old, uint64_t oldcap, int64_t *oldlen)
 {
     if (!s->pending)
         return APL_EBATCH;
@@ -718,4 +718,25 @@ int apl_store_create_file(apl_store *s, uint32_t id, const char *name, uint32_t 
     f->fl_table = table;
     STORE_REL(&f->fl_kind, kind);
     return APL_OK;
+}
+
+/* A block of the path that the tree walk found nowhere, while a device is
+ * detached: its location entry is marked (apl_devices.c), so the change
+ * needs a block on that device. */
+static int device_rc(const apl_store *s, int rc)
+{
+    return rc == APL_ECORRUPT && s->v->v_sb->sb_detached ? APL_EDEVICE : rc;
+}
+
+int apl_put(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+            const uint8_t *val, uint32_t vlen, uint32_t mode,
+            uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+{
+    return device_rc(s, put_in(s, file, key, klen, val, vlen, mode, old, oldcap, oldlen));
+}
+
+int apl_delete(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen,
+               uint8_t *old, uint64_t oldcap, int64_t *oldlen)
+{
+    return device_rc(s, delete_in(s, file, key, klen, old, oldcap, oldlen));
 }

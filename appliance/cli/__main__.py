@@ -138,18 +138,12 @@ def device() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def device_list(config_path: str, as_json: bool) -> None:
     """Every device segment: state, blocks, bytes, checksum health."""
-    from ..client.session import Session
-    from ..wire import messages as m
-    from . import render
+    from . import recovery, render
     cfg = _load(config_path)
-    s = Session(str(cfg.socket_path), cfg.name, name="appliance-device", timeout=600)
     try:
-        s.connect()
-        devs = s.call([m.OP_DEVICES], "device list")
+        devs = recovery.devices(cfg)
     except errors.ApplianceError as e:
         raise _fail(e) from None
-    finally:
-        s.close()
     if as_json:
         click.echo(json.dumps(devs))
     else:
