@@ -41,7 +41,6 @@ def _writer(config: str, records: int, stop, out, seed: int) -> None:
     lat, failed, other = [], 0, 0
     ns = time.perf_counter_ns
     with appliance.connect(config) as db:
-        t = db.table("accounts")
         while not stop.is_set():
             k = rng.randrange(records)
             t0 = ns()
@@ -53,7 +52,6 @@ def _writer(config: str, records: int, stop, out, seed: int) -> None:
                 failed += 1
             except errors.ApplianceError:
                 other += 1
-        del t
     out.put((lat, failed, other))
 
 

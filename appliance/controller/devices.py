@@ -162,7 +162,7 @@ class Devices:
         rep["seconds"] = round(time.monotonic() - t0, 3)
         rep["refill_seconds"] = round(refill_s, 3)
         rep["bytes"] = job["bytes"]
-        rep["rate_bytes_s"] = round(job["bytes"] / refill_s, 1) if refill_s > 0 else None
+        rep["rate_bytes_s"] = round(job["bytes"] / refill_s, 1) if refill_s > 0 and job["bytes"] else None
         self.last = dict(rep, at=time.time())
         self.log.warning("device_replaced", device=dev, blocks=len(nums), failed=rep["failed"],
                          moved=rep["moved"], seconds=rep["seconds"], mode=job["mode"])
@@ -174,8 +174,7 @@ class Devices:
         spent = {"wait_s": 0.0, "fetch_s": 0.0, "lay_s": 0.0}
         if ctl.role.is_secondary:
             yield from ctl.repairs._from_primary(sess, nums, timeout)
-            job["done"] = len(nums)
-            job["bytes"] = len(nums) * ctl.att.sb.sb_block_size
+            job["done"] = len(nums)        # (the bytes came with the primary's copy: not counted here)
             source = " or ".join(ctl.cfg.replication.primaries)
         else:
             source = None

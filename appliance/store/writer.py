@@ -5,8 +5,10 @@ from one thread.
 """
 from __future__ import annotations
 
+import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -372,8 +374,6 @@ def _create_devices(names: SegmentNames, geo: Geometry, mode: int, gid: int | No
     the GIL), so threads on other cores shorten a start, a cold start and an
     lz4 promote. Every segment made goes into `made` (the caller unlinks
     them if one fails)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
     workers = max(1, min(geo.nsegments, os.cpu_count() or 1, 4))
     if workers == 1:
         out = []
