@@ -831,33 +831,41 @@ def _merged(old: Config, new: Config, keys: list[str]) -> Config:
     return Config.model_validate({**tree, "path": old.path})
 
 
-def reload_logged(running: Config, process: str, log, apply) -> Config | None:
+def reload_logged(running: Config, process: str, log, apply, report: dict | None = None) -> Config | None:
     """SIGHUP: read `running`'s file again and call `apply(cfg)` with the
     config to run with (`running` with what `process` can take from the
     file); returns that config. None when the file or `apply` refuses it
     (config_reload_failed; the process goes on as it was). Keys that need a
     restart are logged (config_reload_needs_restart), what was applied too
-    (config_reloaded)."""
+    (config_reloaded). `report`, when given, is filled with the same: file,
+    applied, needs_restart, and error and key when it was refused."""
+    out = report if report is not None else {}
+    out.update(file=str(running.path), applied=[], needs_restart=[], error=None, key=None)
+
+    def failed(error: str, key: str | None) -> None:
+        log.error("config_reload_failed", error=error, file=str(running.path), key=key)
+        out.update(error=error, key=key)
+
     try:
         new = load(running.path)
     except ConfigError as e:
-        log.error("config_reload_failed", error=str(e), file=e.details.get("file"), key=e.details.get("key"))
+        failed(str(e), e.details.get("key"))
         return None
     keys, restart = reload_plan(running, new, process)
+    out["needs_restart"] = restart
     if restart:
         log.warning("config_reload_needs_restart", keys=restart, file=str(running.path))
     try:
         merged = _merged(running, new, keys)
     except ValidationError as exc:   # the values taken do not fit with the ones kept
-        log.error("config_reload_failed", file=str(running.path), key=_loc(exc.errors()[0]["loc"]),
-                  error=f"{running.path}: {exc.errors()[0]['msg']} (with the keys that need a restart "
-                        f"unchanged: {', '.join(restart)})")
+        failed(f"{running.path}: {exc.errors()[0]['msg']} (with the keys that need a restart "
+               f"unchanged: {', '.join(restart)})", _loc(exc.errors()[0]["loc"]))
         return None
     try:
         apply(merged)
     except (OSError, ConfigError) as exc:   # a TLS or secret file that cannot be used
-        log.error("config_reload_failed", file=str(running.path), key=exc.details.get("key")
-                  if isinstance(exc, ConfigError) else None, error=f"{running.path}: {exc}")
+        failed(f"{running.path}: {exc}", exc.details.get("key") if isinstance(exc, ConfigError) else None)
         return None
+    out["applied"] = keys
     log.info("config_reloaded", applied=keys, file=str(running.path))
     return merged

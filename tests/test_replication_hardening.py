@@ -473,6 +473,36 @@ class TestReload:
         db.table("accounts")[1] = {"branch": "a", "balance": 1}
         assert db.table("accounts")[1]["balance"] == 1
 
+    def test_appliance_reload_answers_once_the_new_settings_are_in_force(self, make_appliance):
+        """`appliance reload` (systemd's ExecReload): the command returns only after the controller has
+        taken the file, so the very next lock wait uses the new lock_timeout; --json names what was
+        applied and what needs a restart."""
+        from procs import cli_json
+        app = make_appliance().start()
+        db1, db2 = app.connect(), app.connect()
+        edit_file(app.config, ("lock_timeout = 2.0", "lock_timeout = 0.3"), ("max_readers = 128", "max_readers = 256"))
+        rc, rep = cli_json("reload", "--config", str(app.config))
+        assert rc == 0, rep
+        assert rep == {"file": str(app.config.resolve()), "applied": ["controller.lock_timeout"],
+                       "needs_restart": ["storage.max_readers"]}
+        db1.table("accounts")[1] = {"branch": "a", "balance": 1}
+        with db1.transaction() as tx1:
+            tx1.get("accounts", 1, for_update=True)
+            with pytest.raises(errors.LockTimeoutError, match="waited 0.3 s"):
+                with db2.transaction() as tx2:
+                    tx2.update("accounts", 1, {"balance": 2})
+
+    def test_appliance_reload_of_a_bad_file_exits_78_and_changes_nothing(self, make_appliance):
+        """A file the controller refuses: exit 78 with the key on stderr; the old lock_timeout stays."""
+        from procs import cli
+        app = make_appliance().start()
+        db = app.connect()
+        edit_file(app.config, ("lock_timeout = 2.0", 'lock_timeout = "soon"'))
+        r = cli("reload", "--config", str(app.config))
+        assert r.returncode == 78 and "controller.lock_timeout" in r.stderr, r
+        assert db.status()["pid"] == app.controller.pid
+        assert not fh.events(app, "config_reloaded")
+
     def test_agents_and_controllers_of_a_pair_reload(self, make_cluster):
         """SIGHUP to all four processes of a synchronous pair (systemctl reload appliance): the
         agents apply the new heartbeat, nobody exits, synchronous commits go on."""

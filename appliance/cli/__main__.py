@@ -399,6 +399,27 @@ def fence(config_path: str, epoch: int, primary: str | None, yes: bool, as_json:
 @main.command()
 @CONFIG
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def reload(config_path: str, as_json: bool) -> None:
+    """The controller reads its config again and takes what it can change running; returns once it has
+    (exit 78 and nothing changed when the file is refused)."""
+    from .reload import reload as reload_config
+    cfg = _load(config_path)
+    try:
+        rep = reload_config(cfg)
+    except errors.ApplianceError as e:
+        raise _fail(e) from None
+    if as_json:
+        click.echo(json.dumps(rep))
+        return
+    taken = ", ".join(rep["applied"]) or "no change it can take running"
+    click.echo(f"{cfg.name}: reloaded {rep['file']}: {taken}")
+    if rep["needs_restart"]:
+        click.echo(f"{cfg.name}: needs a restart to take: {', '.join(rep['needs_restart'])}")
+
+
+@main.command()
+@CONFIG
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, as_json: bool) -> None:
     """Segments, blocks, tables, transactions; exits 3 when not running."""
     from ..client.session import Session

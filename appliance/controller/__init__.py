@@ -56,7 +56,7 @@ class ControllerLock:
 
 
 def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
-    from .health import Health
+    from . import health as health_mod
     from .loop import check_socket_free
     from .metrics import MetricsServer
     from .service import Controller
@@ -89,7 +89,7 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
                  role=ctl.role.name, epoch=ctl.role.epoch,
                  socket=str(cfg.socket_path), startup_ms=round((time.monotonic() - t0) * 1000, 1),
                  **{f"recovery_{k}": v for k, v in facts.items()})
-        health = Health(ctl)
+        health = health_mod.Health(ctl)
         health.ready()
         next_hk = time.monotonic() + HOUSEKEEPING_S
         while not (shutdown and shutdown.requested):
@@ -98,7 +98,7 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
             if shutdown is not None:
                 shutdown.drain()
                 if shutdown.take_reload():
-                    reload(ctl, log, health)
+                    health_mod.reload(ctl)
             now = time.monotonic()
             health.turn(now)   # WATCHDOG=1 from the loop's own turn: a stuck loop stops it
             if now >= next_hk:
@@ -121,11 +121,6 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         lock.release()
 
 
-def reload(ctl, log, health) -> None:
-    """SIGHUP: reload the config file (RELOADING=1 ... READY=1 for systemd)."""
-    sdnotify.reloading()
-    config_mod.reload_logged(ctl.cfg, "controller", log, ctl.reconfigure)
-    health.ready()
 
 
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:

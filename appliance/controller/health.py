@@ -21,10 +21,13 @@ here runs on another thread.
 """
 from __future__ import annotations
 
+from .. import config as config_mod, errors
 from .._os import sdnotify
+from ..wire import messages as m
+from .ops import handler
 from .status import secondary_lag, serials_behind
 
-__all__ = ["Health", "status_line"]
+__all__ = ["Health", "status_line", "reload"]
 
 
 def status_line(ctl) -> str:
@@ -52,6 +55,29 @@ def status_line(ctl) -> str:
         down = "" if lag["connected"] else f", {primary} not connected"
         return f"{head}; {lag['serials']} serials{secs} behind {primary}{down}"
     return head
+
+
+def reload(ctl) -> dict:
+    """Read the config file again and take what the controller may change
+    running (SIGHUP, or OP_RELOAD from `appliance reload`): RELOADING=1, the
+    reload, READY=1 with the status line. Returns what
+    config.reload_logged reports (file, applied, needs_restart, error, key)."""
+    sdnotify.reloading()
+    report: dict = {}
+    config_mod.reload_logged(ctl.cfg, "controller", ctl.log, ctl.reconfigure, report)
+    sdnotify.ready(status_line(ctl))
+    return report
+
+
+@handler(m.OP_RELOAD)
+def reload_op(ctl, sess):
+    """`appliance reload`: answers once the reload is done, so systemd's
+    ExecReload (which runs it) ends when the new settings are in force."""
+    report = reload(ctl)
+    if report["error"] is not None:
+        raise errors.ConfigError(f"reload refused, nothing changed: {report['error']}", file=report["file"],
+                                 key=report["key"])
+    return {k: report[k] for k in ("file", "applied", "needs_restart")}
 
 
 class Health:

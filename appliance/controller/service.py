@@ -35,7 +35,7 @@ from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
 # (these modules fill the op table)
-from . import agent_ops, apply, batch, durable, history, statements, status as status_mod  # noqa: F401
+from . import agent_ops, apply, batch, durable, health, history, statements, status as status_mod  # noqa: F401
 from .agent_ops import AgentLink
 from .apply import SecondaryApply
 from .batch import BatchMode

@@ -126,6 +126,7 @@ OP_HOLD = 45
 OP_BATCH = 46
 OP_DEVICE_DETACH = 48
 OP_DEVICE_REPLACE = 49
+OP_RELOAD = 50
 
 #: the most replies a client leaves unread on one connection (flow control of pipelined
 #: statements); the controller stops reading only a session with more requests queued
@@ -225,6 +226,9 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_DEVICE_REPLACE, ("device", "options"), "map: device, mode, blocks, refilled, failed, moved, bytes, "
        "seconds, source (a new segment refilled with exactly its blocks from a peer; options: {online, "
        "timeout}; status devices.replace shows its progress)"),
+    _R(OP_RELOAD, (), "map: file, applied, needs_restart (the controller reads its config file again and "
+       "takes the keys config.RELOADABLE allows now, as SIGHUP does, and answers once it has; a file it "
+       "refuses is APL_ECONFIG with the key, and nothing changes)"),
     _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
        "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
