@@ -643,6 +643,49 @@ class TestDurableSecondary:
         assert rc == 0, res
 
 
+class TestFullDiskSecondary:
+    def test_a_restarted_agent_acknowledges_only_what_is_on_the_secondary_disk(self, make_cluster, small_disk):
+        """A synchronous secondary with log_sync = "commit" whose disk fills up
+        applies the primary's changes in memory but cannot log them: the
+        commit waiting for it is not acknowledged. Its agent restarted then
+        tells the primary the serial on its disk, not the one in its memory,
+        so the waiting commit stays unacknowledged; once space returns the pair
+        catches up and is identical."""
+        files = f'[durability]\ndir = "{small_disk / "files"}"\ncheckpoint_every = "off"\n'
+        c = make_cluster(secondaries=(("sync", ""),), tables=TABLES, secondary_replication=files)
+        c.start()
+        (sec,) = c.secondaries
+        db = c.primary.app.connect(commit_timeout=1.0)
+        t = db.table("accounts")
+        i = 0
+        while True:
+            try:
+                t[i] = {"branch": "x" * 200, "balance": i}
+            except errors.ApplianceError:
+                break
+            i += 1
+            assert i < 20000, "the secondary's disk never filled up"
+        st = sec.app.connect().status()
+        durable, applied = st["durability"]["durable_serial"], st["replication"]["applied_serial"]
+        assert st["durability"]["error"] and applied > durable, st["durability"]
+        prim_events = len([e for e in c.primary.agent.events() if e.get("event") == "secondary_connected"])
+        sec.agent.kill()
+        sec.agent.start()
+        deadline = time.monotonic() + 20
+        while len([e for e in c.primary.agent.events() if e.get("event") == "secondary_connected"]) <= prim_events:
+            assert time.monotonic() < deadline, "the restarted agent never reached the primary"
+            time.sleep(0.05)
+        connected = [e for e in c.primary.agent.events() if e.get("event") == "secondary_connected"][-1]
+        assert connected["applied"] <= durable, (connected, durable, applied)
+        assert c.status()["replication"]["secondaries"][sec.name]["acked_serial"] <= durable
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        c.wait_caught_up()     # the applies that waited for the disk are answered (none hangs)
+        assert sec.app.connect().status()["durability"]["error"] is None
+        t[i + 1] = {"branch": "y", "balance": 1}                # synchronous again
+        rc, res = c.verify()
+        assert rc == 0, res
+
+
 class TestMetrics:
     def test_the_metrics_endpoint_reports_the_log_files(self, make_appliance, tmp_path):
         """With [durability] and [metrics]: nothing published is missing from disk after a commit

@@ -243,8 +243,10 @@ def agent(ctl, sess, role, agent_pid):
     ctl.log.info("agent_attached", pid=sess.pid, agent_pid=agent_pid)
     sb = ctl.att.sb
     applied, source = ctl.agents.applied_serial()
+    durable = applied if ctl.durable is None else ctl.durable.acknowledgeable(applied)
     return {"name": ctl.cfg.name, "instance": sb.sb_instance, "epoch": sb.sb_epoch,
             "role": ctl.role.name, "serial": ctl.agents.published_serial(), "applied": applied,
+            "durable": durable,
             "source": source, "copying": ctl.applier.copied is not None,
             "needs_copy": ctl.applier.needs_copy is not None, **ctl.failover.agent_info()}
 

@@ -277,6 +277,19 @@ class Durable:
                        f"{e.details.get('path')}); commits are refused until it can be, nothing was changed",
                        code=e.code, path=str(self.dir.path), committed=False)
 
+    def acknowledgeable(self, applied: int) -> int:
+        """On a secondary with log_sync = "commit": the last primary serial
+        its agent may tell the primary it holds (START after the agent
+        restarts) — `applied`, unless records it applied are not on disk yet
+        (queued, or the disk refuses them), then the serial that is. The
+        primary resends the rest; applying skips what is here already and its
+        answer waits for the disk, so nothing is acknowledged before it is
+        durable."""
+        w = self.writer
+        if self.mode != "commit" or (w.error is None and w.synced_seq >= w.next_seq - 1):
+            return applied
+        return min(applied, w.synced_serial)
+
     def when_durable(self, serial: int, fn) -> None:
         """Call fn(None) once the record holding commit serial `serial` is on
         disk (log_sync = "commit"; otherwise at once), or fn(error) when the
@@ -308,6 +321,8 @@ class Durable:
         generator for the op handlers."""
         if self.mode != "commit" or seq <= self.writer.synced_seq:
             return None
+        if self.writer.error is not None:   # _wait would answer before this request waits: raise it here
+            raise self._not_durable(seq)
         ctl = self.ctl
         self._wait(seq, lambda exc: ctl.resume(sess, None, exc))
         return (yield WAIT_DURABLE)

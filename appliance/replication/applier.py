@@ -47,7 +47,9 @@ class Applier:
         self.files = files
         self.secret = cfg.secret()
         self.tls = link.tls_context(cfg, server=True)
-        self.applied = ctl.info["applied"]
+        # what is on the secondary's disk when its log lags its memory (log_sync = "commit"): START
+        # resumes there, so a restarted agent never acknowledges what is not durable yet
+        self.applied = ctl.info.get("durable", ctl.info["applied"])
         self.source = ctl.info["source"]
         self.epoch_seen = ctl.info["epoch"]
         self.copying = bool(ctl.info.get("copying"))

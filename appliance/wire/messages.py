@@ -229,7 +229,8 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
     _R(OP_RELOAD, (), "map: file, applied, needs_restart (the controller reads its config file again and "
        "takes the keys config.RELOADABLE allows now, as SIGHUP does, and answers once it has; a file it "
        "refuses is APL_ECONFIG with the key, and nothing changes)"),
-    _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, source, copying, "
+    _R(OP_AGENT, ("role", "agent_pid"), "map: name, instance, epoch, role, serial, applied, durable (what of "
+       "`applied` a secondary may acknowledge: on its disk with log_sync = \"commit\"), source, copying, "
        "needs_copy, fork, repair (role: the one the agent expects, or nil to be told)"),
     _R(OP_WATCH, ("serial", "timeout"), "log bounds once the published serial exceeds `serial` (nil: never), "
        'an operator asked something of the agent, or at the timeout: head, tail, serial, version, "verify": '
