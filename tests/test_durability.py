@@ -487,6 +487,64 @@ class TestFullDisk:
         c.close()
 
 
+def test_a_write_refused_part_way_leaves_no_torn_record_behind_a_later_file(small_disk):
+    """The disk takes part of a record and refuses the rest; space returns with a log file made in
+    advance, and the writer moves onto it. The bytes the refused write left at the end of the old file
+    are cut first: reading the log finds both records and cuts nothing (a torn record there used to end
+    the log and set the later file aside, losing what was acknowledged after it)."""
+    import structlog
+    from appliance.durability import logfiles as lf
+    log = structlog.get_logger()
+    filler = small_disk / "filler"
+
+    def leave_free(nbytes: int) -> None:
+        """Grow or shrink the filler file until the disk has `nbytes` free."""
+        st = os.statvfs(small_disk)
+        free = st.f_bavail * st.f_frsize
+        size = filler.stat().st_size if filler.exists() else 0
+        with open(filler, "ab") as f:
+            f.truncate(max(0, size + free - nbytes))   # a sparse file would take no space: write it
+        fd = os.open(filler, os.O_WRONLY)
+        try:
+            for off in range(size, max(0, size + free - nbytes), 4096):
+                os.pwrite(fd, b"\xff" * 4096, off)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def wait(what, cond):
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    d = lf.LogDir(small_disk / "files", log)
+    leave_free(16 << 10)                               # room for a file with one record, not for a spare
+    w = lf.LogWriter(d, mode="commit", sync_interval=0.01, file_size=64 << 10, header={"appliance": "t"},
+                     end=lf.LogEnd(), log=log)
+    try:
+        s1 = w.submit(rec.KIND_ROLE, b"a" * 100)
+        wait("the first record on disk", lambda: w.synced_seq >= s1)
+        wait("the spare given up", lambda: w._spare_thread is not None and not w._spare_thread.is_alive())
+        assert not (d.path / lf.SPARE).exists() and not w._preallocated
+        leave_free(8 << 10)                            # part of the next record
+        s2 = w.submit(rec.KIND_ROLE, b"b" * (32 << 10))
+        wait("the disk refused", lambda: w.error is not None)
+        assert w.synced_seq < s2
+        filler.unlink()
+        with open(d.path / lf.SPARE, "wb") as f:      # space again, and a file made in advance
+            f.write(bytes(64 << 10))
+            os.fsync(f.fileno())
+        wait("the second record on disk", lambda: w.synced_seq >= s2)
+        assert len(d.logs()) == 2
+    finally:
+        w.stop()
+    got = []
+    end, cut = d.read(0, got.append)
+    assert cut is None and [r.seq for r in got] == [s1, s2] and end.seq == s2
+
+
 TRANSFERS = r"""
 import random, sys
 import appliance

@@ -393,6 +393,7 @@ class LogWriter:
         self._spare_thread: threading.Thread | None = None
         self._fd = -1
         self._offset = end.offset
+        self._tried_end = end.offset      # how far a write may have reached: past _offset, a refused write's bytes
         self._unsynced: list[tuple[int, bytes]] = []   # (offset, bytes) written since the last good fsync
         self._unsynced_seq = (end.seq, end.serial)
         self._last_sync = time.monotonic()
@@ -540,6 +541,7 @@ class LogWriter:
         is one); its directory entry is fsynced before anything in it counts
         as written."""
         if self._fd >= 0:
+            self._cut_refused()
             if self._unsynced or self.mode != "off":
                 self._sync()
             os.close(self._fd)
@@ -562,11 +564,28 @@ class LogWriter:
                 tmp.unlink(missing_ok=True)
             raise
         self._fd = fd
-        self._offset = len(data)
+        self._offset = self._tried_end = len(data)
         self.current = path
         self._rotate = False
         self._preallocated = made
         self._make_spare()
+
+    def _cut_refused(self) -> None:
+        """Before the writer leaves a file: a write the disk refused part-way
+        left bytes of a record after the last whole one. A retry in the same
+        file writes over them; one in the next file would leave them as a torn
+        record in the middle of the log, which a cold start cuts there with
+        every later file. So they go: the file is truncated (zeros written
+        over them in a file made in advance, whose zeros are its end) and
+        forced."""
+        if self._tried_end <= self._offset:
+            return
+        if self._preallocated:
+            write_all(self._fd, bytes(self._tried_end - self._offset), self._offset)
+        else:
+            os.ftruncate(self._fd, self._offset)
+        os.fdatasync(self._fd)
+        self._tried_end = self._offset
 
     def _make_spare(self) -> None:
         """Make the next file in advance, in a helper thread (at most one)."""
@@ -625,6 +644,7 @@ class LogWriter:
                 size += sum(len(x) for x in fr)
                 j += 1
             data = b"".join(pieces)
+            self._tried_end = max(self._tried_end, self._offset + len(data))
             write_all(self._fd, data, self._offset)
             if self.mode != "off":
                 self._unsynced.append((self._offset, data))
