@@ -441,6 +441,16 @@ def edit_file(path, *changes: tuple[str, str]) -> None:
     path.write_text(text)
 
 
+def assert_lock_wait_gives_up(db1, db2, seconds: str) -> None:
+    """db2's update of a record db1 holds for update gives up after `seconds` (lock_timeout)."""
+    db1.table("accounts")[1] = {"branch": "a", "balance": 1}
+    with db1.transaction() as tx1:
+        tx1.get("accounts", 1, for_update=True)
+        with pytest.raises(errors.LockTimeoutError, match=f"waited {seconds} s"):
+            with db2.transaction() as tx2:
+                tx2.update("accounts", 1, {"balance": 2})
+
+
 class TestReload:
     def test_controller_reloads_lock_timeout_and_names_what_needs_a_restart(self, make_appliance):
         """SIGHUP to a controller: a changed lock_timeout is applied to the next lock wait, a changed
@@ -452,12 +462,7 @@ class TestReload:
         ev = fh.wait_event(app, "config_reloaded")[0]
         assert ev["applied"] == ["controller.lock_timeout"]
         assert fh.events(app, "config_reload_needs_restart")[0]["keys"] == ["storage.max_readers"]
-        db1.table("accounts")[1] = {"branch": "a", "balance": 1}
-        with db1.transaction() as tx1:
-            tx1.get("accounts", 1, for_update=True)
-            with pytest.raises(errors.LockTimeoutError, match="waited 0.3 s"):
-                with db2.transaction() as tx2:
-                    tx2.update("accounts", 1, {"balance": 2})
+        assert_lock_wait_gives_up(db1, db2, "0.3")
         assert db1.status()["pid"] == app.controller.pid
 
     def test_a_bad_config_on_reload_changes_nothing(self, make_appliance):
@@ -485,23 +490,25 @@ class TestReload:
         assert rc == 0, rep
         assert rep == {"file": str(app.config.resolve()), "applied": ["controller.lock_timeout"],
                        "needs_restart": ["storage.max_readers"]}
-        db1.table("accounts")[1] = {"branch": "a", "balance": 1}
-        with db1.transaction() as tx1:
-            tx1.get("accounts", 1, for_update=True)
-            with pytest.raises(errors.LockTimeoutError, match="waited 0.3 s"):
-                with db2.transaction() as tx2:
-                    tx2.update("accounts", 1, {"balance": 2})
+        assert_lock_wait_gives_up(db1, db2, "0.3")
 
     def test_appliance_reload_of_a_bad_file_exits_78_and_changes_nothing(self, make_appliance):
-        """A file the controller refuses: exit 78 with the key on stderr; the old lock_timeout stays."""
+        """A bad file: the command refuses it (exit 78, the key on stderr); asked from Python with the
+        config read before the edit, the controller refuses it (ConfigError naming the key, config_reload_failed)
+        and keeps its lock_timeout (the one a good edit would have changed is still 2 s)."""
+        from appliance.cli.reload import reload
         from procs import cli
         app = make_appliance().start()
-        db = app.connect()
+        db1, db2 = app.connect(), app.connect()
         edit_file(app.config, ("lock_timeout = 2.0", 'lock_timeout = "soon"'))
         r = cli("reload", "--config", str(app.config))
         assert r.returncode == 78 and "controller.lock_timeout" in r.stderr, r
-        assert db.status()["pid"] == app.controller.pid
-        assert not fh.events(app, "config_reloaded")
+        with pytest.raises(errors.ConfigError, match="nothing changed") as exc:
+            reload(app.cfg)
+        assert exc.value.details["key"] == "controller.lock_timeout"
+        assert fh.events(app, "config_reload_failed") and not fh.events(app, "config_reloaded")
+        assert_lock_wait_gives_up(db1, db2, "2")
+        assert db1.status()["pid"] == app.controller.pid
 
     def test_agents_and_controllers_of_a_pair_reload(self, make_cluster):
         """SIGHUP to all four processes of a synchronous pair (systemctl reload appliance): the

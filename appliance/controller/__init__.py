@@ -121,8 +121,6 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         lock.release()
 
 
-
-
 def run(config_path: str, *, log_json: bool | None = None, log_level: str | None = None) -> int:
     """Entry point of ``appliance controller``; returns the exit status
     (errors.exit_status of what refused the start: each cause its own EX_* code)."""
