@@ -24,8 +24,28 @@ from appliance.store.segment import unlink_all
 from procs import APPLIANCE, ROOT, RUN_DIR, die_with_parent as _die_with_parent
 from store_helpers import CREATED_NAMES, Store, linked_segments, unique_name, unlink_leftovers
 
+LOG_TAIL_LINES = 25   # of each process log, in a failed test's report
+
 # tests/installed runs only against a package installed from the wheel (tests/test_install.py)
 collect_ignore_glob = [] if os.environ.get("APPLIANCE_TEST_INSTALLED") else ["installed/*"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of every process log
+    under its tmp_path (controllers, agents, clients): what CI prints of a
+    failure is then enough to tell which process did what."""
+    outcome = yield
+    rep = outcome.get_result()
+    tmp = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
+    if not rep.failed or tmp is None:
+        return
+    for path in sorted(Path(tmp).rglob("*.log"))[:12]:
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            continue
+        rep.sections.append((f"log {path.relative_to(tmp)}", "\n".join(ln[:400] for ln in lines)))
 
 
 @pytest.fixture
@@ -286,11 +306,33 @@ def _no_leaked_segments():
 # Replication: a primary and secondaries, each a controller and an agent
 # ---------------------------------------------------------------------------
 
+#: ports free_port hands out: below the kernel's ephemeral range (32768 and up), so no outgoing connection
+#: or port-0 listener takes one between the test choosing it and a process binding it (a secondary's listen
+#: port may be bound only minutes later, at a rejoin), and a slice per xdist worker, so two workers never
+#: hand out the same one
+PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    import random
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    width = len(PORTS) // 8
+    mine = range(PORTS.start + (index % 8) * width, PORTS.start + (index % 8 + 1) * width)
+    for _ in range(200):
+        port = random.choice(mine)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {mine} for worker {worker}")
 
 
 class AgentProcess(ControllerProcess):

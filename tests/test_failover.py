@@ -293,6 +293,46 @@ class TestSynchronousFailover:
         assert st["healthy"] and not st["degraded"]               # back in the quorum once caught up
 
 
+    def test_a_rejoin_whose_agent_cannot_listen_says_so_and_completes_once_it_runs(self, make_pair):
+        """The old primary's listen address is taken by another process when it rejoins: its agent stops on
+        the secondary side's bind (a typed, logged refusal naming the address), the rejoin's wait does not
+        hang (it fails once no agent is attached for --agent-wait, naming the address); with the port
+        free again and the agent started, it follows the new primary and verify ends clean."""
+        import socket
+        pair = make_pair(mode="sync").start()
+        load_bank(pair.a)
+        with appliance.connect(pair.a.app.config) as db:
+            for i in range(20):
+                transfer(db, i, i + 1, 3, f"t-{i}")
+        pair.kill(pair.a)
+        cli_json("promote", pair.b, "--yes")
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", pair.ports[0]))
+            squatter.listen()
+            pair.a.app.controller.start()
+            pair.a.agent.start()
+            wait_for(lambda: pair.status(pair.a)["failover"]["fenced"], 30, what="the old primary to be fenced")
+
+            r = cli("rejoin", "--json", "--yes", "--agent-wait", "2", "--config", str(pair.a.app.config))
+            assert r.returncode == 3, r.stdout + r.stderr
+            assert "no replication agent has been attached" in r.stderr and f":{pair.ports[0]}" in r.stderr
+            assert pair.a.agent.proc.wait(10) == errors.EXIT_BUSY
+            failed = [e for e in pair.a.agent.events() if e.get("event") == "agent_failed"]
+            assert failed and failed[-1]["key"] == "replication.listen" and "in use" in failed[-1]["error"]
+            st = pair.status(pair.a)
+            assert st["role"] == "secondary" and not st["replication"]["agent"]["attached"]
+        finally:
+            squatter.close()
+
+        pair.a.agent.start()
+        wait_for(lambda: pair.caught_up(pair.b, pair.a.name), 60, what="the rejoined secondary to catch up")
+        r = cli("verify", "--config", str(pair.b.app.config))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert bank_state(pair.a) == bank_state(pair.b)
+
+
 class TestAsynchronousFailover:
     def test_loses_at_most_the_lag_shown_and_the_rejoining_primary_is_rewound(self, make_pair):
         """An asynchronous secondary whose link stalls: the primary commits on (status shows the lag), then dies.

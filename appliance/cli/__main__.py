@@ -342,9 +342,11 @@ def promote(config_path: str, drain_timeout: float, yes: bool, as_json: bool) ->
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="wait until it follows the new primary (rewound, copied, streaming)")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for that")
+@click.option("--agent-wait", default=30.0, show_default=True,
+              help="seconds the wait goes on with no replication agent attached before it fails")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def rejoin(config_path: str, wait: bool, timeout: float, yes: bool, as_json: bool) -> None:
+def rejoin(config_path: str, wait: bool, timeout: float, agent_wait: float, yes: bool, as_json: bool) -> None:
     """A former primary becomes a secondary of the new primary (what it committed past the fork is undone)."""
     from . import recovery, render
     cfg = _load(config_path)
@@ -354,7 +356,7 @@ def rejoin(config_path: str, wait: bool, timeout: float, yes: bool, as_json: boo
                       "never received are undone", abort=True)
     try:
         with render.phase_progress("rejoining", not as_json) as show:
-            rep = recovery.rejoin(cfg, wait=wait, timeout=timeout,
+            rep = recovery.rejoin(cfg, wait=wait, timeout=timeout, agent_wait=agent_wait,
                                   progress=lambda st: show(*recovery.rejoin_progress(st)))
     except errors.ApplianceError as e:
         raise _fail(e) from None

@@ -121,18 +121,25 @@ def replace(config, device: int, *, online: bool = False, timeout: float = 120.0
     return rep
 
 
-def rejoin(config, *, wait: bool = True, timeout: float = 600.0,
+#: seconds a rejoin's wait goes on with no agent attached before it says so
+AGENT_WAIT = 30.0
+
+
+def rejoin(config, *, wait: bool = True, timeout: float = 600.0, agent_wait: float = AGENT_WAIT,
            progress: Callable[[dict], None] | None = None) -> dict:
     """Make the (former) primary of `config` a secondary of the new primary
     (see OP_REJOIN). With `wait`, return once it follows the new primary:
     rewound, the blocks that needed it copied, streaming; `progress` is
     called with each status seen meanwhile. The result: OP_REJOIN's report,
-    and with `wait` the rewind's (``rewound``) and the replication state."""
+    and with `wait` the rewind's (``rewound``) and the replication state.
+    A wait in which no agent is attached for `agent_wait` seconds ends with
+    UnavailableError (the agent is not running, or stopped on its way to
+    the secondary side: its log says why)."""
     cfg = _config(config)
     rep = _call(cfg, [m.OP_REJOIN, {}], "rejoin", 60)
     if not wait:
         return rep
-    st = _wait_following(cfg, timeout, progress)
+    st = _wait_following(cfg, timeout, progress, agent_wait)
     rep["rewound"] = st["failover"]["rewound"]
     rep["replication"] = st["replication"]
     return rep
@@ -158,8 +165,10 @@ def _following(st: dict) -> bool:
             and not rep.get("copying") and not ag.get("copying") and not st["failover"]["repair_pending"])
 
 
-def _wait_following(cfg: Config, timeout: float, progress) -> dict:
-    deadline = time.monotonic() + timeout
+def _wait_following(cfg: Config, timeout: float, progress, agent_wait: float) -> dict:
+    now = time.monotonic()
+    deadline = now + timeout
+    attached_at = now        # when an agent was last seen attached (the wait's start counts as one)
     s = Session(str(cfg.socket_path), cfg.name, name="appliance-rejoin", timeout=30)
     try:
         s.connect()
@@ -169,7 +178,16 @@ def _wait_following(cfg: Config, timeout: float, progress) -> dict:
                 progress(st)
             if _following(st):
                 return st
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if ((st.get("replication") or {}).get("agent") or {}).get("attached"):
+                attached_at = now
+            elif now - attached_at > agent_wait:
+                raise errors.UnavailableError(
+                    f"rejoin: {cfg.name!r} is a secondary now, but no replication agent has been attached to it "
+                    f"for {agent_wait:g} s: start its agent (its log says why it stopped, e.g. "
+                    f"replication.listen {cfg.replication.listen} in use); `appliance status` then shows it "
+                    "follow the new primary", phase="no agent", listen=cfg.replication.listen)
+            if now > deadline:
                 raise errors.UnavailableError(
                     f"rejoin: {cfg.name!r} became a secondary but does not follow the new primary within "
                     f"{timeout:g} s ({rejoin_progress(st)[0]}); check that its agent runs and that the new "
