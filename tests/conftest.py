@@ -25,6 +25,7 @@ from procs import APPLIANCE, ROOT, RUN_DIR, die_with_parent as _die_with_parent
 from store_helpers import CREATED_NAMES, Store, linked_segments, unique_name, unlink_leftovers
 
 LOG_TAIL_LINES = 25   # of each process log, in a failed test's report
+LOG_TAIL_FILES = 12   # process logs, at most, in a failed test's report
 
 # tests/installed runs only against a package installed from the wheel (tests/test_install.py)
 collect_ignore_glob = [] if os.environ.get("APPLIANCE_TEST_INSTALLED") else ["installed/*"]
@@ -40,7 +41,7 @@ def pytest_runtest_makereport(item, call):
     tmp = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
     if not rep.failed or tmp is None:
         return
-    for path in sorted(Path(tmp).rglob("*.log"))[:12]:
+    for path in sorted(Path(tmp).rglob("*.log"))[:LOG_TAIL_FILES]:
         try:
             lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         except OSError:
@@ -311,7 +312,8 @@ def _no_leaked_segments():
 #: port may be bound only minutes later, at a rejoin), and a slice per xdist worker, so two workers never
 #: hand out the same one
 PORTS = range(20000, 32000)
-_handed_out: set[int] = set()
+PORT_SLICES = 8                   # xdist workers with a slice of their own (more share gwN % 8's)
+_handed_out: set[int] = set()     # by this process: never handed out twice
 
 
 def free_port() -> int:
@@ -319,8 +321,9 @@ def free_port() -> int:
     import socket
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
-    width = len(PORTS) // 8
-    mine = range(PORTS.start + (index % 8) * width, PORTS.start + (index % 8 + 1) * width)
+    width = len(PORTS) // PORT_SLICES
+    start = PORTS.start + (index % PORT_SLICES) * width
+    mine = range(start, start + width)
     for _ in range(200):
         port = random.choice(mine)
         if port in _handed_out:
