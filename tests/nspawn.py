@@ -15,7 +15,8 @@
 
 Facts this relies on (measured on this kind of machine): plain ``-b`` fails
 without a host bus; nspawn's first child is an intermediate process, the
-container's init is its child named ``systemd``; ``is-system-running --wait``
+container's init is its child named ``systemd`` (systemd's own children carry that name from
+fork to exec); ``is-system-running --wait``
 fails until ``/run/systemd/private`` exists.
 """
 from __future__ import annotations
@@ -91,13 +92,13 @@ class Container:
         while not self.leader:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}:\n{self.log()}")
-            for c in self._children(self.proc.pid):
-                if _comm(c) == "systemd":
-                    self.leader = c
+            self.leader = self._init()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"container {self.name}: no systemd after {timeout}s:\n{self.log()}")
             time.sleep(0.05)
         while self.run(["test", "-S", "/run/systemd/private"], check=False).returncode != 0:
+            if not os.path.exists(f"/proc/{self.leader}"):   # not the init after all: look again
+                self.leader = self._init() or self.leader
             if time.monotonic() > deadline:
                 raise RuntimeError(f"container {self.name}: systemd never made its bus:\n{self.log()}")
             time.sleep(0.05)
@@ -105,6 +106,15 @@ class Container:
         if state not in ("running", "degraded"):
             raise RuntimeError(f"container {self.name}: system is {state!r}:\n{self.log()}")
         return self
+
+    def _init(self) -> int:
+        """The container's init among nspawn's descendants (0 while there is
+        none yet): a process named systemd whose parent is not one, since a
+        child systemd forks for a unit carries its name until it execs."""
+        for c in self._children(self.proc.pid):
+            if _comm(c) == "systemd" and _comm(_ppid(c)) != "systemd":
+                return c
+        return 0
 
     @staticmethod
     def _children(pid: int) -> list[int]:
@@ -168,6 +178,14 @@ class Container:
         # nspawn leaves its propagation directory behind when /run is not a tmpfs
         shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
         self.proc = None
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _comm(pid: int) -> str:
