@@ -151,6 +151,9 @@ class StorageConfig(_Strict):
     # a secondary with lz4 backup blocks (serve_reads = false): block numbers its
     # location table can hold; at least the primary's (segments x segment_size / block_size)
     max_blocks: int | None = Field(None, ge=16, le=(1 << 32) - 2)
+    # map every page of the device segments into the controller at start, in a
+    # background thread, so no commit or first copy pays the page's first fault
+    prefault: bool = True
 
     @field_validator("segment_size", "log_size", mode="before")
     @classmethod

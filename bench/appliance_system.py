@@ -146,7 +146,15 @@ class Node:
     def start(self) -> None:
         _, unavailable_error = _api()
         self.proc = spawn_server(self.cli("controller"), self.log, cwd=REPO, env=_env())
-        _retry(self.status, self.proc, self.log, "controller", (unavailable_error, ConnectionError))
+        st = _retry(self.status, self.proc, self.log, "controller", (unavailable_error, ConnectionError))
+        # part of the start: its background mapping of every page (storage.prefault) is done
+        # before anything is measured, so no row shares the cores with it
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (st["memory"]["prefault"] or {"done": True})["done"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: pages not all mapped after {START_TIMEOUT:g} s")
+            time.sleep(0.05)
+            st = self.status()
 
     def connect(self):
         appliance, unavailable_error = _api()

@@ -358,6 +358,13 @@ int apl_device_renew(apl_store *s, uint32_t seg);
  * first). Returns how many moved. */
 int64_t apl_device_fill(apl_store *s, uint32_t seg, const uint32_t *numbers, uint64_t n);
 
+/* ---- segment pages mapped ahead of use (apl_prefault.c) ---- */
+/* Map [base, base+len) of a writable segment mapping into this process
+ * without changing a byte: 0 (MADV_POPULATE_WRITE), 1 (the kernel lacks
+ * it: each page read once instead), APL_EINVAL (the range is not mapped
+ * writable). Takes no lock: callable from any thread (cffi lets go of the GIL). */
+int apl_prefault(uint8_t *base, uint64_t len);
+
 /* ---- failover (apl_rewind.c) ---- */
 /* In the open batch: the change log continues at `serial` (a promoted
  * secondary continues its primary's serials); entries it held are dropped. */

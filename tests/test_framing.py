@@ -101,6 +101,27 @@ class TestEncode:
         assert encode_many(objs) == b"".join(encode(o) for o in objs)
         assert encode_many([]) == b""
 
+    @pytest.mark.parametrize("obj", [
+        [7, 1, 2, 3, bytes(range(256)) * 1024],             # a replication batch: [type, epoch, serial, ts, body]
+        [*range(20), b"\x01" * (64 << 10)],                 # 21 items: the array 32 header
+        [b"\x02" * (64 << 10)],
+    ])
+    def test_encode_parts_ends_with_the_large_bytes_uncopied(self, obj):
+        """encode_parts of a list ending in >= 64 KiB of bytes: two buffers, the second the very bytes object; joined they decode to the object, however they are cut."""
+        parts = framing.encode_parts(obj)
+        assert len(parts) == 2 and parts[1] is obj[-1]
+        data = b"".join(parts)
+        assert Decoder().feed(data) == [obj]
+        dec = Decoder()
+        got = [x for i in range(0, len(data), 4093) for x in dec.feed(data[i:i + 4093])]
+        assert got == [obj]
+
+    @pytest.mark.parametrize("obj", [[1, b"x" * ((64 << 10) - 1)], [1, bytearray(70000)], (1, b"y" * 70000),
+                                     {"a": b"z" * 70000}, b"w" * 70000, []])
+    def test_encode_parts_of_anything_else_is_encode(self, obj):
+        """Below 64 KiB, a bytearray, a tuple, a map, bare bytes, an empty list: one buffer, encode's."""
+        assert framing.encode_parts(obj) == [encode(obj)]
+
     def test_unpackable_object_leaves_encoder_usable(self):
         """An object msgpack cannot pack raises TypeError and the next encode is clean."""
         with pytest.raises(TypeError):

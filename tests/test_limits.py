@@ -14,7 +14,7 @@ import pytest
 from appliance import errors
 from appliance.wire import framing
 from appliance.wire import messages as m
-from fault_helpers import RawConn, events, rec, records, reply_error, wait_event
+from fault_helpers import RawConn, events, rec, records, reply_error, wait_event, wait_for
 
 
 def preload(db, keys=range(1, 21)) -> dict:
@@ -362,6 +362,21 @@ def punch_hole(name: str, offset: int, length: int) -> None:
         os.close(fd)
 
 
+def mapped_kib(pid: int) -> dict[str, int]:
+    """Rss (KiB) of each shared-memory segment mapped by process `pid`, by segment name."""
+    out, name = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 6 and head[5].startswith("/dev/shm/"):
+                name = head[5][len("/dev/shm"):]
+            elif "-" in head[0]:
+                name = None
+            elif head[0] == "Rss:" and name is not None:
+                out[name] = out.get(name, 0) + int(head[1])
+    return out
+
+
 class TestSharedMemory:
     def test_every_segment_has_its_memory_from_the_start(self, bank):
         """Every segment of a running appliance has all its pages allocated (reserved at creation), not only the ones written so far."""
@@ -398,6 +413,36 @@ class TestSharedMemory:
         bank.controller.start()
         assert allocated(dev)[0] >= size
         assert records(bank.connect().table("accounts")) == {k: rec(k) for k in (1, 2, 3)}
+
+    def test_every_device_page_is_mapped_into_the_controller_ahead_of_use(self, bank, db):
+        """storage.prefault (the default): once the controller serves, a background thread maps every page of each device segment into it (Rss of each mapping reaches the segment's size, well beyond what the few records written touch), says so in status and the log, and changes no record."""
+        from appliance.store.segment import SegmentNames
+        preload(db, [1, 2, 3])
+        st = wait_for(lambda: (lambda p: p if p["done"] else None)(db.status()["memory"]["prefault"]), 30,
+                      what="every device page mapped")
+        size = bank.cfg.storage.segment_size
+        assert st["bytes"] == st["total"] == size * bank.cfg.storage.segments
+        [done] = wait_event(bank, "prefault_done")
+        assert done["bytes"] == st["total"] and done["method"] in ("populate", "read")
+        rss = mapped_kib(bank.controller.pid)
+        names = SegmentNames(bank.name, bank.cfg.storage.segments)
+        for dev in (names.device(i) for i in range(bank.cfg.storage.segments)):
+            assert rss[dev] * 1024 >= size, (dev, rss[dev], size)
+        assert records(db.table("accounts")) == {k: rec(k) for k in (1, 2, 3)}
+
+    def test_without_prefault_the_pages_are_mapped_as_written(self, make_appliance):
+        """storage.prefault = false: no background mapping; a device segment's pages come into the controller only as it writes them (Rss well below the segment's size), and status says prefault is off (null)."""
+        from appliance.store.segment import SegmentNames
+        app = make_appliance(storage="prefault = false").start()
+        db = app.connect()
+        preload(db, [1, 2, 3])
+        assert db.status()["memory"]["prefault"] is None
+        size = app.cfg.storage.segment_size
+        rss = mapped_kib(app.controller.pid)
+        names = SegmentNames(app.name, app.cfg.storage.segments)
+        for dev in (names.device(i) for i in range(app.cfg.storage.segments)):
+            assert rss[dev] * 1024 < size // 2, (dev, rss[dev], size)
+        assert not [e for e in app.controller.events() if e.get("event") == "prefault_done"]
 
     @pytest.mark.parametrize("which", ["meta", "readers", "dev1"])
     def test_segment_of_another_user_is_not_adopted(self, bank, db, which):

@@ -81,6 +81,7 @@ def serve(cfg: Config, log, shutdown: lifecycle.Shutdown | None = None) -> int:
         sb.sb_opened_ns = time.time_ns()
         ctl = Controller(cfg, writer, log, recovery=facts, created=created, files=files)
         ctl.listen()
+        ctl.start_prefault()
         if metrics is not None:
             metrics.attach(ctl)
         if shutdown is not None:

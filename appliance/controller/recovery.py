@@ -300,6 +300,7 @@ class Failover:
         ctl.reader = Reader(wr.att)
         ctl.readers.writer, ctl.readers.compressed = wr, False
         ctl.commits.committer = Committer(wr)
+        ctl.start_prefault()
         el = time.monotonic() - t0
         out = {"blocks": blocks, "bytes": nbytes, "seconds": round(el, 3),
                "rate_mb_s": round(nbytes / max(el, 1e-9) / 1e6, 1),

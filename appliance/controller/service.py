@@ -31,6 +31,7 @@ import time
 
 from .. import errors
 from ..config import Config
+from ..store.prefault import Prefault
 from ..store.reader import Reader
 from ..store.records import Schema
 from ..wire import messages as m
@@ -86,6 +87,15 @@ class Controller(Loop):
         self.batch = BatchMode(self)
         self.role.on_change(self._role_changed)
         self.durable = durable.Durable(self, files) if files is not None else None
+        self.prefault: Prefault | None = None
+
+    def start_prefault(self) -> None:
+        """Map the device segments' pages ahead of use (storage.prefault), the
+        current ones: a promote that made new segments calls it again."""
+        if self.prefault is not None:
+            self.prefault.stop()
+        if self.cfg.storage.prefault:
+            self.prefault = Prefault(self.att.devices, self.log).start()
 
     def _role_changed(self, old: str, new: str) -> None:
         self.sync = SyncTracker(self.cfg.replication if new == "primary" else None, self.log)
@@ -193,6 +203,8 @@ class Controller(Loop):
             self.durable.housekeeping()
 
     def close(self) -> None:
+        if self.prefault is not None:
+            self.prefault.stop()   # before the segments are unmapped
         super().close()
         if self.durable is not None:
             self.durable.close()   # before the segments go: a checkpoint reads them

@@ -107,7 +107,11 @@ class FrameStream:
         if self.writer.is_closing():
             raise ConnectionResetError(f"{self.peer}: connection closed")
         try:
-            self.writer.write(framing.encode(obj))
+            parts = framing.encode_parts(obj)   # a large batch goes from its own buffer (writev)
+            if len(parts) == 1:
+                self.writer.write(parts[0])
+            else:
+                self.writer.writelines(parts)
         except RuntimeError as exc:
             raise ConnectionResetError(f"{self.peer}: {exc}") from None
 

@@ -449,9 +449,10 @@ class Relay:
                         break
                     self._send_entries(fs, blob)
                 if blocks is None:
-                    limit = max(limit, a.reader.block_limit())
-                    if n >= limit:
-                        break
+                    if n >= limit:   # (block_limit scans the location table: asked again only here)
+                        limit = max(limit, a.reader.block_limit())
+                        if n >= limit:
+                            break
                     batch, n = a.reader.block_images(n, version, COPY_BATCH, limit)
                 else:
                     if n >= total:

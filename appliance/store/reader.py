@@ -261,7 +261,7 @@ class Reader:
         """Images of block numbers [start, limit) at a pinned version, up to about
         `cap` bytes: (u32 number, u32 length, image)*, next number. A number not
         in use has length 0 (apl_block_images)."""
-        buf = ffi.new("uint8_t[]", cap)
+        buf = _raw_alloc("uint8_t[]", cap)   # not cleared: only the n bytes written are read
         nxt = ffi.new("uint32_t *")
         n = lib.apl_block_images(self.view, start, limit, version, buf, cap, nxt)
         check(n, "block images")

@@ -118,6 +118,10 @@ class Segment:
         """``uint8_t *`` to the first byte (valid until close)."""
         return self._ptr
 
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
     def close(self) -> None:
         if self._mm is not None:
             ffi.release(self._ptr)

@@ -38,7 +38,8 @@ Which piece to use
 
 - :func:`encode` / :func:`encode_many` build frames (thread-safe; each thread
   packs with a msgpack ``Packer`` of its own); :func:`send_frames` sends
-  them with one ``sendall``.
+  them with one ``sendall``; :func:`encode_parts` builds one frame as
+  buffers for a vectored write, a large last ``bytes`` item uncopied.
 - :class:`Decoder` turns bytes from a non-blocking socket into payloads.
 - :class:`FrameReader` reads payloads from a blocking socket, buffering
   ahead, so pipelined replies cost one ``recv`` between them.
@@ -65,6 +66,7 @@ __all__ = [
     "FrameError",
     "encode",
     "encode_many",
+    "encode_parts",
     "send_frames",
     "Decoder",
     "FrameReader",
@@ -121,6 +123,35 @@ def encode(obj: Any) -> bytes:
             size=len(body) + 1,
             limit=_LENGTH_MAX,
         ) from None
+
+
+_BIN32 = struct.Struct(">BI")   # msgpack bin 32: 0xc6, then the length (big-endian)
+_ARRAY32 = struct.Struct(">BI") # msgpack array 32: 0xdd, then the item count
+_TAIL_MIN = 64 << 10            # a last item this large is sent from its own buffer, not copied
+
+
+def encode_parts(obj: Any) -> list:
+    """The frame of ``obj`` as buffers to send back to back (``writelines``,
+    ``sendmsg``): the same bytes as :func:`encode`, except that a list whose
+    last item is ``bytes`` of at least 64 KiB (a replication batch, a block
+    copy) ends with that item itself, uncopied, after the frame up to its
+    data (its msgpack header is the 5-byte bin 32 form, which every msgpack
+    reader takes). Anything else: one buffer, :func:`encode`'s."""
+    if type(obj) is not list or not obj or type(obj[-1]) is not bytes or len(obj[-1]) < _TAIL_MIN:
+        return [encode(obj)]
+    try:
+        pack = _local.pack
+    except AttributeError:
+        pack = _thread_pack()
+    tail = obj[-1]
+    n = len(obj)
+    array = bytes([0x90 | n]) if n < 16 else _ARRAY32.pack(0xdd, n)
+    head = b"".join([array, *[pack(x) for x in obj[:-1]], _BIN32.pack(0xc6, len(tail))])
+    size = len(head) + len(tail) + 1
+    if size > _LENGTH_MAX:
+        raise FrameError(f"payload of {size - 1} bytes does not fit a frame (limit {_LENGTH_MAX - 1})",
+                         reason="too_large", size=size, limit=_LENGTH_MAX)
+    return [_HEADER.pack(size, VERSION) + head, tail]
 
 
 def encode_many(objs: Iterable[Any]) -> bytes:
