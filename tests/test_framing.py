@@ -191,6 +191,52 @@ class TestDecoder:
         assert dec.feed(data[:-3]) == [big]
         assert dec.feed(data[-3:]) == ["after"]
 
+    @pytest.mark.parametrize("seed", range(6))
+    def test_large_frames_received_into_their_own_buffer(self, seed):
+        """Frames of >= 256 KiB between small ones, the bytes arriving in random pieces, part fed and part received into buffer() (reported with filled()), as a BufferedProtocol or recv_into does: the same payloads in order, buffered counting what is held."""
+        import random
+        rng = random.Random(seed)
+        objs = ["a", [1, b"x" * (framing._BIG_MIN + 5)], {"k": 2}, b"y" * (framing._BIG_MIN * 3), [7, "z"],
+                [3, 4, 5, 6, rng.randbytes(framing._BIG_MIN)]]
+        data = encode_many(objs)
+        dec, out, pos, used = Decoder(), [], 0, 0
+        while pos < len(data):
+            room = dec.buffer()
+            k = min(rng.randrange(1, 300_000), len(data) - pos)
+            if room is not None:
+                k = min(k, room.nbytes)
+                room[:k] = data[pos:pos + k]
+                out += dec.filled(k)
+                used += 1
+            else:
+                out += dec.feed(data[pos:pos + k])
+            pos += k
+            assert dec.buffered == 0 or pos < len(data)
+        assert out == objs and used > 0 and dec.buffer() is None and dec.buffered == 0
+
+    def test_large_frame_with_a_wrong_version_is_refused_at_its_first_byte(self):
+        """A large frame gets its buffer once its length prefix is in; its version byte is checked as soon as it arrives, fed or received into buffer()."""
+        good = encode(b"v" * framing._BIG_MIN)
+        bad = bytearray(good)
+        bad[4] = 9
+        for how in ("feed", "filled"):
+            dec = Decoder()
+            assert dec.feed(bad[:4]) == [] and dec.buffer().nbytes == len(good) - 4
+            with pytest.raises(FrameError) as ei:
+                if how == "feed":
+                    dec.feed(bad[4:6])
+                else:
+                    dec.buffer()[:2] = bad[4:6]
+                    dec.filled(2)
+            assert ei.value.details["reason"] == "bad_version"
+            with pytest.raises(FrameError):
+                dec.feed(b"")
+        dec = Decoder()
+        assert dec.feed(good[:5]) == []
+        room = dec.buffer()
+        room[:] = good[5:]
+        assert dec.filled(room.nbytes) == [b"v" * framing._BIG_MIN] and dec.buffered == 0
+
     def test_exactly_max_frame_accepted(self):
         """A frame whose body is exactly max_frame bytes is accepted."""
         data = encode(b"q" * 90)

@@ -419,9 +419,11 @@ class Loop:
 
     def _read(self, sess: Session) -> None:
         # recv_into one reused buffer: a fresh 256 KiB bytes per recv() would
-        # cost an mmap/munmap pair per request (above malloc's mmap threshold)
+        # cost an mmap/munmap pair per request (above malloc's mmap threshold);
+        # the rest of a large frame (a copy's blocks) straight into its own
+        big = sess.decoder.buffer()
         try:
-            n = sess.sock.recv_into(self._rbuf)
+            n = sess.sock.recv_into(self._rbuf if big is None else big)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -433,7 +435,7 @@ class Loop:
                 self.drop(sess, "disconnected", log=False)
             return
         try:
-            msgs = sess.decoder.feed(self._rview[:n])
+            msgs = sess.decoder.feed(self._rview[:n]) if big is None else sess.decoder.filled(n)
         except errors.ProtocolError as exc:
             self.drop(sess, "bad_frame", error=str(exc))
             return

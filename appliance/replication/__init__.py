@@ -28,6 +28,7 @@ import asyncio
 import os
 import signal
 import time
+from functools import partial
 
 from .. import errors
 from .._os import logs, sdnotify
@@ -450,15 +451,12 @@ class Fencer:
     async def _accept(self, sock, peer) -> None:
         a = self.agent
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls)
+            fs = await link.open_stream(partial(loop.connect_accepted_socket, sock=sock, ssl=self.tls),
+                                        link.HANDSHAKE_MAX_FRAME)
         except (OSError, asyncio.TimeoutError):
             sock.close()
             return
-        fs = link.FrameStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop),
-                              max_frame=link.HANDSHAKE_MAX_FRAME)
         try:
             epoch, hello = await link.secondary_handshake(fs, a.cfg, files=a.files, secret=a.secret,
                                                           epoch_seen=a.epoch, current=a.cfg.name)

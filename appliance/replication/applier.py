@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from functools import partial
 
 from .. import errors
 from .._os.logs import LogOnce
@@ -284,21 +285,19 @@ class Applier:
         configured. The transport is made on the accepted socket itself, so
         no byte (a ClientHello, a HELLO) is read before its protocol exists."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self.tls,
-                ssl_handshake_timeout=link.HANDSHAKE_TIMEOUT if self.tls is not None else None)
+            fs = await link.open_stream(partial(
+                loop.connect_accepted_socket, sock=sock, ssl=self.tls,
+                ssl_handshake_timeout=link.HANDSHAKE_TIMEOUT if self.tls is not None else None),
+                link.HANDSHAKE_MAX_FRAME)
         except (OSError, asyncio.TimeoutError) as exc:     # a refused certificate is an ssl.SSLError (OSError)
             self.errs.error("primary_refused", "tls" if self.tls is not None else "accept", peer=str(peer),
                             error=f"TLS handshake failed: {exc}" if self.tls is not None else str(exc))
             sock.close()
             return
-        await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        await self._accept(fs)
 
-    async def _accept(self, reader, writer) -> None:
-        fs = link.FrameStream(reader, writer, max_frame=link.HANDSHAKE_MAX_FRAME)
+    async def _accept(self, fs: link.FrameStream) -> None:
         try:
             epoch, hello = await link.secondary_handshake(fs, self.cfg, files=self.files, secret=self.secret,
                                                           epoch_seen=self.epoch_seen, current=self.primary_name)

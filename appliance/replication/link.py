@@ -19,6 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from functools import partial
 
 from .. import errors
 from ..config import Config, parse_address
@@ -26,7 +27,7 @@ from ..wire import framing
 from ..wire import messages as m
 from ..wire import replication as rp
 
-__all__ = ["FrameStream", "tls_context", "connect_peer", "primary_handshake", "secondary_handshake",
+__all__ = ["FrameStream", "open_stream", "tls_context", "connect_peer", "primary_handshake", "secondary_handshake",
            "rewind", "refusal", "ControlLink", "Wakeups", "AuthError"]
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -38,20 +39,128 @@ class AuthError(errors.AccessDeniedError):
     """The peer failed authentication or is not the one the config names."""
 
 
-class FrameStream:
-    """Framed msgpack messages over an asyncio stream."""
+# Receiving: the transport reads straight into the stream's buffers (an
+# asyncio BufferedProtocol): a large frame (a copy's blocks, a batch of log
+# entries) into a bytearray of its own, the decoder's (framing.Decoder.buffer),
+# anything else into a reused 64 KiB scratch that the decoder takes from. A
+# StreamReader would copy each byte twice more (into its buffer, out of it).
+# One event loop thread runs the protocol's callbacks and every coroutine of
+# the stream, so nothing here is shared across threads.
+READ_SCRATCH = 64 << 10
+READ_PAUSE = 16      # decoded messages waiting: reading pauses (TCP pushes back) ...
+READ_RESUME = 4      # ... until recv() has taken them down to this many
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_frame: int = MAX_FRAME) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._dec = framing.Decoder(max_frame)
-        self._ready: deque = deque()
+
+class _Protocol(asyncio.BufferedProtocol):
+    def __init__(self, max_frame: int) -> None:
+        self.dec = framing.Decoder(max_frame)
+        self.ready: deque = deque()
+        self.transport = None
+        self.error: BaseException | None = None   # a bad frame, or what the connection was lost with
+        self.eof = False
+        self.paused_reading = False
+        self.paused_writing = False
+        self._scratch = memoryview(bytearray(READ_SCRATCH))
+        self._into_big = False
+        self._waiter: asyncio.Future | None = None   # recv() waiting for a message
+        self._drained: asyncio.Future | None = None  # drain() waiting for the buffer to go
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int):
+        big = self.dec.buffer()
+        self._into_big = big is not None
+        return big if big is not None else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            msgs = self.dec.filled(nbytes) if self._into_big else self.dec.feed(self._scratch[:nbytes])
+        except errors.ProtocolError as exc:
+            self.error = exc
+            self.transport.close()
+            self._wake()
+            return
+        if msgs:
+            self.ready.extend(msgs)
+            if len(self.ready) >= READ_PAUSE and not self.paused_reading:
+                self.paused_reading = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False   # close the transport
+
+    def connection_lost(self, exc) -> None:
+        self.eof = True
+        if exc is not None and self.error is None:
+            self.error = exc
+        self._wake()
+        self._release_drain(exc or ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        self._release_drain(None)
+
+    def taken(self) -> None:
+        """recv() took a message: reading goes on once few are left."""
+        if self.paused_reading and len(self.ready) <= READ_RESUME and not self.eof:
+            self.paused_reading = False
+            self.transport.resume_reading()
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def drained(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _release_drain(self, exc) -> None:
+        fut, self._drained = self._drained, None
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+                fut.exception()   # retrieved: nobody may be waiting any more
+
+
+async def open_stream(connect, max_frame: int = MAX_FRAME) -> "FrameStream":
+    """A FrameStream over the transport that ``connect(protocol_factory)``
+    makes (loop.create_connection, create_unix_connection,
+    connect_accepted_socket, with their arguments bound)."""
+    proto = _Protocol(max_frame)
+    transport, _ = await connect(lambda: proto)
+    return FrameStream(transport, proto)
+
+
+class FrameStream:
+    """Framed msgpack messages over an asyncio transport (see open_stream)."""
+
+    def __init__(self, transport, protocol: _Protocol) -> None:
+        self.transport = transport
+        self._proto = protocol
+        self._dec = protocol.dec
+        self._ready = protocol.ready
         self.waiting_since: float | None = None   # while recv() waits for data
         self._expired: str | None = None          # why expire_if_silent ended the stream
-        peer = writer.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small ACKs and commits must not wait for Nagle / delayed ACK
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -60,24 +169,30 @@ class FrameStream:
         """The next message. `timeout`: seconds to wait for it (a timer per
         call: for the handshake; a stream that waits for every message uses
         expire_if_silent from a periodic task instead)."""
+        proto = self._proto
         while not self._ready:
-            self.waiting_since = time.monotonic()
-            try:
-                if timeout is None:
-                    data = await self.reader.read(1 << 20)
-                else:
-                    async with asyncio.timeout(timeout):   # a timer, not a task per read (wait_for)
-                        data = await self.reader.read(1 << 20)
-            finally:
-                self.waiting_since = None
-            if not data:
+            if proto.error is not None and not isinstance(proto.error, OSError):
+                raise proto.error          # a bad frame (ProtocolError): the stream cannot go on
+            if proto.eof:
                 if self._expired:
                     raise TimeoutError(f"{self.peer}: {self._expired}")
+                if isinstance(proto.error, OSError):
+                    raise proto.error
                 if self._dec.buffered:
                     raise errors.ProtocolError(f"{self.peer}: connection closed mid-frame")
                 raise EOFError(f"{self.peer}: connection closed")
-            self._ready.extend(self._dec.feed(data))
-        return self._ready.popleft()
+            self.waiting_since = time.monotonic()
+            try:
+                if timeout is None:
+                    await proto.wait()
+                else:
+                    async with asyncio.timeout(timeout):   # a timer, not a task per read (wait_for)
+                        await proto.wait()
+            finally:
+                self.waiting_since = None
+        msg = self._ready.popleft()
+        proto.taken()
+        return msg
 
     def expire_if_silent(self, seconds: float) -> None:
         """End the stream if recv() has been waiting more than `seconds` for a
@@ -100,33 +215,42 @@ class FrameStream:
     def pop(self) -> None:
         """Consume the message peek() returned."""
         self._ready.popleft()
+        self._proto.taken()
 
     def send(self, obj) -> None:
         # asyncio ignores a write to a closed transport, uvloop raises
         # RuntimeError: both become the ConnectionError every caller handles
-        if self.writer.is_closing():
+        if self.transport.is_closing():
             raise ConnectionResetError(f"{self.peer}: connection closed")
         try:
             parts = framing.encode_parts(obj)   # a large batch goes from its own buffer (writev)
             if len(parts) == 1:
-                self.writer.write(parts[0])
+                self.transport.write(parts[0])
             else:
-                self.writer.writelines(parts)
+                self.transport.writelines(parts)
         except RuntimeError as exc:
             raise ConnectionResetError(f"{self.peer}: {exc}") from None
 
     async def drain(self) -> None:
-        await self.writer.drain()
+        """Wait until the transport's write buffer is below its high-water
+        mark; ConnectionResetError once the connection is gone."""
+        proto = self._proto
+        if proto.eof and self.transport.is_closing():
+            raise ConnectionResetError(f"{self.peer}: connection lost")
+        if proto.paused_writing:
+            await proto.drained()
+        else:
+            await asyncio.sleep(0)   # as StreamWriter.drain: let the loop run (and notice a close)
 
     def close(self) -> None:
         try:
-            self.writer.close()
+            self.transport.close()
         except Exception:
             pass
 
     @property
     def peer_cert_name(self) -> str | None:
-        obj = self.writer.get_extra_info("ssl_object")
+        obj = self.transport.get_extra_info("ssl_object")
         if obj is None:
             return None
         cert = obj.getpeercert() or {}
@@ -166,8 +290,9 @@ def tls_context(cfg: Config, server: bool) -> ssl.SSLContext | None:
 
 async def connect_peer(address: str, ctx: ssl.SSLContext | None, timeout: float = HANDSHAKE_TIMEOUT) -> FrameStream:
     host, port = parse_address(address)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
-    return FrameStream(reader, writer, max_frame=HANDSHAKE_MAX_FRAME)
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(open_stream(partial(loop.create_connection, host=host, port=port, ssl=ctx),
+                                              HANDSHAKE_MAX_FRAME), timeout)
 
 
 def _refuse(fs: FrameStream, sender_epoch: int, code: str, message: str, **extra) -> None:
@@ -330,7 +455,7 @@ class ControlLink:
             if wakeups:
                 given, fds = fds, []
                 self.wakeups = Wakeups(given, results[2])   # owns them from here, on failure too
-            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            fs = await open_stream(partial(loop.create_unix_connection, sock=sock))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -339,7 +464,7 @@ class ControlLink:
                 self.wakeups = None
             sock.close()
             raise
-        self.fs = FrameStream(reader, writer)
+        self.fs = fs
         self._reader_task = loop.create_task(self._read_replies())
         return self.info
 

@@ -81,6 +81,8 @@ _HEADER = struct.Struct("<IB")  # length prefix and version byte, packed at once
 _PREFIX_SIZE = _PREFIX.size
 _LENGTH_MAX = 0xFFFFFFFF
 _COPY_MAX = 64 << 10  # bodies up to this size are copied out to unpack (cheaper than a view)
+_BIG_MIN = 256 << 10  # a frame this large, once started, is received into a buffer of its own
+_SPARE_MAX = 16 << 20 # ... which is kept for the next one up to this size
 _READ_CHUNK = 64 << 10
 
 _unpackb = msgpack.unpackb
@@ -226,9 +228,15 @@ class Decoder:
     FrameError the decoder is unusable (every later feed raises FrameError);
     payloads decoded earlier in the failing feed are dropped with the
     connection they came on.
+
+    A frame of 256 KiB or more whose start has arrived gets a buffer of its
+    own, its exact size: :meth:`buffer` is the part of it still to come, so
+    a reader can receive straight into it (``recv_into``, an asyncio
+    ``BufferedProtocol``) and report with :meth:`filled`, instead of feeding
+    copies; :meth:`feed` fills it too.
     """
 
-    __slots__ = ("max_frame", "_buf", "_failure")
+    __slots__ = ("max_frame", "_buf", "_failure", "_big", "_got", "_spare")
 
     def __init__(self, max_frame: int = MAX_FRAME_DEFAULT) -> None:
         if not 0 < max_frame <= _LENGTH_MAX:
@@ -236,51 +244,120 @@ class Decoder:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._failure: str | None = None
+        self._big: memoryview | None = None  # the body of a large frame under way
+        self._spare: bytearray | None = None # the buffer it is in (kept for the next)
+        self._got = 0                        # its bytes received
 
     @property
     def buffered(self) -> int:
         """Bytes held: the start of a frame not complete yet."""
-        return len(self._buf)
+        return len(self._buf) + (_PREFIX_SIZE + self._got if self._big is not None else 0)
+
+    def buffer(self) -> memoryview | None:
+        """Where the next bytes received should go while a large frame is
+        under way (the rest of its body; pass what was written to
+        :meth:`filled`), else None (receive anywhere and :meth:`feed` it)."""
+        if self._big is None:
+            return None
+        return self._big[self._got:]
+
+    def filled(self, n: int) -> list:
+        """``n`` bytes were received into :meth:`buffer`: the payload, if
+        that completed the frame (a list, as feed returns)."""
+        self._usable()
+        self._got += n
+        try:
+            return self._big_done()
+        except FrameError as exc:
+            self._fail(exc)
+            raise
 
     def feed(self, data: bytes | bytearray | memoryview) -> list:
         """Append ``data``; return every payload now complete, oldest first."""
+        self._usable()
+        try:
+            out = []
+            if self._big is not None:
+                with memoryview(data) as view:
+                    k = min(len(self._big) - self._got, view.nbytes)
+                    self._big[self._got:self._got + k] = view[:k]
+                    self._got += k
+                    out += self._big_done()
+                    if self._big is not None or k == view.nbytes:
+                        return out
+                    data = bytes(view[k:])
+            out += self._feed(data)
+            return out
+        except FrameError as exc:
+            self._fail(exc)
+            raise
+
+    def _usable(self) -> None:
         if self._failure is not None:
             raise FrameError(
                 f"decoder unusable after an earlier frame error ({self._failure})",
                 reason="unusable",
             )
+
+    def _fail(self, exc: FrameError) -> None:
+        self._failure = exc.message
+        self._buf = bytearray()
+        self._big = None
+
+    def _body_buffer(self, size: int) -> memoryview:
+        """A buffer for a large frame's body: the same spare one each time
+        (up to _SPARE_MAX bytes), so receiving into it maps no fresh pages
+        (a new megabyte a frame cost a page fault a page, and malloc's
+        heap trims and grows again between them)."""
+        if size > _SPARE_MAX:
+            return memoryview(bytearray(size))
+        if self._spare is None or len(self._spare) < size:
+            self._spare = bytearray(max(size, 2 * _BIG_MIN))
+        return memoryview(self._spare)[:size]
+
+    def _big_done(self) -> list:
+        big = self._big
+        if self._got and big[0] != VERSION:
+            _check_version(big[0])   # raises
+        if self._got < len(big):
+            return []
+        self._big, self._got = None, 0
+        return [_decode_body(big, 0, len(big))]
+
+    def _feed(self, data) -> list:
         buf = self._buf
         buf += data
         end = len(buf)
         pos = 0
         out = []
         max_frame = self.max_frame
-        try:
-            while end - pos >= _PREFIX_SIZE:
-                (size,) = _unpack_prefix(buf, pos)
-                if not 0 < size <= max_frame:
-                    _frame_size(size, max_frame)  # raises
-                start = pos + _PREFIX_SIZE
-                stop = start + size
-                if stop > end:
-                    if end > start:
-                        _check_version(buf[start])
-                    break
-                pos = stop
-                # Fast path for the common small valid frame; anything else
-                # (large body, bad version, bad payload) goes to _decode_body,
-                # which also says what is wrong.
-                if buf[start] == VERSION and size <= _COPY_MAX:
-                    try:
-                        out.append(_unpackb(buf[start + 1 : stop], raw=False, strict_map_key=False))
-                        continue
-                    except Exception:
-                        pass
-                out.append(_decode_body(buf, start, stop))
-        except FrameError as exc:
-            self._failure = exc.message
-            self._buf = bytearray()
-            raise
+        while end - pos >= _PREFIX_SIZE:
+            (size,) = _unpack_prefix(buf, pos)
+            if not 0 < size <= max_frame:
+                _frame_size(size, max_frame)  # raises
+            start = pos + _PREFIX_SIZE
+            stop = start + size
+            if stop > end:
+                if end > start:
+                    _check_version(buf[start])
+                if size >= _BIG_MIN:       # the rest goes straight into a buffer of its own
+                    self._big = self._body_buffer(size)
+                    with memoryview(buf) as view:   # (released before buf is cut below)
+                        self._big[:end - start] = view[start:end]
+                    self._got = end - start
+                    pos = end
+                break
+            pos = stop
+            # Fast path for the common small valid frame; anything else
+            # (large body, bad version, bad payload) goes to _decode_body,
+            # which also says what is wrong.
+            if buf[start] == VERSION and size <= _COPY_MAX:
+                try:
+                    out.append(_unpackb(buf[start + 1 : stop], raw=False, strict_map_key=False))
+                    continue
+                except Exception:
+                    pass
+            out.append(_decode_body(buf, start, stop))
         # Frames completed in this feed ended inside ``data``, so what is left
         # came with ``data`` too: dropping the consumed front keeps feeding
         # linear in the bytes fed, however many frames one feed holds.
