@@ -146,15 +146,18 @@ class Node:
     def start(self) -> None:
         _, unavailable_error = _api()
         self.proc = spawn_server(self.cli("controller"), self.log, cwd=REPO, env=_env())
-        st = _retry(self.status, self.proc, self.log, "controller", (unavailable_error, ConnectionError))
-        # part of the start: its background mapping of every page (storage.prefault) is done
-        # before anything is measured, so no row shares the cores with it
+        _retry(self.status, self.proc, self.log, "controller", (unavailable_error, ConnectionError))
+
+    def wait_prefault(self) -> None:
+        """Part of a system's start: the controller's background mapping of
+        every page (storage.prefault) is done before anything is measured,
+        so no row shares the cores with it (the cold-start row does not
+        wait: it times the start to the first answer)."""
         deadline = time.monotonic() + START_TIMEOUT
-        while not (st["memory"]["prefault"] or {"done": True})["done"]:
+        while not (self.status()["memory"]["prefault"] or {"done": True})["done"]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: pages not all mapped after {START_TIMEOUT:g} s")
             time.sleep(0.05)
-            st = self.status()
 
     def connect(self):
         appliance, unavailable_error = _api()
@@ -328,6 +331,7 @@ class ApplianceSystem(System):
         self.agents: list[Agent] = []
         self.node = self._node("", mib=self.segment_mib)
         self.node.start()
+        self.node.wait_prefault()
         self.db = self.node.connect()
         self.info = {"appliance": getattr(appliance, "__version__", "?")}
         self.notes = [
@@ -425,6 +429,8 @@ class AppliancePair(ApplianceSystem):
         self.nodes = [self.node, *self.secondaries]
         for node in self.nodes:
             node.start()
+        for node in self.nodes:
+            node.wait_prefault()
         self.db = self.node.connect()
         self.primary_agent = Agent(self.node)
         self.secondary_agents = [Agent(n) for n in self.secondaries]

@@ -295,6 +295,11 @@ uint64_t apl_next_txn(apl_store *s);
  * PAD space). Returns its length, 0 when *pos is at the published head, or
  * APL_ELOGFULL when the entry at *pos was overwritten (position < tail). */
 int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap);
+/* The first entry of `kind` at or after *pos, among at most max_entries:
+ * its header into *out, its position into *pos (1); 0 when there is none
+ * (*pos: where the search stopped); APL_ELOGFULL when *pos was overwritten.
+ * Reads headers only. */
+int64_t apl_log_find(apl_view *v, uint64_t *pos, uint16_t kind, uint64_t max_entries, struct apl_centry *out);
 #define APL_EXPORT_DELTA 1u
 #define APL_EXPORT_NO_B  2u
 int64_t apl_log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap, uint32_t opts,

@@ -251,6 +251,60 @@ int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
     return rc;
 }
 
+/* The first entry of `kind` at or after log position *pos, looking at no
+ * more than max_entries: its header into *out and its position into *pos
+ * (1); 0 when none is there (*pos: where the search stopped); APL_ELOGFULL
+ * when the writer overwrote what was being read. Headers only: nothing is
+ * copied out but the one found. */
+static int64_t log_find(apl_view *v, uint64_t *pos, uint16_t kind, uint64_t max_entries, struct apl_centry *out)
+{
+    uint64_t head, tail, ver, serial;
+    int rc = log_bounds(v, &head, &tail, &ver, &serial);
+    if (rc)
+        return rc;
+    uint64_t size = v->v_log_size, p = *pos, seen = 0;
+    if (p < tail)
+        return APL_ELOGFULL;
+    while (p < head && seen < max_entries) {
+        uint64_t off = p % size;
+        if (size - off < sizeof(struct apl_centry)) {
+            p += size - off;
+            continue;
+        }
+        struct apl_centry h;
+        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
+        /* valid only if the writer did not overwrite it meanwhile */
+        FENCE();
+        if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
+            return rc;
+        if (p < tail)
+            return APL_ELOGFULL;
+        uint32_t len = h.ce_len;
+        if (len < sizeof(h) || (len & 7) || len > size - off)
+            return entry_bad(v, p);
+        if (h.ce_kind == kind) {
+            *out = h;
+            *pos = p;
+            return 1;
+        }
+        if (h.ce_kind != APL_CE_PAD)
+            seen++;
+        p += len;
+    }
+    *pos = p;
+    return 0;
+}
+
+int64_t apl_log_find(apl_view *v, uint64_t *pos, uint16_t kind, uint64_t max_entries, struct apl_centry *out)
+{
+    int64_t rc = view_enter(v);
+    if (rc)
+        return rc;
+    rc = log_find(v, pos, kind, max_entries, out);
+    view_exit();
+    return rc;
+}
+
 /*
  * Copy whole entries from log position *pos (up to the published head) into
  * `out` for the replication stream, advancing *pos. With APL_EXPORT_DELTA an

@@ -57,14 +57,21 @@ def value(m: dict, name: str, **labels) -> float:
 
 
 def wait_for(port: int, pred, what: str, timeout: float = 30.0) -> dict:
-    """Scrape until pred(metrics) holds (the figures are at most a second old)."""
+    """Scrape until pred(metrics) holds (the figures are at most a second old).
+    A gauge pred looks for that is not there yet (value() fails: a secondary
+    shows its lag only once its agent has heard from the primary) counts as
+    not yet."""
     deadline = time.monotonic() + timeout
     while True:
         m = scrape(port)
-        if pred(m):
-            return m
+        try:
+            if pred(m):
+                return m
+            missing = None
+        except AssertionError as exc:
+            missing = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout}s")
+            raise AssertionError(f"not {what} after {timeout}s" + (f" ({missing})" if missing else ""))
         time.sleep(0.1)
 
 

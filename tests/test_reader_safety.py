@@ -72,6 +72,33 @@ print("ok", calls)
 
 
 class TestLogRead:
+    @pytest.mark.parametrize("seed", range(3))
+    def test_find_entry_is_the_first_of_its_kind_from_any_position(self, stores, seed):
+        """apl_log_find (headers only, in C) gives what reading every entry in Python gives: the first entry of a kind at or after a position, within a count of entries, over a ring that wrapped (PAD space skipped); a position the writer overwrote raises APL_ELOGFULL."""
+        from appliance.store.changelog import find_entry, read_entries
+        rng = random.Random(seed)
+        s = stores(log_size=1 << 20)
+        kinds = [lib.APL_CE_BEGIN, lib.APL_CE_INSERT, lib.APL_CE_UPDATE, lib.APL_CE_COMMIT, lib.APL_CE_BLOCK]
+        old_tail = log_bounds(s.reader)["tail"]
+        for txn in range(1, 1200):
+            s.begin()
+            for _ in range(rng.randrange(1, 12)):
+                s.writer.log(rng.choice(kinds), txn=txn, time_ns=txn, file=0, key=b"k" * rng.randrange(1, 60),
+                             a=b"a" * rng.randrange(0, 900), b=b"b" * rng.randrange(0, 300))
+            s.publish()
+        tail = log_bounds(s.reader)["tail"]
+        assert tail > old_tail     # the ring wrapped: the oldest entries are gone
+        entries = list(read_entries(s.reader, tail))
+        assert len(entries) > 200
+        for _ in range(300):
+            i = rng.randrange(len(entries))
+            kind, limit = rng.choice(kinds), rng.choice([1, 3, 50, 10_000])
+            want = next(((e.pos, e.serial, e.time_ns) for e in entries[i:i + limit] if e.kind == kind), None)
+            assert find_entry(s.reader, entries[i].pos, kind, limit) == want
+        with pytest.raises(errors.InternalError) as ei:
+            find_entry(s.reader, old_tail, lib.APL_CE_BEGIN, 10)
+        assert ei.value.code == "APL_ELOGFULL"
+
     def test_export_copies_what_it_validated(self, stores):
         """R4: an entry overwritten while apl_log_export copies it (another process flips its key
         length between the true one and one that overruns the output) never makes the export write

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 import time
 from collections import deque
 
@@ -73,6 +74,7 @@ class Durable:
         self.cut = None
         self.gap = None
         self.checkpoint: ckp.CheckpointWriter | None = None
+        self._retirer: threading.Thread | None = None   # deleting files a checkpoint made unneeded
         self.checkpoints = {"taken": 0, "failed": 0, "last_error": None}
         self.last_checkpoint = self._newest_checkpoint()
         self._last_checkpoint_mono = time.monotonic()
@@ -413,9 +415,17 @@ class Durable:
     def housekeeping(self) -> None:
         """Once a second: retire files after a checkpoint; checkpoint_every."""
         if getattr(self, "_retire", False) and self.writer.current is not None and \
-                self.writer.written_seq > (self.last_checkpoint or {}).get("log_seq", 0):
+                self.writer.written_seq > (self.last_checkpoint or {}).get("log_seq", 0) and \
+                (self._retirer is None or not self._retirer.is_alive()):
             self._retire = False       # the writer moved to a new file: the old ones may go
-            ckp.retire(self.dir, self.ctl.cfg.durability.keep_checkpoints, self.writer.current, self.log)
+            # in a thread of its own: unlinking a checkpoint of a gigabyte takes the file system
+            # tens of milliseconds, which the loop (every commit) must not wait out. It deletes
+            # only files older than the newest `keep` checkpoints and the current log file, which
+            # nothing else touches; one at a time
+            self._retirer = threading.Thread(
+                target=ckp.retire, name="durability-retire", daemon=True,
+                args=(self.dir, self.ctl.cfg.durability.keep_checkpoints, self.writer.current, self.log))
+            self._retirer.start()
         cp = self.checkpoint
         if cp is not None and not cp.done:
             return
@@ -474,6 +484,8 @@ class Durable:
         if cp is not None and not cp.done:
             cp.cancel()
             cp.join(30)
+        if self._retirer is not None:
+            self._retirer.join(30)
         if not self.writer.stop():
             self.log.error("durability_stop_incomplete", durable_seq=self.writer.synced_seq,
                            log_seq=self.writer.next_seq - 1, error=str(self.writer.error))

@@ -24,7 +24,8 @@ end) is given up — the segments it was being laid into are removed — and
 the previous one is used with its logs (which are kept for that: see
 checkpoint.retire). The log ends at its first record that is not whole and
 valid: a torn tail is cut there, never applied in part. Nothing runs in
-parallel with this: the controller serves only once it is done.
+parallel with this but the thread that maps the new segments' pages
+(store/prefault.py): the controller serves only once it is done.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .. import errors
 from .._native import ffi
 from .._os import sdnotify
 from ..config import Config, layout_differences
+from ..store.prefault import Prefault
 from ..store.segment import unlink_all
 from . import checkpoint as ckp
 from . import records as rec
@@ -195,6 +197,9 @@ def cold_start(cfg: Config, log, d: LogDir):
             if ahead is not None:
                 ahead.close()
             raise
+        # the pages mapped on the other core while this one lays the blocks in (each page's first
+        # fault was most of the load); the controller maps the rest once it serves
+        pages = Prefault(wr.att.devices, log).start() if cfg.storage.prefault else None
         try:
             wr.begin()
             if path is not None:
@@ -204,6 +209,8 @@ def cold_start(cfg: Config, log, d: LogDir):
                 except ckp.BadCheckpoint as e:
                     skipped.append({"file": path.name, "reason": str(e)})
                     log.error("checkpoint_unusable", file=path.name, reason=str(e))
+                    if pages is not None:
+                        pages.stop()
                     wr.close()
                     unlink_all(cfg.name, cfg.storage.segments)
                     continue
@@ -229,9 +236,13 @@ def cold_start(cfg: Config, log, d: LogDir):
             wr.publish(time.time_ns(), replay.txn_last)
             rec_facts = wr.recover()
         except BaseException:
+            if pages is not None:
+                pages.stop()
             wr.close()
             unlink_all(cfg.name, cfg.storage.segments)
             raise
+        if pages is not None:
+            pages.stop()
         seconds = round(time.monotonic() - t0, 3)
         facts = {"cold_start": {
             "checkpoint": path.name if path is not None else None,

@@ -132,6 +132,18 @@ class Bounds:
         return self._h[0], self._s[0]
 
 
+def find_entry(reader, pos: int, kind: int, limit: int) -> tuple[int, int, int] | None:
+    """(position, serial, time_ns) of the first entry of `kind` from position
+    `pos` on, among at most `limit` entries, or None. Reads headers only, in
+    C (apl_log_find): no entry is copied or parsed on the way. Raises
+    InternalError(APL_ELOGFULL) when `pos` has been overwritten."""
+    p = ffi.new("uint64_t *", pos)
+    h = ffi.new("struct apl_centry *")
+    rc = lib.apl_log_find(reader.view, p, kind, limit, h)
+    check(rc, "search change log")
+    return (p[0], h.ce_serial, h.ce_time_ns) if rc == 1 else None
+
+
 def read_entries(reader, pos: int, limit: int | None = None) -> Iterator[LogEntry]:
     """Entries from position `pos` up to the published head. Raises
     InternalError(APL_ELOGFULL) when `pos` has been overwritten."""
