@@ -122,7 +122,7 @@ class CheckpointWriter:
                 while n < limit:
                     if self._cancel:
                         raise errors.UnavailableError("checkpoint: given up, the controller stops")
-                    batch, n = self.reader.block_images(n, version, CHUNK, limit)
+                    batch, n = self.reader.block_images(n, version, CHUNK, limit, copy=False)
                     nrec += 1
                     out.put(rec.frame(nrec, rec.KIND_BLOCKS, batch, first=n))
                     images += len(batch)

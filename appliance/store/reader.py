@@ -257,15 +257,19 @@ class Reader:
         check(n, "block image")
         return bytes(ffi.buffer(buf, n))
 
-    def block_images(self, start: int, version: int, cap: int, limit: int) -> tuple[bytes, int]:
+    def block_images(self, start: int, version: int, cap: int, limit: int, *,
+                     copy: bool = True) -> tuple[bytes, int]:
         """Images of block numbers [start, limit) at a pinned version, up to about
         `cap` bytes: (u32 number, u32 length, image)*, next number. A number not
-        in use has length 0 (apl_block_images)."""
+        in use has length 0 (apl_block_images). copy=False: a buffer over the
+        memory they were read into instead of bytes (no copy made while the
+        GIL is held: a checkpoint's thread copying megabytes held up every
+        commit of the loop thread)."""
         buf = _raw_alloc("uint8_t[]", cap)   # not cleared: only the n bytes written are read
         nxt = ffi.new("uint32_t *")
         n = lib.apl_block_images(self.view, start, limit, version, buf, cap, nxt)
         check(n, "block images")
-        return bytes(ffi.buffer(buf, n)), nxt[0]
+        return (bytes(ffi.buffer(buf, n)) if copy else ffi.buffer(buf, n)), nxt[0]
 
     def images_of(self, numbers: list[int], start: int, version: int, cap: int) -> tuple[bytes, int]:
         """Images of numbers[start:] at a pinned version, as block_images
