@@ -195,50 +195,68 @@ static int entry_bad(apl_view *v, uint64_t pos)
     return rc ? rc : pos < tail ? APL_ELOGFULL : APL_ECORRUPT;
 }
 
+/* After reading log bytes from position `from` on: APL_OK if the writer
+ * overwrote none of them meanwhile (the tail, published before bytes are
+ * overwritten, has not passed `from`), else APL_ELOGFULL. */
+static int still_valid(apl_view *v, uint64_t from)
+{
+    uint64_t head, tail, ver, serial;
+    FENCE();
+    int rc = log_bounds(v, &head, &tail, &ver, &serial);
+    return rc ? rc : from < tail ? APL_ELOGFULL : APL_OK;
+}
+
+/* The reader side's walk over the ring: the header of the first entry that
+ * is not PAD at or after log position *p (the wrap gap and PAD space
+ * skipped): 1 with *h and *p set to it, 0 when *p reaches `head`, or the
+ * error of a header that does not hold (entry_bad). What it read is valid
+ * only if the writer did not overwrite it meanwhile: the caller checks that
+ * with still_valid(), from where it started. */
+static int next_entry(apl_view *v, uint64_t *p, uint64_t head, struct apl_centry *h)
+{
+    uint64_t size = v->v_log_size;
+    while (*p < head) {
+        uint64_t off = *p % size;
+        if (size - off < sizeof(struct apl_centry)) {
+            *p += size - off;
+            continue;
+        }
+        entry_header(h, (const struct apl_centry *)(v->v_log + off));
+        uint32_t len = h->ce_len;
+        if (len < sizeof(*h) || (len & 7) || len > size - off)
+            return entry_bad(v, *p);
+        if (h->ce_kind != APL_CE_PAD)
+            return 1;
+        *p += len;
+    }
+    return 0;
+}
+
 static int64_t log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
 {
     uint64_t head, tail, ver, serial;
     int rc = log_bounds(v, &head, &tail, &ver, &serial);
     if (rc)
         return rc;
-    uint64_t size = v->v_log_size;
-    for (;;) {
-        if (*pos >= head)
-            return 0;
-        if (*pos < tail)
-            return APL_ELOGFULL;
-        uint64_t off = *pos % size;
-        if (size - off < sizeof(struct apl_centry)) {
-            *pos += size - off;
-            continue;
+    if (*pos < tail)
+        return APL_ELOGFULL;
+    struct apl_centry h;
+    if ((rc = next_entry(v, pos, head, &h)) <= 0)
+        return rc;
+    uint32_t len = h.ce_len;
+    if (len > cap) {
+        if (cap >= 8) {
+            uint64_t need = len;
+            memcpy(out, &need, 8);
         }
-        struct apl_centry h;
-        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
-        uint32_t len = h.ce_len;
-        if (len < sizeof(h) || (len & 7) || len > size - off)
-            return entry_bad(v, *pos);
-        if (h.ce_kind == APL_CE_PAD) {
-            *pos += len;
-            continue;
-        }
-        if (len > cap) {
-            if (cap >= 8) {
-                uint64_t need = len;
-                memcpy(out, &need, 8);
-            }
-            return APL_EBUFSIZE;
-        }
-        memcpy(out, &h, sizeof h);
-        memcpy(out + sizeof h, v->v_log + off + sizeof h, len - sizeof h);
-        /* the copy is valid only if the writer did not overwrite it meanwhile */
-        FENCE();
-        if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
-            return rc;
-        if (*pos < tail)
-            return APL_ELOGFULL;
-        *pos += len;
-        return len;
+        return APL_EBUFSIZE;
     }
+    memcpy(out, &h, sizeof h);
+    memcpy(out + sizeof h, v->v_log + *pos % v->v_log_size + sizeof h, len - sizeof h);
+    if ((rc = still_valid(v, *pos)))
+        return rc;
+    *pos += len;
+    return len;
 }
 
 int64_t apl_log_read(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap)
@@ -262,37 +280,24 @@ static int64_t log_find(apl_view *v, uint64_t *pos, uint16_t kind, uint64_t max_
     int rc = log_bounds(v, &head, &tail, &ver, &serial);
     if (rc)
         return rc;
-    uint64_t size = v->v_log_size, p = *pos, seen = 0;
+    uint64_t start = *pos, p = start, seen = 0;
     if (p < tail)
         return APL_ELOGFULL;
-    while (p < head && seen < max_entries) {
-        uint64_t off = p % size;
-        if (size - off < sizeof(struct apl_centry)) {
-            p += size - off;
-            continue;
+    int found = 0;
+    while (seen < max_entries && (rc = next_entry(v, &p, head, out)) == 1) {
+        if (out->ce_kind == kind) {
+            found = 1;
+            break;
         }
-        struct apl_centry h;
-        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
-        /* valid only if the writer did not overwrite it meanwhile */
-        FENCE();
-        if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
-            return rc;
-        if (p < tail)
-            return APL_ELOGFULL;
-        uint32_t len = h.ce_len;
-        if (len < sizeof(h) || (len & 7) || len > size - off)
-            return entry_bad(v, p);
-        if (h.ce_kind == kind) {
-            *out = h;
-            *pos = p;
-            return 1;
-        }
-        if (h.ce_kind != APL_CE_PAD)
-            seen++;
-        p += len;
+        seen++;
+        p += out->ce_len;
     }
+    if (rc < 0)
+        return rc;
+    if ((rc = still_valid(v, start)))   /* every header read lies at or after start */
+        return rc;
     *pos = p;
-    return 0;
+    return found;
 }
 
 int64_t apl_log_find(apl_view *v, uint64_t *pos, uint16_t kind, uint64_t max_entries, struct apl_centry *out)
@@ -327,22 +332,12 @@ static int64_t log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap
     *first_serial = *last_serial = 0;
     if (p < tail)
         return APL_ELOGFULL;
-    while (p < head) {
+    struct apl_centry h;
+    while ((rc = next_entry(v, &p, head, &h)) == 1) {
         uint64_t off = p % size;
-        if (size - off < sizeof(struct apl_centry)) {
-            p += size - off;
-            continue;
-        }
-        struct apl_centry h;
-        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
         uint32_t len = h.ce_len;
-        if (len < sizeof(h) || (len & 7) || len > size - off ||
-            sizeof(h) + (uint64_t)h.ce_klen + h.ce_alen + h.ce_blen > len)
+        if (sizeof(h) + (uint64_t)h.ce_klen + h.ce_alen + h.ce_blen > len)
             return entry_bad(v, p);
-        if (h.ce_kind == APL_CE_PAD) {
-            p += len;
-            continue;
-        }
         if (max_serial && h.ce_serial > max_serial)
             break;
         const uint8_t *key = v->v_log + off + sizeof(h);
@@ -404,12 +399,10 @@ static int64_t log_export(apl_view *v, uint64_t *pos, uint8_t *out, uint64_t cap
         used += elen;
         p += len;
     }
-    /* valid only if the writer did not overwrite what we copied */
-    FENCE();
-    if ((rc = log_bounds(v, &head, &tail, &ver, &serial)))
+    if (rc < 0)
         return rc;
-    if (start < tail)
-        return APL_ELOGFULL;
+    if ((rc = still_valid(v, start)))   /* what was copied lies at or after start */
+        return rc;
     *pos = p;
     *count = n;
     return (int64_t)used;
@@ -436,31 +429,18 @@ static int log_seek(apl_view *v, uint64_t serial, uint64_t *pos)
         return rc;
     if (serial > last)
         return APL_NOTFOUND;
-    uint64_t size = v->v_log_size, p = tail;
-    while (p < head) {
-        uint64_t off = p % size;
-        if (size - off < sizeof(struct apl_centry)) {
-            p += size - off;
-            continue;
+    uint64_t p = tail;
+    struct apl_centry h;
+    while ((rc = next_entry(v, &p, head, &h)) == 1) {
+        if (h.ce_serial == serial) {
+            *pos = p;
+            return still_valid(v, p);
         }
-        struct apl_centry h;
-        entry_header(&h, (const struct apl_centry *)(v->v_log + off));
-        if (h.ce_len < sizeof(h) || (h.ce_len & 7) || h.ce_len > size - off)
-            return entry_bad(v, p);
-        if (h.ce_kind != APL_CE_PAD) {
-            if (h.ce_serial == serial) {
-                *pos = p;
-                FENCE();
-                if ((rc = log_bounds(v, &head, &tail, &ver, &last)))
-                    return rc;
-                return p < tail ? APL_ELOGFULL : APL_OK;
-            }
-            if (h.ce_serial > serial)
-                return APL_ELOGFULL;
-        }
+        if (h.ce_serial > serial)
+            return APL_ELOGFULL;
         p += h.ce_len;
     }
-    return APL_ELOGFULL;
+    return rc < 0 ? rc : APL_ELOGFULL;
 }
 
 int apl_log_seek(apl_view *v, uint64_t serial, uint64_t *pos)

@@ -56,8 +56,9 @@ class Prefault:
     def _run(self) -> None:
         t0 = time.monotonic()
         off = 0
+        end = max((d.size for d in self.devices), default=0)
         try:
-            while off < max((d.size for d in self.devices), default=0):
+            while off < end:
                 for dev in self.devices:
                     if self._stop.is_set() or dev.closed:
                         return
