@@ -87,6 +87,19 @@ def fill(db, n: int, start: int = 0, batch: int | None = None) -> None:
         t[i] = {"branch": f"br{i % 7}", "balance": 1000 + i}
 
 
+def cold_start_from(app, db, cp: dict) -> dict:
+    """A power cut, then a cold start: it must load checkpoint `cp` and give
+    back every block as it was; returns status recovery.cold_start."""
+    before = block_sums(app.name)
+    db.close()
+    power_cut(app)
+    app.controller.start()
+    assert block_sums(app.name) == before
+    cold = app.connect().status()["recovery"]["cold_start"]
+    assert cold["checkpoint"] == cp["file"] and cold["checkpoint_serial"] == cp["serial"]
+    return cold
+
+
 def wait_checkpoint(db, timeout: float = 20.0) -> dict:
     """Until status says a checkpoint was written and none is needed; its durability part."""
     deadline = time.monotonic() + timeout
@@ -231,14 +244,7 @@ class TestCheckpoints:
             time.sleep(0.05)
         first_seq = int(cps[0][len("checkpoint-"):-4])
         assert all(int(n[4:-4]) > first_seq for n in log_files(d)[1:])   # files only the first needed are gone
-        before = block_sums(app.name)
-        db.close()
-        power_cut(app)
-        app.controller.start()
-        assert block_sums(app.name) == before
-        cold = app.connect().status()["recovery"]["cold_start"]
-        assert cold["checkpoint"] == third["file"] and cold["checkpoint_serial"] == third["serial"]
-        assert cold["records_replayed"] == 1
+        assert cold_start_from(app, db, third)["records_replayed"] == 1
 
     def test_checkpoint_every_volume_of_log(self, make_appliance, tmp_path):
         """checkpoint_every = "1MiB": a checkpoint is taken by itself once that much log was written."""
@@ -255,6 +261,105 @@ class TestCheckpoints:
         naming [durability], exit 78, nothing written."""
         r = cli("checkpoint", "--config", bank.config)
         assert r.returncode == errors.EXIT_CONFIG and "durability" in r.stderr
+
+
+class TestCheckpointsGiveWay:
+    """A checkpoint shares the disk with the commits that wait on the log."""
+
+    def test_a_checkpoint_under_durable_commits_gives_way_and_a_cold_start_loads_it(self, make_appliance,
+                                                                                 tmp_path):
+        """Alone, a checkpoint writes at the disk's speed (yielded_bytes 0);
+        while commits wait on the log's fsyncs it writes in small forced
+        slices (yielded_bytes: all of its block images), and that checkpoint
+        is whole: a power cut after it cold-starts from it, every block the same."""
+        import threading
+        from appliance.cli.durability import checkpoint
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d)).start()
+        db = app.connect()
+        fill(db, 3000, batch=500)
+        time.sleep(0.3)                          # no commit within the last YIELD_WINDOW_S
+        alone = checkpoint(app.cfg)
+        assert alone["yielded_bytes"] == 0 and alone["bytes"] > 64 << 10
+        stop, done = threading.Event(), []
+
+        def commits():
+            c = app.connect()
+            t = c.table("accounts")
+            while not stop.is_set():
+                t[len(done) % 3000] = {"branch": "busy", "balance": len(done)}
+                done.append(1)
+            c.close()
+        th = threading.Thread(target=commits)
+        th.start()
+        try:
+            while len(done) < 50:
+                time.sleep(0.01)
+            busy = checkpoint(app.cfg)
+        finally:
+            stop.set()
+            th.join(30)
+        assert busy["yielded_bytes"] > 0 and busy["yielded_bytes"] >= busy["bytes"] - (64 << 10), busy
+        r = cli("status", "--config", app.config, "--json")
+        assert json.loads(r.stdout)["durability"]["last_checkpoint"]["yielded_bytes"] == busy["yielded_bytes"]
+        cold_start_from(app, db, busy)
+
+    def test_interval_commits_do_not_wait_on_the_disk_and_the_checkpoint_does_not_slow(self, make_appliance,
+                                                                                     tmp_path):
+        """With log_sync = "interval" no commit waits for an fsync: a checkpoint
+        under the same load writes at full speed (yielded_bytes 0)."""
+        import threading
+        from appliance.cli.durability import checkpoint
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, log_sync="interval", sync_interval="1s")).start()
+        db = app.connect()
+        fill(db, 3000, batch=500)
+        stop = threading.Event()
+
+        def commits():
+            t = db.table("accounts")
+            i = 0
+            while not stop.is_set():
+                t[i % 3000] = {"branch": "busy", "balance": i}
+                i += 1
+        th = threading.Thread(target=commits)
+        th.start()
+        try:
+            time.sleep(0.2)
+            cp = checkpoint(app.cfg)
+        finally:
+            stop.set()
+            th.join(30)
+        assert cp["yielded_bytes"] == 0 and cp["bytes"] > 64 << 10
+        db.close()
+
+    def test_a_checkpoint_keeps_a_young_log_file_and_moves_off_a_full_one(self, make_appliance, tmp_path):
+        """A checkpoint starts a new log file only when the current one is past
+        half of log_file_size (each new file is made in advance, all zeros):
+        after a few commits the file goes on; after more than half, the next
+        record starts a new one and the files before the checkpoint can go."""
+        from appliance.cli.durability import checkpoint
+        d = tmp_path / "files"
+        app = make_appliance(tables=TABLES, extra=durability(d, log_file_size="1MiB")).start()
+        db = app.connect()
+        fill(db, 20)
+        deadline = time.monotonic() + 10
+        while not (d / "log-spare.ready").exists():    # the first file was not made in advance: the
+            assert time.monotonic() < deadline          # writer moves onto the spare once it is ready
+            time.sleep(0.02)
+        fill(db, 5, 40)
+        first = db.status()["durability"]["current_file"]
+        assert first != "log-00000000000000000001.apl"
+        checkpoint(app.cfg)
+        fill(db, 5, 20)
+        assert db.status()["durability"]["current_file"] == first
+        db.load("accounts", [{"id": i, "branch": "b" * 60, "balance": i} for i in range(100, 12100)], batch=2000)
+        full = db.status()["durability"]["current_file"]
+        checkpoint(app.cfg)
+        fill(db, 5, 30)
+        st = db.status()["durability"]
+        assert st["current_file"] != full and int(st["current_file"][4:-4]) > st["last_checkpoint"]["log_seq"]
+        db.close()
 
 
 class TestDamagedFiles:

@@ -289,7 +289,9 @@ def checkpoint(config_path: str, timeout: float, as_json: bool) -> None:
         click.echo(json.dumps(cp))
     else:
         click.echo(f"checkpoint {cp['file']}: version {cp['version']}, serial {cp['serial']}, {cp['blocks']} "
-                   f"blocks, {cp['bytes'] / 1e6:.1f} MB in {cp['seconds']:.2f} s ({cp['rate_mb_s']} MB/s)")
+                   f"blocks, {cp['bytes'] / 1e6:.1f} MB in {cp['seconds']:.2f} s ({cp['rate_mb_s']} MB/s)"
+                   + (f", {cp['yielded_bytes'] / 1e6:.1f} MB of it giving way to commits" if cp.get("yielded_bytes")
+                      else ""))
 
 
 @main.command()

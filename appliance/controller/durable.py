@@ -389,7 +389,7 @@ class Durable:
                   "log_bytes": self.writer.bytes_written}
         number = self.checkpoints["taken"] + self.checkpoints["failed"] + 1
         self.checkpoint = ckp.CheckpointWriter(self.dir, ctl.reader, pin, header, wake_fd=self.writer.wake_fd,
-                                               log=self.log, number=number)
+                                               log=self.log, number=number, forcing=self.writer.forcing)
         self._last_checkpoint_mono = time.monotonic()
         self.log.info("checkpoint_started", number=number, version=v, serial=pb.pb_serial,
                       log_seq=header["log_seq"], blocks=header["block_limit"], reason=reason)
@@ -409,7 +409,10 @@ class Durable:
             self.needs_checkpoint = None
             self.gap = None
         self.log.info("checkpoint_written", number=cp.number, **cp.result)
-        self.writer.rotate()
+        # a new log file only when the current one is past half full: the files before the
+        # checkpoint can go either way, and each new file is log_file_size of zeros made in
+        # advance (under frequent checkpoints, more disk writes than the checkpoints themselves)
+        self.writer.rotate(past=0.5)
         self._retire = True
 
     def housekeeping(self) -> None:

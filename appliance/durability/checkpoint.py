@@ -25,9 +25,13 @@ The thread runs at the lowest CPU priority (nice 19, its own thread only):
 alone on the machine it writes at the disk's speed, beside a commit load
 it takes what the commits leave. Its writes go to the disk a record at a
 time, with one record in flight (sync_file_range: start the write-back of
-a record, then wait for the one before): a flush of the disk's cache — what
-every fdatasync of the log asks for — then never has more than two records
-of checkpoint to write first, and the final fdatasync little.
+a record, then wait for the one before), and the final fdatasync has
+little left. While commits wait on the log's fdatasyncs (log_sync =
+"commit" under load) it gives way to them: each record goes in small
+slices, each forced before the next, and it takes a quarter of the disk's
+time at most (logfiles.write_yielding says why: a flush of the disk's cache
+carries whatever was written before it). ``yielded_bytes`` in its result
+says how much went that way.
 
 Shared with the loop thread: ``progress`` (a dict replaced, never mutated:
 one reference store), ``result``/``error`` (set once, before the thread
@@ -43,26 +47,11 @@ from pathlib import Path
 
 from .. import errors
 from . import records as rec
-from .logfiles import LogDir, disk_error, fsync_dir, write_all, writev_all
+from .logfiles import RANGE_WAIT, LogDir, disk_error, fsync_dir, sync_range, write_all, write_yielding
 
 __all__ = ["CheckpointWriter", "checkpoint_name", "read_header", "load", "BadCheckpoint", "retire"]
 
 CHUNK = 4 << 20                # bytes of block images per BLOCKS record
-_WRITE, _WAIT = 2, 1 | 2 | 4   # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
-
-
-def _sync_file_range():
-    """sync_file_range(fd, off, n, flags) from libc (it releases the GIL: ctypes), or a no-op."""
-    try:
-        import ctypes
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        return fn
-    except (OSError, AttributeError):
-        return lambda fd, off, n, flags: 0
-
-
-_sync_range = _sync_file_range()
 
 
 def checkpoint_name(seq: int) -> str:
@@ -77,8 +66,10 @@ class BadCheckpoint(Exception):
 class CheckpointWriter:
     """Writes one checkpoint in a thread of its own (see the module docstring)."""
 
-    def __init__(self, d: LogDir, reader, pin, header: dict, *, wake_fd: int, log, number: int) -> None:
+    def __init__(self, d: LogDir, reader, pin, header: dict, *, wake_fd: int, log, number: int,
+                 forcing=lambda: False) -> None:
         self.dir = d
+        self.forcing = forcing         # LogWriter.forcing: commits wait on the log, give way to them
         self.reader = reader
         self.pin = pin
         self.header = header
@@ -117,7 +108,7 @@ class CheckpointWriter:
                          0)
             version, limit = self.header["version"], self.header["block_limit"]
             n = nrec = images = 0
-            out = _Writer(fd, off)         # writes while this thread reads the next images
+            out = _Writer(fd, off, self.forcing)   # writes while this thread reads the next images
             try:
                 while n < limit:
                     if self._cancel:
@@ -129,6 +120,7 @@ class CheckpointWriter:
                     self.progress = {"blocks": n, "total": limit, "bytes": out.queued}
             finally:
                 off = out.close()
+                yielded = out.yielded
             self.pin.close()
             self.pin = None
             end = {"blocks": n, "bytes": images, "records": nrec}
@@ -142,6 +134,7 @@ class CheckpointWriter:
             self.result = {"file": self.path.name, "log_seq": self.header["log_seq"],
                            "serial": self.header["serial"], "version": version, "blocks": n, "bytes": off,
                            "seconds": round(seconds, 3), "rate_mb_s": round(off / max(seconds, 1e-6) / 1e6, 1),
+                           "yielded_bytes": yielded,
                            "at_ns": time.time_ns()}
         except OSError as exc:
             self.error = disk_error(exc, "write checkpoint", tmp)
@@ -168,9 +161,11 @@ class _Writer:
     docstring). close() waits for it and returns the offset reached, or
     raises its OSError."""
 
-    def __init__(self, fd: int, off: int) -> None:
+    def __init__(self, fd: int, off: int, forcing) -> None:
         import queue
         self.fd, self.off, self.queued = fd, off, off
+        self.forcing = forcing
+        self.yielded = 0               # bytes written giving way to commits (write_yielding)
         self._prev = (0, 0)
         self.error: OSError | None = None
         self._q: "queue.Queue" = queue.Queue(maxsize=2)
@@ -193,11 +188,12 @@ class _Writer:
                 continue
             try:
                 start = self.off
-                self.off = writev_all(self.fd, pieces, start)
-                _sync_range(self.fd, start, self.off - start, _WRITE)
+                self.off, forced = write_yielding(self.fd, pieces, start, self.forcing)
+                if forced:
+                    self.yielded += self.off - start
                 if self._prev[1]:
-                    _sync_range(self.fd, self._prev[0], self._prev[1], _WAIT)
-                self._prev = (start, self.off - start)
+                    sync_range(self.fd, self._prev[0], self._prev[1], RANGE_WAIT)
+                self._prev = (0, 0) if forced else (start, self.off - start)
             except OSError as exc:
                 self.error = exc
 
