@@ -392,6 +392,8 @@ class Run:
         self.fill(pair)
         pair.wait_caught_up()
         self.measure(pair, SYNC[0], pair.name, "write", 8)
+        if "sync-cpu" in self.args.benches:
+            self.sync_cpu(pair)
 
     def sync_cpu(self, pair) -> None:
         """CPU per synchronous commit, per process (replication.sync_cpu)."""
