@@ -99,7 +99,7 @@ HOLD_MAX_S = 0.002     # ... at most half an fdatasync and this long for the com
 
 YIELD_PIECE = 64 << 10  # a background write (checkpoint, spare) while commits wait on the log: forced this much at a time
 YIELD_WINDOW_S = 0.1    # "commits wait on the log": it forced records for them within this long
-YIELD_SHARE = 0.25      # ... and then the background writer takes this share of the disk's time at most
+YIELD_SHARE = 0.1      # ... and then the background writer takes this share of the disk's time at most
 
 SPARE = "log-spare.ready"       # a log file made in advance (zeros), forced to disk
 SPARE_TMP = "log-spare.tmp"     # one being made (removed at start: .tmp)
