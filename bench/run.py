@@ -562,7 +562,10 @@ class Run:
         finally:
             stop.set()
             t.join(120)
-        self.out.say(f"  ({len(taken)} checkpoints written during the row and its warm-up)")
+        secs = sum(c["seconds"] for c in taken)
+        share = sum(c.get("yielded_bytes", 0) for c in taken) / max(1, sum(c["bytes"] for c in taken))
+        self.out.say(f"  ({len(taken)} checkpoints written during the row and its warm-up, "
+                     f"{secs / max(1, len(taken)):.2f} s each, {share:.0%} of their bytes giving way to commits)")
 
     def interval_rows(self, system) -> None:
         self.fill(system)
