@@ -390,6 +390,22 @@ class TestKeyTypes:
             typed.table("words")["k" * 2000] = {"tag": b"", "f": 0.0}
         assert isinstance(ei.value, errors.KeyTooLongError)
 
+    def test_a_str_key_utf8_cannot_encode_is_a_wrong_type(self, typed):
+        """A str key with a lone surrogate: WrongTypeError naming the statement on
+        write and the key field on get and range (not a bare UnicodeEncodeError),
+        False for `in`, and nothing stored."""
+        t = typed.table("words")
+        bad = "a\ud800"
+        with pytest.raises(errors.WrongTypeError, match=r"^words\[.*\] = \.\.\.: a value cannot be sent: .*surrogates"):
+            t[bad] = {"tag": b"", "f": 0.0}
+        with pytest.raises(errors.WrongTypeError, match=r"words\.w: key is a str that UTF-8 cannot encode"):
+            t.get(bad)
+        with pytest.raises(errors.WrongTypeError, match="lone surrogate"):
+            list(t.range(bad, None))
+        assert bad not in t and len(t) == 0
+        t["ok"] = {"tag": b"", "f": 0.0}
+        assert list(t) == ["ok"]
+
     def test_contains_overlong_key_is_false(self, typed):
         """`in` with a key too long to be stored is False, like a key of the wrong type."""
         assert ("x" * 5000) not in typed.table("words")

@@ -76,7 +76,11 @@ class KeyCodec:
             if type(v) is not str:
                 raise WrongTypeError(f"{self.where}: key must be a str, not {type(v).__name__}",
                                      where=self.where, value=repr(v))
-            return encode_str(v)
+            try:
+                return encode_str(v)
+            except UnicodeEncodeError:
+                raise WrongTypeError(f"{self.where}: key is a str that UTF-8 cannot encode (a lone surrogate)",
+                                     where=self.where, value=repr(v)) from None
         if not isinstance(v, (bytes, bytearray, memoryview)):
             raise WrongTypeError(f"{self.where}: key must be bytes, not {type(v).__name__}",
                                  where=self.where, value=repr(v))
