@@ -192,6 +192,38 @@ class TestCommitTimeout:
 # -- R5: an apply error ---------------------------------------------------------------------------
 
 
+class TestAcksStoredNotSignalled:
+    def test_an_ack_stored_but_not_signalled_releases_its_commit_at_the_next_look(self, make_cluster):
+        """The agent stores a secondary's acknowledgement in the primary's wake-up
+        memory and has not signalled it yet (or never will: its link drops). What
+        was stored counts: the next status (which reads the acknowledgements)
+        shows the commit released, never one waiting for no one, and once the
+        agent's session has dropped its record is no longer locked. Only the
+        primary's controller runs; the agent's side is the agent's own ControlLink."""
+        import asyncio
+        c = make_cluster(secondaries=(("sync", ""),))
+        c.primary.app.start()
+        sec = c.secondaries[0].name
+        db = c.primary.app.connect(commit_timeout=0.3)
+
+        async def agent_then_gone() -> None:
+            cl = link.ControlLink(str(c.primary.app.cfg.socket_path), "test-agent")
+            await cl.connect("primary", wakeups=True)
+            with pytest.raises(errors.BackupTimeoutError) as e:
+                await asyncio.to_thread(db.table("accounts").__setitem__, 2, {"branch": "a", "balance": 1})
+            [w] = waiting(c)
+            assert w["serial"] == e.value.details["serial"] and w["waiting_for"] == [sec], w
+            wk = cl.wakeups
+            lib.apl_acks_post(wk.acks, wk.index[sec], w["serial"])   # stored, never signalled
+            assert waiting(c) == []
+            cl.close()
+        asyncio.run(agent_then_gone())
+        with db.transaction(durability="local") as tx:      # its record is no longer locked
+            tx.update("accounts", 2, {"balance": 2})
+        assert db.table("accounts")[2]["balance"] == 2
+        db.close()
+
+
 class TestApplyRefused:
     def test_bad_batch_is_rolled_back_and_the_secondary_is_copied(self, make_cluster):
         """An authenticated primary sends a transaction whose last change names no file: the

@@ -213,6 +213,8 @@ class AgentLink:
             self.wakeups.remove(wk)
             self.ctl.unwatch_fd(wk.acked)
             wk.close()
+        if wk is not None and self.ctl.role.is_primary:
+            self.ctl.commits.release_backed_up()   # what its last acknowledgements confirmed goes now
         if sess.agent and not self.attached():
             self.log.warning("agent_detached", pid=sess.pid)
             if self.ctl.role.is_primary:

@@ -65,7 +65,9 @@ def status(ctl) -> dict:
 def _replication(ctl) -> dict | None:
     role = ctl.role
     if role.is_primary:
-        ctl.agents.pull_acks()
+        # the acknowledgements the agent stored, and the commits they release (never a
+        # commit shown waiting for no one)
+        ctl.commits.release_backed_up()
         st = ctl.sync.status()
         st["agent"] = {k: v for k, v in ctl.agents.status().items() if k != "secondaries"}
         behind = serials_behind(ctl)
