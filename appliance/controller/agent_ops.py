@@ -207,14 +207,12 @@ class AgentLink:
         self.watchers.discard(sess)
         wk = sess.wakeups
         if wk is not None:
-            if self.ctl.role.is_primary:
-                self.pull_acks()   # what it stored last still counts
+            if self.ctl.role.is_primary:   # what it stored last still counts, and releases what it confirms
+                self.ctl.commits.release_backed_up()
             sess.wakeups = None
             self.wakeups.remove(wk)
             self.ctl.unwatch_fd(wk.acked)
             wk.close()
-        if wk is not None and self.ctl.role.is_primary:
-            self.ctl.commits.release_backed_up()   # what its last acknowledgements confirmed goes now
         if sess.agent and not self.attached():
             self.log.warning("agent_detached", pid=sess.pid)
             if self.ctl.role.is_primary:

@@ -159,6 +159,15 @@ class _Replay:
                           "(the controller stopped before writing them and its change log no longer held them)")
 
 
+def _discard(cfg: Config, wr, pages: Prefault | None) -> None:
+    """Give up the segments being laid in: the thread mapping their pages
+    stops first (it must not touch them once unmapped), then they go."""
+    if pages is not None:
+        pages.stop()
+    wr.close()
+    unlink_all(cfg.name, cfg.storage.segments)
+
+
 def cold_start(cfg: Config, log, d: LogDir):
     """Make the segments from the files; (writer, recovery facts)."""
     from ..controller.role import ROLES
@@ -209,10 +218,7 @@ def cold_start(cfg: Config, log, d: LogDir):
                 except ckp.BadCheckpoint as e:
                     skipped.append({"file": path.name, "reason": str(e)})
                     log.error("checkpoint_unusable", file=path.name, reason=str(e))
-                    if pages is not None:
-                        pages.stop()
-                    wr.close()
-                    unlink_all(cfg.name, cfg.storage.segments)
+                    _discard(cfg, wr, pages)
                     continue
                 if header.get("files") and header["files"] != file_directory(wr.att):
                     raise errors.FormatError(f"{cfg.path}: checkpoint {path.name} has another file directory "
@@ -236,10 +242,7 @@ def cold_start(cfg: Config, log, d: LogDir):
             wr.publish(time.time_ns(), replay.txn_last)
             rec_facts = wr.recover()
         except BaseException:
-            if pages is not None:
-                pages.stop()
-            wr.close()
-            unlink_all(cfg.name, cfg.storage.segments)
+            _discard(cfg, wr, pages)
             raise
         if pages is not None:
             pages.stop()
