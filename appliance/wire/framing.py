@@ -127,8 +127,7 @@ def encode(obj: Any) -> bytes:
         ) from None
 
 
-_BIN32 = struct.Struct(">BI")   # msgpack bin 32: 0xc6, then the length (big-endian)
-_ARRAY32 = struct.Struct(">BI") # msgpack array 32: 0xdd, then the item count
+_TAG32 = struct.Struct(">BI")   # a msgpack tag and its 32-bit big-endian length: bin 32 (0xc6), array 32 (0xdd)
 _TAIL_MIN = 64 << 10            # a last item this large is sent from its own buffer, not copied
 
 
@@ -147,8 +146,8 @@ def encode_parts(obj: Any) -> list:
         pack = _thread_pack()
     tail = obj[-1]
     n = len(obj)
-    array = bytes([0x90 | n]) if n < 16 else _ARRAY32.pack(0xdd, n)
-    head = b"".join([array, *[pack(x) for x in obj[:-1]], _BIN32.pack(0xc6, len(tail))])
+    array = bytes([0x90 | n]) if n < 16 else _TAG32.pack(0xdd, n)
+    head = b"".join([array, *[pack(x) for x in obj[:-1]], _TAG32.pack(0xc6, len(tail))])
     size = len(head) + len(tail) + 1
     if size > _LENGTH_MAX:
         raise FrameError(f"payload of {size - 1} bytes does not fit a frame (limit {_LENGTH_MAX - 1})",
