@@ -29,9 +29,9 @@ a record, then wait for the one before), and the final fdatasync has
 little left. While commits wait on the log's fdatasyncs (log_sync =
 "commit" under load) it gives way to them: each record goes in small
 slices, each forced before the next, and it takes a tenth of the disk's
-time at most, 16 MiB/s at least (logfiles.write_yielding says why: a flush of the disk's cache
-carries whatever was written before it). ``yielded_bytes`` in its result
-says how much went that way.
+time at most, 16 MiB/s at least (logfiles.write_yielding says why: a
+flush of the disk's cache carries whatever was written before it).
+``yielded_bytes`` in its result says how much went that way.
 
 Shared with the loop thread: ``progress`` (a dict replaced, never mutated:
 one reference store), ``result``/``error`` (set once, before the thread

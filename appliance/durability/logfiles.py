@@ -97,7 +97,7 @@ SLOW_FSYNC_S = 0.0005  # "commit": an fdatasync slower than this (on average) ma
 HOLD_MAX_S = 0.002     # ... at most half an fdatasync and this long for the commits just answered to join it
 
 
-YIELD_PIECE = 64 << 10  # a background write (checkpoint, spare) while commits wait on the log: forced this much at a time
+YIELD_PIECE = 64 << 10  # a background write (checkpoint, spare) while commits wait: forced this much at a time
 YIELD_WINDOW_S = 0.1    # "commits wait on the log": it forced records for them within this long
 YIELD_SHARE = 0.1      # ... and then the background writer takes this share of the disk's time at most,
 YIELD_MIN_RATE = 16 << 20  # ... but it sleeps no longer than to write this many bytes a second (1 GiB in ~64 s)
@@ -442,7 +442,9 @@ class LogWriter:
 
     def rotate(self, past: float = 0.0) -> None:
         """Start a new file before the next record (after a checkpoint) when
-        the current one holds more than `past` of log_file_size."""
+        the current one holds more than `past` of log_file_size. (It reads
+        the writer thread's offset without the lock: one int, at worst a
+        write old, which moves the choice by that write.)"""
         if self._offset <= past * self.file_size and self.current is not None:
             return
         with self._cv:
@@ -761,10 +763,11 @@ def write_yielding(fd: int, pieces: list, offset: int, forcing) -> tuple[int, bo
     at most, and rarely that. It never sleeps longer than YIELD_MIN_RATE
     allows, so a checkpoint under a load that never stops still ends (on a
     2-core VM under 8 durable writers a slice's write and fsync take ~1 ms,
-    so that floor is what it writes at: p99 of the commits 1.2-1.5x of
-    without; with no floor, ~6 MB/s and 1.0-1.3x). Otherwise (no commit waits: a checkpoint alone,
-    log_sync "interval" or "off") they are written whole at the disk's speed
-    and their write-back is started (sync_file_range), not waited for."""
+    so that floor is what it writes at: p99 of the commits 1.2-1.8x of
+    without over six runs; with no floor ~6 MB/s and 1.1-1.3x). Otherwise
+    (no commit waits: a checkpoint alone, log_sync "interval" or "off") they
+    are written whole at the disk's speed and their write-back is started
+    (sync_file_range), not waited for."""
     views = [memoryview(p).cast("B") for p in pieces if len(p)]
     if not forcing():
         start = offset
