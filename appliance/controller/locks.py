@@ -39,7 +39,7 @@ class _Lock:
 
     def __init__(self, holder) -> None:
         self.holder = holder
-        self.waiters: deque = deque()  # (owner, on_grant)
+        self.waiters: deque | None = None  # (owner, on_grant), made when the first one waits
 
 
 class LockManager:
@@ -76,6 +76,8 @@ class LockManager:
         if x is owner:
             self.deadlocks += 1
             return DEADLOCK
+        if lk.waiters is None:
+            lk.waiters = deque()
         lk.waiters.append((owner, on_grant))
         owner.waiting_for = key
         self.waits += 1
@@ -87,7 +89,7 @@ class LockManager:
             return
         owner.waiting_for = None
         lk = self._locks.get(key)
-        if lk:
+        if lk and lk.waiters:
             lk.waiters = deque(w for w in lk.waiters if w[0] is not owner)
 
     def release_all(self, owner) -> list[Callable[[], None]]:
