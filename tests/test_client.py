@@ -10,6 +10,7 @@ import math
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -486,6 +487,127 @@ class TestFieldTypes:
             t["big"] = {"tag": b"", "f": 0.0, "note": "x" * 5000}
         assert isinstance(ei.value, errors.RecordTooLargeError)
         assert "big" not in t
+
+
+class TestLoad:
+    """db.load: records given whole in their stored types go the controller's
+    lean path (encoded and indexed as given); the others (defaults to fill,
+    values to convert) the insert statement's. Either way the result, the
+    index entries and the errors are those of inserting the records one by one."""
+
+    WORDS = [
+        {"w": "a", "tag": b"t1", "n": 1, "f": 1.5, "ok": True, "note": "x"},         # whole, stored types
+        {"w": "b", "tag": b"t2", "n": 2, "f": 2, "ok": None, "note": None},          # an int for the float
+        {"w": "c", "tag": b"t1", "f": 0.5},                                           # defaults to fill
+        {"w": "d", "tag": b"t3", "n": 4, "f": -0.0, "ok": False, "note": "z" * 300},
+        {"w": "e", "tag": b"t2", "n": 5, "f": 5.0, "ok": None, "note": "\x00"},
+    ]
+
+    def test_loaded_records_equal_inserted_ones(self, typed):
+        """Loaded records read, scan and find by alternate key exactly as the same records inserted one by one."""
+        t = typed.table("words")
+        assert typed.load("words", self.WORDS) == len(self.WORDS)
+        loaded = {r["w"]: r for r in t.values()}
+        for r in t.values():
+            del t[r["w"]]
+        for rec in self.WORDS:
+            t[rec["w"]] = rec
+        inserted = {r["w"]: r for r in t.values()}
+        assert loaded == inserted and len(loaded) == len(self.WORDS)
+        assert type(loaded["b"]["f"]) is float and loaded["c"]["n"] == 7
+        assert [r["w"] for r in t.find("tag", b"t1")] == ["a", "c"]
+        typed.load("nums", [{"k": 1, "grp": 10}, {"k": 2, "grp": None}, {"k": 3, "grp": 10}, {"k": 4}])
+        assert [r["k"] for r in typed.table("nums").find("grp", 10)] == [1, 3]
+        assert typed.table("nums")[4] == {"k": 4, "grp": None}
+
+    def test_alternate_keys_of_a_load_are_indexed(self, db):
+        """Every loaded record is found by its alternate key, and only there."""
+        recs = [acct(i, f"br{i % 5}", i) for i in range(3000)]
+        random.Random(5).shuffle(recs)
+        assert db.load("accounts", recs, batch=3000) == 3000
+        t = db.table("accounts")
+        for b in range(5):
+            assert sorted(r["id"] for r in t.find("branch", f"br{b}")) == list(range(b, 3000, 5))
+        assert len(t) == 3000
+
+    @pytest.mark.parametrize("second", ["whole", "to_fill"])
+    @pytest.mark.parametrize("first", ["whole", "to_fill"])
+    def test_a_key_given_twice_in_a_load_is_a_duplicate(self, typed, first, second):
+        """A primary key given twice in one load fails it with DuplicateKeyError at the second one, whichever path each took; nothing is loaded."""
+        shapes = {"whole": {"id": 1, "x": 1.0, "b": b"", "s": "", "flag": False}, "to_fill": {"id": 1}}
+        recs = [{"id": 0}, shapes[first], {"id": 2}, shapes[second], {"id": 3}]
+        with pytest.raises(errors.DuplicateKeyError) as ei:
+            typed.load("dflt", recs)
+        assert ei.value.details["index"] == 3 and ei.value.details["key"] == 1
+        assert len(typed.table("dflt")) == 0
+        assert typed.status()["transactions"]["locks_held"] == 0
+
+    def test_a_key_already_stored_is_a_duplicate(self, db):
+        """A load holding a key already committed fails with DuplicateKeyError naming its index; nothing of it is loaded."""
+        db.table("accounts")[7] = acct(7, "old", 70)
+        with pytest.raises(errors.DuplicateKeyError) as ei:
+            db.load("accounts", [acct(i) for i in (5, 6, 7, 8)])
+        assert ei.value.details["index"] == 2
+        assert list(db.table("accounts")) == [7] and db.table("accounts")[7]["branch"] == "old"
+
+    @pytest.mark.parametrize("bad, error, index", [
+        ({"id": 3, "branch": "b", "balance": "x"}, errors.WrongTypeError, 1),
+        ({"id": 3, "branch": "b", "saldo": 1}, errors.NoSuchFieldError, 1),
+        ({"id": "3", "branch": "b", "balance": 1}, errors.WrongTypeError, 1),
+        ({"id": 3, "branch": "b" * 1500, "balance": 1}, errors.KeyTooLongError, 1),
+        ({"id": 3, "branch": None, "balance": 1}, errors.WrongTypeError, 1),
+        ({"id": True, "branch": "b", "balance": 1}, errors.WrongTypeError, 1),
+    ], ids=["wrong-type", "unknown-field", "key-type", "alt-key-too-long", "none", "bool-key"])
+    def test_a_bad_record_fails_the_load_with_its_error(self, db, bad, error, index):
+        """A record the table refuses fails its load with the insert's typed error and the record's index; nothing is loaded."""
+        with pytest.raises(error) as ei:
+            db.load("accounts", [acct(1), bad, acct(2)])
+        assert ei.value.details["index"] == index
+        with pytest.raises(error):
+            db.table("accounts")[3] = bad
+        assert len(db.table("accounts")) == 0
+
+    def test_too_large_and_too_long_are_refused_in_the_insert_order(self, typed):
+        """A record too large for a block is RecordTooLargeError; one whose key is too long as well is KeyTooLongError, as its insert says."""
+        big = {"w": "big", "tag": b"", "n": 1, "f": 0.0, "ok": None, "note": "x" * 5000}
+        both = dict(big, w="w" * 1200)
+        for rec, error in ((big, errors.RecordTooLargeError), (both, errors.KeyTooLongError)):
+            with pytest.raises(error) as ei:
+                typed.load("words", [rec])
+            assert ei.value.details["index"] == 0
+            with pytest.raises(error):
+                typed.table("words")[rec["w"]] = rec
+        assert len(typed.table("words")) == 0
+
+    @pytest.mark.parametrize("outcome", ["commit", "cancel"])
+    def test_a_load_waits_for_a_key_another_transaction_holds(self, bank, db, outcome):
+        """A load reaching a key another transaction has locked waits for it: a duplicate if that one inserts and commits, loaded if it cancels."""
+        other = bank.connect()
+        tx = other.transaction(pipeline=False)
+        tx.insert("accounts", acct(2, "theirs", 2))
+        box: list = []
+
+        def load():
+            try:
+                box.append(db.load("accounts", [acct(1), acct(2), acct(3)]))
+            except errors.ApplianceError as e:
+                box.append(e)
+
+        th = threading.Thread(target=load)
+        th.start()
+        while other.status()["transactions"]["lock_waits"] == 0:   # the load is waiting for key 2
+            time.sleep(0.005)
+        if outcome == "commit":
+            tx.commit()
+        else:
+            tx.cancel()
+        th.join()
+        t = db.table("accounts")
+        if outcome == "commit":
+            assert isinstance(box[0], errors.DuplicateKeyError) and box[0].details["index"] == 1
+            assert list(t) == [2] and t[2]["branch"] == "theirs"
+        else:
+            assert box == [3] and list(t) == [1, 2, 3] and t[2]["branch"] == "main"
 
 
 SNAP_WRITER = r"""

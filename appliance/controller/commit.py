@@ -55,7 +55,7 @@ class GroupCommit:
         txn.durability = durability
         txn.wait = wait
         txn.commit_timeout = bound
-        if not any(c.after != c.before for c in txn.changes.values()):
+        if not txn.changed():
             txn.state = "committed"
             self.ctl.txns.active.pop(txn.number, None)
             self.ctl.txns.release(txn)

@@ -22,7 +22,7 @@ from ..wire import messages as m
 from .locks import DEADLOCK, GRANTED
 from .loop import FAST, WAIT_LOCK, YIELD, plain
 from .ops import handler
-from .txn import Change, Txn
+from .txn import TXN_INSERT, Change, Txn, step
 
 __all__ = ["Transactions", "LATER"]
 
@@ -97,6 +97,7 @@ class Transactions:
         txn.state = "cancelled"
         txn.reason = reason
         txn.changes.clear()
+        txn.steps = None
         self.active.pop(txn.number, None)
         self.counters["cancelled"] += 1
         self.cancelled_by[reason] = self.cancelled_by.get(reason, 0) + 1
@@ -369,7 +370,15 @@ class Transactions:
         per request (the client library splits bigger loads); every
         LOAD_CHUNK records the load lets the other sessions run (YIELD).
         Nothing reaches shared memory before its commit, so the records stay
-        invisible until then."""
+        invisible until then.
+
+        A record given whole, in its stored types (the common case: every
+        field, each of its type), goes straight to packed steps (txn.steps):
+        encoded and validated in one codec call, its index entries taken from
+        its own values, no Change kept. Any other record (fields left to their
+        defaults, values to convert) takes the insert statement's path. Both
+        lock the key and refuse one that exists, committed or earlier in the
+        same load (DuplicateKeyError with the record's index)."""
         if sess.txn is not None and sess.txn.state == "open":
             raise errors.TransactionStateError("load: a transaction is open on this connection")
         t = self.ctl.schema.table(table)
@@ -382,6 +391,10 @@ class Transactions:
                 table=t.name, records=len(recs), limit=self.max_load)
         txn = self.begin(sess, "load", {"table": t.name, "records": len(recs)})
         prepare, apply_stmt, locks, file = self.prepare, self.apply, self.ctl.locks, t.file
+        holder, acquire, committed, max_key = locks.holder, locks.acquire, self._committed, self.max_key
+        key_of, encode, pk_field, nfields, room = t.key, t.codec.encode, t.pk, len(t.fields), t.max_record - 16
+        pk_kind, alts = t.pk_stored, t.alt_stored
+        steps = txn.steps = bytearray()
         args = [t.name, None]
         i = 0
         try:
@@ -391,14 +404,47 @@ class Transactions:
                     if sess.closed or txn.state != "open":
                         raise errors.TransactionCancelledError(f"load {t.name}: transaction {txn.number} "
                                                                "was cancelled")
-                args[1] = rec
-                p = prepare(m.OP_INSERT, args)
-                lk = (file, p[3])
-                if locks.holder(lk) is None:      # the common case: take it, no coroutine
-                    locks.acquire(txn, lk, None)
+                entries = None
+                if type(rec) is dict and len(rec) == nfields and type(key := rec.get(pk_field)) is pk_kind:
+                    pk = key_of(key)
+                    entries = []
+                    for f, fid, enc, kind in alts:   # alternate keys of their stored type are canonical
+                        v = rec.get(f)
+                        if type(v) is not kind:
+                            entries = None
+                            break
+                        entries.append((fid, enc(v) + pk))
+                if entries is None:
+                    args[1] = rec
+                    p = prepare(m.OP_INSERT, args)
+                    key, pk = p[2], p[3]
                 else:
-                    yield from self.lock(txn, file, p[3])
-                apply_stmt(txn, p)
+                    # the insert's checks in the insert's order: the values (the
+                    # codec validates before it sizes), the keys' lengths, the size
+                    try:
+                        img = encode(rec, room - len(pk) if room > len(pk) else 0)
+                    except errors.RecordTooLargeError:
+                        t.check_keys(pk, entries, max_key)
+                        raise
+                    t.check_keys(pk, entries, max_key)
+                lk = (file, pk)
+                h = holder(lk)
+                if h is None:      # the common case: take it, no coroutine
+                    acquire(txn, lk, None)
+                elif h is txn:
+                    raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key "
+                                                   "(given twice in this load)", table=t.name, key=key)
+                else:
+                    yield from self.lock(txn, file, pk)
+                if entries is None:
+                    apply_stmt(txn, p)
+                    continue
+                if committed(file, pk) is not None:
+                    raise errors.DuplicateKeyError(f"{t.name}.insert({key!r}): duplicate primary key",
+                                                   table=t.name, key=key)
+                step(steps, TXN_INSERT, file, pk, img)
+                for fid, ak in entries:
+                    step(steps, TXN_INSERT, fid, ak, b"")
         except errors.ApplianceError as e:
             self.cancel(txn, "load_failed")
             e.details.setdefault("index", i)

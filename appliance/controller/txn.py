@@ -62,7 +62,7 @@ class Txn:
 
     __slots__ = ("number", "program", "input", "version", "session", "started_ns", "locks", "waiting_for",
                  "changes", "state", "results", "durability", "wait", "reason", "commit_timeout", "queued_ns",
-                 "pipelined", "failure", "tlog")
+                 "pipelined", "failure", "tlog", "steps")
 
     def __init__(self, number: int, program: str | None, input: Any, session=None, pipelined: bool = False,
                  version: str | None = None) -> None:
@@ -85,6 +85,12 @@ class Txn:
         self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
         self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
         self.tlog = None             # the T log (store.tlog), packed once at BEGIN
+        self.steps = None            # inserts of new records as packed steps (step), kept without a
+        #                              Change each: a bulk load's (Transactions.load); None when none
+
+    def changed(self) -> bool:
+        """Whether committing it changes anything."""
+        return bool(self.steps) or any(c.after != c.before for c in self.changes.values())
 
     def current(self, file: int, pk: bytes) -> Change | None:
         return self.changes.get((file, pk))
@@ -107,25 +113,27 @@ class Committer:
                 continue
             t = ch.table
             if ch.after_rec is None:  # delete
-                _step(ops, TXN_DELETE, t.file, ch.pk, b"")
+                step(ops, TXN_DELETE, t.file, ch.pk, b"")
                 for fid, ak in t.alt_entries(ch.before_rec, ch.pk):
-                    _step(ops, TXN_DELETE, fid, ak, b"")
+                    step(ops, TXN_DELETE, fid, ak, b"")
             elif ch.before is None:  # insert
-                _step(ops, TXN_INSERT, t.file, ch.pk, ch.after)
+                step(ops, TXN_INSERT, t.file, ch.pk, ch.after)
                 for fid, ak in ch.alt_after():
-                    _step(ops, TXN_INSERT, fid, ak, b"")
+                    step(ops, TXN_INSERT, fid, ak, b"")
             else:
-                _step(ops, TXN_UPDATE, t.file, ch.pk, ch.after)
+                step(ops, TXN_UPDATE, t.file, ch.pk, ch.after)
                 if t.alt:
                     old_alt = t.alt_entries(ch.before_rec, ch.pk)
                     new_alt = ch.alt_after()
                     if old_alt != new_alt:
                         for fid, ak in old_alt:
                             if (fid, ak) not in new_alt:
-                                _step(ops, TXN_DELETE, fid, ak, b"")
+                                step(ops, TXN_DELETE, fid, ak, b"")
                         for fid, ak in new_alt:
                             if (fid, ak) not in old_alt:
-                                _step(ops, TXN_INSERT, fid, ak, b"")
+                                step(ops, TXN_INSERT, fid, ak, b"")
+        if txn.steps:
+            ops += txn.steps
         packed = txn.tlog if txn.tlog is not None else tlog.encode(txn.program, txn.input, txn.version)
         return self.w.commit_txn(txn.number, now, packed, ops)
 
@@ -134,7 +142,7 @@ _OP = struct.Struct("<B3xIII")
 _PAD = b"\0" * 8
 
 
-def _step(buf: bytearray, op: int, file: int, key: bytes, value: bytes) -> None:
+def step(buf: bytearray, op: int, file: int, key: bytes, value: bytes) -> None:
     buf += _OP.pack(op, file, len(key), len(value))
     buf += key
     buf += value

@@ -36,6 +36,8 @@ _CHECKS = {
     "bool": lambda v: type(v) is bool,
 }
 _CONVERT = {"bytes": bytes, "float": float}
+#: the Python type a field's value has once stored (what a read hands back)
+_STORED = {"int": int, "str": str, "bytes": bytes, "float": float, "bool": bool}
 
 
 def _stored_default(c):
@@ -55,7 +57,8 @@ class TableSchema:
     """One table: its fields, keys and file ids."""
 
     __slots__ = ("name", "cfg", "file", "fields", "types", "required", "defaults", "pk", "pk_codec",
-                 "alt", "max_record", "codec", "decode", "_order", "_spec", "_alt_list")
+                 "alt", "max_record", "codec", "decode", "_order", "_spec", "_alt_list",
+                 "pk_stored", "alt_stored")
 
     def __init__(self, name: str, cfg: TableConfig, file: int, alt_files: dict[str, int],
                  max_record: int) -> None:
@@ -76,6 +79,10 @@ class TableSchema:
         self._spec = tuple((f, _CHECKS[c.type], _CONVERT.get(c.type), c.required, _stored_default(c), c.nullable)
                            for f, c in cfg.fields.items())
         self._alt_list = tuple((f, fid, codec.encode_raw) for f, (fid, codec) in self.alt.items())
+        #: the primary key's stored type; per alternate key (field, index file id, encode_raw,
+        #: stored type): a value of exactly that type is canonical as given (bulk load)
+        self.pk_stored = _STORED[self.types[self.pk]]
+        self.alt_stored = tuple((f, fid, enc, _STORED[self.types[f]]) for f, fid, enc in self._alt_list)
         #: the table's records as images and back (cext/apl_rec.h)
         self.codec = RecordCodec([(f, c.type, c.nullable) for f, c in cfg.fields.items()], self.full,
                                  self._codec_error)
