@@ -281,10 +281,18 @@ class ApplianceClient(Client):
         k, rec = next_write(arg)
         self.t[k] = rec
 
-    def tx_write(self, arg):
+    def _tx_write(self, arg, pipeline: bool):
         k, rec = next_write(arg)
-        with self.db.transaction(program="bench", input={"id": k}) as tx:
+        with self.db.transaction(program="bench", input={"id": k}, pipeline=pipeline) as tx:
             tx.update(TABLE, k, {"balance": rec["balance"]})
+
+    def tx_write(self, arg):
+        """Pipelined: the update is held until the commit, and both go as one request."""
+        self._tx_write(arg, True)
+
+    def tx_write_waiting(self, arg):
+        """The update waits for its reply (with its BEGIN), then the commit: two round trips."""
+        self._tx_write(arg, False)
 
     def _transfer(self, arg, pipeline: bool):
         """Two reads for update, two updates, commit; a deadlock victim (two
@@ -317,7 +325,7 @@ class ApplianceClient(Client):
 
 class ApplianceSystem(System):
     name = "appliance"
-    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": ("appliance", "tx_write"),
+    SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": [("appliance", "tx_write"), ("appliance (not pipelined)", "tx_write_waiting")],
                "transfer": [("appliance", "transfer"), ("appliance (not pipelined)", "transfer_waiting")]}
 
     def __init__(self, data, segment_mib: int | None = None) -> None:

@@ -23,6 +23,7 @@ GOALS = [
     ("snapshot-get", "appliance (snapshot)", "lmdb (one long txn)", 1, 2.0, 1.0),
     ("find", "appliance", "lmdb", 1, 1.5, 1.0),
     ("write", "appliance", "redis", 8, 1.5, 1.0),
+    ("tx-write", "appliance", "redis", 8, 1.5, 1.0),
     ("sync-write", "appliance (sync)", "redis (SET, WAIT 1 0)", 8, 2.0, 1.0),
     ("transfer", "appliance", "redis", 8, 1.5, None),
     ("durable-write", "appliance (log_sync commit)", "redis (appendfsync always)", 8, 1.5, None),

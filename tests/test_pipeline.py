@@ -50,7 +50,11 @@ def db(app):
 @pytest.fixture
 def accounts(db):
     """accounts 1..10, branch "main", balance 100 each; nothing else."""
-    t = db.table("accounts")
+    return reset(db.table("accounts"))
+
+
+def reset(t):
+    """accounts 1..10 as the fixture makes them, anything else removed."""
     for k in list(t):
         if k not in KEYS:
             del t[k]
@@ -106,7 +110,8 @@ class TestFailureSurfaces:
         the next statement raises it at once, pipelined or not, and is not sent."""
         tx = db.transaction()
         tx.delete("accounts", 77)
-        db.status()                                         # reads the outstanding reply on the way
+        assert tx.number is not None                        # sends the held BEGIN and delete, reads BEGIN's reply
+        db.status()                                         # reads the delete's reply on the way
         with pytest.raises(errors.NoSuchRecordError, match=r"accounts\.delete\(77\) \(statement 1 "):
             tx.update("accounts", 1, {"balance": 5})
         assert tx.state == "failed" and accounts[1]["balance"] == 100
@@ -311,11 +316,7 @@ class TestSameOutcome:
         plan = [(*rng.sample(list(KEYS), 2), rng.randrange(1, 30)) for _ in range(12)]
         outcome = {}
         for pipeline in (False, True):
-            for k in list(accounts):
-                if k not in KEYS:
-                    del accounts[k]
-            for k in KEYS:
-                accounts[k] = acct(k, "main", 100)
+            reset(accounts)
             start = bounds(db._reader)["head"]
             results = self._transfers(db, pipeline, plan)
             assert all(isinstance(r["serial"], int) for r in results)
@@ -426,6 +427,95 @@ class TestApi:
         with db.transaction() as t2:
             t2.update("accounts", 1, {"balance": 7})
         assert (accounts[1]["balance"], accounts[2]["balance"]) == (7, 100)
+
+
+class TestHeldUntilCommit:
+    """A transaction whose statements are all pipelined writes keeps them in the
+    client until its commit, then sends BEGIN, statements and COMMIT as one
+    request (OP_ATOMIC answered with the number, then the outcome)."""
+
+    def _requests(self, db) -> int:
+        return db.status()["clients"]["requests"]
+
+    def test_a_write_only_transaction_is_one_request(self, db, accounts):
+        """Three pipelined writes and the commit reach the controller as one request; the number,
+        the T log and the data are those of the transaction."""
+        start = bounds(db._reader)["head"]
+        before = self._requests(db)
+        with db.transaction(program="pay", input={"n": 3}) as tx:
+            tx.update("accounts", 1, {"balance": 1})
+            tx.update("accounts", 2, {"balance": 2})
+            tx.put("accounts", 40, acct(40, "p", 40))
+        assert self._requests(db) - before == 2          # the transaction, and this status request
+        assert isinstance(tx.result["txn"], int) and tx.result["txn"] == tx.number
+        assert "results" not in tx.result and isinstance(tx.result["serial"], int)
+        assert (accounts[1]["balance"], accounts[2]["balance"], accounts[40]) == (1, 2, acct(40, "p", 40))
+        log = [e for e in read_entries(db._reader, start) if e.kind_name == "begin"]
+        assert [msgpack.unpackb(e.a) for e in log] == [["pay", {"n": 3}]]
+
+    def test_the_same_change_log_as_not_pipelined(self, db, accounts):
+        """Write-only transactions held and sent at commit leave the same records and change-log
+        entries as the same transactions not pipelined."""
+        outcome = {}
+        for pipeline in (False, True):
+            reset(accounts)
+            start = bounds(db._reader)["head"]
+            for i in range(5):
+                with db.transaction(program="w", input=i, pipeline=pipeline) as tx:
+                    tx.update("accounts", 1 + i, {"balance": i})
+                    tx.insert("accounts", acct(50 + i, "new", i))
+                    tx.delete("accounts", 10 - i)
+            outcome[pipeline] = (dict(accounts.items()),
+                                 [(e.kind_name, e.file, e.key, e.a, e.b) for e in read_entries(db._reader, start)])
+        assert outcome[True] == outcome[False]
+
+    def test_a_failed_statement_is_named_with_the_number(self, db, accounts):
+        """A held statement that fails is raised by the commit naming its position and the
+        transaction's number; nothing of the transaction is applied."""
+        with pytest.raises(errors.NoSuchRecordError) as ei:
+            with db.transaction() as tx:
+                tx.update("accounts", 1, {"balance": 1})
+                tx.update("accounts", 99, {"balance": 1})
+                tx.update("accounts", 2, {"balance": 2})
+        d = ei.value.details
+        assert (d["statement"], d["op"], d["key"]) == (2, "update", 99) and isinstance(d["txn"], int)
+        assert f"(statement 2 of transaction {d['txn']}, pipelined)" in str(ei.value)
+        assert tx.state == "cancelled" and balances(accounts) == dict.fromkeys(KEYS, 100)
+        assert locks_held(db) == 0
+
+    @pytest.mark.parametrize("changes, key, exc", [
+        ({"balance": 1}, 99, errors.NoSuchRecordError),       # found missing when applied
+        ({"balance": "x"}, 1, errors.WrongTypeError),         # refused when validated
+    ], ids=["missing", "wrong-type"])
+    def test_a_lone_failed_statement(self, db, accounts, changes, key, exc):
+        """A transaction of one held statement that fails raises it at commit as statement 1 of its
+        numbered transaction, whichever check refused it."""
+        with pytest.raises(exc) as ei:
+            with db.transaction() as tx:
+                tx.update("accounts", key, changes)
+        d = ei.value.details
+        assert (d["statement"], d["op"], d["key"]) == (1, "update", key) and isinstance(d["txn"], int)
+        assert balances(accounts) == dict.fromkeys(KEYS, 100) and locks_held(db) == 0
+
+    def test_commit_without_waiting(self, db, accounts):
+        """commit(wait=False) of a held transaction commits it."""
+        tx = db.transaction()
+        tx.update("accounts", 3, {"balance": 33})
+        res = tx.commit(wait=False)
+        assert tx.state == "committed" and isinstance(res["txn"], int) and accounts[3]["balance"] == 33
+
+    def test_statements_held_survive_a_controller_restart(self, make_appliance):
+        """Nothing of a held transaction has reached the controller, so one restarted meanwhile
+        takes the whole of it on the new connection at commit."""
+        a = make_appliance().start()
+        db = a.connect(pipeline=True)
+        db.table("accounts")[1] = acct(1, "main", 100)
+        tx = db.transaction()
+        tx.update("accounts", 1, {"balance": 1})
+        a.restart()
+        tx.update("accounts", 1, {"balance": 2})
+        tx.commit()
+        assert tx.state == "committed" and db.table("accounts")[1]["balance"] == 2
 
 
 class TestFlowControl:

@@ -27,7 +27,7 @@ from ..store.reader import Reader
 from ..store.records import Schema, TableSchema
 from ..store.segment import Attachment
 from ..wire import messages as m
-from .session import PIPELINE_DEPTH, Session, check_depth, result
+from .session import PIPELINE_DEPTH, Session, check_depth, encode_sendable, result
 from .session import _pid as _session_pid
 
 __all__ = ["connect", "Client", "Table", "Snapshot", "Transaction"]
@@ -746,6 +746,12 @@ class Transaction:
         self._began_ns = 0
         self._link = _Link()
         self._position = 0       # statements called so far (gets, inserts, updates, deletes, puts)
+        # A pipelined transaction whose statements so far are all pipelined writes
+        # keeps them here, unsent, with its BEGIN: ([begin, statement...], [None,
+        # tag...]). At commit they go as one request (OP_ATOMIC, answered with the
+        # number, then the outcome); a statement that waits, tx.number or a full
+        # pipeline sends them first as pipelined requests (_send_held). None: none held.
+        self._held: tuple[list, list] | None = None
 
     @property
     def number(self) -> int | None:
@@ -753,6 +759,11 @@ class Transaction:
         pipelined transaction learns it from its BEGIN's reply: asking for it
         reads the replies up to that one (it raises nothing)."""
         link = self._link
+        if self._held is not None and self.state == "open":
+            try:
+                self._send_held()
+            except errors.UnavailableError:
+                return None
         if link.begin_pending:
             try:
                 self._session.drain(link)
@@ -811,6 +822,15 @@ class Transaction:
         c = self._client
         if c._closed:
             c._check()
+        held = self._held
+        if held is not None:
+            tag = (self._position, op, table, key)
+            if pipelined and len(held[0]) < self._session.depth:
+                encode_sendable(req)
+                held[0].append(req)
+                held[1].append(tag)
+                return None
+            self._send_held()    # then this one, as usual
         link = self._link
         s = self._session
         if s is not c._session() or s.generation != self._generation or not s.connected:
@@ -851,14 +871,64 @@ class Transaction:
             begin = [m.OP_BEGIN, self._program, self._input]
         self._began_ns = time.time_ns()
         if pipelined:
-            s.send_pipelined([begin, req], link, [None, (self._position, op, table, key)], now=True)
-            link.begin_pending = True
+            encode_sendable([begin, req])
+            self._held = ([begin, req], [None, (self._position, op, table, key)])
             self._opened(s)
             return None
         replies = s.call_many([begin, req])
         link.number = result(replies[0], "begin")
         self._opened(s)
         return self._result(replies[1], op, table, key)
+
+    def _send_held(self) -> None:
+        """Send the held BEGIN and statements as pipelined requests (at once: on a
+        new connection if this one went stale, nothing of the transaction having
+        been sent)."""
+        reqs, tags = self._held
+        self._held = None
+        s = self._client._session()
+        link = self._link
+        try:
+            s.send_pipelined(reqs, link, tags, now=True)
+        except errors.UnavailableError:
+            self._end("cancelled")
+            raise
+        link.begin_pending = True
+        self._opened(s)
+
+    def _commit_held(self, wait: bool) -> dict:
+        """Commit a transaction whose statements were all held: BEGIN, the
+        statements and COMMIT as one OP_ATOMIC request."""
+        (begin, *steps), tags = self._held
+        self._held = None
+        c = self._client
+        link = self._link
+        bound = c._commit_bound(self.commit_timeout)
+        opts = dict(begin[3]) if len(begin) > 3 else {}
+        opts["pipeline"] = True
+        if self.durability is not None:
+            opts["durability"] = self.durability
+        if bound is not None:
+            opts["commit_timeout"] = bound
+        if not wait:
+            opts["wait"] = False
+        s = c._session()
+        self._opened(s)
+        try:
+            with _reply_timeout(s, c._reply_timeout(bound)):
+                reply = s.request_numbered([m.OP_ATOMIC, begin[1], begin[2], steps, opts], link)
+        except errors.UnavailableError as e:
+            return self._commit_lost(e)
+        if reply is None or link.failure is not None:    # refused before it began
+            self._raise_failure()
+        if type(reply) is list and len(reply) == 4 and reply[0] == m.ERR and isinstance(reply[3], dict) \
+                and type(reply[3].get("step")) is int and 0 <= reply[3]["step"] < len(steps):
+            details = dict(reply[3])
+            link.reply(tags[details.pop("step") + 1], [reply[0], reply[1], reply[2], details])
+            self._raise_failure()
+        out = self._committed(reply)
+        out.pop("results", None)
+        return out
 
     def _result(self, reply, op: str, table: str, key):
         if type(reply) is list and len(reply) == 2 and reply[0] == _OK:
@@ -929,6 +999,9 @@ class Transaction:
             self.result = {"txn": None, "serial": None, "version": self._client.committed_version()}
             return self.result
         self._check_usable("commit")
+        if self._held is not None:
+            self.result = self._commit_held(wait)
+            return self.result
         link = self._link
         s = self._session
         if s.generation != self._generation or not s.connected:
@@ -946,20 +1019,34 @@ class Transaction:
                 with _reply_timeout(s, c._reply_timeout(bound)):
                     reply = s.request(req)
         except errors.UnavailableError as e:
-            if not e.details.get("sent", True):
-                self._end("cancelled")  # the commit never left: the controller cancelled it
-                raise errors.UnavailableError(
-                    f"commit of transaction {link.number}: the connection to the controller was lost; "
-                    "the transaction was cancelled", txn=link.number, sent=False) from None
-            self._end("unknown")
-            if link.number is None:     # a pipelined BEGIN whose reply never came: nothing to ask about
-                raise errors.CommitUnknownError(
-                    "commit of a pipelined transaction: the controller stopped before answering even its "
-                    "begin, so its number is unknown and its outcome cannot be asked; check the data") from None
-            self.result = self._resolve()
+            self.result = self._commit_lost(e)
             return self.result
         if link.failure is not None:    # a pipelined statement failed: the controller refused the commit
             self._raise_failure()
+        self.result = self._committed(reply)
+        return self.result
+
+    def _commit_lost(self, e: errors.UnavailableError) -> dict:
+        """The connection went while committing: cancelled if the commit never
+        left, else the outcome asked of the controller when it is back."""
+        link = self._link
+        if not e.details.get("sent", True):
+            self._end("cancelled")  # the commit never left: the controller cancelled it
+            raise errors.UnavailableError(
+                f"commit of transaction {link.number}: the connection to the controller was lost; "
+                "the transaction was cancelled", txn=link.number, sent=False) from None
+        self._end("unknown")
+        if link.number is None:     # a pipelined BEGIN whose reply never came: nothing to ask about
+            raise errors.CommitUnknownError(
+                "commit of a pipelined transaction: the controller stopped before answering even its "
+                "begin, so its number is unknown and its outcome cannot be asked; check the data") from None
+        self.result = self._resolve()
+        return self.result
+
+    def _committed(self, reply) -> dict:
+        """The commit's reply: its result, or its error raised (BackupTimeoutError:
+        committed, the backup pending)."""
+        link = self._link
         try:
             self.result = result(reply, f"commit of transaction {link.number}")
         except errors.BackupTimeoutError as e:
@@ -1006,7 +1093,8 @@ class Transaction:
         try:
             if self.state == "open" and self._session is not None:
                 self._end("cancelled")
-                self._session.cancel_dropped(self._generation)
+                if self._held is None:     # held statements never left: nothing to cancel
+                    self._session.cancel_dropped(self._generation)
         except Exception:
             pass
 
@@ -1017,7 +1105,9 @@ class Transaction:
         if self.state == "open":
             self._end("cancelled")
             s = self._session
-            if s.generation == self._generation and s.connected:
+            if self._held is not None:    # nothing of it was sent
+                self._held = None
+            elif s.generation == self._generation and s.connected:
                 try:
                     s.call_many([[m.OP_CANCEL]], retry=False)   # after the replies still outstanding
                 except errors.UnavailableError:

@@ -261,12 +261,33 @@ class Session:
         connection unless `retry`); its raw reply, read after the replies
         still outstanding."""
         self._ready(retry)
-        try:
-            data = _encode(req)
-        except (OverflowError, TypeError, ValueError) as exc:
-            raise _unsendable(req, "", exc) from None
+        data = encode_sendable(req)
         with self._io:
             return self._exchange(data, 1, retry)[0]
+
+    def request_numbered(self, req: list, sink) -> list | None:
+        """A request answered twice (OP_ATOMIC of a pipelined transaction held
+        until its commit: see Transaction): the first reply, the transaction's
+        number, goes to ``sink.reply(None, reply)``; the second is returned. A
+        first reply that is an error is the only one: it goes to the sink too
+        and None is returned. Nothing of the transaction was sent before, so a
+        stale connection is replaced and the request sent again on the new one."""
+        self._ready(True)
+        data = encode_sendable(req)
+        with self._io:
+            self._send(data, True)
+            if self.outstanding:
+                self._read_outstanding(0)
+            try:
+                first = self.reader.read()
+                sink.reply(None, first)
+                if not (type(first) is list and len(first) == 2 and first[0] == 0):
+                    return None
+                return self.reader.read()
+            except (EOFError, OSError, errors.ProtocolError) as exc:
+                self.close()
+                raise self._unavailable("connection lost before the reply: " + (str(exc) or type(exc).__name__),
+                                        sent=True) from None
 
     def _ready(self, retry: bool) -> None:
         """Before a request: connected (reconnecting only if `retry`), and a
@@ -331,6 +352,15 @@ class Session:
 
 _I64_MIN, _U64_MAX = -(1 << 63), (1 << 64) - 1
 _SENDABLE = (str, bytes, bytearray, memoryview, float, bool, type(None))
+
+
+def encode_sendable(req: list) -> bytes:
+    """The frame of `req`, or the WrongTypeError for a value msgpack cannot
+    encode, naming it (also to check a request kept to be sent later)."""
+    try:
+        return _encode(req)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise _unsendable(req, "", exc) from None
 
 
 def _unsendable(req, what: str, exc: Exception) -> errors.WrongTypeError:

@@ -85,7 +85,7 @@ class Session:
     """One client connection (or one of the agent's)."""
 
     __slots__ = ("sock", "fd", "pid", "uid", "gid", "decoder", "out", "inbox", "txn", "gen",
-                 "closed", "name", "want_write", "opened_ns", "requests", "agent", "watch", "agent_pid",
+                 "closed", "name", "want_write", "opened_ns", "agent", "watch", "agent_pid",
                  "waits", "paused", "mask", "idle_ns", "start", "fds", "wakeups")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, gid: int, max_frame: int) -> None:
@@ -101,7 +101,6 @@ class Session:
         self.name = ""
         self.want_write = False
         self.opened_ns = time.monotonic_ns()
-        self.requests = 0
         self.agent: str | None = None   # the role the agent serves, once it registered (OP_AGENT)
         self.agent_pid = 0
         self.watch = None               # (kind, value, timer) while a WATCH/WAIT_APPLIED waits
@@ -130,6 +129,7 @@ class Loop:
         self._timer_seq = 0
         self.counters = {"clients_refused": 0, "clients_dropped": 0}
         self.queued_peak = 0             # the most requests one session had waiting to start (status)
+        self.requests = 0                # requests taken from the sessions' inboxes (status)
         self.max_frame = cfg.controller.max_frame
         self._set_access(cfg)
         self.listener: socket.socket | None = None
@@ -521,7 +521,7 @@ class Loop:
                 return
             budget -= 1
             req = inbox.popleft()
-            sess.requests += 1
+            self.requests += 1
             if type(req) is not list or not req or type(req[0]) is not int:
                 self.send(sess, m.err("APL_EPROTO", "request must be [op, args...]"))
                 continue

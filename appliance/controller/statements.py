@@ -26,6 +26,8 @@ from .txn import TXN_INSERT, Change, Txn, step
 
 __all__ = ["Transactions", "LATER"]
 
+#: the OP_ATOMIC options its one-statement fast path takes (others: the general path)
+_FAST_OPTIONS = frozenset({"durability", "commit_timeout", "pipeline"})
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
 #: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
@@ -318,10 +320,13 @@ class Transactions:
         locked runs straight through, without the coroutine machinery.
         False: the general path must take it (it validates everything again)."""
         ctl = self.ctl
-        durability, bound = "quorum", None
-        if len(req) == 5:   # options: only durability and commit_timeout come this way
+        durability, bound, pipelined = "quorum", None, False
+        if len(req) == 5:   # options: only durability, commit_timeout and pipeline come this way
             opts = req[4]
-            if type(opts) is not dict or not opts.keys() <= {"durability", "commit_timeout"}:
+            if type(opts) is not dict or not opts.keys() <= _FAST_OPTIONS:
+                return False
+            pipelined = opts.get("pipeline", False)
+            if type(pipelined) is not bool:
                 return False
             try:
                 durability = ctl.sync.check_durability(opts.get("durability"))
@@ -342,18 +347,29 @@ class Transactions:
         try:
             p = self.prepare(st[0], st[1:])
         except errors.ApplianceError as e:
+            if pipelined:      # its answers begin with a number: the general path begins, then fails
+                return False
             ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
             return True
         lk = (p[1].file, p[3])
         if ctl.locks.holder(lk) is not None:
             return False
-        txn = self.begin(sess, req[1], req[2])
+        try:
+            txn = self.begin(sess, req[1], req[2])
+        except errors.ApplianceError as e:     # its T log does not fit: the only answer
+            ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
+            return True
+        if pipelined:
+            ctl.send(sess, m.ok(txn.number))
         ctl.locks.acquire(txn, lk, None)
         try:
             res = self.apply(txn, p)
         except errors.ApplianceError as e:
             self.cancel(txn, "statement_failed")
-            ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
+            details = plain(e.details)
+            if pipelined:
+                details["step"] = 0
+            ctl.send(sess, m.err(e.code, e.message, details))
             return True
         txn.results = [res]
         done = ctl.commits.start(txn, True, durability, bound)
@@ -535,16 +551,24 @@ def atomic(ctl, sess, program, input, steps, options=None):
             f"atomic: transaction {sess.txn.number} is open on this connection; commit or cancel it first")
     if not isinstance(steps, list):
         raise errors.ProtocolError("atomic: steps must be a list")
+    pipelined = opts.get("pipeline", False)
+    if type(pipelined) is not bool:
+        raise errors.ProtocolError("atomic: option pipeline must be true or false")
     txns = ctl.txns
     txn = txns.begin(sess, program, input, version=opts.get("version"))
+    if pipelined:        # a pipelined transaction's: its number first, as OP_BEGIN answers
+        ctl.send(sess, m.ok(txn.number))
     results = []
+    i = 0
     try:
-        for st in steps:
+        for i, st in enumerate(steps):
             if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS:
                 raise errors.ProtocolError("atomic: each step must be [op, args...] with a statement op")
             results.append((yield from txns.statement(txn, st[0], st[1:])))
-    except BaseException:
+    except BaseException as e:
         txns.cancel(txn, "statement_failed")
+        if pipelined and isinstance(e, errors.ApplianceError):
+            e.details["step"] = i
         raise
     out = yield from ctl.commits.commit(txn, wait, durability, bound)
     out["results"] = results

@@ -51,7 +51,7 @@ def status(ctl) -> dict:
         "readers": ctl.readers.status(st, sb.sb_nreaders),
         "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"], "serial": st["serial"]},
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
-                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak},
+                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak, "requests": ctl.requests},
         "recovery": ctl.recovery,
         "failover": ctl.failover.status(),
         "repair": ctl.repairs.status(),

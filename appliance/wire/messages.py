@@ -9,7 +9,8 @@ Reply:    ``[OK, result]``  or  ``[ERR, code_name, message, details]``
 where ``code_name`` is an APL_* name from cext/apl_errors.h (the one error
 table) and ``details`` a map; the client raises
 ``appliance.errors.error_for(code_name, message, **details)``.
-Replies come in request order. A client may pipeline requests (send several
+Replies come in request order, one a request (OP_ATOMIC of a pipelined
+transaction: two, see below). A client may pipeline requests (send several
 before reading replies); the controller processes one session's requests in
 order, one at a time (a request that waits for a lock holds back the ones
 behind it).
@@ -35,7 +36,8 @@ reply is APL_EBACKUP (BackupTimeoutError, details txn, serial, version,
 waiting_for, after_s): committed here, the backup pending, the records
 still locked until it is confirmed.
 OP_ATOMIC takes an optional fifth argument: {"durability": ..., "wait": ...,
-"commit_timeout": ..., "version": ...} (version: as OP_BEGIN's).
+"commit_timeout": ..., "version": ..., "pipeline": ...} (version: as
+OP_BEGIN's; pipeline: see below).
 
 The replication agent of the same appliance uses these, on the same socket
 (only after OP_AGENT, and only from the controller's own user or root):
@@ -56,7 +58,12 @@ OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
 OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
 transaction in a single round trip: an autocommitted write such as
 ``table[key] = record`` is one OP_ATOMIC. If a step fails the transaction is
-cancelled and the reply is that step's error.
+cancelled and the reply is that step's error. With the option
+``{"pipeline": true}`` (a pipelined transaction whose statements the client
+held until its commit, sent as one request) it answers twice: first the
+transaction's number, as OP_BEGIN does, once it has begun, then its outcome;
+a failed step's error then carries ``details["step"]`` (its index), and an
+error before the transaction began is the only answer.
 OP_LOAD inserts the records as one transaction (program ``"load"``).
 
 Pipelined transactions. A client may send a transaction's statements
