@@ -10,7 +10,7 @@ import pytest
 
 from appliance import errors
 from appliance._native import ffi, lib
-from appliance.controller.txn import _step
+from appliance.controller.txn import step
 from appliance.store.keys import encode_int, encode_str
 from appliance.store.reader import Reader
 from appliance.store.segment import Attachment, Geometry, unlink_all
@@ -63,17 +63,17 @@ class Stream:
                 k = rng.randrange(3000)
                 if k in self.model and rng.random() < 0.3:
                     v, br = self.model.pop(k)
-                    _step(ops, TXD, 0, encode_int(k), b"")
-                    _step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
+                    step(ops, TXD, 0, encode_int(k), b"")
+                    step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
                 elif k in self.model:
                     v = msgpack.packb({"id": k, "x": "u" * rng.randrange(0, 300 if big else 120)})
-                    _step(ops, TXU, 0, encode_int(k), v)
+                    step(ops, TXU, 0, encode_int(k), v)
                     self.model[k] = (v, self.model[k][1])
                 else:
                     br = "b%d" % rng.randrange(20)
                     v = msgpack.packb({"id": k, "x": "i" * rng.randrange(0, 120)})
-                    _step(ops, TXI, 0, encode_int(k), v)
-                    _step(ops, TXI, 1, encode_str(br) + encode_int(k), b"")
+                    step(ops, TXI, 0, encode_int(k), v)
+                    step(ops, TXI, 1, encode_str(br) + encode_int(k), b"")
                     self.model[k] = (v, br)
             self.txn += 1
             p.commit_txn(self.txn, time.time_ns(), b"\x90", ops)
@@ -206,8 +206,8 @@ class TestPartialTransactions:
         ops = bytearray()
         for i in range(3000):   # one big transaction with many splits, like a bulk load
             v = msgpack.packb({"id": i, "x": "y" * 40})
-            _step(ops, TXI, 0, encode_int(i), v)
-            _step(ops, TXI, 1, encode_str("b%d" % (i % 30)) + encode_int(i), b"")
+            step(ops, TXI, 0, encode_int(i), v)
+            step(ops, TXI, 1, encode_str("b%d" % (i % 30)) + encode_int(i), b"")
         p.begin()
         p.commit_txn(1, time.time_ns(), b"\x90", ops)
         p.publish(time.time_ns(), 1)
@@ -270,12 +270,12 @@ class TestCopyWhileWriting:
         ops = bytearray()
         for k in deletes:
             v, br = s.model.pop(k)
-            _step(ops, TXD, 0, encode_int(k), b"")
-            _step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
+            step(ops, TXD, 0, encode_int(k), b"")
+            step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
         for k in inserts:
             v = msgpack.packb({"id": k, "x": "z" * 60})
-            _step(ops, TXI, 0, encode_int(k), v)
-            _step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+            step(ops, TXI, 0, encode_int(k), v)
+            step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
             s.model[k] = (v, "b%d" % (k % 7))
         s.txn += 1
         s.p.begin()
@@ -439,13 +439,13 @@ class TestNumberReuse:
             for k in range(lo, lo + 1500):
                 if i % 2 == 0 and k not in s.model:
                     v = msgpack.packb({"id": k, "x": "v" * rng.randrange(0, 190)})
-                    _step(ops, TXI, 0, encode_int(k), v)
-                    _step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
+                    step(ops, TXI, 0, encode_int(k), v)
+                    step(ops, TXI, 1, encode_str("b%d" % (k % 7)) + encode_int(k), b"")
                     s.model[k] = (v, "b%d" % (k % 7))
                 elif i % 2 == 1 and k in s.model:
                     _, br = s.model.pop(k)
-                    _step(ops, TXD, 0, encode_int(k), b"")
-                    _step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
+                    step(ops, TXD, 0, encode_int(k), b"")
+                    step(ops, TXD, 1, encode_str(br) + encode_int(k), b"")
             s.txn += 1
             s.p.begin()
             s.p.commit_txn(s.txn, time.time_ns(), b"\x90", ops)
