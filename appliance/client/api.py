@@ -914,9 +914,13 @@ class Transaction:
             opts["wait"] = False
         s = c._session()
         self._opened(s)
+        req = [m.OP_ATOMIC, begin[1], begin[2], steps, opts]
         try:
-            with _reply_timeout(s, c._reply_timeout(bound)):
-                reply = s.request_numbered([m.OP_ATOMIC, begin[1], begin[2], steps, opts], link)
+            if bound is None:      # nothing waits for a backup: the connection's own timeout
+                reply = s.request_numbered(req, link)
+            else:
+                with _reply_timeout(s, c._reply_timeout(bound)):
+                    reply = s.request_numbered(req, link)
         except errors.UnavailableError as e:
             return self._commit_lost(e)
         if reply is None or link.failure is not None:    # refused before it began
@@ -926,7 +930,11 @@ class Transaction:
             details = dict(reply[3])
             link.reply(tags[details.pop("step") + 1], [reply[0], reply[1], reply[2], details])
             self._raise_failure()
-        out = self._committed(reply)
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK and type(reply[1]) is dict:
+            out = reply[1]          # the common case, kept lean
+            self._end("committed")
+        else:
+            out = self._committed(reply)
         out.pop("results", None)
         return out
 
