@@ -118,8 +118,10 @@ class TestReplicatedWorkload:
 
 
 class TestSynchronous:
-    def test_commit_does_not_return_before_the_ack(self, make_cluster):
-        """With the sync secondary's agent stopped, commit blocks; it returns only once the secondary holds the change."""
+    @pytest.mark.parametrize("pipeline", [False, True], ids=["waiting", "pipelined"])
+    def test_commit_does_not_return_before_the_ack(self, make_cluster, pipeline):
+        """With the sync secondary's agent stopped, commit blocks; it returns only once the secondary holds the change
+        (pipelined: the put held and sent with the commit as one request)."""
         c = make_cluster(secondaries=(("sync", ""),)).start()
         sec = c.secondaries[0]
         db = appliance.connect(c.primary.app.config)
@@ -130,7 +132,7 @@ class TestSynchronous:
             out = {}
 
             def commit():
-                with db.transaction() as tx:
+                with db.transaction(pipeline=pipeline) as tx:
                     tx.put("accounts", 1, {"branch": "a", "balance": 2})
                 out["result"] = tx.result
                 out["applied_at_return"] = sdb.applied_serial()

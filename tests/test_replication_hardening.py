@@ -150,13 +150,15 @@ class TestCommitTimeout:
             tx.update("accounts", 2, {"balance": 4})
         assert_identical(c, min_records=1)
 
-    def test_commit_timeout_of_a_transaction(self, blocked):
+    @pytest.mark.parametrize("pipeline", [False, True], ids=["waiting", "pipelined"])
+    def test_commit_timeout_of_a_transaction(self, blocked, pipeline):
         """db.transaction(commit_timeout=S): leaving the block raises BackupTimeoutError after S;
-        the transaction is committed (its result says the backup is pending), not cancelled."""
+        the transaction is committed (its result says the backup is pending), not cancelled —
+        also when pipelined, its update held and sent with the commit as one request."""
         c, sec = blocked
         db = c.primary.app.connect()
         with pytest.raises(errors.BackupTimeoutError) as err:
-            with db.transaction(program="p", commit_timeout=0.5) as tx:
+            with db.transaction(program="p", commit_timeout=0.5, pipeline=pipeline) as tx:
                 tx.update("accounts", 2, {"balance": 7})
         assert err.value.details["after_s"] == 0.5      # the transaction's bound, not the connection's 30 s
         [w] = waiting(c)                                # answered once its 0.5 s had passed, still waiting
