@@ -595,8 +595,10 @@ class TestLoad:
 
         th = threading.Thread(target=load)
         th.start()
-        while other.status()["transactions"]["lock_waits"] == 0:   # the load is waiting for key 2
+        deadline = time.monotonic() + 30
+        while other.status()["transactions"]["lock_waits"] == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert other.status()["transactions"]["lock_waits"] == 1    # the load waits for key 2
         if outcome == "commit":
             tx.commit()
         else:

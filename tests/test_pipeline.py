@@ -289,6 +289,18 @@ class TestAfterAFailure:
             assert c.request([m.OP_COMMIT])[1] == "APL_ETXN"
 
 
+    @pytest.mark.parametrize("options", [{"pipeline": 1}, {"pipeline": "yes", "durability": "local"}])
+    def test_bad_atomic_pipeline_option_is_refused(self, app, accounts, options):
+        """OP_ATOMIC whose pipeline option is not a bool: one APL_EPROTO answer naming it; nothing
+        begins, nothing changes, the connection serves on."""
+        with RawConn(app.cfg.socket_path) as c:
+            c.hello()
+            r = c.request([m.OP_ATOMIC, None, None, [[m.OP_UPDATE, "accounts", 1, {"balance": 5}]], options])
+            assert r[:2] == [m.ERR, "APL_EPROTO"] and "pipeline" in r[2], r
+            assert c.request([m.OP_COMMIT])[1] == "APL_ETXN"
+        assert accounts[1]["balance"] == 100
+
+
 class TestSameOutcome:
     def _transfers(self, db, pipeline: bool, plan) -> list:
         done = []

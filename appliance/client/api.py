@@ -824,11 +824,10 @@ class Transaction:
             c._check()
         held = self._held
         if held is not None:
-            tag = (self._position, op, table, key)
             if pipelined and len(held[0]) < self._session.depth:
                 encode_sendable(req)
                 held[0].append(req)
-                held[1].append(tag)
+                held[1].append((self._position, op, table, key))
                 return None
             self._send_held()    # then this one, as usual
         link = self._link
@@ -930,11 +929,7 @@ class Transaction:
             details = dict(reply[3])
             link.reply(tags[details.pop("step") + 1], [reply[0], reply[1], reply[2], details])
             self._raise_failure()
-        if type(reply) is list and len(reply) == 2 and reply[0] == _OK and type(reply[1]) is dict:
-            out = reply[1]          # the common case, kept lean
-            self._end("committed")
-        else:
-            out = self._committed(reply)
+        out = self._committed(reply)
         out.pop("results", None)
         return out
 
@@ -1055,6 +1050,10 @@ class Transaction:
         """The commit's reply: its result, or its error raised (BackupTimeoutError:
         committed, the backup pending)."""
         link = self._link
+        if type(reply) is list and len(reply) == 2 and reply[0] == _OK and type(reply[1]) is dict:
+            self.result = reply[1]      # the common case, kept lean
+            self._end("committed")
+            return self.result
         try:
             self.result = result(reply, f"commit of transaction {link.number}")
         except errors.BackupTimeoutError as e:

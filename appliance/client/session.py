@@ -281,7 +281,7 @@ class Session:
             try:
                 first = self.reader.read()
                 sink.reply(None, first)
-                if not (type(first) is list and len(first) == 2 and first[0] == 0):
+                if not (type(first) is list and len(first) == 2 and first[0] == m.OK):
                     return None
                 return self.reader.read()
             except (EOFError, OSError, errors.ProtocolError) as exc:

@@ -59,8 +59,10 @@ class ControllerLock:
 # Collector thresholds for the serving loop, once start-up is done. Every
 # statement allocates a handful of short-lived objects (decoded dicts, Change
 # steps, reply lists) that reference counting frees; the cyclic collector only
-# adds passes over them. With the default gen-0 threshold (700) a bulk load of
-# 10,000 records ran ~30 gen-0 passes per batch, each walking survivors too.
+# adds passes over them. A 10,000-record load request alone decodes into tens
+# of thousands of tracked objects (a dict and its values per record), so the
+# default gen-0 threshold (700) means dozens of passes per request, each
+# walking the survivors too.
 # gc.freeze() moves what start-up built (schema, config, modules: tens of
 # thousands of objects that live as long as the process) out of every future
 # pass; the higher thresholds make passes rare. Cycles still get collected:

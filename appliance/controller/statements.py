@@ -408,7 +408,7 @@ class Transactions:
         txn = self.begin(sess, "load", {"table": t.name, "records": len(recs)})
         prepare, apply_stmt, locks, file = self.prepare, self.apply, self.ctl.locks, t.file
         holder, acquire, committed, max_key = locks.holder, locks.acquire, self._committed, self.max_key
-        key_of, encode, pk_field, nfields, room = t.key, t.codec.encode, t.pk, len(t.fields), t.max_record - 16
+        key_of, encode, pk_field, nfields = t.key, t.encode, t.pk, len(t.fields)
         pk_kind, alts = t.pk_stored, t.alt_stored
         steps = txn.steps = bytearray()
         args = [t.name, None]
@@ -438,7 +438,7 @@ class Transactions:
                     # the insert's checks in the insert's order: the values (the
                     # codec validates before it sizes), the keys' lengths, the size
                     try:
-                        img = encode(rec, room - len(pk) if room > len(pk) else 0)
+                        img = encode(rec, pk)
                     except errors.RecordTooLargeError:
                         t.check_keys(pk, entries, max_key)
                         raise
