@@ -362,6 +362,64 @@ class TestCheckpointsGiveWay:
         db.close()
 
 
+class TestFileFormat:
+    """records.read: small records come out of a read window, large ones are
+    read whole; either way every record is given back as written, and a
+    file cut or damaged anywhere — inside the window, across its edge, in a
+    large record — stops at the last whole, valid record."""
+
+    SIZES = [0, 100, 5000, rec.WINDOW // 4, 3, rec.WINDOW - 200, 70_000, rec.WINDOW + 9, 1, 300_000, 7]
+
+    def write(self, path) -> list[tuple[int, bytes]]:
+        """A log file of records of SIZES, each after the window's edge
+        somewhere; [(offset, payload)]."""
+        import random
+        rng = random.Random(11)
+        out, off = [], rec.MAGIC_LEN
+        with open(path, "wb") as f:
+            f.write(rec.LOG_MAGIC)
+            for seq, n in enumerate(self.SIZES * 3, 1):
+                payload = rng.randbytes(n)
+                pieces = rec.frame(seq, rec.KIND_ENTRIES, payload, first=seq, last=seq)
+                f.write(b"".join(pieces))
+                out.append((off, payload))
+                off += sum(map(len, pieces))
+        return out
+
+    def test_every_record_is_read_back_as_written(self, tmp_path):
+        path = tmp_path / "log-1.apl"
+        written = self.write(path)
+        s = rec.scan(path, rec.LOG_MAGIC)
+        assert s.stop == "end" and s.stop_offset == path.stat().st_size
+        assert [(r.offset, r.payload) for r in s.records] == written
+        assert [r.seq for r in s.records] == list(range(1, len(written) + 1))
+
+    def test_a_cut_or_a_flipped_byte_anywhere_stops_at_the_last_good_record(self, tmp_path):
+        import random
+        path = tmp_path / "log-1.apl"
+        written = self.write(path)
+        whole = path.read_bytes()
+        ends = [off for off, _ in written[1:]] + [len(whole)]
+        rng = random.Random(5)
+        edges = [k * rec.WINDOW + d for k in range(1, len(whole) // rec.WINDOW + 1) for d in (-57, -1, 0, 1, 56)]
+        for at in edges + [rng.randrange(rec.MAGIC_LEN, len(whole)) for _ in range(40)]:
+            good = sum(1 for e in ends if e <= at)       # records wholly before the damage
+            path.write_bytes(whole[:at])
+            s = rec.scan(path, rec.LOG_MAGIC)
+            assert [(r.offset, r.payload) for r in s.records] == written[:good], at
+            assert s.stop == ("end" if at in ends or at == rec.MAGIC_LEN else "torn")
+            hit = next(i for i, e in enumerate(ends) if at < e)   # the record holding the byte
+            if at >= written[hit][0] + rec.HDR.size + len(written[hit][1]):
+                continue           # its padding: no part of the record, nothing to detect
+            flipped = bytearray(whole)
+            flipped[at] ^= 0x40
+            path.write_bytes(bytes(flipped))
+            s = rec.scan(path, rec.LOG_MAGIC)
+            # a damaged length can reach past the end of the file: then it reads as torn
+            assert len(s.records) == hit and s.stop in ("corrupt", "torn"), (at, hit, s.stop, s.problem)
+            assert s.stop_offset == written[hit][0]
+
+
 class TestDamagedFiles:
     """A torn or corrupt tail is cut at the last whole record; a corrupt
     checkpoint is passed over for the previous one with its logs."""

@@ -44,7 +44,7 @@ does not hold). Nothing after such a record is used.
 """
 from __future__ import annotations
 
-import mmap
+import errno
 import os
 import struct
 import zlib
@@ -133,21 +133,64 @@ class Scan:
     problem: str | None = None
 
 
-def _parse(buf, start: int, size: int, with_payload) -> Iterator[Record | tuple]:
-    """Records of buf[start:size]; the last item yielded is ("stop", reason,
-    offset, problem) when it ends before `size` or on a bad record."""
+WINDOW = 1 << 20          # bytes read at a time for records smaller than a quarter of it
+
+
+class _File:
+    """A durability file read front to back with pread: small records come
+    out of a 1 MiB window, a large one's bytes are read straight into the
+    bytes object that holds them (one copy, by the kernel, without the GIL;
+    an mmap would cost a page fault a page and its slices a second copy
+    under the GIL)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.buf, self.start = b"", 0
+
+    def get(self, off: int, n: int) -> bytes:
+        """The file's bytes [off, off + n), all of them (the caller checked the size)."""
+        rel = off - self.start
+        if rel >= 0 and rel + n <= len(self.buf):
+            return self.buf[rel:rel + n]
+        if n >= WINDOW // 4:
+            return _pread(self.fd, n, off)
+        self.buf, self.start = _pread(self.fd, min(WINDOW, self.size - off), off), off
+        return self.buf[:n]
+
+
+def _pread(fd: int, n: int, off: int) -> bytes:
+    data = os.pread(fd, n, off)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, off + got)
+        if not more:
+            raise OSError(errno.EIO, f"read {n} bytes at offset {off}: the file ended at {off + got}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _parse(f: _File, start: int, size: int, with_payload) -> Iterator[Record | tuple]:
+    """Records of the file's bytes [start, size); the last item yielded is
+    ("stop", reason, offset, problem) when it ends before `size` or on a bad
+    record."""
     pos = start
-    unpack_hdr = HDR.unpack_from
+    unpack_hdr = HDR.unpack
+    get = f.get
     while True:
         if pos == size:
             return
         if pos + HDR.size > size:
-            tail = buf[pos:size]
+            tail = get(pos, size - pos)
             if tail.strip(b"\0"):
                 yield ("stop", "torn", pos, f"a record header cut short at offset {pos}")
             return
-        crc, n, seq, first, last, aux1, aux2, kind, flags, _ = unpack_hdr(buf, pos)
-        if not crc and not n and not seq and not kind and buf[pos:pos + HDR.size] == _ZERO:
+        hdr = get(pos, HDR.size)
+        crc, n, seq, first, last, aux1, aux2, kind, flags, _ = unpack_hdr(hdr)
+        if not crc and not n and not seq and not kind and hdr == _ZERO:
             return   # space never written (the end)
         end = pos + HDR.size + n + (-n & 7)
         if n > MAX_PAYLOAD or not KIND_HEADER <= kind <= KIND_END:
@@ -157,8 +200,8 @@ def _parse(buf, start: int, size: int, with_payload) -> Iterator[Record | tuple]
             yield ("stop", "torn", pos, f"a record of {n} bytes at offset {pos} cut short by the end "
                                         f"of the file ({size - pos - HDR.size} bytes of it there)")
             return
-        body = buf[pos + HDR.size: pos + HDR.size + n]     # (an mmap's slice is a copy)
-        if zlib.crc32(body, zlib.crc32(buf[pos + 4: pos + HDR.size])) != crc:
+        body = get(pos + HDR.size, n)
+        if zlib.crc32(body, zlib.crc32(hdr[4:])) != crc:
             yield ("stop", "corrupt", pos, f"the record at offset {pos} (seq {seq}) fails its checksum")
             return
         yield Record(pos, end - pos, seq, kind, first, last, aux1, aux2, flags, body if with_payload(kind) else b"")
@@ -169,31 +212,34 @@ def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) 
     """The whole, valid records of a file, one at a time (payloads only of
     the kinds `payloads` accepts); `result` says where and why reading
     stopped once the iterator is exhausted."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         result.size = size
         if size < MAGIC_LEN:
             result.stop, result.problem = "torn", ("shorter than its magic number" if size else "empty")
             return
-        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
-            mm.madvise(mmap.MADV_SEQUENTIAL)     # read once, front to back: large readahead, pages dropped behind
-            if mm[:MAGIC_LEN] != magic:
-                result.stop, result.problem = "corrupt", "not a durability file of this kind (magic number)"
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)   # read once, front to back: a larger readahead
+        f = _File(fd, size)
+        if f.get(0, MAGIC_LEN) != magic:
+            result.stop, result.problem = "corrupt", "not a durability file of this kind (magic number)"
+            return
+        result.magic_ok = True
+        result.stop_offset = MAGIC_LEN
+        for item in _parse(f, MAGIC_LEN, size, payloads):
+            if type(item) is tuple:
+                _, result.stop, result.stop_offset, result.problem = item
                 return
-            result.magic_ok = True
-            result.stop_offset = MAGIC_LEN
-            for item in _parse(mm, MAGIC_LEN, size, payloads):
-                if type(item) is tuple:
-                    _, result.stop, result.stop_offset, result.problem = item
-                    return
-                result.stop_offset = item.offset + item.size
-                yield item
+            result.stop_offset = item.offset + item.size
+            yield item
+    finally:
+        os.close(fd)
 
 
 class ReadAhead:
     """read() in a thread of its own, a few records ahead of the consumer
-    (iterate it once): reading and checking the next records (mmap copies,
-    zlib.crc32, which releases the GIL) overlaps with applying the previous
+    (iterate it once): reading and checking the next records (pread,
+    zlib.crc32, both without the GIL) overlaps with applying the previous
     ones (C calls, which release it too). The thread starts at once, so the
     caller may do other work before it iterates. Shared: a bounded queue;
     `result` is complete once the iteration ends."""
