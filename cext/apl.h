@@ -370,6 +370,11 @@ int64_t apl_device_fill(apl_store *s, uint32_t seg, const uint32_t *numbers, uin
  * writable). Takes no lock: callable from any thread (cffi lets go of the GIL). */
 int apl_prefault(uint8_t *base, uint64_t len);
 
+/* ---- the durability files' record checksum (apl_crc.c) ---- */
+/* zlib's crc32(crc, buf, len), the same values, faster where the CPU has
+ * PCLMULQDQ. Takes no lock: callable from any thread. */
+uint32_t apl_crc32(uint32_t crc, const uint8_t *buf, uint64_t len);
+
 /* ---- failover (apl_rewind.c) ---- */
 /* In the open batch: the change log continues at `serial` (a promoted
  * secondary continues its primary's serials); entries it held are dropped. */

@@ -386,6 +386,24 @@ class TestFileFormat:
                 off += sum(map(len, pieces))
         return out
 
+    def test_the_record_checksum_is_zlibs_crc32(self):
+        """Files written with zlib's crc32 (and read by any tool that knows
+        it) check the same: every length around the folding's 16- and
+        64-byte steps and the native threshold, any starting value, bytes,
+        bytearray and memoryview alike."""
+        import random
+        import zlib
+        rng = random.Random(3)
+        lengths = [*range(0, 200), *range(4000, 4200), 1 << 20, (1 << 20) + 13, rng.randrange(5000, 300_000)]
+        for n in lengths:
+            data = rng.randbytes(n)
+            for start in (0, 0xFFFFFFFF, rng.randrange(1 << 32)):
+                want = zlib.crc32(data, start)
+                assert rec.crc32(data, start) == want, (n, start)
+            assert rec.crc32(bytearray(data)) == rec.crc32(memoryview(data)[:]) == zlib.crc32(data), n
+        view = memoryview(rng.randbytes(100_000))[7:90_007]          # not at the buffer's start
+        assert rec.crc32(view) == zlib.crc32(bytes(view))
+
     def test_every_record_is_read_back_as_written(self, tmp_path):
         path = tmp_path / "log-1.apl"
         written = self.write(path)

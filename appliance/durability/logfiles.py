@@ -69,7 +69,8 @@ stops at the zeros (a header of zeros is the end).
 
 The GIL: the thread spends its time in os.pwrite and os.fdatasync, which
 release it; the Python around them is a few microseconds per write (the
-checksum of a large record is zlib's, which releases it too).
+checksum of a large record is the C helpers', records.crc32, which
+releases it too).
 """
 from __future__ import annotations
 
