@@ -341,9 +341,12 @@ class ApplianceSystem(System):
         self.node.start()
         self.node.wait_prefault()
         self.db = self.node.connect()
-        self.info = {"appliance": getattr(appliance, "__version__", "?")}
+        hp = self.node.status()["memory"]["huge_pages"]
+        self.info = {"appliance": getattr(appliance, "__version__", "?"), "huge_pages": hp}
+        pages = ("2 MiB pages (/dev/shm huge=" + hp["dev_shm"] + ")" if hp["bytes"]
+                 else f"4 KiB pages (/dev/shm huge={hp['dev_shm']})")
         self.notes = [
-            f"appliance: {self.node.segment_mib} MiB x 4 segments of POSIX shared memory, "
+            f"appliance: {self.node.segment_mib} MiB x 4 segments of POSIX shared memory in {pages}, "
             "block_size 4096; reads map shared memory in the client process, writes are a round "
             "trip to the controller over its Unix socket",
         ]

@@ -362,8 +362,13 @@ def punch_hole(name: str, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def mapped_kib(pid: int) -> dict[str, int]:
-    """Rss (KiB) of each shared-memory segment mapped by process `pid`, by segment name."""
+def pmd_mapped_kib(pid: int) -> dict[str, int]:
+    """ShmemPmdMapped (KiB: mapped in 2 MiB pages) of each shared-memory segment `pid` maps."""
+    return mapped_kib(pid, "ShmemPmdMapped:")
+
+
+def mapped_kib(pid: int, field: str = "Rss:") -> dict[str, int]:
+    """Rss (KiB; or another smaps `field`) of each shared-memory segment mapped by process `pid`, by segment name."""
     out, name = {}, None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
@@ -372,7 +377,7 @@ def mapped_kib(pid: int) -> dict[str, int]:
                 name = head[5][len("/dev/shm"):]
             elif "-" in head[0]:
                 name = None
-            elif head[0] == "Rss:" and name is not None:
+            elif head[0] == field and name is not None:
                 out[name] = out.get(name, 0) + int(head[1])
     return out
 
@@ -429,6 +434,45 @@ class TestSharedMemory:
         for dev in (names.device(i) for i in range(bank.cfg.storage.segments)):
             assert rss[dev] * 1024 >= size, (dev, rss[dev], size)
         assert records(db.table("accounts")) == {k: rec(k) for k in (1, 2, 3)}
+
+    def test_status_says_which_pages_the_segments_get(self, bank, db):
+        """memory.huge_pages: /dev/shm's huge-page policy and how many bytes of
+        the device segments it puts in 2 MiB pages — which is what the
+        controller's own mappings show (smaps ShmemPmdMapped): none on a
+        /dev/shm without huge=, the segments' whole 2 MiB ranges with
+        huge=within_size or always."""
+        from appliance.store.segment import SegmentNames, shm_huge_pages
+        preload(db, [1, 2, 3])
+        wait_for(lambda: db.status()["memory"]["prefault"]["done"] or None, 30, what="every device page mapped")
+        hp = db.status()["memory"]["huge_pages"]
+        size, n = bank.cfg.storage.segment_size, bank.cfg.storage.segments
+        assert hp["dev_shm"] == shm_huge_pages() and hp["of"] == size * n
+        pmd = pmd_mapped_kib(bank.controller.pid)
+        devs = [SegmentNames(bank.name, n).device(i) for i in range(n)]
+        if hp["dev_shm"] in ("always", "within_size"):
+            assert hp["bytes"] == n * (size - size % (2 << 20)) > 0
+            assert all(pmd.get(d, 0) * 1024 == size - size % (2 << 20) for d in devs), pmd
+        else:
+            assert hp["bytes"] == 0 and not any(pmd.get(d) for d in devs), pmd
+
+    def test_the_huge_page_policy_is_the_mounts_unless_the_kernel_overrides_it(self, tmp_path):
+        from appliance.store.segment import shm_huge_pages
+        mounts, knob = tmp_path / "mounts", tmp_path / "shmem_enabled"
+        knob.write_text("always within_size advise [never] deny force\n")
+
+        def policy(*lines, forced=None):
+            mounts.write_text("".join(f"{line}\n" for line in lines))
+            if forced:
+                knob.write_text(f"always within_size advise never {forced}\n")
+            return shm_huge_pages(str(mounts), str(knob))
+
+        assert policy("tmpfs /dev/shm tmpfs rw,relatime,size=1024k 0 0") == "never"
+        assert policy("tmpfs /dev/shm tmpfs rw,size=1024k,huge=within_size 0 0") == "within_size"
+        assert policy("tmpfs /dev/shm tmpfs rw,huge=always 0 0", "tmpfs /dev/shm tmpfs rw 0 0") == "never"   # the last
+        assert policy("tmpfs /run tmpfs rw,huge=always 0 0") == "never"          # another mount's
+        assert policy("tmpfs /dev/shm tmpfs rw,huge=within_size 0 0", forced="[deny]") == "never"
+        assert policy("tmpfs /dev/shm tmpfs rw 0 0", forced="[force]") == "always"
+        assert shm_huge_pages(str(tmp_path / "none"), str(knob)) == "never"
 
     def test_without_prefault_the_pages_are_mapped_as_written(self, make_appliance):
         """storage.prefault = false: no background mapping; a device segment's pages come into the controller only as it writes them (Rss well below the segment's size), and status says prefault is off (null)."""

@@ -66,7 +66,10 @@ def status(st: dict) -> None:
     mem = st.get("memory")
     if mem:
         kind = "lz4 backup blocks" if mem.get("compressed") else "blocks"
-        console.print(f"memory: {_size(mem['bytes_used'])} of {kind} in use ({_size(mem['bytes_live'])} live)")
+        hp = mem.get("huge_pages") or {}
+        pages = (f"; segments in 2 MiB pages: {_size(hp['bytes'])} of {_size(hp['of'])}" if hp.get("bytes")
+                 else f"; segments in 4 KiB pages (/dev/shm huge={hp['dev_shm']})" if hp else "")
+        console.print(f"memory: {_size(mem['bytes_used'])} of {kind} in use ({_size(mem['bytes_live'])} live){pages}")
     dur = st.get("durability")
     if dur:
         _durability(dur)

@@ -34,6 +34,7 @@ from ..config import Config
 from ..store.prefault import Prefault
 from ..store.reader import Reader
 from ..store.records import Schema
+from ..store.segment import SHM_DIR, huge_pages_status
 from ..wire import messages as m
 # (these modules fill the op table)
 from . import agent_ops, apply, batch, durable, health, history, statements, status as status_mod  # noqa: F401
@@ -58,6 +59,7 @@ __all__ = ["Controller"]
 
 #: coroutine ops the fast path carries out when they need not wait (see fast_request)
 _NOW = m.STEP_OPS | {m.OP_COMMIT}
+HUGE_PAGES_HINT = 1 << 30    # segments this large without huge pages: say how to get them (once, at start)
 
 
 class Controller(Loop):
@@ -96,6 +98,10 @@ class Controller(Loop):
             self.prefault.stop()
         if self.cfg.storage.prefault:
             self.prefault = Prefault(self.att.devices, self.log).start()
+        hp = huge_pages_status(self.att.devices)
+        if hp["of"] >= HUGE_PAGES_HINT and not hp["bytes"]:
+            self.log.info("huge_pages_off", dev_shm=hp["dev_shm"], segment_bytes=hp["of"],
+                          fix=f"mount -o remount,huge=within_size {SHM_DIR} (README: Huge pages)")
 
     def _role_changed(self, old: str, new: str) -> None:
         self.sync = SyncTracker(self.cfg.replication if new == "primary" else None, self.log)

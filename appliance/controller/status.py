@@ -10,6 +10,7 @@ import time
 from .. import errors
 from .._native import lib
 from ..wire import messages as m
+from ..store.segment import huge_pages_status
 from .devices import device_status
 from .ops import handler
 
@@ -35,7 +36,8 @@ def status(ctl) -> dict:
         "block_size": sb.sb_block_size,
         "memory": {"bytes_used": st["bytes_used"], "compressed": ctl.att.compressed,
                    "bytes_live": st["bytes_live"] if ctl.att.compressed else st["bytes_used"],
-                   "prefault": ctl.prefault.status() if ctl.prefault is not None else None},
+                   "prefault": ctl.prefault.status() if ctl.prefault is not None else None,
+                   "huge_pages": huge_pages_status(ctl.att.devices)},
         "segments": device_status(ctl, st),
         "blocks": {"used": st["blocks_used"], "max": st["max_blocks"],
                    "slots_total": st["slots_total"], "slots_free": st["slots_free"],

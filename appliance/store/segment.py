@@ -35,7 +35,8 @@ import posix_ipc
 from .. import errors
 from .._native import check, ffi, lib
 
-__all__ = ["Segment", "SegmentNames", "Attachment", "Geometry", "unlink_all", "exists"]
+__all__ = ["Segment", "SegmentNames", "Attachment", "Geometry", "unlink_all", "exists", "shm_huge_pages",
+           "huge_pages_status"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,51 @@ class Segment:
 
 
 SHM_DIR = "/dev/shm"
+HUGE_PAGE = 2 << 20
+_SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def shm_huge_pages(mounts: str = "/proc/self/mounts", shmem_enabled: str = _SHMEM_ENABLED) -> str:
+    """The huge-page policy segments get: the ``huge=`` option of the tmpfs
+    mounted at /dev/shm ("never" without one), unless the kernel's
+    shmem_enabled overrides every mount ("deny": never, "force": always).
+    With "within_size" or "always" a segment's memory comes in 2 MiB pages
+    (posix_fallocate reserves them, each maps with one page-table entry):
+    a start, a cold start and a first copy reserve and map 512x fewer pages,
+    and a read walks fewer TLB levels. "advise" gives huge pages only to
+    pages a mapping with MADV_HUGEPAGE faults in, and a segment's are all
+    reserved before it is mapped: none."""
+    policy = "never"
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[1] == SHM_DIR:
+                    policy = "never"          # the last mount there is the one in effect
+                    for opt in parts[3].split(","):
+                        if opt.startswith("huge="):
+                            policy = opt[5:]
+    except OSError:
+        return "never"
+    try:
+        with open(shmem_enabled) as f:
+            forced = f.read()
+    except OSError:
+        forced = ""
+    if "[deny]" in forced:
+        return "never"
+    if "[force]" in forced:
+        return "always"
+    return policy
+
+
+def huge_pages_status(devices) -> dict:
+    """What status says of huge pages: /dev/shm's policy, and the bytes of
+    `devices` (segments) that can be in 2 MiB pages under it."""
+    policy = shm_huge_pages()
+    total = sum(d.size for d in devices)
+    huge = sum(d.size - d.size % HUGE_PAGE for d in devices) if policy in ("always", "within_size") else 0
+    return {"dev_shm": policy, "bytes": huge, "of": total}
 
 
 def _reserve(fd: int, name: str, size: int) -> None:
