@@ -438,13 +438,15 @@ class TestSharedMemory:
     def test_status_says_which_pages_the_segments_get(self, bank, db):
         """memory.huge_pages: /dev/shm's huge-page policy and how many bytes of
         the device segments it puts in 2 MiB pages — which is what the
-        controller's own mappings show (smaps ShmemPmdMapped): none on a
+        controller's own mappings show (smaps ShmemPmdMapped), and what the
+        prefault measured once done (memory.prefault.huge_bytes): none on a
         /dev/shm without huge=, the segments' whole 2 MiB ranges with
         huge=within_size or always."""
         from appliance.store.segment import SegmentNames, shm_huge_pages
         preload(db, [1, 2, 3])
         wait_for(lambda: db.status()["memory"]["prefault"]["done"] or None, 30, what="every device page mapped")
-        hp = db.status()["memory"]["huge_pages"]
+        mem = db.status()["memory"]
+        hp, measured = mem["huge_pages"], mem["prefault"]["huge_bytes"]
         size, n = bank.cfg.storage.segment_size, bank.cfg.storage.segments
         assert hp["dev_shm"] == shm_huge_pages() and hp["of"] == size * n
         pmd = pmd_mapped_kib(bank.controller.pid)
@@ -452,8 +454,10 @@ class TestSharedMemory:
         if hp["dev_shm"] in ("always", "within_size"):
             assert hp["bytes"] == n * (size - size % (2 << 20)) > 0
             assert all(pmd.get(d, 0) * 1024 == size - size % (2 << 20) for d in devs), pmd
+            assert measured >= hp["bytes"]      # the prefault's own count (meta may be in huge pages too)
         else:
             assert hp["bytes"] == 0 and not any(pmd.get(d) for d in devs), pmd
+            assert measured == 0
 
     def test_the_huge_page_policy_is_the_mounts_unless_the_kernel_overrides_it(self, tmp_path):
         from appliance.store.segment import shm_huge_pages

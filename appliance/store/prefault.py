@@ -36,6 +36,7 @@ class Prefault:
         self.done_bytes = 0
         self.seconds: float | None = None   # set once every page is mapped
         self.method = "populate"            # or "read": the kernel lacks MADV_POPULATE_WRITE
+        self.huge_bytes: int | None = None  # once done: shared memory this process maps in 2 MiB pages
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -51,7 +52,7 @@ class Prefault:
 
     def status(self) -> dict:
         return {"bytes": self.done_bytes, "total": self.total, "done": self.seconds is not None,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "huge_bytes": self.huge_bytes}
 
     def _run(self) -> None:
         t0 = time.monotonic()
@@ -73,7 +74,24 @@ class Prefault:
                         self.method = "read"
                     self.done_bytes += n
                 off += CHUNK
+            self.huge_bytes = _pmd_mapped()
             self.seconds = round(time.monotonic() - t0, 3)
-            self.log.info("prefault_done", bytes=self.done_bytes, seconds=self.seconds, method=self.method)
+            self.log.info("prefault_done", bytes=self.done_bytes, seconds=self.seconds, method=self.method,
+                          huge_bytes=self.huge_bytes)
         except Exception as exc:  # noqa: BLE001 - a helper thread: the controller serves on without it
             self.log.warning("prefault_stopped", error=f"{type(exc).__name__}: {exc}")
+
+
+def _pmd_mapped() -> int | None:
+    """Bytes of shared memory this process maps in 2 MiB pages (smaps_rollup
+    ShmemPmdMapped: the segments' pages as they really are, whatever the
+    policy now says). Read once, here: the kernel walks every page table
+    of the process for it (~40 ms for 2 GiB of 4 KiB pages)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("ShmemPmdMapped:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
