@@ -341,9 +341,10 @@ class ApplianceSystem(System):
         self.node.start()
         self.node.wait_prefault()
         self.db = self.node.connect()
-        hp = self.node.status()["memory"]["huge_pages"]
-        self.info = {"appliance": getattr(appliance, "__version__", "?"), "huge_pages": hp}
-        pages = ("2 MiB pages (/dev/shm huge=" + hp["dev_shm"] + ")" if hp["bytes"]
+        mem = self.node.status()["memory"]
+        hp, huge = mem["huge_pages"], (mem["prefault"] or {}).get("huge_bytes")   # measured once mapped
+        self.info = {"appliance": getattr(appliance, "__version__", "?"), "huge_pages": dict(hp, mapped_bytes=huge)}
+        pages = (f"{huge / 2**20:,.0f} MiB of them in 2 MiB pages (/dev/shm huge={hp['dev_shm']})" if huge
                  else f"4 KiB pages (/dev/shm huge={hp['dev_shm']})")
         self.notes = [
             f"appliance: {self.node.segment_mib} MiB x 4 segments of POSIX shared memory in {pages}, "

@@ -90,6 +90,7 @@ class Controller(Loop):
         self.role.on_change(self._role_changed)
         self.durable = durable.Durable(self, files) if files is not None else None
         self.prefault: Prefault | None = None
+        self.huge_pages: dict | None = None     # huge_pages_status of the current segments (start_prefault)
 
     def start_prefault(self) -> None:
         """Map the device segments' pages ahead of use (storage.prefault), the
@@ -98,7 +99,8 @@ class Controller(Loop):
             self.prefault.stop()
         if self.cfg.storage.prefault:
             self.prefault = Prefault(self.att.devices, self.log).start()
-        hp = huge_pages_status(self.att.devices)
+        # the pages the segments got are fixed when they are made: read /dev/shm's policy once per set
+        self.huge_pages = hp = huge_pages_status(self.att.devices)
         if hp["of"] >= HUGE_PAGES_HINT and not hp["bytes"]:
             self.log.info("huge_pages_off", dev_shm=hp["dev_shm"], segment_bytes=hp["of"],
                           fix=f"mount -o remount,huge=within_size {SHM_DIR} (README: Huge pages)")

@@ -10,7 +10,6 @@ import time
 from .. import errors
 from .._native import lib
 from ..wire import messages as m
-from ..store.segment import huge_pages_status
 from .devices import device_status
 from .ops import handler
 
@@ -37,7 +36,7 @@ def status(ctl) -> dict:
         "memory": {"bytes_used": st["bytes_used"], "compressed": ctl.att.compressed,
                    "bytes_live": st["bytes_live"] if ctl.att.compressed else st["bytes_used"],
                    "prefault": ctl.prefault.status() if ctl.prefault is not None else None,
-                   "huge_pages": huge_pages_status(ctl.att.devices)},
+                   "huge_pages": ctl.huge_pages},
         "segments": device_status(ctl, st),
         "blocks": {"used": st["blocks_used"], "max": st["max_blocks"],
                    "slots_total": st["slots_total"], "slots_free": st["slots_free"],
