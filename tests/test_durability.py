@@ -113,6 +113,36 @@ def log_files(d) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith("log-") and p.name.endswith(".apl"))
 
 
+def cached_bytes(path) -> int:
+    """Bytes of the file in the page cache (mincore(2) over a private mapping
+    of it, which touches no page)."""
+    import ctypes
+    import mmap
+    size = os.path.getsize(path)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        anchor = ctypes.c_char.from_buffer(mm)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            assert libc.mincore(ctypes.addressof(anchor), size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            del anchor
+        return sum(b & 1 for b in vec) * page
+    finally:
+        mm.close()
+
+
+def page_cache_kept(path) -> bool:
+    """Whether the file system under `path` has a page cache to drop pages
+    from (tmpfs pages are the files themselves)."""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip()
+    return fs not in ("tmpfs", "ramfs")
+
+
 class TestLogFilesAndColdStart:
     def test_commits_reach_the_log_and_a_cold_start_rebuilds_every_block(self, make_appliance, tmp_path):
         """With log_sync = "commit" every acknowledged commit is on disk when it
@@ -148,6 +178,11 @@ class TestLogFilesAndColdStart:
         assert cold["records_replayed"] == 62 and cold["entries_replayed"] > 62 and cold["log_cut"] is None
         ev = [e for e in app.controller.events() if e.get("event") == "cold_start_loaded"]
         assert len(ev) == 1 and ev[0]["serial"] == before[0] and "seconds" in ev[0]
+        phases = cold["phases"]       # where the time went, in the order they ran
+        assert list(phases) == ["reserve", "checkpoint", "log", "recover"] and ev[0]["phases"] == phases
+        assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= cold["seconds"] + 0.005
+        human = cli("status", "--config", app.config).stdout
+        assert f"(reserve {phases['reserve']:.2f} s, checkpoint" in human, human
         t = db.table("accounts")
         assert len(t) == 59 and t[1]["balance"] == 0 and db.table("transfers")[1]["amount"] == 1001
         assert sorted(r["id"] for r in t.find("branch", "br3"))[:3] == [3, 10, 17]
@@ -245,6 +280,27 @@ class TestCheckpoints:
         first_seq = int(cps[0][len("checkpoint-"):-4])
         assert all(int(n[4:-4]) > first_seq for n in log_files(d)[1:])   # files only the first needed are gone
         assert cold_start_from(app, db, third)["records_replayed"] == 1
+
+    def test_a_checkpoint_written_keeps_little_of_itself_in_the_page_cache(self, make_appliance, tmp_path):
+        """What the checkpoint writer has on disk leaves the page cache as it
+        goes: of a 40 MiB checkpoint, the last records' pages at most stay
+        cached, and a cold start loads it whole."""
+        from appliance.cli.durability import checkpoint
+        from appliance.durability.checkpoint import CHUNK
+        d = tmp_path / "files"
+        if not page_cache_kept(tmp_path):
+            pytest.skip("the temporary directory is on tmpfs: no page cache to drop")
+        tables = '[tables.notes]\nprimary_key = "id"\nfields = { id = "int", text = "str" }\n'
+        app = make_appliance(tables=tables, segment_size="32MiB", segments=2, extra=durability(d)).start()
+        db = app.connect()
+        text = "x" * 1900
+        for start in range(0, 20_000, 2_000):
+            db.load("notes", [{"id": i, "text": f"{i}{text}"} for i in range(start, start + 2_000)], batch=2_000)
+        cp = checkpoint(app.cfg)
+        path = d / cp["file"]
+        assert path.stat().st_size > 8 * CHUNK
+        assert cached_bytes(path) <= 3 * CHUNK, (cached_bytes(path), path.stat().st_size)
+        assert cold_start_from(app, db, cp)["records_replayed"] == 0
 
     def test_checkpoint_every_volume_of_log(self, make_appliance, tmp_path):
         """checkpoint_every = "1MiB": a checkpoint is taken by itself once that much log was written."""
@@ -411,6 +467,28 @@ class TestFileFormat:
         assert s.stop == "end" and s.stop_offset == path.stat().st_size
         assert [(r.offset, r.payload) for r in s.records] == written
         assert [r.seq for r in s.records] == list(range(1, len(written) + 1))
+
+    def test_a_file_read_leaves_only_its_last_pages_in_the_page_cache(self, tmp_path):
+        """A file is read once: behind the reader its pages leave the page
+        cache (a cold start of a 1 GiB checkpoint keeps ~8 MiB of it cached,
+        and reads into the pages it gave back), whole records all the same."""
+        if not page_cache_kept(tmp_path):
+            pytest.skip("the temporary directory is on tmpfs: no page cache to drop")
+        import random
+        rng = random.Random(2)
+        path = tmp_path / "log-1.apl"
+        payloads = [rng.randbytes(rng.choice((300, 70_000, 1 << 20))) for _ in range(90)]
+        with open(path, "wb") as f:
+            f.write(rec.LOG_MAGIC)
+            for seq, payload in enumerate(payloads, 1):
+                f.write(b"".join(rec.frame(seq, rec.KIND_ENTRIES, payload, first=seq, last=seq)))
+            f.flush()
+            os.fsync(f.fileno())
+        size = path.stat().st_size
+        assert size > 4 * rec.DROP_BEHIND and cached_bytes(path) > size // 2   # written: in the cache
+        s = rec.scan(path, rec.LOG_MAGIC)
+        assert s.stop == "end" and [r.payload for r in s.records] == payloads
+        assert cached_bytes(path) <= rec.DROP_BEHIND + rec.WINDOW + (1 << 20)
 
     def test_a_cut_or_a_flipped_byte_anywhere_stops_at_the_last_good_record(self, tmp_path):
         import random

@@ -78,6 +78,8 @@ def status(st: dict) -> None:
         console.print(f"cold start: {'checkpoint ' + cold['checkpoint'] + ' (serial ' + str(cold['checkpoint_serial']) + ')' if cold['checkpoint'] else 'no checkpoint'}"
                       f", {cold['records_replayed']} log records replayed ({cold['entries_replayed']} entries) "
                       f"to serial {cold['serial']}, in {cold['seconds']:.2f} s"
+                      + (" (" + ", ".join(f"{k} {v:.2f} s" for k, v in cold["phases"].items()) + ")"
+                         if cold.get("phases") else "")
                       + (f"; log cut: {cold['log_cut']['reason']}" if cold.get("log_cut") else ""))
     rep = st.get("replication")
     if rep and rep.get("role") == "primary":

@@ -26,8 +26,11 @@ alone on the machine it writes at the disk's speed, beside a commit load
 it takes what the commits leave. Its writes go to the disk a record at a
 time, with one record in flight (sync_file_range: start the write-back of
 a record, then wait for the one before), and the final fdatasync has
-little left. While commits wait on the log's fdatasyncs (log_sync =
-"commit" under load) it gives way to them: each record goes in small
+little left. What is on disk leaves the page cache (records.drop_cached):
+a checkpoint keeps two records' pages cached, not the whole file, and
+writes into the pages it just gave back rather than fresh ones. While
+commits wait on the log's fdatasyncs (log_sync = "commit" under load) it
+gives way to them: each record goes in small
 slices, each forced before the next, and it takes a tenth of the disk's
 time at most, 16 MiB/s at least (logfiles.write_yielding says why: a
 flush of the disk's cache carries whatever was written before it).
@@ -166,6 +169,7 @@ class _Writer:
         self.fd, self.off, self.queued = fd, off, off
         self.forcing = forcing
         self.yielded = 0               # bytes written giving way to commits (write_yielding)
+        self.dropped = off             # the page cache before this offset was dropped (on disk already)
         self._prev = (0, 0)
         self.error: OSError | None = None
         self._q: "queue.Queue" = queue.Queue(maxsize=2)
@@ -183,6 +187,7 @@ class _Writer:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
             pass
+        clean = 0                      # the file's bytes before this are on disk
         while (pieces := self._q.get()) is not None:
             if self.error is not None:
                 continue
@@ -193,7 +198,11 @@ class _Writer:
                     self.yielded += self.off - start
                 if self._prev[1]:
                     sync_range(self.fd, self._prev[0], self._prev[1], RANGE_WAIT)
+                    clean = self._prev[0] + self._prev[1]
+                if forced:
+                    clean = self.off
                 self._prev = (0, 0) if forced else (start, self.off - start)
+                self.dropped = rec.drop_cached(self.fd, self.dropped, clean)
             except OSError as exc:
                 self.error = exc
 

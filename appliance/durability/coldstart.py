@@ -200,6 +200,7 @@ def cold_start(cfg: Config, log, d: LogDir):
                         + (f"checkpoint {path.name} and the log after it" if path else "the log from its start"))
         log.info("cold_start_loading", checkpoint=path.name if path else None, dir=str(d.path))
         ahead = rec.ReadAhead(path, rec.CHECKPOINT_MAGIC) if path is not None else None   # reads while create() reserves
+        t_reserve = time.monotonic()
         try:
             wr = create(cfg, instance=header.get("instance"))
         except BaseException:
@@ -209,8 +210,10 @@ def cold_start(cfg: Config, log, d: LogDir):
         # the pages mapped on the other core while this one lays the blocks in (each page's first
         # fault was most of the load); the controller maps the rest once it serves
         pages = Prefault(wr.att.devices, log).start() if cfg.storage.prefault else None
+        phases = {"reserve": time.monotonic() - t_reserve}
         try:
             wr.begin()
+            t = time.monotonic()
             if path is not None:
                 copied = bytearray((wr.att.sb.sb_max_blocks + 7) // 8)
                 try:
@@ -224,8 +227,10 @@ def cold_start(cfg: Config, log, d: LogDir):
                     raise errors.FormatError(f"{cfg.path}: checkpoint {path.name} has another file directory "
                                              "than this configuration makes", appliance=cfg.name)
                 wr.drop_uncopied(copied)
+            phases["checkpoint"], t = time.monotonic() - t, time.monotonic()
             replay = _Replay(wr, cfg, start)
             end, cut = d.read(after, replay.record)
+            phases["log"], t = time.monotonic() - t, time.monotonic()
             role = replay.role
             if replay.epoch:
                 wr.set_epoch(replay.epoch)
@@ -241,6 +246,7 @@ def cold_start(cfg: Config, log, d: LogDir):
             wr.resume(replay.serial, replay.txn_next)
             wr.publish(time.time_ns(), replay.txn_last)
             rec_facts = wr.recover()
+            phases["recover"] = time.monotonic() - t
         except BaseException:
             _discard(cfg, wr, pages)
             raise
@@ -252,7 +258,8 @@ def cold_start(cfg: Config, log, d: LogDir):
             "checkpoint_serial": start.get("serial") if path is not None else None,
             "checkpoint_seq": after, "records_replayed": replay.records, "entries_replayed": replay.entries,
             "serial": replay.serial, "source_serial": replay.source_serial, "log_seq": end.seq,
-            "seconds": seconds, "checkpoints_skipped": skipped, "log_cut": cut,
+            "seconds": seconds, "phases": {k: round(v, 3) for k, v in phases.items()},
+            "checkpoints_skipped": skipped, "log_cut": cut,
             "copy_incomplete": replay.copied is not None, "gap": replay.gap},
             **{k: v for k, v in rec_facts.items() if k in ("blocks_live", "slots_used")}}
         log.warning("cold_start_loaded", **{k: v for k, v in facts["cold_start"].items() if v not in (None, [], {})},
