@@ -302,10 +302,12 @@ def cold_start(data, target_bytes: int, rounds: int = 3) -> dict:
             start_s = time.perf_counter() - t0
             cold = node.status()["recovery"]["cold_start"]
             out.append({"file_bytes": nbytes, "read_s": read_s, "cold_start_s": start_s, "loaded_s": cold["seconds"],
-                        "records_replayed": cold["records_replayed"], "ratio": start_s / read_s})
+                        "records_replayed": cold["records_replayed"], "ratio": start_s / read_s,
+                        "phases": cold.get("phases") or {}})
         mid = sorted(out, key=lambda r: r["ratio"])[len(out) // 2]
         return {"records": loaded + again, "block_bytes": block_bytes, "checkpoint_bytes": cp["bytes"],
                 **{k: v for k, v in mid.items() if k != "ratio"}, "read_mb_s": mid["file_bytes"] / mid["read_s"] / MB,
-                "rounds": [{k: round(v, 3) for k, v in r.items()} for r in out], "disk": disk_note(system.disk)}
+                "rounds": [{k: v if k == "phases" else round(v, 3) for k, v in r.items()} for r in out],
+                "disk": disk_note(system.disk)}
     finally:
         system.stop()

@@ -590,7 +590,9 @@ class Run:
         self.rate("cold-start", f"cold start of {c['file_bytes'] / 2**30:.2f} GiB", "appliance", c["cold_start_s"], "s",
                   f"{c['records']:,} records, {c['block_bytes'] / 2**30:.2f} GiB of blocks; checkpoint "
                   f"{c['checkpoint_bytes'] / 2**30:.2f} GiB + {c['records_replayed']} log records; loading "
-                  f"{c['loaded_s']:.2f} s of it, the rest is process start; the median of "
+                  f"{c['loaded_s']:.2f} s of it ("
+                  + ", ".join(f"{k} {v:.2f}" for k, v in c["phases"].items())
+                  + "), the rest is process start; the median of "
                   f"{len(c['rounds'])} rounds by cold start ÷ read (each round's: "
                   + ", ".join(f"{r['cold_start_s']:.2f}/{r['read_s']:.2f} s" for r in c["rounds"]) + ")", **c)
 
