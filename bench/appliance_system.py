@@ -122,7 +122,7 @@ def _retry(attempt, proc, log: Path, what: str, errors: tuple):
             if time.monotonic() > deadline:
                 raise Unavailable(f"{what} not reachable after {START_TIMEOUT:.0f} s: {e}\n"
                                   f"{log_tail(log)}") from None
-            time.sleep(0.1)
+            time.sleep(0.01)   # an attempt is a connect() that fails at once; the cold-start row times this
 
 
 class Node:

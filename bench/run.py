@@ -661,8 +661,19 @@ class Run:
                                     b["ratio"], 3.0, None))
 
 
+def compile_package() -> None:
+    """The appliance's modules compiled to bytecode, as a pip install of its
+    wheel leaves them: every controller, agent and client the run starts
+    loads them instead of compiling them again (~0.1 s a process start with
+    PYTHONDONTWRITEBYTECODE set and an editable install, which writes none)."""
+    import compileall
+    import appliance
+    compileall.compile_dir(os.path.dirname(appliance.__file__), quiet=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    compile_package()
     # SIGTERM unwinds like Ctrl-C, so every finally block stops its servers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Printer()
