@@ -12,7 +12,6 @@ import sys
 import click
 
 from .. import errors
-from . import render
 
 __all__ = ["COMMANDS"]
 
@@ -56,8 +55,15 @@ def _run(fn, *args, **kw):
         raise _main()._fail(e) from None
 
 
+def _render():
+    """cli.render (and rich) only when a command prints: this module is
+    imported by every process the `appliance` command starts."""
+    from . import render
+    return render
+
+
 def _json(obj) -> None:
-    click.echo(json.dumps(obj, default=render.jsonable))
+    click.echo(json.dumps(obj, default=_render().jsonable))
 
 
 @click.command()
@@ -83,7 +89,7 @@ def history(config_path, program, table, key, since, until, limit, as_json):
     if as_json:
         _json(res)
     else:
-        render.history(res)
+        _render().history(res)
 
 
 @click.command()
@@ -106,14 +112,14 @@ def restore(config_path, to, table, blocks, dry_run, yes, timeout, as_json):
         if not dry_run:
             _confirm(yes, f"Restore {what} of {db.name!r} to {tgt.describe()} (every later change to it is "
                           "undone, as a logged transaction)?")
-        res = render.with_progress(f"restore to {tgt.describe()}", lambda: db.restore(
+        res = _render().with_progress(f"restore to {tgt.describe()}", lambda: db.restore(
             tgt, table=table, blocks=nums, dry_run=dry_run, timeout=timeout), lambda: _progress(db), _run)
     finally:
         db.close()
     if as_json:
         _json(res)
     else:
-        render.restored(res)
+        _render().restored(res)
 
 
 @click.command(name="cancel")
@@ -129,14 +135,14 @@ def cancel(config_path, txn, dry_run, yes, timeout, as_json):
     try:
         if not dry_run:
             _confirm(yes, f"Undo transaction {txn} on {db.name!r} and its secondaries?")
-        res = render.with_progress(f"cancel transaction {txn}", lambda: db.cancel_txn(
+        res = _render().with_progress(f"cancel transaction {txn}", lambda: db.cancel_txn(
             txn, dry_run=dry_run, timeout=timeout), lambda: _progress(db), _run)
     finally:
         db.close()
     if as_json:
         _json(res)
     else:
-        render.cancelled(res)
+        _render().cancelled(res)
 
 
 @click.command()
@@ -157,7 +163,7 @@ def rerun(config_path, program, fixed, since, paths, dry_run, yes, timeout, as_j
         if not dry_run:
             _confirm(yes, f"Restore {db.name!r} to before {program}'s first transaction and re-run every "
                           f"later one ({program} with {fixed})?")
-        with render.steps("rerun") as step:
+        with _render().steps("rerun") as step:
             rep = _run(db.rerun, program, fixed, since=since, dry_run=dry_run, path=tuple(paths),
                        timeout=timeout, progress=step)
     finally:
@@ -166,7 +172,7 @@ def rerun(config_path, program, fixed, since, paths, dry_run, yes, timeout, as_j
     if as_json:
         _json(out)
     else:
-        render.rerun(out)
+        _render().rerun(out)
 
 
 @click.command()
@@ -182,13 +188,13 @@ def batch(action, config_path, at, wait, as_json):
     try:
         res = _run(db.batch, action, at)
         if action == "end" and wait:
-            res = render.catch_up(lambda: _run(db.batch, "status"))
+            res = _render().catch_up(lambda: _run(db.batch, "status"))
     finally:
         db.close()
     if as_json:
         _json(res)
     else:
-        render.batch(action, res)
+        _render().batch(action, res)
 
 
 def _progress(db) -> dict | None:
