@@ -490,6 +490,41 @@ class TestFileFormat:
         assert s.stop == "end" and [r.payload for r in s.records] == payloads
         assert cached_bytes(path) <= rec.DROP_BEHIND + rec.WINDOW + (1 << 20)
 
+    def test_a_read_ahead_that_reuses_its_buffers_gives_every_record_as_written(self, tmp_path):
+        """ReadAhead(reuse=True), as a cold start reads: a large payload is a
+        read-only view of one of a few buffers, read into again once the
+        consumer asks for the next record; every payload is the one written
+        while the consumer holds it, the buffers are few, a view kept past
+        that (a bug) keeps its buffer out of the pool, and a consumer that
+        stops early leaves no thread behind."""
+        import random
+        rng = random.Random(4)
+        path = tmp_path / "log-1.apl"
+        payloads = [rng.randbytes(rng.choice((50, 300_000, 1 << 20, 5 << 20))) for _ in range(60)]
+        with open(path, "wb") as f:
+            f.write(rec.LOG_MAGIC)
+            for seq, payload in enumerate(payloads, 1):
+                f.write(b"".join(rec.frame(seq, rec.KIND_ENTRIES, payload, first=seq, last=seq)))
+        got, buffers, kept = [], [], None      # (the buffers themselves: ids of freed ones recur)
+        ahead = rec.ReadAhead(path, rec.LOG_MAGIC, reuse=True)
+        for r in ahead:
+            got.append(bytes(r.payload))
+            if type(r.payload) is memoryview:
+                assert r.payload.readonly
+                if not any(b is r.payload.obj for b in buffers):
+                    buffers.append(r.payload.obj)
+                if kept is None and len(r.payload) > (1 << 20):
+                    kept = memoryview(r.payload)      # held on to: its buffer must not be read into again
+                    held = bytes(kept)
+        assert got == payloads and ahead.result.stop == "end"
+        assert 0 < len(buffers) <= 4 + 2 + 1 and bytes(kept) == held
+        early = rec.ReadAhead(path, rec.LOG_MAGIC, reuse=True)
+        for i, r in enumerate(early):
+            if i == 3:
+                break
+        early.close()
+        assert not early._thread.is_alive()
+
     def test_a_cut_or_a_flipped_byte_anywhere_stops_at_the_last_good_record(self, tmp_path):
         import random
         path = tmp_path / "log-1.apl"

@@ -199,7 +199,9 @@ def cold_start(cfg: Config, log, d: LogDir):
         sdnotify.status(f"cold start of {cfg.name}: loading "
                         + (f"checkpoint {path.name} and the log after it" if path else "the log from its start"))
         log.info("cold_start_loading", checkpoint=path.name if path else None, dir=str(d.path))
-        ahead = rec.ReadAhead(path, rec.CHECKPOINT_MAGIC) if path is not None else None   # reads while create() reserves
+        # reads while create() reserves; its buffers are used again (records._Pool: apply_images and
+        # apply_entries are done with a record's payload when the next is asked for)
+        ahead = rec.ReadAhead(path, rec.CHECKPOINT_MAGIC, reuse=True) if path is not None else None
         t_reserve = time.monotonic()
         try:
             wr = create(cfg, instance=header.get("instance"))
@@ -229,7 +231,7 @@ def cold_start(cfg: Config, log, d: LogDir):
                 wr.drop_uncopied(copied)
             phases["checkpoint"], t = time.monotonic() - t, time.monotonic()
             replay = _Replay(wr, cfg, start)
-            end, cut = d.read(after, replay.record)
+            end, cut = d.read(after, replay.record, reuse=True)
             phases["log"], t = time.monotonic() - t, time.monotonic()
             role = replay.role
             if replay.epoch:

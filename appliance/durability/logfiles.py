@@ -184,12 +184,15 @@ class LogDir:
 
     # -- reading the log ---------------------------------------------------------------------
 
-    def read(self, after: int, on_record, *, payloads=lambda kind: True) -> tuple[LogEnd, dict | None]:
+    def read(self, after: int, on_record, *, payloads=lambda kind: True,
+             reuse: bool = False) -> tuple[LogEnd, dict | None]:
         """Call on_record(record) for every record with seq > `after`, in seq
         order, up to the end of the log; what cannot be read is cut (see the
         module docstring), and so is a record on_record refuses (StopLog) with
         everything after it. Returns (where the log ends, what was cut or
-        None). HEADER records are not passed on (the files', not the log's)."""
+        None). HEADER records are not passed on (the files', not the log's).
+        `reuse`: a large payload is a view of a buffer read into again once
+        on_record returns (ReadAhead(reuse=True)): on_record must not keep it."""
         end = LogEnd(seq=after)
         files = self.logs()
         start = max([i for i, (first, _p) in enumerate(files) if first <= after + 1], default=0)
@@ -198,7 +201,7 @@ class LogDir:
             if first > end.seq + 1:
                 return end, self._cut(files, i, None, 0, f"log records {end.seq + 1}..{first - 1} are "
                                                           "missing (no file holds them)")
-            records = rec.ReadAhead(path, rec.LOG_MAGIC, payloads=payloads)
+            records = rec.ReadAhead(path, rec.LOG_MAGIC, payloads=payloads, reuse=reuse)
             res = records.result
             bad = None
             for r in records:

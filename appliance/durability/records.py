@@ -164,22 +164,32 @@ class _File:
     touch is most of a cold start's CPU on a VM that takes freed memory
     back."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, pool: "_Pool | None" = None) -> None:
         self.fd, self.size = fd, size
         self.buf, self.start = b"", 0
         self.dropped = 0          # the page cache before this offset was dropped
+        self.pool = pool
 
-    def get(self, off: int, n: int) -> bytes:
-        """The file's bytes [off, off + n), all of them (the caller checked the size)."""
+    def get(self, off: int, n: int) -> bytes | memoryview:
+        """The file's bytes [off, off + n), all of them (the caller checked
+        the size); a large read with a pool: a read-only view of one of its
+        buffers (release() gives it back)."""
         rel = off - self.start
         if rel >= 0 and rel + n <= len(self.buf):
             return self.buf[rel:rel + n]
         if off - self.dropped >= DROP_BEHIND:
             self.drop(off)
         if n >= WINDOW // 4:
+            if self.pool is not None:
+                return self.pool.read(self.fd, n, off)
             return _pread(self.fd, n, off)
         self.buf, self.start = _pread(self.fd, min(WINDOW, self.size - off), off), off
         return self.buf[:n]
+
+    def release(self, data) -> None:
+        """Done with what get() returned (a pooled buffer goes back)."""
+        if self.pool is not None and type(data) is memoryview:
+            self.pool.give(data)
 
     def drop(self, upto: int) -> None:
         self.dropped = drop_cached(self.fd, self.dropped, upto)
@@ -202,6 +212,65 @@ def drop_cached(fd: int, start: int, end: int) -> int:
             pass
         return end
     return start
+
+
+class _Pool:
+    """Buffers a reader reads its large records into, used again once the
+    consumer is done with them (ReadAhead(reuse=True)): reading a 1 GiB
+    checkpoint then touches a few buffers' memory again and again instead of
+    a fresh 4 MiB mapping a record — glibc maps a large allocation of a
+    thread afresh each time, and on a VM whose host takes freed memory back
+    each fresh page's first touch costs microseconds (seconds of system
+    time for a GiB of such reads when the host has taken the memory back;
+    none when the buffers are used again).
+    Never blocks: a buffer is made when none is free (the read-ahead queue
+    bounds how many are out); kept: at most `keep`, none above MAX_KEPT.
+    Shared: the free list, between the reading thread (read) and the
+    consumer (give); list.append and list.pop are atomic under the GIL."""
+
+    MAX_KEPT = 16 << 20
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list[bytearray] = []
+
+    def read(self, fd: int, n: int, off: int) -> memoryview:
+        buf = None
+        while self.free:
+            try:
+                b = self.free.pop()
+            except IndexError:
+                break
+            if len(b) >= n:
+                buf = b
+                break
+        if buf is None:
+            buf = bytearray(max(n, CHUNK_HINT))
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], off + got)
+            if not k:
+                raise OSError(errno.EIO, f"read {n} bytes at offset {off}: the file ended at {off + got}")
+            got += k
+        return view.toreadonly()
+
+    def give(self, view: memoryview) -> None:
+        """The consumer is done with `view`: its buffer is read into again,
+        unless anything still holds a view of it (a consumer that kept one,
+        against the rule: then it is left to that view and never reused)."""
+        buf = view.obj
+        try:
+            view.release()
+            buf.append(0)         # a bytearray resizes only with no view of it alive
+            del buf[-1]
+        except BufferError:
+            return
+        if len(self.free) < self.keep and len(buf) <= self.MAX_KEPT:
+            self.free.append(buf)
+
+
+CHUNK_HINT = (4 << 20) + 4096     # a pooled buffer holds at least a checkpoint's BLOCKS record
 
 
 def _pread(fd: int, n: int, off: int) -> bytes:
@@ -248,16 +317,22 @@ def _parse(f: _File, start: int, size: int, with_payload) -> Iterator[Record | t
             return
         body = get(pos + HDR.size, n)
         if crc32(body, zlib.crc32(hdr[4:])) != crc:
+            f.release(body)
             yield ("stop", "corrupt", pos, f"the record at offset {pos} (seq {seq}) fails its checksum")
             return
-        yield Record(pos, end - pos, seq, kind, first, last, aux1, aux2, flags, body if with_payload(kind) else b"")
+        if not with_payload(kind):
+            f.release(body)
+            body = b""
+        yield Record(pos, end - pos, seq, kind, first, last, aux1, aux2, flags, body)
         pos = end
 
 
-def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) -> Iterator[Record]:
+def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True,
+         pool: _Pool | None = None) -> Iterator[Record]:
     """The whole, valid records of a file, one at a time (payloads only of
     the kinds `payloads` accepts); `result` says where and why reading
-    stopped once the iterator is exhausted."""
+    stopped once the iterator is exhausted. With `pool`, a large payload is
+    a read-only view of a pooled buffer, which the consumer gives back."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     f = None
     try:
@@ -267,7 +342,7 @@ def read(path: Path, magic: bytes, result: Scan, *, payloads=lambda kind: True) 
             result.stop, result.problem = "torn", ("shorter than its magic number" if size else "empty")
             return
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)   # read once, front to back: a larger readahead
-        f = _File(fd, size)
+        f = _File(fd, size, pool)
         if f.get(0, MAGIC_LEN) != magic:
             result.stop, result.problem = "corrupt", "not a durability file of this kind (magic number)"
             return
@@ -295,10 +370,14 @@ class ReadAhead:
 
     _END = object()
 
-    def __init__(self, path: Path, magic: bytes, *, payloads=lambda kind: True, depth: int = 4) -> None:
+    def __init__(self, path: Path, magic: bytes, *, payloads=lambda kind: True, depth: int = 4,
+                 reuse: bool = False) -> None:
         import queue
         import threading
         self.result = Scan(path)
+        # reuse: a record's large payload is a view of a pooled buffer, valid
+        # until the consumer asks for the next record (it must not keep it)
+        self._pool = _Pool(depth + 2) if reuse else None
         self._q: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = False
         self._error: BaseException | None = None
@@ -308,7 +387,7 @@ class ReadAhead:
 
     def _run(self, path, magic, payloads) -> None:
         try:
-            for r in read(path, magic, self.result, payloads=payloads):
+            for r in read(path, magic, self.result, payloads=payloads, pool=self._pool):
                 if self._stop:
                     return
                 self._q.put(r)
@@ -318,9 +397,12 @@ class ReadAhead:
             self._q.put(self._END)
 
     def __iter__(self) -> Iterator[Record]:
+        pool = self._pool
         try:
             while (r := self._q.get()) is not self._END:
                 yield r
+                if pool is not None and type(r.payload) is memoryview:
+                    pool.give(r.payload)      # the consumer asked for the next one: done with it
             if self._error is not None:
                 raise self._error
         finally:

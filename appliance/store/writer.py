@@ -49,6 +49,12 @@ class OpInfo:
     structs: tuple[tuple[int, bool], ...]  # (block number, removed)
 
 
+
+def _cbuf(data):
+    """bytes as they are; a buffer (a durability file's pooled read, a
+    memoryview) as a pointer into it, not a copy."""
+    return data if type(data) is bytes else ffi.from_buffer(data)
+
 class Writer:
     """Owns an :class:`Attachment` opened read-write and the C writer state."""
 
@@ -189,14 +195,14 @@ class Writer:
 
     # -- a secondary applying its primary's stream --------------------------------
 
-    def apply_entries(self, blob: bytes, after_serial: int, copied: bytearray | None) -> tuple[int, int, int]:
+    def apply_entries(self, blob: bytes | memoryview, after_serial: int, copied: bytearray | None) -> tuple[int, int, int]:
         """Apply whole transactions of `blob` (inside an open batch);
         returns (bytes consumed, last serial applied, last COMMIT/CANCEL serial)."""
         c, ls, lc = self._consumed, self._last, self._lastc
         ls[0] = lc[0] = after_serial
         bits = ffi.from_buffer(copied) if copied is not None else ffi.NULL
         nbits = len(copied) * 8 if copied is not None else 0
-        check(lib.apl_apply_entries(self._s, blob, len(blob), after_serial, bits, nbits, c, ls, lc),
+        check(lib.apl_apply_entries(self._s, _cbuf(blob), len(blob), after_serial, bits, nbits, c, ls, lc),
               "apply the primary's changes")
         return c[0], ls[0], lc[0]
 
@@ -204,8 +210,8 @@ class Writer:
         check(lib.apl_apply_image(self._s, number, image or ffi.NULL, len(image) if image else 0),
               f"apply block {number}")
 
-    def apply_images(self, blob: bytes, copied: bytearray) -> None:
-        check(lib.apl_apply_images(self._s, blob, len(blob), ffi.from_buffer(copied), len(copied) * 8),
+    def apply_images(self, blob: bytes | memoryview, copied: bytearray) -> None:
+        check(lib.apl_apply_images(self._s, _cbuf(blob), len(blob), ffi.from_buffer(copied), len(copied) * 8),
               "apply copied blocks")
 
     def drop_uncopied(self, copied: bytearray) -> int:
