@@ -303,7 +303,7 @@ def cold_start(data, target_bytes: int, rounds: int = 3) -> dict:
             cold = node.status()["recovery"]["cold_start"]
             out.append({"file_bytes": nbytes, "read_s": read_s, "cold_start_s": start_s, "loaded_s": cold["seconds"],
                         "records_replayed": cold["records_replayed"], "ratio": start_s / read_s,
-                        "phases": cold.get("phases") or {}})
+                        "phases": cold["phases"]})
         mid = sorted(out, key=lambda r: r["ratio"])[len(out) // 2]
         return {"records": loaded + again, "block_bytes": block_bytes, "checkpoint_bytes": cp["bytes"],
                 **{k: v for k, v in mid.items() if k != "ratio"}, "read_mb_s": mid["file_bytes"] / mid["read_s"] / MB,

@@ -236,23 +236,14 @@ class _Pool:
 
     def read(self, fd: int, n: int, off: int) -> memoryview:
         buf = None
-        while self.free:
-            try:
-                b = self.free.pop()
-            except IndexError:
-                break
+        while self.free and buf is None:     # (only this thread takes from it)
+            b = self.free.pop()
             if len(b) >= n:
                 buf = b
-                break
         if buf is None:
             buf = bytearray(max(n, CHUNK_HINT))
         view = memoryview(buf)[:n]
-        got = 0
-        while got < n:
-            k = os.preadv(fd, [view[got:]], off + got)
-            if not k:
-                raise OSError(errno.EIO, f"read {n} bytes at offset {off}: the file ended at {off + got}")
-            got += k
+        _pread_into(fd, view, off, 0)
         return view.toreadonly()
 
     def give(self, view: memoryview) -> None:
@@ -277,15 +268,20 @@ def _pread(fd: int, n: int, off: int) -> bytes:
     data = os.pread(fd, n, off)
     if len(data) == n:
         return data
-    parts = [data]
-    got = len(data)
+    buf = bytearray(n)               # a short read (rare): the rest read into the same buffer
+    buf[:len(data)] = data
+    _pread_into(fd, memoryview(buf), off, len(data))
+    return bytes(buf)
+
+
+def _pread_into(fd: int, view: memoryview, off: int, got: int) -> None:
+    """Fill view[got:] with the file's bytes from off + got on."""
+    n = len(view)
     while got < n:
-        more = os.pread(fd, n - got, off + got)
-        if not more:
+        k = os.preadv(fd, [view[got:]], off + got)
+        if not k:
             raise OSError(errno.EIO, f"read {n} bytes at offset {off}: the file ended at {off + got}")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+        got += k
 
 
 def _parse(f: _File, start: int, size: int, with_payload) -> Iterator[Record | tuple]:
