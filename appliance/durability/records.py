@@ -152,7 +152,8 @@ DROP_BEHIND = 8 << 20     # the page cache of what was read is dropped in steps 
 class _File:
     """A durability file read front to back with pread: small records come
     out of a 1 MiB window, a large one's bytes are read straight into the
-    bytes object that holds them (one copy, by the kernel, without the GIL;
+    bytes object that holds them, or with a pool into one of its reused
+    buffers (one copy, by the kernel, without the GIL;
     an mmap would cost a page fault a page and its slices a second copy
     under the GIL).
 

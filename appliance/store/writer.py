@@ -49,11 +49,11 @@ class OpInfo:
     structs: tuple[tuple[int, bool], ...]  # (block number, removed)
 
 
-
 def _cbuf(data):
     """bytes as they are; a buffer (a durability file's pooled read, a
     memoryview) as a pointer into it, not a copy."""
     return data if type(data) is bytes else ffi.from_buffer(data)
+
 
 class Writer:
     """Owns an :class:`Attachment` opened read-write and the C writer state."""
