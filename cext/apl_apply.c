@@ -183,7 +183,7 @@ int apl_apply_image(apl_store *s, uint32_t number, const uint8_t *img, uint64_t 
             return APL_ECORRUPT;
         struct rec *r = &s->recs[i];
         r->prefix = apl_prefix(p, kl);
-        r->k = p;
+        r->ks = apl_sfx(p, kl);
         r->klen = kl;
         r->val = p + kl;
         r->vlen = vl;
@@ -260,7 +260,7 @@ int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, ui
         memcpy(&off, val, 4);
         memcpy(&rep, val + 4, 4);
         const struct apl_slot *sl = &apl_slots(b)[idx];
-        const uint8_t *old = apl_slot_key(b, sl) + sl->sl_klen;
+        const uint8_t *old = apl_slot_val(b, sl);
         uint32_t oldlen = sl->sl_aux;
         if ((uint64_t)off + rep > oldlen)
             return APL_ECORRUPT;
@@ -278,12 +278,12 @@ int apply_record(apl_store *s, uint32_t number, int kind, const uint8_t *key, ui
         free(newval);
         return APL_ECORRUPT;
     }
-    struct rec r = {.prefix = p, .k = key, .klen = klen, .val = val, .vlen = vlen, .aux = vlen};
+    struct rec r = {.prefix = p, .ks = apl_sfx(key, klen), .klen = klen, .val = val, .vlen = vlen, .aux = vlen};
     int rc = APL_OK;
     if (eq) {
         struct apl_slot *sl = &apl_slots(b)[idx];
         if (vlen <= sl->sl_aux) {
-            memcpy((uint8_t *)b + sl->sl_off + klen, val, vlen);
+            memcpy((uint8_t *)apl_slot_val(b, sl), val, vlen);
             b->bh_garbage = (uint16_t)(b->bh_garbage + (sl->sl_aux - vlen));
             sl->sl_aux = vlen;
             free(newval);

@@ -384,7 +384,7 @@ static int64_t image_edit(const uint8_t *in, uint64_t len, int kind, const uint8
         if (p + 6 + kl + vl > len)
             return APL_ECORRUPT;
         const uint8_t *k = in + p + 6;
-        cmp = apl_keycmp(apl_prefix(k, kl), k, kl, kp, key, klen);
+        cmp = apl_keycmp(apl_prefix(k, kl), apl_sfx(k, kl), kl, kp, apl_sfx(key, klen), klen);
         at = p;
         if (cmp >= 0)
             break;

@@ -58,18 +58,29 @@ void blk_init(apl_store *s, struct apl_bhdr *b, uint32_t magic, uint32_t number,
 /* Append a record after the last slot (the caller keeps order; room checked). */
 void blk_append(struct apl_bhdr *b, const struct rec *r)
 {
-    uint32_t body = r->klen + r->vlen;
+    uint32_t sk = APL_KSFX(r->klen), body = sk + r->vlen;
     b->bh_upper = (uint16_t)(b->bh_upper - body);
     uint8_t *dst = (uint8_t *)b + b->bh_upper;
-    memcpy(dst, r->k, r->klen);
+    memcpy(dst, r->ks, sk);
     if (r->vlen)
-        memcpy(dst + r->klen, r->val, r->vlen);
+        memcpy(dst + sk, r->val, r->vlen);
     struct apl_slot *sl = &apl_slots(b)[b->bh_nslots++];
     sl->sl_prefix = r->prefix;
     sl->sl_off = b->bh_upper;
     sl->sl_klen = (uint16_t)r->klen;
     sl->sl_aux = r->aux;
     b->bh_lower = (uint16_t)(b->bh_lower + SLOT_SIZE);
+}
+
+/* The record in slot sl of block b (its bytes stay in b). */
+static struct rec slot_rec(const struct apl_bhdr *b, const struct apl_slot *sl)
+{
+    struct rec r = {
+        .prefix = sl->sl_prefix, .ks = apl_slot_sfx(b, sl), .klen = sl->sl_klen,
+        .vlen = b->bh_level ? 0 : sl->sl_aux, .aux = sl->sl_aux,
+    };
+    r.val = r.ks + APL_KSFX(r.klen);
+    return r;
 }
 
 /* Rewrite a block's heap without its garbage (in place, through scratch). */
@@ -81,11 +92,7 @@ static void blk_compact(apl_store *s, struct apl_bhdr *b)
     uint16_t n = src->bh_nslots;
     blk_reset(s, b);
     for (uint16_t i = 0; i < n; i++) {
-        struct rec r = {
-            .prefix = ss[i].sl_prefix, .k = apl_slot_key(src, &ss[i]), .klen = ss[i].sl_klen,
-            .vlen = src->bh_level ? 0 : ss[i].sl_aux, .aux = ss[i].sl_aux,
-        };
-        r.val = r.k + r.klen;
+        struct rec r = slot_rec(src, &ss[i]);
         blk_append(b, &r);
     }
 }
@@ -99,12 +106,12 @@ int blk_insert(apl_store *s, struct apl_bhdr *b, uint32_t idx, const struct rec 
             return 0;
         blk_compact(s, b);
     }
-    uint32_t body = r->klen + r->vlen;
+    uint32_t sk = APL_KSFX(r->klen), body = sk + r->vlen;
     b->bh_upper = (uint16_t)(b->bh_upper - body);
     uint8_t *dst = (uint8_t *)b + b->bh_upper;
-    memcpy(dst, r->k, r->klen);
+    memcpy(dst, r->ks, sk);
     if (r->vlen)
-        memcpy(dst + r->klen, r->val, r->vlen);
+        memcpy(dst + sk, r->val, r->vlen);
     struct apl_slot *sl = apl_slots(b);
     memmove(&sl[idx + 1], &sl[idx], (size_t)(b->bh_nslots - idx) * SLOT_SIZE);
     sl[idx].sl_prefix = r->prefix;
@@ -119,7 +126,7 @@ int blk_insert(apl_store *s, struct apl_bhdr *b, uint32_t idx, const struct rec 
 void blk_remove(apl_store *s, struct apl_bhdr *b, uint32_t idx)
 {
     struct apl_slot *sl = apl_slots(b);
-    uint32_t body = sl[idx].sl_klen + (b->bh_level ? 0 : sl[idx].sl_aux);
+    uint32_t body = APL_KSFX(sl[idx].sl_klen) + (b->bh_level ? 0 : sl[idx].sl_aux);
     memmove(&sl[idx], &sl[idx + 1], (size_t)(b->bh_nslots - idx - 1) * SLOT_SIZE);
     b->bh_nslots--;
     b->bh_lower = (uint16_t)(b->bh_lower - SLOT_SIZE);
@@ -142,11 +149,7 @@ void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src)
     blk_reset(s, dst);
     const struct apl_slot *ss = apl_slots(src);
     for (uint16_t i = 0; i < src->bh_nslots; i++) {
-        struct rec r = {
-            .prefix = ss[i].sl_prefix, .k = apl_slot_key(src, &ss[i]), .klen = ss[i].sl_klen,
-            .vlen = src->bh_level ? 0 : ss[i].sl_aux, .aux = ss[i].sl_aux,
-        };
-        r.val = r.k + r.klen;
+        struct rec r = slot_rec(src, &ss[i]);
         blk_append(dst, &r);
     }
 }
@@ -225,12 +228,7 @@ uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total)
         const struct apl_slot *sl = apl_slots(cp);
         for (uint16_t i = 0; i < cp->bh_nslots; i++) {
             struct rec *r = &s->recs[n++];
-            r->prefix = sl[i].sl_prefix;
-            r->k = apl_slot_key(cp, &sl[i]);
-            r->klen = sl[i].sl_klen;
-            r->vlen = cp->bh_level ? 0 : sl[i].sl_aux;
-            r->aux = sl[i].sl_aux;
-            r->val = r->k + r->klen;
+            *r = slot_rec(cp, &sl[i]);
             *total += rec_bytes(r);
         }
         if (c->bh_level)
@@ -254,13 +252,14 @@ uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur_nb, uint64_t
 {
     uint64_t n = gather(s, h, total);
     uint8_t *tail = scratch_tail(s, cur_nb);
-    memcpy(tail, key, klen);
-    memcpy(tail + klen, val, vlen);
-    struct rec nr = {.prefix = p, .k = tail, .klen = klen, .val = tail + klen, .vlen = vlen, .aux = vlen};
+    uint32_t sk = APL_KSFX(klen);
+    memcpy(tail, apl_sfx(key, klen), sk);
+    memcpy(tail + sk, val, vlen);
+    struct rec nr = {.prefix = p, .ks = tail, .klen = klen, .val = tail + sk, .vlen = vlen, .aux = vlen};
     uint64_t lo = 0, hi = n;
     while (lo < hi) {
         uint64_t mid = (lo + hi) / 2;
-        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].k, s->recs[mid].klen, p, key, klen) < 0)
+        if (apl_keycmp(s->recs[mid].prefix, s->recs[mid].ks, s->recs[mid].klen, p, nr.ks, klen) < 0)
             lo = mid + 1;
         else
             hi = mid;

@@ -42,9 +42,39 @@ static inline struct apl_slot *apl_slots(const struct apl_bhdr *b)
     return (struct apl_slot *)((uint8_t *)b + HDR_SIZE);
 }
 
-static inline const uint8_t *apl_slot_key(const struct apl_bhdr *b, const struct apl_slot *s)
+/*
+ * A record in a block's heap holds the key's bytes past the first 8 (its
+ * "suffix": the slot's sl_prefix already holds the first 8) and then, in a
+ * leaf, the value. A key of at most 8 bytes is all in its slot. Full keys
+ * are put back together (apl_key_out) only where one leaves the block: a
+ * scan's output, a block image, a separator copied into another block.
+ */
+#define APL_KSFX(n) ((uint32_t)(n) > 8u ? (uint32_t)(n) - 8u : 0u)
+
+/* The suffix of a full key (never read when the key has 8 bytes or fewer). */
+static inline const uint8_t *apl_sfx(const uint8_t *k, uint32_t n)
+{
+    return n > 8 ? k + 8 : k;
+}
+
+static inline const uint8_t *apl_slot_sfx(const struct apl_bhdr *b, const struct apl_slot *s)
 {
     return (const uint8_t *)b + s->sl_off;
+}
+
+/* A leaf slot's value bytes (sl_aux of them). */
+static inline const uint8_t *apl_slot_val(const struct apl_bhdr *b, const struct apl_slot *s)
+{
+    return (const uint8_t *)b + s->sl_off + APL_KSFX(s->sl_klen);
+}
+
+/* Write the full key of (prefix, suffix, n) to out (n bytes). */
+static inline void apl_key_out(uint8_t *out, uint64_t prefix, const uint8_t *sfx, uint32_t n)
+{
+    uint64_t be = __builtin_bswap64(prefix);
+    memcpy(out, &be, n < 8 ? n : 8);
+    if (n > 8)
+        memcpy(out + 8, sfx, n - 8);
 }
 
 /* The rest of a leaf's slot array, past the lines apl_resolve asked for: a
@@ -125,7 +155,8 @@ static inline uint64_t apl_prefix(const uint8_t *k, uint32_t n)
     return __builtin_bswap64(p);
 }
 
-/* memcmp order; a key that is a proper prefix of another sorts first. */
+/* memcmp order of two keys given as (prefix, suffix, length); a key that is
+ * a proper prefix of another sorts first. */
 static inline int apl_keycmp(uint64_t pa, const uint8_t *a, uint32_t na,
                              uint64_t pb, const uint8_t *b, uint32_t nb)
 {
@@ -133,7 +164,7 @@ static inline int apl_keycmp(uint64_t pa, const uint8_t *a, uint32_t na,
         return pa < pb ? -1 : 1;
     uint32_t m = na < nb ? na : nb;
     if (m > 8) {
-        int c = memcmp(a + 8, b + 8, m - 8);
+        int c = memcmp(a, b, m - 8);
         if (c)
             return c;
     }
@@ -146,7 +177,7 @@ static inline int apl_slotcmp(const struct apl_bhdr *b, const struct apl_slot *s
     /* compare slot key with search key */
     if (s->sl_prefix != p)
         return s->sl_prefix < p ? -1 : 1;
-    return apl_keycmp(s->sl_prefix, apl_slot_key(b, s), s->sl_klen, p, k, n);
+    return apl_keycmp(s->sl_prefix, apl_slot_sfx(b, s), s->sl_klen, p, apl_sfx(k, n), n);
 }
 
 /* Index of the first slot whose key is >= the search key; *eq when equal. */
@@ -322,10 +353,10 @@ static inline int64_t read_end(apl_view *v, uint64_t ver, struct apl_reader *r, 
     return rc;
 }
 
-/* A slot's record, bounds-checked against the block. */
+/* A leaf slot's record, bounds-checked against the block. */
 static inline int apl_slot_ok(const apl_view *v, const struct apl_slot *s)
 {
-    return (uint32_t)s->sl_off + s->sl_klen + s->sl_aux <= v->v_bsize && s->sl_off >= HDR_SIZE;
+    return (uint32_t)s->sl_off + APL_KSFX(s->sl_klen) + s->sl_aux <= v->v_bsize && s->sl_off >= HDR_SIZE;
 }
 
 /* ---- lookups at one version (apl_read.c) ---- */

@@ -138,7 +138,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define APL_FORMAT_VERSION   3u
+#define APL_FORMAT_VERSION   4u   /* 4: a record no longer repeats the 8 key bytes of its slot */
 /* The record format (the value bytes of a leaf slot: cext/apl_rec.h). It is
  * not part of APL_FORMAT, which fixes the blocks around records: the
  * configuration's schema hash and layout include it with the fields in schema
@@ -363,10 +363,12 @@ struct apl_bhdr {
 };
 
 /*
- * Slot: 8-byte big-endian key prefix (as a host integer, zero-padded) so a
- * binary search touches one contiguous array; offset and length of the key.
- * sl_aux is the value length in a leaf and the child block number in an inner
- * block. The record is key bytes followed by value bytes at sl_off.
+ * Slot: the key's first 8 bytes as a big-endian integer (zero-padded), so a
+ * binary search touches one contiguous array; the offset of its record and
+ * the key's length. sl_aux is the value length in a leaf and the child block
+ * number in an inner block. The record at sl_off is the key's bytes past the
+ * first 8 (none for a key of 8 bytes or fewer: the slot holds all of it),
+ * then, in a leaf, the value's bytes. The first 8 are not stored twice.
  */
 struct apl_slot {
     uint64_t sl_prefix;

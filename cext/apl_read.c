@@ -68,7 +68,7 @@ int apl_lookup(const apl_view *v, uint32_t file, uint64_t ver, const uint8_t *ke
     const struct apl_slot *s = &apl_slots(b)[i];
     if (!apl_slot_ok(v, s))
         return APL_ECORRUPT;
-    *val = (const uint8_t *)b + s->sl_off + s->sl_klen;
+    *val = apl_slot_val(b, s);
     *vlen = s->sl_aux;
     return APL_OK;
 }
@@ -268,8 +268,8 @@ static int64_t scan_at(apl_view *v, uint32_t file, uint64_t ver,
     struct apl_bhdr *b;
     const struct apl_slot *s;
     while ((s = iter_next(&it, &b))) {
-        const uint8_t *k = apl_slot_key(b, s);
-        if (hilen != APL_NO_BOUND && apl_keycmp(s->sl_prefix, k, s->sl_klen, hp, hi, hilen) >= 0)
+        const uint8_t *sfx = apl_slot_sfx(b, s);
+        if (hilen != APL_NO_BOUND && apl_keycmp(s->sl_prefix, sfx, s->sl_klen, hp, apl_sfx(hi, hilen), hilen) >= 0)
             break;
         uint64_t need = what == APL_SCAN_KEYS ? 2u + s->sl_klen : 4u + s->sl_aux;
         if (used + need > cap) {
@@ -284,15 +284,15 @@ static int64_t scan_at(apl_view *v, uint32_t file, uint64_t ver,
         if (what == APL_SCAN_KEYS) {
             uint16_t kl = s->sl_klen;
             memcpy(out + used, &kl, 2);
-            memcpy(out + used + 2, k, kl);
+            apl_key_out(out + used + 2, s->sl_prefix, sfx, kl);
         } else {
             uint32_t vl = s->sl_aux;
             memcpy(out + used, &vl, 4);
-            memcpy(out + used + 4, k + s->sl_klen, vl);
+            memcpy(out + used + 4, apl_slot_val(b, s), vl);
         }
         used += need;
         n++;
-        memcpy(resume, k, s->sl_klen);
+        apl_key_out(resume, s->sl_prefix, sfx, s->sl_klen);
         *resume_len = s->sl_klen;
     }
     if (it.err)
@@ -339,9 +339,12 @@ int64_t apl_find_at(apl_view *v, uint32_t index, uint32_t table, uint64_t ver,
     *more = 0;
     struct apl_bhdr *b;
     const struct apl_slot *s;
+    uint8_t k[APL_MAX_KEY];
     while ((s = iter_next(&it, &b))) {
-        const uint8_t *k = apl_slot_key(b, s);
-        if (s->sl_klen < plen || memcmp(k, prefix, plen) != 0)
+        if (s->sl_klen < plen || s->sl_klen > APL_MAX_KEY)
+            break;
+        apl_key_out(k, s->sl_prefix, apl_slot_sfx(b, s), s->sl_klen);
+        if (memcmp(k, prefix, plen) != 0)
             break;
         const uint8_t *val;
         uint32_t vlen;
@@ -426,13 +429,16 @@ int64_t apl_image(const apl_view *v, struct apl_bhdr *b, uint8_t *out, uint64_t 
         const struct apl_slot *s = apl_slots(c);
         for (uint32_t i = 0; i < c->bh_nslots; i++) {
             uint32_t vlen = c->bh_level ? 0 : s[i].sl_aux;
-            if ((uint32_t)s[i].sl_off + s[i].sl_klen + vlen > v->v_bsize)
+            if ((uint32_t)s[i].sl_off + APL_KSFX(s[i].sl_klen) + vlen > v->v_bsize || s[i].sl_klen > APL_MAX_KEY)
                 return APL_ECORRUPT;
             PUT(uint16_t, s[i].sl_klen);
             PUT(uint32_t, s[i].sl_aux);
-            PUTB(apl_slot_key(c, &s[i]), s[i].sl_klen);
+            if (used + s[i].sl_klen > cap)
+                return APL_EBUFSIZE;
+            apl_key_out(out + used, s[i].sl_prefix, apl_slot_sfx(c, &s[i]), s[i].sl_klen);
+            used += s[i].sl_klen;
             if (vlen)
-                PUTB(apl_slot_key(c, &s[i]) + s[i].sl_klen, vlen);
+                PUTB(apl_slot_val(c, &s[i]), vlen);
         }
     }
     return (int64_t)used;

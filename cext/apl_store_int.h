@@ -30,9 +30,12 @@ struct retire {
     uint32_t slots;    /* RT_CHAIN / RT_OBJECT: slots (objects) it holds, counted in `retained` */
 };
 
+/* One record (or separator) on its way into a block: its key as the slot
+ * and the heap hold it, the first 8 bytes in `prefix` and the rest at `ks`
+ * (apl_int.h: APL_KSFX). */
 struct rec {
     uint64_t prefix;
-    const uint8_t *k;
+    const uint8_t *ks;
     const uint8_t *val;
     uint32_t klen;
     uint32_t vlen;     /* leaf: value bytes; inner: 0 */
@@ -138,7 +141,7 @@ static inline apl_addr addr_of(apl_store *s, const struct apl_bhdr *b)
 
 static inline uint32_t rec_bytes(const struct rec *r)
 {
-    return SLOT_SIZE + r->klen + r->vlen;
+    return SLOT_SIZE + APL_KSFX(r->klen) + r->vlen;
 }
 
 static inline uint32_t blk_room(const struct apl_bhdr *b)

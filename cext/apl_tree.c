@@ -163,8 +163,8 @@ static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_
      * everything below its second key) */
     struct rec sep = s->recs[bounds[0]];
     uint8_t keybuf[APL_MAX_KEY];
-    memcpy(keybuf, sep.k, sep.klen);
-    sep.k = keybuf;
+    memcpy(keybuf, sep.ks, APL_KSFX(sep.klen));
+    sep.ks = keybuf;
     if (!is_root) {
         blk_reset(s, b);
         for (uint64_t i = 0; i < bounds[0]; i++)
@@ -185,7 +185,7 @@ static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_
     uint16_t level = (uint16_t)(b->bh_level + 1);
     blk_reset(s, b);
     b->bh_level = level;
-    struct rec first = {.prefix = 0, .k = keybuf, .klen = 0, .vlen = 0, .aux = lnum};
+    struct rec first = {.prefix = 0, .ks = keybuf, .klen = 0, .vlen = 0, .aux = lnum};
     blk_append(b, &first);
     sep.aux = rnum;
     sep.vlen = 0;
@@ -201,7 +201,9 @@ static int insert_sep(apl_store *s, uint32_t file, const struct rec *sep, uint32
 {
     /* find the parent: descend until the child slot we are after */
     struct wpath wp;
-    int rc = wdescend(s, file, sep->prefix, sep->k, sep->klen, &wp);
+    uint8_t full[APL_MAX_KEY];
+    apl_key_out(full, sep->prefix, sep->ks, sep->klen);
+    int rc = wdescend(s, file, sep->prefix, full, sep->klen, &wp);
     if (rc)
         return rc;
     /* the level to insert at: the deepest inner block whose level is one above child's */
@@ -228,8 +230,8 @@ static int insert_sep(apl_store *s, uint32_t file, const struct rec *sep, uint32
         return APL_OK;
     /* full: gather its slots plus the new one, then split */
     uint8_t keybuf[APL_MAX_KEY];
-    memcpy(keybuf, sep->k, sep->klen);
-    r.k = keybuf;
+    memcpy(keybuf, sep->ks, APL_KSFX(sep->klen));
+    r.ks = keybuf;
     uint64_t total;
     uint64_t n = gather(s, p, &total);
     uint32_t at = wp.idx[d] + 1;
@@ -359,8 +361,8 @@ static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl
         for (uint32_t g = 1; g < nbs[c]; g++)
             ov[g - 1] = alloc_slot(s);
         seps[c] = s->recs[a];
-        memcpy(sepkeys[c], seps[c].k, seps[c].klen);
-        seps[c].k = sepkeys[c];
+        memcpy(sepkeys[c], seps[c].ks, APL_KSFX(seps[c].klen));
+        seps[c].ks = sepkeys[c];
         if (c == 0 && !root_split) {
             nums[0] = number;
             write_chain(s, head, a, bounds[0], nbs[0], ov);
@@ -429,7 +431,7 @@ static int copy_old(const struct apl_bhdr *b, const struct apl_slot *sl, uint8_t
         return APL_OK;
     *oldlen = sl->sl_aux;
     if (old && sl->sl_aux <= oldcap)
-        memcpy(old, apl_slot_key(b, sl) + sl->sl_klen, sl->sl_aux);
+        memcpy(old, apl_slot_val(b, sl), sl->sl_aux);
     return APL_OK;
 }
 
@@ -475,12 +477,12 @@ static int put_in(apl_store *s, uint32_t file, const uint8_t *key, uint32_t klen
         return rc;
     b = apl_chain_block(s->v, h, p, key, klen, &ci);
     idx = apl_lower_bound(b, p, key, klen, &eq);
-    struct rec r = {.prefix = p, .k = key, .klen = klen, .val = val, .vlen = vlen, .aux = vlen};
+    struct rec r = {.prefix = p, .ks = apl_sfx(key, klen), .klen = klen, .val = val, .vlen = vlen, .aux = vlen};
     if (eq) {
         struct apl_slot *sl = &apl_slots(b)[idx];
         uint32_t oldv = sl->sl_aux;
         if (vlen <= oldv) {
-            memcpy((uint8_t *)b + sl->sl_off + klen, val, vlen);
+            memcpy((uint8_t *)apl_slot_val(b, sl), val, vlen);
             b->bh_garbage = (uint16_t)(b->bh_garbage + (oldv - vlen));
             sl->sl_aux = vlen;
             s->op.block = wp.leaf;

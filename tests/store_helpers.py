@@ -247,19 +247,26 @@ def block_at(att: Attachment, addr: int):
     return ffi.cast("struct apl_bhdr *", att.devices[seg].ptr + (slot + 1) * att.sb.sb_block_size)
 
 
-def record_at(att: Attachment, number: int, offset: int) -> bytes | None:
-    """The key of the record at `offset` (block index * block_size + heap offset)
-    in the newest version of chain `number` (pending versions included)."""
+def slot_key(block, slot) -> bytes:
+    """The full key of a slot of a mapped block: its first 8 bytes are the
+    slot's sl_prefix, the rest the record's first bytes (apl_layout.h)."""
+    n = slot.sl_klen
+    head = int(slot.sl_prefix).to_bytes(8, "big")[:min(n, 8)]
+    return head + bytes(ffi.buffer(ffi.cast("uint8_t *", block) + slot.sl_off, max(n - 8, 0)))
+
+
+def keys_at(att: Attachment, number: int, offset: int) -> list[bytes]:
+    """The keys of the records at `offset` (block index * block_size + heap
+    offset) in the newest version of chain `number` (pending versions
+    included): one, but for records with no heap bytes (a key of at most 8
+    bytes and an empty value), which share the offset of their neighbour."""
     bsize = att.sb.sb_block_size
     addr = ffi.cast("uint64_t *", att.meta.ptr + att.sb.sb_loc_off)[number]
     for _ in range(offset // bsize):
         addr = block_at(att, addr).bh_next
     b = block_at(att, addr)
     slots = ffi.cast("struct apl_slot *", ffi.cast("uint8_t *", b) + HDR)
-    for i in range(b.bh_nslots):
-        if slots[i].sl_off == offset % bsize:
-            return bytes(ffi.buffer(ffi.cast("uint8_t *", b) + slots[i].sl_off, slots[i].sl_klen))
-    return None
+    return [slot_key(b, slots[i]) for i in range(b.bh_nslots) if slots[i].sl_off == offset % bsize]
 
 
 def audit_slots(store: Store) -> dict:

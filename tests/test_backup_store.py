@@ -408,9 +408,15 @@ class TestAbort:
             theirs = fresh.stats()
         finally:
             fresh.close()
-        keys = ("slots_free", "blocks_used", "bytes_used", "bytes_live")
         assert mine["retire_pending"] == 0
+        # A compressed store keeps a page in its class once classed, even when its
+        # last object is freed (apl_bstore.c); recovery returns empty pages to the
+        # free pool. So its running count may hold more pages than a recovery's,
+        # never fewer, and everything else agrees.
+        keys = ("blocks_used", "bytes_live") if compressed else ("slots_free", "blocks_used", "bytes_used", "bytes_live")
         assert {k: mine[k] for k in keys} == {k: theirs[k] for k in keys}
+        if compressed:
+            assert mine["bytes_used"] >= theirs["bytes_used"] and mine["slots_free"] <= theirs["slots_free"]
 
     def test_abort_without_a_batch_is_refused(self, stores):
         """apl_batch_abort with no open batch is APL_EBATCH and changes nothing."""

@@ -24,6 +24,7 @@ from appliance.store.segment import SHM_DIR, Attachment
 from conftest import Cluster
 from fault_helpers import wait_for
 from procs import cli, cli_json
+from store_helpers import slot_key
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,6 @@ def _keys_of(name: str, number: int) -> list[int]:
         base = att.devices[a >> 48].ptr + ((a & 0xFFFFFFFFFFFF) + 1) * bsize
         h = ffi.cast("struct apl_bhdr *", base)
         slots = ffi.cast("struct apl_slot *", base + ffi.sizeof("struct apl_bhdr"))
-        return [decode_int(bytes(ffi.buffer(base + slots[i].sl_off, 8))) for i in range(h.bh_nslots)]
+        return [decode_int(slot_key(base, slots[i])) for i in range(h.bh_nslots)]
     finally:
         att.close()
