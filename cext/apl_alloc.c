@@ -328,9 +328,11 @@ apl_store *apl_store_new(apl_view *v, uint64_t reserve_slots)
     s->max_key = (s->bsize - HDR_SIZE) / 4 - SLOT_SIZE;
     if (s->max_key > APL_MAX_KEY)
         s->max_key = APL_MAX_KEY;
-    s->scratch_cap = (uint64_t)(s->maxb + 3) * s->bsize;
+    /* a chain, a new record and a sibling chain (apl_tree.c, share_with_sibling);
+     * records: those of all three twice (in place and combined) */
+    s->scratch_cap = (uint64_t)(2 * s->maxb + 3) * s->bsize;
     s->scratch = malloc(s->scratch_cap);
-    s->recs_cap = s->scratch_cap / SLOT_SIZE + 16;
+    s->recs_cap = 2 * (s->scratch_cap / SLOT_SIZE) + 16;
     s->recs = malloc(s->recs_cap * sizeof(struct rec));
     s->free_nums = malloc(v->v_max_blocks * sizeof(uint32_t));
     s->sums = (uint64_t *)(v->v_meta + v->v_sb->sb_sums_off);

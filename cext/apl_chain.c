@@ -219,7 +219,14 @@ struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err)
 /* Copy every record of a chain (or one inner block) into scratch + recs. */
 uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total)
 {
-    uint64_t n = 0, off = 0;
+    return gather_at(s, h, 0, s->recs, total);
+}
+
+/* gather() with the block copies from scratch block `at` on and the records
+ * from `out` on (the caller checked both capacities). */
+uint64_t gather_at(apl_store *s, struct apl_bhdr *h, uint32_t at, struct rec *out, uint64_t *total)
+{
+    uint64_t n = 0, off = (uint64_t)at * s->bsize;
     *total = 0;
     for (struct apl_bhdr *c = h; c; c = next_of(s, c)) {
         memcpy(s->scratch + off, c, s->bsize);
@@ -227,7 +234,7 @@ uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total)
         off += s->bsize;
         const struct apl_slot *sl = apl_slots(cp);
         for (uint16_t i = 0; i < cp->bh_nslots; i++) {
-            struct rec *r = &s->recs[n++];
+            struct rec *r = &out[n++];
             *r = slot_rec(cp, &sl[i]);
             *total += rec_bytes(r);
         }

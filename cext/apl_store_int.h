@@ -203,6 +203,7 @@ APL_INTERNAL void blk_remove(apl_store *s, struct apl_bhdr *b, uint32_t idx);
 APL_INTERNAL void blk_copy(apl_store *s, struct apl_bhdr *dst, const struct apl_bhdr *src);
 APL_INTERNAL struct apl_bhdr *cow(apl_store *s, uint32_t number, int *err);
 APL_INTERNAL uint64_t gather(apl_store *s, struct apl_bhdr *h, uint64_t *total);
+APL_INTERNAL uint64_t gather_at(apl_store *s, struct apl_bhdr *h, uint32_t at, struct rec *out, uint64_t *total);
 APL_INTERNAL uint64_t gather_with(apl_store *s, struct apl_bhdr *h, uint32_t cur_nb, uint64_t p,
                                   const uint8_t *key, uint32_t klen, const uint8_t *val, uint32_t vlen,
                                   int eq, uint64_t *total);

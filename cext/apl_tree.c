@@ -284,6 +284,125 @@ static int remove_number(apl_store *s, uint32_t file, struct wpath *wp, int d)
 /* ------------------------------------------------------------------ */
 
 /*
+ * Before a full chain splits: share its records with a sibling chain of the
+ * same parent that has room (right first, then left), so that both keep
+ * their blocks at under 95% fill; only the right one's separator in the
+ * parent changes. Leaves filled this way are ~80% full after random inserts
+ * where a split alone leaves them ~67% full (B*-trees do the same). recs[0,
+ * n) is the chain's new content, as for layout_chain; it is left as it was
+ * when the sibling cannot take its share (returns 1: split instead).
+ * Returns APL_OK when shared, 1 when not, an error (nothing changed) else.
+ */
+static int share_with_sibling(apl_store *s, uint32_t file, uint32_t number, struct apl_bhdr *head,
+                              uint64_t n, uint64_t total, uint32_t cur_nb, struct wpath *wp)
+{
+    (void)file;
+    if (wp->depth == 0)
+        return 1;
+    uint64_t cap = s->bsize - HDR_SIZE;
+    uint32_t pnum = wp->num[wp->depth - 1], ci = wp->idx[wp->depth - 1];
+    struct apl_bhdr *pb = head_of(s, pnum);
+    if (!pb || ci >= pb->bh_nslots)
+        return APL_ECORRUPT;
+    for (int side = 0; side < 2; side++) {
+        uint32_t j = side == 0 ? ci + 1 : ci - 1;
+        if ((side == 0 && j >= pb->bh_nslots) || (side == 1 && ci == 0))
+            continue;
+        uint32_t sib = apl_slots(pb)[j].sl_aux;
+        struct apl_bhdr *sh = head_of(s, sib);
+        if (!sh || sh->bh_level != 0)
+            continue;
+        /* the sibling's size, from its slots */
+        uint64_t stotal = 0, srecs = 0;
+        uint32_t snb = 0;
+        for (struct apl_bhdr *c = sh; c && snb < 64; c = next_of(s, c), snb++)
+            for (uint32_t i = 0; i < c->bh_nslots; i++) {
+                const struct apl_slot *sl = &apl_slots(c)[i];
+                stotal += SLOT_SIZE + APL_KSFX(sl->sl_klen) + sl->sl_aux;
+                srecs++;
+            }
+        uint32_t nb = cur_nb + snb;
+        if ((total + stotal) * 20 > cap * nb * 19)
+            continue;
+        /* capacity: copies of the sibling and of the parent, the combined
+         * records behind recs[0, n), the sibling's blocks behind ours */
+        uint64_t need = (sh->bh_version == s->pending ? 0 : snb) + (pb->bh_version == s->pending ? 0 : 1);
+        uint64_t m = n + srecs;
+        if (avail_slots(s) < need || 2 * n + srecs > s->recs_cap ||
+            (uint64_t)(cur_nb + 1 + snb) * s->bsize > s->scratch_cap)
+            return 1;
+        /* the two chains' records in key order at recs[n, n + m) */
+        struct rec *all = s->recs + n;
+        uint64_t st;
+        if (side == 0) {
+            memcpy(all, s->recs, n * sizeof(struct rec));
+            gather_at(s, sh, cur_nb + 1, all + n, &st);
+        } else {
+            gather_at(s, sh, cur_nb + 1, all, &st);
+            memcpy(all + srecs, s->recs, n * sizeof(struct rec));
+        }
+        uint32_t lnb = side == 0 ? cur_nb : snb, rnb = nb - lnb;
+        /* the split point: bytes in proportion to the blocks each keeps */
+        uint64_t target = (total + stotal) * lnb / nb, acc = 0, at = 0;
+        while (at + 1 < m && acc + rec_bytes(&all[at]) <= target)
+            acc += rec_bytes(&all[at++]);
+        if (at == 0)
+            at = 1;
+        uint64_t lb[64], rb[64];
+        uint64_t cut = 0;
+        for (uint64_t d = 0; d < 8 && !cut; d++) {
+            uint64_t tries[2] = {at + d, at - d};
+            for (int t = 0; t < 2 && !cut; t++) {
+                uint64_t c = tries[t];
+                if (c >= 1 && c < m && pack(s, n, n + c, lnb, 1, lb) && pack(s, n + c, n + m, rnb, 1, rb))
+                    cut = c;
+            }
+        }
+        if (!cut)
+            continue;
+        /* the right chain's new separator must fit in the parent in place of its old one */
+        const struct rec *first = &all[cut];
+        const struct apl_slot *old = &apl_slots(pb)[side == 0 ? j : ci];
+        if ((uint64_t)blk_room(pb) + pb->bh_garbage + APL_KSFX(old->sl_klen) < APL_KSFX(first->klen))
+            continue;
+
+        /* from here on nothing fails: capacity was checked */
+        int rc = 0;
+        struct apl_bhdr *sc = cow(s, sib, &rc);
+        if (!sc)
+            return rc;
+        struct apl_bhdr *pc = cow(s, pnum, &rc);
+        if (!pc)
+            return rc;
+        struct apl_bhdr *lh = side == 0 ? head : sc, *rh = side == 0 ? sc : head;
+        apl_addr lov[64], rov[64];
+        uint32_t k = 0;
+        for (struct apl_bhdr *o = next_of(s, lh); o && k < 64; o = next_of(s, o))
+            lov[k++] = addr_of(s, o);
+        k = 0;
+        for (struct apl_bhdr *o = next_of(s, rh); o && k < 64; o = next_of(s, o))
+            rov[k++] = addr_of(s, o);
+        write_chain(s, lh, n, lb, lnb, lov);
+        write_chain(s, rh, n + cut, rb, rnb, rov);
+        uint8_t keybuf[APL_MAX_KEY];
+        struct rec sep = *first;
+        memcpy(keybuf, sep.ks, APL_KSFX(sep.klen));
+        sep.ks = keybuf;
+        sep.vlen = 0;
+        sep.aux = rh->bh_number;
+        uint32_t rj = side == 0 ? j : ci;
+        blk_remove(s, pc, rj);
+        if (!blk_insert(s, pc, rj, &sep))
+            return APL_ECORRUPT;   /* excluded by the room check above */
+        op_struct(s, number, 0);
+        op_struct(s, sib, 0);
+        op_struct(s, pnum, 0);
+        return APL_OK;
+    }
+    return 1;
+}
+
+/*
  * recs[0, n) is the chain's new content (sorted, `total` bytes with slots).
  * Lay it out as one chain of up to maxb blocks when it fits at under 90%
  * fill, or split it into several chains: the first keeps `number` (unless it
@@ -308,6 +427,9 @@ static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl
                pack(s, 0, n, cur_nb + 1, 1, bounds[0])) {
         nbs[0] = cur_nb + 1;                   /* grow by one overflow block */
     } else {
+        int rc = share_with_sibling(s, file, number, head, n, total, cur_nb, wp);
+        if (rc <= 0)
+            return rc;
         /* split: chains of at most half the chain capacity each, so that any
          * record sizes pack (records are at most half a block) */
         uint64_t per = cap * s->maxb / 2;
