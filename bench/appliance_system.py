@@ -361,7 +361,9 @@ class ApplianceSystem(System):
         """Shared memory in use (block slots x block size, status ``memory``)
         against the raw bytes of what it holds: each record's encoded key and
         stored image, and each alternate-key index entry (encoded alternate
-        key + primary key), computed with the table's own codec."""
+        key + primary key), computed with the table's own codec; and the
+        change log's bytes so far (status ``log.head``: on a fresh system,
+        what its load logged)."""
         t = self.db.schema.table(TABLE)
         table = index = 0
         for chunk in self.data.chunks("key"):
@@ -370,9 +372,11 @@ class ApplianceSystem(System):
                 table += len(pk) + len(t.encode(rec, pk))
                 index += sum(len(k) for _, k in t.alt_entries(rec, pk))
         n = self.data.n
-        used = self.node.status()["memory"]["bytes_used"]
+        status = self.node.status()
+        used = status["memory"]["bytes_used"]
         return {"bytes_used": used, "records": n, "raw_bytes_per_record": (table + index) / n,
-                "table_bytes_per_record": table / n, "index_bytes_per_record": index / n}
+                "table_bytes_per_record": table / n, "index_bytes_per_record": index / n,
+                "log_bytes": status["log"]["head"]}
 
     @property
     def config(self) -> Path:

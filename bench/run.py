@@ -288,6 +288,10 @@ class Run:
                   f"{b['bytes_used'] / 2**20:,.1f} MiB in use for {b['records']:,} records; raw "
                   f"{b['raw_bytes_per_record']:.1f} B a record (key + image {b['table_bytes_per_record']:.1f}, "
                   f"index entries {b['index_bytes_per_record']:.1f})", order=order, **b)
+        self.rate("log-bytes", f"change log per record loaded ({order} order)", system.name,
+                  b["log_bytes"] / b["records"], "B",
+                  "what replication and the durability log carry: records, index entries, BLOCK images "
+                  "of the blocks a load restructured", order=order)
 
     def growth(self, cls) -> None:
         """Random get on a fresh system with the records, then on one with
