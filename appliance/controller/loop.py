@@ -138,7 +138,7 @@ class Loop:
         self.bugs = LogOnce(log)         # session_failed / request_failed, once per kind
         self.throttled = LogEvery(log, REPEAT_LOG_S)
         self._accept_errors = LogOnce(log)
-        self._accept_failures = 0        # accept() failures since the last success
+        self.accept_failures = 0         # accept() failures since the last success (status clients.accept_failures)
         self._accept_paused = False
         self._user_names: dict[int, str] = {}
         self.ep = select.epoll()
@@ -344,9 +344,9 @@ class Loop:
                     self._accept_back_off(exc.errno)
                     return
                 raise
-            if self._accept_failures:
-                self.log.warning("accept_resumed", failures=self._accept_failures)
-                self._accept_failures = 0
+            if self.accept_failures:
+                self.log.warning("accept_resumed", failures=self.accept_failures)
+                self.accept_failures = 0
                 self._accept_errors.clear()
             try:
                 pid, uid, gid = _PEERCRED.unpack(
@@ -369,9 +369,9 @@ class Loop:
         stop watching it for a while, doubling the pause up to a second, and
         log the first failure (accept_failed) and the recovery (accept_resumed,
         with the count), not every retry."""
-        self._accept_failures += 1
+        self.accept_failures += 1
         first, longest = _ACCEPT_BACKOFF
-        delay = min(longest, first * (1 << min(self._accept_failures - 1, 10)))
+        delay = min(longest, first * (1 << min(self.accept_failures - 1, 10)))
         self._accept_errors.error("accept_failed", errno.errorcode.get(err, str(err)), error=os.strerror(err),
                                   clients=len(self.sessions), retry_in_s=delay)
         if not self._accept_paused:

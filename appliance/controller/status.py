@@ -52,7 +52,9 @@ def status(ctl) -> dict:
         "readers": ctl.readers.status(st, sb.sb_nreaders),
         "log": {"head": st["log_head"], "tail": st["log_tail"], "size": st["log_size"], "serial": st["serial"]},
         "clients": {"connected": len(ctl.sessions), "refused": ctl.counters["clients_refused"],
-                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak, "requests": ctl.requests},
+                    "dropped": ctl.counters["clients_dropped"], "queued_peak": ctl.queued_peak, "requests": ctl.requests,
+                    # accept() failures (out of descriptors or memory) since the last connection accepted
+                    "accept_failures": ctl.accept_failures},
         "recovery": ctl.recovery,
         "failover": ctl.failover.status(),
         "repair": ctl.repairs.status(),
