@@ -25,9 +25,11 @@
  * Each file is a tree of numbered blocks:
  *   - leaf blocks ("primary blocks") hold records sorted by key; a full primary
  *     block gets overflow blocks chained behind it (bh_next), at most
- *     sb_max_overflow of them; past that the chain is split in two and the new
- *     half gets a new block number, so lookups stay logarithmic however data
- *     arrives. Data past the last block gets a new primary block ([0077]).
+ *     sb_max_overflow of them; past that the chain shares its records with a
+ *     sibling chain that has room, or else is split in two and the new half
+ *     gets a new block number (apl_tree.c), so lookups stay logarithmic
+ *     however data arrives. Data past the last block gets a new primary block
+ *     ([0077]).
  *   - inner ("index") blocks map separator keys to child *block numbers*;
  *   - one meta block per file holds its record count.
  * The location table maps block number -> block address (segment, slot). A block

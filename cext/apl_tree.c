@@ -2,7 +2,8 @@
  * apl_tree.c — the primary's trees of numbered blocks (the controller, one
  * thread): creating a file, descending with a path for a write, put and
  * delete, and the structural work they cause: a chain that outgrows its
- * blocks is redistributed, grown or split into chains with new numbers
+ * blocks is redistributed, grown, shares records with a sibling chain
+ * (share_with_sibling) or is split into chains with new numbers
  * (layout_chain), separators go into inner blocks (insert_sep, split_inner),
  * an emptied chain's number is removed (remove_number), and every operation
  * records the blocks whose structure changed (apl_op_info), which
@@ -298,10 +299,9 @@ static int remove_number(apl_store *s, uint32_t file, struct wpath *wp, int d)
  * take a share (returns 1: split instead). Returns APL_OK when shared, 1
  * when not, an error (nothing changed) else.
  */
-static int share_with_sibling(apl_store *s, uint32_t file, uint32_t number, struct apl_bhdr *head,
+static int share_with_sibling(apl_store *s, uint32_t number, struct apl_bhdr *head,
                               uint64_t n, uint64_t total, uint32_t cur_nb, struct wpath *wp)
 {
-    (void)file;
     if (wp->depth == 0)
         return 1;
     uint64_t cap = s->bsize - HDR_SIZE;
@@ -371,11 +371,13 @@ static int share_with_sibling(apl_store *s, uint32_t file, uint32_t number, stru
         if ((uint64_t)blk_room(pb) + pb->bh_garbage + APL_KSFX(old->sl_klen) < APL_KSFX(first->klen))
             continue;
 
-        /* from here on nothing fails: capacity was checked */
+        /* from here on nothing fails but the copies: capacity was checked. A
+         * sibling that cannot be copied (damaged, on a detached device) is
+         * left alone, and the chain splits instead. */
         int rc = 0;
         struct apl_bhdr *sc = cow(s, sib, &rc);
         if (!sc)
-            return rc;
+            return 1;
         struct apl_bhdr *pc = cow(s, pnum, &rc);
         if (!pc)
             return rc;
@@ -432,7 +434,7 @@ static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl
                pack(s, 0, n, cur_nb + 1, 1, bounds[0])) {
         nbs[0] = cur_nb + 1;                   /* grow by one overflow block */
     } else {
-        int rc = share_with_sibling(s, file, number, head, n, total, cur_nb, wp);
+        int rc = share_with_sibling(s, number, head, n, total, cur_nb, wp);
         if (rc <= 0)
             return rc;
         /* split: chains of at most half the chain capacity each, so that any
