@@ -22,8 +22,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition
 
 from appliance import errors
 from appliance._native import ffi, lib
-from appliance.store.keys import encode_bytes, encode_int, encode_str
-from appliance.store.segment import Attachment, Geometry, Segment, SegmentNames, exists
+from appliance.store.keys import decode_int, encode_bytes, encode_int, encode_str
+from appliance.store.segment import SHM_DIR, Attachment, Geometry, Segment, SegmentNames, exists
 from appliance.store.writer import FileSpec, Writer
 
 from store_helpers import (CE_HDR, INSERT, UPDATE, UPSERT, ReservedName, Store, audit_slots,
@@ -340,6 +340,42 @@ class TestBlocks:
         fill = in_records / (leaf_blocks * (bsize - 64))
         floor = 0.95 if order == "key" else 0.72 if max_overflow else 0.63
         assert fill >= floor, f"leaves {fill:.1%} full"
+
+    def test_a_sibling_that_cannot_be_copied_makes_the_chain_split_instead(self, stores):
+        """A full chain whose right sibling has room but is damaged (its bytes no longer match
+        its checksum, so it cannot be copied into a new version) splits as it would without
+        sharing: the insert succeeds, and the damaged sibling is left as it was."""
+        s = stores(block_size=1024, max_overflow=0, segment_size=4 << 20)
+        s.begin()
+        for k in range(0, 2000, 10):                 # key order: leaves filled up
+            s.writer.put(0, encode_int(k), mp_value(40, k), INSERT)
+        s.publish()
+        att = s.writer.att
+        root = parse_image(s.reader.block_image(file_entry(att, 0).fl_root))
+        assert root.level == 1 and len(root.records) > 5
+        a_num, b_num = root.records[2][1], root.records[3][1]
+        a_keys = [k for k, _, _ in parse_image(s.reader.block_image(a_num)).records]
+        b_keys = [k for k, _, _ in parse_image(s.reader.block_image(b_num)).records]
+        s.begin()
+        for k in b_keys[: len(b_keys) // 2]:         # the sibling with room to share
+            s.writer.delete(0, k)
+        s.publish()
+        addr = live_numbers(att)[b_num]
+        seg, slot = addr >> 48, addr & ((1 << 48) - 1)
+        at = (slot + 1) * 1024 + 1024 - 8            # the end of its record heap
+        fd = os.open(f"{SHM_DIR}/apl.{s.name}.dev{seg}", os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 8, at)), at)
+        finally:
+            os.close(fd)
+        damaged = s.reader.block_checksum(b_num)
+        s.begin()
+        new = encode_int(decode_int(a_keys[0]) + 1)  # into the full chain
+        s.writer.put(0, new, mp_value(40, 1), INSERT)
+        s.publish()
+        assert s.reader.get_raw(0, new) == mp_value(40, 1)
+        assert live_numbers(att)[b_num] == addr and s.reader.block_checksum(b_num) == damaged
+        assert parse_image(s.reader.block_image(file_entry(att, 0).fl_root)).records[3][1] != b_num
 
     def test_empty_values_and_empty_file(self, stores):
         """Empty values are stored and read back; an emptied file reads as empty and refills."""
