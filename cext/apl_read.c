@@ -341,7 +341,9 @@ int64_t apl_find_at(apl_view *v, uint32_t index, uint32_t table, uint64_t ver,
     const struct apl_slot *s;
     uint8_t k[APL_MAX_KEY];
     while ((s = iter_next(&it, &b))) {
-        if (s->sl_klen < plen || s->sl_klen > APL_MAX_KEY)
+        if (s->sl_klen > APL_MAX_KEY)
+            return APL_ECORRUPT;   /* no writer stores a longer key: damaged memory */
+        if (s->sl_klen < plen)
             break;
         apl_key_out(k, s->sl_prefix, apl_slot_sfx(b, s), s->sl_klen);
         if (memcmp(k, prefix, plen) != 0)
