@@ -367,7 +367,10 @@ class TestCheckpointsGiveWay:
         import threading
         from appliance.cli.durability import checkpoint
         d = tmp_path / "files"
-        app = make_appliance(tables=TABLES, extra=durability(d, log_sync="interval", sync_interval="1s")).start()
+        # room for the versions the checkpoint's pin holds while the updates go on (a
+        # slow checkpoint on a busy machine otherwise fills 32 MiB: MemoryFullError)
+        app = make_appliance(tables=TABLES, extra=durability(d, log_sync="interval", sync_interval="1s"),
+                             segment_size="64MiB").start()
         db = app.connect()
         fill(db, 3000, batch=500)
         stop = threading.Event()
