@@ -55,8 +55,9 @@ void blk_init(apl_store *s, struct apl_bhdr *b, uint32_t magic, uint32_t number,
     blk_reset(s, b);
 }
 
-/* Append a record after the last slot (the caller keeps order; room checked). */
-void blk_append(struct apl_bhdr *b, const struct rec *r)
+/* Put record r into slot index idx of a block with room for it: its bytes
+ * at the top of the heap, the slots from idx on moved up by one. */
+static void put_at(struct apl_bhdr *b, uint32_t idx, const struct rec *r)
 {
     uint32_t sk = APL_KSFX(r->klen), body = sk + r->vlen;
     b->bh_upper = (uint16_t)(b->bh_upper - body);
@@ -64,12 +65,20 @@ void blk_append(struct apl_bhdr *b, const struct rec *r)
     memcpy(dst, r->ks, sk);
     if (r->vlen)
         memcpy(dst + sk, r->val, r->vlen);
-    struct apl_slot *sl = &apl_slots(b)[b->bh_nslots++];
-    sl->sl_prefix = r->prefix;
-    sl->sl_off = b->bh_upper;
-    sl->sl_klen = (uint16_t)r->klen;
-    sl->sl_aux = r->aux;
+    struct apl_slot *sl = apl_slots(b);
+    memmove(&sl[idx + 1], &sl[idx], (size_t)(b->bh_nslots - idx) * SLOT_SIZE);
+    sl[idx].sl_prefix = r->prefix;
+    sl[idx].sl_off = b->bh_upper;
+    sl[idx].sl_klen = (uint16_t)r->klen;
+    sl[idx].sl_aux = r->aux;
+    b->bh_nslots++;
     b->bh_lower = (uint16_t)(b->bh_lower + SLOT_SIZE);
+}
+
+/* Append a record after the last slot (the caller keeps order; room checked). */
+void blk_append(struct apl_bhdr *b, const struct rec *r)
+{
+    put_at(b, b->bh_nslots, r);
 }
 
 /* The record in slot sl of block b (its bytes stay in b). */
@@ -106,20 +115,7 @@ int blk_insert(apl_store *s, struct apl_bhdr *b, uint32_t idx, const struct rec 
             return 0;
         blk_compact(s, b);
     }
-    uint32_t sk = APL_KSFX(r->klen), body = sk + r->vlen;
-    b->bh_upper = (uint16_t)(b->bh_upper - body);
-    uint8_t *dst = (uint8_t *)b + b->bh_upper;
-    memcpy(dst, r->ks, sk);
-    if (r->vlen)
-        memcpy(dst + sk, r->val, r->vlen);
-    struct apl_slot *sl = apl_slots(b);
-    memmove(&sl[idx + 1], &sl[idx], (size_t)(b->bh_nslots - idx) * SLOT_SIZE);
-    sl[idx].sl_prefix = r->prefix;
-    sl[idx].sl_off = b->bh_upper;
-    sl[idx].sl_klen = (uint16_t)r->klen;
-    sl[idx].sl_aux = r->aux;
-    b->bh_nslots++;
-    b->bh_lower = (uint16_t)(b->bh_lower + SLOT_SIZE);
+    put_at(b, idx, r);
     return 1;
 }
 

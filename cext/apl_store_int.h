@@ -139,6 +139,14 @@ static inline apl_addr addr_of(apl_store *s, const struct apl_bhdr *b)
     return APL_ADDR_NONE;
 }
 
+/* Make r's key its own: its suffix copied to buf (APL_MAX_KEY bytes), so it
+ * stays valid when the scratch or the block it pointed into is rewritten. */
+static inline void rec_own_key(struct rec *r, uint8_t *buf)
+{
+    memcpy(buf, r->ks, APL_KSFX(r->klen));
+    r->ks = buf;
+}
+
 static inline uint32_t rec_bytes(const struct rec *r)
 {
     return SLOT_SIZE + APL_KSFX(r->klen) + r->vlen;

@@ -164,8 +164,7 @@ static int split_inner(apl_store *s, uint32_t file, uint32_t number, struct apl_
      * everything below its second key) */
     struct rec sep = s->recs[bounds[0]];
     uint8_t keybuf[APL_MAX_KEY];
-    memcpy(keybuf, sep.ks, APL_KSFX(sep.klen));
-    sep.ks = keybuf;
+    rec_own_key(&sep, keybuf);
     if (!is_root) {
         blk_reset(s, b);
         for (uint64_t i = 0; i < bounds[0]; i++)
@@ -231,8 +230,7 @@ static int insert_sep(apl_store *s, uint32_t file, const struct rec *sep, uint32
         return APL_OK;
     /* full: gather its slots plus the new one, then split */
     uint8_t keybuf[APL_MAX_KEY];
-    memcpy(keybuf, sep->ks, APL_KSFX(sep->klen));
-    r.ks = keybuf;
+    rec_own_key(&r, keybuf);
     uint64_t total;
     uint64_t n = gather(s, p, &total);
     uint32_t at = wp.idx[d] + 1;
@@ -283,6 +281,14 @@ static int remove_number(apl_store *s, uint32_t file, struct wpath *wp, int d)
 /* ------------------------------------------------------------------ */
 /* Chain rewrite: a chain that outgrew its blocks                      */
 /* ------------------------------------------------------------------ */
+
+/* The addresses of a pending chain's overflow blocks, in order (at most 64). */
+static void ovfl_addrs(apl_store *s, struct apl_bhdr *head, apl_addr *out)
+{
+    uint32_t k = 0;
+    for (struct apl_bhdr *o = next_of(s, head); o && k < 64; o = next_of(s, o))
+        out[k++] = addr_of(s, o);
+}
 
 /*
  * Before a full chain splits: share its records with a sibling chain of the
@@ -382,19 +388,14 @@ static int share_with_sibling(apl_store *s, uint32_t number, struct apl_bhdr *he
         if (!pc)
             return rc;
         struct apl_bhdr *lh = side == 0 ? head : sc, *rh = side == 0 ? sc : head;
-        apl_addr lov[64], rov[64];
-        uint32_t k = 0;
-        for (struct apl_bhdr *o = next_of(s, lh); o && k < 64; o = next_of(s, o))
-            lov[k++] = addr_of(s, o);
-        k = 0;
-        for (struct apl_bhdr *o = next_of(s, rh); o && k < 64; o = next_of(s, o))
-            rov[k++] = addr_of(s, o);
+        apl_addr lov[64], rov[64];   /* both keep their blocks: their overflow blocks are rewritten */
+        ovfl_addrs(s, lh, lov);
+        ovfl_addrs(s, rh, rov);
         write_chain(s, lh, n, lb, lnb, lov);
         write_chain(s, rh, n + cut, rb, rnb, rov);
         uint8_t keybuf[APL_MAX_KEY];
         struct rec sep = *first;
-        memcpy(keybuf, sep.ks, APL_KSFX(sep.klen));
-        sep.ks = keybuf;
+        rec_own_key(&sep, keybuf);
         sep.vlen = 0;
         sep.aux = rh->bh_number;
         uint32_t rj = side == 0 ? j : ci;
@@ -490,8 +491,7 @@ static int layout_chain(apl_store *s, uint32_t file, uint32_t number, struct apl
         for (uint32_t g = 1; g < nbs[c]; g++)
             ov[g - 1] = alloc_slot(s);
         seps[c] = s->recs[a];
-        memcpy(sepkeys[c], seps[c].ks, APL_KSFX(seps[c].klen));
-        seps[c].ks = sepkeys[c];
+        rec_own_key(&seps[c], sepkeys[c]);
         if (c == 0 && !root_split) {
             nums[0] = number;
             write_chain(s, head, a, bounds[0], nbs[0], ov);

@@ -29,7 +29,7 @@ from appliance._native import check, ffi, lib, raise_for
 from appliance.config import TableConfig
 from appliance.store.reader import Reader
 from appliance.store.records import TableSchema
-from appliance.store.segment import Attachment, Geometry, SegmentNames, exists, unlink_all
+from appliance.store.segment import SHM_DIR, Attachment, Geometry, SegmentNames, exists, unlink_all
 from appliance.store.writer import FileSpec, Writer
 
 ADDR_NONE = (1 << 64) - 1
@@ -245,6 +245,17 @@ def live_numbers(att: Attachment) -> dict[int, int]:
 def block_at(att: Attachment, addr: int):
     seg, slot = addr >> 48, addr & ((1 << 48) - 1)
     return ffi.cast("struct apl_bhdr *", att.devices[seg].ptr + (slot + 1) * att.sb.sb_block_size)
+
+
+def damage(name: str, device: int, slot: int, block_size: int = 4096) -> None:
+    """Flip bytes of a block's record heap in its device segment, behind the controller's back."""
+    fd = os.open(f"{SHM_DIR}/apl.{name}.dev{device}", os.O_RDWR)
+    try:
+        at = (slot + 1) * block_size + block_size - 24
+        old = os.pread(fd, 8, at)
+        os.pwrite(fd, bytes(b ^ 0x5A for b in old), at)
+    finally:
+        os.close(fd)
 
 
 def slot_key(block, slot) -> bytes:

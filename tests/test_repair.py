@@ -10,7 +10,6 @@ nothing else touched.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
@@ -19,12 +18,12 @@ import appliance
 from appliance import errors
 from appliance._native import ffi, lib
 from appliance.store.reader import Reader
-from appliance.store.segment import SHM_DIR, Attachment
+from appliance.store.segment import Attachment
 
 from conftest import Cluster
 from fault_helpers import wait_for
 from procs import cli, cli_json
-from store_helpers import slot_key
+from store_helpers import damage, slot_key
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +58,6 @@ def leaves(name: str) -> list[tuple[int, int, int]]:
         return out
     finally:
         att.close()
-
-
-def damage(name: str, device: int, slot: int, block_size: int = 4096) -> None:
-    """Flip bytes of a block's record heap in its device segment, behind the controller's back."""
-    fd = os.open(f"{SHM_DIR}/apl.{name}.dev{device}", os.O_RDWR)
-    try:
-        at = (slot + 1) * block_size + block_size - 24
-        old = os.pread(fd, 8, at)
-        os.pwrite(fd, bytes(b ^ 0x5A for b in old), at)
-    finally:
-        os.close(fd)
 
 
 def records(cfg) -> list[dict]:

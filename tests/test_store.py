@@ -23,11 +23,11 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition
 from appliance import errors
 from appliance._native import ffi, lib
 from appliance.store.keys import decode_int, encode_bytes, encode_int, encode_str
-from appliance.store.segment import SHM_DIR, Attachment, Geometry, Segment, SegmentNames, exists
+from appliance.store.segment import Attachment, Geometry, Segment, SegmentNames, exists
 from appliance.store.writer import FileSpec, Writer
 
-from store_helpers import (CE_HDR, INSERT, UPDATE, UPSERT, ReservedName, Store, audit_slots,
-                           block_at, check_range, check_state, file_entry, live_numbers,
+from store_helpers import (CE_HDR, HDR, INSERT, SLOT, UPDATE, UPSERT, ReservedName, Store, audit_slots,
+                           block_at, check_range, check_state, damage, file_entry, live_numbers,
                            log_bounds, max_key, max_value, mp_value, parse_image, read_log,
                            keys_at, unlink_leftovers, walk_tree)
 
@@ -336,8 +336,8 @@ class TestBlocks:
         tree = walk_tree(s.reader, 0)
         counts = audit_slots(s)
         leaf_blocks = counts["slots_used"] - tree.inner - 1          # less the inner blocks and the meta block
-        in_records = sum(16 + max(len(k) - 8, 0) + len(v) for k, v in tree.records)
-        fill = in_records / (leaf_blocks * (bsize - 64))
+        in_records = sum(SLOT + max(len(k) - 8, 0) + len(v) for k, v in tree.records)   # slot + heap bytes
+        fill = in_records / (leaf_blocks * (bsize - HDR))
         floor = 0.95 if order == "key" else 0.72 if max_overflow else 0.63
         assert fill >= floor, f"leaves {fill:.1%} full"
 
@@ -361,13 +361,7 @@ class TestBlocks:
             s.writer.delete(0, k)
         s.publish()
         addr = live_numbers(att)[b_num]
-        seg, slot = addr >> 48, addr & ((1 << 48) - 1)
-        at = (slot + 1) * 1024 + 1024 - 8            # the end of its record heap
-        fd = os.open(f"{SHM_DIR}/apl.{s.name}.dev{seg}", os.O_RDWR)
-        try:
-            os.pwrite(fd, bytes(b ^ 0x5A for b in os.pread(fd, 8, at)), at)
-        finally:
-            os.close(fd)
+        damage(s.name, addr >> 48, addr & ((1 << 48) - 1), 1024)
         damaged = s.reader.block_checksum(b_num)
         s.begin()
         new = encode_int(decode_int(a_keys[0]) + 1)  # into the full chain
