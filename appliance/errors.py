@@ -34,6 +34,7 @@ __all__ = [
     "TransactionCancelledError",
     "LockTimeoutError",
     "DeadlockError",
+    "StaleReadError",
     "TransactionStateError",
     "CommitUnknownError",
     "BackupTimeoutError",
@@ -200,6 +201,15 @@ class DeadlockError(TransactionCancelledError):
     """The transaction closed a cycle of lock waits and was cancelled as the victim."""
 
     codes = ("APL_EDEADLOCK",)
+
+
+class StaleReadError(TransactionCancelledError):
+    """An optimistic transaction's get for update read a record that another
+    transaction changed before this one's lock on it was taken; the
+    transaction was cancelled (nothing it did remains): run it again.
+    ``details``: ``table``, ``key``."""
+
+    codes = ("APL_ESTALEREAD",)
 
 
 class TransactionStateError(ApplianceError):

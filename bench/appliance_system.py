@@ -294,15 +294,15 @@ class ApplianceClient(Client):
         """The update waits for its reply (with its BEGIN), then the commit: two round trips."""
         self._tx_write(arg, False)
 
-    def _transfer(self, arg, pipeline: bool):
+    def _transfer(self, arg, pipeline: bool, optimistic: bool = False):
         """Two reads for update, two updates, commit; a deadlock victim (two
-        transfers locking the same accounts in opposite orders) is retried, so
-        each call is one transfer done."""
+        transfers locking the same accounts in opposite orders) or a stale
+        optimistic read is retried, so each call is one transfer done."""
         src, dst, amount = arg
         while True:
             try:
                 with self.db.transaction(program="transfer", input={"src": src, "dst": dst, "amount": amount},
-                                         pipeline=pipeline) as tx:
+                                         pipeline=pipeline, optimistic=optimistic) as tx:
                     a = tx.get(TABLE, src, for_update=True)
                     b = tx.get(TABLE, dst, for_update=True)
                     tx.update(TABLE, src, {"balance": a["balance"] - amount})
@@ -315,6 +315,11 @@ class ApplianceClient(Client):
         """Pipelined: BEGIN + first get, second get, then the updates and the commit in one send."""
         self._transfer(arg, True)
 
+    def transfer_optimistic(self, arg):
+        """Optimistic: both gets read shared memory; their checked locks, the updates and the
+        commit go as one request (a stale read runs the transfer again, as Redis's EXEC abort does)."""
+        self._transfer(arg, True, optimistic=True)
+
     def transfer_waiting(self, arg):
         """Every statement waits for its reply: five round trips."""
         self._transfer(arg, False)
@@ -326,7 +331,8 @@ class ApplianceClient(Client):
 class ApplianceSystem(System):
     name = "appliance"
     SPECIAL = {"snapshot-get": ("appliance (snapshot)", "snapshot_get"), "tx-write": [("appliance", "tx_write"), ("appliance (not pipelined)", "tx_write_waiting")],
-               "transfer": [("appliance", "transfer"), ("appliance (not pipelined)", "transfer_waiting")]}
+               "transfer": [("appliance (optimistic)", "transfer_optimistic"), ("appliance", "transfer"),
+                            ("appliance (not pipelined)", "transfer_waiting")]}
 
     def __init__(self, data, segment_mib: int | None = None) -> None:
         super().__init__(data)

@@ -58,7 +58,8 @@
     _(APL_EDAMAGED,        -31125, "a block's content does not match its checksum (damaged memory)") \
     _(APL_ENOHISTORY,      -31126, "the log history does not reach back that far") \
     _(APL_ECONFLICT,       -31127, "later transactions changed the same records") \
-    _(APL_EPROGRAM,        -31128, "a program cannot be imported or is not the version recorded")
+    _(APL_EPROGRAM,        -31128, "a program cannot be imported or is not the version recorded") \
+    _(APL_ESTALEREAD,      -31129, "a record read optimistically changed before its lock; the transaction was cancelled")
 
 enum apl_error {
 #define APL_ERR_ENUM(name, code, msg) name = code,

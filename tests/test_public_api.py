@@ -18,6 +18,7 @@ ERRORS = {
     "ApplianceError", "ConfigError", "UnavailableError", "AccessDeniedError", "ProtocolError", "ClosedError",
     "NoSuchTableError", "NoSuchFieldError", "WrongTypeError", "KeyTooLongError", "NoSuchRecordError",
     "DuplicateKeyError", "RecordTooLargeError", "TransactionCancelledError", "LockTimeoutError", "DeadlockError",
+    "StaleReadError",
     "TransactionStateError", "CommitUnknownError", "BackupTimeoutError", "DiskError", "DiskFullError", "MemoryFullError", "ReadersFullError", "SnapshotTooOldError", "FormatError",
     "CorruptionError", "StaleEpochError", "BusyError", "ReadOnlyError", "NotServingReadsError", "LimitError", "InternalError", "error_for",
     "DamagedBlockError", "NotPrimaryError", "RoleError", "DeviceUnavailableError",

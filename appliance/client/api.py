@@ -224,7 +224,8 @@ class Client:
             pass   # no controller now: reads go on, the next snapshot asks again
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
-                    commit_timeout: float | None = None, pipeline: bool | None = None) -> "Transaction":
+                    commit_timeout: float | None = None, pipeline: bool | None = None,
+                    optimistic: bool = False) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
         `input` form its T log: which program ran, with what input.
@@ -242,11 +243,23 @@ class Client:
         commit right behind them; their errors are raised later, naming the
         statement, and a failed one rolls the transaction back (README,
         "Pipelined statements"). False: every statement waits for its reply,
-        raises its own error there and leaves the transaction open."""
+        raises its own error there and leaves the transaction open.
+
+        `optimistic` (implies `pipeline`): a get for update reads the record
+        where it is, in shared memory, and sends its lock without waiting,
+        as a pipelined write, with the bytes it read; if another transaction
+        changed the record before the lock was taken, the transaction is
+        cancelled with StaleReadError (a TransactionCancelledError: run it
+        again), raised by the next statement that waits or by commit. A
+        transfer (two gets for update, two updates) is then one round trip
+        (README, "Optimistic transactions")."""
         self._check()
+        if type(optimistic) is not bool:
+            raise errors.WrongTypeError(f"optimistic must be True or False, not {optimistic!r}")
         return Transaction(self, program, input, durability if durability is not None else self.durability,
                            m.check_commit_timeout(commit_timeout),
-                           self.pipeline if pipeline is None else _check_pipeline(pipeline))
+                           optimistic or (self.pipeline if pipeline is None else _check_pipeline(pipeline)),
+                           optimistic)
 
     def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None):
         """Run a transaction by a program: import `program` ("module:function"),
@@ -729,12 +742,14 @@ class Transaction:
     """
 
     def __init__(self, client: Client, program: str | None, input: Any, durability=None,
-                 commit_timeout: float | None = None, pipeline: bool = False) -> None:
+                 commit_timeout: float | None = None, pipeline: bool = False, optimistic: bool = False) -> None:
         self._client = client
         self.durability = durability
         self.commit_timeout = commit_timeout
         #: whether writes are sent without waiting for their replies
         self.pipeline = pipeline
+        #: whether a get for update reads in shared memory and sends its lock pipelined
+        self.optimistic = optimistic
         self._program = program
         self._input = input
         self._version: str | None = None     # the program callable's version (Client.run)
@@ -947,12 +962,26 @@ class Transaction:
         `for_update`, lock it until the transaction ends. A get that asks the
         controller (for_update, or a record this transaction wrote) waits for
         the pipelined statements before it; a plain get of another record
-        reads the committed state where it is, asking nobody."""
+        reads the committed state where it is, asking nobody. In an
+        optimistic transaction a get for update of a record it has not
+        written reads it there too and sends its lock pipelined, with the
+        bytes read (OP_LOCK_CHECKED)."""
         if self.state != "open":
             self._check_usable("get", table, key)
         self._position += 1
-        if for_update or (table, key) in self._written:
+        if (table, key) in self._written:
             return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
+        if for_update:
+            if not self.optimistic:
+                return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
+            c = self._client
+            t = c.schema.table(table)
+            if self._link.failure is not None and self.state == "open":
+                self._raise_failure()
+            c._check()
+            raw = c._reader.get_raw(t.file, t.key(key))
+            self._statement([m.OP_LOCK_CHECKED, table, key, raw], "get", table, key, True)
+            return None if raw is None else t.decode(raw)
         if self._link.failure is not None and self.state == "open":
             self._raise_failure()
         return self._client.table(table).get(key)

@@ -131,8 +131,8 @@ class Controller(Loop):
         """Carry out without a coroutine what needs no wait, after the same
         checks (ops.check): a handler that is a plain function, a statement
         whose lock is free or its own, a commit (answered by the batch, as a
-        fast autocommit is), a one-statement autocommit. False: the general
-        path (dispatch) takes the request."""
+        fast autocommit is), an OP_ATOMIC whose records are not locked.
+        False: the general path (dispatch) takes the request."""
         op = req[0]
         if op == m.OP_ATOMIC:
             if not self.role.writable or self.hold.holder is not None:

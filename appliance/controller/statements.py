@@ -26,13 +26,18 @@ from .txn import TXN_INSERT, Change, Txn, step
 
 __all__ = ["Transactions", "LATER"]
 
-#: the OP_ATOMIC options its one-statement fast path takes (others: the general path)
+#: the OP_ATOMIC options its fast path takes (others: the general path)
 _FAST_OPTIONS = frozenset({"durability", "commit_timeout", "pipeline"})
 LOAD_CHUNK = 2000     # records of an OP_LOAD between turns of the loop
 LATER = object()      # statement_now: the statement must wait for a lock (the general path takes it)
 #: why a transaction is cancelled (status transactions.cancelled_by_reason, metrics)
-CANCEL_REASONS = ("cancelled", "client_gone", "deadlock", "idle_timeout", "lock_timeout", "statement_failed",
-                  "pipelined_failed", "load_failed", "commit_failed", "internal_error")
+CANCEL_REASONS = ("cancelled", "client_gone", "deadlock", "idle_timeout", "lock_timeout", "stale_read",
+                  "statement_failed", "pipelined_failed", "load_failed", "commit_failed", "internal_error")
+
+
+def _reason(e: errors.ApplianceError, otherwise: str) -> str:
+    """Why a failed statement cancels its transaction (CANCEL_REASONS)."""
+    return "stale_read" if isinstance(e, errors.StaleReadError) else otherwise
 
 
 class Transactions:
@@ -77,7 +82,7 @@ class Transactions:
     def open_txn(self, sess, ending: bool = False) -> Txn:
         """The session's open transaction, for a statement or (`ending`) its commit."""
         txn = sess.txn
-        if txn is not None and txn.reason == "pipelined_failed":
+        if txn is not None and txn.failure is not None:
             if ending:
                 sess.txn = None   # its commit is refused: the transaction is over
             raise errors.TransactionStateError(
@@ -111,7 +116,7 @@ class Transactions:
         back now (its changes dropped, its locks released). The statements its client
         sent behind this one assumed it succeeded, so none of them may run: they, and
         the commit, are answered with the failure (open_txn) until the client ends it."""
-        self.cancel(txn, "pipelined_failed")
+        self.cancel(txn, _reason(e, "pipelined_failed"))
         txn.failure = e.message
 
     def release(self, txn: Txn) -> None:
@@ -235,6 +240,13 @@ class Transactions:
             t = schema.table(args[0])
             key = args[1]
             return op, t, key, t.key(key), None
+        if op == m.OP_LOCK_CHECKED:
+            t = schema.table(args[0])
+            key, expected = args[1], args[2]
+            if expected is not None and type(expected) is not bytes:
+                raise errors.WrongTypeError(f"{t.name}[{key!r}]: lock checked: expected must be the record's "
+                                            f"stored bytes or nil, not {type(expected).__name__}", table=t.name)
+            return op, t, key, t.key(key), expected
         raise errors.ProtocolError(f"op {op} is not a transaction statement")
 
     def apply(self, txn: Txn, p: tuple):
@@ -253,6 +265,13 @@ class Transactions:
             return None
         if op == m.OP_GET_FOR_UPDATE:
             return ch.after_rec
+        if op == m.OP_LOCK_CHECKED:
+            if ch.after != payload:
+                raise errors.StaleReadError(
+                    f"{t.name}[{key!r}]: changed by another transaction after this one read it "
+                    f"({'no record then' if payload is None else 'its bytes differ now'}); the transaction "
+                    "was cancelled: nothing it did remains (run it again)", table=t.name, key=key)
+            return None
         if ch.after_rec is None:
             what = "update" if op == m.OP_UPDATE else "delete"
             raise errors.NoSuchRecordError(f"{t.name}.{what}({key!r}): no such record", table=t.name, key=key)
@@ -277,8 +296,10 @@ class Transactions:
         write rolls it back (see fail); a get for update's client waits for its
         answer, so nothing was sent behind it on trust: it fails as in any
         transaction, and so do the errors that cancelled it already (a lock
-        timeout, a deadlock)."""
-        if txn.pipelined and op != m.OP_GET_FOR_UPDATE and txn.state == "open":
+        timeout, a deadlock). A stale optimistic read cancels its transaction in
+        any case (what the client computed from that read must not commit)."""
+        if txn.state == "open" and (txn.pipelined and op != m.OP_GET_FOR_UPDATE
+                                    or isinstance(e, errors.StaleReadError)):
             self.fail(txn, e)
 
     def statement_now(self, sess, op: int, args: list):
@@ -316,9 +337,14 @@ class Transactions:
         return LATER
 
     def fast_atomic(self, sess, req: list) -> bool:
-        """A one-statement autocommit (``table[k] = v``) whose record is not
-        locked runs straight through, without the coroutine machinery.
-        False: the general path must take it (it validates everything again)."""
+        """An OP_ATOMIC none of whose records is locked — an autocommit
+        (``table[k] = v``), a pipelined transaction held to its commit, an
+        optimistic transfer — runs straight through, without the coroutine
+        machinery: every step validated, then its lock taken and the step
+        carried out in order, as the general path does when no lock waits.
+        False: the general path must take it (it validates everything again;
+        a step that fails to validate goes there too, unless it is the only
+        one, so the steps before it run as they would there)."""
         ctl = self.ctl
         durability, bound, pipelined = "quorum", None, False
         if len(req) == 5:   # options: only durability, commit_timeout and pipeline come this way
@@ -338,22 +364,23 @@ class Transactions:
         if sess.txn is not None and sess.txn.state == "open":
             return False
         steps = req[3]
-        if type(steps) is not list or len(steps) != 1:
+        if type(steps) is not list or not steps or not (req[1] is None or type(req[1]) is str):
             return False
-        st = steps[0]
-        if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS \
-                or not (req[1] is None or type(req[1]) is str):
-            return False
-        try:
-            p = self.prepare(st[0], st[1:])
-        except errors.ApplianceError as e:
-            if pipelined:      # its answers begin with a number: the general path begins, then fails
+        holder = ctl.locks.holder
+        prepared = []
+        for st in steps:
+            if type(st) is not list or not st or type(st[0]) is not int or st[0] not in m.STEP_OPS:
                 return False
-            ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
-            return True
-        lk = (p[1].file, p[3])
-        if ctl.locks.holder(lk) is not None:
-            return False
+            try:
+                p = self.prepare(st[0], st[1:])
+            except errors.ApplianceError as e:
+                if pipelined or len(steps) > 1:   # the general path: its answers, the steps before it
+                    return False
+                ctl.send(sess, m.err(e.code, e.message, plain(e.details)))
+                return True
+            if holder((p[1].file, p[3])) is not None:
+                return False
+            prepared.append(p)
         try:
             txn = self.begin(sess, req[1], req[2])
         except errors.ApplianceError as e:     # its T log does not fit: the only answer
@@ -361,17 +388,20 @@ class Transactions:
             return True
         if pipelined:
             ctl.send(sess, m.ok(txn.number))
-        ctl.locks.acquire(txn, lk, None)
-        try:
-            res = self.apply(txn, p)
-        except errors.ApplianceError as e:
-            self.cancel(txn, "statement_failed")
-            details = plain(e.details)
-            if pipelined:
-                details["step"] = 0
-            ctl.send(sess, m.err(e.code, e.message, details))
-            return True
-        txn.results = [res]
+        acquire, apply_stmt = ctl.locks.acquire, self.apply
+        results = []
+        for i, p in enumerate(prepared):
+            acquire(txn, (p[1].file, p[3]), None)   # free (checked above), or already this one's
+            try:
+                results.append(apply_stmt(txn, p))
+            except errors.ApplianceError as e:
+                self.cancel(txn, _reason(e, "statement_failed"))
+                details = plain(e.details)
+                if pipelined:
+                    details["step"] = i
+                ctl.send(sess, m.err(e.code, e.message, details))
+                return True
+        txn.results = results
         done = ctl.commits.start(txn, True, durability, bound)
         if done is not None:
             done["results"] = txn.results
@@ -485,6 +515,11 @@ def get_for_update(ctl, sess, table, key):
     return (yield from _statement(ctl, sess, m.OP_GET_FOR_UPDATE, (table, key)))
 
 
+@handler(m.OP_LOCK_CHECKED, writes=True)
+def lock_checked(ctl, sess, table, key, expected):
+    return (yield from _statement(ctl, sess, m.OP_LOCK_CHECKED, (table, key, expected)))
+
+
 @handler(m.OP_INSERT, writes=True)
 def insert(ctl, sess, table, record):
     return (yield from _statement(ctl, sess, m.OP_INSERT, (table, record)))
@@ -533,7 +568,7 @@ def cancel(ctl, sess):
     txn = sess.txn
     if txn is not None and txn.state == "open":
         ctl.txns.cancel(txn, "cancelled")
-    elif txn is not None and txn.reason == "pipelined_failed":
+    elif txn is not None and txn.failure is not None:
         sess.txn = None   # rolled back already; its client has ended it
     return None
 
@@ -566,7 +601,7 @@ def atomic(ctl, sess, program, input, steps, options=None):
                 raise errors.ProtocolError("atomic: each step must be [op, args...] with a statement op")
             results.append((yield from txns.statement(txn, st[0], st[1:])))
     except BaseException as e:
-        txns.cancel(txn, "statement_failed")
+        txns.cancel(txn, _reason(e, "statement_failed"))
         if pipelined and isinstance(e, errors.ApplianceError):
             e.details["step"] = i
         raise

@@ -54,8 +54,8 @@ the acknowledged serials (cext/apl_layout.h, struct apl_acks, which also says
 why no wake-up is lost). OP_WATCH with serial nil then waits only for what an
 operator asked of the agent (verify, resync) or its timeout.
 
-OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE, OP_INSERT,
-OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
+OP_ATOMIC runs BEGIN, the steps (each one of OP_GET_FOR_UPDATE,
+OP_LOCK_CHECKED, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT with its arguments) and COMMIT as one
 transaction in a single round trip: an autocommitted write such as
 ``table[key] = record`` is one OP_ATOMIC. If a step fails the transaction is
 cancelled and the reply is that step's error. With the option
@@ -80,6 +80,16 @@ fails leaves the transaction open as in any transaction (its client waits
 for that reply, so nothing was sent behind it on trust), and errors that
 cancel a transaction anyway (APL_ELOCKTIMEOUT, APL_EDEADLOCK) do so as
 always. A client keeps at most :data:`MAX_PIPELINED` replies outstanding.
+
+Optimistic reads. A client reads a record for update in shared memory, as
+any read, and sends OP_LOCK_CHECKED with the stored bytes it read, pipelined
+like a write: the controller locks the key, then compares them with what
+the transaction sees. The lock is held from then to the end, so a record
+that compares equal is the one the transaction commits over; one that does
+not (another transaction committed a change between the read and the lock)
+cancels the transaction with APL_ESTALEREAD, in a pipelined transaction and
+in OP_ATOMIC alike, and the client runs it again. A bank transfer (two reads
+for update, two updates, COMMIT) is then one OP_ATOMIC.
 """
 from __future__ import annotations
 
@@ -134,6 +144,7 @@ OP_BATCH = 46
 OP_DEVICE_DETACH = 48
 OP_DEVICE_REPLACE = 49
 OP_RELOAD = 50
+OP_LOCK_CHECKED = 51
 
 #: the most replies a client leaves unread on one connection (flow control of pipelined
 #: statements); the controller stops reading only a session with more requests queued
@@ -141,7 +152,7 @@ OP_RELOAD = 50
 MAX_PIPELINED = 4096
 
 #: ops allowed as steps of a transaction (and of OP_ATOMIC)
-STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
+STEP_OPS = frozenset({OP_GET_FOR_UPDATE, OP_LOCK_CHECKED, OP_INSERT, OP_UPDATE, OP_DELETE, OP_PUT})
 
 NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("OP_")}
 
@@ -183,6 +194,10 @@ REQUESTS: dict[int, Request] = {r.op: r for r in (
        'str}: "pipeline", see "Pipelined transactions"; "version", the program callable\'s version, db.run: '
        'see appliance/store/tlog.py)'),
     _R(OP_GET_FOR_UPDATE, ("table", "key"), "record or nil (locks the key)"),
+    _R(OP_LOCK_CHECKED, ("table", "key", "expected"),
+       "nil (locks the key; expected: the record's stored bytes as the client read them in shared memory, "
+       "or nil for no record: if this transaction now sees other bytes, APL_ESTALEREAD and the transaction "
+       'is cancelled; see "Optimistic reads")'),
     _R(OP_INSERT, ("table", "record"), "nil"),
     _R(OP_UPDATE, ("table", "key", "changes"), "nil (changes: a map)"),
     _R(OP_DELETE, ("table", "key"), "nil"),
