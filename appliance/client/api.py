@@ -739,6 +739,13 @@ class Transaction:
     them. The failed statement rolled the transaction back: state
     ``"failed"``, statements and commit raise TransactionStateError, cancel()
     ends it. See the README, "Pipelined statements".
+
+    Optimistic (``optimistic=True``, pipelined too): ``get(table, key,
+    for_update=True)`` of a record it has not written reads it in shared
+    memory and sends its lock like a pipelined write, with the bytes read;
+    a record changed in between cancels the transaction with
+    StaleReadError, raised where a pipelined failure is. See the README,
+    "Optimistic transactions".
     """
 
     def __init__(self, client: Client, program: str | None, input: Any, durability=None,

@@ -83,7 +83,7 @@ class Txn:
         self.commit_timeout = None   # seconds commit waits for that durability (BackupTimeoutError)
         self.queued_ns = 0           # when it joined the group-commit queue (commit latency)
         self.pipelined = pipelined   # its client sends statements without waiting: a failed write rolls it back
-        self.failure = None          # that failed write's error message, once it has (reason "pipelined_failed")
+        self.failure = None          # why a pipelined statement rolled it back (Transactions.fail)
         self.tlog = None             # the T log (store.tlog), packed once at BEGIN
         self.steps = None            # inserts of new records as packed steps (step), kept without a
         #                              Change each: a bulk load's (Transactions.load); None when none
