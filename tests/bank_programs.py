@@ -23,3 +23,20 @@ def copy_balance(tx, input):
 def deposit(tx, input):
     acc = tx.get("accounts", input["account"], for_update=True)
     tx.update("accounts", input["account"], {"balance": acc["balance"] + input["amount"]})
+
+
+#: interfere's side channel (tests only: a real program reads and writes through tx alone):
+#: a callable run between its read and its write, at most `left` times
+INTERFERE = {"fn": None, "left": 0, "calls": 0}
+
+
+def interfere(tx, input):
+    """deposit, with another transaction's change slipped in between its read
+    and its write (INTERFERE) the first times it is called: a stale read."""
+    INTERFERE["calls"] += 1
+    acc = tx.get("accounts", input["account"], for_update=True)
+    if INTERFERE["left"] > 0:
+        INTERFERE["left"] -= 1
+        INTERFERE["fn"]()
+    tx.update("accounts", input["account"], {"balance": acc["balance"] + input["amount"]})
+    return acc["balance"] + input["amount"]

@@ -247,6 +247,49 @@ class TestConcurrent:
         assert set(retried) <= {"StaleReadError", "DeadlockError"}
 
 
+class TestRun:
+    """db.run(program, optimistic=True, retries=n): a program run again when it is cancelled."""
+
+    @pytest.fixture
+    def interfere(self, other, accounts):
+        import bank_programs
+        state = bank_programs.INTERFERE
+        t = other.table("accounts")
+
+        def bump() -> None:
+            t[9] = acct(9, "main", t[9]["balance"] + 1000)
+        state.update(fn=bump, left=0, calls=0)
+        yield state
+        state.update(fn=None, left=0, calls=0)
+
+    def test_a_stale_read_runs_it_again(self, db, accounts, interfere):
+        """The first call's read goes stale: the program runs again, sees the other change and
+        commits once; last_run says two attempts."""
+        interfere["left"] = 1
+        assert db.run("bank_programs:interfere", {"account": 9, "amount": 5}, optimistic=True, retries=3) == 1105
+        assert interfere["calls"] == 2 and db.last_run["attempts"] == 2
+        assert accounts[9]["balance"] == 1105
+
+    def test_retries_run_out(self, db, accounts, interfere):
+        """Stale on every call and one retry: StaleReadError after two calls; only the other
+        client's changes remain."""
+        interfere["left"] = 5
+        with pytest.raises(errors.StaleReadError):
+            db.run("bank_programs:interfere", {"account": 9, "amount": 5}, optimistic=True, retries=1)
+        assert interfere["calls"] == 2 and accounts[9]["balance"] == 2100
+
+    def test_no_retries_by_default(self, db, accounts, interfere):
+        interfere["left"] = 1
+        with pytest.raises(errors.StaleReadError):
+            db.run("bank_programs:interfere", {"account": 9, "amount": 5}, optimistic=True)
+        assert interfere["calls"] == 1
+
+    @pytest.mark.parametrize("bad", [-1, 1.5, "2", None])
+    def test_bad_retries(self, db, bad):
+        with pytest.raises(errors.WrongTypeError, match="retries"):
+            db.run("bank_programs:deposit", {"account": 1, "amount": 1}, retries=bad)
+
+
 class TestProtocol:
     @pytest.mark.parametrize("expected", [12, "text", [1], {"balance": 1}])
     def test_expected_must_be_bytes_or_nil(self, app, accounts, expected):

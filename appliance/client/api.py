@@ -261,7 +261,8 @@ class Client:
                            optimistic or (self.pipeline if pipeline is None else _check_pipeline(pipeline)),
                            optimistic)
 
-    def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None):
+    def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None,
+            optimistic: bool = False, retries: int = 0):
         """Run a transaction by a program: import `program` ("module:function"),
         open a transaction whose T log records the program's name, its version
         (the function's ``__version__``, else a hash of its code) and `input`,
@@ -271,16 +272,37 @@ class Client:
         Such a transaction can be run again (``appliance rerun``) when the
         function reads and writes only through `tx` and takes the clock,
         random choices and everything else from `input`. :attr:`last_run`
-        (per thread) is then the transaction's ``result`` plus "program" and
-        "program_version"."""
+        (per thread) is then the transaction's ``result`` plus "program",
+        "program_version" and "attempts" (1, or more when it ran again).
+
+        `optimistic`: the transaction is optimistic (see :meth:`transaction`).
+        `retries`: when the controller cancels the transaction (a
+        TransactionCancelledError: a stale optimistic read, a deadlock, a lock
+        timeout), call the function again in a new transaction, up to this
+        many times, then raise; such a function is safe to call again (what
+        it did went through `tx`, and nothing of a cancelled transaction
+        remains)."""
         from ..recovery.programs import resolve, version_of
+        if type(retries) is not int or retries < 0:
+            raise errors.WrongTypeError(f"run: retries must be an int >= 0, not {retries!r}")
         fn = resolve(program)
         version = version_of(fn)
-        tx = self.transaction(program, input, durability=durability, commit_timeout=commit_timeout)
-        tx._version = version
-        with tx:
-            value = fn(tx, input)
-        self._local.last_run = dict(tx.result or {}, program=program, program_version=version)
+        attempt = 0
+        while True:
+            tx = self.transaction(program, input, durability=durability, commit_timeout=commit_timeout,
+                                  optimistic=optimistic)
+            tx._version = version
+            try:
+                with tx:
+                    value = fn(tx, input)
+            except errors.TransactionCancelledError:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                continue
+            break
+        self._local.last_run = dict(tx.result or {}, program=program, program_version=version,
+                                    attempts=attempt + 1)
         return value
 
     # -- going back in time (appliance.client.recovery, appliance.recovery) ---------------
