@@ -842,6 +842,59 @@ def test_a_write_refused_part_way_leaves_no_torn_record_behind_a_later_file(smal
     assert cut is None and [r.seq for r in got] == [s1, s2] and end.seq == s2
 
 
+def _log_writer(path):
+    import structlog
+    from appliance.durability import logfiles as lf
+    d = lf.LogDir(path, structlog.get_logger())
+    return d, lf.LogWriter(d, mode="commit", sync_interval=0.01, file_size=1 << 20, header={"appliance": "t"},
+                           end=lf.LogEnd(), log=structlog.get_logger())
+
+
+def test_an_idle_writer_lets_the_loop_thread_force_a_group_itself(tmp_path):
+    """log_sync = "commit", a fast disk, nothing queued: submit() returns with its record written and
+    forced (no hand-over to the writer thread), and the loop's eventfd says so."""
+    d, w = _log_writer(tmp_path / "files")
+    try:
+        for i in range(3):
+            w._fsync_ema = 0.0                   # a fast disk, whatever this machine's fsyncs take
+            s = w.submit(rec.KIND_ROLE, b"x" * (100 + i))
+            assert w.synced_seq == s and w.written_seq == s and w.queued_bytes == 0 and not w._queue
+            assert w.drain() >= 1
+        assert w.fsyncs >= 3
+    finally:
+        assert w.stop()
+    got = []
+    end, cut = d.read(0, got.append)
+    assert cut is None and [len(r.payload) for r in got] == [100, 101, 102]
+
+
+def test_records_queued_behind_a_busy_writer_keep_their_order(tmp_path):
+    """While the file is another thread's (the writer's, here held by the test), submit() queues, and so
+    does every record after it until the queue is empty again: the log reads back in seq order."""
+    d, w = _log_writer(tmp_path / "files")
+    try:
+        first = w.submit(rec.KIND_ROLE, b"a")
+        deadline = time.monotonic() + 10
+        while w.synced_seq < first:              # inline, or by the thread on a slow disk
+            assert time.monotonic() < deadline, "the first record was not written"
+            time.sleep(0.01)
+        with w._io:                              # the writer thread busy with the file
+            queued = [w.submit(rec.KIND_ROLE, bytes([66 + i])) for i in range(3)]
+            assert len(w._queue) == 3 and w.synced_seq == first
+        deadline = time.monotonic() + 10
+        while w.synced_seq < queued[-1]:
+            assert time.monotonic() < deadline, "the queued records were not written"
+            time.sleep(0.01)
+        w._fsync_ema = 0.0
+        last = w.submit(rec.KIND_ROLE, b"z")
+        assert w.synced_seq == last
+    finally:
+        assert w.stop()
+    got = []
+    d.read(0, got.append)
+    assert [r.seq for r in got] == [first, *queued, last] and [r.payload for r in got] == [b"a", b"B", b"C", b"D", b"z"]
+
+
 TRANSFERS = r"""
 import random, sys
 import appliance
