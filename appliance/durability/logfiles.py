@@ -26,9 +26,11 @@ the queue or read the counters, never across a write or an fsync:
   the loop thread (:meth:`submit`), taken whole by the writer thread;
 - ``written_seq`` / ``synced_seq`` (and the serials of those records):
   what is in the file (os.pwrite returned) and what is on disk (fdatasync
-  returned); only the writer thread writes them, the loop thread reads them;
-- ``error``: why writing stopped (ENOSPC, EIO ...), set and cleared by the
-  writer thread; ``_stop``, ``_rotate``: requests of the loop thread.
+  returned); only the thread holding ``_io`` (below) writes them, the loop
+  thread reads them;
+- ``error``: why writing stopped (ENOSPC, EIO ...), set by the thread whose
+  write failed (holding ``_io``), cleared by the writer thread once it
+  wrote again; ``_stop``, ``_rotate``: requests of the loop thread.
 
 The file itself — the descriptor, the offset, what is written but not
 forced (``_unsynced``), the file in use — is touched under ``_io`` (a
@@ -46,16 +48,16 @@ written and forced by the loop thread itself, in submit(), as Redis's
 another thread and back, and none of the GIL's (measured with 8 durable
 writers over 20,000 records, four interleaved rounds each: the
 controller's CPU a commit 73–83 µs against 125–163 µs through the thread,
-9,097–10,146 commits/s against 6,449–8,614/s). Commits that arrive meanwhile wait in their
-sockets and form the next group. Anything else goes through the writer
+9,097–10,146 commits/s against 6,449–8,614/s). Commits that arrive
+meanwhile wait in their sockets and form the next group. Anything else goes through the writer
 thread: a record queued behind another, a slow disk (where the loop must
 stay free while groups wait for each other), an error (the thread retries).
 Records are written in seq order either way: the loop thread writes
 inline only when nothing is queued, and the writer takes queued records
 only while it holds ``_io``.
 
-Otherwise the loop thread never waits for the disk: submit() takes the lock for a
-list append. The writer thread wakes the loop through an eventfd
+Otherwise the loop thread never waits for the disk: submit() takes the
+lock for a list append. The writer thread wakes the loop through an eventfd
 (``wake_fd``, in the loop's epoll) after each write or fsync, and when an
 error starts or ends; the loop then answers the commits that were waiting
 for those records (appliance/controller/durable.py). Group commit: every
