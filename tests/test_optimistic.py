@@ -124,9 +124,25 @@ class TestOneRoundTrip:
             tx.insert("accounts", acct(50, "new", 1))
         assert accounts[50] == acct(50, "new", 1)
 
-    def test_optimistic_must_be_a_bool(self, db):
+    def test_optimistic_must_be_a_bool(self, app, db):
         with pytest.raises(errors.WrongTypeError, match="optimistic"):
             db.transaction(optimistic="yes")
+        with pytest.raises(errors.WrongTypeError, match="optimistic"):
+            appliance.connect(app.config, optimistic=1)
+
+    def test_the_clients_default(self, app, accounts):
+        """connect(optimistic=True): its transactions are optimistic unless one says otherwise."""
+        c = appliance.connect(app.config, optimistic=True)
+        try:
+            for optimistic, requests in ((None, 1), (False, 6)):   # locking, not pipelined: BEGIN .. COMMIT
+                before = c.status()["clients"]["requests"]
+                with c.transaction(optimistic=optimistic) as tx:
+                    transfer(tx, 1, 2, 1)
+                assert tx.optimistic is (optimistic is None)
+                assert c.status()["clients"]["requests"] - before == requests + 1     # and this status
+        finally:
+            c.close()
+        assert (accounts[1]["balance"], accounts[2]["balance"]) == (98, 102)
 
 
 class TestStaleRead:

@@ -38,7 +38,8 @@ _COMMIT_REPLY_GRACE = 5.0
 
 def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: float | None = 30.0,
             durability=None, wait: float | None = None, commit_timeout: float | None = None,
-            pipeline: bool = False, pipeline_depth: int = PIPELINE_DEPTH) -> "Client":
+            pipeline: bool = False, pipeline_depth: int = PIPELINE_DEPTH,
+            optimistic: bool = False) -> "Client":
     """Attach to the running appliance described by a config file.
 
     `timeout`: seconds one request may take (None: no limit). `wait`:
@@ -52,7 +53,9 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     transactions pipeline their writes by default (see
     :meth:`Client.transaction`); `pipeline_depth`: how many replies of
     pipelined statements a connection leaves unread at most (1 to
-    MAX_PIPELINED, 4096) before it reads half of them.
+    MAX_PIPELINED, 4096) before it reads half of them. `optimistic`:
+    whether this client's transactions are optimistic by default (see
+    :meth:`Client.transaction`).
 
     Raises :class:`~appliance.errors.UnavailableError` when it is not running
     by then, :class:`~appliance.errors.AccessDeniedError` when this user may
@@ -61,13 +64,15 @@ def connect(config: str | os.PathLike | Config, *, name: str = "", timeout: floa
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     return Client(cfg, name=name, timeout=timeout, durability=durability, wait=wait,
-                  commit_timeout=commit_timeout, pipeline=pipeline, pipeline_depth=pipeline_depth)
+                  commit_timeout=commit_timeout, pipeline=pipeline, pipeline_depth=pipeline_depth,
+                  optimistic=optimistic)
 
 
-def _check_pipeline(pipeline) -> bool:
-    if type(pipeline) is not bool:
-        raise errors.WrongTypeError(f"pipeline must be True or False, not {pipeline!r}")
-    return pipeline
+def _check_flag(name: str, value) -> bool:
+    if type(value) is not bool:
+        raise errors.WrongTypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
 
 
 class Client:
@@ -76,10 +81,12 @@ class Client:
 
     def __init__(self, cfg: Config, *, name: str = "", timeout: float | None = 30.0, durability=None,
                  wait: float | None = None, commit_timeout: float | None = None, pipeline: bool = False,
-                 pipeline_depth: int = PIPELINE_DEPTH) -> None:
+                 pipeline_depth: int = PIPELINE_DEPTH, optimistic: bool = False) -> None:
         self.config = cfg
         #: whether transactions pipeline their writes unless transaction(pipeline=...) says otherwise
-        self.pipeline = _check_pipeline(pipeline)
+        self.pipeline = _check_flag("pipeline", pipeline)
+        #: whether transactions are optimistic unless transaction(optimistic=...) says otherwise
+        self.optimistic = _check_flag("optimistic", optimistic)
         self._depth = check_depth(pipeline_depth)
         #: what autocommitted writes wait for on a primary with secondaries (see transaction())
         self.durability = durability
@@ -225,7 +232,7 @@ class Client:
 
     def transaction(self, program: str | None = None, input: Any = None, *, durability=None,
                     commit_timeout: float | None = None, pipeline: bool | None = None,
-                    optimistic: bool = False) -> "Transaction":
+                    optimistic: bool | None = None) -> "Transaction":
         """A transaction (context manager): leaving the block commits it, an
         exception (or :meth:`Transaction.cancel`) cancels it. `program` and
         `input` form its T log: which program ran, with what input.
@@ -245,7 +252,8 @@ class Client:
         "Pipelined statements"). False: every statement waits for its reply,
         raises its own error there and leaves the transaction open.
 
-        `optimistic` (implies `pipeline`): a get for update reads the record
+        `optimistic` (default: the client's, see connect(); implies
+        `pipeline`): a get for update reads the record
         where it is, in shared memory, and sends its lock without waiting,
         as a pipelined write, with the bytes it read; if another transaction
         changed the record before the lock was taken, the transaction is
@@ -254,15 +262,14 @@ class Client:
         transfer (two gets for update, two updates) is then one round trip
         (README, "Optimistic transactions")."""
         self._check()
-        if type(optimistic) is not bool:
-            raise errors.WrongTypeError(f"optimistic must be True or False, not {optimistic!r}")
+        optimistic = self.optimistic if optimistic is None else _check_flag("optimistic", optimistic)
         return Transaction(self, program, input, durability if durability is not None else self.durability,
                            m.check_commit_timeout(commit_timeout),
-                           optimistic or (self.pipeline if pipeline is None else _check_pipeline(pipeline)),
+                           optimistic or (self.pipeline if pipeline is None else _check_flag("pipeline", pipeline)),
                            optimistic)
 
     def run(self, program: str, input: Any = None, *, durability=None, commit_timeout: float | None = None,
-            optimistic: bool = False, retries: int = 0):
+            optimistic: bool | None = None, retries: int = 0):
         """Run a transaction by a program: import `program` ("module:function"),
         open a transaction whose T log records the program's name, its version
         (the function's ``__version__``, else a hash of its code) and `input`,
@@ -275,7 +282,8 @@ class Client:
         (per thread) is then the transaction's ``result`` plus "program",
         "program_version" and "attempts" (1, or more when it ran again).
 
-        `optimistic`: the transaction is optimistic (see :meth:`transaction`).
+        `optimistic`: whether the transaction is optimistic (default: the
+        client's; see :meth:`transaction`).
         `retries`: when the controller cancels the transaction (a
         TransactionCancelledError: a stale optimistic read, a deadlock, a lock
         timeout), call the function again in a new transaction, up to this
