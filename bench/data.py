@@ -17,6 +17,7 @@ NOTE_POOL = 4096          # distinct notes; record i gets NOTES[i % NOTE_POOL]
 BALANCE_MAX = 10**9       # balances fit msgpack's uint32 (5 bytes)
 LOAD_CHUNK = 10_000       # records per bulk-load batch / write transaction
 RANGE_LEN = 10_000        # records per range scan (clamped for tiny N)
+HOT_ACCOUNTS = 10         # the accounts every transfer of the hot-account row is between
 
 
 def branch_of(i: int, nbranches: int) -> str:
@@ -126,11 +127,13 @@ def make_args(kind: str, params: dict, seed: int) -> list:
                    "balance": rng.randrange(BALANCE_MAX), "note": notes[k % NOTE_POOL]}
             args.append((k, rec))
         return args
-    if kind == "transfer":
-        # (source, destination, amount): two distinct accounts, an amount that changes both
+    if kind in ("transfer", "transfer-hot"):
+        # (source, destination, amount): two distinct accounts (of the first HOT_ACCOUNTS for the
+        # hot-account row), an amount that changes both
+        accounts = range(min(n, HOT_ACCOUNTS) if kind == "transfer-hot" else n)
         args = []
         for _ in range(min(n, WRITE_ARGS)):
-            src, dst = rng.sample(range(n), 2)
+            src, dst = rng.sample(accounts, 2)
             args.append((src, dst, rng.randrange(1, 100)))
         return args
     raise ValueError(f"unknown argument kind {kind!r}")

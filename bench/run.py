@@ -4,7 +4,7 @@
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--records N]
 
 NAME is a system (lmdb, redis, appliance) or a benchmark (load, get,
-snapshot-get, find, range, write, tx-write, transfer, order, growth,
+snapshot-get, find, range, write, tx-write, transfer, transfer-hot, order, growth,
 sync-write, sync-cpu, sync-2, async-write, copy, catch-up, durable-write,
 interval-write, checkpoint, cold-start; "replication" = sync-write..catch-up,
 "durability" = the last four; promote: promote-to-first-write on --promote-mib of
@@ -30,7 +30,7 @@ if str(HERE) not in sys.path:
 if str(HERE.parent) not in sys.path:       # the appliance package, if not installed
     sys.path.append(str(HERE.parent))
 
-from data import LOAD_CHUNK, Dataset                              # noqa: E402
+from data import HOT_ACCOUNTS, LOAD_CHUNK, Dataset                # noqa: E402
 from harness import Timing, measure_load, run_workers, verify    # noqa: E402
 from report import Printer, measurement_row, meta_row, rate_row, ratio_rows, write_json  # noqa: E402
 from systems import Unavailable                                   # noqa: E402
@@ -71,6 +71,7 @@ def benches(range_len: int) -> list[Bench]:
         Bench("write", "one-record write transaction", "record", (1, 8), 1),
         Bench("tx-write", "explicit transaction (1 update)", "record", (1, 8), 1),
         Bench("transfer", "bank transfer (2 reads for update, 2 updates)", "transfer", (1, 8), 1),
+        Bench("transfer-hot", f"bank transfer between {HOT_ACCOUNTS} hot accounts", "transfer-hot", (8,), 1),
     ]
 
 
@@ -82,7 +83,7 @@ CATCH_UP = Bench("catch-up-write", "writes while the secondary is stopped", "rec
 DURABLE = [Bench("durable-write", "durable one-record write (on disk at commit)", "record", (1, 8), 1)]
 DURING_CHECKPOINT = Bench("durable-write-ckpt", "durable one-record write, checkpoints running", "record", (8,), 1)
 INTERVAL = [Bench("interval-write", "one-record write, disk forced every second", "record", (1, 8), 1)]
-SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer"]
+SINGLE_IDS = ["load", "get", "snapshot-get", "find", "range", "write", "tx-write", "transfer", "transfer-hot"]
 REPLICATION_IDS = ["sync-write", "sync-cpu", "sync-2", "async-write", "copy", "catch-up"]
 #: clients of the CPU-per-commit rows, and the commits they run (full run, --quick)
 SYNC_CPU = ((1, 5_000, 2_000), (8, 20_000, 8_000))
