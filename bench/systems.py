@@ -65,10 +65,7 @@ class System:
         raise NotImplementedError
 
     def variants(self, bench_id: str) -> list[tuple[str, str]]:
-        """``(system label, client method)`` pairs this system runs for a benchmark
-        (the hot-account transfer: the transfer's, over other accounts)."""
-        if bench_id == "transfer-hot":
-            bench_id = "transfer"
+        """``(system label, client method)`` pairs this system runs for a benchmark."""
         if bench_id in self.SPECIAL:
             special = self.SPECIAL[bench_id]
             return list(special) if isinstance(special, list) else [special]

@@ -152,6 +152,12 @@ static inline uint32_t rec_bytes(const struct rec *r)
     return SLOT_SIZE + APL_KSFX(r->klen) + r->vlen;
 }
 
+/* rec_bytes of a leaf's record from its slot alone (sl_aux: the value length). */
+static inline uint32_t slot_bytes(const struct apl_slot *sl)
+{
+    return SLOT_SIZE + APL_KSFX(sl->sl_klen) + sl->sl_aux;
+}
+
 static inline uint32_t blk_room(const struct apl_bhdr *b)
 {
     return (uint32_t)b->bh_upper - b->bh_lower;

@@ -327,11 +327,8 @@ static int share_with_sibling(apl_store *s, uint32_t number, struct apl_bhdr *he
         uint64_t stotal = 0, srecs = 0;
         uint32_t snb = 0;
         for (struct apl_bhdr *c = sh; c && snb < 64; c = next_of(s, c), snb++)
-            for (uint32_t i = 0; i < c->bh_nslots; i++) {
-                const struct apl_slot *sl = &apl_slots(c)[i];
-                stotal += SLOT_SIZE + APL_KSFX(sl->sl_klen) + sl->sl_aux;
-                srecs++;
-            }
+            for (uint32_t i = 0; i < c->bh_nslots; i++, srecs++)
+                stotal += slot_bytes(&apl_slots(c)[i]);
         uint32_t nb = cur_nb + snb;
         if ((total + stotal) * 20 > cap * nb * 19 || stotal * 4 > cap * snb * 3)
             continue;

@@ -1006,11 +1006,9 @@ class Transaction:
         if self.state != "open":
             self._check_usable("get", table, key)
         self._position += 1
-        if (table, key) in self._written:
+        if (table, key) in self._written or (for_update and not self.optimistic):
             return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
         if for_update:
-            if not self.optimistic:
-                return self._statement([m.OP_GET_FOR_UPDATE, table, key], "get", table, key, False)
             c = self._client
             t = c.schema.table(table)
             if self._link.failure is not None and self.state == "open":
